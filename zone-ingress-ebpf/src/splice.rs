@@ -1,0 +1,77 @@
+//! sk_skb stream verdict: every skb received on a spliced socket is redirected to the egress of
+//! its peer (`bpf_sk_redirect_hash(.., flags = 0)`), so the kernel moves the payload between the
+//! two TCP connections without a userspace copy. See `in-kernel-splice.md` §1–§2.
+//!
+//! Attached alone (no stream parser) to `SOCKS`: the kernel runs it on each skb taken from the
+//! socket's receive queue (`sk_psock_verdict_recv`, net/core/skmsg.c, Linux ≥ 5.13).
+
+use aya_ebpf::{
+    bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
+    helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    macros::{map, stream_verdict},
+    maps::{HashMap, PerCpuArray, SockHash},
+    programs::SkBuffContext,
+    EbpfContext as _,
+};
+use zone_ingress_ebpf::splice::{
+    Pair, MAX_SOCKETS, STAT_COUNT, STAT_EMPTY, STAT_NO_PAIR, STAT_PEER_MISSING, STAT_REDIRECTED,
+};
+
+#[map(name = "SOCKS")]
+static SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+#[map(name = "PAIRS")]
+static PAIRS: HashMap<u64, Pair> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+#[map(name = "SPLICE_STATS")]
+static SPLICE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+#[stream_verdict]
+pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
+    try_splice_verdict(&ctx)
+}
+
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(v) = SPLICE_STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, and the verdict does not nest on one CPU.
+        unsafe { *v += 1 };
+    }
+}
+
+/// Decides one skb. Never returns `SK_DROP` for payload: TCP has already acknowledged those
+/// bytes, so a drop would silently corrupt the stream. A missing pairing or peer leaves the
+/// bytes on this socket (`SK_PASS` without a redirect) and is counted; userspace sees the
+/// counter and aborts the connection with a reset.
+#[inline(always)]
+fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
+    // SAFETY: the helper only reads the skb's socket; `as_ptr` is the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(pair) = PAIRS.get_ptr_mut(&cookie) else {
+        count(STAT_NO_PAIR);
+        return SK_PASS;
+    };
+    let len = ctx.len();
+    if len == 0 {
+        // A bare FIN: redirecting an empty skb makes the peer's psock worker treat the empty
+        // send as a hard error (EPIPE) and stop sending to it. Nothing to forward; the daemon
+        // propagates the FIN itself.
+        count(STAT_EMPTY);
+        return SK_DROP;
+    }
+    // SAFETY: `pair` points into a map value that stays valid for this program run.
+    let mut peer = unsafe { (*pair).peer };
+    if SOCKS.redirect_skb(ctx, &mut peer, 0) != i64::from(SK_PASS) {
+        // SAFETY: as above; only this socket's verdict writes its entry.
+        unsafe { (*pair).peer_missing += 1 };
+        count(STAT_PEER_MISSING);
+        return SK_PASS;
+    }
+    // SAFETY: as above.
+    unsafe {
+        (*pair).bytes += u64::from(len);
+        (*pair).last_active_ns = bpf_ktime_get_ns();
+    }
+    count(STAT_REDIRECTED);
+    SK_PASS
+}
