@@ -1,5 +1,22 @@
-fn main() {
-    let obj = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zone-ingress-ebpf"));
-    let ebpf = aya::Ebpf::load(obj).unwrap();
-    for (n, _) in ebpf.programs() { println!("{n}"); }
+//! `zone-ingress`: parses the command line, sets up logging and calls the library.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use zone_ingress::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    zone_ingress::cli::init_tracing(&cli);
+    let result = match cli.command {
+        Command::Run(args) => zone_ingress::cli::run(args),
+        Command::Validate(args) => zone_ingress::cli::validate(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -1,0 +1,289 @@
+//! Command line (kuma-dp's flag names where they mean the same thing) and the `run` /
+//! `validate` entry points.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{self, Diagnostic},
+    routing::RouteTable,
+    server::{self, Ingress, Options},
+    splice::{Limits, SpliceMode, kernel::KernelSplice},
+};
+
+/// Exit code for invalid configuration (linkerd's convention: EX_USAGE).
+pub const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "zone-ingress", version, about = "Kuma ZoneIngress data plane: SNI passthrough with in-kernel splice")]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "ZONE_INGRESS_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the ingress.
+    Run(RunArgs),
+    /// Check the ZoneIngress file and the inventory, print every problem, and exit.
+    Validate(InputArgs),
+}
+
+/// The two inputs, shared by `run` and `validate`.
+#[derive(Args, Debug, Clone)]
+pub struct InputArgs {
+    /// The ZoneIngress resource (YAML), as for `kuma-dp run --dataplane-file`.
+    #[arg(long, env = "KUMA_DATAPLANE_RUNTIME_RESOURCE_PATH")]
+    pub dataplane_file: PathBuf,
+    /// Local inventory: Kuma Dataplane resources (one document, a `---` stream, a kumactl
+    /// `items:` list, or a directory of such files).
+    #[arg(long)]
+    pub dataplanes: PathBuf,
+    /// `{{ key }}` substitutions in the dataplane file (repeatable), as kuma-dp.
+    #[arg(long = "dataplane-var", value_parser = parse_var)]
+    pub dataplane_vars: Vec<(String, String)>,
+    /// The zone this ingress serves (for MeshService cluster names and the empty-table answer).
+    #[arg(long, env = "KUMA_MULTIZONE_ZONE", default_value = "")]
+    pub zone: String,
+    /// Accepted for kuma-dp compatibility; must be `ingress`.
+    #[arg(long, env = "KUMA_DATAPLANE_PROXY_TYPE", default_value = "ingress")]
+    pub proxy_type: String,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub inputs: InputArgs,
+    /// Which path moves bytes after routing.
+    #[arg(long, value_enum, default_value_t = SpliceMode::Auto)]
+    pub splice: SpliceMode,
+    /// How long established flows may keep running after SIGTERM/SIGINT.
+    #[arg(long, env = "KUMA_DATAPLANE_DRAIN_TIME", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub drain_time: Duration,
+    /// Give up on an incomplete ClientHello after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "15s")]
+    pub client_hello_timeout: Duration,
+    /// Per-attempt backend connect timeout.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub connect_timeout: Duration,
+    /// Endpoints tried per connection when connects fail.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub connect_attempts: u16,
+    /// Close a flow after this long without a byte either way.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    pub idle_timeout: Duration,
+    /// Concurrent connections per cluster.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections_per_cluster: usize,
+    /// Memory guard: bytes a kernel-spliced connection may have queued toward a slow peer.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_in_flight_bytes: u64,
+    /// Memory guard: how long a connection may stay above the in-flight cap.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub in_flight_grace: Duration,
+    /// Global cap on kernel-spliced connections (beyond it: userspace relay).
+    #[arg(long, default_value_t = Limits::default().max_spliced)]
+    pub max_spliced: usize,
+    /// Non-Kuma extension, off by default: route connections that do not start with a TLS
+    /// ClientHello as if they carried this SNI (e.g. `iperf{mesh=default}`).
+    #[arg(long)]
+    pub plaintext_route: Option<String>,
+    /// Listener sockets (SO_REUSEPORT); default: one per CPU.
+    #[arg(long)]
+    pub listeners: Option<usize>,
+}
+
+fn parse_var(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+/// Sets up `tracing` from `RUST_LOG` (default `info`).
+pub fn init_tracing(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Both inputs, checked.
+pub struct Inputs {
+    pub zone_ingress: config::ZoneIngress,
+    pub inventory: config::Inventory,
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// Loads and validates both inputs, reporting every problem of both at once.
+pub fn load_inputs(args: &InputArgs) -> Result<Inputs, Vec<Diagnostic>> {
+    let mut problems = Vec::new();
+    if args.proxy_type != "ingress" {
+        problems.push(Diagnostic::error(
+            PathBuf::from("--proxy-type"),
+            "proxy-type",
+            format!("zone-ingress only serves --proxy-type=ingress, got {:?}", args.proxy_type),
+        ));
+    }
+    let vars: BTreeMap<String, String> = args.dataplane_vars.iter().cloned().collect();
+    let zi = config::load_zone_ingress(&args.dataplane_file, &vars);
+    let inv = config::load_inventory(&args.dataplanes);
+    let mut warnings = Vec::new();
+    let zi = match zi {
+        Ok(l) => {
+            warnings.extend(l.warnings);
+            Some(l.value)
+        }
+        Err(e) => {
+            problems.extend(e.diagnostics);
+            None
+        }
+    };
+    let inv = match inv {
+        Ok(l) => {
+            warnings.extend(l.warnings);
+            Some(l.value)
+        }
+        Err(e) => {
+            problems.extend(e.diagnostics);
+            None
+        }
+    };
+    match (zi, inv) {
+        (Some(zone_ingress), Some(inventory)) if problems.is_empty() => Ok(Inputs { zone_ingress, inventory, warnings }),
+        _ => Err(problems),
+    }
+}
+
+fn report(problems: &[Diagnostic]) {
+    for p in problems {
+        error!("{p}");
+    }
+    error!("{} configuration problem(s); nothing started", problems.len());
+}
+
+/// `zone-ingress validate`.
+pub fn validate(args: &InputArgs) -> anyhow::Result<ExitCode> {
+    match load_inputs(args) {
+        Ok(inputs) => {
+            for w in &inputs.warnings {
+                warn!("{w}");
+            }
+            let table = RouteTable::build(&inputs.inventory, &args.zone);
+            info!(
+                listener = %SocketAddr::new(inputs.zone_ingress.address, inputs.zone_ingress.port),
+                routes = table.entries().count(),
+                dataplanes = inputs.inventory.dataplanes.len(),
+                "configuration is valid"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(problems) => {
+            report(&problems);
+            Ok(ExitCode::from(EXIT_BAD_CONFIG))
+        }
+    }
+}
+
+/// `zone-ingress run`.
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let inputs = match load_inputs(&args.inputs) {
+        Ok(i) => i,
+        Err(problems) => {
+            report(&problems);
+            return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+        }
+    };
+    for w in &inputs.warnings {
+        warn!("{w}");
+    }
+    let limits = Limits {
+        idle_timeout: args.idle_timeout,
+        max_in_flight: args.max_in_flight_bytes,
+        in_flight_grace: args.in_flight_grace,
+        max_spliced: args.max_spliced,
+        ..Limits::default()
+    };
+    let kernel = match args.splice {
+        SpliceMode::Userspace => {
+            info!(mode = "userspace", "splice mode: userspace (chosen by --splice userspace)");
+            None
+        }
+        SpliceMode::Kernel => {
+            let k = KernelSplice::load(limits.clone()).context("--splice kernel: loading the eBPF splice")?;
+            info!(mode = "kernel", "splice mode: kernel (sockhash + sk_skb verdict)");
+            Some(k)
+        }
+        SpliceMode::Auto => match KernelSplice::load(limits.clone()) {
+            Ok(k) => {
+                info!(mode = "kernel", "splice mode: kernel (auto: eBPF loaded)");
+                Some(k)
+            }
+            Err(e) => {
+                warn!(mode = "userspace", error = %e, "splice mode: userspace (auto: the eBPF splice could not load)");
+                None
+            }
+        },
+    };
+    let zi = &inputs.zone_ingress;
+    let table = RouteTable::build(&inputs.inventory, &args.inputs.zone);
+    if let Some(sni) = &args.plaintext_route
+        && table.lookup(sni).is_err()
+    {
+        bail!("--plaintext-route {sni:?} does not match any route of the inventory");
+    }
+    info!(routes = table.entries().count(), "routing table built");
+    let options = Options {
+        client_hello_timeout: args.client_hello_timeout,
+        connect_timeout: args.connect_timeout,
+        connect_attempts: usize::from(args.connect_attempts),
+        max_cluster_connections: args.max_connections_per_cluster,
+        plaintext_route: args.plaintext_route.clone(),
+        proxy_id: zi.name.clone(),
+        zone: args.inputs.zone.clone(),
+        limits,
+        ..Options::default()
+    };
+    let listen = SocketAddr::new(zi.address, zi.port);
+    let n = args.listeners.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listeners = server::bind(listen, n).with_context(|| format!("binding the listener {listen}"))?;
+        let ingress = Ingress::new(options, table, kernel);
+        info!(%listen, listeners = n, "ready");
+        let signal = crate::signal::shutdown();
+        server::serve(Arc::clone(&ingress), listeners, signal).await;
+        let deadline = Instant::now() + args.drain_time;
+        info!(drain_time = ?args.drain_time, open = ingress.open_connections(), "draining");
+        let left = ingress.wait_idle(deadline).await;
+        if left > 0 {
+            warn!(left, "drain time over; closing the remaining connections");
+            server::abort_spliced(&ingress);
+        }
+        info!("stopped");
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

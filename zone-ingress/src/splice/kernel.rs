@@ -1,0 +1,612 @@
+//! In-kernel splice: one SOCKHASH with the sk_skb verdict attached, the pairing map, and the
+//! monitor thread that turns FIN/RST on one socket into FIN/RST on its peer.
+//!
+//! Handoff protocol (in-kernel-splice.md §2), for a client socket C whose ClientHello is still
+//! unread in its receive queue and a connected backend socket B:
+//! 1. read both cookies; write `PAIRS[C] = B`, `PAIRS[B] = C`;
+//! 2. take the byte-counter baselines (§3) while nothing has moved yet;
+//! 3. insert B, then C, into `SOCKS` (B cannot speak before it sees the ClientHello, which only
+//!    leaves C once C is in the map, so no verdict ever runs while its peer is missing);
+//! 4. kick both with `SO_RCVLOWAT = 1`: the hook runs over the queued ClientHello and the kernel
+//!    forwards it; from here every byte goes through one path, in order;
+//! 5. check `peer_missing`; non-zero means the assumption broke: abort both with RST.
+//!
+//! After the handoff userspace never reads or writes either socket. The monitor thread watches
+//! them with its own epoll for `EPOLLRDHUP` only (asking for `EPOLLIN` would wake it after every
+//! batch the verdict moves) and, per direction X→Y, waits until every byte X received is in Y's
+//! TCP send queue before `shutdown(Y, SHUT_WR)` (§3's drain check).
+
+use std::{
+    collections::{BTreeSet, HashMap as StdHashMap},
+    io,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    programs::SkSkb,
+};
+use tracing::{debug, info, warn};
+use zone_ingress_ebpf::splice::{self as abi, Pair};
+
+use super::{CloseReason, Closed, Limits, OnClose};
+use crate::sys;
+
+/// The kernel object built by `build.rs` from `zone-ingress-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zone-ingress-ebpf"));
+
+/// Why the kernel splice could not be set up at all.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("the eBPF object is empty: the daemon was built with AYA_BUILD_SKIP=1")]
+    NoObject,
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("program {0} missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, #[source] source: aya::maps::MapError },
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, #[source] source: aya::programs::ProgramError },
+    #[error("{what}: {source}")]
+    Io { what: &'static str, #[source] source: io::Error },
+}
+
+/// Why one connection could not be handed to the kernel (it is then served in userspace;
+/// nothing was moved, so that path starts clean).
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error("global cap of {0} spliced connections reached")]
+    Full(usize),
+    #[error("{what}: {source}")]
+    Io { what: &'static str, #[source] source: io::Error },
+    #[error("{what}: {source}")]
+    Map { what: &'static str, #[source] source: aya::maps::MapError },
+}
+
+/// What a failed handoff gives back: both sockets, untouched, for the userspace path.
+pub struct Rejected {
+    pub client: OwnedFd,
+    pub backend: OwnedFd,
+    pub error: HandoffError,
+}
+
+struct Maps {
+    socks: SockHash<MapData, u64>,
+    pairs: HashMap<MapData, u64, Pair>,
+}
+
+/// Global counters of the kernel path, read by the metrics module.
+#[derive(Debug, Default)]
+pub struct KernelStats {
+    /// Connections currently spliced in the kernel.
+    pub active: AtomicUsize,
+    /// Connections handed to the kernel since start.
+    pub total: AtomicU64,
+    /// Connections aborted because their in-flight bytes stayed above the cap.
+    pub memory_guard_aborts: AtomicU64,
+    /// Connections aborted because the verdict found the peer missing.
+    pub peer_missing_aborts: AtomicU64,
+    /// Connections aborted because the drain check did not converge.
+    pub drain_stalls: AtomicU64,
+    /// Sum over connections of in-flight bytes at the last sample.
+    pub in_flight_bytes: AtomicU64,
+}
+
+/// The loaded programs and maps plus the monitor thread. Dropping it detaches the verdict
+/// (sockets already inserted keep theirs until they close).
+pub struct KernelSplice {
+    shared: Arc<Shared>,
+    // Keeps the program attached for the process lifetime (legacy prog-attach: drop = detach).
+    _ebpf: Mutex<Ebpf>,
+    _stats_map: Mutex<PerCpuArray<MapData, u64>>,
+}
+
+struct Shared {
+    maps: Mutex<Maps>,
+    conns: Mutex<State>,
+    epoll: OwnedFd,
+    next_token: AtomicU64,
+    limits: Limits,
+    stats: Arc<KernelStats>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// The monitor's table: every spliced connection, and those with a drain check pending.
+#[derive(Default)]
+struct State {
+    conns: StdHashMap<u64, Spliced>,
+    draining: BTreeSet<u64>,
+}
+
+const CLIENT: usize = 0;
+const BACKEND: usize = 1;
+
+struct Spliced {
+    fds: [OwnedFd; 2],
+    cookies: [u64; 2],
+    /// Baseline of `tcpi_bytes_received` minus what was still unread, per side.
+    recv_base: [u64; 2],
+    /// Baseline of `tcpi_bytes_acked + SIOCOUTQ`, per side.
+    sent_base: [u64; 2],
+    /// FIN received from side i (direction i → peer waits for its drain check).
+    fin: [bool; 2],
+    /// Direction i → peer finished: the peer was shut down for writing.
+    shut: [bool; 2],
+    /// Last time the drain check of direction i made progress, and the value it saw.
+    drain_progress: [(Instant, u64); 2],
+    handoff_ns: u64,
+    over_cap_since: Option<Instant>,
+    on_close: Option<OnClose>,
+    bytes: [u64; 2],
+}
+
+impl KernelSplice {
+    /// Loads and attaches the verdict, starts the monitor thread.
+    pub fn load(limits: Limits) -> Result<Self, LoadError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
+        let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
+        let socks = ebpf.take_map(abi::SOCKS).ok_or(LoadError::MissingMap(abi::SOCKS))?;
+        let socks: SockHash<MapData, u64> =
+            SockHash::try_from(socks).map_err(|source| LoadError::Map { name: abi::SOCKS, source })?;
+        let pairs = ebpf.take_map(abi::PAIRS).ok_or(LoadError::MissingMap(abi::PAIRS))?;
+        let pairs: HashMap<MapData, u64, Pair> =
+            HashMap::try_from(pairs).map_err(|source| LoadError::Map { name: abi::PAIRS, source })?;
+        let stats_map = ebpf.take_map(abi::STATS).ok_or(LoadError::MissingMap(abi::STATS))?;
+        let stats_map: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(stats_map).map_err(|source| LoadError::Map { name: abi::STATS, source })?;
+        let socks_fd = socks
+            .fd()
+            .try_clone()
+            .map_err(|source| LoadError::Io { what: "duplicating the SOCKHASH fd", source })?;
+        let prog: &mut SkSkb = ebpf
+            .program_mut(abi::VERDICT)
+            .ok_or(LoadError::MissingProgram(abi::VERDICT))?
+            .try_into()
+            .map_err(|source| LoadError::Program { name: abi::VERDICT, source })?;
+        prog.load().map_err(|source| LoadError::Program { name: abi::VERDICT, source })?;
+        prog.attach(&socks_fd).map_err(|source| LoadError::Program { name: abi::VERDICT, source })?;
+
+        // SAFETY: epoll_create1 returns a fresh fd or -1.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epfd < 0 {
+            return Err(LoadError::Io { what: "epoll_create1", source: io::Error::last_os_error() });
+        }
+        // SAFETY: `epfd` is a fresh, owned fd.
+        let epoll = unsafe { OwnedFd::from_raw_fd(epfd) };
+        let shared = Arc::new(Shared {
+            maps: Mutex::new(Maps { socks, pairs }),
+            conns: Mutex::new(State::default()),
+            epoll,
+            next_token: AtomicU64::new(1),
+            limits,
+            stats: Arc::new(KernelStats::default()),
+            stop: std::sync::atomic::AtomicBool::new(false),
+        });
+        let monitor = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("splice-monitor".into())
+            .spawn(move || monitor.run())
+            .map_err(|source| LoadError::Io { what: "spawning the monitor thread", source })?;
+        info!(program = abi::VERDICT, map = abi::SOCKS, "sk_skb stream verdict attached");
+        Ok(Self { shared, _ebpf: Mutex::new(ebpf), _stats_map: Mutex::new(stats_map) })
+    }
+
+    /// Counters of the kernel path.
+    pub fn stats(&self) -> Arc<KernelStats> {
+        Arc::clone(&self.shared.stats)
+    }
+
+    /// Global verdict counters (`STAT_*` slots), summed over CPUs.
+    pub fn verdict_counters(&self) -> [u64; abi::STAT_COUNT as usize] {
+        let mut out = [0; abi::STAT_COUNT as usize];
+        if let Ok(map) = self._stats_map.lock() {
+            for (slot, v) in out.iter_mut().enumerate() {
+                if let Ok(values) = map.get(&(slot as u32), 0) {
+                    *v = values.iter().sum();
+                }
+            }
+        }
+        out
+    }
+
+    /// Number of spliced connections currently tracked.
+    pub fn active(&self) -> usize {
+        self.shared.stats.active.load(Ordering::Relaxed)
+    }
+
+    /// Hands a connection to the kernel (module docs, steps 1–5). On error both sockets come
+    /// back unchanged (nothing was read, written or left in a map).
+    pub fn handoff(&self, client: OwnedFd, backend: OwnedFd, on_close: OnClose) -> Result<(), Rejected> {
+        let cap = self.shared.limits.max_spliced;
+        if self.shared.stats.active.fetch_add(1, Ordering::AcqRel) >= cap {
+            self.shared.stats.active.fetch_sub(1, Ordering::AcqRel);
+            return Err(Rejected { client, backend, error: HandoffError::Full(cap) });
+        }
+        match self.try_handoff(&client, &backend) {
+            Ok(prep) => {
+                self.shared.stats.total.fetch_add(1, Ordering::Relaxed);
+                self.register(prep, [client, backend], on_close);
+                Ok(())
+            }
+            Err(error) => {
+                self.shared.stats.active.fetch_sub(1, Ordering::AcqRel);
+                Err(Rejected { client, backend, error })
+            }
+        }
+    }
+
+    fn try_handoff(&self, client: &OwnedFd, backend: &OwnedFd) -> Result<Prepared, HandoffError> {
+        let io = |what| move |source| HandoffError::Io { what, source };
+        let fds = [client.as_fd(), backend.as_fd()];
+        let cookies = [
+            sys::socket_cookie(fds[CLIENT]).map_err(io("SO_COOKIE of the client socket"))?,
+            sys::socket_cookie(fds[BACKEND]).map_err(io("SO_COOKIE of the backend socket"))?,
+        ];
+        let keepalive = self.shared.limits.keepalive;
+        for fd in fds {
+            sys::set_nodelay(fd).map_err(io("TCP_NODELAY"))?;
+            sys::set_dead_peer_detection(fd, keepalive, Duration::from_secs(10), 6)
+                .map_err(io("keepalive / TCP_USER_TIMEOUT"))?;
+        }
+        let mut maps = self.shared.lock_maps();
+        for side in [CLIENT, BACKEND] {
+            let pair = Pair { peer: cookies[1 - side], ..Pair::default() };
+            if let Err(source) = maps.pairs.insert(cookies[side], pair, 0) {
+                for c in cookies {
+                    let _ = maps.pairs.remove(&c);
+                }
+                return Err(HandoffError::Map { what: "PAIRS insert", source });
+            }
+        }
+        let baselines = (|| -> io::Result<_> {
+            let mut recv_base = [0; 2];
+            let mut sent_base = [0; 2];
+            for side in [CLIENT, BACKEND] {
+                let info = sys::tcp_info(fds[side])?;
+                recv_base[side] = info.bytes_received - u64::from(sys::inq(fds[side])?);
+                sent_base[side] = info.bytes_acked + u64::from(sys::outq(fds[side])?);
+            }
+            Ok((recv_base, sent_base))
+        })();
+        let (recv_base, sent_base) = match baselines {
+            Ok(b) => b,
+            Err(source) => {
+                for c in cookies {
+                    let _ = maps.pairs.remove(&c);
+                }
+                return Err(HandoffError::Io { what: "byte-counter baselines", source });
+            }
+        };
+        // Backend first, then client: see the module docs.
+        if let Err(source) = maps.socks.insert(cookies[BACKEND], fds[BACKEND].as_raw_fd(), 0) {
+            for c in cookies {
+                let _ = maps.pairs.remove(&c);
+            }
+            return Err(HandoffError::Map { what: "SOCKHASH insert of the backend socket", source });
+        }
+        if let Err(source) = maps.socks.insert(cookies[CLIENT], fds[CLIENT].as_raw_fd(), 0) {
+            // Nothing can be queued on B yet: the ClientHello never left C.
+            let _ = maps.socks.remove(&cookies[BACKEND]);
+            for c in cookies {
+                let _ = maps.pairs.remove(&c);
+            }
+            return Err(HandoffError::Map {
+                what: "SOCKHASH insert of the client socket (a client that already sent FIN is refused)",
+                source,
+            });
+        }
+        drop(maps);
+        // From here on the connection belongs to the kernel; errors abort instead of falling back.
+        let handoff_ns = sys::monotonic_ns();
+        let kicked = fds.iter().try_for_each(|fd| sys::set_rcvlowat(*fd, 1));
+        Ok(Prepared { cookies, recv_base, sent_base, handoff_ns, kick_error: kicked.err() })
+    }
+
+    fn register(&self, prep: Prepared, fds: [OwnedFd; 2], on_close: OnClose) {
+        let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let conn = Spliced {
+            cookies: prep.cookies,
+            recv_base: prep.recv_base,
+            sent_base: prep.sent_base,
+            fin: [false; 2],
+            shut: [false; 2],
+            drain_progress: [(now, 0); 2],
+            handoff_ns: prep.handoff_ns,
+            over_cap_since: None,
+            on_close: Some(on_close),
+            bytes: [0; 2],
+            fds,
+        };
+        let raw = [conn.fds[0].as_raw_fd(), conn.fds[1].as_raw_fd()];
+        let mut conns = self.shared.lock_conns();
+        conns.conns.insert(token, conn);
+        let mut failed = prep.kick_error.map(|e| ("SO_RCVLOWAT kick", e));
+        for side in [CLIENT, BACKEND] {
+            let mut ev = libc::epoll_event {
+                events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+                u64: token << 1 | side as u64,
+            };
+            // SAFETY: registering a live fd owned by `conns[token]`.
+            if unsafe { libc::epoll_ctl(self.shared.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, raw[side], &raw mut ev) } < 0 {
+                failed = Some(("epoll_ctl", io::Error::last_os_error()));
+            }
+        }
+        if let Some((what, e)) = failed {
+            warn!(error = %e, "{what} failed after the sockets entered the map; aborting");
+            self.shared.finish(&mut conns, token, CloseReason::Internal);
+        }
+    }
+
+    /// Stops the monitor thread and aborts every spliced connection (used at the end of drain).
+    pub fn abort_all(&self, reason: CloseReason) {
+        let mut conns = self.shared.lock_conns();
+        let tokens: Vec<u64> = conns.conns.keys().copied().collect();
+        for t in tokens {
+            self.shared.finish(&mut conns, t, reason);
+        }
+    }
+}
+
+impl Drop for KernelSplice {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+struct Prepared {
+    cookies: [u64; 2],
+    recv_base: [u64; 2],
+    sent_base: [u64; 2],
+    handoff_ns: u64,
+    kick_error: Option<io::Error>,
+}
+
+/// How often the monitor samples in-flight bytes and idle time.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// Poll interval while a drain check is pending.
+const DRAIN_POLL: Duration = Duration::from_millis(2);
+
+impl Shared {
+    fn lock_maps(&self) -> MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lock_conns(&self) -> MutexGuard<'_, State> {
+        self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn run(&self) {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        let mut last_sample = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            let pending = !self.lock_conns().draining.is_empty();
+            let timeout = if pending { DRAIN_POLL } else { Duration::from_millis(200) };
+            // SAFETY: `events` is a valid buffer of its length.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as libc::c_int,
+                    timeout.as_millis() as libc::c_int,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    warn!(error = %e, "epoll_wait failed in the splice monitor");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+            let mut conns = self.lock_conns();
+            for ev in &events[..n as usize] {
+                let token = ev.u64 >> 1;
+                let side = (ev.u64 & 1) as usize;
+                self.on_event(&mut conns, token, side, ev.events);
+            }
+            let tokens: Vec<u64> = conns.draining.iter().copied().collect();
+            for t in tokens {
+                self.drain(&mut conns, t);
+            }
+            if last_sample.elapsed() >= SAMPLE_EVERY {
+                last_sample = Instant::now();
+                self.sample(&mut conns);
+            }
+        }
+    }
+
+    fn on_event(&self, state: &mut State, token: u64, side: usize, events: u32) {
+        let Some(conn) = state.conns.get_mut(&token) else { return };
+        let fd = conn.fds[side].as_fd();
+        let err = sys::take_error(fd).ok().flatten();
+        let hup = events & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
+        if err.is_some() || (hup && events & libc::EPOLLRDHUP as u32 == 0) {
+            debug!(token, side, error = ?err, "reset on spliced socket");
+            let reason = if side == CLIENT { CloseReason::ClientReset } else { CloseReason::BackendReset };
+            self.abort(state, token, side, reason);
+            return;
+        }
+        if events & libc::EPOLLRDHUP as u32 != 0 && !conn.fin[side] {
+            conn.fin[side] = true;
+            conn.drain_progress[side] = (Instant::now(), 0);
+            state.draining.insert(token);
+            self.drain(state, token);
+        }
+    }
+
+    /// Drain check (§3) for every direction whose FIN arrived but whose peer is still open.
+    fn drain(&self, state: &mut State, token: u64) {
+        let stall = self.limits.drain_stall;
+        let Some(conn) = state.conns.get_mut(&token) else { return };
+        for side in [CLIENT, BACKEND] {
+            if !conn.fin[side] || conn.shut[side] {
+                continue;
+            }
+            let peer = 1 - side;
+            let forwarded = match self.lock_maps().pairs.get(&conn.cookies[side], 0) {
+                Ok(p) => {
+                    if p.peer_missing != 0 {
+                        self.stats.peer_missing_aborts.fetch_add(1, Ordering::Relaxed);
+                        self.abort(state, token, side, CloseReason::Internal);
+                        return;
+                    }
+                    p.bytes
+                }
+                Err(_) => {
+                    self.abort(state, token, side, CloseReason::Internal);
+                    return;
+                }
+            };
+            let counts = (|| -> io::Result<(u64, u64)> {
+                let x = sys::tcp_info(conn.fds[side].as_fd())?;
+                let y = sys::tcp_info(conn.fds[peer].as_fd())?;
+                let outq = u64::from(sys::outq(conn.fds[peer].as_fd())?);
+                // The FIN takes one sequence number, which tcpi_bytes_received counts.
+                let received = x.bytes_received.saturating_sub(conn.recv_base[side]).saturating_sub(1);
+                let in_peer = (y.bytes_acked + outq).saturating_sub(conn.sent_base[peer]);
+                Ok((received, in_peer))
+            })();
+            let Ok((received, in_peer)) = counts else {
+                self.abort(state, token, side, CloseReason::Internal);
+                return;
+            };
+            conn.bytes[side] = forwarded;
+            if received == forwarded && forwarded == in_peer {
+                if let Err(e) = sys::shutdown_write(conn.fds[peer].as_fd()) {
+                    debug!(token, error = %e, "shutdown(SHUT_WR) of the peer failed");
+                }
+                conn.shut[side] = true;
+            } else if in_peer != conn.drain_progress[side].1 {
+                conn.drain_progress[side] = (Instant::now(), in_peer);
+            } else if conn.drain_progress[side].0.elapsed() > stall {
+                warn!(token, received, forwarded, in_peer, "drain check did not converge; aborting");
+                self.stats.drain_stalls.fetch_add(1, Ordering::Relaxed);
+                self.abort(state, token, side, CloseReason::DrainStall);
+                return;
+            }
+        }
+        if conn.fin.iter().zip(conn.shut).all(|(f, s)| !f || s) {
+            state.draining.remove(&token);
+        }
+        if conn.shut == [true, true] {
+            let reason = if conn.fin[CLIENT] { CloseReason::ClientFin } else { CloseReason::BackendFin };
+            self.finish(state, token, reason);
+        }
+    }
+
+    /// Periodic work: idle timeout and the memory guard (§4).
+    fn sample(&self, state: &mut State) {
+        let now_ns = sys::monotonic_ns();
+        let idle_ns = u64::try_from(self.limits.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let mut expired = Vec::new();
+        let mut total_in_flight = 0u64;
+        {
+            let maps = self.lock_maps();
+            for (token, conn) in &mut state.conns {
+                let mut last = conn.handoff_ns;
+                let mut worst = 0u64;
+                for side in [CLIENT, BACKEND] {
+                    let Ok(p) = maps.pairs.get(&conn.cookies[side], 0) else { continue };
+                    if p.peer_missing != 0 {
+                        expired.push((*token, side, CloseReason::Internal));
+                    }
+                    conn.bytes[side] = p.bytes;
+                    last = last.max(p.last_active_ns);
+                    let peer = 1 - side;
+                    if conn.shut[side] {
+                        continue;
+                    }
+                    let fd = conn.fds[peer].as_fd();
+                    if let (Ok(y), Ok(outq)) = (sys::tcp_info(fd), sys::outq(fd)) {
+                        let in_peer = (y.bytes_acked + u64::from(outq)).saturating_sub(conn.sent_base[peer]);
+                        worst = worst.max(p.bytes.saturating_sub(in_peer));
+                    }
+                }
+                total_in_flight += worst;
+                if worst > self.limits.max_in_flight {
+                    let since = *conn.over_cap_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.limits.in_flight_grace {
+                        expired.push((*token, CLIENT, CloseReason::MemoryGuard));
+                        continue;
+                    }
+                } else {
+                    conn.over_cap_since = None;
+                }
+                if now_ns.saturating_sub(last) > idle_ns {
+                    expired.push((*token, CLIENT, CloseReason::IdleTimeout));
+                }
+            }
+        }
+        self.stats.in_flight_bytes.store(total_in_flight, Ordering::Relaxed);
+        for (token, side, reason) in expired {
+            match reason {
+                CloseReason::MemoryGuard => {
+                    self.stats.memory_guard_aborts.fetch_add(1, Ordering::Relaxed);
+                    warn!(token, "in-flight bytes above the cap for too long; aborting (memory guard)");
+                    self.abort(state, token, side, reason);
+                }
+                CloseReason::IdleTimeout => self.finish(state, token, reason),
+                _ => {
+                    self.stats.peer_missing_aborts.fetch_add(1, Ordering::Relaxed);
+                    self.abort(state, token, side, reason);
+                }
+            }
+        }
+    }
+
+    /// Resets both sides (RST, via `SO_LINGER {1, 0}`) and forgets the connection.
+    fn abort(&self, state: &mut State, token: u64, _side: usize, reason: CloseReason) {
+        if let Some(conn) = state.conns.get(&token) {
+            for fd in &conn.fds {
+                let _ = sys::set_linger_zero(fd.as_fd());
+            }
+        }
+        self.finish(state, token, reason);
+    }
+
+    /// Closes both sockets (which removes them from `SOCKS`), deletes the pairing entries and
+    /// reports the connection's totals.
+    fn finish(&self, state: &mut State, token: u64, reason: CloseReason) {
+        state.draining.remove(&token);
+        let Some(mut conn) = state.conns.remove(&token) else { return };
+        {
+            let maps = self.lock_maps();
+            for side in [CLIENT, BACKEND] {
+                if let Ok(p) = maps.pairs.get(&conn.cookies[side], 0) {
+                    conn.bytes[side] = p.bytes;
+                }
+            }
+        }
+        for fd in &conn.fds {
+            // SAFETY: removing a live fd we own from our epoll set.
+            unsafe {
+                libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd.as_raw_fd(), std::ptr::null_mut());
+            }
+        }
+        let Spliced { fds, cookies, bytes, mut on_close, .. } = conn;
+        drop(fds);
+        {
+            let mut maps = self.lock_maps();
+            for c in cookies {
+                let _ = maps.pairs.remove(&c);
+            }
+        }
+        self.stats.active.fetch_sub(1, Ordering::AcqRel);
+        if let Some(f) = on_close.take() {
+            f(Closed { reason, client_to_backend: bytes[CLIENT], backend_to_client: bytes[BACKEND] });
+        }
+    }
+}
+

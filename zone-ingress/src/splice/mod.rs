@@ -1,0 +1,113 @@
+//! Moving bytes after the handoff: in the kernel (`kernel`, sockhash + sk_skb verdict) or in
+//! userspace (`userspace`, the same close semantics without eBPF).
+
+pub mod kernel;
+pub mod userspace;
+
+use std::time::Duration;
+
+/// Which path moves a connection's bytes after routing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpliceMode {
+    /// Kernel splice when the eBPF programs load, userspace otherwise (and for any connection
+    /// whose insertion into the map fails).
+    Auto,
+    /// Kernel splice only: the daemon refuses to start if the programs cannot load.
+    Kernel,
+    /// Userspace copy loop only; no eBPF is loaded.
+    Userspace,
+}
+
+/// The path that ended up carrying one connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Path {
+    Kernel,
+    Userspace,
+}
+
+impl Path {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Userspace => "userspace",
+        }
+    }
+}
+
+/// Limits that apply to spliced connections.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Limits {
+    /// Close a connection after this long without a byte in either direction (Kuma: 1 h).
+    pub idle_timeout: Duration,
+    /// Memory guard: abort a kernel-spliced connection whose bytes waiting in the peer's psock
+    /// queue stay above this for `in_flight_grace`.
+    pub max_in_flight: u64,
+    pub in_flight_grace: Duration,
+    /// Global cap on kernel-spliced connections; beyond it connections use the userspace path.
+    pub max_spliced: usize,
+    /// Abort when a half-close drain check makes no progress for this long.
+    pub drain_stall: Duration,
+    /// Keepalive idle time on spliced sockets (the daemon never reads them, so the kernel must
+    /// notice dead peers).
+    pub keepalive: Duration,
+    /// Userspace path: bytes buffered per direction.
+    pub userspace_buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(3600),
+            max_in_flight: 4 << 20,
+            in_flight_grace: Duration::from_secs(5),
+            max_spliced: (zone_ingress_ebpf::splice::MAX_SOCKETS / 2) as usize,
+            drain_stall: Duration::from_secs(60),
+            keepalive: Duration::from_secs(60),
+            userspace_buffer: 64 << 10,
+        }
+    }
+}
+
+/// Why a connection ended, for the access log and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    ClientFin,
+    BackendFin,
+    ClientReset,
+    BackendReset,
+    IdleTimeout,
+    MemoryGuard,
+    DrainStall,
+    Shutdown,
+    Internal,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientFin => "client_fin",
+            Self::BackendFin => "backend_fin",
+            Self::ClientReset => "client_reset",
+            Self::BackendReset => "backend_reset",
+            Self::IdleTimeout => "idle_timeout",
+            Self::MemoryGuard => "memory_guard",
+            Self::DrainStall => "drain_stall",
+            Self::Shutdown => "shutdown",
+            Self::Internal => "internal_error",
+        }
+    }
+}
+
+/// Totals of a finished connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Closed {
+    pub reason: CloseReason,
+    pub client_to_backend: u64,
+    pub backend_to_client: u64,
+}
+
+/// Called once when a spliced connection has been closed.
+pub type OnClose = Box<dyn FnOnce(Closed) + Send + 'static>;

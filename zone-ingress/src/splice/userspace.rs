@@ -1,0 +1,114 @@
+//! Userspace path: the kernel splice's semantics (half-close each way, RST as RST, idle timeout)
+//! with a bounded copy loop. Used by `--splice userspace`, by `auto` when eBPF cannot load, and
+//! for single connections the kernel refused (e.g. a client that sent FIN before the handoff).
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+    pin::pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+};
+
+use tracing::debug;
+
+use super::{CloseReason, Closed, Limits};
+use crate::sys;
+
+/// Live byte counters of one userspace connection.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub client_to_backend: AtomicU64,
+    pub backend_to_client: AtomicU64,
+    /// `sys::monotonic_ns()` of the last byte moved.
+    pub last_active_ns: AtomicU64,
+}
+
+enum PumpError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// Copies until EOF, then shuts the writer down (FIN), so each direction half-closes alone.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    counter: &AtomicU64,
+    progress: &Progress,
+    buffer: usize,
+) -> Result<(), PumpError> {
+    let mut buf = vec![0u8; buffer];
+    loop {
+        let n = from.read(&mut buf).await.map_err(PumpError::Read)?;
+        if n == 0 {
+            return to.shutdown().await.map_err(PumpError::Write);
+        }
+        to.write_all(&buf[..n]).await.map_err(PumpError::Write)?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        progress.last_active_ns.store(sys::monotonic_ns(), Ordering::Relaxed);
+    }
+}
+
+/// Relays between `client` and `backend` until both directions are finished, one side resets,
+/// or the connection idles out. Nothing has been read from `client` yet: the ClientHello is
+/// still in its receive queue and is relayed like any other byte.
+pub async fn relay(client: TcpStream, backend: TcpStream, limits: &Limits, progress: Arc<Progress>) -> Closed {
+    let _ = client.set_nodelay(true);
+    let _ = backend.set_nodelay(true);
+    let fds = [client.as_raw_fd(), backend.as_raw_fd()];
+    progress.last_active_ns.store(sys::monotonic_ns(), Ordering::Relaxed);
+    let (cr, cw) = client.into_split();
+    let (br, bw) = backend.into_split();
+    let buffer = limits.userspace_buffer;
+    let mut c2b = pin!(pump(cr, bw, &progress.client_to_backend, &progress, buffer));
+    let mut b2c = pin!(pump(br, cw, &progress.backend_to_client, &progress, buffer));
+    let mut done = [false; 2];
+    let idle_ns = u64::try_from(limits.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+    let tick = limits.idle_timeout.min(Duration::from_secs(1));
+    let mut first_fin = None;
+    // `reset` = which side to reset (0 client, 1 backend) because the other one failed.
+    let (reason, reset) = loop {
+        tokio::select! {
+            r = &mut c2b, if !done[0] => match r {
+                Ok(()) => { done[0] = true; first_fin.get_or_insert(CloseReason::ClientFin); }
+                Err(PumpError::Read(e)) => { debug!(error = %e, "client read failed"); break (CloseReason::ClientReset, Some(1)) }
+                Err(PumpError::Write(e)) => { debug!(error = %e, "backend write failed"); break (CloseReason::BackendReset, Some(0)) }
+            },
+            r = &mut b2c, if !done[1] => match r {
+                Ok(()) => { done[1] = true; first_fin.get_or_insert(CloseReason::BackendFin); }
+                Err(PumpError::Read(e)) => { debug!(error = %e, "backend read failed"); break (CloseReason::BackendReset, Some(0)) }
+                Err(PumpError::Write(e)) => { debug!(error = %e, "client write failed"); break (CloseReason::ClientReset, Some(1)) }
+            },
+            () = tokio::time::sleep(tick) => {
+                let last = progress.last_active_ns.load(Ordering::Relaxed);
+                if sys::monotonic_ns().saturating_sub(last) >= idle_ns {
+                    break (CloseReason::IdleTimeout, None);
+                }
+            }
+        }
+        if done == [true, true] {
+            break (first_fin.unwrap_or(CloseReason::ClientFin), None);
+        }
+    };
+    if let Some(side) = reset {
+        // SAFETY: both streams are still alive inside the pinned futures until this fn returns.
+        let fd = unsafe { BorrowedFd::borrow_raw(fds[side]) };
+        let _ = sys::set_linger_zero(fd);
+    }
+    Closed {
+        reason,
+        client_to_backend: progress.client_to_backend.load(Ordering::Relaxed),
+        backend_to_client: progress.backend_to_client.load(Ordering::Relaxed),
+    }
+}

@@ -1,0 +1,147 @@
+//! Thin, checked wrappers over the socket options and ioctls the handoff and close logic need.
+//! Every function takes a borrowed fd and returns `io::Result`; nothing here owns a socket.
+
+use std::{
+    io,
+    mem::{self, size_of},
+    os::fd::{AsRawFd, BorrowedFd},
+    time::Duration,
+};
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+fn setsockopt<T>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` is a live `T` and the length passed is its size.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(value).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    check(ret).map(drop)
+}
+
+fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: &mut T) -> io::Result<usize> {
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` is writable for `len` bytes; the kernel writes at most `len`.
+    let ret = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), level, name, std::ptr::from_mut(value).cast(), &raw mut len)
+    };
+    check(ret).map(|_| len as usize)
+}
+
+/// `SO_COOKIE`: the socket's boot-unique 64-bit id, the key of every BPF map entry.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE, &mut cookie)?;
+    Ok(cookie)
+}
+
+/// The prefix of `struct tcp_info` (include/uapi/linux/tcp.h) up to `tcpi_bytes_received`,
+/// which every kernel since 4.2 fills. glibc's older definition stops before these fields.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct TcpInfo {
+    /// `tcpi_state`, `tcpi_ca_state`, ... (eight `__u8`, bitfields included).
+    pub head: [u8; 8],
+    /// `tcpi_rto` through `tcpi_total_retrans`.
+    pub u32s: [u32; 24],
+    pub pacing_rate: u64,
+    pub max_pacing_rate: u64,
+    /// RFC 4898 tcpEStatsAppHCThruOctetsAcked: bytes of ours the peer acknowledged.
+    pub bytes_acked: u64,
+    /// RFC 4898 tcpEStatsAppHCThruOctetsReceived: sequence space received, FIN included.
+    pub bytes_received: u64,
+}
+
+impl TcpInfo {
+    /// The TCP state (`TCP_ESTABLISHED` = 1, `TCP_CLOSE_WAIT` = 8, ...).
+    pub fn state(&self) -> u8 {
+        self.head[0]
+    }
+}
+
+/// `TCP_INFO`. Fails if the kernel returned less than the fields we read.
+pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
+    let mut info = TcpInfo::default();
+    let len = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)?;
+    if len < size_of::<TcpInfo>() {
+        return Err(io::Error::other(format!("TCP_INFO returned {len} bytes, need {}", size_of::<TcpInfo>())));
+    }
+    Ok(info)
+}
+
+fn ioctl_int(fd: BorrowedFd<'_>, req: libc::Ioctl) -> io::Result<u32> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: both requests write one int.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), req, &raw mut value) })?;
+    Ok(u32::try_from(value).unwrap_or(0))
+}
+
+/// `SIOCOUTQ`: bytes in the send queue not yet acknowledged (unsent included).
+pub fn outq(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    ioctl_int(fd, libc::TIOCOUTQ)
+}
+
+/// `SIOCINQ`: unread bytes in the TCP receive queue. Meaningless once the socket is in a sockmap.
+pub fn inq(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    ioctl_int(fd, libc::FIONREAD)
+}
+
+/// `SO_RCVLOWAT`: readable only once `bytes` are queued. Setting it also makes TCP re-evaluate
+/// data-ready, which is how the handoff kicks a socket that already holds bytes.
+pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, &v)
+}
+
+/// `SO_LINGER {on, 0}`: the next close sends RST instead of FIN.
+pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &l)
+}
+
+/// `TCP_NODELAY`.
+pub fn set_nodelay(fd: BorrowedFd<'_>) -> io::Result<()> {
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, &1 as &libc::c_int)
+}
+
+/// Keepalive probes plus `TCP_USER_TIMEOUT`: once a socket is spliced the daemon never reads
+/// it, so only the kernel can notice a peer that vanished.
+pub fn set_dead_peer_detection(fd: BorrowedFd<'_>, idle: Duration, interval: Duration, probes: u32) -> io::Result<()> {
+    let secs = |d: Duration| libc::c_int::try_from(d.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, &1 as &libc::c_int)?;
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, &secs(idle))?;
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, &secs(interval))?;
+    let probes_c = libc::c_int::try_from(probes).unwrap_or(9);
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, &probes_c)?;
+    let user_timeout = idle + interval * probes;
+    let ms = libc::c_uint::try_from(user_timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, &ms)
+}
+
+/// `SO_ERROR`: the pending socket error, cleared by reading it.
+pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
+    let mut err: libc::c_int = 0;
+    getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, &mut err)?;
+    Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
+}
+
+/// `shutdown(fd, SHUT_WR)`: queue a FIN after whatever is in the send queue.
+pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on a borrowed fd.
+    check(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) }).map(drop)
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns()` stamps with.
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: `ts` is a valid out-pointer.
+    let mut ts: libc::timespec = unsafe { mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
