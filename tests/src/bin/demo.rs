@@ -1,0 +1,100 @@
+//! The built-in demo (`cargo xtask demo`): a remote-zone client, the ingress and three local
+//! dataplanes serving mTLS, each in its own network namespace. Real TLS connections are routed
+//! by SNI through the spliced path; the demo prints what was routed and spliced, then cleans up.
+
+use std::{net::SocketAddr, process::Stdio, time::Duration};
+
+use rustls::pki_types::ServerName;
+use zone_ingress_tests::{
+    DP_NAMES,
+    daemon::{Daemon, Scratch, zone_ingress_yaml},
+    netns::Topology,
+    pki::Pki,
+    runtime, section5_inventory,
+    stream::{self, spawn_dataplane},
+};
+
+#[expect(clippy::print_stdout, reason = "the demo's output is its purpose")]
+fn main() {
+    let splice = std::env::args().skip_while(|a| a != "--splice").nth(1).unwrap_or_else(|| "kernel".into());
+    println!("== zone-ingress demo (splice mode: {splice})");
+    println!("   namespaces: client 198.18.0.1 → ingress 198.18.0.2:10001 → dataplanes 198.18.{{1,2,3}}.2");
+    let topo = Topology::new(3);
+    let pki = Pki::new();
+    let daemon = Daemon::start(
+        &topo.ingress,
+        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
+        &section5_inventory(false),
+        &["--splice", &splice, "--drain-time", "2s"],
+    );
+    println!("   ingress pid {} is ready; inventory: backend v1, backend v2 (8080), redis (6379), web (NotReady)", daemon.pid());
+    let rt = runtime();
+    let ingress: SocketAddr = "198.18.0.2:10001".parse().expect("addr");
+    rt.block_on(async {
+        for (k, name) in DP_NAMES.iter().enumerate() {
+            let port = if k == 2 { 6379 } else { 8080 };
+            let addr = SocketAddr::new(Topology::dataplane_addr(k + 1, false), port);
+            let leaf = pki.leaf(name, &["a601e0c00295a9fbe.backend.8080.default.ms", "a25502fde077cd057.redis.6379.default.ms"]);
+            spawn_dataplane(topo.dataplanes[k].listen(addr), name, Some(pki.server_config(&leaf)));
+        }
+        let client_leaf = pki.leaf("remote-client", &["client.test"]);
+        let connector = tokio_rustls::TlsConnector::from(pki.client_config(&client_leaf));
+        println!("\n== mTLS connections (rustls client with a client certificate; the ingress holds no certificate)");
+        for sni in [
+            "a601e0c00295a9fbe.backend.8080.default.ms",
+            "a601e0c00295a9fbe.backend.8080.default.ms",
+            "a25502fde077cd057.redis.6379.default.ms",
+            "a0123456789abcdef.backend.8080.default.ms",
+        ] {
+            let tcp = topo.client.connect(ingress).expect("connect");
+            let name = ServerName::try_from(sni.to_owned()).expect("dns name");
+            let result = async {
+                let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await??;
+                tokio::time::timeout(Duration::from_secs(30), stream::client(tls, 8 << 20, 8 << 20)).await?
+            }
+            .await;
+            match result {
+                Ok(o) => println!(
+                    "   SNI {sni:<45} → {:<10} 8 MiB each way, SHA-256 {}",
+                    o.dataplane,
+                    if o.up_ok && o.down_ok { "match" } else { "MISMATCH" }
+                ),
+                Err(e) => println!("   SNI {sni:<45} → rejected (closed without a byte: {e})"),
+            }
+        }
+    });
+    println!("\n== legacy tag SNIs (openssl s_client, mTLS handshake end to end)");
+    let scratch = Scratch::new("demo");
+    let leaf = pki.leaf("remote-client", &["client.test"]);
+    let ca = scratch.write("ca.pem", &pki.ca_pem);
+    let cert = scratch.write("client.pem", &leaf.cert_pem);
+    let key = scratch.write("client.key", &leaf.key_pem);
+    for sni in ["backend{mesh=default,version=v1}", "backend{kuma.io/zone=east,mesh=default,version=v2}", "redis{mesh=default}", "backend{version=v1,mesh=default}"] {
+        let out = topo
+            .client
+            .command("openssl")
+            .args(["s_client", "-brief", "-connect", "198.18.0.2:10001", "-servername", sni])
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .arg("-CAfile")
+            .arg(&ca)
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl s_client");
+        let text = String::from_utf8_lossy(&out.stderr);
+        let established = text.contains("CONNECTION ESTABLISHED");
+        println!("   SNI {sni:<52} → {}", if established { "handshake completed" } else { "rejected" });
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    println!("\n== access log of the ingress (one line per closed connection)");
+    for line in daemon.log_text().lines().filter(|l| l.contains("connection closed") || l.contains("rejected")) {
+        println!("   {line}");
+    }
+    let spliced = daemon.log_text().matches("mode=\"kernel\"").count();
+    println!("\n   {spliced} connection(s) were spliced in the kernel");
+    drop(daemon);
+    drop(topo);
+    println!("== cleaned up (daemon stopped, namespaces removed)");
+}

@@ -1,0 +1,35 @@
+//! `cargo xtask build-ebpf`: builds the kernel object through the daemon's build script (the
+//! one build path) and prints where it is.
+
+use std::process::Command;
+
+use clap::Parser;
+use xtask::{exec, workspace_root};
+
+#[derive(Debug, Parser)]
+pub struct Options {
+    /// Build in release mode.
+    #[arg(long)]
+    pub release: bool,
+}
+
+pub fn build_ebpf(opts: &Options) -> anyhow::Result<()> {
+    crate::setup::setup(&crate::setup::Options::default())?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root()).args(["build", "--package", "zone-ingress"]);
+    if opts.release {
+        cmd.arg("--release");
+    }
+    exec(&mut cmd)?;
+    let profile = if opts.release { "release" } else { "debug" };
+    let build = workspace_root().join("target").join(profile).join("build");
+    let newest = std::fs::read_dir(&build)?
+        .filter_map(Result::ok)
+        .map(|e| e.path().join("out").join("zone-ingress-ebpf"))
+        .filter(|p| p.is_file())
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
+    if let Some(obj) = newest {
+        println!("{}", obj.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,27 @@
+//! `cargo xtask demo`: sets up, builds, and runs the demo binary of the test harness
+//! (`tests/src/bin/demo.rs`), which builds the topology, routes real mTLS connections by SNI
+//! through the spliced path, prints what happened, and cleans up.
+
+use std::process::Command;
+
+use clap::Parser;
+use xtask::{ENV_ZONE_INGRESS_BIN, exec, workspace_root};
+
+#[derive(Debug, Parser)]
+pub struct Options {
+    /// Splice mode for the demo's ingress.
+    #[arg(long, default_value = "kernel")]
+    pub splice: String,
+}
+
+pub fn demo(opts: &Options) -> anyhow::Result<()> {
+    crate::setup::setup(&crate::setup::Options::default())?;
+    let root = workspace_root();
+    exec(Command::new("cargo").current_dir(&root).args(["build", "--release", "-p", "zone-ingress"]))?;
+    exec(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["run", "--release", "-q", "-p", "zone-ingress-tests", "--bin", "demo", "--", "--splice", &opts.splice])
+            .env(ENV_ZONE_INGRESS_BIN, root.join("target/release/zone-ingress")),
+    )
+}

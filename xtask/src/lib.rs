@@ -1,0 +1,43 @@
+//! Helpers shared by the xtask subcommands.
+
+use std::{
+    path::PathBuf,
+    process::{Command, ExitStatus},
+};
+
+use anyhow::{Context as _, bail};
+
+/// The toolchain that builds the eBPF crate (never a dated one: only the installed nightly exists).
+pub const NIGHTLY: &str = "nightly";
+/// bpf-linker release known to work with aya 0.14 and LLVM 22 (`reference/toolchain.md`).
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Overrides where the daemon binary is looked up by the privileged tests and the demo.
+pub const ENV_ZONE_INGRESS_BIN: &str = "ZONE_INGRESS_BIN";
+
+/// The workspace root (the parent of `xtask/`).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
+}
+
+/// Runs `cmd`, failing with the command line when it cannot start or exits non-zero.
+pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = status(cmd)?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` and returns its exit status.
+pub fn status(cmd: &mut Command) -> anyhow::Result<ExitStatus> {
+    cmd.status().with_context(|| format!("failed to start {cmd:?}"))
+}
+
+/// Runs `cmd` and returns its stdout (trimmed), failing on a non-zero exit.
+pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("failed to start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}

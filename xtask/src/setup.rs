@@ -1,0 +1,130 @@
+//! `cargo xtask setup`: installs what a fresh machine lacks. Idempotent; seconds when all is there.
+//!
+//! - nightly `rust-src` (the eBPF crate is built with `-Z build-std=core`);
+//! - `bpf-linker`, built against the nightly toolchain's own libLLVM (no LLVM package needed);
+//! - the Debian packages the tests, the demo and the benchmark use.
+
+use std::{
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use xtask::{BPF_LINKER_VERSION, NIGHTLY, exec, output};
+
+/// Debian packages for the privileged tests and the demo (`ip`, `bpftool`, iperf3, openssl).
+pub const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "iperf3", "openssl", "procps"];
+
+#[derive(Debug, Parser, Default)]
+pub struct Options {
+    /// Extra Debian packages to install (the benchmark adds its peers).
+    #[arg(long = "package")]
+    pub packages: Vec<String>,
+}
+
+pub fn setup(opts: &Options) -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    let mut pkgs: Vec<&str> = TEST_PACKAGES.to_vec();
+    pkgs.extend(opts.packages.iter().map(String::as_str));
+    debian_packages(&pkgs)?;
+    Ok(())
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))
+        .context("the nightly toolchain is required to build the eBPF programs")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    eprintln!("setup: installing rust-src for {NIGHTLY}");
+    exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))
+}
+
+fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let bin = cargo_home().join("bin").join("bpf-linker");
+    if let Ok(v) = output(Command::new(&bin).arg("--version"))
+        && v.contains(BPF_LINKER_VERSION)
+    {
+        return Ok(());
+    }
+    // The LLVM bpf-linker links against must be the nightly's own (its major must match what
+    // rustc emits). Read it instead of hard-coding it.
+    let vv = output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "-vV"]))?;
+    let llvm = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("rustc +nightly -vV printed no LLVM version")?;
+    let major = llvm.split('.').next().unwrap_or(llvm);
+    let sysroot = PathBuf::from(output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?);
+    let lib = sysroot.join("lib");
+    let libllvm = std::fs::read_dir(&lib)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.")))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    // PREFIX must outlive the build: the installed binary finds libLLVM through an rpath to it.
+    let prefix = cargo_home().join("zone-ingress").join(format!("llvm-{llvm}"));
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    let soname = libllvm.file_name().context("libLLVM path has no file name")?;
+    for name in [Path::new("libLLVM.so"), Path::new(soname)] {
+        let link = prefix_lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        symlink(&libllvm, &link).with_context(|| format!("symlinking {}", link.display()))?;
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against {} (about 80 s)", libllvm.display());
+    exec(
+        Command::new("cargo")
+            .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION, "--no-default-features"])
+            .args(["--features", &format!("llvm-{major}")])
+            .env("LLVM_PREFIX", &prefix),
+    )
+    .or_else(|_| {
+        // `--locked` can fail if the published lockfile pins something yanked; retry without.
+        exec(
+            Command::new("cargo")
+                .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features"])
+                .args(["--features", &format!("llvm-{major}")])
+                .env("LLVM_PREFIX", &prefix),
+        )
+    })
+}
+
+fn is_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg])).is_ok_and(|s| s.contains("install ok installed"))
+}
+
+/// Installs the missing packages with apt-get (non-interactive).
+pub fn debian_packages(pkgs: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !is_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages {}", missing.join(" "));
+    let install = |cmd: &mut Command| {
+        exec(
+            cmd.args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    if install(&mut Command::new("apt-get")).is_err() {
+        exec(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        install(&mut Command::new("apt-get"))?;
+    }
+    let still: Vec<&str> = missing.iter().copied().filter(|p| !is_installed(p)).collect();
+    if !still.is_empty() {
+        bail!("apt-get did not install {}", still.join(" "));
+    }
+    Ok(())
+}
