@@ -247,6 +247,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         },
     };
+    raise_fd_limit();
     let zi = &inputs.zone_ingress;
     let table = RouteTable::build(&inputs.inventory, &args.inputs.zone);
     if let Some(sni) = &args.plaintext_route
@@ -286,4 +287,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Raises the soft open-file limit to the hard limit: every connection holds two sockets.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit with a valid out-pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let wanted = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const wanted) == 0 {
+                lim = wanted;
+            }
+        }
+    }
+    info!(max_open_files = lim.rlim_cur, "file descriptor limit");
 }

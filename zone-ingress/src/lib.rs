@@ -21,12 +21,12 @@
 //! - [`server`]: listeners, the per-connection task (accept → … → handoff).
 //! - [`splice`]: the kernel splice and the userspace relay, with their close handling.
 //! - [`metrics`]: counters; [`sys`]: socket options; [`signal`]: SIGTERM/SIGINT.
-// WIP(lead): enabled once routing/client_hello land: pub mod cli;
+pub mod cli;
 pub mod client_hello;
 pub mod config;
 pub mod metrics;
 pub mod routing;
-// WIP(lead): pub mod server;
+pub mod server;
 pub mod signal;
 pub mod sni;
 pub mod splice;

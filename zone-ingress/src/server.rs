@@ -176,10 +176,27 @@ async fn accept_loop(ingress: Arc<Ingress>, listener: TcpListener) {
     }
 }
 
-/// Why a connection was closed before reaching a backend.
+/// At most this many rejected connections are logged per second (a flood cannot fill a disk);
+/// the rest are counted and the number suppressed is logged with the next line.
+const REJECT_LOG_PER_SEC: u64 = 20;
+
+/// Counts and (rate-limited) logs a connection closed before reaching a backend.
 fn reject(ingress: &Ingress, peer: SocketAddr, sni: Option<&str>, reason: &'static str) {
+    use std::sync::atomic::AtomicU64;
+    static WINDOW: AtomicU64 = AtomicU64::new(0);
+    static LOGGED: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
     ingress.metrics.reject(reason);
-    debug!(%peer, sni, reason, "connection rejected");
+    let now = crate::sys::monotonic_ns() / 1_000_000_000;
+    if WINDOW.swap(now, Ordering::Relaxed) != now {
+        LOGGED.store(0, Ordering::Relaxed);
+    }
+    if LOGGED.fetch_add(1, Ordering::Relaxed) < REJECT_LOG_PER_SEC {
+        let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+        info!(target: "access", client = %peer, sni, reason, suppressed, "connection rejected");
+    } else {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 #[tracing::instrument(level = "debug", skip_all, fields(%peer))]
