@@ -66,7 +66,7 @@ fn e2e(splice: &str, v6: bool) {
             assert_eq!(s.completed.load(Ordering::Relaxed), 1);
         }
     });
-    let mode = if splice == "userspace" { "mode=\"userspace\"" } else { "mode=\"kernel\"" };
+    let mode = if splice == "userspace" { "mode=\"userspace\" bytes" } else { "mode=\"kernel\" bytes" };
     let log_ok = daemon.wait_log_count("connection closed", 2, Duration::from_secs(10));
     let log = daemon.log_text();
     assert!(log_ok, "two access-log lines expected:\n{log}");

@@ -92,7 +92,7 @@ fn main() {
     for line in daemon.log_text().lines().filter(|l| l.contains("connection closed") || l.contains("rejected")) {
         println!("   {line}");
     }
-    let spliced = daemon.log_text().matches("mode=\"kernel\"").count();
+    let spliced = daemon.log_text().matches("mode=\"kernel\" bytes").count();
     println!("\n   {spliced} connection(s) were spliced in the kernel");
     drop(daemon);
     drop(topo);
