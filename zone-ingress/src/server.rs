@@ -181,7 +181,17 @@ async fn accept_loop(ingress: Arc<Ingress>, listener: TcpListener) {
 const REJECT_LOG_PER_SEC: u64 = 20;
 
 /// Counts and (rate-limited) logs a connection closed before reaching a backend.
-fn reject(ingress: &Ingress, peer: SocketAddr, sni: Option<&str>, reason: &'static str) {
+fn reject(ingress: &Ingress, client: &TcpStream, peer: SocketAddr, sni: Option<&str>, reason: &'static str) {
+    // Consume what the client already sent (we only peeked it): closing a socket with unread
+    // data makes the kernel answer with RST, and a rejected client should see a plain FIN.
+    let mut scratch = [0u8; 4096];
+    for _ in 0..16 {
+        // SAFETY: `scratch` is writable for its length.
+        let n = unsafe { libc::recv(client.as_raw_fd(), scratch.as_mut_ptr().cast(), scratch.len(), libc::MSG_DONTWAIT) };
+        if n <= 0 {
+            break;
+        }
+    }
     use std::sync::atomic::AtomicU64;
     static WINDOW: AtomicU64 = AtomicU64::new(0);
     static LOGGED: AtomicU64 = AtomicU64::new(0);
@@ -208,14 +218,14 @@ async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: SocketAddr, acc
         let mut client = client;
         let _ = client.write_all(body.as_bytes()).await;
         let _ = client.shutdown().await;
-        reject(ingress, peer, None, "empty_table");
+        reject(ingress, &client, peer, None, "empty_table");
         return;
     }
     let opts = &ingress.options;
     let m = &ingress.metrics;
     let parsed = match tokio::time::timeout(opts.client_hello_timeout, peek_client_hello(&client, opts.max_client_hello)).await {
-        Err(_) => return reject(ingress, peer, None, "client_hello_timeout"),
-        Ok(Err(_)) => return reject(ingress, peer, None, "client_closed"),
+        Err(_) => return reject(ingress, &client, peer, None, "client_hello_timeout"),
+        Ok(Err(_)) => return reject(ingress, &client, peer, None, "client_closed"),
         Ok(Ok(p)) => p,
     };
     let sni = match &parsed {
@@ -227,7 +237,7 @@ async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: SocketAddr, acc
         Parsed::Complete { sni: None, .. } => {
             m.tls_found.fetch_add(1, Ordering::Relaxed);
             m.sni_not_found.fetch_add(1, Ordering::Relaxed);
-            return reject(ingress, peer, None, "no_sni");
+            return reject(ingress, &client, peer, None, "no_sni");
         }
         Parsed::Invalid(client_hello::Invalid::NotTls) if opts.plaintext_route.is_some() => {
             m.tls_not_found.fetch_add(1, Ordering::Relaxed);
@@ -239,25 +249,25 @@ async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: SocketAddr, acc
             } else {
                 m.tls_not_found.fetch_add(1, Ordering::Relaxed);
             }
-            return reject(ingress, peer, None, invalid.as_str());
+            return reject(ingress, &client, peer, None, invalid.as_str());
         }
-        Parsed::Incomplete { .. } => return reject(ingress, peer, None, "client_closed"),
+        Parsed::Incomplete { .. } => return reject(ingress, &client, peer, None, "client_closed"),
     };
     let route = match table.lookup(&sni) {
         Ok(route) => route,
-        Err(r) => return reject(ingress, peer, Some(&sni), r.as_str()),
+        Err(r) => return reject(ingress, &client, peer, Some(&sni), r.as_str()),
     };
     // Per-cluster cap (Envoy's circuit breaker); released when the connection closes.
     let cluster = Arc::clone(&route.cluster);
     if cluster.active.fetch_add(1, Ordering::AcqRel) >= opts.max_cluster_connections {
         cluster.active.fetch_sub(1, Ordering::AcqRel);
-        return reject(ingress, peer, Some(&sni), "cluster_overflow");
+        return reject(ingress, &client, peer, Some(&sni), "cluster_overflow");
     }
     let release = scopeguard(move || {
         cluster.active.fetch_sub(1, Ordering::AcqRel);
     });
     let Some((backend, endpoint)) = connect(ingress, &route).await else {
-        return reject(ingress, peer, Some(&sni), "connect_failed");
+        return reject(ingress, &client, peer, Some(&sni), "connect_failed");
     };
     debug!(sni, %endpoint, "routed");
 
