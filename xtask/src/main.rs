@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: the project's tasks.
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod setup;
@@ -20,6 +21,8 @@ enum Cli {
     Test(test::Options),
     /// Set up, then run the built-in demo: namespaces, two mTLS dataplanes, routed and spliced.
     Demo(demo::Options),
+    /// Benchmark zone-ingress against direct routing, HAProxy and nginx (needs root).
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -28,6 +31,7 @@ fn main() -> ExitCode {
         Cli::BuildEbpf(o) => build_ebpf::build_ebpf(&o),
         Cli::Test(o) => test::test(&o),
         Cli::Demo(o) => demo::demo(&o),
+        Cli::Bench(o) => bench::bench(&o),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,176 @@
+//! Load generators for `cargo xtask bench`, run inside the benchmark's namespaces:
+//!
+//! - `tls-server ADDR`: rustls server (test CA) answering `ok` after each handshake;
+//! - `conn-rate ADDR SNI SECONDS CONCURRENCY`: new TLS connections per second, each a full
+//!   handshake with a Kuma SNI and a 2-byte reply; prints JSON `{ok, errors, seconds}`;
+//! - `hold-server ADDR` / `hold-client ADDR N SNI`: N idle connections (the client sends a probe
+//!   ClientHello on each, then holds them until stdin closes), for the memory-per-flow figure.
+//!
+//! Both TLS sides derive their certificates from the same fixed-seed CA in a directory passed
+//! with `--pki DIR` (created by the first caller), so server and client agree.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn arg(args: &[String], i: usize, what: &str) -> String {
+    args.get(i).cloned().unwrap_or_else(|| panic!("missing argument {i}: {what}"))
+}
+
+/// PEM files of one CA, a server leaf and a client leaf, created once in `dir`.
+fn pki(dir: &PathBuf, sni: &str) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    let ca_path = dir.join("ca.pem");
+    if !ca_path.exists() {
+        let p = zone_ingress_tests::pki::Pki::new();
+        let s = p.leaf("bench-dataplane", &[sni]);
+        let c = p.leaf("bench-client", &["client.test"]);
+        std::fs::create_dir_all(dir).expect("pki dir");
+        for (name, text) in [("server.pem", &s.cert_pem), ("server.key", &s.key_pem), ("client.pem", &c.cert_pem), ("client.key", &c.key_pem), ("ca.pem", &p.ca_pem)] {
+            std::fs::write(dir.join(name), text).expect("write pem");
+        }
+    }
+    let certs = |f: &str| -> Vec<CertificateDer<'static>> { CertificateDer::pem_file_iter(dir.join(f)).expect("pem").map(|c| c.expect("cert")).collect() };
+    let key = |f: &str| PrivateKeyDer::from_pem_file(dir.join(f)).expect("key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs("ca.pem") {
+        roots.add(c).expect("root");
+    }
+    let roots = Arc::new(roots);
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider)).build().expect("verifier");
+    let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs("server.pem"), key("server.key"))
+        .expect("server cert");
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs("client.pem"), key("client.key"))
+        .expect("client cert");
+    (Arc::new(server), Arc::new(client))
+}
+
+#[expect(clippy::print_stdout, reason = "results go to stdout for xtask")]
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let pki_dir = args.iter().position(|a| a == "--pki").map(|i| PathBuf::from(arg(&args, i + 1, "pki dir")));
+    let args: Vec<String> = match args.iter().position(|a| a == "--pki") {
+        Some(i) => args[..i].iter().chain(&args[i + 2..]).cloned().collect(),
+        None => args,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let cmd = arg(&args, 0, "command");
+    rt.block_on(async {
+        match cmd.as_str() {
+            "tls-server" => {
+                let addr: SocketAddr = arg(&args, 1, "addr").parse().expect("addr");
+                let sni = arg(&args, 2, "sni");
+                let (server, _) = pki(&pki_dir.expect("--pki"), &sni);
+                let acceptor = tokio_rustls::TlsAcceptor::from(server);
+                let l = tokio::net::TcpListener::bind(addr).await.expect("bind");
+                println!("listening");
+                loop {
+                    let Ok((s, _)) = l.accept().await else { continue };
+                    let a = acceptor.clone();
+                    tokio::spawn(async move {
+                        if let Ok(Ok(mut tls)) = tokio::time::timeout(Duration::from_secs(5), a.accept(s)).await {
+                            let _ = tls.write_all(b"ok").await;
+                            let _ = tls.shutdown().await;
+                        }
+                    });
+                }
+            }
+            "conn-rate" => {
+                let addr: SocketAddr = arg(&args, 1, "addr").parse().expect("addr");
+                let sni = arg(&args, 2, "sni");
+                let secs: f64 = arg(&args, 3, "seconds").parse().expect("seconds");
+                let conc: usize = arg(&args, 4, "concurrency").parse().expect("concurrency");
+                let (_, client) = pki(&pki_dir.expect("--pki"), &sni);
+                let connector = tokio_rustls::TlsConnector::from(client);
+                let ok = Arc::new(AtomicU64::new(0));
+                let errors = Arc::new(AtomicU64::new(0));
+                let start = Instant::now();
+                let end = start + Duration::from_secs_f64(secs);
+                let mut tasks = Vec::new();
+                for _ in 0..conc {
+                    let (c, ok, errors, sni) = (connector.clone(), Arc::clone(&ok), Arc::clone(&errors), sni.clone());
+                    tasks.push(tokio::spawn(async move {
+                        while Instant::now() < end {
+                            let one = async {
+                                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                                let _ = tcp.set_linger(Some(Duration::ZERO));
+                                let mut tls = c.connect(ServerName::try_from(sni.clone()).expect("dns sni"), tcp).await?;
+                                let mut buf = [0u8; 2];
+                                tls.read_exact(&mut buf).await?;
+                                if &buf != b"ok" {
+                                    return Err(std::io::Error::other("bad reply"));
+                                }
+                                std::io::Result::Ok(())
+                            };
+                            match tokio::time::timeout(Duration::from_secs(5), one).await {
+                                Ok(Ok(())) => ok.fetch_add(1, Ordering::Relaxed),
+                                _ => errors.fetch_add(1, Ordering::Relaxed),
+                            };
+                        }
+                    }));
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+                let seconds = start.elapsed().as_secs_f64();
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": ok.load(Ordering::Relaxed), "errors": errors.load(Ordering::Relaxed), "seconds": seconds})
+                );
+            }
+            "hold-server" => {
+                let addr: SocketAddr = arg(&args, 1, "addr").parse().expect("addr");
+                let l = tokio::net::TcpListener::bind(addr).await.expect("bind");
+                println!("listening");
+                let mut held = Vec::new();
+                loop {
+                    if let Ok((s, _)) = l.accept().await {
+                        held.push(s);
+                    }
+                }
+            }
+            "hold-client" => {
+                let addr: SocketAddr = arg(&args, 1, "addr").parse().expect("addr");
+                let n: usize = arg(&args, 2, "n").parse().expect("n");
+                let sni = arg(&args, 3, "sni");
+                let hello = zone_ingress::client_hello::build_client_hello(Some(sni.as_bytes()), 0);
+                let mut held = Vec::with_capacity(n);
+                let mut errors = 0u64;
+                for _ in 0..n {
+                    match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await {
+                        Ok(Ok(mut s)) => {
+                            if s.write_all(&hello).await.is_ok() {
+                                held.push(s);
+                            } else {
+                                errors += 1;
+                            }
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                println!("{}", serde_json::json!({"held": held.len(), "errors": errors}));
+                // Hold until stdin closes.
+                let mut sink = Vec::new();
+                let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+            }
+            other => panic!("unknown command {other}"),
+        }
+    });
+}

@@ -1,0 +1,698 @@
+//! `cargo xtask bench`: zone-ingress side by side with direct routing, HAProxy (with and without
+//! splice(2)) and nginx stream + ssl_preread, in one run, interleaved round by round.
+//!
+//! Topology (namespaces created here, removed at the end, even when interrupted):
+//! `zib-c` client 198.18.0.1 ─veth─ `zib-i` ingress 198.18.0.2 | 198.18.1.1 ─veth─ `zib-d`
+//! dataplane 198.18.1.2. The ingress namespace also forwards IP, which is the "direct" path.
+//! Every system under test listens on 198.18.0.2:10001; one runs at a time.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use serde_json::{Value, json};
+use xtask::{exec, output, workspace_root};
+
+const NS_C: &str = "zib-c";
+const NS_I: &str = "zib-i";
+const NS_D: &str = "zib-d";
+const INGRESS: &str = "198.18.0.2";
+const DP: &str = "198.18.1.2";
+const LISTEN_PORT: u16 = 10001;
+const IPERF_PORT: u16 = 5201;
+const SOCKPERF_PORT: u16 = 11111;
+const TLS_PORT: u16 = 8443;
+const HOLD_PORT: u16 = 9000;
+
+/// Debian packages of the peers and load generators.
+pub const BENCH_PACKAGES: &[&str] = &["iperf3", "haproxy", "nginx", "libnginx-mod-stream", "sockperf"];
+
+#[derive(Debug, Parser)]
+pub struct Options {
+    /// Every path once, briefly, with byte checks (what the test suite runs).
+    #[arg(long)]
+    pub quick: bool,
+    /// Rounds (each runs every system once per metric, in rotating order).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Seconds per throughput / latency / connection-rate measurement.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Idle flows for the memory-per-flow figure.
+    #[arg(long, default_value_t = 10_000)]
+    pub flows: usize,
+    /// Only these systems (comma-separated names).
+    #[arg(long, value_delimiter = ',')]
+    pub systems: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum System {
+    Direct,
+    ZiKernel,
+    ZiUserspace,
+    Haproxy,
+    HaproxySplice,
+    Nginx,
+}
+
+impl System {
+    const ALL: [Self; 6] = [Self::Direct, Self::ZiKernel, Self::ZiUserspace, Self::Haproxy, Self::HaproxySplice, Self::Nginx];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::ZiKernel => "zone-ingress kernel",
+            Self::ZiUserspace => "zone-ingress userspace",
+            Self::Haproxy => "haproxy",
+            Self::HaproxySplice => "haproxy splice",
+            Self::Nginx => "nginx ssl_preread",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::ZiKernel => "zi-kernel",
+            Self::ZiUserspace => "zi-userspace",
+            Self::Haproxy => "haproxy",
+            Self::HaproxySplice => "haproxy-splice",
+            Self::Nginx => "nginx",
+        }
+    }
+}
+
+/// What a plaintext connection is routed to during one phase.
+#[derive(Clone, Copy)]
+enum Phase {
+    Iperf,
+    Sockperf,
+    Tls,
+    Hold,
+}
+
+impl Phase {
+    fn plaintext_port(self) -> u16 {
+        match self {
+            Self::Iperf => IPERF_PORT,
+            Self::Sockperf => SOCKPERF_PORT,
+            Self::Tls => TLS_PORT,
+            Self::Hold => HOLD_PORT,
+        }
+    }
+
+    fn plaintext_service(self) -> &'static str {
+        match self {
+            Self::Iperf => "iperf",
+            Self::Sockperf => "sockperf",
+            Self::Tls => "bench",
+            Self::Hold => "hold",
+        }
+    }
+}
+
+/// FNV-1a-64, for the MeshService SNI of the TLS service (reference §3.2).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+fn tls_sni() -> String {
+    format!("a{:016x}.bench.{TLS_PORT}.default.ms", fnv1a64(b"bench;default;"))
+}
+
+/// Processes and namespaces to remove, whatever happens.
+struct Guard {
+    children: Vec<Child>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Guard {
+    fn check(&self) -> anyhow::Result<()> {
+        if self.stop.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        Ok(())
+    }
+}
+
+fn kill(child: &mut Child) {
+    // SAFETY: signalling a child we spawned, by PID.
+    unsafe { libc::kill(libc::pid_t::try_from(child.id()).unwrap_or(0), libc::SIGTERM) };
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            kill(c);
+        }
+        for ns in [NS_C, NS_I, NS_D] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    exec(Command::new("ip").args(args).stdout(Stdio::null()))
+}
+
+fn nsexec(ns: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]);
+    c
+}
+
+fn topology() -> anyhow::Result<()> {
+    for ns in [NS_C, NS_I, NS_D] {
+        let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+        ip(&["netns", "add", ns])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    }
+    ip(&["link", "add", "c0", "netns", NS_C, "type", "veth", "peer", "name", "i0", "netns", NS_I])?;
+    ip(&["link", "add", "i1", "netns", NS_I, "type", "veth", "peer", "name", "d0", "netns", NS_D])?;
+    for (ns, dev, addr) in [(NS_C, "c0", "198.18.0.1/24"), (NS_I, "i0", "198.18.0.2/24"), (NS_I, "i1", "198.18.1.1/24"), (NS_D, "d0", "198.18.1.2/24")] {
+        ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
+        ip(&["-n", ns, "link", "set", dev, "up"])?;
+    }
+    ip(&["-n", NS_C, "route", "add", "198.18.1.0/24", "via", "198.18.0.2"])?;
+    ip(&["-n", NS_D, "route", "add", "198.18.0.0/24", "via", "198.18.1.1"])?;
+    exec(nsexec(NS_I).args(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]))?;
+    Ok(())
+}
+
+fn spawn(guard: &mut Guard, ns: &str, args: &[&str], log: &Path) -> anyhow::Result<u32> {
+    let out = std::fs::File::create(log)?;
+    let child = nsexec(ns)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("spawning {args:?}"))?;
+    let pid = child.id();
+    guard.children.push(child);
+    Ok(pid)
+}
+
+fn stop(guard: &mut Guard, pid: u32) {
+    if let Some(i) = guard.children.iter().position(|c| c.id() == pid) {
+        let mut c = guard.children.remove(i);
+        kill(&mut c);
+    }
+}
+
+/// Waits until something accepts TCP on `addr` inside `ns` (bounded).
+fn wait_port(ns: &str, addr: &str, port: u16) -> anyhow::Result<()> {
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        let ok = nsexec(ns)
+            .args(["bash", "-c", &format!("exec 3<>/dev/tcp/{addr}/{port}")])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listens on {addr}:{port} in {ns}")
+}
+
+struct Ctx {
+    dir: PathBuf,
+    daemon: PathBuf,
+    benchtool: PathBuf,
+}
+
+/// Starts `system` configured for `phase`; returns the PIDs to stop and to measure.
+fn start_system(guard: &mut Guard, ctx: &Ctx, system: System, phase: Phase) -> anyhow::Result<Vec<u32>> {
+    let log = ctx.dir.join(format!("{}.log", system.key()));
+    let backend = format!("{DP}:{}", phase.plaintext_port());
+    let pids = match system {
+        System::Direct => Vec::new(),
+        System::ZiKernel | System::ZiUserspace => {
+            let mode = if system == System::ZiKernel { "kernel" } else { "userspace" };
+            let route = format!("{}{{mesh=default}}", phase.plaintext_service());
+            let zi = ctx.dir.join("zoneingress.yaml");
+            let dps = ctx.dir.join("dataplanes.yaml");
+            let args = [
+                ctx.daemon.to_str().context("path")?,
+                "run",
+                "--dataplane-file",
+                zi.to_str().context("path")?,
+                "--dataplanes",
+                dps.to_str().context("path")?,
+                "--splice",
+                mode,
+                "--plaintext-route",
+                &route,
+                "--drain-time",
+                "0s",
+                "--max-connections-per-cluster",
+                "100000",
+            ];
+            vec![spawn(guard, NS_I, &args, &log)?]
+        }
+        System::Haproxy | System::HaproxySplice => {
+            let cfg = ctx.dir.join(format!("{}.cfg", system.key()));
+            std::fs::write(&cfg, haproxy_config(system == System::HaproxySplice, &backend))?;
+            vec![spawn(guard, NS_I, &["haproxy", "-db", "-f", cfg.to_str().context("path")?], &log)?]
+        }
+        System::Nginx => {
+            let cfg = ctx.dir.join("nginx.conf");
+            std::fs::write(&cfg, nginx_config(&ctx.dir, &backend))?;
+            vec![spawn(guard, NS_I, &["nginx", "-c", cfg.to_str().context("path")?, "-g", "daemon off;"], &log)?]
+        }
+    };
+    if system != System::Direct {
+        wait_port(NS_C, INGRESS, LISTEN_PORT).with_context(|| format!("{} did not start; see {}", system.name(), log.display()))?;
+    }
+    Ok(pids)
+}
+
+/// The configuration a competent operator would write for an SNI router on 2 cores.
+fn haproxy_config(splice: bool, plaintext_backend: &str) -> String {
+    let splice = if splice { "    option splice-auto\n" } else { "" };
+    format!(
+        "global\n    nbthread 2\n    maxconn 200000\n    tune.bufsize 65536\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n{splice}\n\
+frontend zi\n    bind {INGRESS}:{LISTEN_PORT}\n    tcp-request inspect-delay 5s\n    tcp-request content accept if {{ req.ssl_hello_type 1 }}\n    tcp-request content accept if {{ req.len gt 0 }}\n\
+    use_backend tls if {{ req.ssl_sni -m str {sni} }}\n    use_backend hold if {{ req.ssl_sni -m str hold{{mesh=default}} }}\n    default_backend plain\n\n\
+backend tls\n    server dp {DP}:{TLS_PORT}\n\nbackend hold\n    server dp {DP}:{HOLD_PORT}\n\nbackend plain\n    server dp {plaintext_backend}\n",
+        sni = tls_sni()
+    )
+}
+
+fn nginx_config(dir: &Path, plaintext_backend: &str) -> String {
+    format!(
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\nworker_processes 2;\nworker_rlimit_nofile 200000;\npid {pid};\nerror_log {err} warn;\n\
+events {{ worker_connections 100000; }}\n\
+stream {{\n  map $ssl_preread_server_name $up {{\n    {sni} {DP}:{TLS_PORT};\n    \"hold{{mesh=default}}\" {DP}:{HOLD_PORT};\n    default {plaintext_backend};\n  }}\n\
+  server {{\n    listen {INGRESS}:{LISTEN_PORT} reuseport;\n    ssl_preread on;\n    preread_timeout 5s;\n    proxy_pass $up;\n    proxy_connect_timeout 5s;\n  }}\n}}\n",
+        pid = dir.join("nginx.pid").display(),
+        err = dir.join("nginx-error.log").display(),
+        sni = tls_sni()
+    )
+}
+
+fn write_inputs(dir: &Path) -> anyhow::Result<()> {
+    std::fs::write(
+        dir.join("zoneingress.yaml"),
+        format!("type: ZoneIngress\nname: zi-bench\nnetworking:\n  address: {INGRESS}\n  port: {LISTEN_PORT}\n  advertisedAddress: 198.18.100.1\n  advertisedPort: {LISTEN_PORT}\n  admin:\n    port: 9901\n"),
+    )?;
+    let mut dps = String::from("type: Dataplane\nmesh: default\nname: bench-dp\nnetworking:\n  address: 198.18.1.2\n  inbound:\n");
+    for (svc, port) in [("iperf", IPERF_PORT), ("sockperf", SOCKPERF_PORT), ("bench", TLS_PORT), ("hold", HOLD_PORT)] {
+        let _ = write!(dps, "  - port: {port}\n    tags:\n      kuma.io/service: {svc}\n");
+    }
+    std::fs::write(dir.join("dataplanes.yaml"), dps)?;
+    Ok(())
+}
+
+/// Busy and total jiffies of the whole machine (all CPUs; softirq and kernel threads included).
+fn cpu_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// USER_HZ: jiffies per second in /proc/stat.
+fn user_hz() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 { hz as f64 } else { 100.0 }
+}
+
+fn target(system: System, port: u16) -> (String, u16) {
+    if system == System::Direct { (DP.to_owned(), port) } else { (INGRESS.to_owned(), LISTEN_PORT) }
+}
+
+/// One iperf3 run: Gbit/s, busy core-seconds, bytes moved; checks sent == received with `-n`.
+fn iperf(system: System, streams: u32, reverse: bool, opts: &Options) -> anyhow::Result<Value> {
+    let (host, port) = target(system, IPERF_PORT);
+    let mut cmd = nsexec(NS_C);
+    cmd.args(["iperf3", "-J", "-c", &host, "-p", &port.to_string(), "-P", &streams.to_string()]);
+    if opts.quick {
+        cmd.args(["-n", "64M"]);
+    } else {
+        cmd.args(["-t", &opts.seconds.to_string()]);
+    }
+    if reverse {
+        cmd.arg("-R");
+    }
+    let (b0, _) = cpu_jiffies();
+    let t0 = Instant::now();
+    let out = cmd.output()?;
+    let wall = t0.elapsed().as_secs_f64();
+    let (b1, _) = cpu_jiffies();
+    let v: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))?;
+    if let Some(e) = v.get("error") {
+        bail!("iperf3 via {}: {e}", system.name());
+    }
+    let sent = v["end"]["sum_sent"]["bytes"].as_f64().unwrap_or(0.0);
+    let received = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    let gbps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
+    if received <= 0.0 {
+        bail!("iperf3 via {}: no bytes received", system.name());
+    }
+    if opts.quick && (sent - received).abs() > 0.5 {
+        bail!("iperf3 via {}: sent {sent} bytes but received {received}", system.name());
+    }
+    let busy_cs = (b1 - b0) as f64 / user_hz();
+    Ok(json!({"gbps": gbps, "busy_core_s": busy_cs, "bytes": received, "wall_s": wall,
+              "gbps_per_busy_core": gbps / (busy_cs / wall).max(1e-9),
+              "cpu_s_per_gb": busy_cs / (received / 1e9)}))
+}
+
+/// sockperf ping-pong, 64-byte messages: full-RTT percentiles in µs.
+fn sockperf(system: System, opts: &Options) -> anyhow::Result<Value> {
+    let (host, port) = target(system, SOCKPERF_PORT);
+    let secs = if opts.quick { 1 } else { opts.seconds };
+    let out = output(nsexec(NS_C).args(["sockperf", "ping-pong", "--tcp", "-i", &host, "-p", &port.to_string(), "-t", &secs.to_string(), "-m", "64", "--full-rtt"]))?;
+    let pct = |p: &str| -> Option<f64> {
+        out.lines().find(|l| l.contains(&format!("percentile {p}"))).and_then(|l| l.rsplit('=').next()).and_then(|v| v.trim().parse().ok())
+    };
+    let (Some(p50), Some(p99)) = (pct("50.000"), pct("99.000")) else {
+        bail!("sockperf via {} printed no percentiles:\n{out}", system.name());
+    };
+    Ok(json!({"rtt_p50_us": p50, "rtt_p99_us": p99}))
+}
+
+/// New TLS connections per second with a Kuma SNI and a reply from the dataplane.
+fn conn_rate(ctx: &Ctx, system: System, opts: &Options) -> anyhow::Result<Value> {
+    let (host, port) = target(system, TLS_PORT);
+    let secs = if opts.quick { 1 } else { opts.seconds };
+    let pki = ctx.dir.join("pki");
+    let out = output(nsexec(NS_C).args([
+        ctx.benchtool.to_str().context("path")?,
+        "conn-rate",
+        &format!("{host}:{port}"),
+        &tls_sni(),
+        &secs.to_string(),
+        "16",
+        "--pki",
+        pki.to_str().context("path")?,
+    ]))?;
+    let v: Value = serde_json::from_str(out.lines().last().unwrap_or("")).context("conn-rate output")?;
+    let ok = v["ok"].as_f64().unwrap_or(0.0);
+    if ok <= 0.0 {
+        bail!("no TLS connection succeeded via {}", system.name());
+    }
+    Ok(json!({"conn_per_s": ok / v["seconds"].as_f64().unwrap_or(1.0), "errors": v["errors"]}))
+}
+
+fn meminfo_kb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// RSS (kB) of `pid` and all its descendants.
+fn tree_rss_kb(pid: u32) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![pid];
+    let procs: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(|p| {
+                    let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                    let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()?;
+                    Some((p, ppid))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    while let Some(p) = stack.pop() {
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        total += status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        stack.extend(procs.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+    }
+    total
+}
+
+/// RSS and Slab growth with `n` idle flows through `system`.
+fn idle_flows(guard: &mut Guard, ctx: &Ctx, system: System, pids: &[u32], n: usize) -> anyhow::Result<Value> {
+    let rss0: u64 = pids.iter().map(|p| tree_rss_kb(*p)).sum();
+    let slab0 = meminfo_kb("Slab:");
+    let mut child = nsexec(NS_C)
+        .args([ctx.benchtool.to_str().context("path")?, "hold-client", &format!("{INGRESS}:{LISTEN_PORT}"), &n.to_string(), "hold{mesh=default}"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    {
+        use std::io::BufRead as _;
+        let stdout = child.stdout.take().context("stdout")?;
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+    }
+    guard.check()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let rss1: u64 = pids.iter().map(|p| tree_rss_kb(*p)).sum();
+    let slab1 = meminfo_kb("Slab:");
+    drop(child.stdin.take());
+    let _ = child.wait();
+    let v: Value = serde_json::from_str(line.trim()).context("hold-client output")?;
+    let held = v["held"].as_u64().unwrap_or(0);
+    if held == 0 {
+        bail!("no idle flow held via {}", system.name());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(json!({"flows": held, "rss_kb": rss1, "rss_per_flow_b": (rss1.saturating_sub(rss0) * 1024) as f64 / held as f64,
+              "slab_per_flow_b": (slab1.saturating_sub(slab0) * 1024) as f64 / held as f64}))
+}
+
+fn median(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = if v.len() % 2 == 1 { v[v.len() / 2] } else { f64::midpoint(v[v.len() / 2 - 1], v[v.len() / 2]) };
+    Some((mid, v[0], v[v.len() - 1]))
+}
+
+pub fn bench(opts: &Options) -> anyhow::Result<()> {
+    let mut pkgs = crate::setup::Options::default();
+    pkgs.packages = BENCH_PACKAGES.iter().map(|s| (*s).to_owned()).collect();
+    crate::setup::setup(&pkgs)?;
+    let root = workspace_root();
+    exec(Command::new("cargo").current_dir(&root).args(["build", "--release", "-p", "zone-ingress", "-p", "zone-ingress-tests", "--bin", "zone-ingress", "--bin", "benchtool"]))?;
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let ctx = Ctx { dir: dir.clone(), daemon: root.join("target/release/zone-ingress"), benchtool: root.join("target/release/benchtool") };
+    write_inputs(&dir)?;
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&interrupted))?;
+    }
+    let mut guard = Guard { children: Vec::new(), stop: interrupted };
+    topology()?;
+    let pki = dir.join("pki");
+    let _ = std::fs::remove_dir_all(&pki);
+    let tool = ctx.benchtool.to_str().context("path")?.to_owned();
+    let pki_s = pki.to_str().context("path")?.to_owned();
+    spawn(&mut guard, NS_D, &["iperf3", "-s", "-B", DP, "-p", &IPERF_PORT.to_string()], &dir.join("iperf3-server.log"))?;
+    spawn(&mut guard, NS_D, &["sockperf", "server", "--tcp", "-i", DP, "-p", &SOCKPERF_PORT.to_string()], &dir.join("sockperf-server.log"))?;
+    spawn(&mut guard, NS_D, &[&tool, "tls-server", &format!("{DP}:{TLS_PORT}"), &tls_sni(), "--pki", &pki_s], &dir.join("tls-server.log"))?;
+    spawn(&mut guard, NS_D, &[&tool, "hold-server", &format!("{DP}:{HOLD_PORT}")], &dir.join("hold-server.log"))?;
+    for port in [IPERF_PORT, SOCKPERF_PORT, TLS_PORT, HOLD_PORT] {
+        wait_port(NS_I, DP, port)?;
+    }
+    let systems: Vec<System> =
+        System::ALL.into_iter().filter(|s| opts.systems.is_empty() || opts.systems.iter().any(|n| n == s.key())).collect();
+    let rounds = if opts.quick { 1 } else { opts.rounds.max(1) };
+    let mut samples: BTreeMap<(System, &'static str), Vec<Value>> = BTreeMap::new();
+    let bulk = [("bulk_1_fwd", 1, false), ("bulk_1_rev", 1, true), ("bulk_4_fwd", 4, false), ("bulk_4_rev", 4, true)];
+    for round in 0..rounds {
+        // Rotate the order each round so no system always runs first (warm caches, thermal).
+        let mut order = systems.clone();
+        let shift = round % order.len().max(1);
+        order.rotate_left(shift);
+        for &system in &order {
+            eprintln!("bench: round {}/{rounds}: {}", round + 1, system.name());
+            let pids = start_system(&mut guard, &ctx, system, Phase::Iperf)?;
+            for (name, streams, rev) in bulk {
+                guard.check()?;
+                samples.entry((system, name)).or_default().push(iperf(system, streams, rev, opts)?);
+            }
+            pids.iter().for_each(|p| stop(&mut guard, *p));
+            let pids = start_system(&mut guard, &ctx, system, Phase::Sockperf)?;
+            guard.check()?;
+            samples.entry((system, "latency")).or_default().push(sockperf(system, opts)?);
+            pids.iter().for_each(|p| stop(&mut guard, *p));
+            let pids = start_system(&mut guard, &ctx, system, Phase::Tls)?;
+            guard.check()?;
+            samples.entry((system, "conn_rate")).or_default().push(conn_rate(&ctx, system, opts)?);
+            if let Some(h) = handoff_histogram(system, &pids) {
+                samples.entry((system, "handoff")).or_default().push(h);
+            }
+            pids.iter().for_each(|p| stop(&mut guard, *p));
+        }
+    }
+    let flows = if opts.quick { 200 } else { opts.flows };
+    for &system in &systems {
+        if system == System::Direct {
+            continue;
+        }
+        guard.check()?;
+        let pids = start_system(&mut guard, &ctx, system, Phase::Hold)?;
+        samples.entry((system, "idle_flows")).or_default().push(idle_flows(&mut guard, &ctx, system, &pids, flows)?);
+        pids.iter().for_each(|p| stop(&mut guard, *p));
+    }
+    let report = report(&systems, &samples, opts);
+    std::fs::write(dir.join("report.md"), &report.0)?;
+    std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&report.1)?)?;
+    std::fs::write(dir.join("chart.svg"), chart(&report.1))?;
+    #[expect(clippy::print_stdout, reason = "the report is the command's output")]
+    {
+        println!("{}", report.0);
+    }
+    eprintln!("bench: wrote {0}/report.md, {0}/report.json, {0}/chart.svg", dir.display());
+    Ok(())
+}
+
+/// The handoff-latency histogram from the daemon's admin endpoint, if it serves one.
+fn handoff_histogram(system: System, _pids: &[u32]) -> Option<Value> {
+    if !matches!(system, System::ZiKernel | System::ZiUserspace) {
+        return None;
+    }
+    let body = output(nsexec(NS_I).args([
+        "bash",
+        "-c",
+        "exec 3<>/dev/tcp/127.0.0.1/9901; printf 'GET /stats/prometheus HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n' >&3; cat <&3",
+    ]))
+    .ok()?;
+    let mut sum = None;
+    let mut count = None;
+    for l in body.lines() {
+        if l.starts_with("zone_ingress_handoff_latency_seconds_sum") {
+            sum = l.split_whitespace().last().and_then(|v| v.parse::<f64>().ok());
+        }
+        if l.starts_with("zone_ingress_handoff_latency_seconds_count") {
+            count = l.split_whitespace().last().and_then(|v| v.parse::<f64>().ok());
+        }
+    }
+    let (sum, count) = (sum?, count?);
+    (count > 0.0).then(|| json!({"handoff_mean_us": sum / count * 1e6, "connections": count}))
+}
+
+/// Median/min/max of `field` over the samples of (system, metric).
+fn stat(samples: &BTreeMap<(System, &'static str), Vec<Value>>, s: System, metric: &str, field: &str) -> Option<(f64, f64, f64)> {
+    let v: Vec<f64> = samples.iter().filter(|((sys, m), _)| *sys == s && *m == metric).flat_map(|(_, v)| v.iter().filter_map(|x| x[field].as_f64())).collect();
+    median(v)
+}
+
+fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Value>>, opts: &Options) -> (String, Value) {
+    let mut md = String::new();
+    let mut js = serde_json::Map::new();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let _ = writeln!(
+        md,
+        "Machine: Linux {} · {cpus} CPUs · {} rounds · {} · medians (min–max); ratios are to direct routing in the same run.\n",
+        kernel.trim(),
+        if opts.quick { 1 } else { opts.rounds },
+        if opts.quick { "quick (64 MiB per iperf3 run)".to_owned() } else { format!("{} s per measurement", opts.seconds) }
+    );
+    let direct = |metric: &str, field: &str| stat(samples, System::Direct, metric, field).map(|m| m.0);
+    md.push_str("| system | 1 stream Gbit/s | 1 stream rev | 4 streams | 4 streams rev | Gbit/s per busy core | CPU s per GB | RTT p50 µs (added) | RTT p99 µs | new TLS conn/s | handoff µs | RSS B/flow | Slab B/flow |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for &s in systems {
+        let cell = |metric: &str, field: &str, ratio_to_direct: bool| -> String {
+            match stat(samples, s, metric, field) {
+                None => "–".into(),
+                Some((m, lo, hi)) => {
+                    let ratio = if ratio_to_direct && s != System::Direct {
+                        direct(metric, field).map(|d| format!(" **{:.2}×**", m / d)).unwrap_or_default()
+                    } else {
+                        String::new()
+                    };
+                    format!("{m:.2} ({lo:.2}–{hi:.2}){ratio}")
+                }
+            }
+        };
+        let added = match (stat(samples, s, "latency", "rtt_p50_us"), direct("latency", "rtt_p50_us")) {
+            (Some((m, lo, hi)), Some(d)) if s != System::Direct => format!("{m:.1} ({lo:.1}–{hi:.1}) +{:.1}", m - d),
+            (Some((m, lo, hi)), _) => format!("{m:.1} ({lo:.1}–{hi:.1})"),
+            _ => "–".into(),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {added} | {} | {} | {} | {} | {} |",
+            s.name(),
+            cell("bulk_1_fwd", "gbps", true),
+            cell("bulk_1_rev", "gbps", true),
+            cell("bulk_4_fwd", "gbps", true),
+            cell("bulk_4_rev", "gbps", true),
+            cell("bulk_1_fwd", "gbps_per_busy_core", false),
+            cell("bulk_1_fwd", "cpu_s_per_gb", false),
+            cell("latency", "rtt_p99_us", false),
+            cell("conn_rate", "conn_per_s", true),
+            cell("handoff", "handoff_mean_us", false),
+            cell("idle_flows", "rss_per_flow_b", false),
+            cell("idle_flows", "slab_per_flow_b", false),
+        );
+        let per: serde_json::Map<String, Value> = samples
+            .iter()
+            .filter(|((sys, _), _)| *sys == s)
+            .map(|((_, m), v)| ((*m).to_owned(), Value::Array(v.clone())))
+            .collect();
+        js.insert(s.key().to_owned(), Value::Object(per));
+    }
+    let _ = writeln!(
+        md,
+        "\nBulk: iperf3 through the plaintext route (`--plaintext-route`, HAProxy/nginx default backend). CPU: busy core-seconds of the whole machine (softirq and kernel workers included) during the 1-stream run. Latency: sockperf ping-pong, 64 B, full RTT. Connections: rustls clients (16 concurrent), full mTLS handshake with a MeshService SNI and a 2-byte reply. Idle flows: {} per system.",
+        if opts.quick { 200 } else { opts.flows }
+    );
+    (md, Value::Object(js))
+}
+
+/// A bar chart (SVG) of 1-stream throughput and CPU seconds per GB per system.
+fn chart(js: &Value) -> String {
+    let Some(obj) = js.as_object() else { return String::new() };
+    let med = |v: &Value, metric: &str, field: &str| -> f64 {
+        median(v[metric].as_array().map(|a| a.iter().filter_map(|x| x[field].as_f64()).collect()).unwrap_or_default()).map_or(0.0, |m| m.0)
+    };
+    let rows: Vec<(String, f64, f64)> = obj.iter().map(|(k, v)| (k.clone(), med(v, "bulk_1_fwd", "gbps"), med(v, "bulk_1_fwd", "cpu_s_per_gb"))).collect();
+    let max_g = rows.iter().map(|r| r.1).fold(0.1, f64::max);
+    let max_c = rows.iter().map(|r| r.2).fold(0.01, f64::max);
+    let (w, row_h) = (760.0, 28.0);
+    let h = 60.0 + row_h * rows.len() as f64;
+    let mut svg = format!("<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<text x='10' y='18' font-weight='bold'>1 stream Gbit/s (blue, left) and CPU s per GB (orange, right), medians</text>\n");
+    for (i, (name, g, c)) in rows.iter().enumerate() {
+        let y = 40.0 + row_h * i as f64;
+        let gw = 250.0 * g / max_g;
+        let cw = 250.0 * c / max_c;
+        let _ = write!(
+            svg,
+            "<text x='10' y='{ty}'>{name}</text><rect x='130' y='{y}' width='{gw:.1}' height='18' fill='#3b78c2'/><text x='{gx:.1}' y='{ty}'>{g:.2}</text>\
+<rect x='470' y='{y}' width='{cw:.1}' height='18' fill='#e08a2c'/><text x='{cx:.1}' y='{ty}'>{c:.2}</text>\n",
+            ty = y + 13.0,
+            gx = 134.0 + gw,
+            cx = 474.0 + cw
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
