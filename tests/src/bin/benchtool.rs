@@ -110,7 +110,18 @@ fn main() {
                         while Instant::now() < end {
                             let one = async {
                                 let tcp = tokio::net::TcpStream::connect(addr).await?;
-                                let _ = tcp.set_linger(Some(Duration::ZERO));
+                                // RST on close: no TIME_WAIT pile-up in a tight connect loop.
+                                let lin = libc::linger { l_onoff: 1, l_linger: 0 };
+                                // SAFETY: setsockopt on a live socket with a correctly sized value.
+                                unsafe {
+                                    libc::setsockopt(
+                                        std::os::fd::AsRawFd::as_raw_fd(&tcp),
+                                        libc::SOL_SOCKET,
+                                        libc::SO_LINGER,
+                                        std::ptr::from_ref(&lin).cast(),
+                                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                                    )
+                                };
                                 let mut tls = c.connect(ServerName::try_from(sni.clone()).expect("dns sni"), tcp).await?;
                                 let mut buf = [0u8; 2];
                                 tls.read_exact(&mut buf).await?;
