@@ -5,16 +5,33 @@
 //! userspace must agree on every byte.
 #![no_std]
 
-/// The sockhash splice: one verdict program, one SOCKHASH, one pairing map.
+/// The sockhash splice: one verdict program, two SOCKHASHes, one pairing map.
+///
+/// `SOCKS` holds every spliced socket for its whole life and has no program: it is the redirect
+/// target, and it keeps each socket's psock (and the bytes queued toward it) alive. `VERDICT`
+/// has the verdict attached; a socket is in it while the kernel should read it. Removing a socket
+/// from `VERDICT` (and only from there) pauses that direction: its bytes stay in its TCP receive
+/// queue, its window closes and the sender slows down. That is the backpressure the redirect path
+/// itself lacks (in-kernel-splice.md §4).
 pub mod splice {
-    /// SOCKHASH of every spliced socket, keyed by the socket's own cookie.
+    /// SOCKHASH of every spliced socket, keyed by the socket's own cookie (no program).
     pub const SOCKS: &str = "SOCKS";
+    /// SOCKHASH with the verdict attached: sockets whose received bytes the kernel forwards.
+    pub const VERDICT: &str = "VERDICT";
     /// Pairing and per-socket counters: own cookie → [`Pair`].
     pub const PAIRS: &str = "PAIRS";
+    /// Ring buffer of `u64` socket cookies: a socket forwarded another `REPORT_EVERY` bytes, so
+    /// userspace should look at how much is queued toward its peer (event-driven flow control,
+    /// no polling of idle connections).
+    pub const EVENTS: &str = "EVENTS";
+    /// Bytes between two `EVENTS` reports of one socket.
+    pub const REPORT_EVERY: u64 = 1 << 20;
+    /// Size of `EVENTS` in bytes (a power of two, a multiple of the page size).
+    pub const EVENTS_BYTES: u32 = 1 << 18;
     /// Per-CPU array of global counters, indexed by the `STAT_*` constants.
     pub const STATS: &str = "SPLICE_STATS";
     /// The sk_skb stream-verdict program.
-    pub const VERDICT: &str = "splice_verdict";
+    pub const VERDICT_PROG: &str = "splice_verdict";
 
     /// Capacity of `SOCKS` and `PAIRS`: two sockets per spliced connection.
     pub const MAX_SOCKETS: u32 = 1 << 18;
@@ -47,9 +64,11 @@ pub mod splice {
         /// Redirects that failed because the peer was missing from `SOCKS`: non-zero means
         /// the handoff order was broken and the connection must be aborted.
         pub peer_missing: u64,
+        /// Value of `bytes` at the last `EVENTS` report.
+        pub reported: u64,
     }
 
     #[cfg(feature = "user")]
-    // SAFETY: `Pair` is `repr(C)`, `Copy`, four `u64`s: no padding, every bit pattern valid.
+    // SAFETY: `Pair` is `repr(C)`, `Copy`, five `u64`s: no padding, every bit pattern valid.
     unsafe impl aya::Pod for Pair {}
 }

@@ -2,26 +2,35 @@
 //! its peer (`bpf_sk_redirect_hash(.., flags = 0)`), so the kernel moves the payload between the
 //! two TCP connections without a userspace copy. See `in-kernel-splice.md` §1–§2.
 //!
-//! Attached alone (no stream parser) to `SOCKS`: the kernel runs it on each skb taken from the
-//! socket's receive queue (`sk_psock_verdict_recv`, net/core/skmsg.c, Linux ≥ 5.13).
+//! Attached alone (no stream parser) to `VERDICT`: the kernel runs it on each skb taken from the
+//! receive queue of a socket in that map (`sk_psock_verdict_recv`, net/core/skmsg.c,
+//! Linux ≥ 5.13) and redirects through `SOCKS`, where both sockets stay for their whole life.
 
 use aya_ebpf::{
     bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
     helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{map, stream_verdict},
-    maps::{HashMap, PerCpuArray, SockHash},
+    maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
     EbpfContext as _,
 };
 use zone_ingress_ebpf::splice::{
-    Pair, MAX_SOCKETS, STAT_COUNT, STAT_EMPTY, STAT_NO_PAIR, STAT_PEER_MISSING, STAT_REDIRECTED,
+    Pair, EVENTS_BYTES, MAX_SOCKETS, REPORT_EVERY, STAT_COUNT, STAT_EMPTY, STAT_NO_PAIR,
+    STAT_PEER_MISSING, STAT_REDIRECTED,
 };
 
 #[map(name = "SOCKS")]
 static SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
+/// Only its attachment matters to the kernel; the program never reads it.
+#[map(name = "VERDICT")]
+static VERDICT: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
 #[map(name = "PAIRS")]
 static PAIRS: HashMap<u64, Pair> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 #[map(name = "SPLICE_STATS")]
 static SPLICE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
@@ -68,9 +77,18 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
         return SK_PASS;
     }
     // SAFETY: as above.
-    unsafe {
+    let report = unsafe {
         (*pair).bytes += u64::from(len);
         (*pair).last_active_ns = bpf_ktime_get_ns();
+        let due = (*pair).bytes - (*pair).reported >= REPORT_EVERY;
+        if due {
+            (*pair).reported = (*pair).bytes;
+        }
+        due
+    };
+    if report {
+        // Best effort: a full ring only delays flow control until the next report.
+        let _ = EVENTS.output::<u64>(&cookie, 0);
     }
     count(STAT_REDIRECTED);
     SK_PASS

@@ -5,8 +5,9 @@
 //! unread in its receive queue and a connected backend socket B:
 //! 1. read both cookies; write `PAIRS[C] = B`, `PAIRS[B] = C`;
 //! 2. take the byte-counter baselines (§3) while nothing has moved yet;
-//! 3. insert B, then C, into `SOCKS` (B cannot speak before it sees the ClientHello, which only
-//!    leaves C once C is in the map, so no verdict ever runs while its peer is missing);
+//! 3. insert B and C into `SOCKS` (the redirect target, no program), then B, then C, into
+//!    `VERDICT` (B cannot speak before it sees the ClientHello, which only leaves C once C is in
+//!    `VERDICT`; and both are already in `SOCKS`, so no redirect can miss its peer);
 //! 4. kick both with `SO_RCVLOWAT = 1`: the hook runs over the queued ClientHello and the kernel
 //!    forwards it; from here every byte goes through one path, in order;
 //! 5. check `peer_missing`; non-zero means the assumption broke: abort both with RST.
@@ -15,6 +16,16 @@
 //! them with its own epoll for `EPOLLRDHUP` only (asking for `EPOLLIN` would wake it after every
 //! batch the verdict moves) and, per direction X→Y, waits until every byte X received is in Y's
 //! TCP send queue before `shutdown(Y, SHUT_WR)` (§3's drain check).
+//!
+//! Flow control (§4): the redirect path has no backpressure, so a fast sender toward a slow
+//! reader would grow the peer's psock queue without bound. The verdict reports every
+//! `REPORT_EVERY` forwarded bytes of a socket on the `EVENTS` ring; the monitor then measures
+//! what waits in the peer's psock queue and, above `PAUSE_AT`, removes the socket from `VERDICT`
+//! only. Its bytes then stay in its own TCP receive queue, its window closes, and the sender
+//! slows down. Below `RESUME_AT` the socket goes back into `VERDICT` and is kicked. A paused
+//! socket whose FIN arrives cannot re-enter the map (CLOSE_WAIT); once the peer's queue is empty
+//! the monitor copies its remaining bytes in userspace (nothing else reads or writes either
+//! socket then), so order is kept.
 
 use std::{
     collections::{BTreeSet, HashMap as StdHashMap},
@@ -29,7 +40,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf, SockHash},
     programs::SkSkb,
 };
 use tracing::{debug, info, warn};
@@ -81,6 +92,7 @@ pub struct Rejected {
 
 struct Maps {
     socks: SockHash<MapData, u64>,
+    verdict: SockHash<MapData, u64>,
     pairs: HashMap<MapData, u64, Pair>,
 }
 
@@ -99,6 +111,10 @@ pub struct KernelStats {
     pub drain_stalls: AtomicU64,
     /// Sum over connections of in-flight bytes at the last sample.
     pub in_flight_bytes: AtomicU64,
+    /// Times a direction was paused for backpressure.
+    pub pauses: AtomicU64,
+    /// Directions finished by the userspace tail copy (FIN while paused).
+    pub tail_copies: AtomicU64,
 }
 
 /// The loaded programs and maps plus the monitor thread. Dropping it detaches the verdict
@@ -112,6 +128,7 @@ pub struct KernelSplice {
 
 struct Shared {
     maps: Mutex<Maps>,
+    events: Mutex<RingBuf<MapData>>,
     conns: Mutex<State>,
     epoll: OwnedFd,
     next_token: AtomicU64,
@@ -125,6 +142,25 @@ struct Shared {
 struct State {
     conns: StdHashMap<u64, Spliced>,
     draining: BTreeSet<u64>,
+    /// Connections with a paused direction (polled until they resume).
+    paused: BTreeSet<u64>,
+    /// Socket cookie → (token, side), to route `EVENTS` reports.
+    by_cookie: StdHashMap<u64, (u64, usize)>,
+}
+
+/// Bytes waiting in a peer's psock queue above which the sending socket is paused.
+const PAUSE_AT: u64 = 2 << 20;
+/// ... and below which it resumes.
+const RESUME_AT: u64 = 512 << 10;
+/// epoll token of the `EVENTS` ring.
+const EVENTS_TOKEN: u64 = u64::MAX;
+
+/// Userspace copy of a paused direction's last bytes after its FIN (see module docs).
+#[derive(Default)]
+struct Tail {
+    buf: Vec<u8>,
+    off: usize,
+    eof: bool,
 }
 
 const CLIENT: usize = 0;
@@ -147,6 +183,12 @@ struct Spliced {
     over_cap_since: Option<Instant>,
     on_close: Option<OnClose>,
     bytes: [u64; 2],
+    /// Direction i is paused (side i removed from `VERDICT`).
+    paused: [bool; 2],
+    /// Direction i is being finished by the userspace tail copy.
+    tail: [Option<Tail>; 2],
+    /// Bytes of direction i moved by the tail copy.
+    tail_bytes: [u64; 2],
 }
 
 impl KernelSplice {
@@ -159,23 +201,29 @@ impl KernelSplice {
         let socks = ebpf.take_map(abi::SOCKS).ok_or(LoadError::MissingMap(abi::SOCKS))?;
         let socks: SockHash<MapData, u64> =
             SockHash::try_from(socks).map_err(|source| LoadError::Map { name: abi::SOCKS, source })?;
+        let verdict = ebpf.take_map(abi::VERDICT).ok_or(LoadError::MissingMap(abi::VERDICT))?;
+        let verdict: SockHash<MapData, u64> =
+            SockHash::try_from(verdict).map_err(|source| LoadError::Map { name: abi::VERDICT, source })?;
+        let events = ebpf.take_map(abi::EVENTS).ok_or(LoadError::MissingMap(abi::EVENTS))?;
+        let events: RingBuf<MapData> =
+            RingBuf::try_from(events).map_err(|source| LoadError::Map { name: abi::EVENTS, source })?;
         let pairs = ebpf.take_map(abi::PAIRS).ok_or(LoadError::MissingMap(abi::PAIRS))?;
         let pairs: HashMap<MapData, u64, Pair> =
             HashMap::try_from(pairs).map_err(|source| LoadError::Map { name: abi::PAIRS, source })?;
         let stats_map = ebpf.take_map(abi::STATS).ok_or(LoadError::MissingMap(abi::STATS))?;
         let stats_map: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(stats_map).map_err(|source| LoadError::Map { name: abi::STATS, source })?;
-        let socks_fd = socks
+        let verdict_fd = verdict
             .fd()
             .try_clone()
-            .map_err(|source| LoadError::Io { what: "duplicating the SOCKHASH fd", source })?;
+            .map_err(|source| LoadError::Io { what: "duplicating the VERDICT map fd", source })?;
         let prog: &mut SkSkb = ebpf
-            .program_mut(abi::VERDICT)
-            .ok_or(LoadError::MissingProgram(abi::VERDICT))?
+            .program_mut(abi::VERDICT_PROG)
+            .ok_or(LoadError::MissingProgram(abi::VERDICT_PROG))?
             .try_into()
-            .map_err(|source| LoadError::Program { name: abi::VERDICT, source })?;
-        prog.load().map_err(|source| LoadError::Program { name: abi::VERDICT, source })?;
-        prog.attach(&socks_fd).map_err(|source| LoadError::Program { name: abi::VERDICT, source })?;
+            .map_err(|source| LoadError::Program { name: abi::VERDICT_PROG, source })?;
+        prog.load().map_err(|source| LoadError::Program { name: abi::VERDICT_PROG, source })?;
+        prog.attach(&verdict_fd).map_err(|source| LoadError::Program { name: abi::VERDICT_PROG, source })?;
 
         // SAFETY: epoll_create1 returns a fresh fd or -1.
         let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -184,8 +232,14 @@ impl KernelSplice {
         }
         // SAFETY: `epfd` is a fresh, owned fd.
         let epoll = unsafe { OwnedFd::from_raw_fd(epfd) };
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: EVENTS_TOKEN };
+        // SAFETY: registering the ring buffer's fd, which `events` keeps open.
+        if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, events.as_raw_fd(), &raw mut ev) } < 0 {
+            return Err(LoadError::Io { what: "epoll_ctl of the EVENTS ring", source: io::Error::last_os_error() });
+        }
         let shared = Arc::new(Shared {
-            maps: Mutex::new(Maps { socks, pairs }),
+            maps: Mutex::new(Maps { socks, verdict, pairs }),
+            events: Mutex::new(events),
             conns: Mutex::new(State::default()),
             epoll,
             next_token: AtomicU64::new(1),
@@ -198,7 +252,7 @@ impl KernelSplice {
             .name("splice-monitor".into())
             .spawn(move || monitor.run())
             .map_err(|source| LoadError::Io { what: "spawning the monitor thread", source })?;
-        info!(program = abi::VERDICT, map = abi::SOCKS, "sk_skb stream verdict attached");
+        info!(program = abi::VERDICT_PROG, map = abi::VERDICT, "sk_skb stream verdict attached");
         Ok(Self { shared, _ebpf: Mutex::new(ebpf), _stats_map: Mutex::new(stats_map) })
     }
 
@@ -223,6 +277,28 @@ impl KernelSplice {
     /// Number of spliced connections currently tracked.
     pub fn active(&self) -> usize {
         self.shared.stats.active.load(Ordering::Relaxed)
+    }
+
+    /// The `PAIRS` entry of a spliced socket, by its cookie: the bytes the verdict forwarded
+    /// from it and when it last did. `None` once the connection has closed. One map lookup: for
+    /// on-demand reads (admin, scrapes), never a per-connection poll.
+    pub fn socket_counters(&self, cookie: u64) -> Option<Pair> {
+        self.shared.lock_maps().pairs.get(&cookie, 0).ok()
+    }
+
+    /// Duplicates of the maps' fds, by map name, for read-only inspection (entry counts)
+    /// without holding the handoff lock.
+    pub fn map_fds(&self) -> Vec<(&'static str, OwnedFd)> {
+        use aya::maps::IterableMap as _;
+        let maps = self.shared.lock_maps();
+        [
+            (abi::SOCKS, maps.socks.fd().as_fd().try_clone_to_owned()),
+            (abi::VERDICT, maps.verdict.fd().as_fd().try_clone_to_owned()),
+            (abi::PAIRS, maps.pairs.map().fd().as_fd().try_clone_to_owned()),
+        ]
+        .into_iter()
+        .filter_map(|(name, fd)| fd.ok().map(|fd| (name, fd)))
+        .collect()
     }
 
     /// Hands a connection to the kernel (module docs, steps 1–5). On error both sockets come
@@ -288,23 +364,26 @@ impl KernelSplice {
                 return Err(HandoffError::Io { what: "byte-counter baselines", source });
             }
         };
-        // Backend first, then client: see the module docs.
-        if let Err(source) = maps.socks.insert(cookies[BACKEND], fds[BACKEND].as_raw_fd(), 0) {
-            for c in cookies {
-                let _ = maps.pairs.remove(&c);
+        // Both into the target map, then backend first, then client, into the verdict map: see
+        // the module docs. On failure nothing has moved yet, so undoing the inserts is safe.
+        let steps: [(&'static str, bool, usize); 4] = [
+            ("SOCKS insert of the backend socket", false, BACKEND),
+            ("SOCKS insert of the client socket (a client that already sent FIN is refused)", false, CLIENT),
+            ("VERDICT insert of the backend socket", true, BACKEND),
+            ("VERDICT insert of the client socket (a client that already sent FIN is refused)", true, CLIENT),
+        ];
+        for (i, (what, verdict, side)) in steps.into_iter().enumerate() {
+            let map = if verdict { &mut maps.verdict } else { &mut maps.socks };
+            if let Err(source) = map.insert(cookies[side], fds[side].as_raw_fd(), 0) {
+                for (_, v, sd) in steps.into_iter().take(i).rev() {
+                    let m = if v { &mut maps.verdict } else { &mut maps.socks };
+                    let _ = m.remove(&cookies[sd]);
+                }
+                for c in cookies {
+                    let _ = maps.pairs.remove(&c);
+                }
+                return Err(HandoffError::Map { what, source });
             }
-            return Err(HandoffError::Map { what: "SOCKHASH insert of the backend socket", source });
-        }
-        if let Err(source) = maps.socks.insert(cookies[CLIENT], fds[CLIENT].as_raw_fd(), 0) {
-            // Nothing can be queued on B yet: the ClientHello never left C.
-            let _ = maps.socks.remove(&cookies[BACKEND]);
-            for c in cookies {
-                let _ = maps.pairs.remove(&c);
-            }
-            return Err(HandoffError::Map {
-                what: "SOCKHASH insert of the client socket (a client that already sent FIN is refused)",
-                source,
-            });
         }
         drop(maps);
         // From here on the connection belongs to the kernel; errors abort instead of falling back.
@@ -327,10 +406,16 @@ impl KernelSplice {
             over_cap_since: None,
             on_close: Some(on_close),
             bytes: [0; 2],
+            paused: [false; 2],
+            tail: [None, None],
+            tail_bytes: [0; 2],
             fds,
         };
         let raw = [conn.fds[0].as_raw_fd(), conn.fds[1].as_raw_fd()];
         let mut conns = self.shared.lock_conns();
+        for side in [CLIENT, BACKEND] {
+            conns.by_cookie.insert(conn.cookies[side], (token, side));
+        }
         conns.conns.insert(token, conn);
         let mut failed = prep.kick_error.map(|e| ("SO_RCVLOWAT kick", e));
         for side in [CLIENT, BACKEND] {
@@ -391,7 +476,10 @@ impl Shared {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         let mut last_sample = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
-            let pending = !self.lock_conns().draining.is_empty();
+            let pending = {
+                let st = self.lock_conns();
+                !st.draining.is_empty() || !st.paused.is_empty()
+            };
             let timeout = if pending { DRAIN_POLL } else { Duration::from_millis(200) };
             // SAFETY: `events` is a valid buffer of its length.
             let n = unsafe {
@@ -412,9 +500,19 @@ impl Shared {
             }
             let mut conns = self.lock_conns();
             for ev in &events[..n as usize] {
+                if ev.u64 == EVENTS_TOKEN {
+                    self.on_reports(&mut conns);
+                    continue;
+                }
                 let token = ev.u64 >> 1;
                 let side = (ev.u64 & 1) as usize;
                 self.on_event(&mut conns, token, side, ev.events);
+            }
+            let tokens: Vec<u64> = conns.paused.iter().copied().collect();
+            for t in tokens {
+                for side in [CLIENT, BACKEND] {
+                    self.flow(&mut conns, t, side);
+                }
             }
             let tokens: Vec<u64> = conns.draining.iter().copied().collect();
             for t in tokens {
@@ -455,6 +553,31 @@ impl Shared {
                 continue;
             }
             let peer = 1 - side;
+            if let Some(tail) = conn.tail[side].as_mut() {
+                match pump_tail(tail, &conn.fds[side], &conn.fds[peer]) {
+                    Ok((moved, done)) => {
+                        conn.tail_bytes[side] += moved;
+                        if moved > 0 {
+                            conn.drain_progress[side] = (Instant::now(), conn.tail_bytes[side]);
+                        }
+                        if done {
+                            conn.tail[side] = None;
+                            conn.shut[side] = true;
+                        } else if conn.drain_progress[side].0.elapsed() > stall {
+                            self.stats.drain_stalls.fetch_add(1, Ordering::Relaxed);
+                            self.abort(state, token, side, CloseReason::DrainStall);
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        debug!(token, error = %e, "tail copy failed");
+                        let reason = if side == CLIENT { CloseReason::BackendReset } else { CloseReason::ClientReset };
+                        self.abort(state, token, side, reason);
+                        return;
+                    }
+                }
+                continue;
+            }
             let forwarded = match self.lock_maps().pairs.get(&conn.cookies[side], 0) {
                 Ok(p) => {
                     if p.peer_missing != 0 {
@@ -483,6 +606,14 @@ impl Shared {
                 return;
             };
             conn.bytes[side] = forwarded;
+            if conn.paused[side] && forwarded == in_peer {
+                // Paused when its FIN came: the socket cannot re-enter VERDICT (CLOSE_WAIT).
+                // Everything forwarded is in the peer's TCP now, so finish in userspace.
+                self.stats.tail_copies.fetch_add(1, Ordering::Relaxed);
+                conn.tail[side] = Some(Tail::default());
+                conn.drain_progress[side] = (Instant::now(), 0);
+                continue;
+            }
             if received == forwarded && forwarded == in_peer {
                 if let Err(e) = sys::shutdown_write(conn.fds[peer].as_fd()) {
                     debug!(token, error = %e, "shutdown(SHUT_WR) of the peer failed");
@@ -503,6 +634,66 @@ impl Shared {
         if conn.shut == [true, true] {
             let reason = if conn.fin[CLIENT] { CloseReason::ClientFin } else { CloseReason::BackendFin };
             self.finish(state, token, reason);
+        }
+    }
+
+    /// Drains the `EVENTS` ring: each report names a socket that forwarded another
+    /// `REPORT_EVERY` bytes; check that direction's backlog.
+    fn on_reports(&self, state: &mut State) {
+        let mut cookies = Vec::new();
+        {
+            let mut ring = self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            while let Some(item) = ring.next() {
+                if let Ok(bytes) = <[u8; 8]>::try_from(&item[..]) {
+                    cookies.push(u64::from_ne_bytes(bytes));
+                }
+            }
+        }
+        for cookie in cookies {
+            if let Some(&(token, side)) = state.by_cookie.get(&cookie) {
+                self.flow(state, token, side);
+            }
+        }
+    }
+
+    /// Bytes forwarded from `side` that are not yet in the peer's TCP send queue, i.e. what
+    /// waits in the peer's psock queue; with the forwarded count.
+    fn backlog(&self, conn: &Spliced, side: usize) -> io::Result<(u64, u64)> {
+        let forwarded = self.lock_maps().pairs.get(&conn.cookies[side], 0).map_err(io::Error::other)?.bytes;
+        let peer = conn.fds[1 - side].as_fd();
+        let y = sys::tcp_info(peer)?;
+        let in_peer = (y.bytes_acked + u64::from(sys::outq(peer)?)).saturating_sub(conn.sent_base[1 - side]);
+        Ok((forwarded.saturating_sub(in_peer), forwarded))
+    }
+
+    /// Pauses or resumes direction `side` of `token` by its backlog (module docs, flow control).
+    fn flow(&self, state: &mut State, token: u64, side: usize) {
+        let Some(conn) = state.conns.get_mut(&token) else { return };
+        if conn.shut[side] || conn.tail[side].is_some() {
+            return;
+        }
+        let Ok((backlog, _)) = self.backlog(conn, side) else { return };
+        if !conn.paused[side] && backlog > PAUSE_AT {
+            if self.lock_maps().verdict.remove(&conn.cookies[side]).is_ok() {
+                conn.paused[side] = true;
+                self.stats.pauses.fetch_add(1, Ordering::Relaxed);
+                debug!(token, side, backlog, "paused: peer backlog above the high mark");
+            }
+        } else if conn.paused[side] && backlog <= RESUME_AT && !conn.fin[side] {
+            let fd = conn.fds[side].as_raw_fd();
+            if self.lock_maps().verdict.insert(conn.cookies[side], fd, 0).is_ok() {
+                conn.paused[side] = false;
+                // The bytes that queued up while paused are processed on the next data-ready.
+                let _ = sys::set_rcvlowat(conn.fds[side].as_fd(), 1);
+                debug!(token, side, backlog, "resumed");
+            }
+            // A failed insert means the socket left ESTABLISHED (its FIN came): the drain
+            // check finishes that direction with the tail copy.
+        }
+        if conn.paused.iter().any(|p| *p) {
+            state.paused.insert(token);
+        } else {
+            state.paused.remove(&token);
         }
     }
 
@@ -580,7 +771,11 @@ impl Shared {
     /// reports the connection's totals.
     fn finish(&self, state: &mut State, token: u64, reason: CloseReason) {
         state.draining.remove(&token);
+        state.paused.remove(&token);
         let Some(mut conn) = state.conns.remove(&token) else { return };
+        for c in conn.cookies {
+            state.by_cookie.remove(&c);
+        }
         {
             let maps = self.lock_maps();
             for side in [CLIENT, BACKEND] {
@@ -595,7 +790,8 @@ impl Shared {
                 libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd.as_raw_fd(), std::ptr::null_mut());
             }
         }
-        let Spliced { fds, cookies, bytes, mut on_close, .. } = conn;
+        let Spliced { fds, cookies, bytes, tail_bytes, mut on_close, .. } = conn;
+        let bytes = [bytes[0] + tail_bytes[0], bytes[1] + tail_bytes[1]];
         drop(fds);
         {
             let mut maps = self.lock_maps();
@@ -610,3 +806,41 @@ impl Shared {
     }
 }
 
+
+/// One step of the tail copy: moves what it can from `from` to `to` without blocking.
+/// Returns the bytes moved and whether the direction is finished (EOF relayed as `SHUT_WR`).
+fn pump_tail(tail: &mut Tail, from: &OwnedFd, to: &OwnedFd) -> io::Result<(u64, bool)> {
+    let mut moved = 0u64;
+    loop {
+        if tail.off < tail.buf.len() {
+            let rest = &tail.buf[tail.off..];
+            // SAFETY: sending from a live buffer on a socket we own.
+            let n = unsafe {
+                libc::send(to.as_raw_fd(), rest.as_ptr().cast(), rest.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return if e.kind() == io::ErrorKind::WouldBlock { Ok((moved, false)) } else { Err(e) };
+            }
+            tail.off += n as usize;
+            moved += n as u64;
+            continue;
+        }
+        if tail.eof {
+            sys::shutdown_write(to.as_fd())?;
+            return Ok((moved, true));
+        }
+        tail.buf.resize(64 << 10, 0);
+        // SAFETY: receiving into a live buffer from a socket we own.
+        let n = unsafe { libc::recv(from.as_raw_fd(), tail.buf.as_mut_ptr().cast(), tail.buf.len(), libc::MSG_DONTWAIT) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            tail.buf.clear();
+            tail.off = 0;
+            return if e.kind() == io::ErrorKind::WouldBlock { Ok((moved, false)) } else { Err(e) };
+        }
+        tail.buf.truncate(n as usize);
+        tail.off = 0;
+        tail.eof = n == 0;
+    }
+}
