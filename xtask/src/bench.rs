@@ -499,9 +499,9 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
     crate::setup::setup(&pkgs)?;
     let root = workspace_root();
     exec(Command::new("cargo").current_dir(&root).args(["build", "--release", "-p", "zone-ingress", "-p", "zone-ingress-tests", "--bin", "zone-ingress", "--bin", "benchtool"]))?;
-    let dir = root.join("target/bench");
+    let dir = xtask::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
-    let ctx = Ctx { dir: dir.clone(), daemon: root.join("target/release/zone-ingress"), benchtool: root.join("target/release/benchtool") };
+    let ctx = Ctx { dir: dir.clone(), daemon: xtask::target_dir().join("release/zone-ingress"), benchtool: xtask::target_dir().join("release/benchtool") };
     write_inputs(&dir)?;
     let interrupted = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -22,7 +22,7 @@ pub fn build_ebpf(opts: &Options) -> anyhow::Result<()> {
     }
     exec(&mut cmd)?;
     let profile = if opts.release { "release" } else { "debug" };
-    let build = workspace_root().join("target").join(profile).join("build");
+    let build = xtask::target_dir().join(profile).join("build");
     let newest = std::fs::read_dir(&build)?
         .filter_map(Result::ok)
         .map(|e| e.path().join("out").join("zone-ingress-ebpf"))

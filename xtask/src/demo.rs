@@ -22,6 +22,6 @@ pub fn demo(opts: &Options) -> anyhow::Result<()> {
         Command::new("cargo")
             .current_dir(&root)
             .args(["run", "--release", "-q", "-p", "zone-ingress-tests", "--bin", "demo", "--", "--splice", &opts.splice])
-            .env(ENV_ZONE_INGRESS_BIN, root.join("target/release/zone-ingress")),
+            .env(ENV_ZONE_INGRESS_BIN, xtask::target_dir().join("release/zone-ingress")),
     )
 }

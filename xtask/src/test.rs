@@ -27,7 +27,7 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
     if !built.success() {
         anyhow::bail!("building the daemon failed");
     }
-    let bin = root.join("target/release/zone-ingress");
+    let bin = xtask::target_dir().join("release/zone-ingress");
 
     if !opts.skip_unit {
         let s = status(
