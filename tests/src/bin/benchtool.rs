@@ -3,6 +3,8 @@
 //! - `tls-server ADDR`: rustls server (test CA) answering `ok` after each handshake;
 //! - `conn-rate ADDR SNI SECONDS CONCURRENCY`: new TLS connections per second, each a full
 //!   handshake with a Kuma SNI and a 2-byte reply; prints JSON `{ok, errors, seconds}`;
+//! - `hash-server ADDR` / `hash-client ADDR BYTES`: the tests' integrity protocol (SHA-256 of
+//!   BYTES each way), proving a path moves bytes unchanged;
 //! - `hold-server ADDR` / `hold-client ADDR N SNI`: N idle connections (the client sends a probe
 //!   ClientHello on each, then holds them until stdin closes), for the memory-per-flow figure.
 //!
@@ -180,6 +182,28 @@ fn main() {
                 // Hold until stdin closes.
                 let mut sink = Vec::new();
                 let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+            }
+            "hash-server" => {
+                let addr: SocketAddr = arg(&args, 1, "addr").parse().expect("addr");
+                let l = tokio::net::TcpListener::bind(addr).await.expect("bind");
+                println!("listening");
+                loop {
+                    if let Ok((s, _)) = l.accept().await {
+                        tokio::spawn(async move {
+                            let _ = zone_ingress_tests::stream::serve_one(s, "bench-dp").await;
+                        });
+                    }
+                }
+            }
+            "hash-client" => {
+                let addr: SocketAddr = arg(&args, 1, "addr").parse().expect("addr");
+                let n: u64 = arg(&args, 2, "bytes").parse().expect("bytes");
+                let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                let out = tokio::time::timeout(Duration::from_secs(60), zone_ingress_tests::stream::client(s, n, n))
+                    .await
+                    .expect("hash transfer timed out")
+                    .expect("hash transfer");
+                println!("{}", serde_json::json!({"up_ok": out.up_ok, "down_ok": out.down_ok, "bytes_each_way": n}));
             }
             other => panic!("unknown command {other}"),
         }
