@@ -519,6 +519,12 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
         signal_hook::flag::register(sig, Arc::clone(&interrupted))?;
     }
     let mut guard = Guard { children: Vec::new(), stop: interrupted };
+    // Every system under test inherits this: 10,000 flows are 20,000 sockets in a proxy.
+    let lim = libc::rlimit { rlim_cur: 262_144, rlim_max: 262_144 };
+    // SAFETY: plain setrlimit with a valid pointer; root may raise the hard limit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) } != 0 {
+        eprintln!("bench: could not raise RLIMIT_NOFILE: {}", std::io::Error::last_os_error());
+    }
     topology()?;
     let pki = dir.join("pki");
     let _ = std::fs::remove_dir_all(&pki);
