@@ -50,8 +50,8 @@ pub struct Options {
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
     /// Idle flows for the memory-per-flow figure (the descriptor hard limit of 20,000 on these
-    /// machines keeps it under 10,000: two sockets per flow).
-    #[arg(long, default_value_t = 9_000)]
+    /// machines keeps it under 10,000: two sockets per flow, plus splice pipes in HAProxy).
+    #[arg(long, default_value_t = 7_500)]
     pub flows: usize,
     /// Only these systems (comma-separated names).
     #[arg(long, value_delimiter = ',')]
@@ -297,7 +297,7 @@ fn start_system(guard: &mut Guard, ctx: &Ctx, system: System, phase: Phase) -> a
 fn haproxy_config(splice: bool, plaintext_backend: &str) -> String {
     let splice = if splice { "    option splice-auto\n" } else { "" };
     format!(
-        "global\n    nbthread 2\n    maxconn 9500\n    tune.bufsize 65536\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n{splice}\n\
+        "global\n    nbthread 2\n    maxconn 7900\n    tune.bufsize 65536\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n{splice}\n\
 frontend zi\n    bind {INGRESS}:{LISTEN_PORT}\n    tcp-request inspect-delay 5s\n    tcp-request content accept if {{ req.ssl_hello_type 1 }}\n    tcp-request content accept if {{ req.len gt 0 }}\n\
     use_backend tls if {{ req.ssl_sni -m str {sni} }}\n    use_backend hold if {{ req.ssl_sni -m str hold{{mesh=default}} }}\n    default_backend plain\n\n\
 backend tls\n    server dp {DP}:{TLS_PORT}\n\nbackend hold\n    server dp {DP}:{HOLD_PORT}\n\nbackend plain\n    server dp {plaintext_backend}\n",
