@@ -53,6 +53,14 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
     if !s.success() {
         failures.push("privileged integration tests");
     }
+    // The benchmark's quick mode: every system once, briefly; it asserts that bytes flowed and
+    // matched (SHA-256 through each path), never a speed.
+    if opts.filter.is_none() {
+        let s = status(Command::new("cargo").current_dir(&root).args(["xtask", "bench", "--quick"]))?;
+        if !s.success() {
+            failures.push("bench --quick");
+        }
+    }
     if failures.is_empty() {
         eprintln!("xtask test: all suites passed");
         Ok(())
