@@ -63,13 +63,40 @@ fn main() {
             }
         }
     });
-    println!("\n== legacy tag SNIs (openssl s_client, mTLS handshake end to end)");
+    // Legacy tag SNIs contain `{`, `=`, `,`: rustls refuses to send them and rustls servers
+    // refuse to accept them (Envoy, Kuma's dataplane proxy, accepts them). So this part uses
+    // OpenSSL on both ends: `s_server` requiring a client certificate on each dataplane.
+    drop(rt);
+    println!("\n== legacy tag SNIs (openssl s_client → ingress → openssl s_server -Verify 1, mTLS end to end)");
     let scratch = Scratch::new("demo");
-    let leaf = pki.leaf("remote-client", &["client.test"]);
     let ca = scratch.write("ca.pem", &pki.ca_pem);
-    let cert = scratch.write("client.pem", &leaf.cert_pem);
-    let key = scratch.write("client.key", &leaf.key_pem);
-    for sni in ["backend{mesh=default,version=v1}", "backend{kuma.io/zone=east,mesh=default,version=v2}", "redis{mesh=default}", "backend{version=v1,mesh=default}"] {
+    let client = pki.leaf("remote-client", &["client.test"]);
+    let cert = scratch.write("client.pem", &client.cert_pem);
+    let key = scratch.write("client.key", &client.key_pem);
+    let mut servers = Vec::new();
+    for (k, name) in DP_NAMES.iter().enumerate() {
+        let leaf = pki.leaf(name, &["dataplane.test"]);
+        let scert = scratch.write(&format!("{name}.pem"), &leaf.cert_pem);
+        let skey = scratch.write(&format!("{name}.key"), &leaf.key_pem);
+        let port = if k == 2 { 6379 } else { 8080 };
+        let child = topo.dataplanes[k]
+            .command("openssl")
+            .args(["s_server", "-quiet", "-accept", &format!("{}:{port}", Topology::dataplane_v4(k + 1)), "-Verify", "1"])
+            .arg("-cert")
+            .arg(&scert)
+            .arg("-key")
+            .arg(&skey)
+            .arg("-CAfile")
+            .arg(&ca)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl s_server");
+        servers.push(child);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for sni in ["backend{mesh=default}", "backend{mesh=default}", "backend{mesh=default,version=v1}", "backend{kuma.io/zone=east,mesh=default,version=v2}", "redis{mesh=default}", "backend{mesh=default,version=v3}", "backend{version=v1,mesh=default}", "web{mesh=default}"] {
         let out = topo
             .client
             .command("openssl")
@@ -84,8 +111,23 @@ fn main() {
             .output()
             .expect("openssl s_client");
         let text = String::from_utf8_lossy(&out.stderr);
-        let established = text.contains("CONNECTION ESTABLISHED");
-        println!("   SNI {sni:<52} → {}", if established { "handshake completed" } else { "rejected" });
+        let peer = text
+            .lines()
+            .filter(|l| l.starts_with("Peer certificate"))
+            .find_map(|l| l.split("CN").nth(1))
+            .map_or("?", |cn| cn.trim_start_matches([' ', '=']))
+            .trim()
+            .to_owned();
+        if text.contains("CONNECTION ESTABLISHED") {
+            println!("   SNI {sni:<52} → {peer:<10} mTLS handshake completed (server certificate CN {peer})");
+        } else {
+            println!("   SNI {sni:<52} → rejected (closed without a byte)");
+        }
+    }
+    for mut s in servers {
+        // SAFETY: signalling the s_server we started, by PID.
+        unsafe { libc::kill(libc::pid_t::try_from(s.id()).expect("pid"), libc::SIGTERM) };
+        let _ = s.wait();
     }
     std::thread::sleep(Duration::from_millis(500));
     println!("\n== access log of the ingress (one line per closed connection)");
