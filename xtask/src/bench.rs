@@ -350,8 +350,26 @@ fn target(system: System, port: u16) -> (String, u16) {
     if system == System::Direct { (DP.to_owned(), port) } else { (INGRESS.to_owned(), LISTEN_PORT) }
 }
 
-/// One iperf3 run: Gbit/s, busy core-seconds, bytes moved; checks sent == received with `-n`.
-fn iperf(system: System, streams: u32, reverse: bool, opts: &Options) -> anyhow::Result<Value> {
+/// CPU seconds (user + system) used so far by `pid` and its descendants.
+fn tree_cpu_s(pid: u32) -> f64 {
+    let mut total = 0u64;
+    let mut stack = vec![pid];
+    let children = |p: u32| -> Vec<u32> {
+        std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default().split_whitespace().filter_map(|c| c.parse().ok()).collect()
+    };
+    while let Some(p) = stack.pop() {
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+            let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            // Fields 14 and 15 (utime, stime), counted from after the command name.
+            total += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+        stack.extend(children(p));
+    }
+    total as f64 / user_hz()
+}
+
+/// One iperf3 run: Gbit/s, busy core-seconds of the machine and of the proxy's own processes.
+fn iperf(system: System, pids: &[u32], streams: u32, reverse: bool, opts: &Options) -> anyhow::Result<Value> {
     let (host, port) = target(system, IPERF_PORT);
     let mut cmd = nsexec(NS_C);
     cmd.args(["iperf3", "-J", "-c", &host, "-p", &port.to_string(), "-P", &streams.to_string()]);
@@ -359,11 +377,13 @@ fn iperf(system: System, streams: u32, reverse: bool, opts: &Options) -> anyhow:
     if reverse {
         cmd.arg("-R");
     }
+    let own0: f64 = pids.iter().map(|p| tree_cpu_s(*p)).sum();
     let (b0, _) = cpu_jiffies();
     let t0 = Instant::now();
     let out = cmd.output()?;
     let wall = t0.elapsed().as_secs_f64();
     let (b1, _) = cpu_jiffies();
+    let own1: f64 = pids.iter().map(|p| tree_cpu_s(*p)).sum();
     let v: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))?;
     if let Some(e) = v.get("error") {
         bail!("iperf3 via {}: {e}", system.name());
@@ -378,7 +398,7 @@ fn iperf(system: System, streams: u32, reverse: bool, opts: &Options) -> anyhow:
         bail!("iperf3 via {}: nothing sent", system.name());
     }
     let busy_cs = (b1 - b0) as f64 / user_hz();
-    Ok(json!({"gbps": gbps, "busy_core_s": busy_cs, "bytes": received, "wall_s": wall,
+    Ok(json!({"gbps": gbps, "busy_core_s": busy_cs, "bytes": received, "wall_s": wall, "proxy_cpu_s": own1 - own0,
               "gbps_per_busy_core": gbps / (busy_cs / wall).max(1e-9),
               "cpu_s_per_gb": busy_cs / (received / 1e9)}))
 }
@@ -565,7 +585,7 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
             let pids = start_system(&mut guard, &ctx, system, Phase::Iperf)?;
             for (name, streams, rev) in bulk {
                 guard.check()?;
-                samples.entry((system, name)).or_default().push(iperf(system, streams, rev, opts)?);
+                samples.entry((system, name)).or_default().push(iperf(system, &pids, streams, rev, opts)?);
             }
             pids.iter().for_each(|p| stop(&mut guard, *p));
             let pids = start_system(&mut guard, &ctx, system, Phase::Sockperf)?;
@@ -647,7 +667,7 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
         if opts.quick { "quick (1 s per measurement)".to_owned() } else { format!("{} s per measurement", opts.seconds) }
     );
     let direct = |metric: &str, field: &str| stat(samples, System::Direct, metric, field).map(|m| m.0);
-    md.push_str("| system | 1 stream Gbit/s | 1 stream rev | 4 streams | 4 streams rev | Gbit/s per busy core | CPU s per GB | RTT p50 µs (added) | RTT p99 µs | new TLS conn/s | handoff µs | RSS B/flow | Slab B/flow |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| system | 1 stream Gbit/s | 1 stream rev | 4 streams | 4 streams rev | Gbit/s per busy core | CPU s per GB | proxy process CPU s | RTT p50 µs (added) | RTT p99 µs | new TLS conn/s | handoff µs | RSS B/flow | Slab B/flow |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for &s in systems {
         let cell = |metric: &str, field: &str, ratio_to_direct: bool| -> String {
             match stat(samples, s, metric, field) {
@@ -669,7 +689,7 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {added} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {added} | {} | {} | {} | {} | {} |",
             s.name(),
             cell("bulk_1_fwd", "gbps", true),
             cell("bulk_1_rev", "gbps", true),
@@ -677,6 +697,7 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
             cell("bulk_4_rev", "gbps", true),
             cell("bulk_1_fwd", "gbps_per_busy_core", false),
             cell("bulk_1_fwd", "cpu_s_per_gb", false),
+            cell("bulk_1_fwd", "proxy_cpu_s", false),
             cell("latency", "rtt_p99_us", false),
             cell("conn_rate", "conn_per_s", true),
             cell("handoff", "handoff_mean_us", false),
@@ -692,7 +713,7 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
     }
     let _ = writeln!(
         md,
-        "\nBulk: iperf3 through the plaintext route (`--plaintext-route`, HAProxy/nginx default backend). CPU: busy core-seconds of the whole machine (softirq and kernel workers included) during the 1-stream run. Latency: sockperf ping-pong, 64 B, full RTT. Connections: rustls clients (16 concurrent), full mTLS handshake with a MeshService SNI and a 2-byte reply. Idle flows: {} per system.",
+        "\nBulk: iperf3 through the plaintext route (`--plaintext-route`, HAProxy/nginx default backend). CPU: busy core-seconds of the whole machine (softirq and kernel workers included) during the 1-stream run; proxy process CPU: user+system seconds of the proxy's own processes in that run (for zone-ingress the daemon; the kernel's splice work is in the machine column). Latency: sockperf ping-pong, 64 B, full RTT. Connections: rustls clients (16 concurrent), full mTLS handshake with a MeshService SNI and a 2-byte reply. Idle flows: {} per system.",
         if opts.quick { 200 } else { opts.flows }
     );
     (md, Value::Object(js))
