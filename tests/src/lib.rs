@@ -9,7 +9,9 @@
 
 pub mod daemon;
 pub mod netns;
+pub mod ops;
 pub mod pki;
+pub mod raw;
 pub mod stream;
 
 /// Panics unless running as root: privileged tests must fail, not skip, without privilege.

@@ -7,17 +7,23 @@ use std::{
     path::PathBuf,
     process::ExitCode,
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing::{error, info, warn};
 
+use tokio::sync::mpsc;
+
 use crate::{
+    admin,
     config::{self, Diagnostic},
+    metrics::Metrics,
+    reload::{self, Reloader},
     routing::RouteTable,
-    server::{self, Ingress, Options},
+    server::{self, Ingress, Options, Snapshot},
+    signal::{Event, Signals},
     splice::{Limits, SpliceMode, kernel::KernelSplice},
 };
 
@@ -110,6 +116,10 @@ pub struct RunArgs {
     /// Listener sockets (SO_REUSEPORT); default: one per CPU.
     #[arg(long)]
     pub listeners: Option<usize>,
+    /// Address the admin server binds to, on the ZoneIngress's `networking.admin.port`. It
+    /// serves state and a shutdown trigger: keep it on loopback unless something else guards it.
+    #[arg(long, default_value_t = crate::admin::DEFAULT_ADMIN_ADDRESS, env = "ZONE_INGRESS_ADMIN_ADDRESS")]
+    pub admin_address: std::net::IpAddr,
 }
 
 fn parse_var(s: &str) -> Result<(String, String), String> {
@@ -209,7 +219,9 @@ pub fn validate(args: &InputArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `zone-ingress run`.
+/// `zone-ingress run`: load, bind, serve; reload on file changes and SIGHUP; drain on
+/// SIGUSR2 or `POST /drain_listeners`; shut down on SIGTERM/SIGINT (after the drain time) or
+/// `POST /quitquitquit` (at once).
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let inputs = match load_inputs(&args.inputs) {
         Ok(i) => i,
@@ -250,8 +262,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
     };
     raise_fd_limit();
-    let zi = &inputs.zone_ingress;
-    let table = RouteTable::build(&inputs.inventory, &args.inputs.zone);
+    let Inputs { zone_ingress: zi, inventory, .. } = inputs;
+    let table = RouteTable::build(&inventory, &args.inputs.zone);
     if let Some(sni) = &args.plaintext_route
         && table.lookup(sni).is_err()
     {
@@ -266,29 +278,121 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         plaintext_route: args.plaintext_route.clone(),
         proxy_id: zi.name.clone(),
         zone: args.inputs.zone.clone(),
+        splice: args.splice,
         limits,
         ..Options::default()
     };
-    let listen = SocketAddr::new(zi.address, zi.port);
+    let listen = zi.listen_addr();
     let n = args.listeners.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
+        let mut signals = Signals::new().context("installing signal handlers")?;
         let listeners = server::bind(listen, n).with_context(|| format!("binding the listener {listen}"))?;
-        let ingress = Ingress::new(options, table, kernel);
-        info!(%listen, listeners = n, "ready");
-        let signal = crate::signal::shutdown();
-        server::serve(Arc::clone(&ingress), listeners, signal).await;
-        let deadline = Instant::now() + args.drain_time;
-        info!(drain_time = ?args.drain_time, open = ingress.open_connections(), "draining");
+        let metrics = Arc::new(Metrics::default());
+        let snapshot = Snapshot {
+            version: 1,
+            clusters: metrics.clusters_for(&table),
+            available_services: table.available_services(&inventory),
+            dataplanes: inventory.dataplanes.len(),
+            inventory: Arc::new(inventory),
+            zone_ingress: Some(zi.clone()),
+            loaded_at: SystemTime::now(),
+            table: Arc::new(table),
+        };
+        let ingress = Ingress::with_snapshot(options, metrics, snapshot, kernel);
+        ingress.start_listeners(listeners);
+        let (commands_tx, mut commands_rx) = mpsc::channel(4);
+        let info = admin::Info {
+            dataplane_file: args.inputs.dataplane_file.clone(),
+            dataplanes: args.inputs.dataplanes.clone(),
+            drain_time: args.drain_time,
+            listeners: n,
+        };
+        let admin_addr = SocketAddr::new(args.admin_address, zi.admin_port);
+        let mut admin_server = start_admin(&ingress, admin_addr, &commands_tx, &info);
+        let reloader = Reloader { args: args.inputs.clone(), listeners: n };
+        let (changes_tx, mut changes_rx) = mpsc::channel(1);
+        // Without a watcher the files still reload on SIGHUP.
+        let _watcher = reload::watch(&args.inputs, changes_tx)
+            .map_err(|e| warn!(error = %e, "cannot watch the configuration files; reload with SIGHUP"))
+            .ok();
+        info!(%listen, listeners = n, admin = %admin_addr, "ready");
+
+        let drain_time = loop {
+            let trigger = tokio::select! {
+                event = signals.next() => match event {
+                    Event::Shutdown(_) => break args.drain_time,
+                    Event::Reload => "SIGHUP",
+                    Event::DrainListeners => {
+                        ingress.stop_listeners().await;
+                        continue;
+                    }
+                },
+                Some(command) = commands_rx.recv() => match command {
+                    admin::Command::Quit => {
+                        info!("POST /quitquitquit: exiting now");
+                        break Duration::ZERO;
+                    }
+                    admin::Command::DrainListeners => {
+                        info!("POST /drain_listeners: draining the listener");
+                        ingress.stop_listeners().await;
+                        continue;
+                    }
+                },
+                Some(()) = changes_rx.recv() => {
+                    // Editors write in several steps: let the burst settle, then read once.
+                    tokio::time::sleep(RELOAD_SETTLE).await;
+                    while changes_rx.try_recv().is_ok() {}
+                    "file change"
+                },
+            };
+            if let Ok(applied) = reloader.reload(&ingress, trigger) {
+                let wanted = SocketAddr::new(args.admin_address, applied.admin_port);
+                if admin_server.as_ref().map(admin::AdminServer::addr) != Some(wanted) {
+                    info!(admin = %wanted, "admin port changed; rebinding the admin server");
+                    drop(admin_server.take());
+                    admin_server = start_admin(&ingress, wanted, &commands_tx, &info);
+                }
+            }
+        };
+
+        // kuma-dp semantics: not ready, stop accepting, let established flows finish.
+        ingress.begin_termination();
+        ingress.stop_listeners().await;
+        let deadline = Instant::now() + drain_time;
+        info!(drain_time = %humantime::format_duration(drain_time), open = ingress.open_connections(), "draining");
         let left = ingress.wait_idle(deadline).await;
         if left > 0 {
             warn!(left, "drain time over; closing the remaining connections");
-            server::abort_spliced(&ingress);
+            ingress.abort_flows();
+            // Relays log their close as they see the abort; give them a moment.
+            let _ = ingress.wait_idle(Instant::now() + Duration::from_secs(2)).await;
+        } else {
+            info!("all flows finished");
         }
-        info!("stopped");
+        drop(admin_server);
         anyhow::Ok(())
     })?;
+    // Dropping the runtime dropped the last handles: the verdict program is detached and no
+    // map or program of ours remains (nothing is pinned).
+    drop(runtime);
+    info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long a burst of file events must be quiet before the reload reads the files.
+const RELOAD_SETTLE: Duration = Duration::from_millis(250);
+
+/// Binds and starts the admin server; a failure is logged, not fatal (the data path keeps
+/// running; readiness probes then fail visibly).
+fn start_admin(ingress: &Arc<Ingress>, addr: SocketAddr, commands: &mpsc::Sender<admin::Command>, info: &admin::Info) -> Option<admin::AdminServer> {
+    match admin::bind(addr) {
+        Ok(listener) => Some(admin::AdminServer::start(Arc::clone(ingress), listener, commands.clone(), info.clone())),
+        Err(e) => {
+            error!(%addr, error = %e, "cannot bind the admin server; /ready, /stats and /config_dump are unavailable");
+            None
+        }
+    }
 }
 
 /// Raises the soft open-file limit to the hard limit: every connection holds two sockets.

@@ -20,11 +20,31 @@
 //! - [`client_hello`]: incremental ClientHello parser over peeked bytes.
 //! - [`server`]: listeners, the per-connection task (accept → … → handoff).
 //! - [`splice`]: the kernel splice and the userspace relay, with their close handling.
-//! - [`metrics`]: counters; [`sys`]: socket options; [`signal`]: SIGTERM/SIGINT.
+//! - [`sys`]: socket options.
+//!
+//! # Operations
+//!
+//! ```text
+//!  signal (TERM/INT: drain, HUP: reload, USR2: drain listener) ─┐
+//!  reload (inotify + SIGHUP → validate → swap Snapshot, rebind) ─┼─► cli::run loop ─► server::Ingress
+//!  admin (hyper: /ready /stats /stats/prometheus /config_dump    ─┘        ▲
+//!         /connections /quitquitquit /drain_listeners) ── reads ─── metrics + flows + splice maps
+//! ```
+//!
+//! - [`admin`]: the admin HTTP server (loopback by default).
+//! - [`metrics`]: counters and their Prometheus / Envoy `/stats` renderings (Envoy's names).
+//! - [`flows`]: the registry of open flows behind `/connections` and the live byte counters.
+//! - [`mapstat`]: BPF map occupancy for the metrics.
+//! - [`reload`]: file watching and validated, atomic configuration swaps.
+//! - [`signal`]: SIGTERM/SIGINT, SIGHUP, SIGUSR2.
+pub mod admin;
 pub mod cli;
 pub mod client_hello;
 pub mod config;
+pub mod flows;
+pub mod mapstat;
 pub mod metrics;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod signal;

@@ -1,7 +1,64 @@
-//! Shutdown signals.
+//! Process signals, with kuma-dp's meanings (reference §6, §8):
+//!
+//! - SIGTERM, SIGINT: shut down: report `TERMINATING`, stop accepting, let established flows
+//!   run for the drain time, then close the rest and exit 0;
+//! - SIGHUP: reload the configuration files;
+//! - SIGUSR2: drain the listener (stop accepting) and keep running.
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::info;
+
+/// What a signal asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// SIGTERM or SIGINT (the signal's name).
+    Shutdown(&'static str),
+    /// SIGHUP.
+    Reload,
+    /// SIGUSR2.
+    DrainListeners,
+}
+
+/// The handled signals. Creating it installs the handlers, so the default actions (terminate)
+/// no longer apply.
+#[derive(Debug)]
+pub struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+    usr2: Signal,
+}
+
+impl Signals {
+    /// Installs the handlers (inside a tokio runtime).
+    ///
+    /// # Errors
+    /// A handler could not be installed.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
+    }
+
+    /// The next signal, logged.
+    pub async fn next(&mut self) -> Event {
+        let event = tokio::select! {
+            _ = self.term.recv() => Event::Shutdown("SIGTERM"),
+            _ = self.int.recv() => Event::Shutdown("SIGINT"),
+            _ = self.hup.recv() => Event::Reload,
+            _ = self.usr2.recv() => Event::DrainListeners,
+        };
+        match event {
+            Event::Shutdown(signal) => info!(signal, "shutting down"),
+            Event::Reload => info!(signal = "SIGHUP", "reloading the configuration"),
+            Event::DrainListeners => info!(signal = "SIGUSR2", "draining the listener"),
+        }
+        event
+    }
+}
 
 /// Resolves on the first SIGINT or SIGTERM, logging which.
 pub async fn shutdown() {

@@ -1,0 +1,173 @@
+//! Hot reload under load: while paced flows stream with SHA-256 checks, dataplanes are added
+//! and removed and the inventory is broken on purpose. No flow breaks, new connections follow
+//! each valid table at once, the invalid file is rejected (metric, `/config_dump`, log) and the
+//! running table stays. A changed listener port rebinds without touching established flows.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use zone_ingress_tests::{
+    daemon::{Daemon, Scratch, zone_ingress_yaml},
+    netns::Topology,
+    ops::{self, Inbound, admin_addr, get, ingress_addr, paced_client, plain_dataplanes, plain_flow, wait_until, write_atomic},
+    runtime,
+};
+
+const ADMIN_PORT: u16 = 9901;
+const PLAIN_ROUTE: &str = "backend{mesh=default}";
+
+fn backend(name: &'static str, k: usize) -> Inbound<'static> {
+    Inbound { name, k, port: 8080, service: "backend", tags: &[] }
+}
+
+fn reloads(topo: &Topology, result: &str) -> f64 {
+    ops::scrape(&topo.ingress, admin_addr(ADMIN_PORT)).must("zone_ingress_config_reloads_total", &[("result", result)])
+}
+
+/// Which dataplanes answer `n` short flows.
+fn served_by(rt: &tokio::runtime::Runtime, topo: &Topology, port: u16, n: usize) -> BTreeSet<String> {
+    rt.block_on(async {
+        let mut seen = BTreeSet::new();
+        for _ in 0..n {
+            let out = plain_flow(topo, port, 4096, 4096).await.expect("short flow");
+            assert!(out.up_ok && out.down_ok, "{out:?}");
+            seen.insert(out.dataplane);
+        }
+        seen
+    })
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[test]
+fn reload_under_load() {
+    let topo = Topology::new(2);
+    let rt = runtime();
+    let scratch = Scratch::new("reload");
+    let zi = scratch.write("zoneingress.yaml", &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT));
+    let dps = scratch.write("dataplanes.yaml", &ops::inventory(&[backend("backend-1", 1)]));
+    let daemon = Daemon::start_files(&topo.ingress, Scratch::new("reload-daemon"), &zi, &dps, &["--plaintext-route", PLAIN_ROUTE, "--drain-time", "2s"]);
+    let admin = admin_addr(ADMIN_PORT);
+    let ns = &topo.ingress;
+    let n_up = 40u64 << 20;
+    // Four long flows, all on backend-1 (the only endpoint), paced to outlive every step below.
+    let long = rt.block_on(async {
+        plain_dataplanes(&topo, &[(1, 8080, "backend-1"), (2, 8080, "backend-2")]);
+        (0..4)
+            .map(|_| {
+                let tcp = topo.client.connect(ingress_addr(10001)).expect("connect");
+                tokio::spawn(paced_client(tcp, n_up, 1 << 20, 64 << 10, Duration::from_millis(10)))
+            })
+            .collect::<Vec<_>>()
+    });
+    assert!(wait_until(Duration::from_secs(5), || get(ns, admin, "/connections").json()["total"] == 4));
+
+    // 1. Add backend-2: new connections use both at once.
+    write_atomic(&dps, &ops::inventory(&[backend("backend-1", 1), backend("backend-2", 2)]));
+    assert!(wait_until(Duration::from_secs(10), || reloads(&topo, "success") >= 1.0), "reload after adding a dataplane:\n{}", daemon.log_text());
+    assert_eq!(served_by(&rt, &topo, 10001, 4), set(&["backend-1", "backend-2"]));
+
+    // 2. Break the file: rejected with the startup report, the table stays.
+    write_atomic(&dps, "items:\n- type: Dataplane\n  mesh: default\n  name: broken\n  networking:\n    address: not-an-ip\n    inbound:\n    - port: 99999\n");
+    assert!(wait_until(Duration::from_secs(10), || reloads(&topo, "failure") >= 1.0), "rejected reload:\n{}", daemon.log_text());
+    let s = ops::scrape(ns, admin);
+    assert_eq!(s.must("envoy_control_plane_connected_state", &[]), 0.0);
+    assert_eq!(s.must("zone_ingress_config_last_reload_successful", &[]), 0.0);
+    assert_eq!(s.must("envoy_listener_manager_lds_update_rejected", &[]), 1.0);
+    let dump = get(ns, admin, "/config_dump").json();
+    assert_eq!(dump["config"]["lastReload"]["ok"], false);
+    let errors = dump["config"]["lastReload"]["errors"].as_array().expect("errors");
+    assert!(!errors.is_empty(), "{dump:#}");
+    assert!(errors.iter().any(|e| e.as_str().is_some_and(|e| e.contains("dataplanes.yaml"))), "errors name the file: {errors:?}");
+    let backend_route = |dump: &serde_json::Value| {
+        dump["routes"].as_array().expect("routes").iter().find(|r| r["sni"] == PLAIN_ROUTE).map(|r| r["endpoints"].clone())
+    };
+    assert_eq!(backend_route(&dump), Some(serde_json::json!(["198.18.1.2:8080", "198.18.2.2:8080"])), "the running table stays");
+    assert_eq!(served_by(&rt, &topo, 10001, 4), set(&["backend-1", "backend-2"]));
+    assert!(daemon.log_text().contains("configuration rejected"), "{}", daemon.log_text());
+
+    // 3. Remove backend-1 (and say so with SIGHUP too): new connections avoid it, its flows go on.
+    write_atomic(&dps, &ops::inventory(&[backend("backend-2", 2)]));
+    daemon.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let dump = get(ns, admin, "/config_dump").json();
+            dump["config"]["lastReload"]["ok"] == true && backend_route(&dump) == Some(serde_json::json!(["198.18.2.2:8080"]))
+        }),
+        "reload after removing a dataplane:\n{}",
+        daemon.log_text()
+    );
+    let s = ops::scrape(ns, admin);
+    assert_eq!(s.must("envoy_control_plane_connected_state", &[]), 1.0);
+    assert!(s.must("zone_ingress_config_reloads_total", &[("result", "success")]) >= 2.0);
+    assert_eq!(s.must("envoy_cluster_membership_healthy", &[("envoy_cluster_name", "default_backend")]), 1.0);
+    let dump = get(ns, admin, "/config_dump").json();
+    assert_eq!(dump["zoneIngress"]["availableServices"].as_array().map(Vec::len), Some(1));
+    assert_eq!(served_by(&rt, &topo, 10001, 4), set(&["backend-2"]));
+    assert_eq!(get(ns, admin, "/connections").json()["total"], 4, "the removed endpoint keeps its flows");
+
+    // Every long flow finishes intact on the endpoint it started on.
+    for f in long {
+        let out = rt.block_on(f).expect("join").expect("long flow across reloads");
+        assert!(out.up_ok && out.down_ok, "{out:?}");
+        assert_eq!(out.dataplane, "backend-1");
+    }
+    let log = daemon.log_text();
+    assert!(log.contains("configuration reloaded"), "{log}");
+    assert!(!log.contains("reason=\"client_reset\"") && !log.contains("reason=\"backend_reset\""), "no flow was reset:\n{log}");
+}
+
+#[test]
+fn listener_rebind_keeps_flows() {
+    let topo = Topology::new(1);
+    let rt = runtime();
+    let scratch = Scratch::new("rebind");
+    let zi = scratch.write("zoneingress.yaml", &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT));
+    let dps = scratch.write("dataplanes.yaml", &ops::inventory(&[backend("backend-1", 1)]));
+    let daemon = Daemon::start_files(&topo.ingress, Scratch::new("rebind-daemon"), &zi, &dps, &["--plaintext-route", PLAIN_ROUTE]);
+    let admin = admin_addr(ADMIN_PORT);
+    let long = rt.block_on(async {
+        plain_dataplanes(&topo, &[(1, 8080, "backend-1")]);
+        (0..2)
+            .map(|_| {
+                let tcp = topo.client.connect(ingress_addr(10001)).expect("connect");
+                tokio::spawn(paced_client(tcp, 16 << 20, 1 << 16, 64 << 10, Duration::from_millis(10)))
+            })
+            .collect::<Vec<_>>()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    write_atomic(&zi, &zone_ingress_yaml("198.18.0.2", 10002, ADMIN_PORT));
+    assert!(daemon.wait_log("listener rebound", Duration::from_secs(10)), "{}", daemon.log_text());
+    assert_eq!(served_by(&rt, &topo, 10002, 2), set(&["backend-1"]));
+    assert!(topo.client.connect(ingress_addr(10001)).is_err(), "the old port is closed");
+    let dump = get(&topo.ingress, admin, "/config_dump").json();
+    assert_eq!(dump["listener"]["address"], "198.18.0.2:10002");
+    assert_eq!(dump["zoneIngress"]["networking"]["port"], 10002);
+    let s = ops::scrape(&topo.ingress, admin);
+    assert_eq!(s.must("zone_ingress_listener_rebinds_total", &[]), 1.0);
+    assert!(s.value("envoy_listener_downstream_cx_total", &[("envoy_listener_address", "198.18.0.2_10002")]).is_some());
+    for f in long {
+        let out = rt.block_on(f).expect("join").expect("flow across the rebind");
+        assert!(out.up_ok && out.down_ok, "{out:?}");
+    }
+}
+
+#[test]
+fn admin_port_change_rebinds_admin() {
+    let topo = Topology::new(1);
+    let rt = runtime();
+    let _in_runtime = rt.enter();
+    let scratch = Scratch::new("adminport");
+    let zi = scratch.write("zoneingress.yaml", &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT));
+    let dps = scratch.write("dataplanes.yaml", &ops::inventory(&[backend("backend-1", 1)]));
+    let daemon = Daemon::start_files(&topo.ingress, Scratch::new("adminport-daemon"), &zi, &dps, &[]);
+    write_atomic(&zi, &zone_ingress_yaml("198.18.0.2", 10001, 9902));
+    assert!(
+        wait_until(Duration::from_secs(10), || topo.ingress.connect(admin_addr(9902)).is_ok()),
+        "admin on the new port:\n{}",
+        daemon.log_text()
+    );
+    assert_eq!(get(&topo.ingress, admin_addr(9902), "/ready").status, 200);
+    assert!(topo.ingress.connect(admin_addr(ADMIN_PORT)).is_err(), "the old admin port is closed");
+}

@@ -1,0 +1,563 @@
+//! The admin HTTP server (HTTP/1.1, `hyper`), on `networking.admin.port` of the ZoneIngress,
+//! bound to `127.0.0.1` unless `--admin-address` says otherwise: it serves state and a
+//! shutdown trigger, so it is never open to the network by default.
+//!
+//! | path | method | answer |
+//! | --- | --- | --- |
+//! | `/` | GET | this list |
+//! | `/ready` | GET | `READY` 200, `NOT_READY` 503, `TERMINATING` 503 |
+//! | `/stats/prometheus` | GET | Prometheus text: Envoy's names (reference §8) and `zone_ingress_*` |
+//! | `/stats` | GET | the same as `name: value` lines (`?filter=`, `?format=json|prometheus`) |
+//! | `/config_dump` | GET | JSON: ZoneIngress with `availableServices`, routes, clusters, splice |
+//! | `/connections` | GET | JSON page of open flows (`?limit=` ≤ 1000, `?after=<id>`) |
+//! | `/quitquitquit` | POST, loopback | exit now (flows are closed), code 0 |
+//! | `/drain_listeners` | POST, loopback | stop accepting, keep running (as SIGUSR2) |
+//!
+//! Bad requests get a 4xx and never affect the process: unknown path 404, wrong method 405
+//! (with `Allow`), a request head over 16 KiB 431 (hyper), a body over 64 KiB 413, a bad query
+//! 400, a state-changing request from a non-loopback peer 403. At most 64 admin connections are
+//! served at once (more are closed on accept); headers must arrive within 10 s and a
+//! connection lives at most 5 minutes.
+
+use std::{
+    convert::Infallible,
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd as _,
+    path::PathBuf,
+    sync::{Arc, PoisonError},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::Incoming,
+    header::{self, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::{Semaphore, mpsc},
+    task::JoinHandle,
+};
+use tracing::{debug, info, warn};
+use zone_ingress_ebpf::splice as abi;
+
+use crate::{
+    flows,
+    mapstat,
+    metrics::{self, ClusterSample, KernelSample, MapSample, Memory, Scrape},
+    server::{Ingress, Readiness},
+    splice::Path,
+};
+
+/// Default admin bind address: loopback only.
+pub const DEFAULT_ADMIN_ADDRESS: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+/// Admin connections served at once.
+const MAX_CONNECTIONS: usize = 64;
+/// Largest request head (request line and headers) hyper buffers.
+const MAX_REQUEST_HEAD: usize = 16 << 10;
+/// Largest request body announced with `Content-Length` (no endpoint reads one).
+const MAX_BODY: u64 = 64 << 10;
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+/// `/connections` page size when `limit` is absent.
+const DEFAULT_PAGE: usize = 100;
+
+/// State-changing requests, forwarded to the run loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// `POST /quitquitquit`.
+    Quit,
+    /// `POST /drain_listeners`.
+    DrainListeners,
+}
+
+/// Static facts shown by `/config_dump`.
+#[derive(Debug, Clone, Default)]
+pub struct Info {
+    /// `--dataplane-file` and `--dataplanes`.
+    pub dataplane_file: PathBuf,
+    pub dataplanes: PathBuf,
+    /// `--drain-time`.
+    pub drain_time: Duration,
+    /// Listener sockets per bind.
+    pub listeners: usize,
+}
+
+/// A running admin server; dropping it stops accepting.
+#[derive(Debug)]
+pub struct AdminServer {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Ctx {
+    ingress: Arc<Ingress>,
+    commands: mpsc::Sender<Command>,
+    info: Info,
+    addr: SocketAddr,
+}
+
+/// Binds the admin listener.
+///
+/// # Errors
+/// The address is in use or not local.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(128)
+}
+
+impl AdminServer {
+    /// Serves the admin API on `listener` until dropped.
+    pub fn start(ingress: Arc<Ingress>, listener: TcpListener, commands: mpsc::Sender<Command>, info: Info) -> Self {
+        let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::new(DEFAULT_ADMIN_ADDRESS, 0));
+        info!(%addr, "admin listening");
+        let ctx = Arc::new(Ctx { ingress, commands, info, addr });
+        let task = tokio::spawn(accept_loop(ctx, listener));
+        Self { addr, task }
+    }
+
+    /// The bound address.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            debug!(%peer, "admin connection limit reached; closing");
+            continue;
+        };
+        let ctx = Arc::clone(&ctx);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service = service_fn(move |req| {
+                let ctx = Arc::clone(&ctx);
+                async move { Ok::<_, Infallible>(handle(ctx, peer, req).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_REQUEST_HEAD)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                Ok(Err(e)) => debug!(%peer, error = %e, "admin connection ended with an error"),
+                Err(_) => debug!(%peer, "admin connection closed after its lifetime"),
+                Ok(Ok(())) => {}
+            }
+        });
+    }
+}
+
+type Body = Full<Bytes>;
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, max-age=0"));
+    r
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    respond(status, "text/plain; charset=utf-8", body)
+}
+
+fn json_response(value: &serde_json::Value) -> Response<Body> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(mut body) => {
+            body.push(b'\n');
+            respond(StatusCode::OK, "application/json", body)
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding JSON: {e}\n")),
+    }
+}
+
+/// One admin endpoint.
+struct Endpoint {
+    path: &'static str,
+    /// `GET` endpoints also answer `HEAD`.
+    method: Method,
+    help: &'static str,
+}
+
+const ENDPOINTS: &[Endpoint] = &[
+    Endpoint { path: "/", method: Method::GET, help: "this list" },
+    Endpoint { path: "/ready", method: Method::GET, help: "READY 200, NOT_READY 503, TERMINATING 503" },
+    Endpoint { path: "/stats", method: Method::GET, help: "counters as name: value (?filter=<substring>, ?format=json|prometheus)" },
+    Endpoint { path: "/stats/prometheus", method: Method::GET, help: "Prometheus text format (Envoy names and zone_ingress_*)" },
+    Endpoint { path: "/config_dump", method: Method::GET, help: "effective configuration: ZoneIngress, routes, clusters, splice" },
+    Endpoint { path: "/connections", method: Method::GET, help: "open flows (?limit=1..1000, default 100; ?after=<id> for the next page)" },
+    Endpoint { path: "/quitquitquit", method: Method::POST, help: "exit now, closing open flows (loopback only)" },
+    Endpoint { path: "/drain_listeners", method: Method::POST, help: "stop accepting, keep running (loopback only)" },
+];
+
+async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let Some(endpoint) = ENDPOINTS.iter().find(|e| e.path == path) else {
+        return text(StatusCode::NOT_FOUND, format!("unknown path {path:?}; GET / lists the endpoints\n"));
+    };
+    let method = req.method();
+    let allowed = *method == endpoint.method || (endpoint.method == Method::GET && *method == Method::HEAD);
+    if !allowed {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, format!("{path} answers {} only\n", endpoint.method));
+        let allow = if endpoint.method == Method::GET { "GET, HEAD" } else { "POST" };
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+        return r;
+    }
+    let body_len = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if body_len.is_some_and(|n| n > MAX_BODY) {
+        return text(StatusCode::PAYLOAD_TOO_LARGE, format!("request body larger than {MAX_BODY} bytes\n"));
+    }
+    let params = match parse_query(req.uri().query().unwrap_or("")) {
+        Ok(p) => p,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("bad query: {e}\n")),
+    };
+    match path.as_str() {
+        "/" => {
+            let mut body = String::from("zone-ingress admin\n");
+            for e in ENDPOINTS {
+                body.push_str(&format!("  {:<5} {:<18} {}\n", e.method.as_str(), e.path, e.help));
+            }
+            text(StatusCode::OK, body)
+        }
+        "/ready" => match ctx.ingress.readiness() {
+            Readiness::Ready => text(StatusCode::OK, "READY\n"),
+            Readiness::NotReady(why) => {
+                let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "NOT_READY\n");
+                if let Ok(v) = HeaderValue::from_str(why) {
+                    r.headers_mut().insert("x-not-ready-reason", v);
+                }
+                r
+            }
+            Readiness::Terminating => text(StatusCode::SERVICE_UNAVAILABLE, "TERMINATING\n"),
+        },
+        "/stats/prometheus" => stats(&ctx, "prometheus", None).await,
+        "/stats" => {
+            let format = param(&params, "format").unwrap_or("text");
+            if !matches!(format, "text" | "json" | "prometheus") {
+                return text(StatusCode::BAD_REQUEST, format!("unknown format {format:?}: text, json or prometheus\n"));
+            }
+            stats(&ctx, format, param(&params, "filter").map(str::to_owned)).await
+        }
+        "/config_dump" => json_response(&config_dump(&ctx)),
+        "/connections" => {
+            let limit = match param(&params, "limit").map(str::parse::<usize>) {
+                None => DEFAULT_PAGE,
+                Some(Ok(n)) if (1..=flows::MAX_PAGE).contains(&n) => n,
+                Some(_) => return text(StatusCode::BAD_REQUEST, format!("limit must be 1..={}\n", flows::MAX_PAGE)),
+            };
+            let after = match param(&params, "after").map(str::parse::<u64>) {
+                None => None,
+                Some(Ok(n)) => Some(n),
+                Some(Err(_)) => return text(StatusCode::BAD_REQUEST, "after must be a flow id\n"),
+            };
+            let ingress = &ctx.ingress;
+            let page = ingress.flows.page(after, limit, &|c| ingress.kernel_counters(c));
+            match serde_json::to_value(&page) {
+                Ok(v) => json_response(&v),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding JSON: {e}\n")),
+            }
+        }
+        "/quitquitquit" | "/drain_listeners" => {
+            if !is_loopback(peer.ip()) {
+                warn!(%peer, path, "refused a state-changing admin request from a non-loopback peer");
+                return text(StatusCode::FORBIDDEN, "only from loopback\n");
+            }
+            let command = if path == "/quitquitquit" { Command::Quit } else { Command::DrainListeners };
+            info!(%peer, path, "admin request");
+            match ctx.commands.try_send(command) {
+                // A full queue already holds a pending command; it covers this one.
+                Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => text(StatusCode::OK, "OK\n"),
+                Err(mpsc::error::TrySendError::Closed(_)) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "unknown path\n"),
+    }
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+    }
+}
+
+fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+/// Splits and percent-decodes a query string (`+` is a space, as in forms).
+fn parse_query(query: &str) -> Result<Vec<(String, String)>, &'static str> {
+    fn decode(s: &str) -> Result<String, &'static str> {
+        let mut out = Vec::with_capacity(s.len());
+        let mut bytes = s.bytes();
+        while let Some(b) = bytes.next() {
+            match b {
+                b'+' => out.push(b' '),
+                b'%' => {
+                    let hex = [bytes.next().ok_or("truncated %-escape")?, bytes.next().ok_or("truncated %-escape")?];
+                    let hex = std::str::from_utf8(&hex).map_err(|_| "bad %-escape")?;
+                    out.push(u8::from_str_radix(hex, 16).map_err(|_| "bad %-escape")?);
+                }
+                b => out.push(b),
+            }
+        }
+        String::from_utf8(out).map_err(|_| "not UTF-8")
+    }
+    query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            Ok((decode(k)?, decode(v)?))
+        })
+        .collect()
+}
+
+async fn stats(ctx: &Arc<Ctx>, format: &str, filter: Option<String>) -> Response<Body> {
+    // Reading the BPF maps costs syscalls: keep it off the async workers.
+    let ingress = Arc::clone(&ctx.ingress);
+    let Ok(families) = tokio::task::spawn_blocking(move || ingress.metrics.gather(&scrape(&ingress))).await else {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "collecting metrics failed\n");
+    };
+    match format {
+        "prometheus" => match metrics::render_prometheus(&families) {
+            Ok(body) => respond(StatusCode::OK, metrics::PROMETHEUS_CONTENT_TYPE, body),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")),
+        },
+        "json" => json_response(&metrics::render_envoy_stats_json(&families, filter.as_deref())),
+        _ => text(StatusCode::OK, metrics::render_envoy_stats(&families, filter.as_deref())),
+    }
+}
+
+/// Everything a scrape needs from outside the metrics module.
+#[must_use]
+pub fn scrape(ingress: &Ingress) -> Scrape {
+    let snap = ingress.snapshot();
+    let m = &ingress.metrics;
+    let all = m.all_clusters();
+    let (clusters, flows_by_mode, bytes_by_mode) = ingress.flows.live_totals(&|c| ingress.kernel_counters(c), |t| {
+        let clusters: Vec<ClusterSample> = all
+            .iter()
+            .map(|st| {
+                let (c2b, b2c) = t.by_cluster.get(&st.name).copied().unwrap_or_default();
+                ClusterSample {
+                    stats: Arc::clone(st),
+                    client_to_backend: st.closed_client_to_backend.load(std::sync::atomic::Ordering::Relaxed) + c2b,
+                    backend_to_client: st.closed_backend_to_client.load(std::sync::atomic::Ordering::Relaxed) + b2c,
+                }
+            })
+            .collect();
+        let (k, u) = (m.closed_bytes(Path::Kernel), m.closed_bytes(Path::Userspace));
+        let bytes = [(k.0 + t.by_mode[0].0, k.1 + t.by_mode[0].1), (u.0 + t.by_mode[1].0, u.1 + t.by_mode[1].1)];
+        (clusters, t.flows_by_mode, bytes)
+    });
+    let status = ingress.config_status.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let kernel = ingress.kernel.as_ref().map(|k| {
+        let st = k.stats();
+        let v = k.verdict_counters();
+        let at = |slot: u32| v.get(slot as usize).copied().unwrap_or(0);
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        KernelSample {
+            active: k.active(),
+            in_flight_bytes: load(&st.in_flight_bytes),
+            memory_guard_aborts: load(&st.memory_guard_aborts),
+            peer_missing_aborts: load(&st.peer_missing_aborts),
+            drain_stalls: load(&st.drain_stalls),
+            verdicts: vec![
+                ("redirected", at(abi::STAT_REDIRECTED)),
+                ("peer_missing", at(abi::STAT_PEER_MISSING)),
+                ("no_pair", at(abi::STAT_NO_PAIR)),
+                ("empty", at(abi::STAT_EMPTY)),
+            ],
+            maps: k
+                .map_fds()
+                .into_iter()
+                .map(|(name, fd)| {
+                    let max_entries = mapstat::max_entries(fd.as_fd()).unwrap_or(abi::MAX_SOCKETS);
+                    let entries = mapstat::count_u64_keys(fd.as_fd(), u64::from(max_entries)).unwrap_or(0);
+                    MapSample { name, entries, max_entries }
+                })
+                .collect(),
+        }
+    });
+    Scrape {
+        listener_address: ingress.listener_addr().map(metrics::listener_label).unwrap_or_default(),
+        listener_bound: ingress.listener_bound(),
+        open_connections: ingress.open_connections(),
+        clusters,
+        flows_by_mode,
+        bytes_by_mode,
+        max_cluster_connections: ingress.options.max_cluster_connections,
+        uptime: ingress.uptime(),
+        memory: Memory::read(),
+        concurrency: std::thread::available_parallelism().map_or(1, usize::from),
+        draining: ingress.terminating(),
+        ready: ingress.readiness() == Readiness::Ready,
+        config_ok: status.ok,
+        last_reload_unix: status.last_attempt_unix,
+        routes: snap.table.len(),
+        subset_routes: snap.table.cached_subsets(),
+        kernel,
+    }
+}
+
+fn duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// `/config_dump`: the effective state.
+fn config_dump(ctx: &Ctx) -> serde_json::Value {
+    let ingress = &ctx.ingress;
+    let snap = ingress.snapshot();
+    let opts = &ingress.options;
+    let zone_ingress = snap.zone_ingress.as_ref().map(|zi| {
+        let mut networking = json!({
+            "address": zi.address.to_string(),
+            "port": zi.port,
+            "admin": { "port": zi.admin_port },
+        });
+        if let Some((address, port)) = zi.advertised() {
+            networking["advertisedAddress"] = json!(address);
+            networking["advertisedPort"] = json!(port);
+        }
+        json!({
+            "type": "ZoneIngress",
+            "name": zi.name,
+            "networking": networking,
+            "availableServices": snap.available_services,
+        })
+    });
+    let routes: Vec<serde_json::Value> = snap
+        .table
+        .entries()
+        .map(|r| {
+            json!({
+                "sni": r.sni,
+                "kind": r.kind,
+                "mesh": r.mesh,
+                "service": r.service,
+                "tags": r.tags,
+                "cluster": r.cluster.name,
+                "endpoints": r.endpoints.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let mut clusters: Vec<serde_json::Value> = snap
+        .clusters
+        .values()
+        .map(|c| {
+            json!({
+                "name": c.name,
+                "statName": c.stat_name,
+                "healthy": c.membership_healthy.load(std::sync::atomic::Ordering::Relaxed),
+                "total": c.membership_total.load(std::sync::atomic::Ordering::Relaxed),
+                "activeConnections": c.active(),
+            })
+        })
+        .collect();
+    clusters.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    let status = ingress.config_status.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let readiness = match ingress.readiness() {
+        Readiness::Ready => "READY",
+        Readiness::NotReady(_) => "NOT_READY",
+        Readiness::Terminating => "TERMINATING",
+    };
+    let l = &opts.limits;
+    json!({
+        "version": snap.version,
+        "loadedAtUnix": snap.loaded_at.duration_since(std::time::SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+        "zone": opts.zone,
+        "zoneIngress": zone_ingress,
+        "dataplanes": snap.dataplanes,
+        "readiness": readiness,
+        "listener": {
+            "address": ingress.listener_addr().map(|a| a.to_string()),
+            "bound": ingress.listener_bound(),
+            "drained": ingress.listener_drained(),
+            "sockets": ctx.info.listeners,
+        },
+        "admin": { "address": ctx.addr.to_string() },
+        "routes": routes,
+        "subsetRoutesCached": snap.table.cached_subsets(),
+        "clusters": clusters,
+        "splice": {
+            "requested": opts.splice,
+            "mode": if ingress.kernel.is_some() { "kernel" } else { "userspace" },
+            "limits": {
+                "idleTimeout": duration(l.idle_timeout),
+                "maxInFlightBytes": l.max_in_flight,
+                "inFlightGrace": duration(l.in_flight_grace),
+                "maxSpliced": l.max_spliced,
+                "drainStall": duration(l.drain_stall),
+                "keepalive": duration(l.keepalive),
+                "userspaceBufferBytes": l.userspace_buffer,
+            },
+        },
+        "connections": {
+            "clientHelloTimeout": duration(opts.client_hello_timeout),
+            "connectTimeout": duration(opts.connect_timeout),
+            "connectAttempts": opts.connect_attempts,
+            "maxConnectionsPerCluster": opts.max_cluster_connections,
+            "maxClientHelloBytes": opts.max_client_hello,
+            "plaintextRoute": opts.plaintext_route,
+            "drainTime": duration(ctx.info.drain_time),
+        },
+        "config": {
+            "dataplaneFile": ctx.info.dataplane_file.display().to_string(),
+            "dataplanes": ctx.info.dataplanes.display().to_string(),
+            "lastReload": status,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_decoding() {
+        let p = parse_query("filter=cluster.default_backend&format=json&x").expect("query");
+        assert_eq!(param(&p, "filter"), Some("cluster.default_backend"));
+        assert_eq!(param(&p, "x"), Some(""));
+        let p = parse_query("filter=a%2Fb+c").expect("query");
+        assert_eq!(param(&p, "filter"), Some("a/b c"));
+        assert!(parse_query("filter=%zz").is_err());
+        assert!(parse_query("filter=%4").is_err());
+        assert!(parse_query("filter=%ff").is_err(), "not UTF-8");
+    }
+
+    #[test]
+    fn loopback_peers() {
+        assert!(is_loopback("127.0.0.1".parse().expect("ip")));
+        assert!(is_loopback("::1".parse().expect("ip")));
+        assert!(is_loopback("::ffff:127.0.0.1".parse().expect("ip")));
+        assert!(!is_loopback("198.18.0.1".parse().expect("ip")));
+    }
+}

@@ -1,0 +1,286 @@
+//! Hot reload of the two inputs: the ZoneIngress file and the Dataplane inventory.
+//!
+//! Both are watched (inotify, through `notify`, on their directories so that editors' and
+//! Kubernetes' rename-into-place updates are seen) and re-read on SIGHUP. A reload runs the
+//! same loading and validation as startup ([`crate::cli::load_inputs`]):
+//!
+//! - invalid: every problem is logged as at startup, the running configuration stays, and the
+//!   failure shows in `zone_ingress_config_reloads_total{result="failure"}`,
+//!   `envoy_control_plane_connected_state` (0 until a valid load) and `/config_dump`;
+//! - valid: a new [`Snapshot`] is built and installed in one atomic swap. New connections route
+//!   with it at once; established flows keep running whatever happened to their route or
+//!   endpoint (both sockets belong to them, nothing in the table refers back to them). A changed
+//!   listener address is bound first (a failure rejects the whole reload) and then replaces the
+//!   old listening sockets, which closes only those.
+
+use std::{
+    collections::BTreeMap,
+    ffi::OsString,
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, PoisonError, atomic::Ordering},
+    time::SystemTime,
+};
+
+use notify::{
+    EventKind, RecursiveMode, Watcher as _,
+    event::{AccessKind, AccessMode},
+};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::{
+    cli::{InputArgs, load_inputs},
+    config::Diagnostic,
+    routing::RouteTable,
+    server::{self, Ingress, Snapshot},
+};
+
+/// Outcome of the last configuration load, for `/config_dump` and the metrics.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigStatus {
+    /// The last load was applied (or found nothing to change).
+    pub ok: bool,
+    /// Unix time of the last load attempt and of the last applied one, seconds.
+    pub last_attempt_unix: f64,
+    pub last_success_unix: f64,
+    /// What triggered the last attempt (`startup`, `file change`, `SIGHUP`).
+    pub trigger: String,
+    /// Problems of the last failed attempt, as logged (empty after a success).
+    pub errors: Vec<String>,
+    /// Warnings of the last attempt.
+    pub warnings: Vec<String>,
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl ConfigStatus {
+    /// The status right after the startup load.
+    #[must_use]
+    pub fn loaded() -> Self {
+        let now = unix(SystemTime::now());
+        Self { ok: true, last_attempt_unix: now, last_success_unix: now, trigger: "startup".into(), errors: Vec::new(), warnings: Vec::new() }
+    }
+}
+
+/// Why a reload was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The files do not pass validation.
+    #[error("{} configuration problem(s)", .0.len())]
+    Invalid(Vec<Diagnostic>),
+    /// The new listener address could not be bound.
+    #[error("binding the new listener {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What an applied reload changed.
+#[derive(Debug, Clone, Copy)]
+pub struct Applied {
+    /// Version of the installed snapshot; `None` when nothing changed.
+    pub version: Option<u64>,
+    /// The admin address the new ZoneIngress asks for.
+    pub admin_port: u16,
+}
+
+/// Loads the inputs again and applies them to a running ingress.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    /// The inputs, as given on the command line.
+    pub args: InputArgs,
+    /// Listener sockets per bind (`--listeners`).
+    pub listeners: usize,
+}
+
+impl Reloader {
+    /// Re-reads both inputs and applies them (module docs). `trigger` is logged.
+    ///
+    /// # Errors
+    /// The inputs are invalid or the new listener cannot be bound; the running configuration
+    /// is unchanged and the failure is recorded.
+    pub fn reload(&self, ingress: &Arc<Ingress>, trigger: &str) -> Result<Applied, ReloadError> {
+        match self.try_reload(ingress, trigger) {
+            Ok(applied) => Ok(applied),
+            Err(e) => {
+                let mut errors: Vec<String> = Vec::new();
+                match &e {
+                    ReloadError::Invalid(problems) => {
+                        for p in problems {
+                            error!("{p}");
+                            errors.push(p.to_string());
+                        }
+                    }
+                    ReloadError::Bind { .. } => {
+                        error!("{e}");
+                        errors.push(e.to_string());
+                    }
+                }
+                error!(trigger, "{e}; configuration rejected, the running configuration stays");
+                let m = &ingress.metrics;
+                m.reload_failure.fetch_add(1, Ordering::Relaxed);
+                m.count_update(false);
+                let mut status = ingress.config_status.lock().unwrap_or_else(PoisonError::into_inner);
+                status.ok = false;
+                status.last_attempt_unix = unix(SystemTime::now());
+                status.trigger = trigger.to_owned();
+                status.errors = errors;
+                Err(e)
+            }
+        }
+    }
+
+    fn try_reload(&self, ingress: &Arc<Ingress>, trigger: &str) -> Result<Applied, ReloadError> {
+        let inputs = load_inputs(&self.args).map_err(ReloadError::Invalid)?;
+        for w in &inputs.warnings {
+            warn!("{w}");
+        }
+        let zi = inputs.zone_ingress;
+        let admin_port = zi.admin_port;
+        let current = ingress.snapshot();
+        let unchanged = current.zone_ingress.as_ref() == Some(&zi) && *current.inventory == inputs.inventory;
+        let new_addr = zi.listen_addr();
+        let rebind = !unchanged && ingress.listener_addr() != Some(new_addr) && !ingress.listener_drained();
+        // Bind before anything changes: a failure leaves everything as it was.
+        let listeners = if rebind {
+            Some(server::bind(new_addr, self.listeners).map_err(|source| ReloadError::Bind { addr: new_addr, source })?)
+        } else {
+            None
+        };
+        let version = if unchanged {
+            info!(trigger, version = current.version, "configuration unchanged");
+            None
+        } else {
+            let table = RouteTable::build(&inputs.inventory, &self.args.zone);
+            if let Some(sni) = &ingress.options.plaintext_route
+                && table.lookup(sni).is_err()
+            {
+                warn!(sni, "--plaintext-route no longer matches any route: plaintext connections will be rejected");
+            }
+            let snapshot = Snapshot {
+                version: 0,
+                clusters: ingress.metrics.clusters_for(&table),
+                available_services: table.available_services(&inputs.inventory),
+                dataplanes: inputs.inventory.dataplanes.len(),
+                inventory: Arc::new(inputs.inventory),
+                zone_ingress: Some(zi),
+                loaded_at: SystemTime::now(),
+                table: Arc::new(table),
+            };
+            let routes = snapshot.table.len();
+            let dataplanes = snapshot.dataplanes;
+            let version = ingress.install(snapshot);
+            info!(trigger, version, routes, dataplanes, "configuration reloaded");
+            Some(version)
+        };
+        if let Some(listeners) = listeners {
+            let old = ingress.listener_addr();
+            ingress.start_listeners(listeners);
+            ingress.metrics.listener_rebinds.fetch_add(1, Ordering::Relaxed);
+            info!(old = ?old, new = %new_addr, "listener rebound; established flows keep running");
+        } else if ingress.listener_drained() {
+            ingress.set_listener_addr(new_addr);
+        }
+        let m = &ingress.metrics;
+        m.reload_success.fetch_add(1, Ordering::Relaxed);
+        m.count_update(true);
+        let mut status = ingress.config_status.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = unix(SystemTime::now());
+        *status = ConfigStatus {
+            ok: true,
+            last_attempt_unix: now,
+            last_success_unix: now,
+            trigger: trigger.to_owned(),
+            errors: Vec::new(),
+            warnings: inputs.warnings.iter().map(ToString::to_string).collect(),
+        };
+        Ok(Applied { version, admin_port })
+    }
+}
+
+/// Watches the inputs; each relevant change sends `()` on `tx` (a full channel means a reload
+/// is already pending, which covers this change too). Dropping the watcher stops it.
+///
+/// # Errors
+/// The watch could not be set up (inotify limits, a vanished directory).
+pub fn watch(args: &InputArgs, tx: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
+    // Directory → file names of interest in it (`None`: every YAML file, for an inventory dir).
+    let mut dirs: BTreeMap<PathBuf, Option<Vec<OsString>>> = BTreeMap::new();
+    let mut add_file = |path: &Path| {
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        if let (Some(dir), Some(name)) = (abs.parent(), abs.file_name()) {
+            let e = dirs.entry(dir.to_path_buf()).or_insert_with(|| Some(Vec::new()));
+            if let Some(names) = e {
+                names.push(name.to_owned());
+            }
+        }
+    };
+    add_file(&args.dataplane_file);
+    if args.dataplanes.is_dir() {
+        let abs = std::path::absolute(&args.dataplanes).unwrap_or_else(|_| args.dataplanes.clone());
+        dirs.insert(abs, None);
+    } else {
+        add_file(&args.dataplanes);
+    }
+    let filter = dirs.clone();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(event) = res else { return };
+        // Reads (our own reloads among them) must not trigger reloads.
+        let relevant_kind = matches!(
+            event.kind,
+            EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Access(AccessKind::Close(AccessMode::Write))
+        );
+        if relevant_kind && event.paths.iter().any(|p| concerns(&filter, p)) {
+            let _ = tx.try_send(());
+        }
+    })?;
+    for dir in dirs.keys() {
+        watcher.watch(dir, RecursiveMode::NonRecursive)?;
+        info!(dir = %dir.display(), "watching for configuration changes");
+    }
+    Ok(watcher)
+}
+
+/// An event on `path` concerns the inputs: one of the watched files, a YAML file of a watched
+/// inventory directory, or a Kubernetes-style `..data` symlink swap in either.
+fn concerns(dirs: &BTreeMap<PathBuf, Option<Vec<OsString>>>, path: &Path) -> bool {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return false };
+    let Some(names) = dirs.get(dir) else { return false };
+    if name.to_string_lossy().starts_with("..") {
+        return true;
+    }
+    match names {
+        Some(names) => names.iter().any(|n| n == name),
+        None => {
+            let n = name.to_string_lossy();
+            !n.starts_with('.') && (n.ends_with(".yaml") || n.ends_with(".yml"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_input_files_concern_a_reload() {
+        let mut dirs = BTreeMap::new();
+        dirs.insert(PathBuf::from("/etc/zi"), Some(vec![OsString::from("zoneingress.yaml")]));
+        dirs.insert(PathBuf::from("/etc/zi/dps"), None);
+        assert!(concerns(&dirs, Path::new("/etc/zi/zoneingress.yaml")));
+        assert!(concerns(&dirs, Path::new("/etc/zi/..data")));
+        assert!(!concerns(&dirs, Path::new("/etc/zi/other.yaml")));
+        assert!(concerns(&dirs, Path::new("/etc/zi/dps/backend.yml")));
+        assert!(!concerns(&dirs, Path::new("/etc/zi/dps/.backend.yaml.swp")));
+        assert!(!concerns(&dirs, Path::new("/etc/zi/dps/readme.txt")));
+        assert!(!concerns(&dirs, Path::new("/tmp/zoneingress.yaml")));
+    }
+}
