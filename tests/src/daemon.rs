@@ -40,6 +40,11 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        // ZI_KEEP_SCRATCH=1 keeps configs and daemon logs for a failing test's post-mortem.
+        if std::env::var_os("ZI_KEEP_SCRATCH").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -183,6 +183,8 @@ struct Spliced {
     over_cap_since: Option<Instant>,
     on_close: Option<OnClose>,
     bytes: [u64; 2],
+    /// The side whose FIN arrived first (the access log's close reason).
+    first_fin: Option<usize>,
     /// Direction i is paused (side i removed from `VERDICT`).
     paused: [bool; 2],
     /// Direction i is being finished by the userspace tail copy.
@@ -406,6 +408,7 @@ impl KernelSplice {
             over_cap_since: None,
             on_close: Some(on_close),
             bytes: [0; 2],
+            first_fin: None,
             paused: [false; 2],
             tail: [None, None],
             tail_bytes: [0; 2],
@@ -538,6 +541,7 @@ impl Shared {
         }
         if events & libc::EPOLLRDHUP as u32 != 0 && !conn.fin[side] {
             conn.fin[side] = true;
+            conn.first_fin.get_or_insert(side);
             conn.drain_progress[side] = (Instant::now(), 0);
             state.draining.insert(token);
             self.drain(state, token);
@@ -632,7 +636,7 @@ impl Shared {
             state.draining.remove(&token);
         }
         if conn.shut == [true, true] {
-            let reason = if conn.fin[CLIENT] { CloseReason::ClientFin } else { CloseReason::BackendFin };
+            let reason = if conn.first_fin == Some(BACKEND) { CloseReason::BackendFin } else { CloseReason::ClientFin };
             self.finish(state, token, reason);
         }
     }

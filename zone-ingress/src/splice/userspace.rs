@@ -17,7 +17,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
         TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        tcp::{ReadHalf, WriteHalf},
     },
 };
 
@@ -42,8 +42,8 @@ enum PumpError {
 
 /// Copies until EOF, then shuts the writer down (FIN), so each direction half-closes alone.
 async fn pump(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
+    mut from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
     counter: &AtomicU64,
     progress: &Progress,
     buffer: usize,
@@ -68,8 +68,11 @@ pub async fn relay(client: TcpStream, backend: TcpStream, limits: &Limits, progr
     let _ = backend.set_nodelay(true);
     let fds = [client.as_raw_fd(), backend.as_raw_fd()];
     progress.last_active_ns.store(sys::monotonic_ns(), Ordering::Relaxed);
-    let (cr, cw) = client.into_split();
-    let (br, bw) = backend.into_split();
+    // Borrowed halves: unlike `into_split`'s owned write half, dropping them does not send a
+    // FIN, so a reset can be propagated as a reset (the peer must not see a clean EOF first).
+    let (mut client, mut backend) = (client, backend);
+    let (cr, cw) = client.split();
+    let (br, bw) = backend.split();
     let buffer = limits.userspace_buffer;
     let mut c2b = pin!(pump(cr, bw, &progress.client_to_backend, &progress, buffer));
     let mut b2c = pin!(pump(br, cw, &progress.backend_to_client, &progress, buffer));
