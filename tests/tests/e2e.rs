@@ -87,3 +87,34 @@ fn userspace_v4_64mib_each_way() {
 fn kernel_v6_64mib_each_way() {
     e2e("kernel", true);
 }
+
+/// `zone-ingress validate` and `run` with broken inputs: every problem of both files reported
+/// at once (file, line:column, field path), exit code 64, nothing started.
+#[test]
+fn bad_config_reports_every_problem_and_starts_nothing() {
+    use zone_ingress_tests::daemon::{Scratch, binary};
+    let scratch = Scratch::new("badcfg");
+    let zi = scratch.write(
+        "zi.yaml",
+        "type: ZoneIngress\nname: zi\nnetworking:\n  address: 0.0.0.0\n  port: 70000\n  advertisedAddress: 198.18.100.1\n",
+    );
+    let dps = scratch.write(
+        "dps.yaml",
+        "type: Dataplane\nmesh: default\nname: a\nnetworking:\n  address: 198.18.1.2\n  inbound:\n  - port: 0\n    tags:\n      version: v1\n",
+    );
+    for cmd in ["validate", "run"] {
+        let out = std::process::Command::new(binary())
+            .args([cmd, "--dataplane-file"])
+            .arg(&zi)
+            .arg("--dataplanes")
+            .arg(&dps)
+            .output()
+            .expect("run the daemon binary");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(64), "{cmd}: exit code 64 expected:\n{text}");
+        for needle in ["zi.yaml:4:", "networking.address", "zi.yaml:5:", "networking.port", "advertisedPort", "dps.yaml:7:", "inbound[0].port", "kuma.io/service"] {
+            assert!(text.contains(needle), "{cmd}: {needle:?} missing from the report:\n{text}");
+        }
+        assert!(!text.contains("ready"), "{cmd}: nothing may start:\n{text}");
+    }
+}
