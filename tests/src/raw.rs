@@ -390,6 +390,11 @@ pub fn sockstat(ns: &Netns) -> String {
     ns.command("cat").arg("/proc/net/sockstat").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
 }
 
+/// `ss -tanmi` in `ns` (TCP sockets with their states, queues and memory), for failure reports.
+pub fn ss(ns: &Netns) -> String {
+    ns.command("ss").arg("-tanmi").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
+
 pub fn mib(b: u64) -> f64 {
     b as f64 / f64::from(1 << 20)
 }
