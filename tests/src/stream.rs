@@ -43,18 +43,36 @@ const CHUNK: usize = 64 << 10;
 pub const UP_SEED: u64 = 0x5550_0000_0000_0001;
 pub const DOWN_SEED: u64 = 0x444f_574e_0000_0001;
 
+/// The first `n` bytes of `Gen::new(seed)`, one chunk at a time.
+struct Chunks {
+    g: Gen,
+    buf: Vec<u8>,
+    left: u64,
+}
+
+impl Chunks {
+    fn new(seed: u64, n: u64) -> Self {
+        Self { g: Gen::new(seed), buf: vec![0u8; CHUNK], left: n }
+    }
+
+    fn next_chunk(&mut self) -> Option<&[u8]> {
+        if self.left == 0 {
+            return None;
+        }
+        let k = usize::try_from(self.left.min(CHUNK as u64)).expect("chunk");
+        self.g.fill(&mut self.buf[..k]);
+        self.left -= k as u64;
+        Some(&self.buf[..k])
+    }
+}
+
 /// Writes `n` bytes of `Gen::new(seed)`, returning their SHA-256.
 pub async fn send_stream<W: AsyncWrite + Unpin>(w: &mut W, seed: u64, n: u64) -> std::io::Result<[u8; 32]> {
-    let mut g = Gen::new(seed);
+    let mut chunks = Chunks::new(seed, n);
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut left = n;
-    while left > 0 {
-        let k = usize::try_from(left.min(CHUNK as u64)).expect("chunk");
-        g.fill(&mut buf[..k]);
-        h.update(&buf[..k]);
-        w.write_all(&buf[..k]).await?;
-        left -= k as u64;
+    while let Some(c) = chunks.next_chunk() {
+        h.update(c);
+        w.write_all(c).await?;
     }
     w.flush().await?;
     Ok(h.finalize().into())
@@ -79,15 +97,10 @@ pub async fn recv_stream<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> std::io::Re
 
 /// SHA-256 of `n` bytes of `Gen::new(seed)`.
 pub fn expected(seed: u64, n: u64) -> [u8; 32] {
-    let mut g = Gen::new(seed);
+    let mut chunks = Chunks::new(seed, n);
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut left = n;
-    while left > 0 {
-        let k = usize::try_from(left.min(CHUNK as u64)).expect("chunk");
-        g.fill(&mut buf[..k]);
-        h.update(&buf[..k]);
-        left -= k as u64;
+    while let Some(c) = chunks.next_chunk() {
+        h.update(c);
     }
     h.finalize().into()
 }
