@@ -56,6 +56,10 @@ pub struct Options {
     /// Only these systems (comma-separated names).
     #[arg(long, value_delimiter = ',')]
     pub systems: Vec<String>,
+    /// Instead: the XDP guard's drop rate against nftables, and its cost on passing traffic
+    /// (`bench_xdp.rs`).
+    #[arg(long)]
+    pub xdp: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -526,6 +530,9 @@ fn median(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
 }
 
 pub fn bench(opts: &Options) -> anyhow::Result<()> {
+    if opts.xdp {
+        return crate::bench_xdp::bench(opts);
+    }
     let mut pkgs = crate::setup::Options::default();
     pkgs.packages = BENCH_PACKAGES.iter().map(|s| (*s).to_owned()).collect();
     crate::setup::setup(&pkgs)?;
@@ -637,10 +644,10 @@ fn handoff_histogram(system: System, _pids: &[u32]) -> Option<Value> {
     let mut sum = None;
     let mut count = None;
     for l in body.lines() {
-        if l.starts_with("zone_ingress_handoff_latency_seconds_sum") {
+        if l.starts_with("zone_ingress_handoff_duration_seconds_sum") {
             sum = l.split_whitespace().last().and_then(|v| v.parse::<f64>().ok());
         }
-        if l.starts_with("zone_ingress_handoff_latency_seconds_count") {
+        if l.starts_with("zone_ingress_handoff_duration_seconds_count") {
             count = l.split_whitespace().last().and_then(|v| v.parse::<f64>().ok());
         }
     }
