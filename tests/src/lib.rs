@@ -8,6 +8,7 @@
 //! - dataplane k 198.18.k.2/24   2001:2:0:k::2/64
 
 pub mod daemon;
+pub mod guard;
 pub mod netns;
 pub mod ops;
 pub mod pki;

@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the project's tasks.
 
 mod bench;
+mod bench_xdp;
 mod build_ebpf;
 mod demo;
 mod setup;

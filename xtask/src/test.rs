@@ -44,7 +44,7 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
     let s = status(
         Command::new("cargo")
             .current_dir(&root)
-            .args(["test", "--release", "-p", "zone-ingress-tests", "--"])
+            .args(["test", "--release", "--no-fail-fast", "-p", "zone-ingress-tests", "--"])
             .args(&filter)
             .args(["--test-threads=1"])
             .env(ENV_ZONE_INGRESS_BIN, &bin)

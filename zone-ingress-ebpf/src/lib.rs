@@ -72,3 +72,172 @@ pub mod splice {
     // SAFETY: `Pair` is `repr(C)`, `Copy`, five `u64`s: no padding, every bit pattern valid.
     unsafe impl aya::Pod for Pair {}
 }
+
+/// The XDP guard in front of the listener: one XDP program, its configuration, two LPM tries
+/// of source CIDRs, the per-source SYN token buckets and the per-reason counters.
+///
+/// Only packets *for the listener* are judged: TCP to the listener's address and port. All
+/// other traffic passes untouched and uncounted. Addresses are kept as the raw network-order
+/// bytes of the packet, read as native `u32` words (so both sides compare and mask words without
+/// byte swapping; userspace builds them with `u32::from_ne_bytes` of the octets).
+pub mod prefilter {
+    /// The XDP program.
+    pub const PROG: &str = "prefilter";
+    /// `Array` of one [`Config`].
+    pub const CONFIG: &str = "XDP_CONFIG";
+    /// LPM trie of IPv4 source CIDRs (key: prefix length + 4 address bytes) → `ACTION_*`.
+    pub const CIDR_V4: &str = "XDP_CIDR_V4";
+    /// LPM trie of IPv6 source CIDRs (key: prefix length + 16 address bytes) → `ACTION_*`.
+    pub const CIDR_V6: &str = "XDP_CIDR_V6";
+    /// LRU per-CPU hash of [`SourceKey`] → [`Bucket`]: the SYN token buckets.
+    pub const SYN_BUCKETS: &str = "XDP_SYN_BUCKETS";
+    /// Per-CPU array of counters, indexed by the `STAT_*` constants.
+    pub const STATS: &str = "XDP_STATS";
+
+    /// Capacity of each CIDR trie (allocated per entry: the kernel requires
+    /// `BPF_F_NO_PREALLOC`, so an unused capacity costs nothing).
+    pub const MAX_CIDRS: u32 = 1 << 16;
+    /// Default capacity of `SYN_BUCKETS` (userspace may resize it before loading).
+    pub const DEFAULT_TRACKED_SOURCES: u32 = 1 << 16;
+    /// IPv6 extension headers walked before a packet to the listener address is called
+    /// malformed (legitimate TCP carries none or one or two).
+    pub const MAX_EXT_HEADERS: u32 = 6;
+    /// Token-bucket fixed point: one token (one SYN) is this many units, so a bucket refills
+    /// by `elapsed_ns × rate` units without a division.
+    pub const UNITS_PER_TOKEN: u64 = 1_000_000_000;
+    /// Largest accepted `syn_rate` (SYNs per second per source and CPU).
+    pub const MAX_SYN_RATE: u64 = 10_000_000;
+    /// Largest accepted `syn_burst`: keeps `burst × UNITS_PER_TOKEN` and every refill far
+    /// from overflowing a `u64`.
+    pub const MAX_SYN_BURST: u64 = 1_000_000;
+
+    /// Layout version of [`Config`]; the program ignores a configuration of another version
+    /// (and then passes everything, counting `STAT_NO_CONFIG`).
+    pub const CONFIG_VERSION: u32 = 1;
+
+    /// `Config::flags`: the listener is IPv4 (`addr_v4` is its address).
+    pub const FLAG_LISTENER_V4: u32 = 1 << 0;
+    /// `Config::flags`: the listener is IPv6 (`addr_v6` is its address).
+    pub const FLAG_LISTENER_V6: u32 = 1 << 1;
+    /// `Config::flags`: the allow list is not empty, so a source that matches no entry (or
+    /// only a shorter deny) is dropped.
+    pub const FLAG_DEFAULT_DENY: u32 = 1 << 2;
+    /// `Config::flags`: the SYN rate limit is on.
+    pub const FLAG_SYN_LIMIT: u32 = 1 << 3;
+
+    /// CIDR trie value: sources in this prefix are allowed (longest prefix wins).
+    pub const ACTION_ALLOW: u32 = 1;
+    /// CIDR trie value: sources in this prefix are dropped (longest prefix wins).
+    pub const ACTION_DENY: u32 = 2;
+
+    /// `SourceKey::family` values.
+    pub const FAMILY_V4: u32 = 4;
+    pub const FAMILY_V6: u32 = 6;
+
+    /// Packets for the listener that passed every check.
+    pub const STAT_PASSED: u32 = 0;
+    /// Dropped: the source matched a deny prefix.
+    pub const STAT_DENIED: u32 = 1;
+    /// Dropped: the allow list is not empty and the source is not in it.
+    pub const STAT_NOT_ALLOWED: u32 = 2;
+    /// Dropped: a SYN over its source's token bucket.
+    pub const STAT_SYN_RATE: u32 = 3;
+    /// Dropped: a first IP fragment for the listener (or one too short to show the port).
+    pub const STAT_FRAGMENT: u32 = 4;
+    /// Dropped: a malformed IP or TCP header (bad lengths, truncated, too many IPv6
+    /// extension headers).
+    pub const STAT_MALFORMED: u32 = 5;
+    /// Dropped: an impossible TCP flag combination.
+    pub const STAT_BAD_FLAGS: u32 = 6;
+    /// Dropped: TCP urgent data (URG), which sockmap splicing mishandles.
+    pub const STAT_URGENT: u32 = 7;
+    /// Passed unlimited: a new source's token bucket could not be stored (full LRU map under
+    /// memory pressure). The guard fails open.
+    pub const STAT_SYN_UNTRACKED: u32 = 8;
+    /// Passed unchecked: no valid configuration in `CONFIG` (should never count).
+    pub const STAT_NO_CONFIG: u32 = 9;
+    /// Number of `STAT_*` slots.
+    pub const STAT_COUNT: u32 = 10;
+
+    /// The `reason` label of each `STAT_*` slot, in slot order.
+    pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
+        "passed",
+        "denied",
+        "not_allowed",
+        "syn_rate_limited",
+        "fragment",
+        "malformed",
+        "bad_flags",
+        "urgent",
+        "syn_untracked",
+        "no_config",
+    ];
+
+    /// What the guard enforces; written by userspace into `CONFIG[0]`, read once per packet.
+    ///
+    /// Addresses and masks are raw network-order bytes read as native words (see the module
+    /// docs). A reload rewrites the whole entry; a packet racing the write may see a mix of
+    /// old and new fields, which is harmless: every field is valid on its own and the token
+    /// arithmetic cannot overflow whatever `syn_rate` and `syn_burst` it reads.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Config {
+        /// [`CONFIG_VERSION`].
+        pub version: u32,
+        /// `FLAG_*` bits.
+        pub flags: u32,
+        /// Listener TCP port, host byte order.
+        pub port: u32,
+        /// Listener IPv4 address (raw), with `FLAG_LISTENER_V4`.
+        pub addr_v4: u32,
+        /// Listener IPv6 address (raw), with `FLAG_LISTENER_V6`.
+        pub addr_v6: [u32; 4],
+        /// Mask applied to an IPv4 source before its SYN bucket lookup (e.g. /32).
+        pub syn_mask_v4: u32,
+        /// Mask applied to an IPv6 source before its SYN bucket lookup (e.g. /64).
+        pub syn_mask_v6: [u32; 4],
+        /// Explicit padding (zero) so that the `u64`s below are aligned.
+        pub _pad: u32,
+        /// SYNs per second a source prefix may open, per CPU (1..=[`MAX_SYN_RATE`]).
+        pub syn_rate: u64,
+        /// Bucket depth in SYNs (1..=[`MAX_SYN_BURST`]).
+        pub syn_burst: u64,
+    }
+
+    /// Key of `SYN_BUCKETS`: the source address masked to the configured prefix.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct SourceKey {
+        /// [`FAMILY_V4`] or [`FAMILY_V6`].
+        pub family: u32,
+        /// Masked source address (raw); IPv4 uses the first word only.
+        pub addr: [u32; 4],
+    }
+
+    /// One source's SYN token bucket, on one CPU.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Bucket {
+        /// Tokens left, in [`UNITS_PER_TOKEN`] units.
+        pub tokens: u64,
+        /// `bpf_ktime_get_ns()` of the last refill; 0 on a CPU that never saw the source,
+        /// which refills the bucket completely.
+        pub last_ns: u64,
+    }
+
+    #[cfg(feature = "user")]
+    // SAFETY: `repr(C)`, `Copy`, only `u32`/`u64` fields laid out without implicit padding
+    // (`_pad` is explicit); every bit pattern is valid.
+    unsafe impl aya::Pod for Config {}
+    #[cfg(feature = "user")]
+    // SAFETY: `repr(C)`, five `u32`s: no padding, every bit pattern valid.
+    unsafe impl aya::Pod for SourceKey {}
+    #[cfg(feature = "user")]
+    // SAFETY: `repr(C)`, two `u64`s: no padding, every bit pattern valid.
+    unsafe impl aya::Pod for Bucket {}
+
+    // The layouts both sides rely on: a change here must change `CONFIG_VERSION`.
+    const _: () = assert!(core::mem::size_of::<Config>() == 72);
+    const _: () = assert!(core::mem::size_of::<SourceKey>() == 20);
+    const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
+}

@@ -51,7 +51,7 @@ use zone_ingress_ebpf::splice as abi;
 use crate::{
     flows,
     mapstat,
-    metrics::{self, ClusterSample, KernelSample, MapSample, Memory, Scrape},
+    metrics::{self, ClusterSample, KernelSample, MapSample, Memory, Scrape, XdpSample},
     server::{Ingress, Readiness},
     splice::Path,
 };
@@ -88,6 +88,8 @@ pub struct Info {
     pub drain_time: Duration,
     /// Listener sockets per bind.
     pub listeners: usize,
+    /// The XDP guard, when attached (its counters are read per scrape).
+    pub xdp: Option<Arc<crate::xdp::Guard>>,
 }
 
 /// A running admin server; dropping it stops accepting.
@@ -343,7 +345,14 @@ fn parse_query(query: &str) -> Result<Vec<(String, String)>, &'static str> {
 async fn stats(ctx: &Arc<Ctx>, format: &str, filter: Option<String>) -> Response<Body> {
     // Reading the BPF maps costs syscalls: keep it off the async workers.
     let ingress = Arc::clone(&ctx.ingress);
-    let Ok(families) = tokio::task::spawn_blocking(move || ingress.metrics.gather(&scrape(&ingress))).await else {
+    let xdp = ctx.info.xdp.clone();
+    let Ok(families) = tokio::task::spawn_blocking(move || {
+        let mut s = scrape(&ingress);
+        s.xdp = xdp.as_deref().map(xdp_sample);
+        ingress.metrics.gather(&s)
+    })
+    .await
+    else {
         return text(StatusCode::INTERNAL_SERVER_ERROR, "collecting metrics failed\n");
     };
     match format {
@@ -425,7 +434,16 @@ pub fn scrape(ingress: &Ingress) -> Scrape {
         routes: snap.table.len(),
         subset_routes: snap.table.cached_subsets(),
         kernel,
+        // Filled by `stats`, which holds the guard.
+        xdp: None,
     }
+}
+
+/// The XDP guard's counters and attachments for a scrape.
+#[must_use]
+pub fn xdp_sample(guard: &crate::xdp::Guard) -> XdpSample {
+    let (allow, deny) = guard.list_sizes();
+    XdpSample { packets: guard.counters().to_vec(), interfaces: guard.attachments(), allow, deny }
 }
 
 fn duration(d: Duration) -> String {

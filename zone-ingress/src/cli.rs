@@ -25,6 +25,7 @@ use crate::{
     server::{self, Ingress, Options, Snapshot},
     signal::{Event, Signals},
     splice::{Limits, SpliceMode, kernel::KernelSplice},
+    xdp::{self, XdpMode},
 };
 
 /// Exit code for invalid configuration (linkerd's convention: EX_USAGE).
@@ -101,7 +102,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1024)]
     pub max_connections_per_cluster: usize,
     /// Memory guard: bytes a kernel-spliced connection may have queued toward a slow peer.
-    #[arg(long, default_value_t = 4 << 20)]
+    #[arg(long, default_value_t = 64 << 20)]
     pub max_in_flight_bytes: u64,
     /// Memory guard: how long a connection may stay above the in-flight cap.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
@@ -120,6 +121,16 @@ pub struct RunArgs {
     /// serves state and a shutdown trigger: keep it on loopback unless something else guards it.
     #[arg(long, default_value_t = crate::admin::DEFAULT_ADMIN_ADDRESS, env = "ZONE_INGRESS_ADMIN_ADDRESS")]
     pub admin_address: std::net::IpAddr,
+    /// XDP guard in front of the listener: `auto` attaches natively where the driver can and
+    /// generically otherwise, and runs without it if neither works; `native`/`generic` insist.
+    /// Default: `auto` with `--xdp-config`, else `off`.
+    #[arg(long, value_enum, env = "ZONE_INGRESS_XDP")]
+    pub xdp: Option<XdpMode>,
+    /// The XDP guard's CIDR lists and SYN limit (YAML, see README); re-read on SIGHUP and
+    /// configuration reloads. `--xdp auto|native|generic` without it: no lists, no SYN limit,
+    /// only the early drops.
+    #[arg(long, env = "ZONE_INGRESS_XDP_CONFIG")]
+    pub xdp_config: Option<PathBuf>,
 }
 
 fn parse_var(s: &str) -> Result<(String, String), String> {
@@ -190,10 +201,16 @@ pub fn load_inputs(args: &InputArgs) -> Result<Inputs, Vec<Diagnostic>> {
 }
 
 fn report(problems: &[Diagnostic]) {
+    let mut errors = 0;
     for p in problems {
-        error!("{p}");
+        if p.is_error() {
+            errors += 1;
+            error!("{p}");
+        } else {
+            warn!("{p}");
+        }
     }
-    error!("{} configuration problem(s); nothing started", problems.len());
+    error!("{errors} configuration error(s); nothing started");
 }
 
 /// `zone-ingress validate`.
@@ -263,6 +280,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     raise_fd_limit();
     let Inputs { zone_ingress: zi, inventory, .. } = inputs;
+    let xdp_guard = match xdp::start(args.xdp, args.xdp_config.as_deref(), zi.listen_addr()) {
+        Ok(guard) => guard.map(Arc::new),
+        Err(xdp::StartError::Config(problems)) => {
+            report(&problems);
+            return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let table = RouteTable::build(&inventory, &args.inputs.zone);
     if let Some(sni) = &args.plaintext_route
         && table.lookup(sni).is_err()
@@ -307,6 +332,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             dataplanes: args.inputs.dataplanes.clone(),
             drain_time: args.drain_time,
             listeners: n,
+            xdp: xdp_guard.clone(),
         };
         let admin_addr = SocketAddr::new(args.admin_address, zi.admin_port);
         let mut admin_server = start_admin(&ingress, admin_addr, &commands_tx, &info);
@@ -346,7 +372,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     "file change"
                 },
             };
-            if let Ok(applied) = reloader.reload(&ingress, trigger) {
+            let reloaded = reloader.reload(&ingress, trigger);
+            if let Some(guard) = &xdp_guard {
+                guard.reload(ingress.listener_addr(), trigger);
+            }
+            if let Ok(applied) = reloaded {
                 let wanted = SocketAddr::new(args.admin_address, applied.admin_port);
                 if admin_server.as_ref().map(admin::AdminServer::addr) != Some(wanted) {
                     info!(admin = %wanted, "admin port changed; rebinding the admin server");

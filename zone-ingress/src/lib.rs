@@ -37,6 +37,7 @@
 //! - [`mapstat`]: BPF map occupancy for the metrics.
 //! - [`reload`]: file watching and validated, atomic configuration swaps.
 //! - [`signal`]: SIGTERM/SIGINT, SIGHUP, SIGUSR2.
+//! - [`xdp`]: the XDP guard in front of the listener (CIDR lists, SYN limit, early drops).
 pub mod admin;
 pub mod cli;
 pub mod client_hello;
@@ -51,3 +52,4 @@ pub mod signal;
 pub mod sni;
 pub mod splice;
 pub mod sys;
+pub mod xdp;

@@ -531,6 +531,17 @@ impl Metrics {
                 f.gauge("zone_ingress_bpf_map_max_entries", "Capacity of each BPF map.", &[("map", m.name)], f64::from(m.max_entries));
             }
         }
+        if let Some(x) = &s.xdp {
+            for (reason, v) in &x.packets {
+                f.counter("zone_ingress_xdp_packets_total", "Packets for the listener judged by the XDP guard, by outcome.", &[("reason", reason)], *v as f64);
+            }
+            for (interface, mode) in &x.interfaces {
+                f.gauge("zone_ingress_xdp_attached", "1 per interface the XDP guard is attached to.", &[("interface", interface), ("mode", mode)], 1.0);
+            }
+            for (list, n) in [("allow", x.allow), ("deny", x.deny)] {
+                f.gauge("zone_ingress_xdp_prefixes", "Source prefixes in the XDP guard's lists.", &[("list", list)], n as f64);
+            }
+        }
     }
 }
 
@@ -613,6 +624,20 @@ pub struct Scrape {
     pub routes: usize,
     pub subset_routes: usize,
     pub kernel: Option<KernelSample>,
+    /// The XDP guard, when attached.
+    pub xdp: Option<XdpSample>,
+}
+
+/// The XDP guard's state in a scrape ([`crate::xdp::Guard`]).
+#[derive(Debug, Default)]
+pub struct XdpSample {
+    /// Packets per reason (`passed` and the drop reasons), summed over CPUs.
+    pub packets: Vec<(&'static str, u64)>,
+    /// Attached interfaces and their mode (`native` or `generic`).
+    pub interfaces: Vec<(String, &'static str)>,
+    /// Prefixes in the allow and deny lists.
+    pub allow: usize,
+    pub deny: usize,
 }
 
 /// Metric families being built, by name.

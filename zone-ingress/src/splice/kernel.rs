@@ -17,15 +17,16 @@
 //! batch the verdict moves) and, per direction X→Y, waits until every byte X received is in Y's
 //! TCP send queue before `shutdown(Y, SHUT_WR)` (§3's drain check).
 //!
-//! Flow control (§4): the redirect path has no backpressure, so a fast sender toward a slow
-//! reader would grow the peer's psock queue without bound. The verdict reports every
-//! `REPORT_EVERY` forwarded bytes of a socket on the `EVENTS` ring; the monitor then measures
-//! what waits in the peer's psock queue and, above `PAUSE_AT`, removes the socket from `VERDICT`
-//! only. Its bytes then stay in its own TCP receive queue, its window closes, and the sender
-//! slows down. Below `RESUME_AT` the socket goes back into `VERDICT` and is kicked. A paused
-//! socket whose FIN arrives cannot re-enter the map (CLOSE_WAIT); once the peer's queue is empty
-//! the monitor copies its remaining bytes in userspace (nothing else reads or writes either
-//! socket then), so order is kept.
+//! Memory guard (§4): the redirect path has no backpressure, so a fast sender toward a slow
+//! reader grows the peer's psock queue without bound. The verdict reports every `REPORT_EVERY`
+//! forwarded bytes of a socket on the `EVENTS` ring; the monitor then measures what waits in the
+//! peer's psock queue and aborts the connection (RST both ways) once it exceeds
+//! `--max-in-flight-bytes`, so kernel memory per connection is bounded by bytes, not time.
+//!
+//! Pausing a direction by removing its socket from `VERDICT` (its window would close) was tried
+//! and is NOT used: `sk_psock_verdict_recv` reads the verdict program pointer per skb, and a
+//! removal that lands in the middle of a `tcp_read_skb` batch makes the rest of that batch run
+//! with no program, i.e. `__SK_DROP`: acknowledged bytes are lost (seen in the tests).
 
 use std::{
     collections::{BTreeSet, HashMap as StdHashMap},
@@ -111,10 +112,6 @@ pub struct KernelStats {
     pub drain_stalls: AtomicU64,
     /// Sum over connections of in-flight bytes at the last sample.
     pub in_flight_bytes: AtomicU64,
-    /// Times a direction was paused for backpressure.
-    pub pauses: AtomicU64,
-    /// Directions finished by the userspace tail copy (FIN while paused).
-    pub tail_copies: AtomicU64,
 }
 
 /// The loaded programs and maps plus the monitor thread. Dropping it detaches the verdict
@@ -142,26 +139,12 @@ struct Shared {
 struct State {
     conns: StdHashMap<u64, Spliced>,
     draining: BTreeSet<u64>,
-    /// Connections with a paused direction (polled until they resume).
-    paused: BTreeSet<u64>,
     /// Socket cookie → (token, side), to route `EVENTS` reports.
     by_cookie: StdHashMap<u64, (u64, usize)>,
 }
 
-/// Bytes waiting in a peer's psock queue above which the sending socket is paused.
-const PAUSE_AT: u64 = 2 << 20;
-/// ... and below which it resumes.
-const RESUME_AT: u64 = 512 << 10;
 /// epoll token of the `EVENTS` ring.
 const EVENTS_TOKEN: u64 = u64::MAX;
-
-/// Userspace copy of a paused direction's last bytes after its FIN (see module docs).
-#[derive(Default)]
-struct Tail {
-    buf: Vec<u8>,
-    off: usize,
-    eof: bool,
-}
 
 const CLIENT: usize = 0;
 const BACKEND: usize = 1;
@@ -185,12 +168,6 @@ struct Spliced {
     bytes: [u64; 2],
     /// The side whose FIN arrived first (the access log's close reason).
     first_fin: Option<usize>,
-    /// Direction i is paused (side i removed from `VERDICT`).
-    paused: [bool; 2],
-    /// Direction i is being finished by the userspace tail copy.
-    tail: [Option<Tail>; 2],
-    /// Bytes of direction i moved by the tail copy.
-    tail_bytes: [u64; 2],
 }
 
 impl KernelSplice {
@@ -409,9 +386,6 @@ impl KernelSplice {
             on_close: Some(on_close),
             bytes: [0; 2],
             first_fin: None,
-            paused: [false; 2],
-            tail: [None, None],
-            tail_bytes: [0; 2],
             fds,
         };
         let raw = [conn.fds[0].as_raw_fd(), conn.fds[1].as_raw_fd()];
@@ -481,7 +455,7 @@ impl Shared {
         while !self.stop.load(Ordering::Relaxed) {
             let pending = {
                 let st = self.lock_conns();
-                !st.draining.is_empty() || !st.paused.is_empty()
+                !st.draining.is_empty()
             };
             let timeout = if pending { DRAIN_POLL } else { Duration::from_millis(200) };
             // SAFETY: `events` is a valid buffer of its length.
@@ -510,12 +484,6 @@ impl Shared {
                 let token = ev.u64 >> 1;
                 let side = (ev.u64 & 1) as usize;
                 self.on_event(&mut conns, token, side, ev.events);
-            }
-            let tokens: Vec<u64> = conns.paused.iter().copied().collect();
-            for t in tokens {
-                for side in [CLIENT, BACKEND] {
-                    self.flow(&mut conns, t, side);
-                }
             }
             let tokens: Vec<u64> = conns.draining.iter().copied().collect();
             for t in tokens {
@@ -557,31 +525,6 @@ impl Shared {
                 continue;
             }
             let peer = 1 - side;
-            if let Some(tail) = conn.tail[side].as_mut() {
-                match pump_tail(tail, &conn.fds[side], &conn.fds[peer]) {
-                    Ok((moved, done)) => {
-                        conn.tail_bytes[side] += moved;
-                        if moved > 0 {
-                            conn.drain_progress[side] = (Instant::now(), conn.tail_bytes[side]);
-                        }
-                        if done {
-                            conn.tail[side] = None;
-                            conn.shut[side] = true;
-                        } else if conn.drain_progress[side].0.elapsed() > stall {
-                            self.stats.drain_stalls.fetch_add(1, Ordering::Relaxed);
-                            self.abort(state, token, side, CloseReason::DrainStall);
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        debug!(token, error = %e, "tail copy failed");
-                        let reason = if side == CLIENT { CloseReason::BackendReset } else { CloseReason::ClientReset };
-                        self.abort(state, token, side, reason);
-                        return;
-                    }
-                }
-                continue;
-            }
             let forwarded = match self.lock_maps().pairs.get(&conn.cookies[side], 0) {
                 Ok(p) => {
                     if p.peer_missing != 0 {
@@ -610,14 +553,6 @@ impl Shared {
                 return;
             };
             conn.bytes[side] = forwarded;
-            if conn.paused[side] && forwarded == in_peer {
-                // Paused when its FIN came: the socket cannot re-enter VERDICT (CLOSE_WAIT).
-                // Everything forwarded is in the peer's TCP now, so finish in userspace.
-                self.stats.tail_copies.fetch_add(1, Ordering::Relaxed);
-                conn.tail[side] = Some(Tail::default());
-                conn.drain_progress[side] = (Instant::now(), 0);
-                continue;
-            }
             if received == forwarded && forwarded == in_peer {
                 if let Err(e) = sys::shutdown_write(conn.fds[peer].as_fd()) {
                     debug!(token, error = %e, "shutdown(SHUT_WR) of the peer failed");
@@ -670,34 +605,18 @@ impl Shared {
         Ok((forwarded.saturating_sub(in_peer), forwarded))
     }
 
-    /// Pauses or resumes direction `side` of `token` by its backlog (module docs, flow control).
+    /// Memory guard on a report: aborts the connection if the backlog toward the peer of
+    /// `side` exceeds the cap (module docs).
     fn flow(&self, state: &mut State, token: u64, side: usize) {
-        let Some(conn) = state.conns.get_mut(&token) else { return };
-        if conn.shut[side] || conn.tail[side].is_some() {
+        let Some(conn) = state.conns.get(&token) else { return };
+        if conn.shut[side] {
             return;
         }
         let Ok((backlog, _)) = self.backlog(conn, side) else { return };
-        if !conn.paused[side] && backlog > PAUSE_AT {
-            if self.lock_maps().verdict.remove(&conn.cookies[side]).is_ok() {
-                conn.paused[side] = true;
-                self.stats.pauses.fetch_add(1, Ordering::Relaxed);
-                debug!(token, side, backlog, "paused: peer backlog above the high mark");
-            }
-        } else if conn.paused[side] && backlog <= RESUME_AT && !conn.fin[side] {
-            let fd = conn.fds[side].as_raw_fd();
-            if self.lock_maps().verdict.insert(conn.cookies[side], fd, 0).is_ok() {
-                conn.paused[side] = false;
-                // The bytes that queued up while paused are processed on the next data-ready.
-                let _ = sys::set_rcvlowat(conn.fds[side].as_fd(), 1);
-                debug!(token, side, backlog, "resumed");
-            }
-            // A failed insert means the socket left ESTABLISHED (its FIN came): the drain
-            // check finishes that direction with the tail copy.
-        }
-        if conn.paused.iter().any(|p| *p) {
-            state.paused.insert(token);
-        } else {
-            state.paused.remove(&token);
+        if backlog > self.limits.max_in_flight {
+            self.stats.memory_guard_aborts.fetch_add(1, Ordering::Relaxed);
+            warn!(token, side, backlog, cap = self.limits.max_in_flight, "bytes queued toward a slow peer above the cap; aborting (memory guard)");
+            self.abort(state, token, side, CloseReason::MemoryGuard);
         }
     }
 
@@ -775,7 +694,6 @@ impl Shared {
     /// reports the connection's totals.
     fn finish(&self, state: &mut State, token: u64, reason: CloseReason) {
         state.draining.remove(&token);
-        state.paused.remove(&token);
         let Some(mut conn) = state.conns.remove(&token) else { return };
         for c in conn.cookies {
             state.by_cookie.remove(&c);
@@ -794,8 +712,7 @@ impl Shared {
                 libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd.as_raw_fd(), std::ptr::null_mut());
             }
         }
-        let Spliced { fds, cookies, bytes, tail_bytes, mut on_close, .. } = conn;
-        let bytes = [bytes[0] + tail_bytes[0], bytes[1] + tail_bytes[1]];
+        let Spliced { fds, cookies, bytes, mut on_close, .. } = conn;
         drop(fds);
         {
             let mut maps = self.lock_maps();
@@ -807,44 +724,5 @@ impl Shared {
         if let Some(f) = on_close.take() {
             f(Closed { reason, client_to_backend: bytes[CLIENT], backend_to_client: bytes[BACKEND] });
         }
-    }
-}
-
-
-/// One step of the tail copy: moves what it can from `from` to `to` without blocking.
-/// Returns the bytes moved and whether the direction is finished (EOF relayed as `SHUT_WR`).
-fn pump_tail(tail: &mut Tail, from: &OwnedFd, to: &OwnedFd) -> io::Result<(u64, bool)> {
-    let mut moved = 0u64;
-    loop {
-        if tail.off < tail.buf.len() {
-            let rest = &tail.buf[tail.off..];
-            // SAFETY: sending from a live buffer on a socket we own.
-            let n = unsafe {
-                libc::send(to.as_raw_fd(), rest.as_ptr().cast(), rest.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                return if e.kind() == io::ErrorKind::WouldBlock { Ok((moved, false)) } else { Err(e) };
-            }
-            tail.off += n as usize;
-            moved += n as u64;
-            continue;
-        }
-        if tail.eof {
-            sys::shutdown_write(to.as_fd())?;
-            return Ok((moved, true));
-        }
-        tail.buf.resize(64 << 10, 0);
-        // SAFETY: receiving into a live buffer from a socket we own.
-        let n = unsafe { libc::recv(from.as_raw_fd(), tail.buf.as_mut_ptr().cast(), tail.buf.len(), libc::MSG_DONTWAIT) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            tail.buf.clear();
-            tail.off = 0;
-            return if e.kind() == io::ErrorKind::WouldBlock { Ok((moved, false)) } else { Err(e) };
-        }
-        tail.buf.truncate(n as usize);
-        tail.off = 0;
-        tail.eof = n == 0;
     }
 }

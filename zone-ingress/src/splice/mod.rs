@@ -60,7 +60,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             idle_timeout: Duration::from_secs(3600),
-            max_in_flight: 4 << 20,
+            max_in_flight: 64 << 20,
             in_flight_grace: Duration::from_secs(5),
             max_spliced: (zone_ingress_ebpf::splice::MAX_SOCKETS / 2) as usize,
             drain_stall: Duration::from_secs(60),
