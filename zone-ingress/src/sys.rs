@@ -100,6 +100,20 @@ pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, &v)
 }
 
+/// `TCP_WINDOW_CLAMP`: the largest receive window this socket advertises from now on (the
+/// kernel never goes below `SOCK_MIN_RCVBUF / 2`).
+pub fn set_window_clamp(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, &v)
+}
+
+/// Current `TCP_WINDOW_CLAMP`.
+pub fn window_clamp(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut v: libc::c_int = 0;
+    getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, &mut v)?;
+    Ok(u32::try_from(v).unwrap_or(0))
+}
+
 /// `SO_LINGER {on, 0}`: the next close sends RST instead of FIN.
 pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
     let l = libc::linger { l_onoff: 1, l_linger: 0 };

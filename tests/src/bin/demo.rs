@@ -136,6 +136,40 @@ fn main() {
     }
     let spliced = daemon.log_text().matches("mode=\"kernel\" bytes").count();
     println!("\n   {spliced} connection(s) were spliced in the kernel");
+    println!("\n== admin API of the ingress (127.0.0.1:9901 inside its namespace)");
+    let get = |path: &str| -> String {
+        topo.ingress.run(|| {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9901").expect("admin port");
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+            let mut body = String::new();
+            let _ = s.read_to_string(&mut body);
+            body.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or(body)
+        })
+    };
+    println!("-- GET /ready: {}", get("/ready").trim());
+    let dump = get("/config_dump");
+    println!("-- GET /config_dump (first 40 lines)");
+    let pretty = serde_json::from_str::<serde_json::Value>(&dump).and_then(|v| serde_json::to_string_pretty(&v)).unwrap_or(dump);
+    for line in pretty.lines().take(40) {
+        println!("   {line}");
+    }
+    println!("-- GET /stats/prometheus (excerpt)");
+    for line in get("/stats/prometheus").lines().filter(|l| {
+        !l.starts_with('#')
+            && (l.starts_with("envoy_listener_downstream_cx_total")
+                || l.starts_with("envoy_tcp_downstream_cx_total")
+                || l.starts_with("envoy_cluster_upstream_cx_total")
+                || l.starts_with("envoy_tls_inspector")
+                || l.starts_with("zone_ingress_connections")
+                || l.starts_with("zone_ingress_rejects")
+                || l.starts_with("zone_ingress_handoff_duration_seconds_count")
+                || l.starts_with("zone_ingress_handoff_duration_seconds_sum")
+                || l.starts_with("zone_ingress_bytes"))
+    }) {
+        println!("   {line}");
+    }
     drop(daemon);
     drop(topo);
     println!("== cleaned up (daemon stopped, namespaces removed)");

@@ -23,6 +23,12 @@
 //! peer's psock queue and aborts the connection (RST both ways) once it exceeds
 //! `--max-in-flight-bytes`, so kernel memory per connection is bounded by bytes, not time.
 //!
+//! Backpressure without touching the maps: above `THROTTLE_AT` bytes of backlog the monitor
+//! clamps the sending socket's receive window (`TCP_WINDOW_CLAMP`, a few KiB), so its peer
+//! may send little more than what it was already granted; below `RELEASE_AT` the original
+//! clamp comes back. Nothing is read, dropped or re-queued, so order is untouched, and the
+//! backlog stays near `THROTTLE_AT` plus one previously granted window.
+//!
 //! Pausing a direction by removing its socket from `VERDICT` (its window would close) was tried
 //! and is NOT used: `sk_psock_verdict_recv` reads the verdict program pointer per skb, and a
 //! removal that lands in the middle of a `tcp_read_skb` batch makes the rest of that batch run
@@ -112,6 +118,8 @@ pub struct KernelStats {
     pub drain_stalls: AtomicU64,
     /// Sum over connections of in-flight bytes at the last sample.
     pub in_flight_bytes: AtomicU64,
+    /// Times a direction was throttled (receive window clamped) for backpressure.
+    pub throttles: AtomicU64,
 }
 
 /// The loaded programs and maps plus the monitor thread. Dropping it detaches the verdict
@@ -139,9 +147,18 @@ struct Shared {
 struct State {
     conns: StdHashMap<u64, Spliced>,
     draining: BTreeSet<u64>,
+    /// Connections with a throttled direction (polled until released).
+    throttled: BTreeSet<u64>,
     /// Socket cookie → (token, side), to route `EVENTS` reports.
     by_cookie: StdHashMap<u64, (u64, usize)>,
 }
+
+/// Backlog toward the peer above which the sending socket's window is clamped.
+const THROTTLE_AT: u64 = 2 << 20;
+/// ... and below which the original clamp is restored.
+const RELEASE_AT: u64 = 512 << 10;
+/// The clamp while throttled (the kernel raises it to `SOCK_MIN_RCVBUF / 2` if lower).
+const THROTTLED_WINDOW: u32 = 4096;
 
 /// epoll token of the `EVENTS` ring.
 const EVENTS_TOKEN: u64 = u64::MAX;
@@ -164,6 +181,10 @@ struct Spliced {
     drain_progress: [(Instant, u64); 2],
     handoff_ns: u64,
     over_cap_since: Option<Instant>,
+    /// `TCP_WINDOW_CLAMP` of each side at the handoff, restored when a throttle is released.
+    clamp: [u32; 2],
+    /// Side i's receive window is clamped (its direction is throttled).
+    throttled: [bool; 2],
     on_close: Option<OnClose>,
     bytes: [u64; 2],
     /// The side whose FIN arrived first (the access log's close reason).
@@ -382,6 +403,11 @@ impl KernelSplice {
             shut: [false; 2],
             drain_progress: [(now, 0); 2],
             handoff_ns: prep.handoff_ns,
+            clamp: [
+                sys::window_clamp(prep_fd(&fds, CLIENT)).unwrap_or(0),
+                sys::window_clamp(prep_fd(&fds, BACKEND)).unwrap_or(0),
+            ],
+            throttled: [false; 2],
             over_cap_since: None,
             on_close: Some(on_close),
             bytes: [0; 2],
@@ -455,7 +481,7 @@ impl Shared {
         while !self.stop.load(Ordering::Relaxed) {
             let pending = {
                 let st = self.lock_conns();
-                !st.draining.is_empty()
+                !st.draining.is_empty() || !st.throttled.is_empty()
             };
             let timeout = if pending { DRAIN_POLL } else { Duration::from_millis(200) };
             // SAFETY: `events` is a valid buffer of its length.
@@ -484,6 +510,12 @@ impl Shared {
                 let token = ev.u64 >> 1;
                 let side = (ev.u64 & 1) as usize;
                 self.on_event(&mut conns, token, side, ev.events);
+            }
+            let tokens: Vec<u64> = conns.throttled.iter().copied().collect();
+            for t in tokens {
+                for side in [CLIENT, BACKEND] {
+                    self.flow(&mut conns, t, side);
+                }
             }
             let tokens: Vec<u64> = conns.draining.iter().copied().collect();
             for t in tokens {
@@ -605,10 +637,9 @@ impl Shared {
         Ok((forwarded.saturating_sub(in_peer), forwarded))
     }
 
-    /// Memory guard on a report: aborts the connection if the backlog toward the peer of
-    /// `side` exceeds the cap (module docs).
+    /// Backpressure and memory guard for direction `side` of `token` (module docs).
     fn flow(&self, state: &mut State, token: u64, side: usize) {
-        let Some(conn) = state.conns.get(&token) else { return };
+        let Some(conn) = state.conns.get_mut(&token) else { return };
         if conn.shut[side] {
             return;
         }
@@ -617,6 +648,23 @@ impl Shared {
             self.stats.memory_guard_aborts.fetch_add(1, Ordering::Relaxed);
             warn!(token, side, backlog, cap = self.limits.max_in_flight, "bytes queued toward a slow peer above the cap; aborting (memory guard)");
             self.abort(state, token, side, CloseReason::MemoryGuard);
+            return;
+        }
+        let fd = conn.fds[side].as_fd();
+        if !conn.throttled[side] && backlog > THROTTLE_AT {
+            if sys::set_window_clamp(fd, THROTTLED_WINDOW).is_ok() {
+                conn.throttled[side] = true;
+                self.stats.throttles.fetch_add(1, Ordering::Relaxed);
+                debug!(token, side, backlog, "throttled: receive window clamped");
+            }
+        } else if conn.throttled[side] && backlog <= RELEASE_AT && sys::set_window_clamp(fd, conn.clamp[side].max(THROTTLED_WINDOW)).is_ok() {
+            conn.throttled[side] = false;
+            debug!(token, side, backlog, "released: receive window restored");
+        }
+        if conn.throttled.iter().any(|t| *t) {
+            state.throttled.insert(token);
+        } else {
+            state.throttled.remove(&token);
         }
     }
 
@@ -694,6 +742,7 @@ impl Shared {
     /// reports the connection's totals.
     fn finish(&self, state: &mut State, token: u64, reason: CloseReason) {
         state.draining.remove(&token);
+        state.throttled.remove(&token);
         let Some(mut conn) = state.conns.remove(&token) else { return };
         for c in conn.cookies {
             state.by_cookie.remove(&c);
@@ -725,4 +774,8 @@ impl Shared {
             f(Closed { reason, client_to_backend: bytes[CLIENT], backend_to_client: bytes[BACKEND] });
         }
     }
+}
+
+fn prep_fd(fds: &[OwnedFd; 2], side: usize) -> std::os::fd::BorrowedFd<'_> {
+    fds[side].as_fd()
 }
