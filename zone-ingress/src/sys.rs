@@ -114,6 +114,16 @@ pub fn window_clamp(fd: BorrowedFd<'_>) -> io::Result<u32> {
     Ok(u32::try_from(v).unwrap_or(0))
 }
 
+/// Re-sets `SO_SNDBUF` to its current size. The kernel then calls the socket's write-space
+/// callback, which for a socket in a sockmap reschedules its psock worker: a nudge for bytes
+/// that wait in the psock queue while the send buffer has room.
+pub fn poke_write_space(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut v: libc::c_int = 0;
+    getsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &mut v)?;
+    // getsockopt reports the doubled value the kernel keeps; setsockopt doubles what it gets.
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &(v / 2).max(1))
+}
+
 /// `SO_LINGER {on, 0}`: the next close sends RST instead of FIN.
 pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
     let l = libc::linger { l_onoff: 1, l_linger: 0 };

@@ -185,6 +185,8 @@ struct Spliced {
     clamp: [u32; 2],
     /// Side i's receive window is clamped (its direction is throttled).
     throttled: [bool; 2],
+    /// Last kick of a stuck drain check, per direction.
+    last_kick: [Option<Instant>; 2],
     on_close: Option<OnClose>,
     bytes: [u64; 2],
     /// The side whose FIN arrived first (the access log's close reason).
@@ -408,6 +410,7 @@ impl KernelSplice {
                 sys::window_clamp(prep_fd(&fds, BACKEND)).unwrap_or(0),
             ],
             throttled: [false; 2],
+            last_kick: [None; 2],
             over_cap_since: None,
             on_close: Some(on_close),
             bytes: [0; 2],
@@ -463,6 +466,10 @@ struct Prepared {
 
 /// How often the monitor samples in-flight bytes and idle time.
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// A drain check without progress for this long kicks both sockets, at most every
+/// `DRAIN_KICK_EVERY`.
+const DRAIN_KICK_AFTER: Duration = Duration::from_millis(20);
+const DRAIN_KICK_EVERY: Duration = Duration::from_millis(100);
 /// Poll interval while a drain check is pending.
 const DRAIN_POLL: Duration = Duration::from_millis(2);
 
@@ -590,13 +597,22 @@ impl Shared {
                     debug!(token, error = %e, "shutdown(SHUT_WR) of the peer failed");
                 }
                 conn.shut[side] = true;
-            } else if in_peer != conn.drain_progress[side].1 {
-                conn.drain_progress[side] = (Instant::now(), in_peer);
+            } else if received.wrapping_add(forwarded).wrapping_add(in_peer) != conn.drain_progress[side].1 {
+                conn.drain_progress[side] = (Instant::now(), received.wrapping_add(forwarded).wrapping_add(in_peer));
             } else if conn.drain_progress[side].0.elapsed() > stall {
                 warn!(token, received, forwarded, in_peer, "drain check did not converge; aborting");
                 self.stats.drain_stalls.fetch_add(1, Ordering::Relaxed);
                 self.abort(state, token, side, CloseReason::DrainStall);
                 return;
+            } else if conn.drain_progress[side].0.elapsed() > DRAIN_KICK_AFTER
+                && conn.last_kick[side].is_none_or(|k| k.elapsed() > DRAIN_KICK_EVERY)
+            {
+                // Stuck without progress: re-run the verdict over what X still holds, and wake
+                // the peer's psock worker for what waits in its queue. Both are idempotent.
+                debug!(token, side, received, forwarded, in_peer, "drain check stuck; kicking both sockets");
+                conn.last_kick[side] = Some(Instant::now());
+                let _ = sys::set_rcvlowat(conn.fds[side].as_fd(), 1);
+                let _ = sys::poke_write_space(conn.fds[peer].as_fd());
             }
         }
         if conn.fin.iter().zip(conn.shut).all(|(f, s)| !f || s) {
