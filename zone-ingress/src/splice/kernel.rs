@@ -592,7 +592,10 @@ impl Shared {
                 return;
             };
             conn.bytes[side] = forwarded;
-            if received == forwarded && forwarded == in_peer {
+            // Every byte X received went through the verdict, and every forwarded byte is in Y's
+            // TCP send queue (or acknowledged). `>=` rather than `==`: an overcount on either
+            // side (a sequence number the counters include) must not hold the FIN back forever.
+            if forwarded >= received && in_peer >= forwarded {
                 if let Err(e) = sys::shutdown_write(conn.fds[peer].as_fd()) {
                     debug!(token, error = %e, "shutdown(SHUT_WR) of the peer failed");
                 }
