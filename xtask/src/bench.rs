@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: zone-ingress side by side with direct routing, HAProxy (with and without
 //! splice(2)) and nginx stream + ssl_preread, in one run, interleaved round by round.
 //!
-//! Topology (namespaces created here, removed at the end, even when interrupted):
+//! Topology (`crate::netns`; namespaces created here, removed at the end, even when interrupted):
 //! `zib-c` client 198.18.0.1 ─veth─ `zib-i` ingress 198.18.0.2 | 198.18.1.1 ─veth─ `zib-d`
 //! dataplane 198.18.1.2. The ingress namespace also forwards IP, which is the "direct" path.
 //! Every system under test listens on 198.18.0.2:10001; one runs at a time.
@@ -10,11 +10,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -23,11 +19,9 @@ use clap::Parser;
 use serde_json::{Value, json};
 use xtask::{exec, output, workspace_root};
 
-const NS_C: &str = "zib-c";
-const NS_I: &str = "zib-i";
-const NS_D: &str = "zib-d";
-const INGRESS: &str = "198.18.0.2";
-const DP: &str = "198.18.1.2";
+use crate::netns::{DP, Guard, INGRESS, Topology, median, nsexec, spawn, stop, wait_port};
+
+const NET: Topology = Topology { client: "zib-c", ingress: "zib-i", dataplane: "zib-d", forward: true };
 const LISTEN_PORT: u16 = 10001;
 const IPERF_PORT: u16 = 5201;
 const SOCKPERF_PORT: u16 = 11111;
@@ -139,112 +133,6 @@ fn tls_sni() -> String {
     format!("a{:016x}.bench.{TLS_PORT}.default.ms", fnv1a64(b"bench;default;"))
 }
 
-/// Processes and namespaces to remove, whatever happens.
-struct Guard {
-    children: Vec<Child>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Guard {
-    fn check(&self) -> anyhow::Result<()> {
-        if self.stop.load(Ordering::Relaxed) {
-            bail!("interrupted");
-        }
-        Ok(())
-    }
-}
-
-fn kill(child: &mut Child) {
-    // SAFETY: signalling a child we spawned, by PID.
-    unsafe { libc::kill(libc::pid_t::try_from(child.id()).unwrap_or(0), libc::SIGTERM) };
-    let end = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < end {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            kill(c);
-        }
-        for ns in [NS_C, NS_I, NS_D] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    exec(Command::new("ip").args(args).stdout(Stdio::null()))
-}
-
-fn nsexec(ns: &str) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]);
-    c
-}
-
-fn topology() -> anyhow::Result<()> {
-    for ns in [NS_C, NS_I, NS_D] {
-        let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
-        ip(&["netns", "add", ns])?;
-        ip(&["-n", ns, "link", "set", "lo", "up"])?;
-    }
-    ip(&["link", "add", "c0", "netns", NS_C, "type", "veth", "peer", "name", "i0", "netns", NS_I])?;
-    ip(&["link", "add", "i1", "netns", NS_I, "type", "veth", "peer", "name", "d0", "netns", NS_D])?;
-    for (ns, dev, addr) in [(NS_C, "c0", "198.18.0.1/24"), (NS_I, "i0", "198.18.0.2/24"), (NS_I, "i1", "198.18.1.1/24"), (NS_D, "d0", "198.18.1.2/24")] {
-        ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
-        ip(&["-n", ns, "link", "set", dev, "up"])?;
-    }
-    ip(&["-n", NS_C, "route", "add", "198.18.1.0/24", "via", "198.18.0.2"])?;
-    ip(&["-n", NS_D, "route", "add", "198.18.0.0/24", "via", "198.18.1.1"])?;
-    exec(nsexec(NS_I).args(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]))?;
-    Ok(())
-}
-
-fn spawn(guard: &mut Guard, ns: &str, args: &[&str], log: &Path) -> anyhow::Result<u32> {
-    let out = std::fs::File::create(log)?;
-    let child = nsexec(ns)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .with_context(|| format!("spawning {args:?}"))?;
-    let pid = child.id();
-    guard.children.push(child);
-    Ok(pid)
-}
-
-fn stop(guard: &mut Guard, pid: u32) {
-    if let Some(i) = guard.children.iter().position(|c| c.id() == pid) {
-        let mut c = guard.children.remove(i);
-        kill(&mut c);
-    }
-}
-
-/// Waits until something accepts TCP on `addr` inside `ns` (bounded).
-fn wait_port(ns: &str, addr: &str, port: u16) -> anyhow::Result<()> {
-    let end = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < end {
-        let ok = nsexec(ns)
-            .args(["bash", "-c", &format!("exec 3<>/dev/tcp/{addr}/{port}")])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("nothing listens on {addr}:{port} in {ns}")
-}
-
 struct Ctx {
     dir: PathBuf,
     daemon: PathBuf,
@@ -278,21 +166,21 @@ fn start_system(guard: &mut Guard, ctx: &Ctx, system: System, phase: Phase) -> a
                 "--max-connections-per-cluster",
                 "100000",
             ];
-            vec![spawn(guard, NS_I, &args, &log)?]
+            vec![spawn(guard, NET.ingress, &args, &log)?]
         }
         System::Haproxy | System::HaproxySplice => {
             let cfg = ctx.dir.join(format!("{}.cfg", system.key()));
             std::fs::write(&cfg, haproxy_config(system == System::HaproxySplice, &backend))?;
-            vec![spawn(guard, NS_I, &["haproxy", "-db", "-f", cfg.to_str().context("path")?], &log)?]
+            vec![spawn(guard, NET.ingress, &["haproxy", "-db", "-f", cfg.to_str().context("path")?], &log)?]
         }
         System::Nginx => {
             let cfg = ctx.dir.join("nginx.conf");
             std::fs::write(&cfg, nginx_config(&ctx.dir, &backend))?;
-            vec![spawn(guard, NS_I, &["nginx", "-c", cfg.to_str().context("path")?, "-g", "daemon off;"], &log)?]
+            vec![spawn(guard, NET.ingress, &["nginx", "-c", cfg.to_str().context("path")?, "-g", "daemon off;"], &log)?]
         }
     };
     if system != System::Direct {
-        wait_port(NS_C, INGRESS, LISTEN_PORT).with_context(|| format!("{} did not start; see {}", system.name(), log.display()))?;
+        wait_port(NET.client, INGRESS, LISTEN_PORT).with_context(|| format!("{} did not start; see {}", system.name(), log.display()))?;
     }
     Ok(pids)
 }
@@ -375,7 +263,7 @@ fn tree_cpu_s(pid: u32) -> f64 {
 /// One iperf3 run: Gbit/s, busy core-seconds of the machine and of the proxy's own processes.
 fn iperf(system: System, pids: &[u32], streams: u32, reverse: bool, opts: &Options) -> anyhow::Result<Value> {
     let (host, port) = target(system, IPERF_PORT);
-    let mut cmd = nsexec(NS_C);
+    let mut cmd = nsexec(NET.client);
     cmd.args(["iperf3", "-J", "-c", &host, "-p", &port.to_string(), "-P", &streams.to_string()]);
     cmd.args(["-t", &(if opts.quick { 1 } else { opts.seconds }).to_string()]);
     if reverse {
@@ -410,7 +298,7 @@ fn iperf(system: System, pids: &[u32], streams: u32, reverse: bool, opts: &Optio
 /// 64 MiB each way with SHA-256 checks (the tests' protocol): the path moves bytes unchanged.
 fn integrity(ctx: &Ctx, system: System) -> anyhow::Result<Value> {
     let (host, port) = target(system, HASH_PORT);
-    let out = output(nsexec(NS_C).args([ctx.benchtool.to_str().context("path")?, "hash-client", &format!("{host}:{port}"), &(64u64 << 20).to_string()]))?;
+    let out = output(nsexec(NET.client).args([ctx.benchtool.to_str().context("path")?, "hash-client", &format!("{host}:{port}"), &(64u64 << 20).to_string()]))?;
     let v: Value = serde_json::from_str(out.lines().last().unwrap_or("")).context("hash-client output")?;
     if v["up_ok"] != json!(true) || v["down_ok"] != json!(true) {
         bail!("bytes changed through {}: {v}", system.name());
@@ -422,7 +310,7 @@ fn integrity(ctx: &Ctx, system: System) -> anyhow::Result<Value> {
 fn sockperf(system: System, opts: &Options) -> anyhow::Result<Value> {
     let (host, port) = target(system, SOCKPERF_PORT);
     let secs = if opts.quick { 1 } else { opts.seconds };
-    let out = output(nsexec(NS_C).args(["sockperf", "ping-pong", "--tcp", "-i", &host, "-p", &port.to_string(), "-t", &secs.to_string(), "-m", "64", "--full-rtt"]))?;
+    let out = output(nsexec(NET.client).args(["sockperf", "ping-pong", "--tcp", "-i", &host, "-p", &port.to_string(), "-t", &secs.to_string(), "-m", "64", "--full-rtt"]))?;
     let pct = |p: &str| -> Option<f64> {
         out.lines().find(|l| l.contains(&format!("percentile {p}"))).and_then(|l| l.rsplit('=').next()).and_then(|v| v.trim().parse().ok())
     };
@@ -437,7 +325,7 @@ fn conn_rate(ctx: &Ctx, system: System, opts: &Options) -> anyhow::Result<Value>
     let (host, port) = target(system, TLS_PORT);
     let secs = if opts.quick { 1 } else { opts.seconds };
     let pki = ctx.dir.join("pki");
-    let out = output(nsexec(NS_C).args([
+    let out = output(nsexec(NET.client).args([
         ctx.benchtool.to_str().context("path")?,
         "conn-rate",
         &format!("{host}:{port}"),
@@ -493,7 +381,7 @@ fn tree_rss_kb(pid: u32) -> u64 {
 fn idle_flows(guard: &mut Guard, ctx: &Ctx, system: System, pids: &[u32], n: usize) -> anyhow::Result<Value> {
     let rss0: u64 = pids.iter().map(|p| tree_rss_kb(*p)).sum();
     let slab0 = meminfo_kb("Slab:");
-    let mut child = nsexec(NS_C)
+    let mut child = nsexec(NET.client)
         .args([ctx.benchtool.to_str().context("path")?, "hold-client", &format!("{INGRESS}:{LISTEN_PORT}"), &n.to_string(), "hold{mesh=default}"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -520,21 +408,11 @@ fn idle_flows(guard: &mut Guard, ctx: &Ctx, system: System, pids: &[u32], n: usi
               "slab_per_flow_b": (slab1.saturating_sub(slab0) * 1024) as f64 / held as f64}))
 }
 
-fn median(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let mid = if v.len() % 2 == 1 { v[v.len() / 2] } else { f64::midpoint(v[v.len() / 2 - 1], v[v.len() / 2]) };
-    Some((mid, v[0], v[v.len() - 1]))
-}
-
 pub fn bench(opts: &Options) -> anyhow::Result<()> {
     if opts.xdp {
         return crate::bench_xdp::bench(opts);
     }
-    let mut pkgs = crate::setup::Options::default();
-    pkgs.packages = BENCH_PACKAGES.iter().map(|s| (*s).to_owned()).collect();
+    let pkgs = crate::setup::Options { packages: BENCH_PACKAGES.iter().map(|s| (*s).to_owned()).collect() };
     crate::setup::setup(&pkgs)?;
     let root = workspace_root();
     exec(Command::new("cargo").current_dir(&root).args(["build", "--release", "-p", "zone-ingress", "-p", "zone-ingress-tests", "--bin", "zone-ingress", "--bin", "benchtool"]))?;
@@ -542,11 +420,7 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let ctx = Ctx { dir: dir.clone(), daemon: xtask::target_dir().join("release/zone-ingress"), benchtool: xtask::target_dir().join("release/benchtool") };
     write_inputs(&dir)?;
-    let interrupted = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&interrupted))?;
-    }
-    let mut guard = Guard { children: Vec::new(), stop: interrupted };
+    let mut guard = Guard::new(NET)?;
     // Every system under test inherits this (soft raised to hard). These machines cap the hard
     // limit at 20,000 descriptors, which bounds the idle-flow figure below 10,000 flows (two
     // sockets per flow in every proxy).
@@ -558,18 +432,18 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
             libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
         }
     }
-    topology()?;
+    NET.create()?;
     let pki = dir.join("pki");
     let _ = std::fs::remove_dir_all(&pki);
     let tool = ctx.benchtool.to_str().context("path")?.to_owned();
     let pki_s = pki.to_str().context("path")?.to_owned();
-    spawn(&mut guard, NS_D, &["iperf3", "-s", "-B", DP, "-p", &IPERF_PORT.to_string()], &dir.join("iperf3-server.log"))?;
-    spawn(&mut guard, NS_D, &["sockperf", "server", "--tcp", "-i", DP, "-p", &SOCKPERF_PORT.to_string()], &dir.join("sockperf-server.log"))?;
-    spawn(&mut guard, NS_D, &[&tool, "tls-server", &format!("{DP}:{TLS_PORT}"), &tls_sni(), "--pki", &pki_s], &dir.join("tls-server.log"))?;
-    spawn(&mut guard, NS_D, &[&tool, "hold-server", &format!("{DP}:{HOLD_PORT}")], &dir.join("hold-server.log"))?;
-    spawn(&mut guard, NS_D, &[&tool, "hash-server", &format!("{DP}:{HASH_PORT}")], &dir.join("hash-server.log"))?;
+    spawn(&mut guard, NET.dataplane, &["iperf3", "-s", "-B", DP, "-p", &IPERF_PORT.to_string()], &dir.join("iperf3-server.log"))?;
+    spawn(&mut guard, NET.dataplane, &["sockperf", "server", "--tcp", "-i", DP, "-p", &SOCKPERF_PORT.to_string()], &dir.join("sockperf-server.log"))?;
+    spawn(&mut guard, NET.dataplane, &[&tool, "tls-server", &format!("{DP}:{TLS_PORT}"), &tls_sni(), "--pki", &pki_s], &dir.join("tls-server.log"))?;
+    spawn(&mut guard, NET.dataplane, &[&tool, "hold-server", &format!("{DP}:{HOLD_PORT}")], &dir.join("hold-server.log"))?;
+    spawn(&mut guard, NET.dataplane, &[&tool, "hash-server", &format!("{DP}:{HASH_PORT}")], &dir.join("hash-server.log"))?;
     for port in [IPERF_PORT, SOCKPERF_PORT, TLS_PORT, HOLD_PORT, HASH_PORT] {
-        wait_port(NS_I, DP, port)?;
+        wait_port(NET.ingress, DP, port)?;
     }
     let systems: Vec<System> =
         System::ALL.into_iter().filter(|s| opts.systems.is_empty() || opts.systems.iter().any(|n| n == s.key())).collect();
@@ -635,7 +509,7 @@ fn handoff_histogram(system: System, _pids: &[u32]) -> Option<Value> {
     if !matches!(system, System::ZiKernel | System::ZiUserspace) {
         return None;
     }
-    let body = output(nsexec(NS_I).args([
+    let body = output(nsexec(NET.ingress).args([
         "bash",
         "-c",
         "exec 3<>/dev/tcp/127.0.0.1/9901; printf 'GET /stats/prometheus HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n' >&3; cat <&3",
@@ -742,10 +616,10 @@ fn chart(js: &Value) -> String {
         let y = 40.0 + row_h * i as f64;
         let gw = 250.0 * g / max_g;
         let cw = 250.0 * c / max_c;
-        let _ = write!(
+        let _ = writeln!(
             svg,
             "<text x='10' y='{ty}'>{name}</text><rect x='130' y='{y}' width='{gw:.1}' height='18' fill='#3b78c2'/><text x='{gx:.1}' y='{ty}'>{g:.2}</text>\
-<rect x='470' y='{y}' width='{cw:.1}' height='18' fill='#e08a2c'/><text x='{cx:.1}' y='{ty}'>{c:.2}</text>\n",
+<rect x='470' y='{y}' width='{cw:.1}' height='18' fill='#e08a2c'/><text x='{cx:.1}' y='{ty}'>{c:.2}</text>",
             ty = y + 13.0,
             gx = 134.0 + gw,
             cx = 474.0 + cw

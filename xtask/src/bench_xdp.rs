@@ -1,8 +1,9 @@
 //! `cargo xtask bench --xdp`: what the XDP guard buys and what it costs.
 //!
-//! Topology (namespaces created here, removed at the end, even when interrupted):
-//! `zibx-c` client 198.18.0.1 ─veth─ `zibx-i` ingress 198.18.0.2 | 198.18.1.1 ─veth─ `zibx-d`
-//! dataplane 198.18.1.2 (an iperf3 server). zone-ingress listens on 198.18.0.2:10001.
+//! Topology (`crate::netns`; namespaces created here, removed at the end, even when interrupted):
+//! `zibx-c` client 198.18.0.1 and 198.18.0.66 ─veth─ `zibx-i` ingress 198.18.0.2 | 198.18.1.1
+//! ─veth─ `zibx-d` dataplane 198.18.1.2 (an iperf3 server). zone-ingress listens on
+//! 198.18.0.2:10001; the ingress does not forward IP (the client has no route beyond it).
 //!
 //! 1. **Drop rate.** A generator in `zibx-c` sends TCP SYNs from 198.18.0.66 to the listener as
 //!    fast as one core can (`AF_PACKET`, `sendmmsg` batches of 64 ready frames), for the
@@ -34,11 +35,7 @@ use std::{
     fs::File,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -46,13 +43,12 @@ use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 use xtask::{exec, output, workspace_root};
 
-use crate::bench::Options;
+use crate::{
+    bench::Options,
+    netns::{DP, Guard, INGRESS, Topology, ip, median, nsexec, spawn, stop},
+};
 
-const NS_C: &str = "zibx-c";
-const NS_I: &str = "zibx-i";
-const NS_D: &str = "zibx-d";
-const INGRESS: &str = "198.18.0.2";
-const DP: &str = "198.18.1.2";
+const NET: Topology = Topology { client: "zibx-c", ingress: "zibx-i", dataplane: "zibx-d", forward: false };
 const PORT: u16 = 10001;
 const IPERF_PORT: u16 = 5201;
 const ADMIN_PORT: u16 = 9901;
@@ -63,72 +59,6 @@ const FLOOD_DST: [u8; 4] = [198, 18, 0, 2];
 const MAX_FLOOD_PACKETS: u64 = 200_000_000;
 const MAX_FLOOD_TIME: Duration = Duration::from_secs(60);
 const BATCH: usize = 64;
-
-/// Processes and namespaces to remove, whatever happens.
-struct Cleanup {
-    children: Vec<Child>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Cleanup {
-    fn check(&self) -> anyhow::Result<()> {
-        if self.stop.load(Ordering::Relaxed) {
-            bail!("interrupted");
-        }
-        Ok(())
-    }
-
-    fn stop_all(&mut self) {
-        for mut c in self.children.drain(..) {
-            // SAFETY: signalling a child we spawned, by PID.
-            unsafe { libc::kill(libc::pid_t::try_from(c.id()).unwrap_or(0), libc::SIGTERM) };
-            let end = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < end && !matches!(c.try_wait(), Ok(Some(_))) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        self.stop_all();
-        for ns in [NS_C, NS_I, NS_D] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
-        }
-    }
-}
-
-fn nsexec(ns: &str) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]);
-    c
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    exec(Command::new("ip").args(args).stdout(Stdio::null()))
-}
-
-fn topology() -> anyhow::Result<()> {
-    for ns in [NS_C, NS_I, NS_D] {
-        let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
-        ip(&["netns", "add", ns])?;
-        ip(&["-n", ns, "link", "set", "lo", "up"])?;
-    }
-    ip(&["link", "add", "c0", "netns", NS_C, "type", "veth", "peer", "name", "i0", "netns", NS_I])?;
-    ip(&["link", "add", "i1", "netns", NS_I, "type", "veth", "peer", "name", "d0", "netns", NS_D])?;
-    for (ns, dev, addr) in [(NS_C, "c0", "198.18.0.1/24"), (NS_I, "i0", "198.18.0.2/24"), (NS_I, "i1", "198.18.1.1/24"), (NS_D, "d0", "198.18.1.2/24")] {
-        ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
-        ip(&["-n", ns, "link", "set", dev, "up"])?;
-    }
-    // The flooding source is on the client's link so that SYN-ACKs (no filter) have a
-    // neighbour to go to.
-    ip(&["-n", NS_C, "addr", "add", "198.18.0.66/24", "dev", "c0"])?;
-    ip(&["-n", NS_D, "route", "add", "198.18.0.0/24", "via", "198.18.1.1"])?;
-    Ok(())
-}
 
 fn mac(ns: &str, dev: &str) -> anyhow::Result<[u8; 6]> {
     let out = output(Command::new("ip").args(["-n", ns, "-j", "link", "show", "dev", dev]))?;
@@ -187,7 +117,7 @@ fn tcp_frame(macs: ([u8; 6], [u8; 6]), src: [u8; 4], ports: (u16, u16), flags: u
 /// Average ns per run of the XDP program attached to `i0` on each test frame
 /// (`BPF_PROG_TEST_RUN`, `repeat` runs each).
 fn program_cost(ctx: &Ctx, macs: ([u8; 6], [u8; 6]), repeat: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
-    let link = output(Command::new("ip").args(["-n", NS_I, "-d", "-j", "link", "show", "dev", "i0"]))?;
+    let link = output(Command::new("ip").args(["-n", NET.ingress, "-d", "-j", "link", "show", "dev", "i0"]))?;
     let v: Value = serde_json::from_str(&link)?;
     let id = v[0]["xdp"]["prog"]["id"].as_u64().context("no XDP program on i0")?;
     let frames = [
@@ -211,15 +141,15 @@ fn program_cost(ctx: &Ctx, macs: ([u8; 6], [u8; 6]), repeat: u32) -> anyhow::Res
     Ok(out)
 }
 
-/// Floods from `NS_C` for `time` (bounded by `MAX_FLOOD_*`); returns packets sent.
+/// Floods from the client namespace for `time` (bounded by `MAX_FLOOD_*`); returns packets sent.
 fn flood(time: Duration, dst_mac: [u8; 6], src_mac: [u8; 6]) -> anyhow::Result<u64> {
     let time = time.min(MAX_FLOOD_TIME);
     std::thread::scope(|s| {
         s.spawn(move || -> anyhow::Result<u64> {
-            let ns = File::open(format!("/var/run/netns/{NS_C}"))?;
+            let ns = File::open(format!("/var/run/netns/{}", NET.client))?;
             // SAFETY: setns on this thread only, with a namespace fd we hold open.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns {NS_C}: {}", std::io::Error::last_os_error());
+                bail!("setns {}: {}", NET.client, std::io::Error::last_os_error());
             }
             // SAFETY: plain socket creation (protocol 0: send only).
             let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
@@ -271,7 +201,7 @@ fn flood(time: Duration, dst_mac: [u8; 6], src_mac: [u8; 6]) -> anyhow::Result<u
 
 /// Counter `zone_ingress_xdp_packets_total{reason}` from the daemon's admin endpoint.
 fn guard_counter(reason: &str) -> anyhow::Result<u64> {
-    let body = output(nsexec(NS_I).args([
+    let body = output(nsexec(NET.ingress).args([
         "bash",
         "-c",
         &format!("exec 3<>/dev/tcp/127.0.0.1/{ADMIN_PORT}; printf 'GET /stats/prometheus HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n' >&3; cat <&3"),
@@ -288,7 +218,7 @@ fn guard_counter(reason: &str) -> anyhow::Result<u64> {
 const NFT_RULESET: &str = "table netdev zibx {\n  chain ingress {\n    type filter hook ingress device \"i0\" priority -500; policy accept;\n    ip saddr 198.18.0.66 tcp dport 10001 counter drop\n  }\n}\n";
 
 fn nft_counter() -> anyhow::Result<u64> {
-    let out = output(nsexec(NS_I).args(["nft", "-j", "list", "table", "netdev", "zibx"]))?;
+    let out = output(nsexec(NET.ingress).args(["nft", "-j", "list", "table", "netdev", "zibx"]))?;
     let v: Value = serde_json::from_str(&out)?;
     v["nftables"]
         .as_array()
@@ -335,21 +265,19 @@ struct Ctx {
     daemon: PathBuf,
 }
 
-/// Starts the daemon with `--xdp <mode>` and waits for it to be ready.
-fn start_daemon(cleanup: &mut Cleanup, ctx: &Ctx, xdp: &str) -> anyhow::Result<()> {
-    let log = ctx.dir.join(format!("zone-ingress-xdp-{xdp}.log"));
-    let out = File::create(&log)?;
-    let path = |p: &Path| p.to_str().map(str::to_owned).context("non-UTF-8 path");
-    let mut cmd = nsexec(NS_I);
-    cmd.arg(path(&ctx.daemon)?)
-        .args(["run", "--dataplane-file", &path(&ctx.dir.join("zoneingress.yaml"))?])
-        .args(["--dataplanes", &path(&ctx.dir.join("dataplanes.yaml"))?])
-        .args(["--plaintext-route", "iperf{mesh=default}", "--drain-time", "0s", "--xdp", xdp]);
-    if xdp != "off" {
-        cmd.args(["--xdp-config", &path(&ctx.dir.join("guard.yaml"))?]);
+/// Starts the daemon with `--xdp <mode>`, waits for it to be ready and returns its PID.
+fn start_daemon(guard: &mut Guard, ctx: &Ctx, xdp: &str) -> anyhow::Result<u32> {
+    fn path(p: &Path) -> anyhow::Result<&str> {
+        p.to_str().context("non-UTF-8 path")
     }
-    let child = cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).spawn().context("spawning zone-ingress")?;
-    cleanup.children.push(child);
+    let log = ctx.dir.join(format!("zone-ingress-xdp-{xdp}.log"));
+    let (zi, dps, cfg) = (ctx.dir.join("zoneingress.yaml"), ctx.dir.join("dataplanes.yaml"), ctx.dir.join("guard.yaml"));
+    let mut args = vec![path(&ctx.daemon)?, "run", "--dataplane-file", path(&zi)?, "--dataplanes", path(&dps)?];
+    args.extend(["--plaintext-route", "iperf{mesh=default}", "--drain-time", "0s", "--xdp", xdp]);
+    if xdp != "off" {
+        args.extend(["--xdp-config", path(&cfg)?]);
+    }
+    let pid = spawn(guard, NET.ingress, &args, &log)?;
     let end = Instant::now() + Duration::from_secs(20);
     while Instant::now() < end {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -357,20 +285,11 @@ fn start_daemon(cleanup: &mut Cleanup, ctx: &Ctx, xdp: &str) -> anyhow::Result<(
             if xdp != "off" && !text.contains(&format!("({xdp} mode)")) {
                 bail!("the guard did not attach in {xdp} mode; see {}", log.display());
             }
-            return Ok(());
+            return Ok(pid);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     bail!("zone-ingress did not become ready; see {}", log.display())
-}
-
-fn median(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let mid = if v.len() % 2 == 1 { v[v.len() / 2] } else { f64::midpoint(v[v.len() / 2 - 1], v[v.len() / 2]) };
-    Some((mid, v[0], v[v.len() - 1]))
 }
 
 fn cell(v: &[f64], unit: f64) -> String {
@@ -378,12 +297,12 @@ fn cell(v: &[f64], unit: f64) -> String {
 }
 
 /// One drop-rate measurement: packets the variant dropped per second, and sent per second.
-fn drop_rate(cleanup: &mut Cleanup, ctx: &Ctx, d: Dropper, secs: u64, macs: ([u8; 6], [u8; 6])) -> anyhow::Result<(f64, f64)> {
-    start_daemon(cleanup, ctx, d.xdp_flag())?;
+fn drop_rate(guard: &mut Guard, ctx: &Ctx, d: Dropper, secs: u64, macs: ([u8; 6], [u8; 6])) -> anyhow::Result<(f64, f64)> {
+    let daemon = start_daemon(guard, ctx, d.xdp_flag())?;
     if d == Dropper::Nftables {
         let rules = ctx.dir.join("xdp-bench.nft");
         std::fs::write(&rules, NFT_RULESET)?;
-        exec(nsexec(NS_I).args(["nft", "-f", rules.to_str().context("path")?]))?;
+        exec(nsexec(NET.ingress).args(["nft", "-f", rules.to_str().context("path")?]))?;
     }
     let counter = |d: Dropper| -> anyhow::Result<u64> {
         match d {
@@ -400,9 +319,9 @@ fn drop_rate(cleanup: &mut Cleanup, ctx: &Ctx, d: Dropper, secs: u64, macs: ([u8
     std::thread::sleep(Duration::from_millis(200));
     let dropped = counter(d)? - before;
     if d == Dropper::Nftables {
-        exec(nsexec(NS_I).args(["nft", "delete", "table", "netdev", "zibx"]))?;
+        exec(nsexec(NET.ingress).args(["nft", "delete", "table", "netdev", "zibx"]))?;
     }
-    cleanup.stop_all();
+    stop(guard, daemon);
     if d != Dropper::None && dropped * 10 < sent * 9 {
         bail!("{}: only {dropped} of {sent} packets were dropped", d.name());
     }
@@ -410,7 +329,7 @@ fn drop_rate(cleanup: &mut Cleanup, ctx: &Ctx, d: Dropper, secs: u64, macs: ([u8
 }
 
 fn iperf(secs: u64) -> anyhow::Result<f64> {
-    let out = nsexec(NS_C).args(["iperf3", "-J", "-c", INGRESS, "-p", &PORT.to_string(), "-t", &secs.to_string()]).output()?;
+    let out = nsexec(NET.client).args(["iperf3", "-J", "-c", INGRESS, "-p", &PORT.to_string(), "-t", &secs.to_string()]).output()?;
     let v: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))?;
     if let Some(e) = v.get("error") {
         bail!("iperf3: {e}");
@@ -434,21 +353,21 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
     )?;
     // A realistic guard: a few lists, and the flooding source denied.
     std::fs::write(dir.join("guard.yaml"), "deny:\n  - 198.18.0.66/32\n  - 203.0.113.0/24\n  - 2001:db8::/32\nallow: []\n")?;
-    let interrupted = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&interrupted))?;
-    }
-    let mut cleanup = Cleanup { children: Vec::new(), stop: interrupted };
-    topology()?;
-    let macs = (mac(NS_I, "i0")?, mac(NS_C, "c0")?);
-    let iperf_server = nsexec(NS_D)
-        .args(["iperf3", "-s", "-B", DP, "-p", &IPERF_PORT.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("iperf3 server")?;
-    // Not in `cleanup.children`: it outlives every daemon restart.
-    let mut servers = Cleanup { children: vec![iperf_server], stop: Arc::clone(&cleanup.stop) };
+    let mut guard = Guard::new(NET)?;
+    NET.create()?;
+    // The flooding source is on the client's link so that SYN-ACKs (no filter) have a
+    // neighbour to go to.
+    ip(&["-n", NET.client, "addr", "add", "198.18.0.66/24", "dev", "c0"])?;
+    let macs = (mac(NET.ingress, "i0")?, mac(NET.client, "c0")?);
+    // Outlives every daemon restart (each daemon is stopped by its PID).
+    let iperf_server = guard.adopt(
+        nsexec(NET.dataplane)
+            .args(["iperf3", "-s", "-B", DP, "-p", &IPERF_PORT.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("iperf3 server")?,
+    );
     let rounds = if opts.quick { 1 } else { opts.rounds.max(1) };
     let secs = if opts.quick { 1 } else { opts.seconds.clamp(1, 30) };
     let mut dropped: BTreeMap<Dropper, Vec<f64>> = BTreeMap::new();
@@ -459,28 +378,28 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
         let mut order = Dropper::ALL.to_vec();
         order.rotate_left(round % Dropper::ALL.len());
         for d in order {
-            cleanup.check()?;
+            guard.check()?;
             eprintln!("bench --xdp: round {}/{rounds}: drop rate, {}", round + 1, d.name());
-            let (dps, sps) = drop_rate(&mut cleanup, &ctx, d, secs, macs)?;
+            let (dps, sps) = drop_rate(&mut guard, &ctx, d, secs, macs)?;
             dropped.entry(d).or_default().push(dps);
             sent.entry(d).or_default().push(sps);
         }
         let mut modes = vec!["off", "native", "generic"];
         modes.rotate_left(round % 3);
         for mode in modes {
-            cleanup.check()?;
+            guard.check()?;
             eprintln!("bench --xdp: round {}/{rounds}: iperf3 through zone-ingress, --xdp {mode}", round + 1);
-            start_daemon(&mut cleanup, &ctx, mode)?;
+            let daemon = start_daemon(&mut guard, &ctx, mode)?;
             gbps.entry(mode).or_default().push(iperf(secs)?);
             if mode == "native" {
                 for (name, ns) in program_cost(&ctx, macs, if opts.quick { 200_000 } else { 2_000_000 })? {
                     prog_ns.entry(name).or_default().push(ns);
                 }
             }
-            cleanup.stop_all();
+            stop(&mut guard, daemon);
         }
     }
-    servers.stop_all();
+    stop(&mut guard, iperf_server);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let mut md = format!(

@@ -4,6 +4,7 @@ mod bench;
 mod bench_xdp;
 mod build_ebpf;
 mod demo;
+mod netns;
 mod setup;
 mod test;
 
