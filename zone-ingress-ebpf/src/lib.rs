@@ -5,14 +5,22 @@
 //! userspace must agree on every byte.
 #![no_std]
 
-/// The sockhash splice: one verdict program, two SOCKHASHes, one pairing map.
+/// The sockhash splice: one verdict program, two SOCKHASHes, the pairing map and the hold map.
 ///
 /// `SOCKS` holds every spliced socket for its whole life and has no program: it is the redirect
 /// target, and it keeps each socket's psock (and the bytes queued toward it) alive. `VERDICT`
-/// has the verdict attached; a socket is in it while the kernel should read it. Removing a socket
-/// from `VERDICT` (and only from there) pauses that direction: its bytes stay in its TCP receive
-/// queue, its window closes and the sender slows down. That is the backpressure the redirect path
-/// itself lacks (in-kernel-splice.md §4).
+/// has the verdict attached; a socket stays in it for its whole life too (removing a socket from
+/// the map that carries the program, while bytes arrive, drops acknowledged bytes).
+///
+/// Backpressure (in-kernel-splice.md §4): the redirect path has none, because a redirected skb
+/// no longer counts against the sender's receive buffer. When the bytes queued toward a peer
+/// grow too large, userspace asks the verdict to *hold* that direction (`HOLD`): from the next
+/// skb on, the verdict passes skbs to the receiving socket itself (`SK_PASS` without a
+/// redirect), where they are charged to its receive buffer, so its TCP window closes like any
+/// slow reader's. Userspace waits until the peer's queue is empty, then relays the held bytes
+/// with `recv`/`send` (bounded by the receive buffer) and releases the hold; the verdict goes
+/// back to redirecting only once every held byte was relayed (`Pair::held == Hold::relayed`),
+/// so the byte order on the wire never changes.
 pub mod splice {
     /// SOCKHASH of every spliced socket, keyed by the socket's own cookie (no program).
     pub const SOCKS: &str = "SOCKS";
@@ -24,6 +32,8 @@ pub mod splice {
     /// userspace should look at how much is queued toward its peer (event-driven flow control,
     /// no polling of idle connections).
     pub const EVENTS: &str = "EVENTS";
+    /// Hold requests, written only by userspace: own cookie → [`Hold`]. No entry = no hold.
+    pub const HOLD: &str = "HOLD";
     /// Bytes between two `EVENTS` reports of one socket.
     pub const REPORT_EVERY: u64 = 1 << 20;
     /// Size of `EVENTS` in bytes (a power of two, a multiple of the page size).
@@ -44,8 +54,10 @@ pub mod splice {
     pub const STAT_EMPTY: u32 = 2;
     /// Skbs redirected to the peer.
     pub const STAT_REDIRECTED: u32 = 3;
+    /// Skbs kept on their own socket because the direction was held (backpressure).
+    pub const STAT_HELD: u32 = 4;
     /// Number of `STAT_*` slots.
-    pub const STAT_COUNT: u32 = 4;
+    pub const STAT_COUNT: u32 = 5;
 
     /// One spliced socket's view: who its peer is and what the verdict forwarded from it.
     ///
@@ -66,11 +78,30 @@ pub mod splice {
         pub peer_missing: u64,
         /// Value of `bytes` at the last `EVENTS` report.
         pub reported: u64,
+        /// 1 while the verdict holds this direction (passes skbs to this socket itself).
+        pub holding: u64,
+        /// Payload bytes ever held (passed to this socket itself) since the handoff.
+        pub held: u64,
     }
 
     #[cfg(feature = "user")]
-    // SAFETY: `Pair` is `repr(C)`, `Copy`, five `u64`s: no padding, every bit pattern valid.
+    // SAFETY: `Pair` is `repr(C)`, `Copy`, seven `u64`s: no padding, every bit pattern valid.
     unsafe impl aya::Pod for Pair {}
+
+    /// A hold request for one socket's direction, written only by userspace (the verdict only
+    /// reads it), so neither side ever overwrites the other's fields.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Hold {
+        /// Non-zero: hold this direction from the next skb on.
+        pub want: u64,
+        /// Held bytes that userspace has read from this socket and written to the peer.
+        pub relayed: u64,
+    }
+
+    #[cfg(feature = "user")]
+    // SAFETY: `Hold` is `repr(C)`, `Copy`, two `u64`s: no padding, every bit pattern valid.
+    unsafe impl aya::Pod for Hold {}
 }
 
 /// The XDP guard in front of the listener: one XDP program, its configuration, two LPM tries

@@ -5,6 +5,12 @@
 //! Attached alone (no stream parser) to `VERDICT`: the kernel runs it on each skb taken from the
 //! receive queue of a socket in that map (`sk_psock_verdict_recv`, net/core/skmsg.c,
 //! Linux ≥ 5.13) and redirects through `SOCKS`, where both sockets stay for their whole life.
+//!
+//! A direction that userspace holds (`HOLD`, backpressure; see the crate docs) is passed to the
+//! receiving socket itself instead (`SK_PASS`, no redirect): the bytes wait there, charged to its
+//! receive buffer, until userspace relays them. The verdict of one socket never runs twice at
+//! once (it runs under the socket's lock), so the switch back to redirecting, taken here when
+//! every held byte has been relayed, cannot overtake a held byte.
 
 use aya_ebpf::{
     bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
@@ -15,8 +21,8 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use zone_ingress_ebpf::splice::{
-    Pair, EVENTS_BYTES, MAX_SOCKETS, REPORT_EVERY, STAT_COUNT, STAT_EMPTY, STAT_NO_PAIR,
-    STAT_PEER_MISSING, STAT_REDIRECTED,
+    Hold, Pair, EVENTS_BYTES, MAX_SOCKETS, REPORT_EVERY, STAT_COUNT, STAT_EMPTY, STAT_HELD,
+    STAT_NO_PAIR, STAT_PEER_MISSING, STAT_REDIRECTED,
 };
 
 #[map(name = "SOCKS")]
@@ -28,6 +34,9 @@ static VERDICT: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
 #[map(name = "PAIRS")]
 static PAIRS: HashMap<u64, Pair> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+#[map(name = "HOLD")]
+static HOLD: HashMap<u64, Hold> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
@@ -68,7 +77,29 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
         count(STAT_EMPTY);
         return SK_DROP;
     }
-    // SAFETY: `pair` points into a map value that stays valid for this program run.
+    // SAFETY: `pair` points into a map value that stays valid for this program run; only this
+    // socket's verdict writes its entry, and never concurrently (module docs).
+    unsafe {
+        // SAFETY: a map value read for this program run.
+        let hold = HOLD.get(&cookie);
+        let want = hold.is_some_and(|h| h.want != 0);
+        let relayed = hold.map_or(0, |h| h.relayed);
+        let keep = if (*pair).holding != 0 {
+            // Back to redirecting only when nothing held is still waiting on this socket.
+            want || relayed != (*pair).held
+        } else {
+            want
+        };
+        if keep {
+            (*pair).holding = 1;
+            (*pair).held += u64::from(len);
+            (*pair).last_active_ns = bpf_ktime_get_ns();
+            count(STAT_HELD);
+            return SK_PASS;
+        }
+        (*pair).holding = 0;
+    }
+    // SAFETY: as above.
     let mut peer = unsafe { (*pair).peer };
     if SOCKS.redirect_skb(ctx, &mut peer, 0) != i64::from(SK_PASS) {
         // SAFETY: as above; only this socket's verdict writes its entry.

@@ -399,7 +399,10 @@ pub fn scrape(ingress: &Ingress) -> Scrape {
             memory_guard_aborts: load(&st.memory_guard_aborts),
             peer_missing_aborts: load(&st.peer_missing_aborts),
             drain_stalls: load(&st.drain_stalls),
+            holds: load(&st.holds),
+            relayed_bytes: load(&st.relayed_bytes),
             verdicts: vec![
+                ("held", at(abi::STAT_HELD)),
                 ("redirected", at(abi::STAT_REDIRECTED)),
                 ("peer_missing", at(abi::STAT_PEER_MISSING)),
                 ("no_pair", at(abi::STAT_NO_PAIR)),

@@ -523,6 +523,8 @@ impl Metrics {
             f.counter("zone_ingress_memory_guard_aborts_total", "Flows aborted by the memory guard.", &[], k.memory_guard_aborts as f64);
             f.counter("zone_ingress_peer_missing_aborts_total", "Flows aborted because the verdict found no peer.", &[], k.peer_missing_aborts as f64);
             f.counter("zone_ingress_drain_stalls_total", "Flows aborted because a half-close drain check stalled.", &[], k.drain_stalls as f64);
+            f.counter("zone_ingress_splice_holds_total", "Times a kernel-spliced direction was held for backpressure.", &[], k.holds as f64);
+            f.counter("zone_ingress_splice_relayed_bytes_total", "Bytes of held directions relayed by the daemon.", &[], k.relayed_bytes as f64);
             for (result, v) in &k.verdicts {
                 f.counter("zone_ingress_bpf_verdict_skbs_total", "Skbs seen by the sk_skb verdict, by outcome.", &[("result", result)], *v as f64);
             }
@@ -594,6 +596,8 @@ pub struct KernelSample {
     pub memory_guard_aborts: u64,
     pub peer_missing_aborts: u64,
     pub drain_stalls: u64,
+    pub holds: u64,
+    pub relayed_bytes: u64,
     pub verdicts: Vec<(&'static str, u64)>,
     pub maps: Vec<MapSample>,
 }

@@ -100,19 +100,37 @@ pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, &v)
 }
 
-/// `TCP_WINDOW_CLAMP`: the largest receive window this socket advertises from now on (the
-/// kernel never goes below `SOCK_MIN_RCVBUF / 2`).
-pub fn set_window_clamp(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
-    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, &v)
+/// `recv(MSG_DONTWAIT)`.
+pub fn recv_nonblocking(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
-/// Current `TCP_WINDOW_CLAMP`.
-pub fn window_clamp(fd: BorrowedFd<'_>) -> io::Result<u32> {
-    let mut v: libc::c_int = 0;
-    getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, &mut v)?;
-    Ok(u32::try_from(v).unwrap_or(0))
+/// `send(MSG_DONTWAIT | MSG_NOSIGNAL)`.
+pub fn send_nonblocking(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of its length.
+    let n = unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
+
+/// `epoll_pwait2`: like `epoll_wait` with a timeout finer than a millisecond. Returns how many
+/// entries of `events` were filled.
+pub fn epoll_wait(epoll: BorrowedFd<'_>, events: &mut [libc::epoll_event], timeout: Duration) -> io::Result<usize> {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    let max = libc::c_int::try_from(events.len()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `events` is valid for `max` entries, `ts` lives across the call, no signal mask.
+    let n = unsafe {
+        libc::syscall(SYS_EPOLL_PWAIT2, epoll.as_raw_fd(), events.as_mut_ptr(), max, &raw const ts, std::ptr::null::<libc::sigset_t>(), 0usize)
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// `epoll_pwait2` (Linux 5.11), the same number on every architecture of the generic table.
+const SYS_EPOLL_PWAIT2: libc::c_long = 441;
 
 /// Re-sets `SO_SNDBUF` to its current size. The kernel then calls the socket's write-space
 /// callback, which for a socket in a sockmap reschedules its psock worker: a nudge for bytes

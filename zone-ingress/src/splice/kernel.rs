@@ -17,22 +17,26 @@
 //! batch the verdict moves) and, per direction X→Y, waits until every byte X received is in Y's
 //! TCP send queue before `shutdown(Y, SHUT_WR)` (§3's drain check).
 //!
-//! Memory guard (§4): the redirect path has no backpressure, so a fast sender toward a slow
-//! reader grows the peer's psock queue without bound. The verdict reports every `REPORT_EVERY`
-//! forwarded bytes of a socket on the `EVENTS` ring; the monitor then measures what waits in the
-//! peer's psock queue and aborts the connection (RST both ways) once it exceeds
-//! `--max-in-flight-bytes`, so kernel memory per connection is bounded by bytes, not time.
+//! Backpressure (§4): the redirect path has none, so a fast sender toward a slow reader (or
+//! toward a psock worker slower than the receive path) grows the peer's psock queue without
+//! bound. The verdict reports every `REPORT_EVERY` forwarded bytes of a socket on the `EVENTS`
+//! ring; the monitor then measures that direction's backlog (forwarded but not yet in the peer's
+//! TCP) and above `HOLD_AT` *holds* the direction (`HOLD` map, see `zone_ingress_ebpf::splice`):
+//! the verdict keeps the following skbs on the receiving socket, charged to its receive buffer,
+//! so its TCP window closes as for any slow reader. Once the peer's psock queue is empty the
+//! monitor relays the held bytes itself (`recv`/`send`, non-blocking, one bounded buffer per
+//! held direction) and releases the hold when it has caught up; the verdict resumes redirecting
+//! at the first skb that finds every held byte relayed. Order is kept because the relay writes
+//! only after the queued redirects reached the peer, and the verdict redirects again only after
+//! the relay wrote every held byte. The memory guard (`--max-in-flight-bytes`) remains as the
+//! last resort: a backlog above it aborts the connection (RST both ways).
 //!
-//! Backpressure without touching the maps: above `THROTTLE_AT` bytes of backlog the monitor
-//! clamps the sending socket's receive window (`TCP_WINDOW_CLAMP`, a few KiB), so its peer
-//! may send little more than what it was already granted; below `RELEASE_AT` the original
-//! clamp comes back. Nothing is read, dropped or re-queued, so order is untouched, and the
-//! backlog stays near `THROTTLE_AT` plus one previously granted window.
-//!
-//! Pausing a direction by removing its socket from `VERDICT` (its window would close) was tried
-//! and is NOT used: `sk_psock_verdict_recv` reads the verdict program pointer per skb, and a
-//! removal that lands in the middle of a `tcp_read_skb` batch makes the rest of that batch run
-//! with no program, i.e. `__SK_DROP`: acknowledged bytes are lost (seen in the tests).
+//! Two backpressure designs were tried and are NOT used: removing the socket from `VERDICT`
+//! (`sk_psock_verdict_recv` reads the program pointer per skb, and a removal in the middle of a
+//! `tcp_read_skb` batch runs the rest with no program, i.e. `__SK_DROP`: acknowledged bytes
+//! lost), and clamping the sender's window (`TCP_WINDOW_CLAMP`): the receiving socket still
+//! acknowledges every byte at once, so on a path with a round trip of a few microseconds even a
+//! 4 KiB window lets the sender outrun the psock worker by a gigabyte per second.
 
 use std::{
     collections::{BTreeSet, HashMap as StdHashMap},
@@ -51,7 +55,7 @@ use aya::{
     programs::SkSkb,
 };
 use tracing::{debug, info, warn};
-use zone_ingress_ebpf::splice::{self as abi, Pair};
+use zone_ingress_ebpf::splice::{self as abi, Hold, Pair};
 
 use super::{CloseReason, Closed, Limits, OnClose};
 use crate::sys;
@@ -101,6 +105,7 @@ struct Maps {
     socks: SockHash<MapData, u64>,
     verdict: SockHash<MapData, u64>,
     pairs: HashMap<MapData, u64, Pair>,
+    hold: HashMap<MapData, u64, Hold>,
 }
 
 /// Global counters of the kernel path, read by the metrics module.
@@ -118,8 +123,10 @@ pub struct KernelStats {
     pub drain_stalls: AtomicU64,
     /// Sum over connections of in-flight bytes at the last sample.
     pub in_flight_bytes: AtomicU64,
-    /// Times a direction was throttled (receive window clamped) for backpressure.
-    pub throttles: AtomicU64,
+    /// Times a direction was held for backpressure (its bytes relayed by the monitor).
+    pub holds: AtomicU64,
+    /// Bytes the monitor relayed for held directions.
+    pub relayed_bytes: AtomicU64,
 }
 
 /// The loaded programs and maps plus the monitor thread. Dropping it detaches the verdict
@@ -147,24 +154,50 @@ struct Shared {
 struct State {
     conns: StdHashMap<u64, Spliced>,
     draining: BTreeSet<u64>,
-    /// Connections with a throttled direction (polled until released).
-    throttled: BTreeSet<u64>,
+    /// Connections with a held direction (polled until released).
+    held: BTreeSet<u64>,
     /// Socket cookie → (token, side), to route `EVENTS` reports.
     by_cookie: StdHashMap<u64, (u64, usize)>,
 }
 
-/// Backlog toward the peer above which the sending socket's window is clamped.
-const THROTTLE_AT: u64 = 2 << 20;
-/// ... and below which the original clamp is restored.
-const RELEASE_AT: u64 = 512 << 10;
-/// The clamp while throttled (the kernel raises it to `SOCK_MIN_RCVBUF / 2` if lower).
-const THROTTLED_WINDOW: u32 = 4096;
+/// Backlog toward the peer above which a direction is held.
+const HOLD_AT: u64 = 2 << 20;
+/// Size of the relay buffer of a held direction.
+const RELAY_BUFFER: usize = 256 << 10;
+/// Bytes one held direction may relay per monitor pass (keeps one pass short).
+const RELAY_BUDGET: u64 = 4 << 20;
 
 /// epoll token of the `EVENTS` ring.
 const EVENTS_TOKEN: u64 = u64::MAX;
 
 const CLIENT: usize = 0;
 const BACKEND: usize = 1;
+
+/// Why relaying a held direction failed: which socket, or our own bookkeeping.
+enum RelayError {
+    Source(io::Error),
+    Dest(io::Error),
+    Internal(io::Error),
+}
+
+/// The relay of one held direction.
+struct Relay {
+    buf: Box<[u8]>,
+    /// `buf[start..end]` was read from the source and is not yet written to the peer.
+    start: usize,
+    end: usize,
+    /// The hold is requested (`Hold::want`); false once released, while the verdict still
+    /// holds bytes that must be relayed.
+    want: bool,
+    /// The source reached EOF: nothing more to read.
+    eof: bool,
+}
+
+impl Relay {
+    fn new() -> Self {
+        Self { buf: vec![0; RELAY_BUFFER].into_boxed_slice(), start: 0, end: 0, want: true, eof: false }
+    }
+}
 
 struct Spliced {
     fds: [OwnedFd; 2],
@@ -181,10 +214,10 @@ struct Spliced {
     drain_progress: [(Instant, u64); 2],
     handoff_ns: u64,
     over_cap_since: Option<Instant>,
-    /// `TCP_WINDOW_CLAMP` of each side at the handoff, restored when a throttle is released.
-    clamp: [u32; 2],
-    /// Side i's receive window is clamped (its direction is throttled).
-    throttled: [bool; 2],
+    /// Direction i → peer is held: the monitor relays what the verdict keeps on side i.
+    relay: [Option<Relay>; 2],
+    /// Bytes the monitor relayed from side i to its peer, since the handoff.
+    relayed: [u64; 2],
     /// Last kick of a stuck drain check, per direction.
     last_kick: [Option<Instant>; 2],
     on_close: Option<OnClose>,
@@ -212,6 +245,9 @@ impl KernelSplice {
         let pairs = ebpf.take_map(abi::PAIRS).ok_or(LoadError::MissingMap(abi::PAIRS))?;
         let pairs: HashMap<MapData, u64, Pair> =
             HashMap::try_from(pairs).map_err(|source| LoadError::Map { name: abi::PAIRS, source })?;
+        let hold = ebpf.take_map(abi::HOLD).ok_or(LoadError::MissingMap(abi::HOLD))?;
+        let hold: HashMap<MapData, u64, Hold> =
+            HashMap::try_from(hold).map_err(|source| LoadError::Map { name: abi::HOLD, source })?;
         let stats_map = ebpf.take_map(abi::STATS).ok_or(LoadError::MissingMap(abi::STATS))?;
         let stats_map: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(stats_map).map_err(|source| LoadError::Map { name: abi::STATS, source })?;
@@ -240,7 +276,7 @@ impl KernelSplice {
             return Err(LoadError::Io { what: "epoll_ctl of the EVENTS ring", source: io::Error::last_os_error() });
         }
         let shared = Arc::new(Shared {
-            maps: Mutex::new(Maps { socks, verdict, pairs }),
+            maps: Mutex::new(Maps { socks, verdict, pairs, hold }),
             events: Mutex::new(events),
             conns: Mutex::new(State::default()),
             epoll,
@@ -405,11 +441,8 @@ impl KernelSplice {
             shut: [false; 2],
             drain_progress: [(now, 0); 2],
             handoff_ns: prep.handoff_ns,
-            clamp: [
-                sys::window_clamp(prep_fd(&fds, CLIENT)).unwrap_or(0),
-                sys::window_clamp(prep_fd(&fds, BACKEND)).unwrap_or(0),
-            ],
-            throttled: [false; 2],
+            relay: [None, None],
+            relayed: [0; 2],
             last_kick: [None; 2],
             over_cap_since: None,
             on_close: Some(on_close),
@@ -472,6 +505,9 @@ const DRAIN_KICK_AFTER: Duration = Duration::from_millis(20);
 const DRAIN_KICK_EVERY: Duration = Duration::from_millis(100);
 /// Poll interval while a drain check is pending.
 const DRAIN_POLL: Duration = Duration::from_millis(2);
+/// Poll interval while a direction is held: the relay moves what arrived since the last pass,
+/// so this bounds how long held bytes wait (and, with the receive buffer, the held rate).
+const HOLD_POLL: Duration = Duration::from_micros(200);
 
 impl Shared {
     fn lock_maps(&self) -> MutexGuard<'_, Maps> {
@@ -486,30 +522,29 @@ impl Shared {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         let mut last_sample = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
-            let pending = {
+            let timeout = {
                 let st = self.lock_conns();
-                !st.draining.is_empty() || !st.throttled.is_empty()
-            };
-            let timeout = if pending { DRAIN_POLL } else { Duration::from_millis(200) };
-            // SAFETY: `events` is a valid buffer of its length.
-            let n = unsafe {
-                libc::epoll_wait(
-                    self.epoll.as_raw_fd(),
-                    events.as_mut_ptr(),
-                    events.len() as libc::c_int,
-                    timeout.as_millis() as libc::c_int,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    warn!(error = %e, "epoll_wait failed in the splice monitor");
-                    std::thread::sleep(Duration::from_millis(10));
+                if !st.held.is_empty() {
+                    HOLD_POLL
+                } else if !st.draining.is_empty() {
+                    DRAIN_POLL
+                } else {
+                    Duration::from_millis(200)
                 }
-                continue;
-            }
+            };
+            let n = sys::epoll_wait(self.epoll.as_fd(), &mut events, timeout);
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        warn!(error = %e, "epoll_wait failed in the splice monitor");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    continue;
+                }
+            };
             let mut conns = self.lock_conns();
-            for ev in &events[..n as usize] {
+            for ev in &events[..n] {
                 if ev.u64 == EVENTS_TOKEN {
                     self.on_reports(&mut conns);
                     continue;
@@ -518,11 +553,9 @@ impl Shared {
                 let side = (ev.u64 & 1) as usize;
                 self.on_event(&mut conns, token, side, ev.events);
             }
-            let tokens: Vec<u64> = conns.throttled.iter().copied().collect();
+            let tokens: Vec<u64> = conns.held.iter().copied().collect();
             for t in tokens {
-                for side in [CLIENT, BACKEND] {
-                    self.flow(&mut conns, t, side);
-                }
+                self.relay(&mut conns, t);
             }
             let tokens: Vec<u64> = conns.draining.iter().copied().collect();
             for t in tokens {
@@ -571,7 +604,8 @@ impl Shared {
                         self.abort(state, token, side, CloseReason::Internal);
                         return;
                     }
-                    p.bytes
+                    // Everything moved out of X: redirected by the verdict or relayed by us.
+                    p.bytes + conn.relayed[side]
                 }
                 Err(_) => {
                     self.abort(state, token, side, CloseReason::Internal);
@@ -646,20 +680,27 @@ impl Shared {
         }
     }
 
-    /// Bytes forwarded from `side` that are not yet in the peer's TCP send queue, i.e. what
-    /// waits in the peer's psock queue; with the forwarded count.
-    fn backlog(&self, conn: &Spliced, side: usize) -> io::Result<(u64, u64)> {
-        let forwarded = self.lock_maps().pairs.get(&conn.cookies[side], 0).map_err(io::Error::other)?.bytes;
+    /// Bytes the verdict redirected from `side` that are not yet in the peer's TCP send queue,
+    /// i.e. what waits in the peer's psock queue; with `side`'s `PAIRS` entry.
+    fn backlog(&self, conn: &Spliced, side: usize) -> io::Result<(u64, Pair)> {
+        let pair = self.lock_maps().pairs.get(&conn.cookies[side], 0).map_err(io::Error::other)?;
         let peer = conn.fds[1 - side].as_fd();
         let y = sys::tcp_info(peer)?;
+        // The peer's TCP holds what was redirected and what the monitor relayed.
         let in_peer = (y.bytes_acked + u64::from(sys::outq(peer)?)).saturating_sub(conn.sent_base[1 - side]);
-        Ok((forwarded.saturating_sub(in_peer), forwarded))
+        Ok(((pair.bytes + conn.relayed[side]).saturating_sub(in_peer), pair))
     }
 
-    /// Backpressure and memory guard for direction `side` of `token` (module docs).
+    fn write_hold(&self, conn: &Spliced, side: usize, want: bool) -> io::Result<()> {
+        let hold = Hold { want: u64::from(want), relayed: conn.relayed[side] };
+        self.lock_maps().hold.insert(conn.cookies[side], hold, 0).map_err(io::Error::other)
+    }
+
+    /// Backpressure and memory guard for direction `side` of `token` (module docs): called
+    /// after the verdict reported another `REPORT_EVERY` bytes.
     fn flow(&self, state: &mut State, token: u64, side: usize) {
         let Some(conn) = state.conns.get_mut(&token) else { return };
-        if conn.shut[side] {
+        if conn.shut[side] || conn.relay[side].is_some() {
             return;
         }
         let Ok((backlog, _)) = self.backlog(conn, side) else { return };
@@ -669,22 +710,127 @@ impl Shared {
             self.abort(state, token, side, CloseReason::MemoryGuard);
             return;
         }
-        let fd = conn.fds[side].as_fd();
-        if !conn.throttled[side] && backlog > THROTTLE_AT {
-            if sys::set_window_clamp(fd, THROTTLED_WINDOW).is_ok() {
-                conn.throttled[side] = true;
-                self.stats.throttles.fetch_add(1, Ordering::Relaxed);
-                debug!(token, side, backlog, "throttled: receive window clamped");
+        if backlog > HOLD_AT {
+            if let Err(e) = self.write_hold(conn, side, true) {
+                warn!(token, side, error = %e, "could not hold a direction (HOLD map update)");
+                return;
             }
-        } else if conn.throttled[side] && backlog <= RELEASE_AT && sys::set_window_clamp(fd, conn.clamp[side].max(THROTTLED_WINDOW)).is_ok() {
-            conn.throttled[side] = false;
-            debug!(token, side, backlog, "released: receive window restored");
+            conn.relay[side] = Some(Relay::new());
+            state.held.insert(token);
+            self.stats.holds.fetch_add(1, Ordering::Relaxed);
+            debug!(token, side, backlog, "direction held: bytes stay on the socket until the peer's queue drains");
         }
-        if conn.throttled.iter().any(|t| *t) {
-            state.throttled.insert(token);
-        } else {
-            state.throttled.remove(&token);
+    }
+
+    /// One pass over the held directions of `token`: relay what the verdict kept once the
+    /// peer's psock queue is empty; release the hold once caught up.
+    fn relay(&self, state: &mut State, token: u64) {
+        let Some(conn) = state.conns.get_mut(&token) else {
+            state.held.remove(&token);
+            return;
+        };
+        for side in [CLIENT, BACKEND] {
+            if conn.relay[side].is_none() {
+                continue;
+            }
+            match self.relay_side(conn, side) {
+                Ok(true) => {
+                    conn.relay[side] = None;
+                    debug!(token, side, relayed = conn.relayed[side], "hold released: the verdict redirects again");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    let (failed, e) = match e {
+                        RelayError::Source(e) => (Some(side), e),
+                        RelayError::Dest(e) => (Some(1 - side), e),
+                        RelayError::Internal(e) => (None, e),
+                    };
+                    debug!(token, side, error = %e, "relay of a held direction failed");
+                    let reason = match failed {
+                        Some(CLIENT) => CloseReason::ClientReset,
+                        Some(_) => CloseReason::BackendReset,
+                        None => CloseReason::Internal,
+                    };
+                    self.abort(state, token, side, reason);
+                    return;
+                }
+            }
         }
+        if conn.relay.iter().all(Option::is_none) {
+            state.held.remove(&token);
+        }
+    }
+
+    /// Relays one held direction as far as it can without blocking. `Ok(true)`: the direction
+    /// is no longer held (the verdict redirects its next skb).
+    fn relay_side(&self, conn: &mut Spliced, side: usize) -> Result<bool, RelayError> {
+        let (backlog, pair) = self.backlog(conn, side).map_err(RelayError::Internal)?;
+        let Some(relay) = conn.relay[side].as_ref() else { return Ok(true) };
+        let (want, empty) = (relay.want, relay.start == relay.end);
+        if pair.holding == 0 {
+            // The verdict has held nothing since the request (or resumed by itself).
+            if !want && empty {
+                return Ok(true);
+            }
+            if backlog == 0 && empty {
+                // Drained before any byte was held: cancel; if the verdict holds one meanwhile,
+                // `held != relayed` keeps it holding and the next pass relays it.
+                self.write_hold(conn, side, false).map_err(RelayError::Internal)?;
+                if let Some(r) = conn.relay[side].as_mut() {
+                    r.want = false;
+                }
+                return Ok(false);
+            }
+            return Ok(false);
+        }
+        // `holding` was set by a verdict run that finished after every earlier redirect of this
+        // socket (runs are serialized), so `backlog` counts all of them: relay only once they
+        // are all in the peer's TCP, or our bytes would overtake theirs.
+        if backlog != 0 {
+            return Ok(false);
+        }
+        let (src, dst) = (conn.fds[side].as_fd(), conn.fds[1 - side].as_fd());
+        let Some(relay) = conn.relay[side].as_mut() else { return Ok(true) };
+        let mut moved = 0u64;
+        let mut caught_up = false;
+        while moved < RELAY_BUDGET {
+            if relay.start < relay.end {
+                match sys::send_nonblocking(dst, &relay.buf[relay.start..relay.end]) {
+                    Ok(n) => {
+                        relay.start += n;
+                        moved += n as u64;
+                        conn.relayed[side] += n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(RelayError::Dest(e)),
+                }
+                continue;
+            }
+            if relay.eof {
+                caught_up = true;
+                break;
+            }
+            match sys::recv_nonblocking(src, &mut relay.buf) {
+                Ok(0) => relay.eof = true,
+                Ok(n) => (relay.start, relay.end) = (0, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    caught_up = true;
+                    break;
+                }
+                Err(e) => return Err(RelayError::Source(e)),
+            }
+        }
+        self.stats.relayed_bytes.fetch_add(moved, Ordering::Relaxed);
+        let release = caught_up && relay.want;
+        if release {
+            relay.want = false;
+        }
+        let want = relay.want;
+        if moved > 0 || release {
+            self.write_hold(conn, side, want).map_err(RelayError::Internal)?;
+        }
+        // Done once released and every byte the verdict held has been relayed.
+        Ok(!want && caught_up && pair_held_now(&self.lock_maps(), conn, side).map_err(RelayError::Internal)? == conn.relayed[side])
     }
 
     /// Periodic work: idle timeout and the memory guard (§4).
@@ -703,7 +849,7 @@ impl Shared {
                     if p.peer_missing != 0 {
                         expired.push((*token, side, CloseReason::Internal));
                     }
-                    conn.bytes[side] = p.bytes;
+                    conn.bytes[side] = p.bytes + conn.relayed[side];
                     last = last.max(p.last_active_ns);
                     let peer = 1 - side;
                     if conn.shut[side] {
@@ -712,7 +858,7 @@ impl Shared {
                     let fd = conn.fds[peer].as_fd();
                     if let (Ok(y), Ok(outq)) = (sys::tcp_info(fd), sys::outq(fd)) {
                         let in_peer = (y.bytes_acked + u64::from(outq)).saturating_sub(conn.sent_base[peer]);
-                        worst = worst.max(p.bytes.saturating_sub(in_peer));
+                        worst = worst.max((p.bytes + conn.relayed[side]).saturating_sub(in_peer));
                     }
                 }
                 total_in_flight += worst;
@@ -761,7 +907,7 @@ impl Shared {
     /// reports the connection's totals.
     fn finish(&self, state: &mut State, token: u64, reason: CloseReason) {
         state.draining.remove(&token);
-        state.throttled.remove(&token);
+        state.held.remove(&token);
         let Some(mut conn) = state.conns.remove(&token) else { return };
         for c in conn.cookies {
             state.by_cookie.remove(&c);
@@ -770,7 +916,7 @@ impl Shared {
             let maps = self.lock_maps();
             for side in [CLIENT, BACKEND] {
                 if let Ok(p) = maps.pairs.get(&conn.cookies[side], 0) {
-                    conn.bytes[side] = p.bytes;
+                    conn.bytes[side] = p.bytes + conn.relayed[side];
                 }
             }
         }
@@ -786,6 +932,7 @@ impl Shared {
             let mut maps = self.lock_maps();
             for c in cookies {
                 let _ = maps.pairs.remove(&c);
+                let _ = maps.hold.remove(&c);
             }
         }
         self.stats.active.fetch_sub(1, Ordering::AcqRel);
@@ -795,6 +942,7 @@ impl Shared {
     }
 }
 
-fn prep_fd(fds: &[OwnedFd; 2], side: usize) -> std::os::fd::BorrowedFd<'_> {
-    fds[side].as_fd()
+/// `Pair::held` of `side`, read now.
+fn pair_held_now(maps: &Maps, conn: &Spliced, side: usize) -> io::Result<u64> {
+    Ok(maps.pairs.get(&conn.cookies[side], 0).map_err(io::Error::other)?.held)
 }
