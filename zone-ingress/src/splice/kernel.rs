@@ -24,9 +24,9 @@
 //! TCP) and above `HOLD_AT` *holds* the direction (`HOLD` map, see `zone_ingress_ebpf::splice`):
 //! the verdict keeps the following skbs on the receiving socket, charged to its receive buffer,
 //! so its TCP window closes as for any slow reader. Once the peer's psock queue is empty the
-//! monitor relays the held bytes itself (`recv`/`send`, non-blocking, one bounded buffer per
-//! held direction) and releases the hold when it has caught up; the verdict resumes redirecting
-//! at the first skb that finds every held byte relayed. Order is kept because the relay writes
+//! monitor releases the hold and relays what was held (`recv`/`send`, non-blocking, one bounded
+//! buffer per held direction, `Hold::relayed` published after every chunk); the verdict keeps
+//! holding until an skb finds every held byte relayed, and redirects from that skb on. Order is kept because the relay writes
 //! only after the queued redirects reached the peer, and the verdict redirects again only after
 //! the relay wrote every held byte. The memory guard (`--max-in-flight-bytes`) remains as the
 //! last resort: a backlog above it aborts the connection (RST both ways).
@@ -164,6 +164,8 @@ struct State {
 const HOLD_AT: u64 = 2 << 20;
 /// Size of the relay buffer of a held direction.
 const RELAY_BUFFER: usize = 256 << 10;
+/// How long a relay must stay caught up before it ends (see `relay_side`).
+const RELAY_SETTLE: Duration = Duration::from_millis(2);
 /// Bytes one held direction may relay per monitor pass (keeps one pass short).
 const RELAY_BUDGET: u64 = 4 << 20;
 
@@ -191,11 +193,13 @@ struct Relay {
     want: bool,
     /// The source reached EOF: nothing more to read.
     eof: bool,
+    /// Since when every held byte has been relayed (see `relay_side`).
+    settled_since: Option<Instant>,
 }
 
 impl Relay {
     fn new() -> Self {
-        Self { buf: vec![0; RELAY_BUFFER].into_boxed_slice(), start: 0, end: 0, want: true, eof: false }
+        Self { buf: vec![0; RELAY_BUFFER].into_boxed_slice(), start: 0, end: 0, want: true, eof: false, settled_since: None }
     }
 }
 
@@ -765,32 +769,33 @@ impl Shared {
     /// is no longer held (the verdict redirects its next skb).
     fn relay_side(&self, conn: &mut Spliced, side: usize) -> Result<bool, RelayError> {
         let (backlog, pair) = self.backlog(conn, side).map_err(RelayError::Internal)?;
-        let Some(relay) = conn.relay[side].as_ref() else { return Ok(true) };
-        let (want, empty) = (relay.want, relay.start == relay.end);
-        if pair.holding == 0 {
-            // The verdict has held nothing since the request (or resumed by itself).
-            if !want && empty {
-                return Ok(true);
-            }
-            if backlog == 0 && empty {
-                // Drained before any byte was held: cancel; if the verdict holds one meanwhile,
-                // `held != relayed` keeps it holding and the next pass relays it.
-                self.write_hold(conn, side, false).map_err(RelayError::Internal)?;
-                if let Some(r) = conn.relay[side].as_mut() {
-                    r.want = false;
-                }
-                return Ok(false);
-            }
-            return Ok(false);
-        }
-        // `holding` was set by a verdict run that finished after every earlier redirect of this
-        // socket (runs are serialized), so `backlog` counts all of them: relay only once they
-        // are all in the peer's TCP, or our bytes would overtake theirs.
-        if backlog != 0 {
-            return Ok(false);
-        }
+        let cookie = conn.cookies[side];
+        let publish = |want: bool, relayed: u64| -> Result<(), RelayError> {
+            let hold = Hold { want: u64::from(want), relayed };
+            self.lock_maps().hold.insert(cookie, hold, 0).map_err(|e| RelayError::Internal(io::Error::other(e)))
+        };
         let (src, dst) = (conn.fds[side].as_fd(), conn.fds[1 - side].as_fd());
         let Some(relay) = conn.relay[side].as_mut() else { return Ok(true) };
+        let relayed = &mut conn.relayed[side];
+        if relay.want {
+            if pair.holding == 0 && backlog == 0 {
+                // The queue drained before the verdict held anything: cancel. If a verdict run
+                // holds an skb meanwhile, `held != relayed` keeps it holding and we relay it.
+                relay.want = false;
+                publish(false, *relayed)?;
+            }
+            // `holding` was set by a verdict run that finished after every earlier redirect of
+            // this socket (runs are serialized), so `backlog` counts all of them: relay only once
+            // they are all in the peer's TCP, or our bytes would overtake theirs.
+            if pair.holding == 0 || backlog != 0 {
+                return Ok(false);
+            }
+            // The hold did its job (the peer's queue is empty): release it now. The verdict keeps
+            // holding until an skb finds every held byte relayed, so it resumes redirecting at the
+            // first skb after the relay has caught up; the relay moves what was held before that.
+            relay.want = false;
+            publish(false, *relayed)?;
+        }
         let mut moved = 0u64;
         let mut caught_up = false;
         while moved < RELAY_BUDGET {
@@ -799,7 +804,11 @@ impl Shared {
                     Ok(n) => {
                         relay.start += n;
                         moved += n as u64;
-                        conn.relayed[side] += n as u64;
+                        *relayed += n as u64;
+                        if relay.start == relay.end {
+                            // Tell the verdict at once, so it can resume as early as possible.
+                            publish(false, *relayed)?;
+                        }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => return Err(RelayError::Dest(e)),
@@ -821,16 +830,22 @@ impl Shared {
             }
         }
         self.stats.relayed_bytes.fetch_add(moved, Ordering::Relaxed);
-        let release = caught_up && relay.want;
-        if release {
-            relay.want = false;
+        let held = pair_held_now(&self.lock_maps(), cookie).map_err(RelayError::Internal)?;
+        if !caught_up || held != *relayed {
+            relay.settled_since = None;
+            return Ok(false);
         }
-        let want = relay.want;
-        if moved > 0 || release {
-            self.write_hold(conn, side, want).map_err(RelayError::Internal)?;
+        // Every held byte was relayed. A verdict run that read the hold request just before it
+        // was released could still be finishing (softirq, microseconds): only a second look, a
+        // while later, that still finds `held == relayed` ends the relay.
+        match relay.settled_since {
+            Some(t) if t.elapsed() >= RELAY_SETTLE => Ok(true),
+            Some(_) => Ok(false),
+            None => {
+                relay.settled_since = Some(Instant::now());
+                Ok(false)
+            }
         }
-        // Done once released and every byte the verdict held has been relayed.
-        Ok(!want && caught_up && pair_held_now(&self.lock_maps(), conn, side).map_err(RelayError::Internal)? == conn.relayed[side])
     }
 
     /// Periodic work: idle timeout and the memory guard (§4).
@@ -942,7 +957,7 @@ impl Shared {
     }
 }
 
-/// `Pair::held` of `side`, read now.
-fn pair_held_now(maps: &Maps, conn: &Spliced, side: usize) -> io::Result<u64> {
-    Ok(maps.pairs.get(&conn.cookies[side], 0).map_err(io::Error::other)?.held)
+/// `Pair::held` of the socket with `cookie`, read now.
+fn pair_held_now(maps: &Maps, cookie: u64) -> io::Result<u64> {
+    Ok(maps.pairs.get(&cookie, 0).map_err(io::Error::other)?.held)
 }
