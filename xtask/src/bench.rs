@@ -165,6 +165,9 @@ fn start_system(guard: &mut Guard, ctx: &Ctx, system: System, phase: Phase) -> a
                 "0s",
                 "--max-connections-per-cluster",
                 "100000",
+                // Like the peers' configurations, which log nothing per connection.
+                "--access-log",
+                "off",
             ];
             vec![spawn(guard, NET.ingress, &args, &log)?]
         }
@@ -269,6 +272,7 @@ fn iperf(system: System, pids: &[u32], streams: u32, reverse: bool, opts: &Optio
     if reverse {
         cmd.arg("-R");
     }
+    let relayed0 = relayed_bytes(system);
     let own0: f64 = pids.iter().map(|p| tree_cpu_s(*p)).sum();
     let (b0, _) = cpu_jiffies();
     let t0 = Instant::now();
@@ -276,6 +280,7 @@ fn iperf(system: System, pids: &[u32], streams: u32, reverse: bool, opts: &Optio
     let wall = t0.elapsed().as_secs_f64();
     let (b1, _) = cpu_jiffies();
     let own1: f64 = pids.iter().map(|p| tree_cpu_s(*p)).sum();
+    let relayed1 = relayed_bytes(system);
     let v: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))?;
     if let Some(e) = v.get("error") {
         bail!("iperf3 via {}: {e}", system.name());
@@ -290,9 +295,14 @@ fn iperf(system: System, pids: &[u32], streams: u32, reverse: bool, opts: &Optio
         bail!("iperf3 via {}: nothing sent", system.name());
     }
     let busy_cs = (b1 - b0) as f64 / user_hz();
-    Ok(json!({"gbps": gbps, "busy_core_s": busy_cs, "bytes": received, "wall_s": wall, "proxy_cpu_s": own1 - own0,
+    let mut v = json!({"gbps": gbps, "busy_core_s": busy_cs, "bytes": received, "wall_s": wall, "proxy_cpu_s": own1 - own0,
               "gbps_per_busy_core": gbps / (busy_cs / wall).max(1e-9),
-              "cpu_s_per_gb": busy_cs / (received / 1e9)}))
+              "cpu_s_per_gb": busy_cs / (received / 1e9)});
+    if let (Some(r0), Some(r1)) = (relayed0, relayed1) {
+        // The share of the bytes that the daemon relayed while a direction was held.
+        v["relayed_share"] = json!(((r1 - r0) / received).clamp(0.0, 1.0));
+    }
+    Ok(v)
 }
 
 /// 64 MiB each way with SHA-256 checks (the tests' protocol): the path moves bytes unchanged.
@@ -509,24 +519,30 @@ fn handoff_histogram(system: System, _pids: &[u32]) -> Option<Value> {
     if !matches!(system, System::ZiKernel | System::ZiUserspace) {
         return None;
     }
-    let body = output(nsexec(NET.ingress).args([
+    let body = zi_metrics()?;
+    let sum = prom_value(&body, "zone_ingress_handoff_duration_seconds_sum")?;
+    let count = prom_value(&body, "zone_ingress_handoff_duration_seconds_count")?;
+    (count > 0.0).then(|| json!({"handoff_mean_us": sum / count * 1e6, "connections": count}))
+}
+
+/// The daemon's `/stats/prometheus` page.
+fn zi_metrics() -> Option<String> {
+    output(nsexec(NET.ingress).args([
         "bash",
         "-c",
         "exec 3<>/dev/tcp/127.0.0.1/9901; printf 'GET /stats/prometheus HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n' >&3; cat <&3",
     ]))
-    .ok()?;
-    let mut sum = None;
-    let mut count = None;
-    for l in body.lines() {
-        if l.starts_with("zone_ingress_handoff_duration_seconds_sum") {
-            sum = l.split_whitespace().last().and_then(|v| v.parse::<f64>().ok());
-        }
-        if l.starts_with("zone_ingress_handoff_duration_seconds_count") {
-            count = l.split_whitespace().last().and_then(|v| v.parse::<f64>().ok());
-        }
-    }
-    let (sum, count) = (sum?, count?);
-    (count > 0.0).then(|| json!({"handoff_mean_us": sum / count * 1e6, "connections": count}))
+    .ok()
+}
+
+/// The value of the unlabelled sample `name` on a Prometheus page.
+fn prom_value(body: &str, name: &str) -> Option<f64> {
+    body.lines().find(|l| l.split_whitespace().next() == Some(name)).and_then(|l| l.split_whitespace().last()).and_then(|v| v.parse().ok())
+}
+
+/// Bytes the kernel path's monitor relayed so far (held directions), for zone-ingress kernel.
+fn relayed_bytes(system: System) -> Option<f64> {
+    (system == System::ZiKernel).then(|| zi_metrics().and_then(|b| prom_value(&b, "zone_ingress_splice_relayed_bytes_total"))).flatten()
 }
 
 /// Median/min/max of `field` over the samples of (system, metric).
@@ -548,7 +564,7 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
         if opts.quick { "quick (1 s per measurement)".to_owned() } else { format!("{} s per measurement", opts.seconds) }
     );
     let direct = |metric: &str, field: &str| stat(samples, System::Direct, metric, field).map(|m| m.0);
-    md.push_str("| system | 1 stream Gbit/s | 1 stream rev | 4 streams | 4 streams rev | Gbit/s per busy core | CPU s per GB | proxy process CPU s | RTT p50 µs (added) | RTT p99 µs | new TLS conn/s | handoff µs | RSS B/flow | Slab B/flow |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| system | 1 stream Gbit/s | 1 stream rev | 4 streams | 4 streams rev | Gbit/s per busy core | CPU s per GB | proxy process CPU s | relayed share | RTT p50 µs (added) | RTT p99 µs | new TLS conn/s | handoff µs | RSS B/flow | Slab B/flow |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for &s in systems {
         let cell = |metric: &str, field: &str, ratio_to_direct: bool| -> String {
             match stat(samples, s, metric, field) {
@@ -570,7 +586,7 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {added} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {added} | {} | {} | {} | {} | {} |",
             s.name(),
             cell("bulk_1_fwd", "gbps", true),
             cell("bulk_1_rev", "gbps", true),
@@ -579,6 +595,7 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
             cell("bulk_1_fwd", "gbps_per_busy_core", false),
             cell("bulk_1_fwd", "cpu_s_per_gb", false),
             cell("bulk_1_fwd", "proxy_cpu_s", false),
+            cell("bulk_1_fwd", "relayed_share", false),
             cell("latency", "rtt_p99_us", false),
             cell("conn_rate", "conn_per_s", true),
             cell("handoff", "handoff_mean_us", false),
@@ -594,7 +611,7 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
     }
     let _ = writeln!(
         md,
-        "\nBulk: iperf3 through the plaintext route (`--plaintext-route`, HAProxy/nginx default backend). CPU: busy core-seconds of the whole machine (softirq and kernel workers included) during the 1-stream run; proxy process CPU: user+system seconds of the proxy's own processes in that run (for zone-ingress the daemon; the kernel's splice work is in the machine column). Latency: sockperf ping-pong, 64 B, full RTT. Connections: rustls clients (16 concurrent), full mTLS handshake with a MeshService SNI and a 2-byte reply. Idle flows: {} per system.",
+        "\nBulk: iperf3 through the plaintext route (`--plaintext-route`, HAProxy/nginx default backend). CPU: busy core-seconds of the whole machine (softirq and kernel workers included) during the 1-stream run; proxy process CPU: user+system seconds of the proxy's own processes in that run (for zone-ingress the daemon; the kernel's splice work is in the machine column); relayed share: the part of the 1-stream bytes that zone-ingress kernel relayed itself while a direction was held (backpressure), the rest went through the sk_skb redirect. Per-connection logging: none for any system (the HAProxy and nginx configurations have no access log; zone-ingress runs with `--access-log off`). Latency: sockperf ping-pong, 64 B, full RTT. Connections: rustls clients (16 concurrent), full mTLS handshake with a MeshService SNI and a 2-byte reply. Idle flows: {} per system.",
         if opts.quick { 200 } else { opts.flows }
     );
     (md, Value::Object(js))

