@@ -306,10 +306,10 @@ fn every_endpoint_over_http() {
 
 /// Runs `conns` plain flows of known sizes and checks every counter against what the
 /// clients sent and received.
-fn exact_counters(splice: &str) {
+fn exact_counters(splice: &str, access_log: bool) {
     let topo = Topology::new(3);
     let rt = runtime();
-    let daemon = start(&topo, splice, &[]);
+    let daemon = start(&topo, splice, if access_log { &[] } else { &["--access-log", "off"] });
     let admin = admin_addr(ADMIN_PORT);
     let ns = &topo.ingress;
     let _dps = rt.block_on(async { plain_dataplanes(&topo, &[(1, 8080, "backend-1"), (2, 8080, "backend-2")]) });
@@ -374,14 +374,20 @@ fn exact_counters(splice: &str) {
     }
     if splice == "kernel" {
         // Every flow closed: the maps are empty again.
-        for map in ["SOCKS", "PAIRS"] {
+        for map in ["SOCKS", "PAIRS", "HOLD"] {
             assert_eq!(s.must("zone_ingress_bpf_map_entries", &[("map", map)]), 0.0, "{map}\n{}", s.text);
         }
         assert!(s.must("zone_ingress_bpf_verdict_skbs_total", &[("result", "redirected")]) > 0.0);
     }
-    // The access log agrees, line by line.
     let log = daemon.log_text();
     let needle = format!("mode=\"{mode}\" bytes");
+    if !access_log {
+        // `--access-log off`: the counters above still count, and no access line is written.
+        assert_eq!(log.matches(" access: ").count(), 0, "{log}");
+        assert!(log.contains("ready"), "the daemon's own log stays on:\n{log}");
+        return;
+    }
+    // The access log agrees, line by line.
     assert_eq!(log.matches(&needle).count(), sizes.len(), "{log}");
     assert_eq!(log.matches("connection rejected").count(), 2, "{log}");
     assert!(log.contains("service=\"backend\"") || log.contains("service=backend"), "{log}");
@@ -389,12 +395,17 @@ fn exact_counters(splice: &str) {
 
 #[test]
 fn counters_are_exact_kernel() {
-    exact_counters("kernel");
+    exact_counters("kernel", true);
+}
+
+#[test]
+fn counters_are_exact_without_access_log() {
+    exact_counters("kernel", false);
 }
 
 #[test]
 fn counters_are_exact_userspace() {
-    exact_counters("userspace");
+    exact_counters("userspace", true);
 }
 
 /// Byte counters of a spliced flow move while it runs (read from the BPF maps), and never

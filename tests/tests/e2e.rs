@@ -118,3 +118,48 @@ fn bad_config_reports_every_problem_and_starts_nothing() {
         assert!(!text.contains("ready"), "{cmd}: nothing may start:\n{text}");
     }
 }
+
+/// `zone-ingress validate --xdp-config`: the guard file is checked with the other two inputs,
+/// every problem of all three reported at once; a valid guard file passes.
+#[test]
+fn validate_checks_the_xdp_guard_file() {
+    use zone_ingress_tests::daemon::{Scratch, binary};
+    let scratch = Scratch::new("badguard");
+    let zi = scratch.write(
+        "zi.yaml",
+        "type: ZoneIngress\nname: zi\nnetworking:\n  address: 198.18.0.2\n  port: 70000\n  advertisedAddress: 198.18.100.1\n  advertisedPort: 10001\n",
+    );
+    let dps = scratch.write("dps.yaml", "type: Dataplane\nmesh: default\nname: a\nnetworking:\n  address: 198.18.1.2\n  inbound:\n  - port: 8080\n    tags:\n      kuma.io/service: backend\n");
+    let bad = scratch.write("guard.yaml", "allow:\n  - 198.18.0.0/15\n  - nonsense\nsynLimit:\n  rate: -1\n");
+    let good = scratch.write("good.yaml", "deny: [198.18.66.0/24]\nsynLimit:\n  rate: 100\n");
+    let validate = |zi: &std::path::Path, guard: &std::path::Path| {
+        let out = std::process::Command::new(binary())
+            .args(["validate", "--dataplane-file"])
+            .arg(zi)
+            .arg("--dataplanes")
+            .arg(&dps)
+            .arg("--xdp-config")
+            .arg(guard)
+            .output()
+            .expect("run the daemon binary");
+        (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    // Bad ZoneIngress and bad guard file: both files' problems in one report.
+    let (code, text) = validate(&zi, &bad);
+    assert_eq!(code, Some(64), "exit code 64 expected:\n{text}");
+    for needle in ["zi.yaml:5:", "networking.port", "guard.yaml:3:", "allow[1]", "guard.yaml:5:", "synLimit.rate"] {
+        assert!(text.contains(needle), "{needle:?} missing from the report:\n{text}");
+    }
+    // Valid inputs and a bad guard file: still refused.
+    let zi_ok = scratch.write(
+        "zi-ok.yaml",
+        "type: ZoneIngress\nname: zi\nnetworking:\n  address: 198.18.0.2\n  port: 10001\n  advertisedAddress: 198.18.100.1\n  advertisedPort: 10001\n",
+    );
+    let (code, text) = validate(&zi_ok, &bad);
+    assert_eq!(code, Some(64), "a bad guard file alone fails validation:\n{text}");
+    assert!(text.contains("guard.yaml:3:"), "{text}");
+    // Everything valid.
+    let (code, text) = validate(&zi_ok, &good);
+    assert_eq!(code, Some(0), "valid inputs:\n{text}");
+    assert!(text.contains("XDP guard file is valid") && text.contains("configuration is valid"), "{text}");
+}

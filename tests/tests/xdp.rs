@@ -174,6 +174,11 @@ fn lists(v6: bool, mode_flag: &[&str], expect_mode: &str) {
         let text = ops::get(&s.topo.ingress, admin_addr(ADMIN), "/stats?filter=xdp").body;
         assert!(text.contains(&format!("zone_ingress.xdp_packets_total.denied: {}", after["denied"])), "{text}");
         assert!(text.contains(&format!("zone_ingress.xdp_attached.i0.{expect_mode}: 1")), "{text}");
+        // And the guard's state in /config_dump: where it is attached and how long its lists are.
+        let dump = ops::get(&s.topo.ingress, admin_addr(ADMIN), "/config_dump").json();
+        let g = &dump["xdpGuard"];
+        assert_eq!(g["interfaces"], serde_json::json!([{"interface": "i0", "mode": expect_mode}]), "{dump:#}");
+        assert_eq!((g["allowCidrs"].as_u64(), g["denyCidrs"].as_u64()), (Some(4), Some(2)), "{dump:#}");
     });
 }
 

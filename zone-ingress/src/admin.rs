@@ -511,6 +511,14 @@ fn config_dump(ctx: &Ctx) -> serde_json::Value {
         Readiness::Terminating => "TERMINATING",
     };
     let l = &opts.limits;
+    let xdp_guard = ctx.info.xdp.as_deref().map(|g| {
+        let (allow, deny) = g.list_sizes();
+        json!({
+            "interfaces": g.attachments().into_iter().map(|(i, mode)| json!({"interface": i, "mode": mode})).collect::<Vec<_>>(),
+            "allowCidrs": allow,
+            "denyCidrs": deny,
+        })
+    });
     json!({
         "version": snap.version,
         "loadedAtUnix": snap.loaded_at.duration_since(std::time::SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
@@ -539,8 +547,10 @@ fn config_dump(ctx: &Ctx) -> serde_json::Value {
                 "drainStall": duration(l.drain_stall),
                 "keepalive": duration(l.keepalive),
                 "userspaceBufferBytes": l.userspace_buffer,
+                "holdAtBytes": crate::splice::kernel::HOLD_AT,
             },
         },
+        "xdpGuard": xdp_guard,
         "connections": {
             "clientHelloTimeout": duration(opts.client_hello_timeout),
             "connectTimeout": duration(opts.connect_timeout),

@@ -61,8 +61,9 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the ingress.
     Run(RunArgs),
-    /// Check the ZoneIngress file and the inventory, print every problem, and exit.
-    Validate(InputArgs),
+    /// Check the ZoneIngress file, the inventory and (if given) the XDP guard file, print every
+    /// problem, and exit.
+    Validate(ValidateArgs),
 }
 
 /// The two inputs, shared by `run` and `validate`.
@@ -84,6 +85,16 @@ pub struct InputArgs {
     /// Accepted for kuma-dp compatibility; must be `ingress`.
     #[arg(long, env = "KUMA_DATAPLANE_PROXY_TYPE", default_value = "ingress")]
     pub proxy_type: String,
+}
+
+/// `validate`: the inputs of `run`, and the guard file if there is one.
+#[derive(Args, Debug)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub inputs: InputArgs,
+    /// The XDP guard file, checked like `run --xdp-config` loads it.
+    #[arg(long, env = "ZONE_INGRESS_XDP_CONFIG")]
+    pub xdp_config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -229,13 +240,30 @@ fn report(problems: &[Diagnostic]) {
 }
 
 /// `zone-ingress validate`.
-pub fn validate(args: &InputArgs) -> anyhow::Result<ExitCode> {
-    match load_inputs(args) {
+pub fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
+    let guard = args.xdp_config.as_deref().map(xdp::load_config);
+    let inputs = load_inputs(&args.inputs);
+    let guard_warnings = match (&guard, &inputs) {
+        (Some(Err(e)), Ok(_)) => {
+            report(&e.diagnostics);
+            return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+        }
+        (Some(Err(e)), Err(problems)) => {
+            report(&[problems.as_slice(), e.diagnostics.as_slice()].concat());
+            return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+        }
+        (Some(Ok(g)), _) => g.warnings.clone(),
+        (None, _) => Vec::new(),
+    };
+    match inputs {
         Ok(inputs) => {
-            for w in &inputs.warnings {
+            for w in inputs.warnings.iter().chain(&guard_warnings) {
                 warn!("{w}");
             }
-            let table = RouteTable::build(&inputs.inventory, &args.zone);
+            if let Some(path) = &args.xdp_config {
+                info!(file = %path.display(), "XDP guard file is valid");
+            }
+            let table = RouteTable::build(&inputs.inventory, &args.inputs.zone);
             info!(
                 listener = %SocketAddr::new(inputs.zone_ingress.address, inputs.zone_ingress.port),
                 routes = table.entries().count(),

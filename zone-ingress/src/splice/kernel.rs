@@ -161,7 +161,7 @@ struct State {
 }
 
 /// Backlog toward the peer above which a direction is held.
-const HOLD_AT: u64 = 2 << 20;
+pub const HOLD_AT: u64 = 2 << 20;
 /// Size of the relay buffer of a held direction.
 const RELAY_BUFFER: usize = 256 << 10;
 /// How long a relay must stay caught up before it ends (see `relay_side`).
@@ -337,6 +337,7 @@ impl KernelSplice {
             (abi::SOCKS, maps.socks.fd().as_fd().try_clone_to_owned()),
             (abi::VERDICT, maps.verdict.fd().as_fd().try_clone_to_owned()),
             (abi::PAIRS, maps.pairs.map().fd().as_fd().try_clone_to_owned()),
+            (abi::HOLD, maps.hold.map().fd().as_fd().try_clone_to_owned()),
         ]
         .into_iter()
         .filter_map(|(name, fd)| fd.ok().map(|fd| (name, fd)))
