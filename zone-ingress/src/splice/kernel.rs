@@ -184,7 +184,9 @@ enum RelayError {
 
 /// The relay of one held direction.
 struct Relay {
-    buf: Box<[u8]>,
+    /// Allocated only while the relay moves bytes (empty while it waits for the peer's queue to
+    /// drain, and again once it has caught up), so idle holds cost no memory.
+    buf: Vec<u8>,
     /// `buf[start..end]` was read from the source and is not yet written to the peer.
     start: usize,
     end: usize,
@@ -199,7 +201,7 @@ struct Relay {
 
 impl Relay {
     fn new() -> Self {
-        Self { buf: vec![0; RELAY_BUFFER].into_boxed_slice(), start: 0, end: 0, want: true, eof: false, settled_since: None }
+        Self { buf: Vec::new(), start: 0, end: 0, want: true, eof: false, settled_since: None }
     }
 }
 
@@ -222,6 +224,8 @@ struct Spliced {
     relay: [Option<Relay>; 2],
     /// Bytes the monitor relayed from side i to its peer, since the handoff.
     relayed: [u64; 2],
+    /// Side i has a `HOLD` entry (to delete at close; most connections never get one).
+    hold_entry: [bool; 2],
     /// Last kick of a stuck drain check, per direction.
     last_kick: [Option<Instant>; 2],
     on_close: Option<OnClose>,
@@ -448,6 +452,7 @@ impl KernelSplice {
             handoff_ns: prep.handoff_ns,
             relay: [None, None],
             relayed: [0; 2],
+            hold_entry: [false; 2],
             last_kick: [None; 2],
             over_cap_since: None,
             on_close: Some(on_close),
@@ -721,6 +726,7 @@ impl Shared {
                 return;
             }
             conn.relay[side] = Some(Relay::new());
+            conn.hold_entry[side] = true;
             state.held.insert(token);
             self.stats.holds.fetch_add(1, Ordering::Relaxed);
             debug!(token, side, backlog, "direction held: bytes stay on the socket until the peer's queue drains");
@@ -820,11 +826,15 @@ impl Shared {
                 caught_up = true;
                 break;
             }
+            if relay.buf.is_empty() {
+                relay.buf = vec![0; RELAY_BUFFER];
+            }
             match sys::recv_nonblocking(src, &mut relay.buf) {
                 Ok(0) => relay.eof = true,
                 Ok(n) => (relay.start, relay.end) = (0, n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     caught_up = true;
+                    relay.buf = Vec::new();
                     break;
                 }
                 Err(e) => return Err(RelayError::Source(e)),
@@ -942,13 +952,15 @@ impl Shared {
                 libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd.as_raw_fd(), std::ptr::null_mut());
             }
         }
-        let Spliced { fds, cookies, bytes, mut on_close, .. } = conn;
+        let Spliced { fds, cookies, bytes, hold_entry, mut on_close, .. } = conn;
         drop(fds);
         {
             let mut maps = self.lock_maps();
-            for c in cookies {
-                let _ = maps.pairs.remove(&c);
-                let _ = maps.hold.remove(&c);
+            for (c, hold) in cookies.iter().zip(hold_entry) {
+                let _ = maps.pairs.remove(c);
+                if hold {
+                    let _ = maps.hold.remove(c);
+                }
             }
         }
         self.stats.active.fetch_sub(1, Ordering::AcqRel);
