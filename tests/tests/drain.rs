@@ -179,3 +179,48 @@ fn sigusr2_drains_the_listener_and_keeps_running() {
         assert!(!bpf_prog_exists(id), "BPF program {id} still loaded after exit");
     }
 }
+
+/// A second instance on the same listener address refuses to start (exit 1, a clear reason)
+/// instead of sharing the port through `SO_REUSEPORT` and taking half of the connections; the
+/// first keeps serving every connection.
+#[test]
+fn second_instance_on_the_same_port_refuses_to_start() {
+    let topo = Topology::new(1);
+    let first = start(&topo, "kernel", "1s");
+    let scratch = zone_ingress_tests::daemon::Scratch::new("second");
+    let zi = scratch.write("zi.yaml", &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT + 1));
+    let dps = scratch.write("dps.yaml", &ops::inventory(&[Inbound { name: "backend-1", k: 1, port: 8080, service: "backend", tags: &[] }]));
+    let log = scratch.0.join("second.log");
+    let out = std::fs::File::create(&log).expect("log file");
+    let mut second = topo
+        .ingress
+        .command(zone_ingress_tests::daemon::binary().to_str().expect("utf-8 path"))
+        .args(["run", "--dataplane-file"])
+        .arg(&zi)
+        .arg("--dataplanes")
+        .arg(&dps)
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().expect("log fd"))
+        .stderr(out)
+        .spawn()
+        .expect("spawn the second daemon");
+    // Bounded: a second instance that does start is stopped (by its PID) and fails the test.
+    let end = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if Instant::now() >= end {
+            let _ = second.kill();
+            let _ = second.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "the second instance must exit 1 at once:\n{text}");
+    assert!(text.contains("already in use by another socket"), "{text}");
+    assert!(!text.contains(" ready "), "the second instance must not get ready:\n{text}");
+    assert!(first.log_text().contains("ready"), "the first instance keeps running");
+    assert!(first.pid() != 0);
+}

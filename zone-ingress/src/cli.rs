@@ -355,6 +355,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let mut signals = Signals::new().context("installing signal handlers")?;
+        // Our listeners share their port with SO_REUSEPORT, which would also let a second
+        // instance started by mistake bind it and silently take half of the connections.
+        server::check_port_free(listen).with_context(|| format!("binding the listener {listen}"))?;
         let listeners = server::bind(listen, n).with_context(|| format!("binding the listener {listen}"))?;
         let metrics = Arc::new(Metrics::default());
         let snapshot = Snapshot {

@@ -361,6 +361,26 @@ impl Ingress {
     }
 }
 
+/// Fails if another socket (another zone-ingress, or anything else) is bound to `addr`: binds a
+/// probe without `SO_REUSEPORT`, which the kernel refuses next to any listener on that port.
+///
+/// # Errors
+/// `AddrInUse` with an explanation, or the probe's own error.
+pub fn check_port_free(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    probe.set_reuseaddr(true)?;
+    match probe.bind(addr) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{addr} is already in use by another socket (another zone-ingress instance?); not sharing the port"),
+        )),
+        other => other,
+    }
+}
+
 /// Binds `n` listeners on `addr` with `SO_REUSEPORT`, so the kernel spreads accepts over cores.
 pub fn bind(addr: SocketAddr, n: usize) -> io::Result<Vec<TcpListener>> {
     let mut out = Vec::with_capacity(n);
