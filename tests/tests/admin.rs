@@ -161,6 +161,31 @@ fn every_endpoint_over_http() {
     });
     let page = get(ns, admin, "/connections").json();
     assert!(ok, "three open flows with live kernel byte counts expected: {page:#}");
+    // The daemon never reads a spliced socket, so only the kernel can notice a vanished peer:
+    // every socket of the three flows (client side on :10001, backend side to :8080) runs the
+    // keepalive timer.
+    // `ss -o` shows one timer per socket: while a segment is unacknowledged it shows the
+    // retransmit timer instead, so look a few times and require keepalive once per socket.
+    let mut sockets = BTreeSet::new();
+    let mut with_keepalive = BTreeSet::new();
+    let mut last = String::new();
+    for _ in 0..50 {
+        let ss = ns.command("ss").args(["-tnoH", "state", "established"]).output().expect("ss");
+        last = String::from_utf8_lossy(&ss.stdout).into_owned();
+        for l in last.lines().filter(|l| l.contains("198.18.0.2:10001") || l.contains(":8080 ")) {
+            let tuple: String = l.split_whitespace().skip(2).take(2).collect::<Vec<_>>().join(" ");
+            if l.contains("timer:(keepalive") {
+                with_keepalive.insert(tuple.clone());
+            }
+            sockets.insert(tuple);
+        }
+        if sockets.len() == 6 && with_keepalive.len() == 6 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(sockets.len(), 6, "three flows, two sockets each:\n{last}");
+    assert_eq!(with_keepalive, sockets, "keepalive on every spliced socket:\n{last}");
     for f in page["connections"].as_array().expect("connections") {
         assert!(f["client"].as_str().expect("client").starts_with("198.18.0.1:"), "{f}");
         assert_eq!(f["sni"], PLAIN_ROUTE);
