@@ -137,18 +137,24 @@ impl Daemon {
     pub fn stop(&mut self, timeout: Duration) -> Option<ExitStatus> {
         self.signal(libc::SIGTERM);
         let mut child = self.child.take()?;
-        let end = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(s)) = child.try_wait() {
-                return Some(s);
-            }
-            if Instant::now() >= end {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        wait_or_kill(&mut child, timeout)
+    }
+}
+
+/// Waits for `child` to exit, at most `timeout`; then kills it (our own child, by its PID) and
+/// returns `None`.
+pub fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
         }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -205,18 +205,7 @@ fn second_instance_on_the_same_port_refuses_to_start() {
         .spawn()
         .expect("spawn the second daemon");
     // Bounded: a second instance that does start is stopped (by its PID) and fails the test.
-    let end = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = second.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if Instant::now() >= end {
-            let _ = second.kill();
-            let _ = second.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = zone_ingress_tests::daemon::wait_or_kill(&mut second, Duration::from_secs(10));
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(status.and_then(|s| s.code()), Some(1), "the second instance must exit 1 at once:\n{text}");
     assert!(text.contains("already in use by another socket"), "{text}");
