@@ -241,22 +241,19 @@ fn report(problems: &[Diagnostic]) {
 
 /// `zone-ingress validate`.
 pub fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
-    let guard = args.xdp_config.as_deref().map(xdp::load_config);
-    let inputs = load_inputs(&args.inputs);
-    let guard_warnings = match (&guard, &inputs) {
-        (Some(Err(e)), Ok(_)) => {
-            report(&e.diagnostics);
-            return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+    // Every problem of the three files in one report.
+    let mut problems = Vec::new();
+    let inputs = load_inputs(&args.inputs).map_err(|p| problems.extend(p));
+    let guard_warnings = match args.xdp_config.as_deref().map(xdp::load_config) {
+        Some(Ok(g)) => g.warnings,
+        Some(Err(e)) => {
+            problems.extend(e.diagnostics);
+            Vec::new()
         }
-        (Some(Err(e)), Err(problems)) => {
-            report(&[problems.as_slice(), e.diagnostics.as_slice()].concat());
-            return Ok(ExitCode::from(EXIT_BAD_CONFIG));
-        }
-        (Some(Ok(g)), _) => g.warnings.clone(),
-        (None, _) => Vec::new(),
+        None => Vec::new(),
     };
     match inputs {
-        Ok(inputs) => {
+        Ok(inputs) if problems.is_empty() => {
             for w in inputs.warnings.iter().chain(&guard_warnings) {
                 warn!("{w}");
             }
@@ -272,7 +269,7 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Err(problems) => {
+        _ => {
             report(&problems);
             Ok(ExitCode::from(EXIT_BAD_CONFIG))
         }

@@ -26,9 +26,9 @@
 //! so its TCP window closes as for any slow reader. Once the peer's psock queue is empty the
 //! monitor releases the hold and relays what was held (`recv`/`send`, non-blocking, one bounded
 //! buffer per held direction, `Hold::relayed` published after every chunk); the verdict keeps
-//! holding until an skb finds every held byte relayed, and redirects from that skb on. Order is kept because the relay writes
-//! only after the queued redirects reached the peer, and the verdict redirects again only after
-//! the relay wrote every held byte. The memory guard (`--max-in-flight-bytes`) remains as the
+//! holding until an skb finds every held byte relayed, and redirects from that skb on. Order is
+//! kept because the relay writes only after the queued redirects reached the peer, and the
+//! verdict redirects again only after the relay wrote every held byte. The memory guard (`--max-in-flight-bytes`) remains as the
 //! last resort: a backlog above it aborts the connection (RST both ways).
 //!
 //! Two backpressure designs were tried and are NOT used: removing the socket from `VERDICT`
@@ -197,6 +197,14 @@ struct Relay {
     eof: bool,
     /// Since when every held byte has been relayed (see `relay_side`).
     settled_since: Option<Instant>,
+}
+
+impl Spliced {
+    /// Bytes moved out of side `side` so far: redirected by the verdict (`pair` is that side's
+    /// `PAIRS` entry) or relayed by the monitor.
+    fn moved(&self, side: usize, pair: &Pair) -> u64 {
+        pair.bytes + self.relayed[side]
+    }
 }
 
 impl Relay {
@@ -614,8 +622,7 @@ impl Shared {
                         self.abort(state, token, side, CloseReason::Internal);
                         return;
                     }
-                    // Everything moved out of X: redirected by the verdict or relayed by us.
-                    p.bytes + conn.relayed[side]
+                    conn.moved(side, &p)
                 }
                 Err(_) => {
                     self.abort(state, token, side, CloseReason::Internal);
@@ -698,12 +705,13 @@ impl Shared {
         let y = sys::tcp_info(peer)?;
         // The peer's TCP holds what was redirected and what the monitor relayed.
         let in_peer = (y.bytes_acked + u64::from(sys::outq(peer)?)).saturating_sub(conn.sent_base[1 - side]);
-        Ok(((pair.bytes + conn.relayed[side]).saturating_sub(in_peer), pair))
+        Ok((conn.moved(side, &pair).saturating_sub(in_peer), pair))
     }
 
-    fn write_hold(&self, conn: &Spliced, side: usize, want: bool) -> io::Result<()> {
-        let hold = Hold { want: u64::from(want), relayed: conn.relayed[side] };
-        self.lock_maps().hold.insert(conn.cookies[side], hold, 0).map_err(io::Error::other)
+    /// Writes the `HOLD` entry of the socket with `cookie` (the only writer of that map).
+    fn set_hold(&self, cookie: u64, want: bool, relayed: u64) -> io::Result<()> {
+        let hold = Hold { want: u64::from(want), relayed };
+        self.lock_maps().hold.insert(cookie, hold, 0).map_err(io::Error::other)
     }
 
     /// Backpressure and memory guard for direction `side` of `token` (module docs): called
@@ -721,7 +729,7 @@ impl Shared {
             return;
         }
         if backlog > HOLD_AT {
-            if let Err(e) = self.write_hold(conn, side, true) {
+            if let Err(e) = self.set_hold(conn.cookies[side], true, conn.relayed[side]) {
                 warn!(token, side, error = %e, "could not hold a direction (HOLD map update)");
                 return;
             }
@@ -733,8 +741,8 @@ impl Shared {
         }
     }
 
-    /// One pass over the held directions of `token`: relay what the verdict kept once the
-    /// peer's psock queue is empty; release the hold once caught up.
+    /// One pass over the held directions of `token`: once the peer's psock queue is empty,
+    /// release the hold and relay what the verdict kept; end when every held byte is relayed.
     fn relay(&self, state: &mut State, token: u64) {
         let Some(conn) = state.conns.get_mut(&token) else {
             state.held.remove(&token);
@@ -777,10 +785,7 @@ impl Shared {
     fn relay_side(&self, conn: &mut Spliced, side: usize) -> Result<bool, RelayError> {
         let (backlog, pair) = self.backlog(conn, side).map_err(RelayError::Internal)?;
         let cookie = conn.cookies[side];
-        let publish = |want: bool, relayed: u64| -> Result<(), RelayError> {
-            let hold = Hold { want: u64::from(want), relayed };
-            self.lock_maps().hold.insert(cookie, hold, 0).map_err(|e| RelayError::Internal(io::Error::other(e)))
-        };
+        let publish = |relayed: u64| self.set_hold(cookie, false, relayed).map_err(RelayError::Internal);
         let (src, dst) = (conn.fds[side].as_fd(), conn.fds[1 - side].as_fd());
         let Some(relay) = conn.relay[side].as_mut() else { return Ok(true) };
         let relayed = &mut conn.relayed[side];
@@ -789,7 +794,7 @@ impl Shared {
                 // The queue drained before the verdict held anything: cancel. If a verdict run
                 // holds an skb meanwhile, `held != relayed` keeps it holding and we relay it.
                 relay.want = false;
-                publish(false, *relayed)?;
+                publish(*relayed)?;
             }
             // `holding` was set by a verdict run that finished after every earlier redirect of
             // this socket (runs are serialized), so `backlog` counts all of them: relay only once
@@ -801,7 +806,7 @@ impl Shared {
             // holding until an skb finds every held byte relayed, so it resumes redirecting at the
             // first skb after the relay has caught up; the relay moves what was held before that.
             relay.want = false;
-            publish(false, *relayed)?;
+            publish(*relayed)?;
         }
         let mut moved = 0u64;
         let mut caught_up = false;
@@ -814,7 +819,7 @@ impl Shared {
                         *relayed += n as u64;
                         if relay.start == relay.end {
                             // Tell the verdict at once, so it can resume as early as possible.
-                            publish(false, *relayed)?;
+                            publish(*relayed)?;
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -875,7 +880,7 @@ impl Shared {
                     if p.peer_missing != 0 {
                         expired.push((*token, side, CloseReason::Internal));
                     }
-                    conn.bytes[side] = p.bytes + conn.relayed[side];
+                    conn.bytes[side] = conn.moved(side, &p);
                     last = last.max(p.last_active_ns);
                     let peer = 1 - side;
                     if conn.shut[side] {
@@ -884,7 +889,7 @@ impl Shared {
                     let fd = conn.fds[peer].as_fd();
                     if let (Ok(y), Ok(outq)) = (sys::tcp_info(fd), sys::outq(fd)) {
                         let in_peer = (y.bytes_acked + u64::from(outq)).saturating_sub(conn.sent_base[peer]);
-                        worst = worst.max((p.bytes + conn.relayed[side]).saturating_sub(in_peer));
+                        worst = worst.max(conn.moved(side, &p).saturating_sub(in_peer));
                     }
                 }
                 total_in_flight += worst;
@@ -942,7 +947,7 @@ impl Shared {
             let maps = self.lock_maps();
             for side in [CLIENT, BACKEND] {
                 if let Ok(p) = maps.pairs.get(&conn.cookies[side], 0) {
-                    conn.bytes[side] = p.bytes + conn.relayed[side];
+                    conn.bytes[side] = conn.moved(side, &p);
                 }
             }
         }
