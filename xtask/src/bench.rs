@@ -43,9 +43,10 @@ pub struct Options {
     /// Seconds per throughput / latency / connection-rate measurement.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
-    /// Idle flows for the memory-per-flow figure (the descriptor hard limit of 20,000 on these
-    /// machines keeps it under 10,000: two sockets per flow, plus splice pipes in HAProxy).
-    #[arg(long, default_value_t = 7_500)]
+    /// Idle flows for the memory-per-flow figure. The descriptor hard limit of these machines
+    /// (20,000, and no CAP_SYS_RESOURCE to raise it) keeps it under 10,000: every proxy holds
+    /// two sockets per flow.
+    #[arg(long, default_value_t = 9_900)]
     pub flows: usize,
     /// Only these systems (comma-separated names).
     #[arg(long, value_delimiter = ',')]
@@ -190,9 +191,11 @@ fn start_system(guard: &mut Guard, ctx: &Ctx, system: System, phase: Phase) -> a
 
 /// The configuration a competent operator would write for an SNI router on 2 cores.
 fn haproxy_config(splice: bool, plaintext_backend: &str) -> String {
-    let splice = if splice { "    option splice-auto\n" } else { "" };
+    // maxpipes: HAProxy reserves two descriptors per pipe (default maxconn/4 pipes) and refuses
+    // to start above the 20,000-descriptor hard limit; 40 pipes cover every concurrent splice here.
+    let (splice, pipes) = if splice { ("    option splice-auto\n", "    maxpipes 40\n") } else { ("", "") };
     format!(
-        "global\n    nbthread 2\n    maxconn 7900\n    tune.bufsize 65536\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n{splice}\n\
+        "global\n    nbthread 2\n    maxconn 9950\n{pipes}    tune.bufsize 65536\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n{splice}\n\
 frontend zi\n    bind {INGRESS}:{LISTEN_PORT}\n    tcp-request inspect-delay 5s\n    tcp-request content accept if {{ req.ssl_hello_type 1 }}\n    tcp-request content accept if {{ req.len gt 0 }}\n\
     use_backend tls if {{ req.ssl_sni -m str {sni} }}\n    use_backend hold if {{ req.ssl_sni -m str hold{{mesh=default}} }}\n    default_backend plain\n\n\
 backend tls\n    server dp {DP}:{TLS_PORT}\n\nbackend hold\n    server dp {DP}:{HOLD_PORT}\n\nbackend plain\n    server dp {plaintext_backend}\n",
@@ -403,19 +406,40 @@ fn idle_flows(guard: &mut Guard, ctx: &Ctx, system: System, pids: &[u32], n: usi
         std::io::BufReader::new(stdout).read_line(&mut line)?;
     }
     guard.check()?;
+    let v: Value = serde_json::from_str(line.trim()).context("hold-client output")?;
+    let opened = v["held"].as_u64().unwrap_or(0);
+    // A flow counts once the proxy has connected it to the dataplane: wait (bounded) until the
+    // dataplane holds as many connections as the client opened.
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut flows = established(NET.dataplane, HOLD_PORT);
+    while flows < opened && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+        flows = established(NET.dataplane, HOLD_PORT);
+    }
     std::thread::sleep(Duration::from_secs(1));
     let rss1: u64 = pids.iter().map(|p| tree_rss_kb(*p)).sum();
     let slab1 = meminfo_kb("Slab:");
     drop(child.stdin.take());
     let _ = child.wait();
-    let v: Value = serde_json::from_str(line.trim()).context("hold-client output")?;
-    let held = v["held"].as_u64().unwrap_or(0);
-    if held == 0 {
-        bail!("no idle flow held via {}", system.name());
+    if flows == 0 || flows < opened {
+        bail!("{} connected {flows} of the {opened} idle flows the client opened ({n} asked)", system.name());
     }
-    std::thread::sleep(Duration::from_millis(500));
-    Ok(json!({"flows": held, "rss_kb": rss1, "rss_per_flow_b": (rss1.saturating_sub(rss0) * 1024) as f64 / held as f64,
-              "slab_per_flow_b": (slab1.saturating_sub(slab0) * 1024) as f64 / held as f64}))
+    let end = Instant::now() + Duration::from_secs(30);
+    while established(NET.dataplane, HOLD_PORT) > 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(json!({"flows": flows, "rss_kb": rss1, "rss_per_flow_b": (rss1.saturating_sub(rss0) * 1024) as f64 / flows as f64,
+              "slab_per_flow_b": (slab1.saturating_sub(slab0) * 1024) as f64 / flows as f64}))
+}
+
+/// Established TCP connections in `ns` whose local port is `port`.
+fn established(ns: &str, port: u16) -> u64 {
+    nsexec(ns)
+        .args(["ss", "-Htn", "state", "established", &format!("( sport = :{port} )")])
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| o.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count() as u64)
+        .unwrap_or(0)
 }
 
 pub fn bench(opts: &Options) -> anyhow::Result<()> {

@@ -67,6 +67,12 @@ impl Topology {
         if self.forward {
             exec(nsexec(i).args(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]))?;
         }
+        // The connecting sides open tens of thousands of short connections over a run (the idle
+        // flows, the connection rate), each leaving a TIME_WAIT socket for 60 s: the whole port
+        // range, and TIME_WAIT reuse for new outgoing connections.
+        for ns in [c, i] {
+            exec(nsexec(ns).args(["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65535", "net.ipv4.tcp_tw_reuse=1"]))?;
+        }
         Ok(())
     }
 }

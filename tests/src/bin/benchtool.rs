@@ -152,10 +152,15 @@ fn main() {
                 let addr: SocketAddr = arg(&args, 1, "addr").parse().expect("addr");
                 let l = tokio::net::TcpListener::bind(addr).await.expect("bind");
                 println!("listening");
-                let mut held = Vec::new();
+                // One task per connection, holding it until the peer closes: the bench runs one
+                // system after another against this server, so closed flows must free their
+                // descriptors (the machine's hard limit is 20,000).
                 loop {
-                    if let Ok((s, _)) = l.accept().await {
-                        held.push(s);
+                    if let Ok((mut s, _)) = l.accept().await {
+                        tokio::spawn(async move {
+                            let mut buf = [0u8; 4096];
+                            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                        });
                     }
                 }
             }

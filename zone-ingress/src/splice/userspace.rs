@@ -14,7 +14,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncWriteExt,
     net::{
         TcpStream,
         tcp::{ReadHalf, WriteHalf},
@@ -41,16 +41,28 @@ enum PumpError {
 }
 
 /// Copies until EOF, then shuts the writer down (FIN), so each direction half-closes alone.
+/// The buffer exists only while bytes are moving: it is allocated (not zeroed) when the source
+/// turns readable and freed when it has nothing more, so an idle flow holds no buffer.
 async fn pump(
-    mut from: ReadHalf<'_>,
+    from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
     counter: &AtomicU64,
     progress: &Progress,
     buffer: usize,
 ) -> Result<(), PumpError> {
-    let mut buf = vec![0u8; buffer];
+    let mut buf: Vec<u8> = Vec::new();
     loop {
-        let n = from.read(&mut buf).await.map_err(PumpError::Read)?;
+        from.readable().await.map_err(PumpError::Read)?;
+        buf.clear();
+        buf.reserve(buffer);
+        let n = match from.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                buf = Vec::new();
+                continue;
+            }
+            Err(e) => return Err(PumpError::Read(e)),
+        };
         if n == 0 {
             return to.shutdown().await.map_err(PumpError::Write);
         }
