@@ -94,7 +94,8 @@ fn start(topo: &Topology, splice: &str, extra: &[&str]) -> Daemon {
 fn every_endpoint_over_http() {
     let topo = Topology::new(3);
     let rt = runtime();
-    let mut daemon = start(&topo, "kernel", &[]);
+    // Three monitor threads: the flows below spread over all of them.
+    let mut daemon = start(&topo, "kernel", &["--splice-threads", "3"]);
     let admin = admin_addr(ADMIN_PORT);
     let ns = &topo.ingress;
     let _dps = rt.block_on(async { plain_dataplanes(&topo, &[(1, 8080, "backend-1"), (2, 8080, "backend-2"), (3, 6379, "redis-1")]) });
@@ -142,6 +143,7 @@ fn every_endpoint_over_http() {
     assert_eq!(dump["splice"]["mode"], "kernel");
     assert_eq!(dump["splice"]["requested"], "kernel");
     assert!(dump["splice"]["limits"]["maxSpliced"].as_u64().is_some());
+    assert_eq!(dump["splice"]["limits"]["monitorThreads"], 3);
     assert_eq!(dump["listener"]["address"], "198.18.0.2:10001");
     assert_eq!(dump["config"]["lastReload"]["ok"], true);
 

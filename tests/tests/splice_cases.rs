@@ -100,7 +100,9 @@ impl Env {
             }
         });
         let topo = Topology::new(1);
-        let mut args = vec!["--splice", mode, "--drain-time", "1s"];
+        // Two monitor threads whatever the machine: connections alternate between them (the
+        // first lands on monitor 1, whose flow reports travel from monitor 0's ring reader).
+        let mut args = vec!["--splice", mode, "--drain-time", "1s", "--splice-threads", "2"];
         args.extend_from_slice(extra);
         let daemon = Daemon::start(&topo.ingress, &zone_ingress_yaml("198.18.0.2", 10001, 9901), inventory, &args);
         Self { rt: runtime(), daemon, topo, mode, hello: raw::probe(SNI) }

@@ -548,6 +548,7 @@ fn config_dump(ctx: &Ctx) -> serde_json::Value {
                 "keepalive": duration(l.keepalive),
                 "userspaceBufferBytes": l.userspace_buffer,
                 "holdAtBytes": crate::splice::kernel::HOLD_AT,
+                "monitorThreads": l.monitor_threads,
             },
         },
         "xdpGuard": xdp_guard,

@@ -131,6 +131,10 @@ pub struct RunArgs {
     /// Global cap on kernel-spliced connections (beyond it: userspace relay).
     #[arg(long, default_value_t = Limits::default().max_spliced)]
     pub max_spliced: usize,
+    /// Kernel splice: monitor threads (close handling, backpressure, relaying held directions);
+    /// default: one per CPU, at most 4.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub splice_threads: Option<u16>,
     /// Non-Kuma extension, off by default: route connections that do not start with a TLS
     /// ClientHello as if they carried this SNI (e.g. `iperf{mesh=default}`).
     #[arg(long)]
@@ -295,6 +299,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         max_in_flight: args.max_in_flight_bytes,
         in_flight_grace: args.in_flight_grace,
         max_spliced: args.max_spliced,
+        monitor_threads: args.splice_threads.map_or_else(crate::splice::kernel::default_monitor_threads, usize::from),
         ..Limits::default()
     };
     let kernel = match args.splice {

@@ -11,9 +11,10 @@
 //!                                                  └► splice::userspace (fallback / --splice userspace)
 //! ```
 //!
-//! Backpressure of a spliced direction (`splice::kernel`, monitor): backlog toward the peer
-//! above 2 MiB → `HOLD` (the verdict keeps skbs on the receiving socket, whose window closes) →
-//! peer's psock queue empty → the monitor relays the held bytes → the verdict redirects again.
+//! Backpressure of a spliced direction (`splice::kernel`, the connection's monitor thread, one
+//! per CPU): backlog toward the peer above 2 MiB → `HOLD` (the verdict keeps skbs on the
+//! receiving socket, whose window closes) → peer's psock queue empty → the monitor relays the
+//! held bytes → the verdict redirects again.
 //!
 //! # Modules
 //! - [`cli`]: command line (kuma-dp flag names), `run` and `validate`.

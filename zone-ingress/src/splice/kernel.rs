@@ -12,7 +12,7 @@
 //!    forwards it; from here every byte goes through one path, in order;
 //! 5. check `peer_missing`; non-zero means the assumption broke: abort both with RST.
 //!
-//! After the handoff userspace never reads or writes either socket. The monitor thread watches
+//! After the handoff userspace never reads or writes either socket. A monitor thread watches
 //! them with its own epoll for `EPOLLRDHUP` only (asking for `EPOLLIN` would wake it after every
 //! batch the verdict moves) and, per direction X→Y, waits until every byte X received is in Y's
 //! TCP send queue before `shutdown(Y, SHUT_WR)` (§3's drain check).
@@ -30,6 +30,11 @@
 //! kept because the relay writes only after the queued redirects reached the peer, and the
 //! verdict redirects again only after the relay wrote every held byte. The memory guard (`--max-in-flight-bytes`) remains as the
 //! last resort: a backlog above it aborts the connection (RST both ways).
+//!
+//! Monitor threads (`Limits::monitor_threads`, one per CPU by default) each own the
+//! connections whose token falls to them, with their own epoll set and table, so the relays of
+//! several held directions run in parallel. Monitor 0 also reads the `EVENTS` ring and passes
+//! reports of other monitors' sockets on through their inbox (an eventfd wakes them).
 //!
 //! Two backpressure designs were tried and are NOT used: removing the socket from `VERDICT`
 //! (`sk_psock_verdict_recv` reads the program pointer per skb, and a removal in the middle of a
@@ -141,23 +146,91 @@ pub struct KernelSplice {
 struct Shared {
     maps: Mutex<Maps>,
     events: Mutex<RingBuf<MapData>>,
-    conns: Mutex<State>,
-    epoll: OwnedFd,
+    /// The monitor threads; connection `token` belongs to `monitors[token % len]`.
+    monitors: Vec<Monitor>,
     next_token: AtomicU64,
     limits: Limits,
     stats: Arc<KernelStats>,
     stop: std::sync::atomic::AtomicBool,
 }
 
-/// The monitor's table: every spliced connection, and those with a drain check pending.
-#[derive(Default)]
+/// One monitor thread: its connections, its epoll set, and how other threads reach it.
+struct Monitor {
+    conns: Mutex<State>,
+    epoll: OwnedFd,
+    /// eventfd in `epoll` (`WAKE_TOKEN`): written after a push to `inbox`.
+    wake: OwnedFd,
+    /// Cookies of sockets the verdict reported (`EVENTS`), forwarded by monitor 0, which reads
+    /// the ring; cookies of other monitors' connections are ignored.
+    inbox: Mutex<Vec<u64>>,
+}
+
+impl Monitor {
+    fn new() -> io::Result<Self> {
+        // SAFETY: epoll_create1 and eventfd return a fresh fd or -1.
+        let (epfd, efd) = unsafe { (libc::epoll_create1(libc::EPOLL_CLOEXEC), libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)) };
+        for fd in [epfd, efd] {
+            if fd < 0 {
+                let e = io::Error::last_os_error();
+                for fd in [epfd, efd] {
+                    if fd >= 0 {
+                        // SAFETY: closing the fresh fd created above.
+                        unsafe { libc::close(fd) };
+                    }
+                }
+                return Err(e);
+            }
+        }
+        // SAFETY: both are fresh fds owned by nobody else.
+        let (epoll, wake) = unsafe { (OwnedFd::from_raw_fd(epfd), OwnedFd::from_raw_fd(efd)) };
+        register_in(epoll.as_fd(), wake.as_raw_fd(), WAKE_TOKEN)?;
+        Ok(Self { conns: Mutex::new(State::new(epfd)), epoll, wake, inbox: Mutex::new(Vec::new()) })
+    }
+
+    fn lock_conns(&self) -> MutexGuard<'_, State> {
+        self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues a reported cookie for this monitor and wakes it.
+    fn post(&self, cookies: &[u64]) {
+        self.inbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(cookies);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes from a live buffer to our eventfd (cannot block: EFD_NONBLOCK).
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+}
+
+/// Adds `fd` to `epoll` for `EPOLLIN` with `token`.
+fn register_in(epoll: std::os::fd::BorrowedFd<'_>, fd: i32, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+    // SAFETY: registering a live fd the caller keeps open.
+    if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &raw mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Default number of monitor threads: one per CPU, at most 4.
+pub fn default_monitor_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get).min(4)
+}
+
+/// A monitor's table: its spliced connections, and those with a drain check pending.
 struct State {
+    /// The monitor's epoll set (owned by `Monitor`), to deregister sockets at close.
+    epfd: i32,
     conns: StdHashMap<u64, Spliced>,
     draining: BTreeSet<u64>,
     /// Connections with a held direction (polled until released).
     held: BTreeSet<u64>,
     /// Socket cookie → (token, side), to route `EVENTS` reports.
     by_cookie: StdHashMap<u64, (u64, usize)>,
+}
+
+impl State {
+    fn new(epfd: i32) -> Self {
+        Self { epfd, conns: StdHashMap::new(), draining: BTreeSet::new(), held: BTreeSet::new(), by_cookie: StdHashMap::new() }
+    }
 }
 
 /// Backlog toward the peer above which a direction is held.
@@ -169,8 +242,10 @@ const RELAY_SETTLE: Duration = Duration::from_millis(2);
 /// Bytes one held direction may relay per monitor pass (keeps one pass short).
 const RELAY_BUDGET: u64 = 4 << 20;
 
-/// epoll token of the `EVENTS` ring.
+/// epoll token of the `EVENTS` ring (monitor 0 only).
 const EVENTS_TOKEN: u64 = u64::MAX;
+/// epoll token of a monitor's wake-up eventfd.
+const WAKE_TOKEN: u64 = u64::MAX - 1;
 
 const CLIENT: usize = 0;
 const BACKEND: usize = 1;
@@ -279,34 +354,30 @@ impl KernelSplice {
         prog.load().map_err(|source| LoadError::Program { name: abi::VERDICT_PROG, source })?;
         prog.attach(&verdict_fd).map_err(|source| LoadError::Program { name: abi::VERDICT_PROG, source })?;
 
-        // SAFETY: epoll_create1 returns a fresh fd or -1.
-        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if epfd < 0 {
-            return Err(LoadError::Io { what: "epoll_create1", source: io::Error::last_os_error() });
-        }
-        // SAFETY: `epfd` is a fresh, owned fd.
-        let epoll = unsafe { OwnedFd::from_raw_fd(epfd) };
-        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: EVENTS_TOKEN };
-        // SAFETY: registering the ring buffer's fd, which `events` keeps open.
-        if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, events.as_raw_fd(), &raw mut ev) } < 0 {
-            return Err(LoadError::Io { what: "epoll_ctl of the EVENTS ring", source: io::Error::last_os_error() });
-        }
+        let threads = limits.monitor_threads.max(1);
+        let monitors = (0..threads)
+            .map(|_| Monitor::new())
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|source| LoadError::Io { what: "epoll/eventfd of a monitor thread", source })?;
+        register_in(monitors[0].epoll.as_fd(), events.as_raw_fd(), EVENTS_TOKEN)
+            .map_err(|source| LoadError::Io { what: "epoll_ctl of the EVENTS ring", source })?;
         let shared = Arc::new(Shared {
             maps: Mutex::new(Maps { socks, verdict, pairs, hold }),
             events: Mutex::new(events),
-            conns: Mutex::new(State::default()),
-            epoll,
+            monitors,
             next_token: AtomicU64::new(1),
             limits,
             stats: Arc::new(KernelStats::default()),
             stop: std::sync::atomic::AtomicBool::new(false),
         });
-        let monitor = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("splice-monitor".into())
-            .spawn(move || monitor.run())
-            .map_err(|source| LoadError::Io { what: "spawning the monitor thread", source })?;
-        info!(program = abi::VERDICT_PROG, map = abi::VERDICT, "sk_skb stream verdict attached");
+        for idx in 0..threads {
+            let monitor = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name(format!("splice-mon-{idx}"))
+                .spawn(move || monitor.run(idx))
+                .map_err(|source| LoadError::Io { what: "spawning a monitor thread", source })?;
+        }
+        info!(program = abi::VERDICT_PROG, map = abi::VERDICT, monitor_threads = threads, "sk_skb stream verdict attached");
         Ok(Self { shared, _ebpf: Mutex::new(ebpf), _stats_map: Mutex::new(stats_map) })
     }
 
@@ -469,7 +540,8 @@ impl KernelSplice {
             fds,
         };
         let raw = [conn.fds[0].as_raw_fd(), conn.fds[1].as_raw_fd()];
-        let mut conns = self.shared.lock_conns();
+        let monitor = self.shared.monitor_of(token);
+        let mut conns = monitor.lock_conns();
         for side in [CLIENT, BACKEND] {
             conns.by_cookie.insert(conn.cookies[side], (token, side));
         }
@@ -481,7 +553,7 @@ impl KernelSplice {
                 u64: token << 1 | side as u64,
             };
             // SAFETY: registering a live fd owned by `conns[token]`.
-            if unsafe { libc::epoll_ctl(self.shared.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, raw[side], &raw mut ev) } < 0 {
+            if unsafe { libc::epoll_ctl(monitor.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, raw[side], &raw mut ev) } < 0 {
                 failed = Some(("epoll_ctl", io::Error::last_os_error()));
             }
         }
@@ -493,10 +565,12 @@ impl KernelSplice {
 
     /// Stops the monitor thread and aborts every spliced connection (used at the end of drain).
     pub fn abort_all(&self, reason: CloseReason) {
-        let mut conns = self.shared.lock_conns();
-        let tokens: Vec<u64> = conns.conns.keys().copied().collect();
-        for t in tokens {
-            self.shared.finish(&mut conns, t, reason);
+        for monitor in &self.shared.monitors {
+            let mut conns = monitor.lock_conns();
+            let tokens: Vec<u64> = conns.conns.keys().copied().collect();
+            for t in tokens {
+                self.shared.finish(&mut conns, t, reason);
+            }
         }
     }
 }
@@ -532,16 +606,19 @@ impl Shared {
         self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn lock_conns(&self) -> MutexGuard<'_, State> {
-        self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn monitor_of(&self, token: u64) -> &Monitor {
+        // `as usize`: the remainder is below `monitors.len()`.
+        &self.monitors[(token % self.monitors.len() as u64) as usize]
     }
 
-    fn run(&self) {
+    /// Monitor thread `idx`: close handling, backpressure and relays of its connections.
+    fn run(&self, idx: usize) {
+        let me = &self.monitors[idx];
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         let mut last_sample = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
             let timeout = {
-                let st = self.lock_conns();
+                let st = me.lock_conns();
                 if !st.held.is_empty() {
                     HOLD_POLL
                 } else if !st.draining.is_empty() {
@@ -550,7 +627,7 @@ impl Shared {
                     Duration::from_millis(200)
                 }
             };
-            let n = sys::epoll_wait(self.epoll.as_fd(), &mut events, timeout);
+            let n = sys::epoll_wait(me.epoll.as_fd(), &mut events, timeout);
             let n = match n {
                 Ok(n) => n,
                 Err(e) => {
@@ -561,10 +638,18 @@ impl Shared {
                     continue;
                 }
             };
-            let mut conns = self.lock_conns();
+            let mut conns = me.lock_conns();
             for ev in &events[..n] {
                 if ev.u64 == EVENTS_TOKEN {
                     self.on_reports(&mut conns);
+                    continue;
+                }
+                if ev.u64 == WAKE_TOKEN {
+                    let mut count = [0u8; 8];
+                    // SAFETY: reading 8 bytes into a live buffer from our non-blocking eventfd.
+                    unsafe { libc::read(me.wake.as_raw_fd(), count.as_mut_ptr().cast(), count.len()) };
+                    let cookies = std::mem::take(&mut *me.inbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+                    self.on_cookies(&mut conns, &cookies);
                     continue;
                 }
                 let token = ev.u64 >> 1;
@@ -678,8 +763,9 @@ impl Shared {
         }
     }
 
-    /// Drains the `EVENTS` ring: each report names a socket that forwarded another
-    /// `REPORT_EVERY` bytes; check that direction's backlog.
+    /// Drains the `EVENTS` ring (monitor 0): each report names a socket that forwarded another
+    /// `REPORT_EVERY` bytes; check that direction's backlog, or pass the report on to the other
+    /// monitors (one of them has the connection; a report per MiB makes a broadcast cheap).
     fn on_reports(&self, state: &mut State) {
         let mut cookies = Vec::new();
         {
@@ -690,11 +776,25 @@ impl Shared {
                 }
             }
         }
-        for cookie in cookies {
-            if let Some(&(token, side)) = state.by_cookie.get(&cookie) {
-                self.flow(state, token, side);
+        let foreign = self.on_cookies(state, &cookies);
+        if !foreign.is_empty() {
+            for monitor in &self.monitors[1..] {
+                monitor.post(&foreign);
             }
         }
+    }
+
+    /// Runs `flow` for the reported cookies of this monitor's connections; returns the others.
+    fn on_cookies(&self, state: &mut State, cookies: &[u64]) -> Vec<u64> {
+        let mut foreign = Vec::new();
+        for &cookie in cookies {
+            if let Some(&(token, side)) = state.by_cookie.get(&cookie) {
+                self.flow(state, token, side);
+            } else {
+                foreign.push(cookie);
+            }
+        }
+        foreign
     }
 
     /// Bytes the verdict redirected from `side` that are not yet in the peer's TCP send queue,
@@ -954,7 +1054,7 @@ impl Shared {
         for fd in &conn.fds {
             // SAFETY: removing a live fd we own from our epoll set.
             unsafe {
-                libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd.as_raw_fd(), std::ptr::null_mut());
+                libc::epoll_ctl(state.epfd, libc::EPOLL_CTL_DEL, fd.as_raw_fd(), std::ptr::null_mut());
             }
         }
         let Spliced { fds, cookies, bytes, hold_entry, mut on_close, .. } = conn;

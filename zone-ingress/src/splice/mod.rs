@@ -54,6 +54,9 @@ pub struct Limits {
     pub keepalive: Duration,
     /// Userspace path: bytes buffered per direction.
     pub userspace_buffer: usize,
+    /// Kernel path: monitor threads (close handling, backpressure, relays of held directions),
+    /// each owning a share of the connections.
+    pub monitor_threads: usize,
 }
 
 impl Default for Limits {
@@ -66,6 +69,7 @@ impl Default for Limits {
             drain_stall: Duration::from_secs(60),
             keepalive: Duration::from_secs(60),
             userspace_buffer: 64 << 10,
+            monitor_threads: kernel::default_monitor_threads(),
         }
     }
 }
