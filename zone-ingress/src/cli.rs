@@ -353,6 +353,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         ..Options::default()
     };
     let listen = zi.listen_addr();
+    let keepalive = options.limits.keepalive;
     let n = args.listeners.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -360,7 +361,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         // Our listeners share their port with SO_REUSEPORT, which would also let a second
         // instance started by mistake bind it and silently take half of the connections.
         server::check_port_free(listen).with_context(|| format!("binding the listener {listen}"))?;
-        let listeners = server::bind(listen, n).with_context(|| format!("binding the listener {listen}"))?;
+        let listeners = server::bind(listen, n, keepalive).with_context(|| format!("binding the listener {listen}"))?;
         let metrics = Arc::new(Metrics::default());
         let snapshot = Snapshot {
             version: 1,

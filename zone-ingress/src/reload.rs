@@ -151,7 +151,7 @@ impl Reloader {
         let rebind = !unchanged && ingress.listener_addr() != Some(new_addr) && !ingress.listener_drained();
         // Bind before anything changes: a failure leaves everything as it was.
         let listeners = if rebind {
-            Some(server::bind(new_addr, self.listeners).map_err(|source| ReloadError::Bind { addr: new_addr, source })?)
+            Some(server::bind(new_addr, self.listeners, ingress.options.limits.keepalive).map_err(|source| ReloadError::Bind { addr: new_addr, source })?)
         } else {
             None
         };

@@ -382,13 +382,18 @@ pub fn check_port_free(addr: SocketAddr) -> io::Result<()> {
 }
 
 /// Binds `n` listeners on `addr` with `SO_REUSEPORT`, so the kernel spreads accepts over cores.
-pub fn bind(addr: SocketAddr, n: usize) -> io::Result<Vec<TcpListener>> {
+/// `TCP_NODELAY` and dead-peer detection (keepalive after `keepalive` idle, `TCP_USER_TIMEOUT`)
+/// are set on the listeners, which every accepted socket inherits: the spliced client socket
+/// needs them and gets them without six system calls per connection.
+pub fn bind(addr: SocketAddr, n: usize, keepalive: Duration) -> io::Result<Vec<TcpListener>> {
     let mut out = Vec::with_capacity(n);
     let mut addr = addr;
     for _ in 0..n.max(1) {
         let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
         socket.set_reuseport(true)?;
+        sys::set_nodelay(socket.as_fd())?;
+        sys::set_dead_peer_detection(socket.as_fd(), keepalive, crate::splice::KEEPALIVE_INTERVAL, crate::splice::KEEPALIVE_PROBES)?;
         socket.bind(addr)?;
         // Port 0: the first bind picks it, the others must share it.
         addr = socket.local_addr()?;

@@ -184,7 +184,7 @@ impl Monitor {
         // SAFETY: both are fresh fds owned by nobody else.
         let (epoll, wake) = unsafe { (OwnedFd::from_raw_fd(epfd), OwnedFd::from_raw_fd(efd)) };
         register_in(epoll.as_fd(), wake.as_raw_fd(), WAKE_TOKEN)?;
-        Ok(Self { conns: Mutex::new(State::new(epfd)), epoll, wake, inbox: Mutex::new(Vec::new()) })
+        Ok(Self { conns: Mutex::new(State::default()), epoll, wake, inbox: Mutex::new(Vec::new()) })
     }
 
     fn lock_conns(&self) -> MutexGuard<'_, State> {
@@ -216,21 +216,14 @@ pub fn default_monitor_threads() -> usize {
 }
 
 /// A monitor's table: its spliced connections, and those with a drain check pending.
+#[derive(Default)]
 struct State {
-    /// The monitor's epoll set (owned by `Monitor`), to deregister sockets at close.
-    epfd: i32,
     conns: StdHashMap<u64, Spliced>,
     draining: BTreeSet<u64>,
     /// Connections with a held direction (polled until released).
     held: BTreeSet<u64>,
     /// Socket cookie → (token, side), to route `EVENTS` reports.
     by_cookie: StdHashMap<u64, (u64, usize)>,
-}
-
-impl State {
-    fn new(epfd: i32) -> Self {
-        Self { epfd, conns: StdHashMap::new(), draining: BTreeSet::new(), held: BTreeSet::new(), by_cookie: StdHashMap::new() }
-    }
 }
 
 /// Backlog toward the peer above which a direction is held.
@@ -455,12 +448,11 @@ impl KernelSplice {
             sys::socket_cookie(fds[CLIENT]).map_err(io("SO_COOKIE of the client socket"))?,
             sys::socket_cookie(fds[BACKEND]).map_err(io("SO_COOKIE of the backend socket"))?,
         ];
+        // The client socket inherited these from the listener (`server::bind`).
         let keepalive = self.shared.limits.keepalive;
-        for fd in fds {
-            sys::set_nodelay(fd).map_err(io("TCP_NODELAY"))?;
-            sys::set_dead_peer_detection(fd, keepalive, Duration::from_secs(10), 6)
-                .map_err(io("keepalive / TCP_USER_TIMEOUT"))?;
-        }
+        sys::set_nodelay(fds[BACKEND]).map_err(io("TCP_NODELAY"))?;
+        sys::set_dead_peer_detection(fds[BACKEND], keepalive, super::KEEPALIVE_INTERVAL, super::KEEPALIVE_PROBES)
+            .map_err(io("keepalive / TCP_USER_TIMEOUT"))?;
         let mut maps = self.shared.lock_maps();
         for side in [CLIENT, BACKEND] {
             let pair = Pair { peer: cookies[1 - side], ..Pair::default() };
@@ -1043,20 +1035,20 @@ impl Shared {
         for c in conn.cookies {
             state.by_cookie.remove(&c);
         }
-        {
+        if conn.shut != [true, true] {
+            // A direction that was shut has its final count from its drain check.
             let maps = self.lock_maps();
             for side in [CLIENT, BACKEND] {
+                if conn.shut[side] {
+                    continue;
+                }
                 if let Ok(p) = maps.pairs.get(&conn.cookies[side], 0) {
                     conn.bytes[side] = conn.moved(side, &p);
                 }
             }
         }
-        for fd in &conn.fds {
-            // SAFETY: removing a live fd we own from our epoll set.
-            unsafe {
-                libc::epoll_ctl(state.epfd, libc::EPOLL_CTL_DEL, fd.as_raw_fd(), std::ptr::null_mut());
-            }
-        }
+        // No EPOLL_CTL_DEL: closing the sockets (nothing else holds their files) takes them out
+        // of the monitor's epoll set.
         let Spliced { fds, cookies, bytes, hold_entry, mut on_close, .. } = conn;
         drop(fds);
         {

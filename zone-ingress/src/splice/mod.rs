@@ -37,6 +37,11 @@ impl Path {
 }
 
 /// Limits that apply to spliced connections.
+/// Dead-peer detection of spliced sockets: after `Limits::keepalive` idle, a probe every
+/// `KEEPALIVE_INTERVAL`, `KEEPALIVE_PROBES` unanswered ones end the connection.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+pub const KEEPALIVE_PROBES: u32 = 6;
+
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Limits {
     /// Close a connection after this long without a byte in either direction (Kuma: 1 h).
