@@ -73,8 +73,7 @@ fn parse_response(buf: &[u8]) -> Option<Response> {
     let head = std::str::from_utf8(&buf[..head_end]).ok()?;
     let mut lines = head.split("\r\n");
     let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> =
-        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect();
+    let headers: Vec<(String, String)> = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect();
     let mut body = buf[head_end + 4..].to_vec();
     let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
     if chunked {
@@ -124,10 +123,8 @@ impl Scrape {
                     typed.insert(metric_alias.unwrap_or(metric_name));
                 }
                 LineInfo::Sample { metric_name, .. } => {
-                    let family = ["_bucket", "_sum", "_count"]
-                        .iter()
-                        .find_map(|s| metric_name.strip_suffix(s).filter(|f| typed.contains(*f)))
-                        .unwrap_or(metric_name);
+                    let family =
+                        ["_bucket", "_sum", "_count"].iter().find_map(|s| metric_name.strip_suffix(s).filter(|f| typed.contains(*f))).unwrap_or(metric_name);
                     assert!(typed.contains(family), "sample without a # TYPE line: {line:?}");
                 }
                 LineInfo::Doc { .. } | LineInfo::Empty => {}
@@ -315,9 +312,7 @@ pub fn ingress_addr(port: u16) -> SocketAddr {
 /// Runs one plain-TCP protocol exchange from the client namespace through the ingress.
 pub async fn plain_flow(topo: &Topology, port: u16, n_up: u64, n_down: u64) -> std::io::Result<Outcome> {
     let tcp = topo.client.connect(ingress_addr(port))?;
-    tokio::time::timeout(Duration::from_secs(60), crate::stream::client(tcp, n_up, n_down))
-        .await
-        .map_err(|_| std::io::Error::other("flow timed out"))?
+    tokio::time::timeout(Duration::from_secs(60), crate::stream::client(tcp, n_up, n_down)).await.map_err(|_| std::io::Error::other("flow timed out"))?
 }
 
 /// Ids of the BPF programs process `pid` holds open (from `/proc/<pid>/fdinfo`).
@@ -335,10 +330,5 @@ pub fn bpf_prog_ids(pid: u32) -> Vec<u32> {
 
 /// The BPF program `id` still exists (`bpftool prog show id <id>`).
 pub fn bpf_prog_exists(id: u32) -> bool {
-    std::process::Command::new("bpftool")
-        .args(["prog", "show", "id", &id.to_string()])
-        .output()
-        .expect("bpftool prog show id")
-        .status
-        .success()
+    std::process::Command::new("bpftool").args(["prog", "show", "id", &id.to_string()]).output().expect("bpftool prog show id").status.success()
 }

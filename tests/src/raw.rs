@@ -131,9 +131,7 @@ fn setsockopt_int(fd: i32, level: i32, name: i32, v: i32) -> io::Result<()> {
 pub fn set_linger_zero(s: &impl AsRawFd) -> io::Result<()> {
     let l = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: `l` lives across the call and its size is passed.
-    let r = unsafe {
-        libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&raw const l).cast(), size_of::<libc::linger>() as libc::socklen_t)
-    };
+    let r = unsafe { libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&raw const l).cast(), size_of::<libc::linger>() as libc::socklen_t) };
     if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
@@ -416,8 +414,7 @@ pub fn dmesg() -> Result<Vec<String>, String> {
 }
 
 /// Names whose appearance in a splat ties it to the splice path.
-pub const SPLICE_KERNEL_SYMBOLS: [&str; 8] =
-    ["sk_psock", "skmsg", "tcp_bpf", "sock_map", "sockmap", "sk_skb", "bpf_sk_redirect", "sk_msg"];
+pub const SPLICE_KERNEL_SYMBOLS: [&str; 8] = ["sk_psock", "skmsg", "tcp_bpf", "sock_map", "sockmap", "sk_skb", "bpf_sk_redirect", "sk_msg"];
 
 /// Kernel splats (`WARNING:`, `BUG:`, oopses) that are new since `before` and mention the
 /// splice path in their first line or their call trace (the 60 lines after it).

@@ -158,8 +158,7 @@ fn every_endpoint_over_http() {
     });
     let ok = wait_until(Duration::from_secs(10), || {
         let page = get(ns, admin, "/connections").json();
-        page["total"] == 3
-            && page["connections"].as_array().is_some_and(|c| c.iter().all(|f| f["bytesClientToBackend"].as_u64().unwrap_or(0) > 0))
+        page["total"] == 3 && page["connections"].as_array().is_some_and(|c| c.iter().all(|f| f["bytesClientToBackend"].as_u64().unwrap_or(0) > 0))
     });
     let page = get(ns, admin, "/connections").json();
     assert!(ok, "three open flows with live kernel byte counts expected: {page:#}");

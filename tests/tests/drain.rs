@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use zone_ingress_tests::{
     daemon::{Daemon, zone_ingress_yaml},
     netns::Topology,
-    ops::{self, Inbound, admin_addr, bpf_prog_exists, bpf_prog_ids, bpf_programs_named, get, ingress_addr, paced_client, plain_dataplanes, wait_exit, wait_until},
+    ops::{
+        self, Inbound, admin_addr, bpf_prog_exists, bpf_prog_ids, bpf_programs_named, get, ingress_addr, paced_client, plain_dataplanes, wait_exit, wait_until,
+    },
     runtime,
 };
 

@@ -23,12 +23,7 @@ fn e2e(splice: &str, v6: bool) {
     let pki = Pki::new();
     let rt = runtime();
     let listen = if v6 { Topology::ingress_v6().to_string() } else { Topology::ingress_v4().to_string() };
-    let daemon = Daemon::start(
-        &topo.ingress,
-        &zone_ingress_yaml(&listen, 10001, 9901),
-        &section5_inventory(v6),
-        &["--splice", splice, "--drain-time", "1s"],
-    );
+    let daemon = Daemon::start(&topo.ingress, &zone_ingress_yaml(&listen, 10001, 9901), &section5_inventory(v6), &["--splice", splice, "--drain-time", "1s"]);
     rt.block_on(async {
         let mut stats = Vec::new();
         for (k, name) in DP_NAMES.iter().enumerate() {
@@ -44,17 +39,12 @@ fn e2e(splice: &str, v6: bool) {
         // Two connections: round robin must send one to each backend dataplane.
         for _ in 0..2 {
             let tcp = topo.client.connect(ingress).expect("connect to the ingress");
-            let tls = tokio::time::timeout(
-                Duration::from_secs(10),
-                connector.connect(ServerName::try_from(BACKEND_MS).expect("dns name"), tcp),
-            )
-            .await
-            .expect("handshake timed out")
-            .expect("mTLS handshake through the ingress");
-            let out = tokio::time::timeout(Duration::from_secs(120), stream::client(tls, 64 * MIB, 64 * MIB))
+            let tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(ServerName::try_from(BACKEND_MS).expect("dns name"), tcp))
                 .await
-                .expect("transfer timed out")
-                .expect("transfer");
+                .expect("handshake timed out")
+                .expect("mTLS handshake through the ingress");
+            let out =
+                tokio::time::timeout(Duration::from_secs(120), stream::client(tls, 64 * MIB, 64 * MIB)).await.expect("transfer timed out").expect("transfer");
             assert!(out.up_ok, "client → dataplane SHA-256 mismatch via {splice}");
             assert!(out.down_ok, "dataplane → client SHA-256 mismatch via {splice}");
             seen.push(out.dataplane);
@@ -94,10 +84,7 @@ fn kernel_v6_64mib_each_way() {
 fn bad_config_reports_every_problem_and_starts_nothing() {
     use zone_ingress_tests::daemon::{Scratch, binary};
     let scratch = Scratch::new("badcfg");
-    let zi = scratch.write(
-        "zi.yaml",
-        "type: ZoneIngress\nname: zi\nnetworking:\n  address: 0.0.0.0\n  port: 70000\n  advertisedAddress: 198.18.100.1\n",
-    );
+    let zi = scratch.write("zi.yaml", "type: ZoneIngress\nname: zi\nnetworking:\n  address: 0.0.0.0\n  port: 70000\n  advertisedAddress: 198.18.100.1\n");
     let dps = scratch.write(
         "dps.yaml",
         "type: Dataplane\nmesh: default\nname: a\nnetworking:\n  address: 198.18.1.2\n  inbound:\n  - port: 0\n    tags:\n      version: v1\n",
@@ -112,7 +99,9 @@ fn bad_config_reports_every_problem_and_starts_nothing() {
             .expect("run the daemon binary");
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert_eq!(out.status.code(), Some(64), "{cmd}: exit code 64 expected:\n{text}");
-        for needle in ["zi.yaml:4:", "networking.address", "zi.yaml:5:", "networking.port", "advertisedPort", "dps.yaml:7:", "inbound[0].port", "kuma.io/service"] {
+        for needle in
+            ["zi.yaml:4:", "networking.address", "zi.yaml:5:", "networking.port", "advertisedPort", "dps.yaml:7:", "inbound[0].port", "kuma.io/service"]
+        {
             assert!(text.contains(needle), "{cmd}: {needle:?} missing from the report:\n{text}");
         }
         assert!(!text.contains("ready"), "{cmd}: nothing may start:\n{text}");
@@ -129,7 +118,10 @@ fn validate_checks_the_xdp_guard_file() {
         "zi.yaml",
         "type: ZoneIngress\nname: zi\nnetworking:\n  address: 198.18.0.2\n  port: 70000\n  advertisedAddress: 198.18.100.1\n  advertisedPort: 10001\n",
     );
-    let dps = scratch.write("dps.yaml", "type: Dataplane\nmesh: default\nname: a\nnetworking:\n  address: 198.18.1.2\n  inbound:\n  - port: 8080\n    tags:\n      kuma.io/service: backend\n");
+    let dps = scratch.write(
+        "dps.yaml",
+        "type: Dataplane\nmesh: default\nname: a\nnetworking:\n  address: 198.18.1.2\n  inbound:\n  - port: 8080\n    tags:\n      kuma.io/service: backend\n",
+    );
     let bad = scratch.write("guard.yaml", "allow:\n  - 198.18.0.0/15\n  - nonsense\nsynLimit:\n  rate: -1\n");
     let good = scratch.write("good.yaml", "deny: [198.18.66.0/24]\nsynLimit:\n  rate: 100\n");
     let validate = |zi: &std::path::Path, guard: &std::path::Path| {

@@ -80,9 +80,8 @@ fn reload_under_load() {
     let errors = dump["config"]["lastReload"]["errors"].as_array().expect("errors");
     assert!(!errors.is_empty(), "{dump:#}");
     assert!(errors.iter().any(|e| e.as_str().is_some_and(|e| e.contains("dataplanes.yaml"))), "errors name the file: {errors:?}");
-    let backend_route = |dump: &serde_json::Value| {
-        dump["routes"].as_array().expect("routes").iter().find(|r| r["sni"] == PLAIN_ROUTE).map(|r| r["endpoints"].clone())
-    };
+    let backend_route =
+        |dump: &serde_json::Value| dump["routes"].as_array().expect("routes").iter().find(|r| r["sni"] == PLAIN_ROUTE).map(|r| r["endpoints"].clone());
     assert_eq!(backend_route(&dump), Some(serde_json::json!(["198.18.1.2:8080", "198.18.2.2:8080"])), "the running table stays");
     assert_eq!(served_by(&rt, &topo, 10001, 4), set(&["backend-1", "backend-2"]));
     assert!(daemon.log_text().contains("configuration rejected"), "{}", daemon.log_text());
@@ -163,11 +162,7 @@ fn admin_port_change_rebinds_admin() {
     let dps = scratch.write("dataplanes.yaml", &ops::inventory(&[backend("backend-1", 1)]));
     let daemon = Daemon::start_files(&topo.ingress, Scratch::new("adminport-daemon"), &zi, &dps, &[]);
     write_atomic(&zi, &zone_ingress_yaml("198.18.0.2", 10001, 9902));
-    assert!(
-        wait_until(Duration::from_secs(10), || topo.ingress.connect(admin_addr(9902)).is_ok()),
-        "admin on the new port:\n{}",
-        daemon.log_text()
-    );
+    assert!(wait_until(Duration::from_secs(10), || topo.ingress.connect(admin_addr(9902)).is_ok()), "admin on the new port:\n{}", daemon.log_text());
     assert_eq!(get(&topo.ingress, admin_addr(9902), "/ready").status, 200);
     assert!(topo.ingress.connect(admin_addr(ADMIN_PORT)).is_err(), "the old admin port is closed");
 }

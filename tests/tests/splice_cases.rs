@@ -836,7 +836,10 @@ fn backend_refusing(mode: &'static str) {
             (me, took)
         });
         eprintln!("{sni}: closed after {took:?}");
-        assert!(took >= min && took <= max, "{sni}: closed after {took:?}, expected within [{min:?}, {max:?}] (connect timeout {timeout:?} × {attempts} attempts)");
+        assert!(
+            took >= min && took <= max,
+            "{sni}: closed after {took:?}, expected within [{min:?}, {max:?}] (connect timeout {timeout:?} × {attempts} attempts)"
+        );
         let line = raw::wait_access_line(&env.daemon.log, client, "connection rejected", Duration::from_secs(5))
             .unwrap_or_else(|| panic!("no rejection logged for {client}:\n{}", env.daemon.log_text()));
         assert_eq!(raw::field(&line, "reason"), Some("connect_failed"), "{line}");

@@ -25,11 +25,7 @@ use std::{
 };
 
 use rustls::pki_types::ServerName;
-use tokio::{
-    io::AsyncWriteExt,
-    net::TcpListener,
-    task::JoinHandle,
-};
+use tokio::{io::AsyncWriteExt, net::TcpListener, task::JoinHandle};
 use zone_ingress::client_hello::{self, Parsed};
 use zone_ingress_tests::{
     DP_NAMES,
@@ -167,9 +163,8 @@ fn probe_table(mode: &'static str) {
     let rt = runtime();
     rt.block_on(async {
         let hits: Hits = Arc::default();
-        let servers: Vec<JoinHandle<()>> = (1..=3)
-            .map(|k| spawn_probe_server(topo.dataplanes[k - 1].listen(dp_addr(k)), DP_NAMES[k - 1], Arc::clone(&hits)))
-            .collect();
+        let servers: Vec<JoinHandle<()>> =
+            (1..=3).map(|k| spawn_probe_server(topo.dataplanes[k - 1].listen(dp_addr(k)), DP_NAMES[k - 1], Arc::clone(&hits))).collect();
         for (sni, expect) in TABLE {
             let hello = raw::probe(sni);
             match expect {
@@ -423,11 +418,8 @@ networking:
     let rt = runtime();
     rt.block_on(async {
         // A client that says nothing, one that sends a ClientHello, one that speaks plaintext.
-        let firsts: [(&str, Vec<u8>); 3] = [
-            ("silent", Vec::new()),
-            ("ClientHello", raw::probe("backend{mesh=default}")),
-            ("plaintext", b"GET / HTTP/1.1\r\n\r\n".to_vec()),
-        ];
+        let firsts: [(&str, Vec<u8>); 3] =
+            [("silent", Vec::new()), ("ClientHello", raw::probe("backend{mesh=default}")), ("plaintext", b"GET / HTTP/1.1\r\n\r\n".to_vec())];
         for (what, first) in firsts {
             let mut c = raw::connect(&topo.client, ingress_addr(), SockOpts::nodelay()).await.expect("connect");
             let me = c.local_addr().expect("addr");

@@ -218,7 +218,9 @@ stream {{\n  map $ssl_preread_server_name $up {{\n    {sni} {DP}:{TLS_PORT};\n  
 fn write_inputs(dir: &Path) -> anyhow::Result<()> {
     std::fs::write(
         dir.join("zoneingress.yaml"),
-        format!("type: ZoneIngress\nname: zi-bench\nnetworking:\n  address: {INGRESS}\n  port: {LISTEN_PORT}\n  advertisedAddress: 198.18.100.1\n  advertisedPort: {LISTEN_PORT}\n  admin:\n    port: 9901\n"),
+        format!(
+            "type: ZoneIngress\nname: zi-bench\nnetworking:\n  address: {INGRESS}\n  port: {LISTEN_PORT}\n  advertisedAddress: 198.18.100.1\n  advertisedPort: {LISTEN_PORT}\n  admin:\n    port: 9901\n"
+        ),
     )?;
     let mut dps = String::from("type: Dataplane\nmesh: default\nname: bench-dp\nnetworking:\n  address: 198.18.1.2\n  inbound:\n");
     for (svc, port) in [("iperf", IPERF_PORT), ("sockperf", SOCKPERF_PORT), ("bench", TLS_PORT), ("hold", HOLD_PORT), ("hash", HASH_PORT)] {
@@ -323,7 +325,20 @@ fn integrity(ctx: &Ctx, system: System) -> anyhow::Result<Value> {
 fn sockperf(system: System, opts: &Options) -> anyhow::Result<Value> {
     let (host, port) = target(system, SOCKPERF_PORT);
     let secs = if opts.quick { 1 } else { opts.seconds };
-    let out = output(nsexec(NET.client).args(["sockperf", "ping-pong", "--tcp", "-i", &host, "-p", &port.to_string(), "-t", &secs.to_string(), "-m", "64", "--full-rtt"]))?;
+    let out = output(nsexec(NET.client).args([
+        "sockperf",
+        "ping-pong",
+        "--tcp",
+        "-i",
+        &host,
+        "-p",
+        &port.to_string(),
+        "-t",
+        &secs.to_string(),
+        "-m",
+        "64",
+        "--full-rtt",
+    ]))?;
     let pct = |p: &str| -> Option<f64> {
         out.lines().find(|l| l.contains(&format!("percentile {p}"))).and_then(|l| l.rsplit('=').next()).and_then(|v| v.trim().parse().ok())
     };
@@ -449,7 +464,18 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
     let pkgs = crate::setup::Options { packages: BENCH_PACKAGES.iter().map(|s| (*s).to_owned()).collect() };
     crate::setup::setup(&pkgs)?;
     let root = workspace_root();
-    exec(Command::new("cargo").current_dir(&root).args(["build", "--release", "-p", "zone-ingress", "-p", "zone-ingress-tests", "--bin", "zone-ingress", "--bin", "benchtool"]))?;
+    exec(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "zone-ingress",
+        "-p",
+        "zone-ingress-tests",
+        "--bin",
+        "zone-ingress",
+        "--bin",
+        "benchtool",
+    ]))?;
     let dir = xtask::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
     let ctx = Ctx { dir: dir.clone(), daemon: xtask::target_dir().join("release/zone-ingress"), benchtool: xtask::target_dir().join("release/benchtool") };
@@ -479,8 +505,7 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
     for port in [IPERF_PORT, SOCKPERF_PORT, TLS_PORT, HOLD_PORT, HASH_PORT] {
         wait_port(NET.ingress, DP, port)?;
     }
-    let systems: Vec<System> =
-        System::ALL.into_iter().filter(|s| opts.systems.is_empty() || opts.systems.iter().any(|n| n == s.key())).collect();
+    let systems: Vec<System> = System::ALL.into_iter().filter(|s| opts.systems.is_empty() || opts.systems.iter().any(|n| n == s.key())).collect();
     let rounds = if opts.quick { 1 } else { opts.rounds.max(1) };
     let mut samples: BTreeMap<(System, &'static str), Vec<Value>> = BTreeMap::new();
     let bulk = [("bulk_1_fwd", 1, false), ("bulk_1_rev", 1, true), ("bulk_4_fwd", 4, false), ("bulk_4_rev", 4, true)];
@@ -626,11 +651,8 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
             cell("idle_flows", "rss_per_flow_b", false),
             cell("idle_flows", "slab_per_flow_b", false),
         );
-        let per: serde_json::Map<String, Value> = samples
-            .iter()
-            .filter(|((sys, _), _)| *sys == s)
-            .map(|((_, m), v)| ((*m).to_owned(), Value::Array(v.clone())))
-            .collect();
+        let per: serde_json::Map<String, Value> =
+            samples.iter().filter(|((sys, _), _)| *sys == s).map(|((_, m), v)| ((*m).to_owned(), Value::Array(v.clone()))).collect();
         js.insert(s.key().to_owned(), Value::Object(per));
     }
     let _ = writeln!(
@@ -652,7 +674,9 @@ fn chart(js: &Value) -> String {
     let max_c = rows.iter().map(|r| r.2).fold(0.01, f64::max);
     let (w, row_h) = (760.0, 28.0);
     let h = 60.0 + row_h * rows.len() as f64;
-    let mut svg = format!("<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<text x='10' y='18' font-weight='bold'>1 stream Gbit/s (blue, left) and CPU s per GB (orange, right), medians</text>\n");
+    let mut svg = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<text x='10' y='18' font-weight='bold'>1 stream Gbit/s (blue, left) and CPU s per GB (orange, right), medians</text>\n"
+    );
     for (i, (name, g, c)) in rows.iter().enumerate() {
         let y = 40.0 + row_h * i as f64;
         let gw = 250.0 * g / max_g;

@@ -129,7 +129,16 @@ fn program_cost(ctx: &Ctx, macs: ([u8; 6], [u8; 6]), repeat: u32) -> anyhow::Res
     for (name, frame) in frames {
         let file = ctx.dir.join("xdp-test-frame.bin");
         std::fs::write(&file, frame)?;
-        let text = output(Command::new("bpftool").args(["prog", "run", "id", &id.to_string(), "data_in", file.to_str().context("path")?, "repeat", &repeat.to_string()]))?;
+        let text = output(Command::new("bpftool").args([
+            "prog",
+            "run",
+            "id",
+            &id.to_string(),
+            "data_in",
+            file.to_str().context("path")?,
+            "repeat",
+            &repeat.to_string(),
+        ]))?;
         // "Return value: 1, duration (average): 23ns"
         let ns = text
             .split("duration (average):")
@@ -345,11 +354,15 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
     let ctx = Ctx { dir: dir.clone(), daemon: xtask::target_dir().join("release/zone-ingress") };
     std::fs::write(
         dir.join("zoneingress.yaml"),
-        format!("type: ZoneIngress\nname: zi-bench-xdp\nnetworking:\n  address: {INGRESS}\n  port: {PORT}\n  advertisedAddress: 198.18.100.1\n  advertisedPort: {PORT}\n  admin:\n    port: {ADMIN_PORT}\n"),
+        format!(
+            "type: ZoneIngress\nname: zi-bench-xdp\nnetworking:\n  address: {INGRESS}\n  port: {PORT}\n  advertisedAddress: 198.18.100.1\n  advertisedPort: {PORT}\n  admin:\n    port: {ADMIN_PORT}\n"
+        ),
     )?;
     std::fs::write(
         dir.join("dataplanes.yaml"),
-        format!("type: Dataplane\nmesh: default\nname: bench-dp\nnetworking:\n  address: {DP}\n  inbound:\n  - port: {IPERF_PORT}\n    tags:\n      kuma.io/service: iperf\n"),
+        format!(
+            "type: Dataplane\nmesh: default\nname: bench-dp\nnetworking:\n  address: {DP}\n  inbound:\n  - port: {IPERF_PORT}\n    tags:\n      kuma.io/service: iperf\n"
+        ),
     )?;
     // A realistic guard: a few lists, and the flooding source denied.
     std::fs::write(dir.join("guard.yaml"), "deny:\n  - 198.18.0.66/32\n  - 203.0.113.0/24\n  - 2001:db8::/32\nallow: []\n")?;

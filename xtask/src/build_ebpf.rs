@@ -29,7 +29,10 @@ pub fn build_ebpf(opts: &Options) -> anyhow::Result<()> {
         .filter(|p| p.is_file())
         .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
     if let Some(obj) = newest {
-        println!("{}", obj.display());
+        #[expect(clippy::print_stdout, reason = "the object's path is the command's output")]
+        {
+            println!("{}", obj.display());
+        }
     }
     Ok(())
 }

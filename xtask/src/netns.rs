@@ -151,13 +151,7 @@ pub fn nsexec(ns: &str) -> Command {
 /// Starts `args` in `ns` with stdout and stderr to `log`, held by `guard`; returns its PID.
 pub fn spawn(guard: &mut Guard, ns: &str, args: &[&str], log: &Path) -> anyhow::Result<u32> {
     let out = std::fs::File::create(log)?;
-    let child = nsexec(ns)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .with_context(|| format!("spawning {args:?}"))?;
+    let child = nsexec(ns).args(args).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).spawn().with_context(|| format!("spawning {args:?}"))?;
     Ok(guard.adopt(child))
 }
 
@@ -173,11 +167,7 @@ pub fn stop(guard: &mut Guard, pid: u32) {
 pub fn wait_port(ns: &str, addr: &str, port: u16) -> anyhow::Result<()> {
     let end = Instant::now() + Duration::from_secs(10);
     while Instant::now() < end {
-        let ok = nsexec(ns)
-            .args(["bash", "-c", &format!("exec 3<>/dev/tcp/{addr}/{port}")])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
+        let ok = nsexec(ns).args(["bash", "-c", &format!("exec 3<>/dev/tcp/{addr}/{port}")]).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
         if ok {
             return Ok(());
         }

@@ -60,10 +60,7 @@ fn bpf_linker() -> anyhow::Result<()> {
     // The LLVM bpf-linker links against must be the nightly's own (its major must match what
     // rustc emits). Read it instead of hard-coding it.
     let vv = output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "-vV"]))?;
-    let llvm = vv
-        .lines()
-        .find_map(|l| l.strip_prefix("LLVM version: "))
-        .context("rustc +nightly -vV printed no LLVM version")?;
+    let llvm = vv.lines().find_map(|l| l.strip_prefix("LLVM version: ")).context("rustc +nightly -vV printed no LLVM version")?;
     let major = llvm.split('.').next().unwrap_or(llvm);
     let sysroot = PathBuf::from(output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?);
     let lib = sysroot.join("lib");
@@ -111,13 +108,8 @@ pub fn debian_packages(pkgs: &[&str]) -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("setup: installing Debian packages {}", missing.join(" "));
-    let install = |cmd: &mut Command| {
-        exec(
-            cmd.args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-    };
+    let install =
+        |cmd: &mut Command| exec(cmd.args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"));
     if install(&mut Command::new("apt-get")).is_err() {
         exec(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
         install(&mut Command::new("apt-get"))?;

@@ -1,5 +1,6 @@
-//! `cargo xtask test`: sets up, then runs every test: unit tests, the eBPF build, and the
-//! privileged integration tests (network namespaces, real kernel programs) one at a time.
+//! `cargo xtask test`: sets up, then runs every check: `cargo fmt --check`, clippy (warnings are
+//! errors), unit tests, the eBPF build, and the privileged integration tests (network
+//! namespaces, real kernel programs) one at a time.
 //! All failures are reported together at the end.
 
 use std::process::Command;
@@ -22,6 +23,27 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
     let mut failures = Vec::new();
     let filter: Vec<String> = opts.filter.iter().cloned().collect();
 
+    // Format and lints first (a run with a filter is a developer's loop: skipped there).
+    if opts.filter.is_none() {
+        let fmt = status(Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--check"]))?;
+        if !fmt.success() {
+            failures.push("cargo fmt --check (run `cargo fmt --all`)");
+        }
+        let clippy = status(Command::new("cargo").current_dir(&root).args([
+            "clippy",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "zone-ingress-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+        if !clippy.success() {
+            failures.push("cargo clippy");
+        }
+    }
     // The daemon binary the integration tests and the demo run (built with its eBPF object).
     let built = status(Command::new("cargo").current_dir(&root).args(["build", "--release", "-p", "zone-ingress"]))?;
     if !built.success() {

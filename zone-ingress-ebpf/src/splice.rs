@@ -13,16 +13,15 @@
 //! every held byte has been relayed, cannot overtake a held byte.
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
     helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{map, stream_verdict},
     maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
-    EbpfContext as _,
 };
 use zone_ingress_ebpf::splice::{
-    Hold, Pair, EVENTS_BYTES, MAX_SOCKETS, REPORT_EVERY, STAT_COUNT, STAT_EMPTY, STAT_HELD,
-    STAT_NO_PAIR, STAT_PEER_MISSING, STAT_REDIRECTED,
+    EVENTS_BYTES, Hold, MAX_SOCKETS, Pair, REPORT_EVERY, STAT_COUNT, STAT_EMPTY, STAT_HELD, STAT_NO_PAIR, STAT_PEER_MISSING, STAT_REDIRECTED,
 };
 
 #[map(name = "SOCKS")]

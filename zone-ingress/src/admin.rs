@@ -49,8 +49,7 @@ use tracing::{debug, info, warn};
 use zone_ingress_ebpf::splice as abi;
 
 use crate::{
-    flows,
-    mapstat,
+    flows, mapstat,
     metrics::{self, ClusterSample, KernelSample, MapSample, Memory, Scrape, XdpSample},
     server::{Ingress, Readiness},
     splice::Path,

@@ -159,16 +159,12 @@ pub struct RunArgs {
 }
 
 fn parse_var(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
-        .filter(|(k, _)| !k.is_empty())
-        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+    s.split_once('=').map(|(k, v)| (k.trim().to_owned(), v.to_owned())).filter(|(k, _)| !k.is_empty()).ok_or_else(|| format!("expected key=value, got {s:?}"))
 }
 
 /// Sets up `tracing` from `RUST_LOG` (default `info`).
 pub fn init_tracing(cli: &Cli) {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if cli.access_log == AccessLog::Off
         && let Ok(d) = "access=off".parse()
     {
@@ -388,9 +384,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let reloader = Reloader { args: args.inputs.clone(), listeners: n };
         let (changes_tx, mut changes_rx) = mpsc::channel(1);
         // Without a watcher the files still reload on SIGHUP.
-        let _watcher = reload::watch(&args.inputs, changes_tx)
-            .map_err(|e| warn!(error = %e, "cannot watch the configuration files; reload with SIGHUP"))
-            .ok();
+        let _watcher = reload::watch(&args.inputs, changes_tx).map_err(|e| warn!(error = %e, "cannot watch the configuration files; reload with SIGHUP")).ok();
         info!(%listen, listeners = n, admin = %admin_addr, "ready");
 
         let drain_time = loop {

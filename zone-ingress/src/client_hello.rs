@@ -107,13 +107,7 @@ pub enum Invalid {
 
 impl Invalid {
     /// Every variant, to register metric label values before the first failure.
-    pub const ALL: [Self; 5] = [
-        Self::NotTls,
-        Self::NotClientHello,
-        Self::Malformed,
-        Self::TooLarge,
-        Self::BadSni,
-    ];
+    pub const ALL: [Self; 5] = [Self::NotTls, Self::NotClientHello, Self::Malformed, Self::TooLarge, Self::BadSni];
 
     /// Stable `snake_case` label for metrics and logs.
     #[must_use]
@@ -143,11 +137,7 @@ impl Sni {
     ///
     /// [`Invalid::BadSni`] if `name` is empty, longer than [`MAX_SNI_LEN`] bytes or contains NUL.
     pub fn new(name: &str) -> Result<Self, Invalid> {
-        if is_acceptable_host_name(name.as_bytes()) {
-            Ok(Self(name.to_owned()))
-        } else {
-            Err(Invalid::BadSni)
-        }
+        if is_acceptable_host_name(name.as_bytes()) { Ok(Self(name.to_owned())) } else { Err(Invalid::BadSni) }
     }
 
     /// The name exactly as the client sent it.
@@ -232,13 +222,7 @@ pub fn parse(buf: &[u8], max_len: usize) -> Parsed {
             Parsed::Complete { sni, len }
         }
         Err(Stop::Invalid(invalid)) => Parsed::Invalid(invalid),
-        Err(Stop::Short) => Parsed::Incomplete {
-            need_at_least: Some(
-                reader
-                    .completion_lower_bound()
-                    .max(buf.len().saturating_add(1)),
-            ),
-        },
+        Err(Stop::Short) => Parsed::Incomplete { need_at_least: Some(reader.completion_lower_bound().max(buf.len().saturating_add(1))) },
     }
 }
 
@@ -295,15 +279,7 @@ struct HandshakeReader<'a> {
 
 impl<'a> HandshakeReader<'a> {
     fn new(buf: &'a [u8], max_len: usize) -> Self {
-        Self {
-            buf,
-            max_len,
-            pos: 0,
-            record_left: 0,
-            records: 0,
-            consumed: 0,
-            hello_end: None,
-        }
+        Self { buf, max_len, pos: 0, record_left: 0, records: 0, consumed: 0, hello_end: None }
     }
 
     /// Validates the record header at `pos` and enters its fragment.
@@ -314,17 +290,8 @@ impl<'a> HandshakeReader<'a> {
         // The first record decides whether this is TLS at all; a bad header after it is a broken
         // TLS stream instead: RFC 5246 §6.2.1 requires every record carrying the hello to be a
         // handshake record, and a ChangeCipherSpec or alert before its end is a protocol error.
-        let not_tls = if self.records == 0 {
-            Invalid::NotTls
-        } else {
-            Invalid::Malformed
-        };
-        let byte = |i: usize| -> Step<u8> {
-            self.buf
-                .get(self.pos.saturating_add(i))
-                .copied()
-                .ok_or(Stop::Short)
-        };
+        let not_tls = if self.records == 0 { Invalid::NotTls } else { Invalid::Malformed };
+        let byte = |i: usize| -> Step<u8> { self.buf.get(self.pos.saturating_add(i)).copied().ok_or(Stop::Short) };
         // An SSLv2-compatible hello (RFC 5246 Appendix E.2) starts with a two-byte length whose
         // high bit is set. It cannot carry extensions, hence no SNI: nothing to route on.
         if byte(0)? != CONTENT_TYPE_HANDSHAKE {
@@ -362,11 +329,7 @@ impl<'a> HandshakeReader<'a> {
 
     /// Fails with `TooLarge` once the hello provably cannot end within `max_len`.
     fn check_fits(&self) -> Step<()> {
-        if self.completion_lower_bound() > self.max_len {
-            Err(Invalid::TooLarge.into())
-        } else {
-            Ok(())
-        }
+        if self.completion_lower_bound() > self.max_len { Err(Invalid::TooLarge.into()) } else { Ok(()) }
     }
 
     /// The shortest buffer that could hold the complete hello, given what has been read.
@@ -375,14 +338,8 @@ impl<'a> HandshakeReader<'a> {
             Some(hello_end) => {
                 let remaining = hello_end.saturating_sub(self.consumed);
                 // What the current record does not hold needs at least one more record header.
-                let more_records = if remaining > self.record_left {
-                    RECORD_HEADER_LEN
-                } else {
-                    0
-                };
-                self.pos
-                    .saturating_add(remaining)
-                    .saturating_add(more_records)
+                let more_records = if remaining > self.record_left { RECORD_HEADER_LEN } else { 0 };
+                self.pos.saturating_add(remaining).saturating_add(more_records)
             }
             None if self.record_left > 0 => self.pos.saturating_add(self.record_left),
             None => self.pos.saturating_add(RECORD_HEADER_LEN),
@@ -401,11 +358,7 @@ impl<'a> HandshakeReader<'a> {
 
     /// Fails with `Malformed` unless `n` more bytes end at or before `limit`.
     fn ensure_within(&self, n: usize, limit: usize) -> Step<()> {
-        if self.consumed.saturating_add(n) > limit {
-            Err(Invalid::Malformed.into())
-        } else {
-            Ok(())
-        }
+        if self.consumed.saturating_add(n) > limit { Err(Invalid::Malformed.into()) } else { Ok(()) }
     }
 
     /// Consumes `n` handshake bytes, handing each record's share of them to `sink`.
@@ -570,10 +523,7 @@ fn server_name(r: &mut HandshakeReader<'_>, end: usize) -> Step<Option<HostName>
         if found.is_some() || len == 0 || len > MAX_SNI_LEN {
             return Err(Invalid::BadSni.into());
         }
-        let mut name = HostName {
-            bytes: [0; MAX_SNI_LEN],
-            len,
-        };
+        let mut name = HostName { bytes: [0; MAX_SNI_LEN], len };
         let dst = name.bytes.get_mut(..len).ok_or(Invalid::BadSni)?;
         r.read_into(dst, end)?;
         // RFC 6066 says ASCII; UTF-8 is the widest we can hand on as a `str` without guessing.
@@ -633,9 +583,7 @@ fn client_hello_message(sni: Option<&[u8]>, extra_padding: usize) -> Vec<u8> {
     extensions.extend_from_slice(&[0x00, 0x0a, 0x00, 0x04, 0x00, 0x02, 0x00, 0x1d]);
     // signature_algorithms (RFC 8446 §4.2.3): ecdsa_secp256r1_sha256, rsa_pss_rsae_sha256,
     // ed25519, rsa_pkcs1_sha256 - what certificates rcgen and Kuma's CA issue.
-    extensions.extend_from_slice(&[
-        0x00, 0x0d, 0x00, 0x0a, 0x00, 0x08, 0x04, 0x03, 0x08, 0x04, 0x08, 0x07, 0x04, 0x01,
-    ]);
+    extensions.extend_from_slice(&[0x00, 0x0d, 0x00, 0x0a, 0x00, 0x08, 0x04, 0x03, 0x08, 0x04, 0x08, 0x07, 0x04, 0x01]);
     // psk_key_exchange_modes (RFC 8446 §4.2.9): psk_dhe_ke, as TLS 1.3 clients usually send.
     extensions.extend_from_slice(&[0x00, 0x2d, 0x00, 0x02, 0x01, 0x01]);
     // key_share (RFC 8446 §4.2.8): one x25519 share; any 32 bytes are a valid public key.
@@ -674,9 +622,7 @@ fn client_hello_message(sni: Option<&[u8]>, extra_padding: usize) -> Vec<u8> {
 /// Wraps a handshake message in handshake records of at most `max_fragment` bytes (at least 1).
 fn records(message: &[u8], max_fragment: usize) -> Vec<u8> {
     let max_fragment = max_fragment.clamp(1, usize::from(u16::MAX));
-    let mut out = Vec::with_capacity(
-        message.len() + RECORD_HEADER_LEN * message.len().div_ceil(max_fragment),
-    );
+    let mut out = Vec::with_capacity(message.len() + RECORD_HEADER_LEN * message.len().div_ceil(max_fragment));
     for fragment in message.chunks(max_fragment) {
         // Record version 3.1, as TLS 1.3 clients use for the first ClientHello (RFC 8446 §5.1).
         out.extend_from_slice(&[CONTENT_TYPE_HANDSHAKE, 0x03, 0x01]);
@@ -740,9 +686,7 @@ mod tests {
         },
         Fixture {
             name: "openssl-s_client-multi-record",
-            bytes: include_bytes!(
-                "../tests/fixtures/client_hello/openssl-s_client-multi-record.bin"
-            ),
+            bytes: include_bytes!("../tests/fixtures/client_hello/openssl-s_client-multi-record.bin"),
             sni: "backend_kuma-demo_svc_8080{k8s.kuma.io/service-port=8080,kuma.io/protocol=http,\
                   kuma.io/zone=east,mesh=default,pod-template-hash=7d9f8b6c5d,version=v1}",
         },
@@ -774,10 +718,7 @@ mod tests {
     }
 
     fn complete(sni: Option<&str>, len: usize) -> Parsed {
-        Parsed::Complete {
-            sni: sni.map(|s| Sni::new(s).expect("test SNI is acceptable")),
-            len,
-        }
+        Parsed::Complete { sni: sni.map(|s| Sni::new(s).expect("test SNI is acceptable")), len }
     }
 
     /// The handshake message carried by `records` (which must be well-formed).
@@ -797,12 +738,7 @@ mod tests {
     }
 
     /// A `ClientHello` message (handshake header included) with the given parts.
-    fn hello(
-        session_id: &[u8],
-        suites: &[u8],
-        compression: &[u8],
-        extensions: Option<&[u8]>,
-    ) -> Vec<u8> {
+    fn hello(session_id: &[u8], suites: &[u8], compression: &[u8], extensions: Option<&[u8]>) -> Vec<u8> {
         let mut body = vec![0x03, 0x03];
         body.extend_from_slice(&[0x5a; 32]);
         body.push(u8::try_from(session_id.len()).unwrap());
@@ -826,10 +762,7 @@ mod tests {
     }
 
     fn hello_with_extensions(extensions: &[u8]) -> Vec<u8> {
-        records(
-            &hello(&[7; 32], &[0x13, 0x01], &[0], Some(extensions)),
-            1 << 14,
-        )
+        records(&hello(&[7; 32], &[0x13, 0x01], &[0], Some(extensions)), 1 << 14)
     }
 
     fn extension(extension_type: u16, data: &[u8]) -> Vec<u8> {
@@ -868,28 +801,16 @@ mod tests {
         cuts.retain(|&cut| cut <= buf.len());
         cuts.sort_unstable();
         cuts.dedup();
-        let results: Vec<(usize, Parsed)> = cuts
-            .iter()
-            .map(|&cut| (cut, parse(&buf[..cut], max_len)))
-            .collect();
+        let results: Vec<(usize, Parsed)> = cuts.iter().map(|&cut| (cut, parse(&buf[..cut], max_len))).collect();
         for pair in results.windows(2) {
             let ((short_len, short), (long_len, long)) = (&pair[0], &pair[1]);
             match short {
-                Parsed::Invalid(_) | Parsed::Complete { .. } => assert_eq!(
-                    short, long,
-                    "prefix of {short_len} bytes decided, {long_len} bytes changed it"
-                ),
+                Parsed::Invalid(_) | Parsed::Complete { .. } => assert_eq!(short, long, "prefix of {short_len} bytes decided, {long_len} bytes changed it"),
                 Parsed::Incomplete { need_at_least } => {
                     let need = need_at_least.expect("the parser always knows a bound");
-                    assert!(
-                        need > *short_len && need <= max_len,
-                        "{short:?} at {short_len}"
-                    );
+                    assert!(need > *short_len && need <= max_len, "{short:?} at {short_len}");
                     if let Parsed::Complete { len, .. } = long {
-                        assert!(
-                            need <= *len,
-                            "{short:?} at {short_len} but complete at {len}"
-                        );
+                        assert!(need <= *len, "{short:?} at {short_len} but complete at {len}");
                     }
                 }
             }
@@ -900,9 +821,7 @@ mod tests {
     fn assert_every_prefix_incomplete(name: &str, buf: &[u8], expected: &Parsed) {
         for cut in 0..buf.len() {
             match parse_default(&buf[..cut]) {
-                Parsed::Incomplete {
-                    need_at_least: Some(need),
-                } if need > cut && need <= buf.len() => {}
+                Parsed::Incomplete { need_at_least: Some(need) } if need > cut && need <= buf.len() => {}
                 other => panic!("{name}: prefix of {cut}/{} bytes gave {other:?}", buf.len()),
             }
         }
@@ -912,12 +831,7 @@ mod tests {
     #[test]
     fn fixtures_give_the_exact_sni() {
         for f in FIXTURES {
-            assert_eq!(
-                parse_default(f.bytes),
-                complete(Some(f.sni), f.bytes.len()),
-                "{}",
-                f.name
-            );
+            assert_eq!(parse_default(f.bytes), complete(Some(f.sni), f.bytes.len()), "{}", f.name);
         }
     }
 
@@ -928,10 +842,7 @@ mod tests {
         for name in ["rustls-aws-lc-rs-mlkem", "chromium"] {
             let f = FIXTURES.iter().find(|f| f.name == name).unwrap();
             assert!(f.bytes.len() > 1448, "{name}: {}", f.bytes.len());
-            assert!(
-                f.bytes.windows(4).any(|w| w == [0x11, 0xec, 0x04, 0xc0]),
-                "{name}"
-            );
+            assert!(f.bytes.windows(4).any(|w| w == [0x11, 0xec, 0x04, 0xc0]), "{name}");
         }
     }
 
@@ -962,12 +873,7 @@ mod tests {
         for f in FIXTURES {
             for size in (1..=40).chain([255, 256, 512, 1000, 1 << 14]) {
                 let buf = refragment(f.bytes, size);
-                assert_eq!(
-                    parse_default(&buf),
-                    complete(Some(f.sni), buf.len()),
-                    "{} in {size}-byte records",
-                    f.name
-                );
+                assert_eq!(parse_default(&buf), complete(Some(f.sni), buf.len()), "{} in {size}-byte records", f.name);
             }
         }
     }
@@ -980,12 +886,7 @@ mod tests {
             buf.extend_from_slice(&[0x14, 0x03, 0x03, 0x00, 0x01, 0x01]);
             buf.extend_from_slice(&[0x17, 0x03, 0x03, 0x00, 0x04, 1, 2, 3, 4]);
             buf.extend_from_slice(b"GET / HTTP/1.1\r\n");
-            assert_eq!(
-                parse_default(&buf),
-                complete(Some(f.sni), f.bytes.len()),
-                "{}",
-                f.name
-            );
+            assert_eq!(parse_default(&buf), complete(Some(f.sni), f.bytes.len()), "{}", f.name);
         }
     }
 
@@ -1029,20 +930,9 @@ mod tests {
 
     #[test]
     fn sni_with_nul_or_bad_utf8_is_rejected() {
-        for name in [
-            &b"backend\0{mesh=default}"[..],
-            b"\0",
-            b"good.example\0.evil.example",
-            b"backend{mesh=\xff}",
-            b"\xc3",
-        ] {
+        for name in [&b"backend\0{mesh=default}"[..], b"\0", b"good.example\0.evil.example", b"backend{mesh=\xff}", b"\xc3"] {
             let buf = build_client_hello(Some(name), 0);
-            assert_eq!(
-                parse_default(&buf),
-                Parsed::Invalid(Invalid::BadSni),
-                "{}",
-                name.escape_ascii()
-            );
+            assert_eq!(parse_default(&buf), Parsed::Invalid(Invalid::BadSni), "{}", name.escape_ascii());
         }
     }
 
@@ -1064,51 +954,28 @@ mod tests {
 
     #[test]
     fn plaintext_is_not_tls() {
-        assert_eq!(
-            parse_default(b"GET / HTTP/1.1\r\n"),
-            Parsed::Invalid(Invalid::NotTls)
-        );
+        assert_eq!(parse_default(b"GET / HTTP/1.1\r\n"), Parsed::Invalid(Invalid::NotTls));
         // Decided on the first byte, without waiting for a whole record header.
         assert_eq!(parse_default(b"G"), Parsed::Invalid(Invalid::NotTls));
-        assert_eq!(
-            parse_default(b"SSH-2.0-OpenSSH_9.2\r\n"),
-            Parsed::Invalid(Invalid::NotTls)
-        );
-        assert_eq!(
-            parse_default(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
-            Parsed::Invalid(Invalid::NotTls)
-        );
+        assert_eq!(parse_default(b"SSH-2.0-OpenSSH_9.2\r\n"), Parsed::Invalid(Invalid::NotTls));
+        assert_eq!(parse_default(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Parsed::Invalid(Invalid::NotTls));
     }
 
     #[test]
     fn sslv2_compatible_hello_is_not_tls() {
         // RFC 5246 Appendix E.2: 2-byte length with the high bit set, msg_type 1, version 3.1.
-        let hello = [
-            0x80, 0x2e, 0x01, 0x03, 0x01, 0x00, 0x15, 0x00, 0x00, 0x00, 0x10,
-        ];
+        let hello = [0x80, 0x2e, 0x01, 0x03, 0x01, 0x00, 0x15, 0x00, 0x00, 0x00, 0x10];
         assert_eq!(parse_default(&hello), Parsed::Invalid(Invalid::NotTls));
     }
 
     #[test]
     fn record_versions() {
         let f = &FIXTURES[0];
-        for (version, ok) in [
-            ([3, 0], true),
-            ([3, 1], true),
-            ([3, 2], true),
-            ([3, 3], true),
-            ([3, 4], true),
-            ([3, 5], false),
-            ([2, 0], false),
-            ([4, 1], false),
-        ] {
+        for (version, ok) in [([3, 0], true), ([3, 1], true), ([3, 2], true), ([3, 3], true), ([3, 4], true), ([3, 5], false), ([2, 0], false), ([4, 1], false)]
+        {
             let mut buf = f.bytes.to_vec();
             buf[1..3].copy_from_slice(&version);
-            let expected = if ok {
-                complete(Some(f.sni), f.bytes.len())
-            } else {
-                Parsed::Invalid(Invalid::NotTls)
-            };
+            let expected = if ok { complete(Some(f.sni), f.bytes.len()) } else { Parsed::Invalid(Invalid::NotTls) };
             assert_eq!(parse_default(&buf), expected, "{version:?}");
         }
     }
@@ -1117,38 +984,20 @@ mod tests {
     fn other_handshake_messages_are_not_client_hellos() {
         // A ServerHello (2) sent to the ingress, e.g. by a confused peer.
         let buf = records(&message(2, &[0x03, 0x03]), 1 << 14);
-        assert_eq!(
-            parse_default(&buf),
-            Parsed::Invalid(Invalid::NotClientHello)
-        );
+        assert_eq!(parse_default(&buf), Parsed::Invalid(Invalid::NotClientHello));
         // Decided as soon as the type byte is there.
-        assert_eq!(
-            parse_default(&buf[..6]),
-            Parsed::Invalid(Invalid::NotClientHello)
-        );
+        assert_eq!(parse_default(&buf[..6]), Parsed::Invalid(Invalid::NotClientHello));
     }
 
     #[test]
     fn bad_records_are_malformed() {
         // Zero-length record.
-        assert_eq!(
-            parse_default(&[22, 3, 1, 0, 0]),
-            Parsed::Invalid(Invalid::Malformed)
-        );
+        assert_eq!(parse_default(&[22, 3, 1, 0, 0]), Parsed::Invalid(Invalid::Malformed));
         // Longer than any TLS stack sends: 2^14 + 2048 + 1.
-        assert_eq!(
-            parse_default(&[22, 3, 1, 0x48, 0x01]),
-            Parsed::Invalid(Invalid::Malformed)
-        );
+        assert_eq!(parse_default(&[22, 3, 1, 0x48, 0x01]), Parsed::Invalid(Invalid::Malformed));
         // The largest allowed record needs more than the default limit, but not more than 64 KiB.
-        assert_eq!(
-            parse_default(&[22, 3, 1, 0x48, 0x00]),
-            Parsed::Invalid(Invalid::TooLarge)
-        );
-        assert!(matches!(
-            parse(&[22, 3, 1, 0x48, 0x00, 1], 1 << 16),
-            Parsed::Incomplete { .. }
-        ));
+        assert_eq!(parse_default(&[22, 3, 1, 0x48, 0x00]), Parsed::Invalid(Invalid::TooLarge));
+        assert!(matches!(parse(&[22, 3, 1, 0x48, 0x00, 1], 1 << 16), Parsed::Incomplete { .. }));
     }
 
     #[test]
@@ -1158,11 +1007,7 @@ mod tests {
         // The second record becomes a ChangeCipherSpec, then an alert, then application data.
         for content_type in [20, 21, 23, 0x80] {
             buf[105] = content_type;
-            assert_eq!(
-                parse_default(&buf),
-                Parsed::Invalid(Invalid::Malformed),
-                "{content_type}"
-            );
+            assert_eq!(parse_default(&buf), Parsed::Invalid(Invalid::Malformed), "{content_type}");
         }
         // A zero-length handshake record in the middle.
         let mut buf = refragment(f.bytes, 100);
@@ -1175,37 +1020,19 @@ mod tests {
         // In the hello's own record ...
         let mut message = hello(&[], &[0x13, 0x01], &[0], Some(&[]));
         message.extend_from_slice(&[0x0f, 0, 0, 0]);
-        assert_eq!(
-            parse_default(&records(&message, 1 << 14)),
-            Parsed::Invalid(Invalid::Malformed)
-        );
+        assert_eq!(parse_default(&records(&message, 1 << 14)), Parsed::Invalid(Invalid::Malformed));
         // ... and in a later record that starts inside the hello.
-        assert_eq!(
-            parse_default(&records(&message, 30)),
-            Parsed::Invalid(Invalid::Malformed)
-        );
+        assert_eq!(parse_default(&records(&message, 30)), Parsed::Invalid(Invalid::Malformed));
     }
 
     #[test]
     fn inconsistent_lengths_are_malformed() {
         let sni = server_name_extension(&[(0, b"backend{mesh=default}")]);
         let cases: Vec<(&str, Vec<u8>)> = vec![
-            (
-                "session id over 32 bytes",
-                records(&hello(&[0; 33], &[0x13, 0x01], &[0], Some(&sni)), 1 << 14),
-            ),
-            (
-                "odd cipher suites",
-                records(&hello(&[], &[0x13, 0x01, 0x13], &[0], Some(&sni)), 1 << 14),
-            ),
-            (
-                "no cipher suites",
-                records(&hello(&[], &[], &[0], Some(&sni)), 1 << 14),
-            ),
-            (
-                "no compression methods",
-                records(&hello(&[], &[0x13, 0x01], &[], Some(&sni)), 1 << 14),
-            ),
+            ("session id over 32 bytes", records(&hello(&[0; 33], &[0x13, 0x01], &[0], Some(&sni)), 1 << 14)),
+            ("odd cipher suites", records(&hello(&[], &[0x13, 0x01, 0x13], &[0], Some(&sni)), 1 << 14)),
+            ("no cipher suites", records(&hello(&[], &[], &[0], Some(&sni)), 1 << 14)),
+            ("no compression methods", records(&hello(&[], &[0x13, 0x01], &[], Some(&sni)), 1 << 14)),
             ("garbage after the extensions", {
                 let mut message = hello(&[], &[0x13, 0x01], &[0], Some(&sni));
                 message.push(0);
@@ -1229,14 +1056,8 @@ mod tests {
                 extensions[3] += 1;
                 hello_with_extensions(&extensions)
             }),
-            (
-                "empty server_name data",
-                hello_with_extensions(&extension(0, &[])),
-            ),
-            (
-                "empty server_name list",
-                hello_with_extensions(&extension(0, &[0, 0])),
-            ),
+            ("empty server_name data", hello_with_extensions(&extension(0, &[]))),
+            ("empty server_name list", hello_with_extensions(&extension(0, &[0, 0]))),
             ("server_name list shorter than its extension", {
                 let mut extensions = sni.clone();
                 extensions[5] -= 1;
@@ -1255,39 +1076,24 @@ mod tests {
             }),
         ];
         for (what, buf) in cases {
-            assert_eq!(
-                parse_default(&buf),
-                Parsed::Invalid(Invalid::Malformed),
-                "{what}"
-            );
+            assert_eq!(parse_default(&buf), Parsed::Invalid(Invalid::Malformed), "{what}");
         }
     }
 
     #[test]
     fn ambiguous_server_names_are_bad() {
         let one = server_name_extension(&[(0, b"backend{mesh=default}")]);
-        let two_names =
-            server_name_extension(&[(0, b"backend{mesh=default}"), (0, b"web{mesh=default}")]);
-        assert_eq!(
-            parse_default(&hello_with_extensions(&two_names)),
-            Parsed::Invalid(Invalid::BadSni)
-        );
+        let two_names = server_name_extension(&[(0, b"backend{mesh=default}"), (0, b"web{mesh=default}")]);
+        assert_eq!(parse_default(&hello_with_extensions(&two_names)), Parsed::Invalid(Invalid::BadSni));
         let two_extensions = [one.as_slice(), &extension(0x17, &[]), &one].concat();
-        assert_eq!(
-            parse_default(&hello_with_extensions(&two_extensions)),
-            Parsed::Invalid(Invalid::BadSni)
-        );
+        assert_eq!(parse_default(&hello_with_extensions(&two_extensions)), Parsed::Invalid(Invalid::BadSni));
     }
 
     #[test]
     fn other_name_types_are_skipped() {
-        let extensions =
-            server_name_extension(&[(1, b"\x01\x02"), (0, b"backend{mesh=default}"), (7, b"")]);
+        let extensions = server_name_extension(&[(1, b"\x01\x02"), (0, b"backend{mesh=default}"), (7, b"")]);
         let buf = hello_with_extensions(&extensions);
-        assert_eq!(
-            parse_default(&buf),
-            complete(Some("backend{mesh=default}"), buf.len())
-        );
+        assert_eq!(parse_default(&buf), complete(Some("backend{mesh=default}"), buf.len()));
         let buf = hello_with_extensions(&server_name_extension(&[(1, b"whatever")]));
         assert_eq!(parse_default(&buf), complete(None, buf.len()));
     }
@@ -1298,80 +1104,39 @@ mod tests {
         // Two records: the first alone does not fit in 16 KiB, which its header already says.
         assert_eq!(parse_default(&buf), Parsed::Invalid(Invalid::TooLarge));
         assert_eq!(parse_default(&buf[..5]), Parsed::Invalid(Invalid::TooLarge));
-        assert_eq!(
-            parse(&buf, 1 << 16),
-            complete(Some("backend{mesh=default}"), buf.len())
-        );
-        assert_eq!(
-            parse(&buf, buf.len() - 1),
-            Parsed::Invalid(Invalid::TooLarge)
-        );
+        assert_eq!(parse(&buf, 1 << 16), complete(Some("backend{mesh=default}"), buf.len()));
+        assert_eq!(parse(&buf, buf.len() - 1), Parsed::Invalid(Invalid::TooLarge));
 
         // The limit is exact, and decided from the lengths before the bytes arrive.
         let f = &FIXTURES[0];
         let len = f.bytes.len();
         assert_eq!(parse(f.bytes, len), complete(Some(f.sni), len));
         assert_eq!(parse(f.bytes, len - 1), Parsed::Invalid(Invalid::TooLarge));
-        assert_eq!(
-            parse(&f.bytes[..9], len - 1),
-            Parsed::Invalid(Invalid::TooLarge)
-        );
+        assert_eq!(parse(&f.bytes[..9], len - 1), Parsed::Invalid(Invalid::TooLarge));
         // Split over records, the extra headers count against the limit too.
         let split = refragment(f.bytes, 100);
-        assert_eq!(
-            parse(&split, split.len() - 1),
-            Parsed::Invalid(Invalid::TooLarge)
-        );
+        assert_eq!(parse(&split, split.len() - 1), Parsed::Invalid(Invalid::TooLarge));
         assert_eq!(parse(&[], 4), Parsed::Invalid(Invalid::TooLarge));
     }
 
     #[test]
     fn need_at_least_guides_the_next_peek() {
         let f = &FIXTURES[0];
-        assert_eq!(
-            parse_default(&[]),
-            Parsed::Incomplete {
-                need_at_least: Some(5)
-            }
-        );
-        assert_eq!(
-            parse_default(&f.bytes[..3]),
-            Parsed::Incomplete {
-                need_at_least: Some(5)
-            }
-        );
+        assert_eq!(parse_default(&[]), Parsed::Incomplete { need_at_least: Some(5) });
+        assert_eq!(parse_default(&f.bytes[..3]), Parsed::Incomplete { need_at_least: Some(5) });
         // Once the record header is in, the whole record is needed.
         for cut in 5..f.bytes.len() {
-            assert_eq!(
-                parse_default(&f.bytes[..cut]),
-                Parsed::Incomplete {
-                    need_at_least: Some(f.bytes.len())
-                }
-            );
+            assert_eq!(parse_default(&f.bytes[..cut]), Parsed::Incomplete { need_at_least: Some(f.bytes.len()) });
         }
         // Over several records, the bound counts the next header once the hello length is known.
         let split = refragment(f.bytes, 100);
-        assert_eq!(
-            parse_default(&split[..105]),
-            Parsed::Incomplete {
-                need_at_least: Some(f.bytes.len() + 5)
-            }
-        );
+        assert_eq!(parse_default(&split[..105]), Parsed::Incomplete { need_at_least: Some(f.bytes.len() + 5) });
     }
 
     #[test]
     fn invalid_labels_are_distinct() {
         let labels: Vec<&str> = Invalid::ALL.iter().map(Invalid::as_str).collect();
-        assert_eq!(
-            labels,
-            [
-                "not_tls",
-                "not_client_hello",
-                "malformed",
-                "too_large",
-                "bad_sni"
-            ]
-        );
+        assert_eq!(labels, ["not_tls", "not_client_hello", "malformed", "too_large", "bad_sni"]);
     }
 
     #[test]
@@ -1396,10 +1161,7 @@ mod tests {
         assert_ne!(a, build_client_hello(Some(b"backend{mesh=other}"), 10));
         // Oversized arguments are clamped into a valid hello, not a panic or a broken one.
         let huge = vec![b'a'; 70_000];
-        assert_eq!(
-            parse(&build_client_hello(Some(&huge), 70_000), usize::MAX),
-            Parsed::Invalid(Invalid::BadSni)
-        );
+        assert_eq!(parse(&build_client_hello(Some(&huge), 70_000), usize::MAX), Parsed::Invalid(Invalid::BadSni));
         for padding in [100_000, usize::MAX] {
             let padded = build_client_hello(None, padding);
             assert_eq!(parse(&padded, usize::MAX), complete(None, padded.len()));
@@ -1411,11 +1173,7 @@ mod tests {
     }
 
     /// A `ClientHello` straight from a rustls client, as an extra real-client check at test time.
-    fn rustls_hello(
-        sni: &str,
-        enable_sni: bool,
-        versions: &[&'static rustls::SupportedProtocolVersion],
-    ) -> Vec<u8> {
+    fn rustls_hello(sni: &str, enable_sni: bool, versions: &[&'static rustls::SupportedProtocolVersion]) -> Vec<u8> {
         let mut config = rustls::ClientConfig::builder_with_provider(ring())
             .with_protocol_versions(versions)
             .unwrap()
@@ -1433,11 +1191,7 @@ mod tests {
     fn live_rustls_hellos() {
         let both = rustls::ALL_VERSIONS;
         let tls12 = &[&rustls::version::TLS12];
-        for sni in [
-            "a601e0c00295a9fbe.backend.8080.default.ms",
-            "redis.kuma-demo.svc.6379.mesh",
-            "x",
-        ] {
+        for sni in ["a601e0c00295a9fbe.backend.8080.default.ms", "redis.kuma-demo.svc.6379.mesh", "x"] {
             for versions in [both, tls12] {
                 let buf = rustls_hello(sni, true, versions);
                 assert_eq!(parse_default(&buf), complete(Some(sni), buf.len()), "{sni}");
@@ -1451,8 +1205,7 @@ mod tests {
     fn rustls_server_accepts_the_probe() {
         // The probe is only useful if real servers take it for a ClientHello.
         let name = "a601e0c00295a9fbe.backend.8080.default.ms";
-        let rcgen::CertifiedKey { cert, key_pair } =
-            rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+        let rcgen::CertifiedKey { cert, key_pair } = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key_pair.serialize_der().into());
         let config = rustls::ServerConfig::builder_with_provider(ring())
             .with_safe_default_protocol_versions()
@@ -1490,30 +1243,18 @@ mod tests {
     fn randomized_mutations_are_consistent() {
         let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
         let mut seeds: Vec<Vec<u8>> = FIXTURES.iter().map(|f| f.bytes.to_vec()).collect();
-        seeds.extend(
-            KUMA_SNIS
-                .iter()
-                .map(|s| build_client_hello(Some(s.as_bytes()), 0)),
-        );
+        seeds.extend(KUMA_SNIS.iter().map(|s| build_client_hello(Some(s.as_bytes()), 0)));
         seeds.push(build_client_hello(None, 300));
         let mut counts = [0usize; 3];
         for _ in 0..20_000 {
             let seed = &seeds[rng.below(seeds.len())];
-            let mut buf = if rng.below(4) == 0 {
-                refragment(seed, 1 + rng.below(600))
-            } else {
-                seed.clone()
-            };
+            let mut buf = if rng.below(4) == 0 { refragment(seed, 1 + rng.below(600)) } else { seed.clone() };
             for _ in 0..=rng.below(4) {
                 if buf.is_empty() {
                     break;
                 }
                 // Structure lives near the front and in length fields: aim there half the time.
-                let at = if rng.below(2) == 0 {
-                    rng.below(buf.len().min(80))
-                } else {
-                    rng.below(buf.len())
-                };
+                let at = if rng.below(2) == 0 { rng.below(buf.len().min(80)) } else { rng.below(buf.len()) };
                 let byte = u8::try_from(rng.next() & 0xff).unwrap();
                 match rng.below(8) {
                     0 => buf[at] ^= 1 << rng.below(8),
@@ -1531,11 +1272,7 @@ mod tests {
                     }
                 }
             }
-            let max_len = if rng.below(4) == 0 {
-                rng.below(buf.len() + 64)
-            } else {
-                DEFAULT_MAX_CLIENT_HELLO
-            };
+            let max_len = if rng.below(4) == 0 { rng.below(buf.len() + 64) } else { DEFAULT_MAX_CLIENT_HELLO };
             let mut cuts: Vec<usize> = (0..6).map(|_| rng.below(buf.len() + 1)).collect();
             assert_consistent(&buf, max_len, &mut cuts);
             counts[match parse(&buf, max_len) {
@@ -1545,9 +1282,6 @@ mod tests {
             }] += 1;
         }
         // The mutations must exercise every outcome, or the test proves little.
-        assert!(
-            counts.iter().all(|&n| n > 500),
-            "complete/incomplete/invalid: {counts:?}"
-        );
+        assert!(counts.iter().all(|&n| n > 500), "complete/incomplete/invalid: {counts:?}");
     }
 }

@@ -70,31 +70,13 @@ pub struct Diagnostic {
 impl Diagnostic {
     /// An error without a position, for problems found outside this module (command-line
     /// arguments, say) that should be reported together with the file problems.
-    pub fn error(
-        file: impl Into<PathBuf>,
-        path: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
-        Self {
-            file: file.into(),
-            line: None,
-            column: None,
-            path: path.into(),
-            message: message.into(),
-            severity: Severity::Error,
-        }
+    pub fn error(file: impl Into<PathBuf>, path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { file: file.into(), line: None, column: None, path: path.into(), message: message.into(), severity: Severity::Error }
     }
 
     /// A warning without a position; see [`Diagnostic::error`].
-    pub fn warning(
-        file: impl Into<PathBuf>,
-        path: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
-        Self {
-            severity: Severity::Warning,
-            ..Self::error(file, path, message)
-        }
+    pub fn warning(file: impl Into<PathBuf>, path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { severity: Severity::Warning, ..Self::error(file, path, message) }
     }
 
     /// Whether this is an error (as opposed to a warning).
@@ -143,11 +125,7 @@ impl ConfigError {
 }
 
 fn render_lines(diagnostics: &[Diagnostic]) -> String {
-    diagnostics
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("\n")
+    diagnostics.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
 }
 
 /// A successfully loaded input and the warnings it produced.
@@ -162,18 +140,9 @@ pub struct Loaded<T> {
 /// Turn collected diagnostics into the result: an error if any diagnostic is an error.
 fn finish<T>(value: Option<T>, mut diags: Vec<Diagnostic>) -> Result<Loaded<T>, ConfigError> {
     // Stable: problems without a position keep their place after the positioned ones of the file.
-    diags.sort_by(|a, b| {
-        (&a.file, a.line.unwrap_or(usize::MAX), a.column).cmp(&(
-            &b.file,
-            b.line.unwrap_or(usize::MAX),
-            b.column,
-        ))
-    });
+    diags.sort_by(|a, b| (&a.file, a.line.unwrap_or(usize::MAX), a.column).cmp(&(&b.file, b.line.unwrap_or(usize::MAX), b.column)));
     match value {
-        Some(value) if !diags.iter().any(Diagnostic::is_error) => Ok(Loaded {
-            value,
-            warnings: diags,
-        }),
+        Some(value) if !diags.iter().any(Diagnostic::is_error) => Ok(Loaded { value, warnings: diags }),
         _ => Err(ConfigError { diagnostics: diags }),
     }
 }
@@ -231,13 +200,8 @@ impl ZoneIngress {
 /// # Errors
 /// The file cannot be read, a placeholder names a variable not in `vars`, the YAML is malformed,
 /// or any validation rule fails; all problems found are in the error.
-pub fn load_zone_ingress(
-    path: &Path,
-    vars: &BTreeMap<String, String>,
-) -> Result<Loaded<ZoneIngress>, ConfigError> {
-    let text = read_text(path).map_err(|d| ConfigError {
-        diagnostics: vec![d],
-    })?;
+pub fn load_zone_ingress(path: &Path, vars: &BTreeMap<String, String>) -> Result<Loaded<ZoneIngress>, ConfigError> {
+    let text = read_text(path).map_err(|d| ConfigError { diagnostics: vec![d] })?;
     parse_zone_ingress(path, &text, vars)
 }
 
@@ -245,41 +209,25 @@ pub fn load_zone_ingress(
 ///
 /// # Errors
 /// As [`load_zone_ingress`], without the I/O.
-pub fn parse_zone_ingress(
-    file: &Path,
-    text: &str,
-    vars: &BTreeMap<String, String>,
-) -> Result<Loaded<ZoneIngress>, ConfigError> {
+pub fn parse_zone_ingress(file: &Path, text: &str, vars: &BTreeMap<String, String>) -> Result<Loaded<ZoneIngress>, ConfigError> {
     let mut diags = Vec::new();
     let Some((text, posmap)) = substitute(file, text, vars, &mut diags) else {
         return finish(None, diags);
     };
     let parsed = parse_documents(file, &text, &posmap, &mut diags);
-    let mut docs = parsed
-        .docs
-        .iter()
-        .enumerate()
-        .filter(|(_, doc)| !doc.is_null());
+    let mut docs = parsed.docs.iter().enumerate().filter(|(_, doc)| !doc.is_null());
     let value = match (docs.next(), docs.next()) {
         (Some((i, doc)), second) => {
             if let Some((j, _)) = second {
                 let mut ck = parsed.checker(file, &posmap, j, &mut diags);
-                ck.error(
-                    "",
-                    Where::Value(""),
-                    "expected a single ZoneIngress document; found more than one",
-                );
+                ck.error("", Where::Value(""), "expected a single ZoneIngress document; found more than one");
             }
             let mut ck = parsed.checker(file, &posmap, i, &mut diags);
             check_zone_ingress(&mut ck, doc)
         }
         (None, _) if parsed.syntax_error => None,
         (None, _) => {
-            diags.push(whole_file(
-                file,
-                Severity::Error,
-                "no ZoneIngress resource: the file is empty",
-            ));
+            diags.push(whole_file(file, Severity::Error, "no ZoneIngress resource: the file is empty"));
             None
         }
     };
@@ -298,24 +246,11 @@ const ZONE_INGRESS_KEYS: &[&str] = &[
     "modificationTime",
     "kri",
 ];
-const ZONE_INGRESS_NETWORKING_KEYS: &[&str] = &[
-    "address",
-    "port",
-    "advertisedAddress",
-    "advertisedPort",
-    "admin",
-];
+const ZONE_INGRESS_NETWORKING_KEYS: &[&str] = &["address", "port", "advertisedAddress", "advertisedPort", "admin"];
 
 fn check_zone_ingress(ck: &mut Checker<'_>, root: &Value) -> Option<ZoneIngress> {
     let Value::Mapping(map) = root else {
-        ck.error(
-            "",
-            Where::Value(""),
-            format!(
-                "expected a ZoneIngress resource (a mapping), got {}",
-                describe(root)
-            ),
-        );
+        ck.error("", Where::Value(""), format!("expected a ZoneIngress resource (a mapping), got {}", describe(root)));
         return None;
     };
     ck.unknown_keys(map, "", ZONE_INGRESS_KEYS);
@@ -323,11 +258,7 @@ fn check_zone_ingress(ck: &mut Checker<'_>, root: &Value) -> Option<ZoneIngress>
     let name = ck.string(map, "", "name", Need::Required).ok();
 
     if get(map, "zone").is_some() {
-        ck.warn(
-            "zone",
-            Where::Key("zone"),
-            "ignored: `zone` is written by the control plane (empty in the ingress's own zone)",
-        );
+        ck.warn("zone", Where::Key("zone"), "ignored: `zone` is written by the control plane (empty in the ingress's own zone)");
     }
     if let Some(services) = get(map, "availableServices") {
         ck.warn(
@@ -346,13 +277,7 @@ fn check_zone_ingress(ck: &mut Checker<'_>, root: &Value) -> Option<ZoneIngress>
     let address = bind_address(ck, networking);
     let port = ck.port(networking, net, "port", Need::Required, Zero::Invalid);
     let advertised_address = ck.address(networking, net, "advertisedAddress", Need::Optional);
-    let advertised_port = ck.port(
-        networking,
-        net,
-        "advertisedPort",
-        Need::Optional,
-        Zero::Unset,
-    );
+    let advertised_port = ck.port(networking, net, "advertisedPort", Need::Optional, Zero::Unset);
     check_advertised_pair(ck, &advertised_address, &advertised_port);
     let admin_port = admin_port(ck, networking, &port, &advertised_address, &advertised_port);
 
@@ -360,14 +285,7 @@ fn check_zone_ingress(ck: &mut Checker<'_>, root: &Value) -> Option<ZoneIngress>
         Got::Value(host) => Some(host.to_string()),
         _ => None,
     };
-    Some(ZoneIngress {
-        name: name?,
-        address: address?,
-        port: port.ok()?,
-        advertised_address,
-        advertised_port: advertised_port.ok(),
-        admin_port: admin_port?,
-    })
+    Some(ZoneIngress { name: name?, address: address?, port: port.ok()?, advertised_address, advertised_port: advertised_port.ok(), admin_port: admin_port? })
 }
 
 /// `networking.address`: an IP literal, since the listeners bind to it.
@@ -400,38 +318,18 @@ fn check_advertised_pair(ck: &mut Checker<'_>, address: &Got<Host>, port: &Got<u
             "advertisedAddress and advertisedPort are not set: other zones will not send any \
              traffic to this ingress (clients skip ingresses without both; kumahq/kuma#5157)",
         ),
-        (Got::Absent, _) => ck.error(
-            "networking.advertisedAddress",
-            Where::Key("networking.advertisedPort"),
-            "has to be defined with advertisedPort",
-        ),
-        (_, Got::Absent) => ck.error(
-            "networking.advertisedPort",
-            Where::Key("networking.advertisedAddress"),
-            "has to be defined with advertisedAddress",
-        ),
+        (Got::Absent, _) => ck.error("networking.advertisedAddress", Where::Key("networking.advertisedPort"), "has to be defined with advertisedPort"),
+        (_, Got::Absent) => ck.error("networking.advertisedPort", Where::Key("networking.advertisedAddress"), "has to be defined with advertisedAddress"),
         _ => {}
     }
 }
 
 /// `networking.admin.port` (default [`DEFAULT_ADMIN_PORT`]) and its clashes with the other ports.
-fn admin_port(
-    ck: &mut Checker<'_>,
-    networking: &Mapping,
-    port: &Got<u16>,
-    advertised_address: &Got<Host>,
-    advertised_port: &Got<u16>,
-) -> Option<u16> {
+fn admin_port(ck: &mut Checker<'_>, networking: &Mapping, port: &Got<u16>, advertised_address: &Got<Host>, advertised_port: &Got<u16>) -> Option<u16> {
     let admin_port = match ck.mapping(networking, "networking", "admin", Need::Optional) {
         Got::Value(admin) => {
             ck.unknown_keys(admin, "networking.admin", &["port"]);
-            ck.port(
-                admin,
-                "networking.admin",
-                "port",
-                Need::Optional,
-                Zero::Unset,
-            )
+            ck.port(admin, "networking.admin", "port", Need::Optional, Zero::Unset)
         }
         Got::Absent => Got::Absent,
         Got::Invalid => Got::Invalid,
@@ -447,11 +345,7 @@ fn admin_port(
         // `networking.address` too (reference §8), so the two ports clash on any address.
         if *port == admin {
             if explicit {
-                ck.error(
-                    "networking.admin.port",
-                    Where::Value("networking.admin.port"),
-                    "must differ from port",
-                );
+                ck.error("networking.admin.port", Where::Value("networking.admin.port"), "must differ from port");
             } else {
                 ck.error(
                     "networking.port",
@@ -464,16 +358,11 @@ fn admin_port(
             }
         }
     }
-    if let (Got::Value(Host::Ip(ip)), Got::Value(adv_port), Some((admin, true))) =
-        (advertised_address, advertised_port, admin_port)
+    if let (Got::Value(Host::Ip(ip)), Got::Value(adv_port), Some((admin, true))) = (advertised_address, advertised_port, admin_port)
         && ip.is_loopback()
         && *adv_port == admin
     {
-        ck.error(
-            "networking.admin.port",
-            Where::Value("networking.admin.port"),
-            "must differ from advertisedPort",
-        );
+        ck.error("networking.admin.port", Where::Value("networking.admin.port"), "must differ from advertisedPort");
     }
     admin_port.map(|(port, _)| port)
 }
@@ -482,32 +371,20 @@ fn admin_port(
 /// would reject the resource, so an operator copying one around should hear about it.
 fn check_available_services(ck: &mut Checker<'_>, services: &Value) {
     let Value::Sequence(items) = services else {
-        ck.error(
-            "availableServices",
-            Where::Value("availableServices"),
-            format!("must be a list, got {}", describe(services)),
-        );
+        ck.error("availableServices", Where::Value("availableServices"), format!("must be a list, got {}", describe(services)));
         return;
     };
     for (i, item) in items.iter().enumerate() {
         let path = index_path("availableServices", i);
         let Value::Mapping(item) = item else {
-            ck.error(
-                &path,
-                Where::Value(&path),
-                format!("must be a mapping, got {}", describe(item)),
-            );
+            ck.error(&path, Where::Value(&path), format!("must be a mapping, got {}", describe(item)));
             continue;
         };
         match get(item, "tags") {
             Some(tags) => {
                 ck.tags(tags, &child_path(&path, "tags"));
             }
-            None => ck.error(
-                &child_path(&path, "tags"),
-                Where::Parent(&path),
-                format!("mandatory tag \"{SERVICE_TAG}\" is missing"),
-            ),
+            None => ck.error(&child_path(&path, "tags"), Where::Parent(&path), format!("mandatory tag \"{SERVICE_TAG}\" is missing")),
         }
     }
 }
@@ -553,10 +430,7 @@ impl Dataplane {
     /// The `kuma.io/zone` label, when set and non-empty.
     #[must_use]
     pub fn zone(&self) -> Option<&str> {
-        self.labels
-            .get(ZONE_TAG)
-            .map(String::as_str)
-            .filter(|z| !z.is_empty())
+        self.labels.get(ZONE_TAG).map(String::as_str).filter(|z| !z.is_empty())
     }
 }
 
@@ -615,11 +489,7 @@ pub fn load_inventory(path: &Path) -> Result<Loaded<Inventory>, ConfigError> {
             Err(d) => return finish(None, vec![d]),
         };
         if files.is_empty() {
-            diags.push(whole_file(
-                path,
-                Severity::Warning,
-                "no *.yaml or *.yml files in this directory: the inventory is empty",
-            ));
+            diags.push(whole_file(path, Severity::Warning, "no *.yaml or *.yml files in this directory: the inventory is empty"));
         }
         for file in files {
             match read_text(&file) {
@@ -661,19 +531,14 @@ struct Found {
 }
 
 fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
-    let entries = fs::read_dir(dir)
-        .map_err(|e| whole_file(dir, Severity::Error, format!("cannot read directory: {e}")))?;
+    let entries = fs::read_dir(dir).map_err(|e| whole_file(dir, Severity::Error, format!("cannot read directory: {e}")))?;
     let mut files = Vec::new();
     for entry in entries {
-        let entry = entry
-            .map_err(|e| whole_file(dir, Severity::Error, format!("cannot read directory: {e}")))?;
+        let entry = entry.map_err(|e| whole_file(dir, Severity::Error, format!("cannot read directory: {e}")))?;
         let path = entry.path();
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let yaml = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
+        let yaml = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
         // Hidden files are editor and Kubernetes ConfigMap bookkeeping (`..data`), not inventory.
         // `fs::metadata` follows symlinks, which is how ConfigMap volumes present their files.
         if yaml && !name.starts_with('.') && fs::metadata(&path).is_ok_and(|m| m.is_file()) {
@@ -684,12 +549,7 @@ fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
     Ok(files)
 }
 
-fn parse_inventory_into(
-    file: &Path,
-    text: &str,
-    found: &mut Vec<Found>,
-    diags: &mut Vec<Diagnostic>,
-) {
+fn parse_inventory_into(file: &Path, text: &str, found: &mut Vec<Found>, diags: &mut Vec<Diagnostic>) {
     let posmap = PosMap::identity();
     let parsed = parse_documents(file, text, &posmap, diags);
     for (i, doc) in parsed.docs.iter().enumerate() {
@@ -715,10 +575,7 @@ fn collect_inventory(origin: &Path, found: Vec<Found>, diags: &mut Vec<Diagnosti
                 line: f.pos.map(|p| p.0),
                 column: f.pos.map(|p| p.1),
                 path: child_path(&f.path, "name"),
-                message: format!(
-                    "duplicate Dataplane `{}` in mesh `{}`; first defined at {at}",
-                    key.1, key.0
-                ),
+                message: format!("duplicate Dataplane `{}` in mesh `{}`; first defined at {at}", key.1, key.0),
                 severity: Severity::Error,
             });
             continue;
@@ -727,11 +584,7 @@ fn collect_inventory(origin: &Path, found: Vec<Found>, diags: &mut Vec<Diagnosti
         dataplanes.push(f.dataplane);
     }
     if dataplanes.is_empty() && !diags.iter().any(Diagnostic::is_error) {
-        diags.push(whole_file(
-            origin,
-            Severity::Warning,
-            "no Dataplane resources: the ingress has nothing to route to",
-        ));
+        diags.push(whole_file(origin, Severity::Warning, "no Dataplane resources: the ingress has nothing to route to"));
     }
     Inventory { dataplanes }
 }
@@ -740,21 +593,15 @@ fn check_inventory_document(ck: &mut Checker<'_>, doc: &Value, found: &mut Vec<F
     match doc {
         // Empty documents (a trailing `---`, a comment-only file) carry nothing.
         Value::Null => {}
-        Value::Mapping(map) if get(map, "type").is_none() && map.contains_key("items") => {
-            match get(map, "items") {
-                None => {}
-                Some(Value::Sequence(items)) => {
-                    for (i, item) in items.iter().enumerate() {
-                        check_resource(ck, item, &index_path("items", i), found);
-                    }
+        Value::Mapping(map) if get(map, "type").is_none() && map.contains_key("items") => match get(map, "items") {
+            None => {}
+            Some(Value::Sequence(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    check_resource(ck, item, &index_path("items", i), found);
                 }
-                Some(other) => ck.error(
-                    "items",
-                    Where::Value("items"),
-                    format!("must be a list, got {}", describe(other)),
-                ),
             }
-        }
+            Some(other) => ck.error("items", Where::Value("items"), format!("must be a list, got {}", describe(other))),
+        },
         _ => check_resource(ck, doc, "", found),
     }
 }
@@ -763,14 +610,7 @@ const DATAPLANE: &str = "Dataplane";
 
 fn check_resource(ck: &mut Checker<'_>, value: &Value, base: &str, found: &mut Vec<Found>) {
     let Value::Mapping(map) = value else {
-        ck.error(
-            base,
-            Where::Value(base),
-            format!(
-                "expected a Dataplane resource or an `items:` list, got {}",
-                describe(value)
-            ),
-        );
+        ck.error(base, Where::Value(base), format!("expected a Dataplane resource or an `items:` list, got {}", describe(value)));
         return;
     };
     if !is_dataplane(ck, map, base) {
@@ -785,10 +625,7 @@ fn check_resource(ck: &mut Checker<'_>, value: &Value, base: &str, found: &mut V
         _ => None,
     };
     let labels = match get(map, "labels") {
-        Some(Value::Mapping(labels)) => labels
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str()?.to_owned(), v.as_str()?.to_owned())))
-            .collect(),
+        Some(Value::Mapping(labels)) => labels.iter().filter_map(|(k, v)| Some((k.as_str()?.to_owned(), v.as_str()?.to_owned()))).collect(),
         _ => BTreeMap::new(),
     };
     let net_path = child_path(base, "networking");
@@ -797,11 +634,7 @@ fn check_resource(ck: &mut Checker<'_>, value: &Value, base: &str, found: &mut V
     };
     if get(networking, "gateway").is_some() {
         let gw = child_path(&net_path, "gateway");
-        ck.warn(
-            &gw,
-            Where::Key(&gw),
-            "skipped: gateway dataplanes are not plain backends of the ingress",
-        );
+        ck.warn(&gw, Where::Key(&gw), "skipped: gateway dataplanes are not plain backends of the ingress");
         return;
     }
 
@@ -815,18 +648,7 @@ fn check_resource(ck: &mut Checker<'_>, value: &Value, base: &str, found: &mut V
     };
     let name_path = child_path(base, "name");
     let pos = ck.position(&name_path, &Where::Value(&name_path));
-    found.push(Found {
-        dataplane: Dataplane {
-            mesh,
-            name,
-            creation_time,
-            labels,
-            inbounds,
-        },
-        file: ck.file.to_path_buf(),
-        path: base.to_owned(),
-        pos,
-    });
+    found.push(Found { dataplane: Dataplane { mesh, name, creation_time, labels, inbounds }, file: ck.file.to_path_buf(), path: base.to_owned(), pos });
 }
 
 /// `type: Dataplane`? Other resource types are skipped with a warning.
@@ -834,28 +656,16 @@ fn is_dataplane(ck: &mut Checker<'_>, map: &Mapping, base: &str) -> bool {
     let type_path = child_path(base, "type");
     match get(map, "type") {
         None => {
-            ck.error(
-                &type_path,
-                Where::Parent(base),
-                "is required (expected `Dataplane`, or an `items:` list of them)",
-            );
+            ck.error(&type_path, Where::Parent(base), "is required (expected `Dataplane`, or an `items:` list of them)");
             false
         }
         Some(Value::String(t)) if t == DATAPLANE => true,
         Some(Value::String(t)) => {
-            ck.warn(
-                &type_path,
-                Where::Value(&type_path),
-                format!("skipped: only Dataplane resources are read from the inventory, not {t}"),
-            );
+            ck.warn(&type_path, Where::Value(&type_path), format!("skipped: only Dataplane resources are read from the inventory, not {t}"));
             false
         }
         Some(other) => {
-            ck.error(
-                &type_path,
-                Where::Value(&type_path),
-                format!("must be a string, got {}", describe(other)),
-            );
+            ck.error(&type_path, Where::Value(&type_path), format!("must be a string, got {}", describe(other)));
             false
         }
     }
@@ -870,11 +680,7 @@ fn check_inbounds(ck: &mut Checker<'_>, networking: &Mapping, net_path: &str) ->
         Got::Value(items) if !items.is_empty() => items.as_slice(),
         Got::Invalid => return Vec::new(),
         _ => {
-            ck.error(
-                &inbound_path,
-                Where::Key(net_path),
-                "dataplane must have at least one inbound (or be a gateway)",
-            );
+            ck.error(&inbound_path, Where::Key(net_path), "dataplane must have at least one inbound (or be a gateway)");
             &[]
         }
     };
@@ -884,10 +690,7 @@ fn check_inbounds(ck: &mut Checker<'_>, networking: &Mapping, net_path: &str) ->
     let mut checked = Vec::with_capacity(inbounds.len());
     for (i, inbound) in inbounds.iter().enumerate() {
         let path = index_path(&inbound_path, i);
-        let hosts = [
-            (&advertised, child_path(net_path, "advertisedAddress")),
-            (&address, child_path(net_path, "address")),
-        ];
+        let hosts = [(&advertised, child_path(net_path, "advertisedAddress")), (&address, child_path(net_path, "address"))];
         if let Some(inbound) = check_inbound(ck, inbound, &path, hosts, &mut reported_names) {
             checked.push(inbound);
         }
@@ -897,19 +700,9 @@ fn check_inbounds(ck: &mut Checker<'_>, networking: &Mapping, net_path: &str) ->
 
 /// Check one inbound. `hosts` are the dataplane-level address candidates in precedence order
 /// around the inbound's own address: `[advertisedAddress, address]`.
-fn check_inbound(
-    ck: &mut Checker<'_>,
-    value: &Value,
-    path: &str,
-    hosts: [(&Got<Host>, String); 2],
-    reported_names: &mut HashSet<String>,
-) -> Option<Inbound> {
+fn check_inbound(ck: &mut Checker<'_>, value: &Value, path: &str, hosts: [(&Got<Host>, String); 2], reported_names: &mut HashSet<String>) -> Option<Inbound> {
     let Value::Mapping(map) = value else {
-        ck.error(
-            path,
-            Where::Value(path),
-            format!("must be a mapping, got {}", describe(value)),
-        );
+        ck.error(path, Where::Value(path), format!("must be a mapping, got {}", describe(value)));
         return None;
     };
     let port = ck.port(map, path, "port", Need::Required, Zero::Invalid);
@@ -923,14 +716,7 @@ fn check_inbound(
         Some(Value::String(s)) if s == "NotReady" => Some(InboundState::NotReady),
         Some(Value::String(s)) if s == "Ignored" => Some(InboundState::Ignored),
         Some(other) => {
-            ck.error(
-                &state_path,
-                Where::Value(&state_path),
-                format!(
-                    "must be one of Ready, NotReady, Ignored; got {}",
-                    describe(other)
-                ),
-            );
+            ck.error(&state_path, Where::Value(&state_path), format!("must be one of Ready, NotReady, Ignored; got {}", describe(other)));
             None
         }
     };
@@ -957,13 +743,7 @@ fn check_inbound(
     // Endpoint address precedence (reference §2.2): advertisedAddress, inbound.address, address.
     let [(advertised, advertised_path), (address, address_path)] = hosts;
     let own_path = child_path(path, "address");
-    let chosen = [
-        (advertised, advertised_path),
-        (&own_address, own_path),
-        (address, address_path),
-    ]
-    .into_iter()
-    .find(|(got, _)| !matches!(got, Got::Absent));
+    let chosen = [(advertised, advertised_path), (&own_address, own_path), (address, address_path)].into_iter().find(|(got, _)| !matches!(got, Got::Absent));
     let ip = match chosen {
         Some((Got::Value(Host::Ip(ip)), _)) => Some(*ip),
         Some((Got::Value(Host::Name(host)), source)) => {
@@ -985,13 +765,7 @@ fn check_inbound(
 
     let state = state?;
     let healthy = state == InboundState::Ready && health_ready?;
-    Some(Inbound {
-        endpoint: SocketAddr::new(ip?, port.ok()?),
-        name,
-        tags: tags?,
-        state,
-        healthy,
-    })
+    Some(Inbound { endpoint: SocketAddr::new(ip?, port.ok()?), name, tags: tags?, state, healthy })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1075,11 +849,7 @@ impl Checker<'_> {
         let pos = match *at {
             Where::Value(p) => spans.fields.get(p).map(|f| f.value),
             Where::Key(p) => spans.fields.get(p).map(|f| f.key.unwrap_or(f.value)),
-            Where::Parent(p) => spans
-                .fields
-                .get(p)
-                .map(|f| f.key.unwrap_or(f.value))
-                .or(spans.start),
+            Where::Parent(p) => spans.fields.get(p).map(|f| f.key.unwrap_or(f.value)).or(spans.start),
         };
         // A field that serde_yaml sees but the span index does not (merge keys) has no position
         // of its own; its parent's is close enough.
@@ -1134,16 +904,8 @@ impl Checker<'_> {
         let path = child_path(parent, "type");
         match get(map, "type") {
             Some(Value::String(t)) if t == expected => {}
-            Some(other) => self.error(
-                &path,
-                Where::Value(&path),
-                format!("must be `{expected}`, got {}", describe(other)),
-            ),
-            None => self.error(
-                &path,
-                Where::Parent(parent),
-                format!("is required (`type: {expected}`)"),
-            ),
+            Some(other) => self.error(&path, Where::Value(&path), format!("must be `{expected}`, got {}", describe(other))),
+            None => self.error(&path, Where::Parent(parent), format!("is required (`type: {expected}`)")),
         }
     }
 
@@ -1169,11 +931,7 @@ impl Checker<'_> {
             }
             Some(Value::String(s)) => Got::Value(s.clone()),
             Some(other) => {
-                self.error(
-                    &path,
-                    Where::Value(&path),
-                    format!("must be a string, got {}", describe(other)),
-                );
+                self.error(&path, Where::Value(&path), format!("must be a string, got {}", describe(other)));
                 Got::Invalid
             }
         }
@@ -1197,11 +955,7 @@ impl Checker<'_> {
         if is_dns_name(&text) {
             return Got::Value(Host::Name(text));
         }
-        self.error(
-            &path,
-            Where::Value(&path),
-            format!("`{text}` is not a valid IP address or domain name"),
-        );
+        self.error(&path, Where::Value(&path), format!("`{text}` is not a valid IP address or domain name"));
         Got::Invalid
     }
 
@@ -1218,23 +972,16 @@ impl Checker<'_> {
         };
         let number = match value {
             Value::Number(n) => {
-                let integral_float = n
-                    .as_f64()
-                    .is_some_and(|f| f.is_finite() && f.fract() == 0.0);
+                let integral_float = n.as_f64().is_some_and(|f| f.is_finite() && f.fract() == 0.0);
                 if let Some(u) = n.as_u64() {
                     Ok(u)
-                } else if n.as_i64().is_some()
-                    || (integral_float && n.as_f64().is_some_and(|f| f.abs() > 65535.0))
-                {
+                } else if n.as_i64().is_some() || (integral_float && n.as_f64().is_some_and(|f| f.abs() > 65535.0)) {
                     Err(RANGE.to_owned())
                 } else {
                     Err(format!("must be an integer, got {}", describe(value)))
                 }
             }
-            Value::String(s) => s
-                .trim()
-                .parse::<u64>()
-                .map_err(|_| format!("must be an integer, got {}", describe(value))),
+            Value::String(s) => s.trim().parse::<u64>().map_err(|_| format!("must be an integer, got {}", describe(value))),
             other => Err(format!("must be an integer, got {}", describe(other))),
         };
         match number {
@@ -1258,13 +1005,7 @@ impl Checker<'_> {
         }
     }
 
-    fn mapping<'v>(
-        &mut self,
-        map: &'v Mapping,
-        parent: &str,
-        key: &str,
-        need: Need,
-    ) -> Got<&'v Mapping> {
+    fn mapping<'v>(&mut self, map: &'v Mapping, parent: &str, key: &str, need: Need) -> Got<&'v Mapping> {
         let path = child_path(parent, key);
         match get(map, key) {
             None => {
@@ -1275,23 +1016,13 @@ impl Checker<'_> {
             }
             Some(Value::Mapping(m)) => Got::Value(m),
             Some(other) => {
-                self.error(
-                    &path,
-                    Where::Value(&path),
-                    format!("must be a mapping, got {}", describe(other)),
-                );
+                self.error(&path, Where::Value(&path), format!("must be a mapping, got {}", describe(other)));
                 Got::Invalid
             }
         }
     }
 
-    fn sequence<'v>(
-        &mut self,
-        map: &'v Mapping,
-        parent: &str,
-        key: &str,
-        need: Need,
-    ) -> Got<&'v Vec<Value>> {
+    fn sequence<'v>(&mut self, map: &'v Mapping, parent: &str, key: &str, need: Need) -> Got<&'v Vec<Value>> {
         let path = child_path(parent, key);
         match get(map, key) {
             None => {
@@ -1302,11 +1033,7 @@ impl Checker<'_> {
             }
             Some(Value::Sequence(s)) => Got::Value(s),
             Some(other) => {
-                self.error(
-                    &path,
-                    Where::Value(&path),
-                    format!("must be a list, got {}", describe(other)),
-                );
+                self.error(&path, Where::Value(&path), format!("must be a list, got {}", describe(other)));
                 Got::Invalid
             }
         }
@@ -1319,11 +1046,7 @@ impl Checker<'_> {
             None => Some(false),
             Some(Value::Bool(b)) => Some(*b),
             Some(other) => {
-                self.error(
-                    &path,
-                    Where::Value(&path),
-                    format!("must be true or false, got {}", describe(other)),
-                );
+                self.error(&path, Where::Value(&path), format!("must be true or false, got {}", describe(other)));
                 None
             }
         }
@@ -1333,11 +1056,7 @@ impl Checker<'_> {
     /// `[A-Za-z0-9.\-_:]+` (strings, not numbers).
     fn tags(&mut self, value: &Value, path: &str) -> Option<BTreeMap<String, String>> {
         let Value::Mapping(map) = value else {
-            self.error(
-                path,
-                Where::Value(path),
-                format!("must be a mapping, got {}", describe(value)),
-            );
+            self.error(path, Where::Value(path), format!("must be a mapping, got {}", describe(value)));
             return None;
         };
         let errors_before = self.errors;
@@ -1346,11 +1065,7 @@ impl Checker<'_> {
             let key = key_text(key);
             let tag_path = child_path(path, &key);
             if key.is_empty() {
-                self.error(
-                    &tag_path,
-                    Where::Key(&tag_path),
-                    "tag name must be non-empty",
-                );
+                self.error(&tag_path, Where::Key(&tag_path), "tag name must be non-empty");
             } else if !key.chars().all(is_key_char) {
                 self.error(
                     &tag_path,
@@ -1361,11 +1076,7 @@ impl Checker<'_> {
             }
             match value {
                 Value::String(v) if v.is_empty() => {
-                    self.error(
-                        &tag_path,
-                        Where::Value(&tag_path),
-                        "tag value must be non-empty",
-                    );
+                    self.error(&tag_path, Where::Value(&tag_path), "tag value must be non-empty");
                 }
                 Value::String(v) if !v.chars().all(is_value_char) => self.error(
                     &tag_path,
@@ -1377,28 +1088,13 @@ impl Checker<'_> {
                     tags.insert(key, v.clone());
                 }
                 Value::Null => {
-                    self.error(
-                        &tag_path,
-                        Where::Value(&tag_path),
-                        "tag value must be non-empty",
-                    );
+                    self.error(&tag_path, Where::Value(&tag_path), "tag value must be non-empty");
                 }
-                other => self.error(
-                    &tag_path,
-                    Where::Value(&tag_path),
-                    format!(
-                        "tag value must be a string, got {} (quote it)",
-                        describe(other)
-                    ),
-                ),
+                other => self.error(&tag_path, Where::Value(&tag_path), format!("tag value must be a string, got {} (quote it)", describe(other))),
             }
         }
         if !map.contains_key(SERVICE_TAG) {
-            self.error(
-                path,
-                Where::Key(path),
-                format!("mandatory tag \"{SERVICE_TAG}\" is missing"),
-            );
+            self.error(path, Where::Key(path), format!("mandatory tag \"{SERVICE_TAG}\" is missing"));
         }
         (self.errors == errors_before).then_some(tags)
     }
@@ -1435,12 +1131,7 @@ fn key_text(key: &Value) -> String {
 fn closest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
     known
         .iter()
-        .map(|k| {
-            (
-                edit_distance(&key.to_ascii_lowercase(), &k.to_ascii_lowercase()),
-                *k,
-            )
-        })
+        .map(|k| (edit_distance(&key.to_ascii_lowercase(), &k.to_ascii_lowercase()), *k))
         .filter(|(d, _)| *d <= 2)
         .min_by_key(|(d, _)| *d)
         .map(|(_, k)| k)
@@ -1470,37 +1161,18 @@ fn is_dns_name(name: &str) -> bool {
         return false;
     }
     let labels_ok = trimmed.split('.').all(|label| {
-        !label.is_empty()
-            && label.len() <= 63
-            && !label.starts_with('-')
-            && label
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        !label.is_empty() && label.len() <= 63 && !label.starts_with('-') && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     });
     labels_ok && !trimmed.chars().all(|c| c.is_ascii_digit() || c == '.')
 }
 
 fn whole_file(file: &Path, severity: Severity, message: impl Into<String>) -> Diagnostic {
-    Diagnostic {
-        file: file.to_path_buf(),
-        line: None,
-        column: None,
-        path: String::new(),
-        message: message.into(),
-        severity,
-    }
+    Diagnostic { file: file.to_path_buf(), line: None, column: None, path: String::new(), message: message.into(), severity }
 }
 
 fn read_text(path: &Path) -> Result<String, Diagnostic> {
-    let bytes = fs::read(path)
-        .map_err(|e| whole_file(path, Severity::Error, format!("cannot read file: {e}")))?;
-    String::from_utf8(bytes).map_err(|e| {
-        whole_file(
-            path,
-            Severity::Error,
-            format!("not valid UTF-8 (at byte {})", e.utf8_error().valid_up_to()),
-        )
-    })
+    let bytes = fs::read(path).map_err(|e| whole_file(path, Severity::Error, format!("cannot read file: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| whole_file(path, Severity::Error, format!("not valid UTF-8 (at byte {})", e.utf8_error().valid_up_to())))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1510,13 +1182,8 @@ fn read_text(path: &Path) -> Result<String, Diagnostic> {
 /// `parent.key`, or `parent["key"]` for keys that are not plain identifiers (tag names contain
 /// dots and slashes, and a dotted rendering would be ambiguous).
 fn child_path(parent: &str, key: &str) -> String {
-    let plain = key
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let plain =
+        key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     match (plain, parent.is_empty()) {
         (true, true) => key.to_owned(),
         (true, false) => format!("{parent}.{key}"),
@@ -1573,31 +1240,14 @@ struct Parsed {
 }
 
 impl Parsed {
-    fn checker<'a>(
-        &'a self,
-        file: &'a Path,
-        posmap: &'a PosMap,
-        doc: usize,
-        diags: &'a mut Vec<Diagnostic>,
-    ) -> Checker<'a> {
-        Checker {
-            file,
-            spans: self.spans.get(doc),
-            posmap,
-            diags,
-            errors: 0,
-        }
+    fn checker<'a>(&'a self, file: &'a Path, posmap: &'a PosMap, doc: usize, diags: &'a mut Vec<Diagnostic>) -> Checker<'a> {
+        Checker { file, spans: self.spans.get(doc), posmap, diags, errors: 0 }
     }
 }
 
 /// Parse every document of `text`. On a syntax error the documents before it are still returned
 /// (and checked), so one run reports as much as possible.
-fn parse_documents(
-    file: &Path,
-    text: &str,
-    posmap: &PosMap,
-    diags: &mut Vec<Diagnostic>,
-) -> Parsed {
+fn parse_documents(file: &Path, text: &str, posmap: &PosMap, diags: &mut Vec<Diagnostic>) -> Parsed {
     let spans = index_spans(text);
     let mut docs = Vec::new();
     let mut syntax_error = false;
@@ -1612,14 +1262,10 @@ fn parse_documents(
                 docs.push(value);
             }
             Err(e) => {
-                let mut pos = e.location().map(|l| Pos {
-                    line: l.line(),
-                    column: l.column(),
-                });
+                let mut pos = e.location().map(|l| Pos { line: l.line(), column: l.column() });
                 if e.to_string().starts_with("duplicate entry") {
                     // serde_yaml points at the mapping; the span index knows the repeated key.
-                    if let Some(dup) = spans.get(docs.len()).and_then(|s| s.duplicate_keys.first())
-                    {
+                    if let Some(dup) = spans.get(docs.len()).and_then(|s| s.duplicate_keys.first()) {
                         pos = Some(*dup);
                     }
                 }
@@ -1630,11 +1276,7 @@ fn parse_documents(
             }
         }
     }
-    Parsed {
-        docs,
-        spans,
-        syntax_error,
-    }
+    Parsed { docs, spans, syntax_error }
 }
 
 fn yaml_error(file: &Path, pos: Option<Pos>, posmap: &PosMap, e: &serde_yaml::Error) -> Diagnostic {
@@ -1727,10 +1369,7 @@ impl<'de> serde::de::Visitor<'de> for LenientVisitor {
             let Lenient(value) = map.next_value()?;
             if mapping.contains_key(&key) {
                 // Same wording as serde_yaml's, which `parse_documents` recognises.
-                return Err(serde::de::Error::custom(format_args!(
-                    "duplicate entry with key {}",
-                    describe(&key)
-                )));
+                return Err(serde::de::Error::custom(format_args!("duplicate entry with key {}", describe(&key))));
             }
             mapping.insert(key, value);
         }
@@ -1742,10 +1381,7 @@ impl<'de> serde::de::Visitor<'de> for LenientVisitor {
         use serde::de::VariantAccess as _;
         let (tag, contents): (String, _) = data.variant()?;
         let Lenient(value) = contents.newtype_variant()?;
-        Ok(Value::Tagged(Box::new(serde_yaml::value::TaggedValue {
-            tag: serde_yaml::value::Tag::new(tag),
-            value,
-        })))
+        Ok(Value::Tagged(Box::new(serde_yaml::value::TaggedValue { tag: serde_yaml::value::Tag::new(tag), value })))
     }
 }
 
@@ -1764,16 +1400,10 @@ fn index_spans(text: &str) -> Vec<DocSpans> {
     let mut stack: Vec<Frame> = Vec::new();
     let mut parser = Parser::new_from_str(text);
     while let Some(Ok((event, span))) = parser.next_event() {
-        let pos = Pos {
-            line: span.start.line(),
-            column: span.start.col() + 1,
-        };
+        let pos = Pos { line: span.start.line(), column: span.start.col() + 1 };
         let node = match event {
             Event::DocumentStart(_) => {
-                docs.push(DocSpans {
-                    start: Some(pos),
-                    ..DocSpans::default()
-                });
+                docs.push(DocSpans { start: Some(pos), ..DocSpans::default() });
                 stack.clear();
                 continue;
             }
@@ -1861,17 +1491,10 @@ fn on_node(doc: &mut DocSpans, stack: &mut Vec<Frame>, node: Node, pos: Pos) {
         },
     };
     if let Some((path, key)) = &target {
-        doc.fields.entry(path.clone()).or_insert(FieldSpan {
-            key: *key,
-            value: pos,
-        });
+        doc.fields.entry(path.clone()).or_insert(FieldSpan { key: *key, value: pos });
     }
     match (container, target) {
-        (Some(true), Some((path, _))) => stack.push(Frame::Mapping {
-            path,
-            next: Pending::Key,
-            seen: HashSet::new(),
-        }),
+        (Some(true), Some((path, _))) => stack.push(Frame::Mapping { path, next: Pending::Key, seen: HashSet::new() }),
         (Some(false), Some((path, _))) => stack.push(Frame::Sequence { path, next: 0 }),
         (Some(_), None) => stack.push(Frame::Opaque),
         (None, _) => {}
@@ -1941,10 +1564,7 @@ fn byte_at(text: &str, pos: Pos) -> Option<usize> {
     };
     let line = text.get(line_start..)?;
     let line = &line[..line.find('\n').unwrap_or(line.len())];
-    let offset = line
-        .char_indices()
-        .nth(pos.column.saturating_sub(1))
-        .map_or(line.len(), |(i, _)| i);
+    let offset = line.char_indices().nth(pos.column.saturating_sub(1)).map_or(line.len(), |(i, _)| i);
     Some(line_start + offset)
 }
 
@@ -1957,21 +1577,13 @@ fn line_col(text: &str, byte: usize) -> Option<(usize, usize)> {
 }
 
 fn is_var_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 /// Replace `{{ name }}` / `{{name}}` with `vars[name]`, as kuma-dp does with `--dataplane-var`.
 /// Values are inserted verbatim (no YAML quoting), like kuma-dp. Returns `None` after reporting
 /// every unknown variable and malformed placeholder.
-fn substitute(
-    file: &Path,
-    text: &str,
-    vars: &BTreeMap<String, String>,
-    diags: &mut Vec<Diagnostic>,
-) -> Option<(String, PosMap)> {
+fn substitute(file: &Path, text: &str, vars: &BTreeMap<String, String>, diags: &mut Vec<Diagnostic>) -> Option<(String, PosMap)> {
     if !text.contains("{{") {
         return Some((text.to_owned(), PosMap::identity()));
     }
@@ -1995,17 +1607,9 @@ fn substitute(
     while let Some(found) = text[search..].find("{{") {
         let open = search + found;
         let inner_start = open + 2;
-        let line_end = text[inner_start..]
-            .find('\n')
-            .map_or(text.len(), |i| inner_start + i);
-        let Some(close) = text[inner_start..line_end]
-            .find("}}")
-            .map(|i| inner_start + i)
-        else {
-            fail(
-                open,
-                "unterminated `{{`: placeholders look like `{{ name }}` on one line".to_owned(),
-            );
+        let line_end = text[inner_start..].find('\n').map_or(text.len(), |i| inner_start + i);
+        let Some(close) = text[inner_start..line_end].find("}}").map(|i| inner_start + i) else {
+            fail(open, "unterminated `{{`: placeholders look like `{{ name }}` on one line".to_owned());
             search = inner_start;
             continue;
         };
@@ -2024,18 +1628,10 @@ fn substitute(
             output.push_str(&text[copied_to..open]);
             let out_start = output.len();
             output.push_str(value);
-            replacements.push(Replacement {
-                out_start,
-                out_end: output.len(),
-                orig_start: open,
-                orig_end: end,
-            });
+            replacements.push(Replacement { out_start, out_end: output.len(), orig_start: open, orig_end: end });
             copied_to = end;
         } else {
-            fail(
-                open,
-                format!("variable `{name}` is not set (pass --dataplane-var {name}=VALUE)"),
-            );
+            fail(open, format!("variable `{name}` is not set (pass --dataplane-var {name}=VALUE)"));
         }
         search = end;
     }
@@ -2043,13 +1639,7 @@ fn substitute(
         return None;
     }
     output.push_str(&text[copied_to..]);
-    let posmap = PosMap {
-        translation: Some(Translation {
-            original: text.to_owned(),
-            output: output.clone(),
-            replacements,
-        }),
-    };
+    let posmap = PosMap { translation: Some(Translation { original: text.to_owned(), output: output.clone(), replacements }) };
     Some((output, posmap))
 }
 
@@ -2078,10 +1668,7 @@ networking:
     }
 
     fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     fn zi(text: &str) -> Loaded<ZoneIngress> {
@@ -2125,16 +1712,11 @@ networking:
     }
 
     fn error_at<'e>(e: &'e ConfigError, path: &str) -> &'e Diagnostic {
-        e.errors()
-            .find(|d| d.path == path)
-            .unwrap_or_else(|| panic!("no error at {path}:\n{e}"))
+        e.errors().find(|d| d.path == path).unwrap_or_else(|| panic!("no error at {path}:\n{e}"))
     }
 
     fn warning_at<'d>(warnings: &'d [Diagnostic], path: &str) -> &'d Diagnostic {
-        warnings
-            .iter()
-            .find(|d| d.path == path && d.severity == Severity::Warning)
-            .unwrap_or_else(|| panic!("no warning at {path}: {warnings:#?}"))
+        warnings.iter().find(|d| d.path == path && d.severity == Severity::Warning).unwrap_or_else(|| panic!("no warning at {path}: {warnings:#?}"))
     }
 
     fn at(d: &Diagnostic) -> (Option<usize>, Option<usize>) {
@@ -2155,11 +1737,7 @@ networking:
     impl TempDir {
         fn new() -> Self {
             static NEXT: AtomicUsize = AtomicUsize::new(0);
-            let dir = std::env::temp_dir().join(format!(
-                "zone-ingress-config-test-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
+            let dir = std::env::temp_dir().join(format!("zone-ingress-config-test-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
             fs::create_dir_all(&dir).expect("create temp dir");
             Self(dir)
         }
@@ -2178,9 +1756,7 @@ networking:
     }
 
     fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/config")
-            .join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config").join(name)
     }
 
     // ---- ZoneIngress: valid input -------------------------------------------------------------
@@ -2209,20 +1785,12 @@ networking:
 
     #[test]
     fn zone_ingress_ipv6_addresses() {
-        let text = ZI
-            .replace("198.18.0.5", "\"2001:db8::5\"")
-            .replace("203.0.113.7", "::ffff:203.0.113.7");
+        let text = ZI.replace("198.18.0.5", "\"2001:db8::5\"").replace("203.0.113.7", "::ffff:203.0.113.7");
         let z = zi(&text).value;
-        assert_eq!(
-            z.listen_addr(),
-            "[2001:db8::5]:10001".parse().expect("addr")
-        );
+        assert_eq!(z.listen_addr(), "[2001:db8::5]:10001".parse().expect("addr"));
         assert_eq!(z.advertised_address.as_deref(), Some("::ffff:203.0.113.7"));
         let plain = ZI.replace("198.18.0.5", "fd00::5");
-        assert_eq!(
-            zi(&plain).value.address,
-            "fd00::5".parse::<IpAddr>().expect("ip")
-        );
+        assert_eq!(zi(&plain).value.address, "fd00::5".parse::<IpAddr>().expect("ip"));
     }
 
     #[test]
@@ -2235,10 +1803,7 @@ networking:
     #[test]
     fn zone_ingress_advertised_address_may_be_a_dns_name() {
         let text = ZI.replace("203.0.113.7", "zi.east.example.com");
-        assert_eq!(
-            zi(&text).value.advertised(),
-            Some(("zi.east.example.com", 10001))
-        );
+        assert_eq!(zi(&text).value.advertised(), Some(("zi.east.example.com", 10001)));
     }
 
     // ---- ZoneIngress: one test per rule -------------------------------------------------------
@@ -2274,11 +1839,7 @@ networking:
         let e = zi_err("type: ZoneIngress\nname: zi\n");
         only_error(&e, "networking");
         let e = zi_err("type: ZoneIngress\nname: zi\nnetworking: 5\n");
-        assert!(
-            only_error(&e, "networking")
-                .message
-                .contains("must be a mapping")
-        );
+        assert!(only_error(&e, "networking").message.contains("must be a mapping"));
     }
 
     #[test]
@@ -2384,9 +1945,7 @@ networking:
         assert_eq!(d.message, "must differ from port");
         assert_eq!(at(&d), (Some(9), Some(11)));
         // Also with the default admin port.
-        let text = ZI
-            .replace("  admin:\n    port: 9901\n", "")
-            .replace("port: 10001", "port: 9901");
+        let text = ZI.replace("  admin:\n    port: 9901\n", "").replace("port: 10001", "port: 9901");
         let e = zi_err(&text);
         let d = only_error(&e, "networking.port");
         assert!(d.message.contains("default admin port 9901"), "{d}");
@@ -2394,14 +1953,9 @@ networking:
 
     #[test]
     fn zone_ingress_admin_port_must_differ_from_loopback_advertised_port() {
-        let text = ZI
-            .replace("203.0.113.7", "127.0.0.1")
-            .replace("advertisedPort: 10001", "advertisedPort: 9901");
+        let text = ZI.replace("203.0.113.7", "127.0.0.1").replace("advertisedPort: 10001", "advertisedPort: 9901");
         let e = zi_err(&text);
-        assert_eq!(
-            only_error(&e, "networking.admin.port").message,
-            "must differ from advertisedPort"
-        );
+        assert_eq!(only_error(&e, "networking.admin.port").message, "must differ from advertisedPort");
         // Not a problem when the advertised address is not loopback.
         let text = ZI.replace("advertisedPort: 10001", "advertisedPort: 9901");
         zi(&text);
@@ -2452,9 +2006,7 @@ networking:
         error_at(&e, "availableServices[3].tags");
         assert_eq!(e.errors().count(), 6, "{e}");
         // Still reported as ignored.
-        assert!(e.diagnostics.iter().any(|d| d.path == "availableServices"
-            && d.severity == Severity::Warning
-            && d.message.contains("ignored")));
+        assert!(e.diagnostics.iter().any(|d| d.path == "availableServices" && d.severity == Severity::Warning && d.message.contains("ignored")));
     }
 
     #[test]
@@ -2474,10 +2026,7 @@ networking:
 
     #[test]
     fn zone_ingress_without_advertised_coordinates_warns_loudly() {
-        let text = ZI.replace(
-            "  advertisedAddress: 203.0.113.7\n  advertisedPort: 10001\n",
-            "",
-        );
+        let text = ZI.replace("  advertisedAddress: 203.0.113.7\n  advertisedPort: 10001\n", "");
         let loaded = zi(&text);
         assert_eq!(loaded.value.advertised(), None);
         let d = warning_at(&loaded.warnings, "networking");
@@ -2489,10 +2038,7 @@ networking:
     #[test]
     fn zone_ingress_unknown_keys_warn_with_path_and_hint() {
         let text = ZI
-            .replace(
-                "  advertisedPort: 10001\n",
-                "  advertisedPort: 10001\n  adress: 1.2.3.4\n",
-            )
+            .replace("  advertisedPort: 10001\n", "  advertisedPort: 10001\n  adress: 1.2.3.4\n")
             .replace("    port: 9901\n", "    port: 9901\n    bind: x\n")
             + "mesh: default\nlabels:\n  a: b\ncreationTime: x\n";
         let loaded = zi(&text);
@@ -2582,17 +2128,9 @@ networking:
     #[test]
     fn vars_are_substituted() {
         let text = fs::read_to_string(fixture("zoneingress-template.yaml")).expect("fixture");
-        let loaded = parse_zone_ingress(
-            Path::new("t.yaml"),
-            &text,
-            &vars(&[
-                ("name", "zi-east-2"),
-                ("address", "198.18.0.6"),
-                ("port", "10001"),
-                ("unused", "x"),
-            ]),
-        )
-        .expect("valid");
+        let loaded =
+            parse_zone_ingress(Path::new("t.yaml"), &text, &vars(&[("name", "zi-east-2"), ("address", "198.18.0.6"), ("port", "10001"), ("unused", "x")]))
+                .expect("valid");
         let z = loaded.value;
         assert_eq!(z.name, "zi-east-2");
         assert_eq!(z.listen_addr(), "198.18.0.6:10001".parse().expect("addr"));
@@ -2636,8 +2174,7 @@ networking:
         let d = error_at(&e, "networking.port");
         assert_eq!(at(d), (Some(5), Some(9)));
         // A problem inside the substituted value points at the placeholder.
-        let text =
-            "type: ZoneIngress\nname: zi\nnetworking:\n  address: 1.2.3.4\n  port: {{ p }}\n";
+        let text = "type: ZoneIngress\nname: zi\nnetworking:\n  address: 1.2.3.4\n  port: {{ p }}\n";
         let e = zi_err_vars(text, &vars(&[("p", "70000")]));
         assert_eq!(at(error_at(&e, "networking.port")), (Some(5), Some(9)));
     }
@@ -2647,10 +2184,7 @@ networking:
         let loaded = load_zone_ingress(&fixture("zoneingress.yaml"), &no_vars()).expect("valid");
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
         assert_eq!(loaded.value.name, "zi-east-1");
-        assert_eq!(
-            loaded.value.advertised(),
-            Some(("zi.east.example.com", 10001))
-        );
+        assert_eq!(loaded.value.advertised(), Some(("zi.east.example.com", 10001)));
     }
 
     #[test]
@@ -2669,11 +2203,7 @@ networking:
 
     #[test]
     fn inventory_single_document() {
-        let text = dp(
-            "backend-1",
-            "198.18.1.11",
-            "  - port: 8080\n    tags:\n      kuma.io/service: backend\n",
-        );
+        let text = dp("backend-1", "198.18.1.11", "  - port: 8080\n    tags:\n      kuma.io/service: backend\n");
         let loaded = inv(&text);
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
         let d = &loaded.value.dataplanes[0];
@@ -2688,18 +2218,10 @@ networking:
     #[test]
     fn inventory_multi_document_stream() {
         let inbound = "  - port: 80\n    tags: {kuma.io/service: s}\n";
-        let text = format!(
-            "---\n{}---\n{}---\ntype: MeshService\nname: s\nmesh: default\n---\n",
-            dp("a", "198.18.1.1", inbound),
-            dp("b", "198.18.1.2", inbound),
-        );
+        let text =
+            format!("---\n{}---\n{}---\ntype: MeshService\nname: s\nmesh: default\n---\n", dp("a", "198.18.1.1", inbound), dp("b", "198.18.1.2", inbound),);
         let loaded = inv(&text);
-        let names: Vec<&str> = loaded
-            .value
-            .dataplanes
-            .iter()
-            .map(|d| d.name.as_str())
-            .collect();
+        let names: Vec<&str> = loaded.value.dataplanes.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, vec!["a", "b"]);
         let d = warning_at(&loaded.warnings, "type");
         assert!(d.message.contains("not MeshService"), "{d}");
@@ -2718,20 +2240,14 @@ networking:
         assert_eq!(loaded.warnings.len(), 1, "{:#?}", loaded.warnings);
 
         let b1 = &dps[0];
-        assert_eq!(
-            b1.creation_time.as_deref(),
-            Some("2025-03-04T09:12:41.501245Z")
-        );
+        assert_eq!(b1.creation_time.as_deref(), Some("2025-03-04T09:12:41.501245Z"));
         assert_eq!(b1.zone(), Some("east"));
         assert_eq!(b1.inbounds[0].name.as_deref(), Some("http"));
         assert!(b1.inbounds[0].healthy);
         assert_eq!(b1.inbounds[1].state, InboundState::NotReady);
         assert!(!b1.inbounds[1].healthy);
         // DNS name in networking.address is fine when advertisedAddress (IPv6) is used.
-        assert_eq!(
-            dps[2].inbounds[0].endpoint,
-            "[2001:db8:1::13]:6379".parse().expect("addr")
-        );
+        assert_eq!(dps[2].inbounds[0].endpoint, "[2001:db8:1::13]:6379".parse().expect("addr"));
         // health.ready: false.
         assert!(!dps[3].inbounds[0].healthy);
         assert_eq!(dps[3].inbounds[0].state, InboundState::Ready);
@@ -2748,12 +2264,7 @@ networking:
         dir.write(".hidden.yaml", "garbage: [");
         fs::create_dir(dir.0.join("sub.yaml")).expect("mkdir");
         let loaded = load_inventory(&dir.0).expect("valid");
-        let names: Vec<&str> = loaded
-            .value
-            .dataplanes
-            .iter()
-            .map(|d| d.name.as_str())
-            .collect();
+        let names: Vec<&str> = loaded.value.dataplanes.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, vec!["from-a", "from-b", "from-c"]);
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
 
@@ -2764,17 +2275,8 @@ networking:
         let e = load_inventory(&dir.0).expect_err("invalid");
         let dup = error_at(&e, "name");
         assert_eq!(dup.file, dir.0.join("d.yaml"));
-        assert!(
-            dup.message.contains(&format!(
-                "first defined at {}:3:7",
-                dir.0.join("a.yaml").display()
-            )),
-            "{dup}"
-        );
-        let missing = e
-            .errors()
-            .find(|d| d.file == dir.0.join("e.yaml") && d.path == "name")
-            .expect("e.yaml error");
+        assert!(dup.message.contains(&format!("first defined at {}:3:7", dir.0.join("a.yaml").display())), "{dup}");
+        let missing = e.errors().find(|d| d.file == dir.0.join("e.yaml") && d.path == "name").expect("e.yaml error");
         assert!(missing.message.contains("required"));
     }
 
@@ -2811,15 +2313,8 @@ networking:
 ",
         );
         let loaded = inv(&text);
-        let healthy: Vec<bool> = loaded.value.dataplanes[0]
-            .inbounds
-            .iter()
-            .map(|i| i.healthy)
-            .collect();
-        assert_eq!(
-            healthy,
-            vec![true, true, false, false, true, false, false, false]
-        );
+        let healthy: Vec<bool> = loaded.value.dataplanes[0].inbounds.iter().map(|i| i.healthy).collect();
+        assert_eq!(healthy, vec![true, true, false, false, true, false, false, false]);
     }
 
     #[test]
@@ -2862,12 +2357,7 @@ networking:
   - {port: 3, address: 198.18.9.9, tags: {kuma.io/service: s}}
 ";
         let loaded = inv(text);
-        let eps: Vec<String> = loaded
-            .value
-            .dataplanes
-            .iter()
-            .flat_map(|d| d.inbounds.iter().map(|i| i.endpoint.to_string()))
-            .collect();
+        let eps: Vec<String> = loaded.value.dataplanes.iter().flat_map(|d| d.inbounds.iter().map(|i| i.endpoint.to_string())).collect();
         assert_eq!(eps, vec!["198.18.1.1:1", "198.18.9.9:2", "203.0.113.2:3"]);
     }
 
@@ -2899,32 +2389,20 @@ networking:
 ",
         );
         let loaded = inv(&text);
-        let eps: Vec<String> = loaded.value.dataplanes[0]
-            .inbounds
-            .iter()
-            .map(|i| i.endpoint.to_string())
-            .collect();
+        let eps: Vec<String> = loaded.value.dataplanes[0].inbounds.iter().map(|i| i.endpoint.to_string()).collect();
         assert_eq!(eps, vec!["[2001:db8::1]:8080", "[fd00::2]:8081"]);
     }
 
     #[test]
     fn inventory_addresses_must_not_be_unspecified() {
-        let text = dp(
-            "a",
-            "0.0.0.0",
-            "  - {port: 1, tags: {kuma.io/service: s}}\n",
-        );
+        let text = dp("a", "0.0.0.0", "  - {port: 1, tags: {kuma.io/service: s}}\n");
         let e = inv_err(&text);
         only_error(&e, "networking.address");
     }
 
     #[test]
     fn inventory_tags_need_service() {
-        let text = dp(
-            "a",
-            "198.18.1.1",
-            "  - port: 1\n    tags:\n      version: v1\n",
-        );
+        let text = dp("a", "198.18.1.1", "  - port: 1\n    tags:\n      version: v1\n");
         let e = inv_err(&text);
         let d = only_error(&e, "networking.inbound[0].tags");
         assert_eq!(d.message, "mandatory tag \"kuma.io/service\" is missing");
@@ -2958,18 +2436,10 @@ networking:
 
     #[test]
     fn inventory_inbound_port_range() {
-        let text = dp(
-            "a",
-            "198.18.1.1",
-            "  - port: 0\n    tags: {kuma.io/service: s}\n",
-        );
+        let text = dp("a", "198.18.1.1", "  - port: 0\n    tags: {kuma.io/service: s}\n");
         let d = only_error(&inv_err(&text), "networking.inbound[0].port");
         assert_eq!(at(&d), (Some(7), Some(11)));
-        let text = dp(
-            "a",
-            "198.18.1.1",
-            "  - port: 65536\n    tags: {kuma.io/service: s}\n",
-        );
+        let text = dp("a", "198.18.1.1", "  - port: 65536\n    tags: {kuma.io/service: s}\n");
         only_error(&inv_err(&text), "networking.inbound[0].port");
         let text = dp("a", "198.18.1.1", "  - tags: {kuma.io/service: s}\n");
         only_error(&inv_err(&text), "networking.inbound[0].port");
@@ -2995,9 +2465,7 @@ networking:
     fn inventory_networking_and_inbounds_required() {
         let e = inv_err("type: Dataplane\nmesh: default\nname: a\n");
         only_error(&e, "networking");
-        let e = inv_err(
-            "type: Dataplane\nmesh: default\nname: a\nnetworking:\n  address: 198.18.1.1\n",
-        );
+        let e = inv_err("type: Dataplane\nmesh: default\nname: a\nnetworking:\n  address: 198.18.1.1\n");
         only_error(&e, "networking.inbound");
         let e = inv_err(
             "type: Dataplane\nmesh: default\nname: a\nnetworking:\n  inbound:\n  - {port: 1, \
@@ -3010,10 +2478,7 @@ networking:
     fn inventory_duplicate_mesh_and_name() {
         let inbound = "  - {port: 1, tags: {kuma.io/service: s}}\n";
         let a = dp("a", "198.18.1.1", inbound);
-        let text = format!(
-            "{a}---\n{a}---\n{}",
-            a.replace("mesh: default", "mesh: other")
-        );
+        let text = format!("{a}---\n{a}---\n{}", a.replace("mesh: default", "mesh: other"));
         let e = inv_err(&text);
         let d = only_error(&e, "name");
         assert_eq!(at(&d), (Some(11), Some(7)));
@@ -3053,10 +2518,7 @@ networking:
 ";
         let loaded = inv(text);
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
-        assert_eq!(
-            loaded.value.dataplanes[0].labels,
-            BTreeMap::from([("team".to_owned(), "x".to_owned())])
-        );
+        assert_eq!(loaded.value.dataplanes[0].labels, BTreeMap::from([("team".to_owned(), "x".to_owned())]));
     }
 
     #[test]
@@ -3122,19 +2584,11 @@ total: 4
 
     #[test]
     fn inventory_syntax_error_keeps_earlier_documents_checked() {
-        let bad = dp(
-            "a",
-            "198.18.1.1",
-            "  - {port: 0, tags: {kuma.io/service: s}}\n",
-        );
+        let bad = dp("a", "198.18.1.1", "  - {port: 0, tags: {kuma.io/service: s}}\n");
         let e = inv_err(&format!("{bad}---\nname: [\n"));
         assert_eq!(e.diagnostics.len(), 2, "{e}");
         error_at(&e, "networking.inbound[0].port");
-        assert!(
-            e.diagnostics
-                .iter()
-                .any(|d| d.message.starts_with("invalid YAML") && d.line == Some(10))
-        );
+        assert!(e.diagnostics.iter().any(|d| d.message.starts_with("invalid YAML") && d.line == Some(10)));
     }
 
     // ---- internals ----------------------------------------------------------------------------
@@ -3152,13 +2606,7 @@ total: 4
 
     #[test]
     fn dns_names() {
-        for ok in [
-            "a",
-            "zi.east.example.com",
-            "zi.east.example.com.",
-            "a_b-c.d",
-            "x1",
-        ] {
+        for ok in ["a", "zi.east.example.com", "zi.east.example.com.", "a_b-c.d", "x1"] {
             assert!(is_dns_name(ok), "{ok}");
         }
         for bad in ["", "1.2.3.4", "a..b", "-a", "a b", &"a".repeat(64), "a/b"] {

@@ -176,10 +176,7 @@ impl ClusterStats {
     /// when dropped.
     #[must_use]
     pub fn try_acquire(self: &Arc<Self>, limit: usize) -> Option<UpstreamPermit> {
-        self.active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
-            .ok()
-            .map(|_| UpstreamPermit(Arc::clone(self)))
+        self.active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1)).ok().map(|_| UpstreamPermit(Arc::clone(self)))
     }
 
     /// Connections currently counted against the cap.
@@ -292,8 +289,7 @@ impl Metrics {
     /// Rejected connections by reason (reasons with no rejection included, as 0).
     #[must_use]
     pub fn rejects(&self) -> BTreeMap<&'static str, u64> {
-        let mut out: BTreeMap<&'static str, u64> =
-            REJECT_REASONS.iter().zip(&self.rejects).map(|(r, n)| (*r, n.load(Ordering::Relaxed))).collect();
+        let mut out: BTreeMap<&'static str, u64> = REJECT_REASONS.iter().zip(&self.rejects).map(|(r, n)| (*r, n.load(Ordering::Relaxed))).collect();
         out.insert("other", self.rejects[REJECT_REASONS.len()].load(Ordering::Relaxed));
         out
     }
@@ -319,9 +315,7 @@ impl Metrics {
             if out.contains_key(&cluster.name) {
                 continue;
             }
-            let stats = Arc::clone(
-                registry.entry(cluster.name.clone()).or_insert_with(|| Arc::new(ClusterStats::new(cluster))),
-            );
+            let stats = Arc::clone(registry.entry(cluster.name.clone()).or_insert_with(|| Arc::new(ClusterStats::new(cluster))));
             stats.membership_healthy.store(cluster.healthy, Ordering::Relaxed);
             stats.membership_total.store(cluster.total, Ordering::Relaxed);
             out.insert(cluster.name.clone(), stats);
@@ -375,12 +369,7 @@ impl Metrics {
         f.counter("envoy_listener_downstream_cx_overload_reject", "Refused by an overload manager (none runs).", &l, 0.0);
         f.counter("envoy_listener_downstream_global_cx_overflow", "Refused by a global connection limit (none is set).", &l, 0.0);
         f.counter("envoy_listener_downstream_pre_cx_timeout", "ClientHello not complete in time.", &l, get(&self.pre_cx_timeout));
-        f.counter(
-            "envoy_listener_no_filter_chain_match",
-            "Connections with an unknown or missing SNI, or not TLS.",
-            &l,
-            get(&self.no_filter_chain_match),
-        );
+        f.counter("envoy_listener_no_filter_chain_match", "Connections with an unknown or missing SNI, or not TLS.", &l, get(&self.no_filter_chain_match));
         for name in ["envoy_listener_ssl_handshake", "envoy_listener_ssl_fail_verify_error", "envoy_listener_ssl_connection_error"] {
             f.counter(name, "Always 0: TLS passes through, it is never terminated here.", &l, 0.0);
         }
@@ -519,7 +508,12 @@ impl Metrics {
         f.gauge("zone_ingress_ready", "1 when /ready answers READY.", &[], f64::from(u8::from(s.ready)));
         if let Some(k) = &s.kernel {
             f.gauge("zone_ingress_kernel_spliced_active", "Connections spliced in the kernel now.", &[], k.active as f64);
-            f.gauge("zone_ingress_kernel_in_flight_bytes", "Bytes queued toward slow peers, summed over flows (sampled each second).", &[], k.in_flight_bytes as f64);
+            f.gauge(
+                "zone_ingress_kernel_in_flight_bytes",
+                "Bytes queued toward slow peers, summed over flows (sampled each second).",
+                &[],
+                k.in_flight_bytes as f64,
+            );
             f.counter("zone_ingress_memory_guard_aborts_total", "Flows aborted by the memory guard.", &[], k.memory_guard_aborts as f64);
             f.counter("zone_ingress_peer_missing_aborts_total", "Flows aborted because the verdict found no peer.", &[], k.peer_missing_aborts as f64);
             f.counter("zone_ingress_drain_stalls_total", "Flows aborted because a half-close drain check stalled.", &[], k.drain_stalls as f64);
@@ -813,10 +807,7 @@ fn histogram_summary(h: &proto::Histogram) -> String {
     }
     let quantile = |q: f64| {
         let rank = (q * count as f64).ceil() as u64;
-        h.get_bucket()
-            .iter()
-            .find(|b| b.cumulative_count() >= rank)
-            .map_or_else(|| "+Inf".to_owned(), |b| number(b.upper_bound()))
+        h.get_bucket().iter().find(|b| b.cumulative_count() >= rank).map_or_else(|| "+Inf".to_owned(), |b| number(b.upper_bound()))
     };
     format!("P50({}) P90({}) P99({}) count={count} sum={}", quantile(0.5), quantile(0.9), quantile(0.99), h.get_sample_sum())
 }

@@ -234,10 +234,8 @@ pub fn watch(args: &InputArgs, tx: mpsc::Sender<()>) -> notify::Result<notify::R
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(event) = res else { return };
         // Reads (our own reloads among them) must not trigger reloads.
-        let relevant_kind = matches!(
-            event.kind,
-            EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Access(AccessKind::Close(AccessMode::Write))
-        );
+        let relevant_kind =
+            matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Access(AccessKind::Close(AccessMode::Write)));
         if relevant_kind && event.paths.iter().any(|p| concerns(&filter, p)) {
             let _ = tx.try_send(());
         }

@@ -64,12 +64,7 @@ pub enum Reject {
 
 impl Reject {
     /// Every variant, to register metric label values up front.
-    pub const ALL: [Self; 4] = [
-        Self::UnknownSni,
-        Self::NotCanonical,
-        Self::NoEndpoints,
-        Self::InvalidSni,
-    ];
+    pub const ALL: [Self; 4] = [Self::UnknownSni, Self::NotCanonical, Self::NoEndpoints, Self::InvalidSni];
 
     /// Stable `snake_case` label for metrics and logs.
     #[must_use]
@@ -103,25 +98,14 @@ pub struct Cluster {
 
 impl Cluster {
     fn new(name: String, healthy: usize, total: usize) -> Self {
-        Self {
-            stat_name: name.replace(':', "_"),
-            name,
-            active: AtomicUsize::new(0),
-            healthy,
-            total,
-        }
+        Self { stat_name: name.replace(':', "_"), name, active: AtomicUsize::new(0), healthy, total }
     }
 
     /// Count one more active connection unless `limit` are already open; the permit gives it
     /// back when dropped.
     #[must_use]
     pub fn try_acquire(self: &Arc<Self>, limit: usize) -> Option<ClusterPermit> {
-        self.active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| ClusterPermit(Arc::clone(self)))
+        self.active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1)).ok().map(|_| ClusterPermit(Arc::clone(self)))
     }
 }
 
@@ -172,25 +156,8 @@ pub struct Route {
 }
 
 impl Route {
-    fn new(
-        sni: String,
-        kind: RouteKind,
-        cluster: Arc<Cluster>,
-        mesh: &str,
-        service: &str,
-        tags: BTreeMap<String, String>,
-        endpoints: Vec<SocketAddr>,
-    ) -> Self {
-        Self {
-            sni,
-            kind,
-            cluster,
-            mesh: mesh.to_owned(),
-            service: service.to_owned(),
-            tags,
-            endpoints,
-            cursor: AtomicUsize::new(0),
-        }
+    fn new(sni: String, kind: RouteKind, cluster: Arc<Cluster>, mesh: &str, service: &str, tags: BTreeMap<String, String>, endpoints: Vec<SocketAddr>) -> Self {
+        Self { sni, kind, cluster, mesh: mesh.to_owned(), service: service.to_owned(), tags, endpoints, cursor: AtomicUsize::new(0) }
     }
 
     /// The endpoints to try for one new connection: this route's next round-robin pick first,
@@ -200,11 +167,7 @@ impl Route {
     pub fn candidates(&self, max_attempts: usize) -> impl Iterator<Item = SocketAddr> + '_ {
         let len = self.endpoints.len();
         let count = max_attempts.min(len);
-        let start = if count == 0 {
-            0
-        } else {
-            self.cursor.fetch_add(1, Ordering::Relaxed) % len
-        };
+        let start = if count == 0 { 0 } else { self.cursor.fetch_add(1, Ordering::Relaxed) % len };
         (0..count).filter_map(move |i| self.endpoints.get((start + i) % len).copied())
     }
 }
@@ -293,36 +256,14 @@ impl RouteTable {
             let mesh_tags = BTreeMap::from([(MESH_TAG.to_owned(), (*mesh).to_owned())]);
 
             // Legacy `S{mesh=M}`.
-            let cluster = Arc::new(Cluster::new(
-                format!("{mesh}:{service}"),
-                group.healthy.len(),
-                group.all.len(),
-            ));
+            let cluster = Arc::new(Cluster::new(format!("{mesh}:{service}"), group.healthy.len(), group.all.len()));
             let endpoints = group.healthy.iter().map(|i| i.endpoint).collect();
             let sni = sni::legacy_sni(service, &mesh_tags);
-            insert_route(
-                &mut routes,
-                Route::new(
-                    sni,
-                    RouteKind::Legacy,
-                    Arc::clone(&cluster),
-                    mesh,
-                    service,
-                    mesh_tags.clone(),
-                    endpoints,
-                ),
-            );
-            services.entry((*mesh).to_owned()).or_default().insert(
-                (*service).to_owned(),
-                Service {
-                    cluster,
-                    members: group
-                        .healthy
-                        .iter()
-                        .map(|i| (i.endpoint, i.tags.clone()))
-                        .collect(),
-                },
-            );
+            insert_route(&mut routes, Route::new(sni, RouteKind::Legacy, Arc::clone(&cluster), mesh, service, mesh_tags.clone(), endpoints));
+            services
+                .entry((*mesh).to_owned())
+                .or_default()
+                .insert((*service).to_owned(), Service { cluster, members: group.healthy.iter().map(|i| (i.endpoint, i.tags.clone())).collect() });
 
             if is_dns1035_label(service) {
                 for route in mesh_service_routes(mesh, service, zone, group) {
@@ -333,15 +274,7 @@ impl RouteTable {
 
         let mut ordered: Vec<Arc<Route>> = routes.values().cloned().collect();
         ordered.sort_by(|a, b| a.sni.cmp(&b.sni));
-        Self {
-            zone: zone.to_owned(),
-            routes,
-            ordered,
-            services,
-            subsets: Mutex::default(),
-            subset_capacity: SUBSET_CACHE_CAPACITY,
-            foreign,
-        }
+        Self { zone: zone.to_owned(), routes, ordered, services, subsets: Mutex::default(), subset_capacity: SUBSET_CACHE_CAPACITY, foreign }
     }
 
     /// Replace the subset cache bound ([`SUBSET_CACHE_CAPACITY`] by default); 0 disables
@@ -371,44 +304,21 @@ impl RouteTable {
         if let Some(route) = self.lock_subsets().routes.get(sni) {
             return Ok(Arc::clone(route));
         }
-        let parsed = sni::parse_legacy(sni).map_err(|e| {
-            if e.is_syntax() {
-                Reject::InvalidSni
-            } else {
-                Reject::NotCanonical
-            }
-        })?;
-        let base = parsed
-            .mesh()
-            .and_then(|mesh| self.services.get(mesh))
-            .and_then(|services| services.get(&parsed.service))
-            .ok_or(Reject::UnknownSni)?;
+        let parsed = sni::parse_legacy(sni).map_err(|e| if e.is_syntax() { Reject::InvalidSni } else { Reject::NotCanonical })?;
+        let base = parsed.mesh().and_then(|mesh| self.services.get(mesh)).and_then(|services| services.get(&parsed.service)).ok_or(Reject::UnknownSni)?;
         let wanted: Vec<(&str, &str)> = parsed.subset_tags().collect();
         // Kuma's TagSelector: every key must be present; `*` matches any value.
         let endpoints: Vec<SocketAddr> = base
             .members
             .iter()
-            .filter(|(_, tags)| {
-                wanted.iter().all(|(k, v)| {
-                    tags.get(*k)
-                        .is_some_and(|have| *v == "*" || have.as_str() == *v)
-                })
-            })
+            .filter(|(_, tags)| wanted.iter().all(|(k, v)| tags.get(*k).is_some_and(|have| *v == "*" || have.as_str() == *v)))
             .map(|(endpoint, _)| *endpoint)
             .collect();
         if endpoints.is_empty() {
             return Err(Reject::NoEndpoints);
         }
         let mesh = parsed.mesh().unwrap_or_default().to_owned();
-        let route = Arc::new(Route::new(
-            sni.to_owned(),
-            RouteKind::Subset,
-            Arc::clone(&base.cluster),
-            &mesh,
-            &parsed.service,
-            parsed.tags,
-            endpoints,
-        ));
+        let route = Arc::new(Route::new(sni.to_owned(), RouteKind::Subset, Arc::clone(&base.cluster), &mesh, &parsed.service, parsed.tags, endpoints));
         Ok(self.cache_subset(route))
     }
 
@@ -480,27 +390,12 @@ impl RouteTable {
     #[must_use]
     pub fn available_services(&self, inventory: &Inventory) -> Vec<AvailableService> {
         let mut counts: BTreeMap<(&str, &BTreeMap<String, String>), u32> = BTreeMap::new();
-        for dp in inventory
-            .dataplanes
-            .iter()
-            .filter(|dp| is_local(dp, &self.zone))
-        {
-            for inbound in dp
-                .inbounds
-                .iter()
-                .filter(|i| i.healthy && i.service().is_some())
-            {
+        for dp in inventory.dataplanes.iter().filter(|dp| is_local(dp, &self.zone)) {
+            for inbound in dp.inbounds.iter().filter(|i| i.healthy && i.service().is_some()) {
                 *counts.entry((&dp.mesh, &inbound.tags)).or_default() += 1;
             }
         }
-        counts
-            .into_iter()
-            .map(|((mesh, tags), instances)| AvailableService {
-                mesh: mesh.to_owned(),
-                instances,
-                tags: tags.clone(),
-            })
-            .collect()
+        counts.into_iter().map(|((mesh, tags), instances)| AvailableService { mesh: mesh.to_owned(), instances, tags: tags.clone() }).collect()
     }
 }
 
@@ -517,23 +412,10 @@ fn mesh_service_routes(mesh: &str, service: &str, zone: &str, group: &Group<'_>)
     ports
         .into_iter()
         .map(|port| {
-            let endpoints: Vec<SocketAddr> = group
-                .healthy
-                .iter()
-                .map(|i| i.endpoint)
-                .filter(|e| e.port() == port)
-                .collect();
-            let total = group
-                .all
-                .iter()
-                .filter(|i| i.endpoint.port() == port)
-                .count();
+            let endpoints: Vec<SocketAddr> = group.healthy.iter().map(|i| i.endpoint).filter(|e| e.port() == port).collect();
+            let total = group.all.iter().filter(|i| i.endpoint.port() == port).count();
             // Universal MeshServices have no namespace, hence the empty field (`__`).
-            let cluster = Arc::new(Cluster::new(
-                format!("{mesh}_{service}__{zone}_msvc_{port}"),
-                endpoints.len(),
-                total,
-            ));
+            let cluster = Arc::new(Cluster::new(format!("{mesh}_{service}__{zone}_msvc_{port}"), endpoints.len(), total));
             Route::new(
                 sni::mesh_service_sni(service, mesh, port, ResourceKind::Ms),
                 RouteKind::MeshService { port },
@@ -549,9 +431,7 @@ fn mesh_service_routes(mesh: &str, service: &str, zone: &str, group: &Group<'_>)
 
 fn insert_route(routes: &mut HashMap<String, Arc<Route>>, route: Route) {
     // Distinct services give distinct SNIs short of an FNV collision; keep the first then.
-    routes
-        .entry(route.sni.clone())
-        .or_insert_with(|| Arc::new(route));
+    routes.entry(route.sni.clone()).or_insert_with(|| Arc::new(route));
 }
 
 fn is_local(dp: &Dataplane, zone: &str) -> bool {
@@ -567,9 +447,7 @@ fn is_dns1035_label(name: &str) -> bool {
             bytes.len() <= 63
                 && first.is_ascii_lowercase()
                 && (last.is_ascii_lowercase() || last.is_ascii_digit())
-                && bytes
-                    .iter()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+                && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
         }
         _ => false,
     }
@@ -659,45 +537,27 @@ networking:
 
     #[test]
     fn vector_legacy_whole_service() {
-        assert_eq!(
-            route(&table(), "backend{mesh=default}"),
-            Ok(vec![ep(B1), ep(B2)])
-        );
+        assert_eq!(route(&table(), "backend{mesh=default}"), Ok(vec![ep(B1), ep(B2)]));
     }
 
     #[test]
     fn vector_subset_version_v1() {
-        assert_eq!(
-            route(&table(), "backend{mesh=default,version=v1}"),
-            Ok(vec![ep(B1)])
-        );
+        assert_eq!(route(&table(), "backend{mesh=default,version=v1}"), Ok(vec![ep(B1)]));
     }
 
     #[test]
     fn vector_subset_zone_and_version_v2() {
-        assert_eq!(
-            route(
-                &table(),
-                "backend{kuma.io/zone=east,mesh=default,version=v2}"
-            ),
-            Ok(vec![ep(B2)])
-        );
+        assert_eq!(route(&table(), "backend{kuma.io/zone=east,mesh=default,version=v2}"), Ok(vec![ep(B2)]));
     }
 
     #[test]
     fn vector_subset_without_match_has_no_fallback() {
-        assert_eq!(
-            route(&table(), "backend{mesh=default,version=v3}"),
-            Err(Reject::NoEndpoints)
-        );
+        assert_eq!(route(&table(), "backend{mesh=default,version=v3}"), Err(Reject::NoEndpoints));
     }
 
     #[test]
     fn vector_non_canonical_order() {
-        assert_eq!(
-            route(&table(), "backend{version=v1,mesh=default}"),
-            Err(Reject::NotCanonical)
-        );
+        assert_eq!(route(&table(), "backend{version=v1,mesh=default}"), Err(Reject::NotCanonical));
     }
 
     #[test]
@@ -707,10 +567,7 @@ networking:
 
     #[test]
     fn vector_unknown_mesh() {
-        assert_eq!(
-            route(&table(), "backend{mesh=other}"),
-            Err(Reject::UnknownSni)
-        );
+        assert_eq!(route(&table(), "backend{mesh=other}"), Err(Reject::UnknownSni));
     }
 
     #[test]
@@ -720,23 +577,15 @@ networking:
 
     #[test]
     fn vector_service_without_healthy_inbound() {
-        assert_eq!(
-            route(&table(), "web{mesh=default}"),
-            Err(Reject::UnknownSni)
-        );
+        assert_eq!(route(&table(), "web{mesh=default}"), Err(Reject::UnknownSni));
         // Not even a subset of it.
-        assert_eq!(
-            route(&table(), "web{mesh=default,version=v1}"),
-            Err(Reject::UnknownSni)
-        );
+        assert_eq!(route(&table(), "web{mesh=default,version=v1}"), Err(Reject::UnknownSni));
     }
 
     #[test]
     fn vector_mesh_service_backend() {
         let t = table();
-        let r = t
-            .lookup("a601e0c00295a9fbe.backend.8080.default.ms")
-            .expect("routed");
+        let r = t.lookup("a601e0c00295a9fbe.backend.8080.default.ms").expect("routed");
         assert_eq!(r.endpoints, vec![ep(B1), ep(B2)]);
         assert_eq!(r.kind, RouteKind::MeshService { port: 8080 });
         assert_eq!(r.cluster.name, "default_backend__east_msvc_8080");
@@ -744,60 +593,39 @@ networking:
 
     #[test]
     fn vector_mesh_service_redis() {
-        assert_eq!(
-            route(&table(), "a25502fde077cd057.redis.6379.default.ms"),
-            Ok(vec![ep(REDIS)])
-        );
+        assert_eq!(route(&table(), "a25502fde077cd057.redis.6379.default.ms"), Ok(vec![ep(REDIS)]));
     }
 
     #[test]
     fn vector_mesh_service_unknown_port() {
-        assert_eq!(
-            route(&table(), "a601e0c00295a9fbe.backend.80.default.ms"),
-            Err(Reject::UnknownSni)
-        );
+        assert_eq!(route(&table(), "a601e0c00295a9fbe.backend.80.default.ms"), Err(Reject::UnknownSni));
     }
 
     #[test]
     fn vector_mesh_service_wrong_hash() {
-        assert_eq!(
-            route(&table(), "a0123456789abcdef.backend.8080.default.ms"),
-            Err(Reject::UnknownSni)
-        );
+        assert_eq!(route(&table(), "a0123456789abcdef.backend.8080.default.ms"), Err(Reject::UnknownSni));
     }
 
     #[test]
     fn vector_mzms_without_resource() {
-        assert_eq!(
-            route(&table(), "a601e0c00295a9fbe.backend.8080.default.mzms"),
-            Err(Reject::UnknownSni)
-        );
+        assert_eq!(route(&table(), "a601e0c00295a9fbe.backend.8080.default.mzms"), Err(Reject::UnknownSni));
     }
 
     #[test]
     fn vector_mesh_external_service() {
-        assert_eq!(
-            route(&table(), "afce62f771ed74b78.example.9090.default.mes"),
-            Err(Reject::UnknownSni)
-        );
+        assert_eq!(route(&table(), "afce62f771ed74b78.example.9090.default.mes"), Err(Reject::UnknownSni));
     }
 
     #[test]
     fn vector_kri_format() {
-        assert_eq!(
-            route(&table(), "sni.msvc.default.east.backend.http"),
-            Err(Reject::UnknownSni)
-        );
+        assert_eq!(route(&table(), "sni.msvc.default.east.backend.http"), Err(Reject::UnknownSni));
     }
 
     #[test]
     fn vector_no_name_nul_and_overlong() {
         let t = table();
         assert_eq!(route(&t, ""), Err(Reject::InvalidSni));
-        assert_eq!(
-            route(&t, "backend{mesh=default}\0"),
-            Err(Reject::InvalidSni)
-        );
+        assert_eq!(route(&t, "backend{mesh=default}\0"), Err(Reject::InvalidSni));
         assert_eq!(route(&t, "back\0end"), Err(Reject::InvalidSni));
         let long = format!("backend{{mesh=default,x={}}}", "a".repeat(250));
         assert!(long.len() > 255);
@@ -808,18 +636,9 @@ networking:
     fn malformed_tag_sni() {
         let t = table();
         assert_eq!(route(&t, "backend{"), Err(Reject::InvalidSni));
-        assert_eq!(
-            route(&t, "backend{mesh=default{mesh"),
-            Err(Reject::InvalidSni)
-        );
-        assert_eq!(
-            route(&t, "backend{kuma.io/service=backend,mesh=default}"),
-            Err(Reject::NotCanonical)
-        );
-        assert_eq!(
-            route(&t, "backend{mesh=default,mesh=default}"),
-            Err(Reject::NotCanonical)
-        );
+        assert_eq!(route(&t, "backend{mesh=default{mesh"), Err(Reject::InvalidSni));
+        assert_eq!(route(&t, "backend{kuma.io/service=backend,mesh=default}"), Err(Reject::NotCanonical));
+        assert_eq!(route(&t, "backend{mesh=default,mesh=default}"), Err(Reject::NotCanonical));
         assert_eq!(route(&t, "backend{version=v1}"), Err(Reject::NotCanonical));
     }
 
@@ -829,12 +648,7 @@ networking:
         let snis: Vec<&str> = t.entries().map(|r| r.sni.as_str()).collect();
         assert_eq!(
             snis,
-            vec![
-                "a25502fde077cd057.redis.6379.default.ms",
-                "a601e0c00295a9fbe.backend.8080.default.ms",
-                "backend{mesh=default}",
-                "redis{mesh=default}",
-            ]
+            vec!["a25502fde077cd057.redis.6379.default.ms", "a601e0c00295a9fbe.backend.8080.default.ms", "backend{mesh=default}", "redis{mesh=default}",]
         );
         assert_eq!(t.len(), 4);
         let legacy = t.lookup("backend{mesh=default}").expect("routed");
@@ -853,9 +667,7 @@ networking:
         let picks: Vec<SocketAddr> = (0..4).filter_map(|_| r.candidates(1).next()).collect();
         assert_eq!(picks, vec![ep(B1), ep(B2), ep(B1), ep(B2)]);
         // The MeshService route to the same endpoints has its own rotation.
-        let ms = t
-            .lookup("a601e0c00295a9fbe.backend.8080.default.ms")
-            .expect("routed");
+        let ms = t.lookup("a601e0c00295a9fbe.backend.8080.default.ms").expect("routed");
         assert_eq!(ms.candidates(1).next(), Some(ep(B1)));
         // A second lookup returns the same route, so the rotation continues.
         let again = t.lookup("backend{mesh=default}").expect("routed");
@@ -914,10 +726,7 @@ networking:
     #[test]
     fn wildcard_requires_the_key() {
         let t = table();
-        assert_eq!(
-            route(&t, "backend{mesh=default,region=*}"),
-            Err(Reject::NoEndpoints)
-        );
+        assert_eq!(route(&t, "backend{mesh=default,region=*}"), Err(Reject::NoEndpoints));
     }
 
     #[test]
@@ -985,24 +794,9 @@ networking:
         ));
         let t = RouteTable::build(&inv, "east");
         let services = t.available_services(&inv);
-        let summary: Vec<(String, u32, Option<&str>)> = services
-            .iter()
-            .map(|s| {
-                (
-                    s.tags["kuma.io/service"].clone(),
-                    s.instances,
-                    s.tags.get("version").map(String::as_str),
-                )
-            })
-            .collect();
-        assert_eq!(
-            summary,
-            vec![
-                ("backend".to_owned(), 2, Some("v1")),
-                ("backend".to_owned(), 1, Some("v2")),
-                ("redis".to_owned(), 1, None),
-            ]
-        );
+        let summary: Vec<(String, u32, Option<&str>)> =
+            services.iter().map(|s| (s.tags["kuma.io/service"].clone(), s.instances, s.tags.get("version").map(String::as_str))).collect();
+        assert_eq!(summary, vec![("backend".to_owned(), 2, Some("v1")), ("backend".to_owned(), 1, Some("v2")), ("redis".to_owned(), 1, None),]);
         let json = serde_json::to_value(&services[2]).expect("serialises");
         assert_eq!(
             json,
@@ -1071,10 +865,7 @@ networking:
         let mut ports: Vec<u16> = ms.iter().map(|(p, _)| *p).collect();
         ports.sort_unstable();
         assert_eq!(ports, vec![8080, 9090]);
-        assert!(
-            ms.iter()
-                .any(|(_, name)| name == "default_api__east_msvc_9090")
-        );
+        assert!(ms.iter().any(|(_, name)| name == "default_api__east_msvc_9090"));
         let sni = sni::mesh_service_sni("api", "default", 9090, ResourceKind::Ms);
         assert_eq!(route(&t, &sni), Ok(vec![ep("198.18.3.1:9090")]));
         // The legacy entries exist for all three services.
@@ -1110,8 +901,7 @@ networking:
 
     #[test]
     fn reject_labels_are_distinct() {
-        let labels: std::collections::HashSet<&str> =
-            Reject::ALL.iter().map(Reject::as_str).collect();
+        let labels: std::collections::HashSet<&str> = Reject::ALL.iter().map(Reject::as_str).collect();
         assert_eq!(labels.len(), Reject::ALL.len());
     }
 
@@ -1129,9 +919,6 @@ networking:
 "#,
         );
         let t = RouteTable::build(&inv, "east");
-        assert_eq!(
-            route(&t, "backend{mesh=default}"),
-            Ok(vec![ep("[2001:db8::11]:8080")])
-        );
+        assert_eq!(route(&t, "backend{mesh=default}"), Ok(vec![ep("[2001:db8::11]:8080")]));
     }
 }

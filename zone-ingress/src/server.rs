@@ -40,12 +40,13 @@ use crate::{
     flows::{Flow, Flows},
     metrics::{ClusterStats, Metrics, UpstreamPermit},
     routing::{AvailableService, Cluster, Reject, Route, RouteTable},
+    sni,
     splice::{
         CloseReason, Closed, Limits, Path, SpliceMode,
         kernel::{KernelSplice, Rejected},
         userspace::{self, Progress},
     },
-    sni, sys,
+    sys,
 };
 
 /// Per-connection knobs (Kuma's defaults in `Default`).
@@ -788,9 +789,7 @@ async fn peek_client_hello(stream: &TcpStream, max: usize) -> io::Result<Parsed>
 /// One non-blocking `recv(MSG_PEEK)`; 0 when nothing is queued.
 fn peek_now(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is writable for its length.
-    let n = unsafe {
-        libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
-    };
+    let n = unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT) };
     if n >= 0 {
         return Ok(n as usize);
     }

@@ -28,9 +28,7 @@ const MAX_RESOURCE_LABEL: usize = 62;
 /// FNV-1a 64 over `bytes` (offset basis `0xcbf29ce484222325`, prime `0x100000001b3`).
 #[must_use]
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(FNV_OFFSET_BASIS, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(FNV_PRIME)
-    })
+    bytes.iter().fold(FNV_OFFSET_BASIS, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(FNV_PRIME))
 }
 
 /// The resource type suffix of a hashed SNI.
@@ -76,13 +74,7 @@ pub fn mesh_service_sni(name: &str, mesh: &str, port: u16, kind: ResourceKind) -
 /// No current Kuma producer passes data; this exists so the upstream test vectors that use it can
 /// be checked. An empty `data` gives exactly [`mesh_service_sni`].
 #[must_use]
-pub fn resource_sni(
-    name: &str,
-    mesh: &str,
-    port: u16,
-    kind: ResourceKind,
-    optional_data: &str,
-) -> String {
+pub fn resource_sni(name: &str, mesh: &str, port: u16, kind: ResourceKind, optional_data: &str) -> String {
     // The hash covers the *full* name and mesh, so two long names sharing a 62-byte prefix still
     // get different SNIs.
     let mut input = Vec::with_capacity(name.len() + mesh.len() + optional_data.len() + 2);
@@ -92,11 +84,7 @@ pub fn resource_sni(
     input.push(b';');
     input.extend_from_slice(optional_data.as_bytes());
     let hash = fnv1a64(&input);
-    format!(
-        "a{hash:016x}.{}.{port}.{}.{kind}",
-        truncate_label(name),
-        truncate_label(mesh)
-    )
+    format!("a{hash:016x}.{}.{port}.{}.{kind}", truncate_label(name), truncate_label(mesh))
 }
 
 /// Kuma cuts at byte 62 (Go slicing). Names are DNS labels in practice, so this is a char
@@ -162,10 +150,7 @@ impl LegacySni {
 
     /// The pairs that select a subset of the service's endpoints: every tag except `mesh`.
     pub fn subset_tags(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.tags
-            .iter()
-            .filter(|(k, _)| k.as_str() != MESH_TAG)
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+        self.tags.iter().filter(|(k, _)| k.as_str() != MESH_TAG).map(|(k, v)| (k.as_str(), v.as_str()))
     }
 }
 
@@ -236,13 +221,7 @@ impl SniError {
     /// well-formed tag SNI that Kuma would never produce.
     #[must_use]
     pub fn is_syntax(&self) -> bool {
-        !matches!(
-            self,
-            Self::DuplicateKey(_)
-                | Self::MissingMesh
-                | Self::ServiceTagInBraces
-                | Self::NotCanonical { .. }
-        )
+        !matches!(self, Self::DuplicateKey(_) | Self::MissingMesh | Self::ServiceTagInBraces | Self::NotCanonical { .. })
     }
 }
 
@@ -263,36 +242,23 @@ pub fn parse_legacy_tags(sni: &str) -> Result<LegacySni, SniError> {
     check_charset("service", service, is_value_char)?;
     let mut tags = BTreeMap::new();
     let Some((open, rest)) = rest else {
-        return Ok(LegacySni {
-            service: service.to_owned(),
-            tags,
-        });
+        return Ok(LegacySni { service: service.to_owned(), tags });
     };
     let Some(inner) = rest.strip_suffix('}') else {
         return Err(match rest.find(['{', '}']) {
-            Some(i) => SniError::UnexpectedBrace {
-                ch: char::from(rest.as_bytes()[i]),
-                at: open + 1 + i,
-            },
+            Some(i) => SniError::UnexpectedBrace { ch: char::from(rest.as_bytes()[i]), at: open + 1 + i },
             None => SniError::Unclosed,
         });
     };
     if let Some(i) = inner.find(['{', '}']) {
-        return Err(SniError::UnexpectedBrace {
-            ch: char::from(inner.as_bytes()[i]),
-            at: open + 1 + i,
-        });
+        return Err(SniError::UnexpectedBrace { ch: char::from(inner.as_bytes()[i]), at: open + 1 + i });
     }
     if inner.is_empty() {
         return Err(SniError::EmptyTags);
     }
     for pair in inner.split(',') {
         let Some((key, value)) = pair.split_once('=') else {
-            return Err(if pair.is_empty() {
-                SniError::EmptyKey
-            } else {
-                SniError::MissingEquals(pair.to_owned())
-            });
+            return Err(if pair.is_empty() { SniError::EmptyKey } else { SniError::MissingEquals(pair.to_owned()) });
         };
         if key.is_empty() {
             return Err(SniError::EmptyKey);
@@ -309,10 +275,7 @@ pub fn parse_legacy_tags(sni: &str) -> Result<LegacySni, SniError> {
             return Err(SniError::DuplicateKey(key.to_owned()));
         }
     }
-    Ok(LegacySni {
-        service: service.to_owned(),
-        tags,
-    })
+    Ok(LegacySni { service: service.to_owned(), tags })
 }
 
 /// Decode a legacy SNI and enforce the canonical rule of reference §4.1: it must carry `mesh`,
@@ -355,11 +318,7 @@ fn check_charset(what: &'static str, text: &str, ok: fn(char) -> bool) -> Result
         return Err(SniError::EmptyService);
     }
     match text.chars().find(|&c| !ok(c)) {
-        Some(ch) => Err(SniError::InvalidChar {
-            what,
-            text: text.to_owned(),
-            ch,
-        }),
+        Some(ch) => Err(SniError::InvalidChar { what, text: text.to_owned(), ch }),
         None => Ok(()),
     }
 }
@@ -369,10 +328,7 @@ mod tests {
     use super::*;
 
     fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     #[test]
@@ -384,103 +340,63 @@ mod tests {
 
     #[test]
     fn hash_vector_backend_demo_ms() {
-        assert_eq!(
-            mesh_service_sni("backend", "demo", 8080, ResourceKind::Ms),
-            "ae10a8071b8a8eeb8.backend.8080.demo.ms"
-        );
+        assert_eq!(mesh_service_sni("backend", "demo", 8080, ResourceKind::Ms), "ae10a8071b8a8eeb8.backend.8080.demo.ms");
     }
 
     #[test]
     fn hash_vector_backend_demo_mzms_shares_hash() {
-        assert_eq!(
-            mesh_service_sni("backend", "demo", 8080, ResourceKind::Mzms),
-            "ae10a8071b8a8eeb8.backend.8080.demo.mzms"
-        );
+        assert_eq!(mesh_service_sni("backend", "demo", 8080, ResourceKind::Mzms), "ae10a8071b8a8eeb8.backend.8080.demo.mzms");
     }
 
     #[test]
     fn hash_vector_backend_default() {
-        assert_eq!(
-            mesh_service_sni("backend", "default", 80, ResourceKind::Ms),
-            "a601e0c00295a9fbe.backend.80.default.ms"
-        );
+        assert_eq!(mesh_service_sni("backend", "default", 80, ResourceKind::Ms), "a601e0c00295a9fbe.backend.80.default.ms");
     }
 
     #[test]
     fn hash_vector_backend2_default() {
-        assert_eq!(
-            mesh_service_sni("backend2", "default", 80, ResourceKind::Ms),
-            "aec60634adf0f45d6.backend2.80.default.ms"
-        );
+        assert_eq!(mesh_service_sni("backend2", "default", 80, ResourceKind::Ms), "aec60634adf0f45d6.backend2.80.default.ms");
     }
 
     #[test]
     fn hash_vector_multi_backend_mzms() {
-        assert_eq!(
-            mesh_service_sni("multi-backend", "default", 80, ResourceKind::Mzms),
-            "a6844c35bc637ba96.multi-backend.80.default.mzms"
-        );
+        assert_eq!(mesh_service_sni("multi-backend", "default", 80, ResourceKind::Mzms), "a6844c35bc637ba96.multi-backend.80.default.mzms");
     }
 
     #[test]
     fn hash_vector_test_server_envoyconfig() {
-        assert_eq!(
-            mesh_service_sni("test-server", "envoyconfig", 80, ResourceKind::Ms),
-            "a029781856823048e.test-server.80.envoyconfig.ms"
-        );
+        assert_eq!(mesh_service_sni("test-server", "envoyconfig", 80, ResourceKind::Ms), "a029781856823048e.test-server.80.envoyconfig.ms");
     }
 
     #[test]
     fn hash_vector_kubernetes_name_with_dot() {
-        assert_eq!(
-            mesh_service_sni("redis.kuma-demo", "default", 6379, ResourceKind::Ms),
-            "a64067518fe826e27.redis.kuma-demo.6379.default.ms"
-        );
+        assert_eq!(mesh_service_sni("redis.kuma-demo", "default", 6379, ResourceKind::Ms), "a64067518fe826e27.redis.kuma-demo.6379.default.ms");
     }
 
     #[test]
     fn hash_vector_truncated_name() {
         let name = format!("{}-qwe", "a".repeat(62));
-        assert_eq!(
-            mesh_service_sni(&name, "default", 8080, ResourceKind::Ms),
-            format!("a1f6ee52b5dc5a634.{}x.8080.default.ms", "a".repeat(62))
-        );
+        assert_eq!(mesh_service_sni(&name, "default", 8080, ResourceKind::Ms), format!("a1f6ee52b5dc5a634.{}x.8080.default.ms", "a".repeat(62)));
     }
 
     #[test]
     fn hash_vector_optional_data() {
-        assert_eq!(
-            resource_sni("backend", "demo", 8080, ResourceKind::Ms, "x=a"),
-            "a333a125865a97632.backend.8080.demo.ms"
-        );
+        assert_eq!(resource_sni("backend", "demo", 8080, ResourceKind::Ms, "x=a"), "a333a125865a97632.backend.8080.demo.ms");
     }
 
     #[test]
     fn hash_vector_truncated_name_and_mesh_with_data() {
         let name = format!("{}-qwe", "a".repeat(62));
         let mesh = format!("{}-qwe", "b".repeat(62));
-        assert_eq!(
-            resource_sni(&name, &mesh, 8080, ResourceKind::Ms, "x=a"),
-            format!(
-                "a5b91d8a08567bf09.{}x.8080.{}x.ms",
-                "a".repeat(62),
-                "b".repeat(62)
-            )
-        );
+        assert_eq!(resource_sni(&name, &mesh, 8080, ResourceKind::Ms, "x=a"), format!("a5b91d8a08567bf09.{}x.8080.{}x.ms", "a".repeat(62), "b".repeat(62)));
     }
 
     #[test]
     fn truncation_boundaries() {
         let exactly = "a".repeat(62);
-        assert!(
-            mesh_service_sni(&exactly, "m", 1, ResourceKind::Ms)
-                .contains(&format!(".{exactly}.1.m.ms"))
-        );
+        assert!(mesh_service_sni(&exactly, "m", 1, ResourceKind::Ms).contains(&format!(".{exactly}.1.m.ms")));
         let longer = "a".repeat(63);
-        assert!(
-            mesh_service_sni(&longer, "m", 1, ResourceKind::Ms)
-                .contains(&format!(".{exactly}x.1.m.ms"))
-        );
+        assert!(mesh_service_sni(&longer, "m", 1, ResourceKind::Ms).contains(&format!(".{exactly}x.1.m.ms")));
         // A multi-byte character across byte 62 must not panic.
         let odd = format!("{}é", "a".repeat(61));
         let sni = mesh_service_sni(&odd, "m", 1, ResourceKind::Ms);
@@ -489,13 +405,7 @@ mod tests {
 
     #[test]
     fn legacy_vector_without_mesh_round_trips_syntactically() {
-        let t = tags(&[
-            ("kuma.io/service", "backend"),
-            ("app", "backend-app"),
-            ("env", "prod"),
-            ("region", "eu"),
-            ("version", "v1"),
-        ]);
+        let t = tags(&[("kuma.io/service", "backend"), ("app", "backend-app"), ("env", "prod"), ("region", "eu"), ("version", "v1")]);
         let sni = "backend{app=backend-app,env=prod,region=eu,version=v1}";
         assert_eq!(legacy_sni("backend", &t), sni);
         let parsed = parse_legacy_tags(sni).expect("parses");
@@ -524,10 +434,7 @@ mod tests {
         assert_eq!(legacy_sni("frontend", &t), sni);
         let parsed = parse_legacy(sni).expect("canonical");
         assert_eq!(parsed.tags, t);
-        assert_eq!(
-            parsed.subset_tags().collect::<Vec<_>>(),
-            vec![("cloud", "gke"), ("region", "eu")]
-        );
+        assert_eq!(parsed.subset_tags().collect::<Vec<_>>(), vec![("cloud", "gke"), ("region", "eu")]);
     }
 
     #[test]
@@ -555,20 +462,12 @@ mod tests {
 
     #[test]
     fn legacy_rejects_non_canonical_order() {
-        assert_eq!(
-            parse_legacy("backend{version=v1,mesh=default}"),
-            Err(SniError::NotCanonical {
-                canonical: "backend{mesh=default,version=v1}".to_owned()
-            })
-        );
+        assert_eq!(parse_legacy("backend{version=v1,mesh=default}"), Err(SniError::NotCanonical { canonical: "backend{mesh=default,version=v1}".to_owned() }));
     }
 
     #[test]
     fn legacy_rejects_service_tag_inside() {
-        assert_eq!(
-            parse_legacy("backend{kuma.io/service=backend,mesh=default}"),
-            Err(SniError::ServiceTagInBraces)
-        );
+        assert_eq!(parse_legacy("backend{kuma.io/service=backend,mesh=default}"), Err(SniError::ServiceTagInBraces));
     }
 
     #[test]
@@ -580,37 +479,19 @@ mod tests {
 
     #[test]
     fn legacy_rejects_missing_mesh_and_bare_name() {
-        assert_eq!(
-            parse_legacy("backend{version=v1}"),
-            Err(SniError::MissingMesh)
-        );
+        assert_eq!(parse_legacy("backend{version=v1}"), Err(SniError::MissingMesh));
         assert_eq!(parse_legacy("backend"), Err(SniError::MissingMesh));
     }
 
     #[test]
     fn legacy_rejects_empty_parts() {
         assert_eq!(parse_legacy_tags(""), Err(SniError::EmptyService));
-        assert_eq!(
-            parse_legacy_tags("{mesh=default}"),
-            Err(SniError::EmptyService)
-        );
+        assert_eq!(parse_legacy_tags("{mesh=default}"), Err(SniError::EmptyService));
         assert_eq!(parse_legacy_tags("backend{}"), Err(SniError::EmptyTags));
-        assert_eq!(
-            parse_legacy_tags("backend{=x,mesh=default}"),
-            Err(SniError::EmptyKey)
-        );
-        assert_eq!(
-            parse_legacy_tags("backend{mesh=default,,a=b}"),
-            Err(SniError::EmptyKey)
-        );
-        assert_eq!(
-            parse_legacy_tags("backend{mesh=}"),
-            Err(SniError::EmptyValue("mesh".to_owned()))
-        );
-        assert_eq!(
-            parse_legacy_tags("backend{mesh}"),
-            Err(SniError::MissingEquals("mesh".to_owned()))
-        );
+        assert_eq!(parse_legacy_tags("backend{=x,mesh=default}"), Err(SniError::EmptyKey));
+        assert_eq!(parse_legacy_tags("backend{mesh=default,,a=b}"), Err(SniError::EmptyKey));
+        assert_eq!(parse_legacy_tags("backend{mesh=}"), Err(SniError::EmptyValue("mesh".to_owned())));
+        assert_eq!(parse_legacy_tags("backend{mesh}"), Err(SniError::MissingEquals("mesh".to_owned())));
     }
 
     #[test]
@@ -641,12 +522,7 @@ mod tests {
 
     #[test]
     fn legacy_sni_skips_service_tag_and_sorts_bytewise() {
-        let t = tags(&[
-            ("mesh", "default"),
-            ("Zeta", "1"),
-            ("kuma.io/service", "ignored"),
-            ("a", "2"),
-        ]);
+        let t = tags(&[("mesh", "default"), ("Zeta", "1"), ("kuma.io/service", "ignored"), ("a", "2")]);
         // Byte order: upper case sorts before lower case.
         assert_eq!(legacy_sni("svc", &t), "svc{Zeta=1,a=2,mesh=default}");
         assert_eq!(legacy_sni("svc", &BTreeMap::new()), "svc");
@@ -658,16 +534,7 @@ mod tests {
         for end in 0..=sni.len() {
             let _ = parse_legacy(&sni[..end]);
         }
-        for s in [
-            "{",
-            "}",
-            "{}",
-            "}{",
-            "a{b=c}}",
-            "a{{b=c}",
-            "a{b=c,}",
-            "\u{fffd}{",
-        ] {
+        for s in ["{", "}", "{}", "}{", "a{b=c}}", "a{{b=c}", "a{b=c,}", "\u{fffd}{"] {
             let _ = parse_legacy(s);
         }
     }

@@ -14,24 +14,14 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 
 fn setsockopt<T>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
     // SAFETY: `value` is a live `T` and the length passed is its size.
-    let ret = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            std::ptr::from_ref(value).cast(),
-            size_of::<T>() as libc::socklen_t,
-        )
-    };
+    let ret = unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, std::ptr::from_ref(value).cast(), size_of::<T>() as libc::socklen_t) };
     check(ret).map(drop)
 }
 
 fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: &mut T) -> io::Result<usize> {
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: `value` is writable for `len` bytes; the kernel writes at most `len`.
-    let ret = unsafe {
-        libc::getsockopt(fd.as_raw_fd(), level, name, std::ptr::from_mut(value).cast(), &raw mut len)
-    };
+    let ret = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, std::ptr::from_mut(value).cast(), &raw mut len) };
     check(ret).map(|_| len as usize)
 }
 
@@ -117,15 +107,11 @@ pub fn send_nonblocking(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
 /// `epoll_pwait2`: like `epoll_wait` with a timeout finer than a millisecond. Returns how many
 /// entries of `events` were filled.
 pub fn epoll_wait(epoll: BorrowedFd<'_>, events: &mut [libc::epoll_event], timeout: Duration) -> io::Result<usize> {
-    let ts = libc::timespec {
-        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
-        tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
-    };
+    let ts =
+        libc::timespec { tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX), tv_nsec: libc::c_long::from(timeout.subsec_nanos()) };
     let max = libc::c_int::try_from(events.len()).unwrap_or(libc::c_int::MAX);
     // SAFETY: `events` is valid for `max` entries, `ts` lives across the call, no signal mask.
-    let n = unsafe {
-        libc::syscall(SYS_EPOLL_PWAIT2, epoll.as_raw_fd(), events.as_mut_ptr(), max, &raw const ts, std::ptr::null::<libc::sigset_t>(), 0usize)
-    };
+    let n = unsafe { libc::syscall(SYS_EPOLL_PWAIT2, epoll.as_raw_fd(), events.as_mut_ptr(), max, &raw const ts, std::ptr::null::<libc::sigset_t>(), 0usize) };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 

@@ -47,7 +47,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, lpm_trie::{Key, LpmTrie}},
+    maps::{
+        Array, MapData, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
 };
 use clap::ValueEnum;
@@ -227,11 +230,7 @@ pub fn parse_config(file: &Path, text: &str) -> Result<Loaded<GuardConfig>, Conf
         }
     };
     let cfg = c.guard(&root);
-    if c.diags.iter().any(Diagnostic::is_error) {
-        Err(ConfigError { diagnostics: c.diags })
-    } else {
-        Ok(Loaded { value: cfg, warnings: c.diags })
-    }
+    if c.diags.iter().any(Diagnostic::is_error) { Err(ConfigError { diagnostics: c.diags }) } else { Ok(Loaded { value: cfg, warnings: c.diags }) }
 }
 
 struct Checker<'a> {
@@ -435,8 +434,14 @@ impl Spans {
         enum Frame {
             /// `pending`: `None` while a key is expected, else the key just read (`None` inside
             /// for a complex key, whose value has no path).
-            Mapping { path: String, pending: Option<Option<String>> },
-            Sequence { path: String, next: usize },
+            Mapping {
+                path: String,
+                pending: Option<Option<String>>,
+            },
+            Sequence {
+                path: String,
+                next: usize,
+            },
             /// Below a complex key: nothing is addressable.
             Opaque,
         }
@@ -518,15 +523,27 @@ pub enum XdpError {
     #[error("{0} missing from the eBPF object")]
     Missing(&'static str),
     #[error("map {name}: {source}")]
-    Map { name: &'static str, #[source] source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("program {}: {source}", abi::PROG)]
-    Program { #[source] source: aya::programs::ProgramError },
+    Program {
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("no interface carries the listener address {0}; name one under `interfaces` in the --xdp-config file")]
     NoInterface(IpAddr),
     #[error("listing the interfaces: {0}")]
     Interfaces(#[source] io::Error),
     #[error("attaching to {interface} in {mode} mode: {source}")]
-    Attach { interface: String, mode: &'static str, #[source] source: aya::programs::ProgramError },
+    Attach {
+        interface: String,
+        mode: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
 }
 
 /// One attachment: the interface, the mode it got, and the link that keeps it.
@@ -582,7 +599,11 @@ pub enum StartError {
     Config(Vec<Diagnostic>),
     /// `--xdp native|generic` and the guard could not be loaded or attached.
     #[error("--xdp {mode}: {source}")]
-    Required { mode: &'static str, #[source] source: Box<XdpError> },
+    Required {
+        mode: &'static str,
+        #[source]
+        source: Box<XdpError>,
+    },
 }
 
 /// Starts the guard as `--xdp` asks (`None`: not given, which means `auto` with a guard file
@@ -644,11 +665,7 @@ impl Guard {
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         let prog = xdp_program(&mut ebpf)?;
         prog.load().map_err(|source| XdpError::Program { source })?;
-        let maps = Maps {
-            config: take_map(&mut ebpf, abi::CONFIG)?,
-            cidr_v4: take_map(&mut ebpf, abi::CIDR_V4)?,
-            cidr_v6: take_map(&mut ebpf, abi::CIDR_V6)?,
-        };
+        let maps = Maps { config: take_map(&mut ebpf, abi::CONFIG)?, cidr_v4: take_map(&mut ebpf, abi::CIDR_V4)?, cidr_v6: take_map(&mut ebpf, abi::CIDR_V6)? };
         let stats: PerCpuArray<MapData, u64> = take_map(&mut ebpf, abi::STATS)?;
         let mut state = State { ebpf, maps, written: Written::default(), attached: Vec::new(), listener, current: GuardConfig::default() };
         // Contents first, then the attachments: the program never runs unconfigured.
@@ -668,9 +685,9 @@ impl Guard {
     fn log_summary(&self, what: &str) {
         let s = self.lock();
         let c = &s.current;
-        let limit = c.syn_limit.map_or_else(|| "off".to_owned(), |l| {
-            format!("{}/s burst {} per /{} and /{} per CPU", l.rate, l.burst, l.ipv4_prefix_len, l.ipv6_prefix_len)
-        });
+        let limit = c
+            .syn_limit
+            .map_or_else(|| "off".to_owned(), |l| format!("{}/s burst {} per /{} and /{} per CPU", l.rate, l.burst, l.ipv4_prefix_len, l.ipv6_prefix_len));
         info!(listener = %s.listener, allow = c.allow.len(), deny = c.deny.len(), syn_limit = %limit, "{what}");
     }
 

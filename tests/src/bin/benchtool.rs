@@ -36,7 +36,9 @@ fn pki(dir: &PathBuf, sni: &str) -> (Arc<rustls::ServerConfig>, Arc<rustls::Clie
         let s = p.leaf("bench-dataplane", &[sni]);
         let c = p.leaf("bench-client", &["client.test"]);
         std::fs::create_dir_all(dir).expect("pki dir");
-        for (name, text) in [("server.pem", &s.cert_pem), ("server.key", &s.key_pem), ("client.pem", &c.cert_pem), ("client.key", &c.key_pem), ("ca.pem", &p.ca_pem)] {
+        for (name, text) in
+            [("server.pem", &s.cert_pem), ("server.key", &s.key_pem), ("client.pem", &c.cert_pem), ("client.key", &c.key_pem), ("ca.pem", &p.ca_pem)]
+        {
             std::fs::write(dir.join(name), text).expect("write pem");
         }
     }
@@ -143,10 +145,7 @@ fn main() {
                     let _ = t.await;
                 }
                 let seconds = start.elapsed().as_secs_f64();
-                println!(
-                    "{}",
-                    serde_json::json!({"ok": ok.load(Ordering::Relaxed), "errors": errors.load(Ordering::Relaxed), "seconds": seconds})
-                );
+                println!("{}", serde_json::json!({"ok": ok.load(Ordering::Relaxed), "errors": errors.load(Ordering::Relaxed), "seconds": seconds}));
             }
             "hold-server" => {
                 let addr: SocketAddr = arg(&args, 1, "addr").parse().expect("addr");

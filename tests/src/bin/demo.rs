@@ -21,12 +21,8 @@ fn main() {
     println!("   namespaces: client 198.18.0.1 → ingress 198.18.0.2:10001 → dataplanes 198.18.{{1,2,3}}.2");
     let topo = Topology::new(3);
     let pki = Pki::new();
-    let daemon = Daemon::start(
-        &topo.ingress,
-        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
-        &section5_inventory(false),
-        &["--splice", &splice, "--drain-time", "2s"],
-    );
+    let daemon =
+        Daemon::start(&topo.ingress, &zone_ingress_yaml("198.18.0.2", 10001, 9901), &section5_inventory(false), &["--splice", &splice, "--drain-time", "2s"]);
     println!("   ingress pid {} is ready; inventory: backend v1, backend v2 (8080), redis (6379), web (NotReady)", daemon.pid());
     let rt = runtime();
     let ingress: SocketAddr = "198.18.0.2:10001".parse().expect("addr");
@@ -54,11 +50,7 @@ fn main() {
             }
             .await;
             match result {
-                Ok(o) => println!(
-                    "   SNI {sni:<45} → {:<10} 8 MiB each way, SHA-256 {}",
-                    o.dataplane,
-                    if o.up_ok && o.down_ok { "match" } else { "MISMATCH" }
-                ),
+                Ok(o) => println!("   SNI {sni:<45} → {:<10} 8 MiB each way, SHA-256 {}", o.dataplane, if o.up_ok && o.down_ok { "match" } else { "MISMATCH" }),
                 Err(e) => println!("   SNI {sni:<45} → rejected (closed without a byte: {e})"),
             }
         }
@@ -96,7 +88,16 @@ fn main() {
         servers.push(child);
     }
     std::thread::sleep(Duration::from_millis(300));
-    for sni in ["backend{mesh=default}", "backend{mesh=default}", "backend{mesh=default,version=v1}", "backend{kuma.io/zone=east,mesh=default,version=v2}", "redis{mesh=default}", "backend{mesh=default,version=v3}", "backend{version=v1,mesh=default}", "web{mesh=default}"] {
+    for sni in [
+        "backend{mesh=default}",
+        "backend{mesh=default}",
+        "backend{mesh=default,version=v1}",
+        "backend{kuma.io/zone=east,mesh=default,version=v2}",
+        "redis{mesh=default}",
+        "backend{mesh=default,version=v3}",
+        "backend{version=v1,mesh=default}",
+        "web{mesh=default}",
+    ] {
         let out = topo
             .client
             .command("openssl")

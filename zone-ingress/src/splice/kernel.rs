@@ -80,11 +80,23 @@ pub enum LoadError {
     #[error("program {0} missing from the eBPF object")]
     MissingProgram(&'static str),
     #[error("map {name}: {source}")]
-    Map { name: &'static str, #[source] source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("program {name}: {source}")]
-    Program { name: &'static str, #[source] source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("{what}: {source}")]
-    Io { what: &'static str, #[source] source: io::Error },
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Why one connection could not be handed to the kernel (it is then served in userspace;
@@ -94,9 +106,17 @@ pub enum HandoffError {
     #[error("global cap of {0} spliced connections reached")]
     Full(usize),
     #[error("{what}: {source}")]
-    Io { what: &'static str, #[source] source: io::Error },
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("{what}: {source}")]
-    Map { what: &'static str, #[source] source: aya::maps::MapError },
+    Map {
+        what: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
 }
 
 /// What a failed handoff gives back: both sockets, untouched, for the userspace path.
@@ -318,27 +338,18 @@ impl KernelSplice {
         }
         let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
         let socks = ebpf.take_map(abi::SOCKS).ok_or(LoadError::MissingMap(abi::SOCKS))?;
-        let socks: SockHash<MapData, u64> =
-            SockHash::try_from(socks).map_err(|source| LoadError::Map { name: abi::SOCKS, source })?;
+        let socks: SockHash<MapData, u64> = SockHash::try_from(socks).map_err(|source| LoadError::Map { name: abi::SOCKS, source })?;
         let verdict = ebpf.take_map(abi::VERDICT).ok_or(LoadError::MissingMap(abi::VERDICT))?;
-        let verdict: SockHash<MapData, u64> =
-            SockHash::try_from(verdict).map_err(|source| LoadError::Map { name: abi::VERDICT, source })?;
+        let verdict: SockHash<MapData, u64> = SockHash::try_from(verdict).map_err(|source| LoadError::Map { name: abi::VERDICT, source })?;
         let events = ebpf.take_map(abi::EVENTS).ok_or(LoadError::MissingMap(abi::EVENTS))?;
-        let events: RingBuf<MapData> =
-            RingBuf::try_from(events).map_err(|source| LoadError::Map { name: abi::EVENTS, source })?;
+        let events: RingBuf<MapData> = RingBuf::try_from(events).map_err(|source| LoadError::Map { name: abi::EVENTS, source })?;
         let pairs = ebpf.take_map(abi::PAIRS).ok_or(LoadError::MissingMap(abi::PAIRS))?;
-        let pairs: HashMap<MapData, u64, Pair> =
-            HashMap::try_from(pairs).map_err(|source| LoadError::Map { name: abi::PAIRS, source })?;
+        let pairs: HashMap<MapData, u64, Pair> = HashMap::try_from(pairs).map_err(|source| LoadError::Map { name: abi::PAIRS, source })?;
         let hold = ebpf.take_map(abi::HOLD).ok_or(LoadError::MissingMap(abi::HOLD))?;
-        let hold: HashMap<MapData, u64, Hold> =
-            HashMap::try_from(hold).map_err(|source| LoadError::Map { name: abi::HOLD, source })?;
+        let hold: HashMap<MapData, u64, Hold> = HashMap::try_from(hold).map_err(|source| LoadError::Map { name: abi::HOLD, source })?;
         let stats_map = ebpf.take_map(abi::STATS).ok_or(LoadError::MissingMap(abi::STATS))?;
-        let stats_map: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(stats_map).map_err(|source| LoadError::Map { name: abi::STATS, source })?;
-        let verdict_fd = verdict
-            .fd()
-            .try_clone()
-            .map_err(|source| LoadError::Io { what: "duplicating the VERDICT map fd", source })?;
+        let stats_map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(stats_map).map_err(|source| LoadError::Map { name: abi::STATS, source })?;
+        let verdict_fd = verdict.fd().try_clone().map_err(|source| LoadError::Io { what: "duplicating the VERDICT map fd", source })?;
         let prog: &mut SkSkb = ebpf
             .program_mut(abi::VERDICT_PROG)
             .ok_or(LoadError::MissingProgram(abi::VERDICT_PROG))?
@@ -540,10 +551,7 @@ impl KernelSplice {
         conns.conns.insert(token, conn);
         let mut failed = prep.kick_error.map(|e| ("SO_RCVLOWAT kick", e));
         for side in [CLIENT, BACKEND] {
-            let mut ev = libc::epoll_event {
-                events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-                u64: token << 1 | side as u64,
-            };
+            let mut ev = libc::epoll_event { events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32, u64: token << 1 | side as u64 };
             // SAFETY: registering a live fd owned by `conns[token]`.
             if unsafe { libc::epoll_ctl(monitor.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, raw[side], &raw mut ev) } < 0 {
                 failed = Some(("epoll_ctl", io::Error::last_os_error()));
@@ -735,9 +743,7 @@ impl Shared {
                 self.stats.drain_stalls.fetch_add(1, Ordering::Relaxed);
                 self.abort(state, token, side, CloseReason::DrainStall);
                 return;
-            } else if conn.drain_progress[side].0.elapsed() > DRAIN_KICK_AFTER
-                && conn.last_kick[side].is_none_or(|k| k.elapsed() > DRAIN_KICK_EVERY)
-            {
+            } else if conn.drain_progress[side].0.elapsed() > DRAIN_KICK_AFTER && conn.last_kick[side].is_none_or(|k| k.elapsed() > DRAIN_KICK_EVERY) {
                 // Stuck without progress: re-run the verdict over what X still holds, and wake
                 // the peer's psock worker for what waits in its queue. Both are idempotent.
                 debug!(token, side, received, forwarded, in_peer, "drain check stuck; kicking both sockets");

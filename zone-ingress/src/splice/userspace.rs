@@ -43,13 +43,7 @@ enum PumpError {
 /// Copies until EOF, then shuts the writer down (FIN), so each direction half-closes alone.
 /// The buffer exists only while bytes are moving: it is allocated (not zeroed) when the source
 /// turns readable and freed when it has nothing more, so an idle flow holds no buffer.
-async fn pump(
-    from: ReadHalf<'_>,
-    mut to: WriteHalf<'_>,
-    counter: &AtomicU64,
-    progress: &Progress,
-    buffer: usize,
-) -> Result<(), PumpError> {
+async fn pump(from: ReadHalf<'_>, mut to: WriteHalf<'_>, counter: &AtomicU64, progress: &Progress, buffer: usize) -> Result<(), PumpError> {
     let mut buf: Vec<u8> = Vec::new();
     loop {
         from.readable().await.map_err(PumpError::Read)?;
