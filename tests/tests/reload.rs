@@ -50,7 +50,7 @@ fn reload_under_load() {
     let daemon = Daemon::start_files(&topo.ingress, Scratch::new("reload-daemon"), &zi, &dps, &["--plaintext-route", PLAIN_ROUTE, "--drain-time", "2s"]);
     let admin = admin_addr(ADMIN_PORT);
     let ns = &topo.ingress;
-    let n_up = 40u64 << 20;
+    let n_up = 64u64 << 20;
     // Four long flows, all on backend-1 (the only endpoint), paced to outlive every step below.
     let long = rt.block_on(async {
         plain_dataplanes(&topo, &[(1, 8080, "backend-1"), (2, 8080, "backend-2")]);
@@ -104,7 +104,12 @@ fn reload_under_load() {
     let dump = get(ns, admin, "/config_dump").json();
     assert_eq!(dump["zoneIngress"]["availableServices"].as_array().map(Vec::len), Some(1));
     assert_eq!(served_by(&rt, &topo, 10001, 4), set(&["backend-2"]));
-    assert_eq!(get(ns, admin, "/connections").json()["total"], 4, "the removed endpoint keeps its flows");
+    // The short flows of `served_by` may still be closing for a moment.
+    assert!(
+        wait_until(Duration::from_secs(5), || get(ns, admin, "/connections").json()["total"] == 4),
+        "the removed endpoint keeps its flows (and only those are open): {}",
+        get(ns, admin, "/connections").json()
+    );
 
     // Every long flow finishes intact on the endpoint it started on.
     for f in long {

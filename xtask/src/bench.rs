@@ -407,6 +407,10 @@ fn tree_rss_kb(pid: u32) -> u64 {
 
 /// RSS and Slab growth with `n` idle flows through `system`.
 fn idle_flows(guard: &mut Guard, ctx: &Ctx, system: System, pids: &[u32], n: usize) -> anyhow::Result<Value> {
+    let before = established(NET.dataplane, HOLD_PORT);
+    if before > 0 {
+        bail!("{before} idle flows of the previous system are still open at the dataplane");
+    }
     let rss0: u64 = pids.iter().map(|p| tree_rss_kb(*p)).sum();
     let slab0 = meminfo_kb("Slab:");
     let mut child = nsexec(NET.client)
@@ -436,9 +440,10 @@ fn idle_flows(guard: &mut Guard, ctx: &Ctx, system: System, pids: &[u32], n: usi
     let slab1 = meminfo_kb("Slab:");
     drop(child.stdin.take());
     let _ = child.wait();
-    if flows == 0 || flows < opened {
+    if flows == 0 || flows != opened {
         bail!("{} connected {flows} of the {opened} idle flows the client opened ({n} asked)", system.name());
     }
+    // The next system starts from zero (checked at its start).
     let end = Instant::now() + Duration::from_secs(30);
     while established(NET.dataplane, HOLD_PORT) > 0 && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(200));

@@ -12,7 +12,7 @@
 //! ```
 //!
 //! Backpressure of a spliced direction (`splice::kernel`, the connection's monitor thread, one
-//! per CPU): backlog toward the peer above 2 MiB → `HOLD` (the verdict keeps skbs on the
+//! per CPU up to 4): backlog toward the peer above 2 MiB → `HOLD` (the verdict keeps skbs on the
 //! receiving socket, whose window closes) → peer's psock queue empty → the monitor relays the
 //! held bytes → the verdict redirects again.
 //!

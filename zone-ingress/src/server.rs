@@ -383,9 +383,9 @@ pub fn check_port_free(addr: SocketAddr) -> io::Result<()> {
 }
 
 /// Binds `n` listeners on `addr` with `SO_REUSEPORT`, so the kernel spreads accepts over cores.
-/// `TCP_NODELAY` and dead-peer detection (keepalive after `keepalive` idle, `TCP_USER_TIMEOUT`)
-/// are set on the listeners, which every accepted socket inherits: the spliced client socket
-/// needs them and gets them without six system calls per connection.
+/// `TCP_NODELAY` and keepalive (after `keepalive` idle) are set on the listeners, which every
+/// accepted socket inherits: both paths need them on the client socket, which then gets them
+/// without five system calls per connection.
 pub fn bind(addr: SocketAddr, n: usize, keepalive: Duration) -> io::Result<Vec<TcpListener>> {
     let mut out = Vec::with_capacity(n);
     let mut addr = addr;

@@ -139,18 +139,18 @@ pub fn set_nodelay(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, &1 as &libc::c_int)
 }
 
-/// Keepalive probes plus `TCP_USER_TIMEOUT`: once a socket is spliced the daemon never reads
-/// it, so only the kernel can notice a peer that vanished.
+/// Keepalive probes: once a socket is spliced the daemon never reads it, so only the kernel can
+/// notice an idle peer that vanished. No `TCP_USER_TIMEOUT`: it also ends a connection whose
+/// peer answers zero-window probes but keeps its window closed that long (`tcp_probe_timer`),
+/// i.e. a live reader that pauses; unacknowledged data to a dead peer still ends the connection
+/// after the kernel's retransmission limit (`tcp_retries2`), as in Envoy.
 pub fn set_dead_peer_detection(fd: BorrowedFd<'_>, idle: Duration, interval: Duration, probes: u32) -> io::Result<()> {
     let secs = |d: Duration| libc::c_int::try_from(d.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, &1 as &libc::c_int)?;
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, &secs(idle))?;
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, &secs(interval))?;
     let probes_c = libc::c_int::try_from(probes).unwrap_or(9);
-    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, &probes_c)?;
-    let user_timeout = idle + interval * probes;
-    let ms = libc::c_uint::try_from(user_timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
-    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, &ms)
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, &probes_c)
 }
 
 /// `SO_ERROR`: the pending socket error, cleared by reading it.

@@ -1,5 +1,5 @@
 //! In-kernel splice: one SOCKHASH with the sk_skb verdict attached, the pairing map, and the
-//! monitor thread that turns FIN/RST on one socket into FIN/RST on its peer.
+//! monitor threads that turn FIN/RST on one socket into FIN/RST on its peer.
 //!
 //! Handoff protocol (in-kernel-splice.md §2), for a client socket C whose ClientHello is still
 //! unread in its receive queue and a connected backend socket B:
@@ -31,7 +31,7 @@
 //! verdict redirects again only after the relay wrote every held byte. The memory guard (`--max-in-flight-bytes`) remains as the
 //! last resort: a backlog above it aborts the connection (RST both ways).
 //!
-//! Monitor threads (`Limits::monitor_threads`, one per CPU by default) each own the
+//! Monitor threads (`Limits::monitor_threads`, one per CPU up to 4 by default) each own the
 //! connections whose token falls to them, with their own epoll set and table, so the relays of
 //! several held directions run in parallel. Monitor 0 also reads the `EVENTS` ring and passes
 //! reports of other monitors' sockets on through their inbox (an eventfd wakes them).
@@ -154,7 +154,7 @@ pub struct KernelStats {
     pub relayed_bytes: AtomicU64,
 }
 
-/// The loaded programs and maps plus the monitor thread. Dropping it detaches the verdict
+/// The loaded programs and maps plus the monitor threads. Dropping it detaches the verdict
 /// (sockets already inserted keep theirs until they close).
 pub struct KernelSplice {
     shared: Arc<Shared>,
@@ -183,6 +183,9 @@ struct Monitor {
     /// Cookies of sockets the verdict reported (`EVENTS`), forwarded by monitor 0, which reads
     /// the ring; cookies of other monitors' connections are ignored.
     inbox: Mutex<Vec<u64>>,
+    /// In-flight bytes of this monitor's connections at its last sample (the global gauge is
+    /// the sum over monitors).
+    in_flight: AtomicU64,
 }
 
 impl Monitor {
@@ -204,7 +207,7 @@ impl Monitor {
         // SAFETY: both are fresh fds owned by nobody else.
         let (epoll, wake) = unsafe { (OwnedFd::from_raw_fd(epfd), OwnedFd::from_raw_fd(efd)) };
         register_in(epoll.as_fd(), wake.as_raw_fd(), WAKE_TOKEN)?;
-        Ok(Self { conns: Mutex::new(State::default()), epoll, wake, inbox: Mutex::new(Vec::new()) })
+        Ok(Self { conns: Mutex::new(State::default()), epoll, wake, inbox: Mutex::new(Vec::new()), in_flight: AtomicU64::new(0) })
     }
 
     fn lock_conns(&self) -> MutexGuard<'_, State> {
@@ -331,7 +334,7 @@ struct Spliced {
 }
 
 impl KernelSplice {
-    /// Loads and attaches the verdict, starts the monitor thread.
+    /// Loads and attaches the verdict, starts the monitor threads.
     pub fn load(limits: Limits) -> Result<Self, LoadError> {
         if EBPF_OBJECT.is_empty() {
             return Err(LoadError::NoObject);
@@ -376,10 +379,11 @@ impl KernelSplice {
         });
         for idx in 0..threads {
             let monitor = Arc::clone(&shared);
-            std::thread::Builder::new()
-                .name(format!("splice-mon-{idx}"))
-                .spawn(move || monitor.run(idx))
-                .map_err(|source| LoadError::Io { what: "spawning a monitor thread", source })?;
+            std::thread::Builder::new().name(format!("splice-mon-{idx}")).spawn(move || monitor.run(idx)).map_err(|source| {
+                // The threads already started would otherwise run for the process lifetime.
+                shared.stop.store(true, Ordering::Relaxed);
+                LoadError::Io { what: "spawning a monitor thread", source }
+            })?;
         }
         info!(program = abi::VERDICT_PROG, map = abi::VERDICT, monitor_threads = threads, "sk_skb stream verdict attached");
         Ok(Self { shared, _ebpf: Mutex::new(ebpf), _stats_map: Mutex::new(stats_map) })
@@ -462,8 +466,7 @@ impl KernelSplice {
         // The client socket inherited these from the listener (`server::bind`).
         let keepalive = self.shared.limits.keepalive;
         sys::set_nodelay(fds[BACKEND]).map_err(io("TCP_NODELAY"))?;
-        sys::set_dead_peer_detection(fds[BACKEND], keepalive, super::KEEPALIVE_INTERVAL, super::KEEPALIVE_PROBES)
-            .map_err(io("keepalive / TCP_USER_TIMEOUT"))?;
+        sys::set_dead_peer_detection(fds[BACKEND], keepalive, super::KEEPALIVE_INTERVAL, super::KEEPALIVE_PROBES).map_err(io("keepalive"))?;
         let mut maps = self.shared.lock_maps();
         for side in [CLIENT, BACKEND] {
             let pair = Pair { peer: cookies[1 - side], ..Pair::default() };
@@ -563,7 +566,8 @@ impl KernelSplice {
         }
     }
 
-    /// Stops the monitor thread and aborts every spliced connection (used at the end of drain).
+    /// Aborts every spliced connection (used at the end of drain); the monitor threads keep
+    /// running until the `KernelSplice` is dropped.
     pub fn abort_all(&self, reason: CloseReason) {
         for monitor in &self.shared.monitors {
             let mut conns = monitor.lock_conns();
@@ -666,7 +670,7 @@ impl Shared {
             }
             if last_sample.elapsed() >= SAMPLE_EVERY {
                 last_sample = Instant::now();
-                self.sample(&mut conns);
+                self.sample(me, &mut conns);
             }
         }
     }
@@ -963,7 +967,7 @@ impl Shared {
     }
 
     /// Periodic work: idle timeout and the memory guard (§4).
-    fn sample(&self, state: &mut State) {
+    fn sample(&self, me: &Monitor, state: &mut State) {
         let now_ns = sys::monotonic_ns();
         let idle_ns = u64::try_from(self.limits.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
         let mut expired = Vec::new();
@@ -1005,7 +1009,9 @@ impl Shared {
                 }
             }
         }
-        self.stats.in_flight_bytes.store(total_in_flight, Ordering::Relaxed);
+        me.in_flight.store(total_in_flight, Ordering::Relaxed);
+        let all: u64 = self.monitors.iter().map(|m| m.in_flight.load(Ordering::Relaxed)).sum();
+        self.stats.in_flight_bytes.store(all, Ordering::Relaxed);
         for (token, side, reason) in expired {
             match reason {
                 CloseReason::MemoryGuard => {

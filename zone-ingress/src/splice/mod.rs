@@ -36,12 +36,13 @@ impl Path {
     }
 }
 
-/// Limits that apply to spliced connections.
-/// Dead-peer detection of spliced sockets: after `Limits::keepalive` idle, a probe every
-/// `KEEPALIVE_INTERVAL`, `KEEPALIVE_PROBES` unanswered ones end the connection.
+/// Dead-peer detection of relayed and spliced sockets: after `Limits::keepalive` idle, a probe
+/// every `KEEPALIVE_INTERVAL`; `KEEPALIVE_PROBES` unanswered ones end the connection.
 pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// See [`KEEPALIVE_INTERVAL`].
 pub const KEEPALIVE_PROBES: u32 = 6;
 
+/// Limits that apply to spliced connections.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Limits {
     /// Close a connection after this long without a byte in either direction (Kuma: 1 h).
@@ -54,8 +55,9 @@ pub struct Limits {
     pub max_spliced: usize,
     /// Abort when a half-close drain check makes no progress for this long.
     pub drain_stall: Duration,
-    /// Keepalive idle time on spliced sockets (the daemon never reads them, so the kernel must
-    /// notice dead peers).
+    /// Keepalive idle time on every client socket (set on the listeners, inherited) and every
+    /// backend socket: a spliced socket is never read by the daemon, so the kernel must notice
+    /// dead peers; the userspace path gets the same.
     pub keepalive: Duration,
     /// Userspace path: bytes buffered per direction.
     pub userspace_buffer: usize,

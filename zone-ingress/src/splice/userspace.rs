@@ -4,7 +4,7 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     pin::pin,
     sync::{
         Arc,
@@ -70,8 +70,9 @@ async fn pump(from: ReadHalf<'_>, mut to: WriteHalf<'_>, counter: &AtomicU64, pr
 /// or the connection idles out. Nothing has been read from `client` yet: the ClientHello is
 /// still in its receive queue and is relayed like any other byte.
 pub async fn relay(client: TcpStream, backend: TcpStream, limits: &Limits, progress: Arc<Progress>) -> Closed {
-    let _ = client.set_nodelay(true);
+    // The client socket inherited both from the listener (`server::bind`).
     let _ = backend.set_nodelay(true);
+    let _ = sys::set_dead_peer_detection(backend.as_fd(), limits.keepalive, super::KEEPALIVE_INTERVAL, super::KEEPALIVE_PROBES);
     let fds = [client.as_raw_fd(), backend.as_raw_fd()];
     progress.last_active_ns.store(sys::monotonic_ns(), Ordering::Relaxed);
     // Borrowed halves: unlike `into_split`'s owned write half, dropping them does not send a
