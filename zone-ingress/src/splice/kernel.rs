@@ -966,11 +966,12 @@ impl Shared {
         }
     }
 
-    /// Periodic work: idle timeout and the memory guard (§4).
+    /// Periodic work: idle timeout, the memory guard (§4) and a backlog check for holds.
     fn sample(&self, me: &Monitor, state: &mut State) {
         let now_ns = sys::monotonic_ns();
         let idle_ns = u64::try_from(self.limits.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
         let mut expired = Vec::new();
+        let mut behind = Vec::new();
         let mut total_in_flight = 0u64;
         {
             let maps = self.lock_maps();
@@ -991,7 +992,11 @@ impl Shared {
                     let fd = conn.fds[peer].as_fd();
                     if let (Ok(y), Ok(outq)) = (sys::tcp_info(fd), sys::outq(fd)) {
                         let in_peer = (y.bytes_acked + u64::from(outq)).saturating_sub(conn.sent_base[peer]);
-                        worst = worst.max(conn.moved(side, &p).saturating_sub(in_peer));
+                        let backlog = conn.moved(side, &p).saturating_sub(in_peer);
+                        if backlog > HOLD_AT && conn.relay[side].is_none() {
+                            behind.push((*token, side));
+                        }
+                        worst = worst.max(backlog);
                     }
                 }
                 total_in_flight += worst;
@@ -1025,6 +1030,12 @@ impl Shared {
                     self.abort(state, token, side, reason);
                 }
             }
+        }
+        // Fallback for a report the ring could not deliver to this table (one sent between the
+        // handoff's kick and the registration): the backlog check runs here too
+        // (after the expiries: a connection closed above is skipped by `flow`).
+        for (token, side) in behind {
+            self.flow(state, token, side);
         }
     }
 
