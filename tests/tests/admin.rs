@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, time::Duration};
 
 use zone_ingress_tests::{
     daemon::{Daemon, zone_ingress_yaml},
-    netns::Topology,
+    netns::{Netns, Topology},
     ops::{self, Scrape, admin_addr, get, ingress_addr, paced_client, plain_dataplanes, plain_flow, raw_request, request, wait_exit, wait_until},
     runtime, section5_inventory,
 };
@@ -162,31 +162,8 @@ fn every_endpoint_over_http() {
     });
     let page = get(ns, admin, "/connections").json();
     assert!(ok, "three open flows with live kernel byte counts expected: {page:#}");
-    // The daemon never reads a spliced socket, so only the kernel can notice a vanished peer:
-    // every socket of the three flows (client side on :10001, backend side to :8080) runs the
-    // keepalive timer.
-    // `ss -o` shows one timer per socket: while a segment is unacknowledged it shows the
-    // retransmit timer instead, so look a few times and require keepalive once per socket.
-    let mut sockets = BTreeSet::new();
-    let mut with_keepalive = BTreeSet::new();
-    let mut last = String::new();
-    for _ in 0..50 {
-        let ss = ns.command("ss").args(["-tnoH", "state", "established"]).output().expect("ss");
-        last = String::from_utf8_lossy(&ss.stdout).into_owned();
-        for l in last.lines().filter(|l| l.contains("198.18.0.2:10001") || l.contains(":8080 ")) {
-            let tuple: String = l.split_whitespace().skip(2).take(2).collect::<Vec<_>>().join(" ");
-            if l.contains("timer:(keepalive") {
-                with_keepalive.insert(tuple.clone());
-            }
-            sockets.insert(tuple);
-        }
-        if sockets.len() == 6 && with_keepalive.len() == 6 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(sockets.len(), 6, "three flows, two sockets each:\n{last}");
-    assert_eq!(with_keepalive, sockets, "keepalive on every spliced socket:\n{last}");
+    // The daemon never reads a spliced socket, so only the kernel can notice a vanished peer.
+    assert_keepalive_on_every_socket(ns, 3);
     for f in page["connections"].as_array().expect("connections") {
         assert!(f["client"].as_str().expect("client").starts_with("198.18.0.1:"), "{f}");
         assert_eq!(f["sni"], PLAIN_ROUTE);
@@ -417,6 +394,61 @@ fn exact_counters(splice: &str, access_log: bool) {
     assert_eq!(log.matches(&needle).count(), sizes.len(), "{log}");
     assert_eq!(log.matches("connection rejected").count(), 2, "{log}");
     assert!(log.contains("service=\"backend\"") || log.contains("service=backend"), "{log}");
+}
+
+/// Every socket of the `flows` open flows in `ns` (client side on :10001, backend side to :8080)
+/// runs the keepalive timer. `ss -o` shows one timer per socket: while a segment is
+/// unacknowledged it shows the retransmit timer instead, so look a few times and require
+/// keepalive once per socket.
+fn assert_keepalive_on_every_socket(ns: &Netns, flows: usize) {
+    let mut sockets = BTreeSet::new();
+    let mut with_keepalive = BTreeSet::new();
+    let mut last = String::new();
+    for _ in 0..50 {
+        let ss = ns.command("ss").args(["-tnoH", "state", "established"]).output().expect("ss");
+        last = String::from_utf8_lossy(&ss.stdout).into_owned();
+        for l in last.lines().filter(|l| l.contains("198.18.0.2:10001") || l.contains(":8080 ")) {
+            let tuple: String = l.split_whitespace().skip(2).take(2).collect::<Vec<_>>().join(" ");
+            if l.contains("timer:(keepalive") {
+                with_keepalive.insert(tuple.clone());
+            }
+            sockets.insert(tuple);
+        }
+        if sockets.len() == 2 * flows && with_keepalive.len() == 2 * flows {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(sockets.len(), 2 * flows, "{flows} flows, two sockets each:\n{last}");
+    assert_eq!(with_keepalive, sockets, "keepalive on every socket:\n{last}");
+}
+
+/// The userspace path runs keepalive on both sockets too: the client socket inherits it from
+/// the listener, the backend socket gets it at connect.
+#[test]
+fn userspace_sockets_run_keepalive() {
+    let topo = Topology::new(1);
+    let rt = runtime();
+    let _daemon = start(&topo, "userspace", &[]);
+    let admin = admin_addr(ADMIN_PORT);
+    let ns = &topo.ingress;
+    let _dps = rt.block_on(async { plain_dataplanes(&topo, &[(1, 8080, "backend-1")]) });
+    let flows = rt.block_on(async {
+        (0..2)
+            .map(|_| {
+                let tcp = topo.client.connect(ingress_addr(10001)).expect("connect");
+                tokio::spawn(paced_client(tcp, 1 << 20, 1 << 16, 64 << 10, Duration::from_millis(20)))
+            })
+            .collect::<Vec<_>>()
+    });
+    assert!(wait_until(Duration::from_secs(10), || get(ns, admin, "/connections").json()["total"] == 2));
+    assert_keepalive_on_every_socket(ns, 2);
+    rt.block_on(async {
+        for f in flows {
+            let out = f.await.expect("join").expect("flow");
+            assert!(out.up_ok && out.down_ok, "{out:?}");
+        }
+    });
 }
 
 #[test]

@@ -190,23 +190,15 @@ struct Monitor {
 
 impl Monitor {
     fn new() -> io::Result<Self> {
-        // SAFETY: epoll_create1 and eventfd return a fresh fd or -1.
-        let (epfd, efd) = unsafe { (libc::epoll_create1(libc::EPOLL_CLOEXEC), libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)) };
-        for fd in [epfd, efd] {
-            if fd < 0 {
-                let e = io::Error::last_os_error();
-                for fd in [epfd, efd] {
-                    if fd >= 0 {
-                        // SAFETY: closing the fresh fd created above.
-                        unsafe { libc::close(fd) };
-                    }
-                }
-                return Err(e);
-            }
-        }
-        // SAFETY: both are fresh fds owned by nobody else.
-        let (epoll, wake) = unsafe { (OwnedFd::from_raw_fd(epfd), OwnedFd::from_raw_fd(efd)) };
-        register_in(epoll.as_fd(), wake.as_raw_fd(), WAKE_TOKEN)?;
+        let owned = |fd: i32| {
+            // SAFETY: `fd` was just returned by a creating call and is owned by nobody else.
+            if fd < 0 { Err(io::Error::last_os_error()) } else { Ok(unsafe { OwnedFd::from_raw_fd(fd) }) }
+        };
+        // SAFETY: epoll_create1 and eventfd have no preconditions; they return a new fd or -1.
+        let epoll = owned(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        // SAFETY: as above.
+        let wake = owned(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+        epoll_add(epoll.as_fd(), wake.as_raw_fd(), libc::EPOLLIN as u32, WAKE_TOKEN)?;
         Ok(Self { conns: Mutex::new(State::default()), epoll, wake, inbox: Mutex::new(Vec::new()), in_flight: AtomicU64::new(0) })
     }
 
@@ -223,9 +215,9 @@ impl Monitor {
     }
 }
 
-/// Adds `fd` to `epoll` for `EPOLLIN` with `token`.
-fn register_in(epoll: std::os::fd::BorrowedFd<'_>, fd: i32, token: u64) -> io::Result<()> {
-    let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+/// Adds `fd` to `epoll` for `events` with `token`.
+fn epoll_add(epoll: std::os::fd::BorrowedFd<'_>, fd: i32, events: u32, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
     // SAFETY: registering a live fd the caller keeps open.
     if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &raw mut ev) } < 0 {
         return Err(io::Error::last_os_error());
@@ -366,7 +358,7 @@ impl KernelSplice {
             .map(|_| Monitor::new())
             .collect::<io::Result<Vec<_>>>()
             .map_err(|source| LoadError::Io { what: "epoll/eventfd of a monitor thread", source })?;
-        register_in(monitors[0].epoll.as_fd(), events.as_raw_fd(), EVENTS_TOKEN)
+        epoll_add(monitors[0].epoll.as_fd(), events.as_raw_fd(), libc::EPOLLIN as u32, EVENTS_TOKEN)
             .map_err(|source| LoadError::Io { what: "epoll_ctl of the EVENTS ring", source })?;
         let shared = Arc::new(Shared {
             maps: Mutex::new(Maps { socks, verdict, pairs, hold }),
@@ -554,10 +546,9 @@ impl KernelSplice {
         conns.conns.insert(token, conn);
         let mut failed = prep.kick_error.map(|e| ("SO_RCVLOWAT kick", e));
         for side in [CLIENT, BACKEND] {
-            let mut ev = libc::epoll_event { events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32, u64: token << 1 | side as u64 };
-            // SAFETY: registering a live fd owned by `conns[token]`.
-            if unsafe { libc::epoll_ctl(monitor.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, raw[side], &raw mut ev) } < 0 {
-                failed = Some(("epoll_ctl", io::Error::last_os_error()));
+            // `raw[side]` is owned by `conns[token]`.
+            if let Err(e) = epoll_add(monitor.epoll.as_fd(), raw[side], (libc::EPOLLRDHUP | libc::EPOLLET) as u32, token << 1 | side as u64) {
+                failed = Some(("epoll_ctl", e));
             }
         }
         if let Some((what, e)) = failed {
