@@ -404,7 +404,7 @@ fn assert_keepalive_on_every_socket(ns: &Netns, flows: usize) {
     let mut sockets = BTreeSet::new();
     let mut with_keepalive = BTreeSet::new();
     let mut last = String::new();
-    for _ in 0..50 {
+    for _ in 0..100 {
         let ss = ns.command("ss").args(["-tnoH", "state", "established"]).output().expect("ss");
         last = String::from_utf8_lossy(&ss.stdout).into_owned();
         for l in last.lines().filter(|l| l.contains("198.18.0.2:10001") || l.contains(":8080 ")) {
@@ -437,7 +437,8 @@ fn userspace_sockets_run_keepalive() {
         (0..2)
             .map(|_| {
                 let tcp = topo.client.connect(ingress_addr(10001)).expect("connect");
-                tokio::spawn(paced_client(tcp, 1 << 20, 1 << 16, 64 << 10, Duration::from_millis(20)))
+                // Paced to stay open (about 2.6 s) while the sockets are looked at.
+                tokio::spawn(paced_client(tcp, 8 << 20, 1 << 16, 64 << 10, Duration::from_millis(20)))
             })
             .collect::<Vec<_>>()
     });
