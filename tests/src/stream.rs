@@ -78,6 +78,26 @@ pub async fn send_stream<W: AsyncWrite + Unpin>(w: &mut W, seed: u64, n: u64) ->
     Ok(h.finalize().into())
 }
 
+/// Like [`send_stream`], in bursts of `burst` bytes with a `pause` after each but the last (a
+/// sender that goes quiet now and then).
+pub async fn send_stream_paced<W: AsyncWrite + Unpin>(w: &mut W, seed: u64, n: u64, burst: u64, pause: std::time::Duration) -> std::io::Result<[u8; 32]> {
+    let mut chunks = Chunks::new(seed, n);
+    let mut h = Sha256::new();
+    let mut in_burst = 0u64;
+    while let Some(c) = chunks.next_chunk() {
+        h.update(c);
+        w.write_all(c).await?;
+        in_burst += c.len() as u64;
+        if in_burst >= burst && chunks.left > 0 {
+            w.flush().await?;
+            tokio::time::sleep(pause).await;
+            in_burst = 0;
+        }
+    }
+    w.flush().await?;
+    Ok(h.finalize().into())
+}
+
 /// Reads exactly `n` bytes, returning their SHA-256.
 pub async fn recv_stream<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> std::io::Result<[u8; 32]> {
     let mut h = Sha256::new();

@@ -13,8 +13,10 @@
 //!
 //! Beyond the §8 list: `c04b`, `c05c` and `c06d` repeat the large-transfer and half-close cases
 //! with a reader that lags (the kernel path then holds a direction, relays the held bytes itself
-//! and resumes redirecting, possibly several times, and may finish after a FIN while held); `c06c` checks that the access log's `reason` names the side
-//! that closed first on both paths; `c07`/`c08` reset both with data still in flight (`a`) and
+//! until the sender goes quiet, then redirects again, and may finish after a FIN while held);
+//! `c04c` has senders that pause between bursts, so the hold is taken and set down again several
+//! times mid-stream; `c06c` checks that the access log's `reason` names the side that closed
+//! first on both paths; `c07`/`c08` reset both with data still in flight (`a`) and
 //! after the reader received everything (`b`).
 //!
 //! Run with `--test-threads=1` (as `cargo xtask test` does): `z13_no_kernel_warnings_in_dmesg`
@@ -187,6 +189,7 @@ both_modes! {
     c03_many_small_writes_both_ways => many_small_writes;
     c04_larger_than_socket_buffers => larger_than_buffers;
     c04b_bursty_reader_both_ways => bursty_reader;
+    c04c_bursts_with_quiet_gaps_both_ways => bursts_with_gaps;
     c05a_half_close_client_fin_on_last_data => half_close_client_fin_on_data;
     c05b_half_close_client_fin_alone => half_close_client_fin_alone;
     c05c_half_close_client_fin_while_backend_lags => half_close_client_while_backlogged;
@@ -504,33 +507,90 @@ fn half_close_backend_fin_alone(mode: &'static str) {
 // transfer size here, so only the hold can bound the queue (c12 checks the memory).
 
 /// 96 MiB down and 32 MiB up at once, each reader reading 1 MiB then sleeping 10 ms.
+/// Reads `n` bytes at most about 100 MiB/s (a 10 ms pause after each MiB); their SHA-256.
+async fn bursty_recv(r: &mut tokio::net::tcp::OwnedReadHalf, n: u64) -> std::io::Result<[u8; 32]> {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    let mut left = n;
+    let mut buf = vec![0u8; 256 << 10];
+    let mut burst = 0usize;
+    while left > 0 {
+        let k = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let got = r.read(&mut buf[..k]).await?;
+        if got == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("EOF with {left} of {n} bytes missing")));
+        }
+        h.update(&buf[..got]);
+        left -= got as u64;
+        burst += got;
+        if burst >= MIB {
+            burst = 0;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok(h.finalize().into())
+}
+
+/// Senders that go quiet between bursts, toward readers that lag: on the kernel path each burst
+/// is held and relayed, and each quiet gap sets the hold down, so the verdict redirects again
+/// from the next burst's first byte. The SHA-256 checks cover bytes on both sides of every switch.
+fn bursts_with_gaps(mode: &'static str) {
+    const BURST: u64 = 12 << 20;
+    const BURSTS: u64 = 4;
+    const PAUSE: Duration = Duration::from_millis(400);
+    let n = BURST * BURSTS;
+    let env = Env::section5(mode, &["--max-in-flight-bytes", "268435456"]);
+    let long = Duration::from_secs(120);
+    let client = env.rt.block_on(async {
+        let l = env.listen(SockOpts::nodelay());
+        let backend = async {
+            let b = env.backend(&l).await;
+            let (mut r, mut w) = b.into_split();
+            let (got, sent) = tokio::join!(
+                tokio::time::timeout(long, bursty_recv(&mut r, n)),
+                tokio::time::timeout(long, stream::send_stream_paced(&mut w, stream::DOWN_SEED, n, BURST, PAUSE)),
+            );
+            let got = got.expect("backend receive timed out").expect("backend receive");
+            sent.expect("backend send timed out").expect("backend send");
+            assert_eq!(raw::hex(&got), raw::hex(&stream::expected(stream::UP_SEED, n)), "client→backend SHA-256");
+            w.shutdown().await.expect("shutdown");
+            expect_clean_eof(&mut r.reunite(w).expect("reunite"), "backend").await;
+        };
+        let client = async {
+            let c = env.client(SockOpts::nodelay()).await;
+            let me = c.local_addr().expect("addr");
+            let (mut r, mut w) = c.into_split();
+            raw::write_all(&mut w, &env.hello, STEP).await.expect("hello");
+            let (got, sent) = tokio::join!(
+                tokio::time::timeout(long, bursty_recv(&mut r, n)),
+                tokio::time::timeout(long, stream::send_stream_paced(&mut w, stream::UP_SEED, n, BURST, PAUSE)),
+            );
+            let got = got.expect("client receive timed out").expect("client receive");
+            sent.expect("client send timed out").expect("client send");
+            assert_eq!(raw::hex(&got), raw::hex(&stream::expected(stream::DOWN_SEED, n)), "backend→client SHA-256");
+            w.shutdown().await.expect("shutdown");
+            expect_clean_eof(&mut r.reunite(w).expect("reunite"), "client").await;
+            me
+        };
+        tokio::join!(backend, client).1
+    });
+    env.check_closed(client, Some(env.hello.len() + n as usize), Some(n as usize));
+    let log = env.daemon.log_text();
+    eprintln!("c04c {mode}: {}", flow_control_summary(&log));
+    if mode == "kernel" {
+        // Each direction's 4 bursts outrun a 100 MiB/s reader: at least 3 of them must have been
+        // held, relayed and set down again in each direction (6), the first bursts' by the gaps.
+        let [held, released, guard] = flow_control_counts(&log);
+        assert!(held >= 6 && released >= 6, "too few hold/release cycles across quiet gaps ({})", flow_control_summary(&log));
+        assert_eq!(guard, 0, "the memory guard fired although the hold should bound the queue");
+    }
+}
+
 fn bursty_reader(mode: &'static str) {
     const DOWN: u64 = 96 << 20;
     const UP: u64 = 32 << 20;
     let env = Env::section5(mode, &["--max-in-flight-bytes", "268435456"]);
     let long = Duration::from_secs(120);
-    async fn bursty_recv(r: &mut tokio::net::tcp::OwnedReadHalf, n: u64) -> std::io::Result<[u8; 32]> {
-        use sha2::Digest as _;
-        let mut h = sha2::Sha256::new();
-        let mut left = n;
-        let mut buf = vec![0u8; 256 << 10];
-        let mut burst = 0usize;
-        while left > 0 {
-            let k = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-            let got = r.read(&mut buf[..k]).await?;
-            if got == 0 {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("EOF with {left} of {n} bytes missing")));
-            }
-            h.update(&buf[..got]);
-            left -= got as u64;
-            burst += got;
-            if burst >= MIB {
-                burst = 0;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-        Ok(h.finalize().into())
-    }
     let client = env.rt.block_on(async {
         let l = env.listen(SockOpts::nodelay());
         let backend = async {

@@ -24,12 +24,17 @@
 //! TCP) and above `HOLD_AT` *holds* the direction (`HOLD` map, see `zone_ingress_ebpf::splice`):
 //! the verdict keeps the following skbs on the receiving socket, charged to its receive buffer,
 //! so its TCP window closes as for any slow reader. Once the peer's psock queue is empty the
-//! monitor releases the hold and relays what was held (`recv`/`send`, non-blocking, one bounded
-//! buffer per held direction, `Hold::relayed` published after every chunk); the verdict keeps
-//! holding until an skb finds every held byte relayed, and redirects from that skb on. Order is
-//! kept because the relay writes only after the queued redirects reached the peer, and the
-//! verdict redirects again only after the relay wrote every held byte. The memory guard (`--max-in-flight-bytes`) remains as the
-//! last resort: a backlog above it aborts the connection (RST both ways).
+//! monitor relays what the socket holds (`recv`/`send`, non-blocking, one bounded buffer per held
+//! direction), keeping the hold while bytes keep coming: a saturating flow is then carried by the
+//! relay alone instead of going back to the psock worker, which sends each skb from a kernel
+//! thread and falls behind the receive path within milliseconds (the direction was held again
+//! and again: 4 iperf3 streams for 3 s took about 290 holds, now 6). Once the source has been quiet for `RELAY_QUIET` the monitor sets
+//! the hold down (`Hold::relayed` published, then after every chunk); the verdict keeps holding
+//! until an skb finds every held byte relayed, and redirects from that skb on. Order is kept
+//! because the relay writes only after the queued redirects reached the peer, and the verdict
+//! redirects again only after the relay wrote every held byte. The memory guard
+//! (`--max-in-flight-bytes`) remains as the last resort: a backlog above it aborts the
+//! connection (RST both ways).
 //!
 //! Monitor threads (`Limits::monitor_threads`, one per CPU up to 4 by default) each own the
 //! connections whose token falls to them, with their own epoll set and table, so the relays of
@@ -59,7 +64,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf, SockHash},
     programs::SkSkb,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use zone_ingress_ebpf::splice::{self as abi, Hold, Pair};
 
 use super::{CloseReason, Closed, Limits, OnClose};
@@ -206,12 +211,32 @@ impl Monitor {
         self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues a reported cookie for this monitor and wakes it.
+    /// Queues reported cookies for this monitor and wakes it. At most `INBOX_MAX` wait: a report
+    /// is advisory (the once-a-second sample finds every backlog too), memory is not.
     fn post(&self, cookies: &[u64]) {
-        self.inbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(cookies);
+        {
+            let mut inbox = self.inbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let room = INBOX_MAX.saturating_sub(inbox.len());
+            if room < cookies.len() {
+                debug!(dropped = cookies.len() - room, "monitor inbox full; reports dropped (the sample covers them)");
+            }
+            inbox.extend_from_slice(&cookies[..room.min(cookies.len())]);
+        }
         let one = 1u64.to_ne_bytes();
         // SAFETY: writing 8 bytes from a live buffer to our eventfd (cannot block: EFD_NONBLOCK).
         unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+}
+
+/// Reports that may wait in one monitor's inbox (8 bytes each).
+const INBOX_MAX: usize = 1 << 16;
+
+/// Runs `body`; if it panics, calls `on_panic` with the panic message. A monitor thread's panic
+/// must not go unnoticed: its connections would never be closed, held or guarded again.
+fn fatal_on_panic(body: impl FnOnce(), on_panic: impl FnOnce(&str)) {
+    if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        let msg = payload.downcast_ref::<&str>().copied().or_else(|| payload.downcast_ref::<String>().map(String::as_str)).unwrap_or("(no message)");
+        on_panic(msg);
     }
 }
 
@@ -247,6 +272,9 @@ pub const HOLD_AT: u64 = 2 << 20;
 const RELAY_BUFFER: usize = 256 << 10;
 /// How long a relay must stay caught up before it ends (see `relay_side`).
 const RELAY_SETTLE: Duration = Duration::from_millis(2);
+/// How long a held direction's source must stay without new bytes before the hold is set down
+/// and the verdict redirects again (see `relay_side`).
+const RELAY_QUIET: Duration = Duration::from_millis(5);
 /// Bytes one held direction may relay per monitor pass (keeps one pass short).
 const RELAY_BUDGET: u64 = 4 << 20;
 
@@ -276,6 +304,12 @@ struct Relay {
     /// The hold is requested (`Hold::want`); false once released, while the verdict still
     /// holds bytes that must be relayed.
     want: bool,
+    /// Released from waiting but still requested: while bytes keep coming, the verdict holds
+    /// every skb and the relay is the only writer to the peer; set down once the source is quiet
+    /// (`RELAY_QUIET`).
+    keep: bool,
+    /// Since when the relay's passes have found nothing to move (with `keep`).
+    quiet_since: Option<Instant>,
     /// The source reached EOF: nothing more to read.
     eof: bool,
     /// Since when every held byte has been relayed (see `relay_side`).
@@ -292,7 +326,7 @@ impl Spliced {
 
 impl Relay {
     fn new() -> Self {
-        Self { buf: Vec::new(), start: 0, end: 0, want: true, eof: false, settled_since: None }
+        Self { buf: Vec::new(), start: 0, end: 0, want: true, keep: false, quiet_since: None, eof: false, settled_since: None }
     }
 }
 
@@ -371,7 +405,18 @@ impl KernelSplice {
         });
         for idx in 0..threads {
             let monitor = Arc::clone(&shared);
-            std::thread::Builder::new().name(format!("splice-mon-{idx}")).spawn(move || monitor.run(idx)).map_err(|source| {
+            let body = move || {
+                fatal_on_panic(
+                    || monitor.run(idx),
+                    |msg| {
+                        // Its spliced connections would stay open unwatched: end the process (the
+                        // kernel closes every socket), as a supervisor expects of a broken proxy.
+                        error!(thread = idx, panic = msg, "splice monitor thread panicked; exiting");
+                        std::process::exit(70);
+                    },
+                );
+            };
+            std::thread::Builder::new().name(format!("splice-mon-{idx}")).spawn(body).map_err(|source| {
                 // The threads already started would otherwise run for the process lifetime.
                 shared.stop.store(true, Ordering::Relaxed);
                 LoadError::Io { what: "spawning a monitor thread", source }
@@ -895,11 +940,14 @@ impl Shared {
             if pair.holding == 0 || backlog != 0 {
                 return Ok(false);
             }
-            // The hold did its job (the peer's queue is empty): release it now. The verdict keeps
-            // holding until an skb finds every held byte relayed, so it resumes redirecting at the
-            // first skb after the relay has caught up; the relay moves what was held before that.
+            // The hold did its job (the peer's queue is empty): relay from here on. The hold stays
+            // requested while bytes keep coming, so a saturating flow is carried by the relay alone
+            // instead of returning to the psock worker, which sends slower than the receive path
+            // fills its queue (each return cost another hold cycle); it is set down once the
+            // source is quiet (below).
             relay.want = false;
-            publish(*relayed)?;
+            relay.keep = true;
+            relay.quiet_since = None;
         }
         let mut moved = 0u64;
         let mut caught_up = false;
@@ -910,7 +958,7 @@ impl Shared {
                         relay.start += n;
                         moved += n as u64;
                         *relayed += n as u64;
-                        if relay.start == relay.end {
+                        if relay.start == relay.end && !relay.keep {
                             // Tell the verdict at once, so it can resume as early as possible.
                             publish(*relayed)?;
                         }
@@ -939,6 +987,20 @@ impl Shared {
             }
         }
         self.stats.relayed_bytes.fetch_add(moved, Ordering::Relaxed);
+        if relay.keep {
+            if !relay.eof && (!caught_up || moved != 0) {
+                relay.quiet_since = None;
+                return Ok(false);
+            }
+            let quiet_since = *relay.quiet_since.get_or_insert_with(Instant::now);
+            if !relay.eof && quiet_since.elapsed() < RELAY_QUIET {
+                return Ok(false);
+            }
+            // Quiet (or at EOF): release. The verdict holds on until an skb finds every held byte
+            // relayed, so it resumes redirecting at the first skb after the relay has caught up.
+            relay.keep = false;
+            publish(*relayed)?;
+        }
         let held = pair_held_now(&self.lock_maps(), cookie).map_err(RelayError::Internal)?;
         if !caught_up || held != *relayed {
             relay.settled_since = None;
@@ -1084,4 +1146,33 @@ impl Shared {
 /// `Pair::held` of the socket with `cookie`, read now.
 fn pair_held_now(maps: &Maps, cookie: u64) -> io::Result<u64> {
     Ok(maps.pairs.get(&cookie, 0).map_err(io::Error::other)?.held)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    #[test]
+    fn a_panicking_body_reaches_the_handler_with_its_message() {
+        let mut seen = None;
+        fatal_on_panic(|| panic!("monitor {} broke", 3), |msg| seen = Some(msg.to_owned()));
+        assert_eq!(seen.as_deref(), Some("monitor 3 broke"));
+        let called = AtomicBool::new(false);
+        fatal_on_panic(|| {}, |_| called.store(true, Ordering::Relaxed));
+        assert!(!called.load(Ordering::Relaxed), "no panic, no handler");
+    }
+
+    #[test]
+    fn the_inbox_is_bounded_and_keeps_the_oldest_reports() {
+        let m = Monitor::new().expect("epoll and eventfd");
+        let batch: Vec<u64> = (0..1000).collect();
+        for _ in 0..(INBOX_MAX / 1000 + 5) {
+            m.post(&batch);
+        }
+        let inbox = m.inbox.lock().expect("inbox");
+        assert_eq!(inbox.len(), INBOX_MAX);
+        assert_eq!(&inbox[..1000], &batch[..]);
+    }
 }
