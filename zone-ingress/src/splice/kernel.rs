@@ -68,7 +68,7 @@ use tracing::{debug, error, info, warn};
 use zone_ingress_ebpf::splice::{self as abi, Hold, Pair};
 
 use super::{CloseReason, Closed, Limits, OnClose};
-use crate::sys;
+use crate::sys::{self, BpfMap};
 
 /// The kernel object built by `build.rs` from `zone-ingress-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zone-ingress-ebpf"));
@@ -120,7 +120,7 @@ pub enum HandoffError {
     Map {
         what: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: io::Error,
     },
 }
 
@@ -131,11 +131,13 @@ pub struct Rejected {
     pub error: HandoffError,
 }
 
+/// The maps userspace writes, used without a lock (`sys::BpfMap`): handoffs on the accept
+/// threads and the monitors' drain checks, holds and closes run in parallel.
 struct Maps {
-    socks: SockHash<MapData, u64>,
-    verdict: SockHash<MapData, u64>,
-    pairs: HashMap<MapData, u64, Pair>,
-    hold: HashMap<MapData, u64, Hold>,
+    socks: BpfMap<u64, i32>,
+    verdict: BpfMap<u64, i32>,
+    pairs: BpfMap<u64, Pair>,
+    hold: BpfMap<u64, Hold>,
 }
 
 /// Global counters of the kernel path, read by the metrics module.
@@ -169,7 +171,7 @@ pub struct KernelSplice {
 }
 
 struct Shared {
-    maps: Mutex<Maps>,
+    maps: Maps,
     events: Mutex<RingBuf<MapData>>,
     /// The monitor threads; connection `token` belongs to `monitors[token % len]`.
     monitors: Vec<Monitor>,
@@ -379,6 +381,15 @@ impl KernelSplice {
         let stats_map = ebpf.take_map(abi::STATS).ok_or(LoadError::MissingMap(abi::STATS))?;
         let stats_map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(stats_map).map_err(|source| LoadError::Map { name: abi::STATS, source })?;
         let verdict_fd = verdict.fd().try_clone().map_err(|source| LoadError::Io { what: "duplicating the VERDICT map fd", source })?;
+        // The typed aya maps above checked key and value sizes; from here on plain fds.
+        use aya::maps::IterableMap as _;
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().map_err(|source| LoadError::Io { what: "duplicating a map fd", source });
+        let maps = Maps {
+            socks: BpfMap::new(dup(socks.fd().as_fd())?),
+            verdict: BpfMap::new(dup(verdict.fd().as_fd())?),
+            pairs: BpfMap::new(dup(pairs.map().fd().as_fd())?),
+            hold: BpfMap::new(dup(hold.map().fd().as_fd())?),
+        };
         let prog: &mut SkSkb = ebpf
             .program_mut(abi::VERDICT_PROG)
             .ok_or(LoadError::MissingProgram(abi::VERDICT_PROG))?
@@ -395,7 +406,7 @@ impl KernelSplice {
         epoll_add(monitors[0].epoll.as_fd(), events.as_raw_fd(), libc::EPOLLIN as u32, EVENTS_TOKEN)
             .map_err(|source| LoadError::Io { what: "epoll_ctl of the EVENTS ring", source })?;
         let shared = Arc::new(Shared {
-            maps: Mutex::new(Maps { socks, verdict, pairs, hold }),
+            maps,
             events: Mutex::new(events),
             monitors,
             next_token: AtomicU64::new(1),
@@ -453,19 +464,17 @@ impl KernelSplice {
     /// from it and when it last did. `None` once the connection has closed. One map lookup: for
     /// on-demand reads (admin, scrapes), never a per-connection poll.
     pub fn socket_counters(&self, cookie: u64) -> Option<Pair> {
-        self.shared.lock_maps().pairs.get(&cookie, 0).ok()
+        self.shared.maps.pairs.get(&cookie).ok()
     }
 
-    /// Duplicates of the maps' fds, by map name, for read-only inspection (entry counts)
-    /// without holding the handoff lock.
+    /// Duplicates of the maps' fds, by map name, for read-only inspection (entry counts).
     pub fn map_fds(&self) -> Vec<(&'static str, OwnedFd)> {
-        use aya::maps::IterableMap as _;
-        let maps = self.shared.lock_maps();
+        let maps = &self.shared.maps;
         [
-            (abi::SOCKS, maps.socks.fd().as_fd().try_clone_to_owned()),
-            (abi::VERDICT, maps.verdict.fd().as_fd().try_clone_to_owned()),
-            (abi::PAIRS, maps.pairs.map().fd().as_fd().try_clone_to_owned()),
-            (abi::HOLD, maps.hold.map().fd().as_fd().try_clone_to_owned()),
+            (abi::SOCKS, maps.socks.fd().try_clone_to_owned()),
+            (abi::VERDICT, maps.verdict.fd().try_clone_to_owned()),
+            (abi::PAIRS, maps.pairs.fd().try_clone_to_owned()),
+            (abi::HOLD, maps.hold.fd().try_clone_to_owned()),
         ]
         .into_iter()
         .filter_map(|(name, fd)| fd.ok().map(|fd| (name, fd)))
@@ -504,10 +513,10 @@ impl KernelSplice {
         let keepalive = self.shared.limits.keepalive;
         sys::set_nodelay(fds[BACKEND]).map_err(io("TCP_NODELAY"))?;
         sys::set_dead_peer_detection(fds[BACKEND], keepalive, super::KEEPALIVE_INTERVAL, super::KEEPALIVE_PROBES).map_err(io("keepalive"))?;
-        let mut maps = self.shared.lock_maps();
+        let maps = &self.shared.maps;
         for side in [CLIENT, BACKEND] {
             let pair = Pair { peer: cookies[1 - side], ..Pair::default() };
-            if let Err(source) = maps.pairs.insert(cookies[side], pair, 0) {
+            if let Err(source) = maps.pairs.insert(&cookies[side], &pair) {
                 for c in cookies {
                     let _ = maps.pairs.remove(&c);
                 }
@@ -542,10 +551,10 @@ impl KernelSplice {
             ("VERDICT insert of the client socket (a client that already sent FIN is refused)", true, CLIENT),
         ];
         for (i, (what, verdict, side)) in steps.into_iter().enumerate() {
-            let map = if verdict { &mut maps.verdict } else { &mut maps.socks };
-            if let Err(source) = map.insert(cookies[side], fds[side].as_raw_fd(), 0) {
+            let map = if verdict { &maps.verdict } else { &maps.socks };
+            if let Err(source) = map.insert(&cookies[side], &fds[side].as_raw_fd()) {
                 for (_, v, sd) in steps.into_iter().take(i).rev() {
-                    let m = if v { &mut maps.verdict } else { &mut maps.socks };
+                    let m = if v { &maps.verdict } else { &maps.socks };
                     let _ = m.remove(&cookies[sd]);
                 }
                 for c in cookies {
@@ -554,7 +563,6 @@ impl KernelSplice {
                 return Err(HandoffError::Map { what, source });
             }
         }
-        drop(maps);
         // From here on the connection belongs to the kernel; errors abort instead of falling back.
         let handoff_ns = sys::monotonic_ns();
         let kicked = fds.iter().try_for_each(|fd| sys::set_rcvlowat(*fd, 1));
@@ -642,10 +650,6 @@ const DRAIN_POLL: Duration = Duration::from_millis(2);
 const HOLD_POLL: Duration = Duration::from_micros(200);
 
 impl Shared {
-    fn lock_maps(&self) -> MutexGuard<'_, Maps> {
-        self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     fn monitor_of(&self, token: u64) -> &Monitor {
         // `as usize`: the remainder is below `monitors.len()`.
         &self.monitors[(token % self.monitors.len() as u64) as usize]
@@ -740,7 +744,7 @@ impl Shared {
                 continue;
             }
             let peer = 1 - side;
-            let forwarded = match self.lock_maps().pairs.get(&conn.cookies[side], 0) {
+            let forwarded = match self.maps.pairs.get(&conn.cookies[side]) {
                 Ok(p) => {
                     if p.peer_missing != 0 {
                         self.stats.peer_missing_aborts.fetch_add(1, Ordering::Relaxed);
@@ -838,7 +842,7 @@ impl Shared {
     /// Bytes the verdict redirected from `side` that are not yet in the peer's TCP send queue,
     /// i.e. what waits in the peer's psock queue; with `side`'s `PAIRS` entry.
     fn backlog(&self, conn: &Spliced, side: usize) -> io::Result<(u64, Pair)> {
-        let pair = self.lock_maps().pairs.get(&conn.cookies[side], 0).map_err(io::Error::other)?;
+        let pair = self.maps.pairs.get(&conn.cookies[side]).map_err(io::Error::other)?;
         let peer = conn.fds[1 - side].as_fd();
         let y = sys::tcp_info(peer)?;
         // The peer's TCP holds what was redirected and what the monitor relayed.
@@ -849,7 +853,7 @@ impl Shared {
     /// Writes the `HOLD` entry of the socket with `cookie` (the only writer of that map).
     fn set_hold(&self, cookie: u64, want: bool, relayed: u64) -> io::Result<()> {
         let hold = Hold { want: u64::from(want), relayed };
-        self.lock_maps().hold.insert(cookie, hold, 0).map_err(io::Error::other)
+        self.maps.hold.insert(&cookie, &hold)
     }
 
     /// Backpressure and memory guard for direction `side` of `token` (module docs): called
@@ -1001,7 +1005,7 @@ impl Shared {
             relay.keep = false;
             publish(*relayed)?;
         }
-        let held = pair_held_now(&self.lock_maps(), cookie).map_err(RelayError::Internal)?;
+        let held = pair_held_now(&self.maps, cookie).map_err(RelayError::Internal)?;
         if !caught_up || held != *relayed {
             relay.settled_since = None;
             return Ok(false);
@@ -1027,12 +1031,12 @@ impl Shared {
         let mut behind = Vec::new();
         let mut total_in_flight = 0u64;
         {
-            let maps = self.lock_maps();
+            let maps = &self.maps;
             for (token, conn) in &mut state.conns {
                 let mut last = conn.handoff_ns;
                 let mut worst = 0u64;
                 for side in [CLIENT, BACKEND] {
-                    let Ok(p) = maps.pairs.get(&conn.cookies[side], 0) else { continue };
+                    let Ok(p) = maps.pairs.get(&conn.cookies[side]) else { continue };
                     if p.peer_missing != 0 {
                         expired.push((*token, side, CloseReason::Internal));
                     }
@@ -1113,12 +1117,12 @@ impl Shared {
         }
         if conn.shut != [true, true] {
             // A direction that was shut has its final count from its drain check.
-            let maps = self.lock_maps();
+            let maps = &self.maps;
             for side in [CLIENT, BACKEND] {
                 if conn.shut[side] {
                     continue;
                 }
-                if let Ok(p) = maps.pairs.get(&conn.cookies[side], 0) {
+                if let Ok(p) = maps.pairs.get(&conn.cookies[side]) {
                     conn.bytes[side] = conn.moved(side, &p);
                 }
             }
@@ -1128,7 +1132,7 @@ impl Shared {
         let Spliced { fds, cookies, bytes, hold_entry, mut on_close, .. } = conn;
         drop(fds);
         {
-            let mut maps = self.lock_maps();
+            let maps = &self.maps;
             for (c, hold) in cookies.iter().zip(hold_entry) {
                 let _ = maps.pairs.remove(c);
                 if hold {
@@ -1145,7 +1149,7 @@ impl Shared {
 
 /// `Pair::held` of the socket with `cookie`, read now.
 fn pair_held_now(maps: &Maps, cookie: u64) -> io::Result<u64> {
-    Ok(maps.pairs.get(&cookie, 0).map_err(io::Error::other)?.held)
+    Ok(maps.pairs.get(&cookie)?.held)
 }
 
 #[cfg(test)]
