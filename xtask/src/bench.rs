@@ -268,6 +268,26 @@ fn tree_cpu_s(pid: u32) -> f64 {
     total as f64 / user_hz()
 }
 
+/// CPU seconds (user + system) used so far by the kernel's worker threads (`kworker/*`, which
+/// run the psock workers of a sockmap splice, and `ksoftirqd/*`). Threads that ended since an
+/// earlier reading drop out, so a difference can undercount slightly.
+fn kernel_workers_cpu_s() -> f64 {
+    let mut total = 0u64;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if !(comm.starts_with("kworker") || comm.starts_with("ksoftirqd")) {
+            continue;
+        }
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            total += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    total as f64 / user_hz()
+}
+
 /// One iperf3 run: Gbit/s, busy core-seconds of the machine and of the proxy's own processes.
 fn iperf(system: System, pids: &[u32], streams: u32, reverse: bool, opts: &Options) -> anyhow::Result<Value> {
     let (host, port) = target(system, IPERF_PORT);
@@ -279,11 +299,13 @@ fn iperf(system: System, pids: &[u32], streams: u32, reverse: bool, opts: &Optio
     }
     let relayed0 = relayed_bytes(system);
     let own0: f64 = pids.iter().map(|p| tree_cpu_s(*p)).sum();
+    let kw0 = kernel_workers_cpu_s();
     let (b0, _) = cpu_jiffies();
     let t0 = Instant::now();
     let out = cmd.output()?;
     let wall = t0.elapsed().as_secs_f64();
     let (b1, _) = cpu_jiffies();
+    let kw1 = kernel_workers_cpu_s();
     let own1: f64 = pids.iter().map(|p| tree_cpu_s(*p)).sum();
     let relayed1 = relayed_bytes(system);
     let v: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))?;
@@ -300,7 +322,7 @@ fn iperf(system: System, pids: &[u32], streams: u32, reverse: bool, opts: &Optio
         bail!("iperf3 via {}: nothing sent", system.name());
     }
     let busy_cs = (b1 - b0) as f64 / user_hz();
-    let mut v = json!({"gbps": gbps, "busy_core_s": busy_cs, "bytes": received, "wall_s": wall, "proxy_cpu_s": own1 - own0,
+    let mut v = json!({"gbps": gbps, "busy_core_s": busy_cs, "bytes": received, "wall_s": wall, "proxy_cpu_s": own1 - own0, "kworker_cpu_s": (kw1 - kw0).max(0.0),
               "gbps_per_busy_core": gbps / (busy_cs / wall).max(1e-9),
               "cpu_s_per_gb": busy_cs / (received / 1e9)});
     if let (Some(r0), Some(r1)) = (relayed0, relayed1) {
@@ -349,10 +371,12 @@ fn sockperf(system: System, opts: &Options) -> anyhow::Result<Value> {
 }
 
 /// New TLS connections per second with a Kuma SNI and a reply from the dataplane.
-fn conn_rate(ctx: &Ctx, system: System, opts: &Options) -> anyhow::Result<Value> {
+fn conn_rate(ctx: &Ctx, system: System, pids: &[u32], opts: &Options) -> anyhow::Result<Value> {
     let (host, port) = target(system, TLS_PORT);
     let secs = if opts.quick { 1 } else { opts.seconds };
     let pki = ctx.dir.join("pki");
+    let own0: f64 = pids.iter().map(|p| tree_cpu_s(*p)).sum();
+    let kw0 = kernel_workers_cpu_s();
     let out = output(nsexec(NET.client).args([
         ctx.benchtool.to_str().context("path")?,
         "conn-rate",
@@ -363,12 +387,15 @@ fn conn_rate(ctx: &Ctx, system: System, opts: &Options) -> anyhow::Result<Value>
         "--pki",
         pki.to_str().context("path")?,
     ]))?;
+    let kw1 = kernel_workers_cpu_s();
+    let own1: f64 = pids.iter().map(|p| tree_cpu_s(*p)).sum();
     let v: Value = serde_json::from_str(out.lines().last().unwrap_or("")).context("conn-rate output")?;
     let ok = v["ok"].as_f64().unwrap_or(0.0);
     if ok <= 0.0 {
         bail!("no TLS connection succeeded via {}", system.name());
     }
-    Ok(json!({"conn_per_s": ok / v["seconds"].as_f64().unwrap_or(1.0), "errors": v["errors"]}))
+    Ok(json!({"conn_per_s": ok / v["seconds"].as_f64().unwrap_or(1.0), "errors": v["errors"],
+              "proxy_cpu_us_per_conn": (own1 - own0) / ok * 1e6, "kworker_cpu_us_per_conn": (kw1 - kw0).max(0.0) / ok * 1e6}))
 }
 
 fn meminfo_kb(field: &str) -> u64 {
@@ -539,7 +566,7 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
             pids.iter().for_each(|p| stop(&mut guard, *p));
             let pids = start_system(&mut guard, &ctx, system, Phase::Tls)?;
             guard.check()?;
-            samples.entry((system, "conn_rate")).or_default().push(conn_rate(&ctx, system, opts)?);
+            samples.entry((system, "conn_rate")).or_default().push(conn_rate(&ctx, system, &pids, opts)?);
             if let Some(h) = handoff_histogram(system, &pids) {
                 samples.entry((system, "handoff")).or_default().push(h);
             }
@@ -618,7 +645,7 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
         if opts.quick { "quick (1 s per measurement)".to_owned() } else { format!("{} s per measurement", opts.seconds) }
     );
     let direct = |metric: &str, field: &str| stat(samples, System::Direct, metric, field).map(|m| m.0);
-    md.push_str("| system | 1 stream Gbit/s | 1 stream rev | 4 streams | 4 streams rev | Gbit/s per busy core | CPU s per GB | proxy process CPU s | relayed share | RTT p50 µs (added) | RTT p99 µs | new TLS conn/s | handoff µs | RSS B/flow | Slab B/flow |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| system | 1 stream Gbit/s | 1 stream rev | 4 streams | 4 streams rev | Gbit/s per busy core | CPU s per GB | proxy process CPU s | kernel workers CPU s | relayed share | RTT p50 µs (added) | RTT p99 µs | new TLS conn/s | proxy CPU µs per conn | kernel workers µs per conn | handoff µs | RSS B/flow | Slab B/flow |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for &s in systems {
         let cell = |metric: &str, field: &str, ratio_to_direct: bool| -> String {
             match stat(samples, s, metric, field) {
@@ -640,7 +667,7 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {added} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {added} | {} | {} | {} | {} | {} | {} | {} |",
             s.name(),
             cell("bulk_1_fwd", "gbps", true),
             cell("bulk_1_rev", "gbps", true),
@@ -649,9 +676,12 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
             cell("bulk_1_fwd", "gbps_per_busy_core", false),
             cell("bulk_1_fwd", "cpu_s_per_gb", false),
             cell("bulk_1_fwd", "proxy_cpu_s", false),
+            cell("bulk_1_fwd", "kworker_cpu_s", false),
             cell("bulk_1_fwd", "relayed_share", false),
             cell("latency", "rtt_p99_us", false),
             cell("conn_rate", "conn_per_s", true),
+            cell("conn_rate", "proxy_cpu_us_per_conn", false),
+            cell("conn_rate", "kworker_cpu_us_per_conn", false),
             cell("handoff", "handoff_mean_us", false),
             cell("idle_flows", "rss_per_flow_b", false),
             cell("idle_flows", "slab_per_flow_b", false),
@@ -662,7 +692,7 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
     }
     let _ = writeln!(
         md,
-        "\nBulk: iperf3 through the plaintext route (`--plaintext-route`, HAProxy/nginx default backend). CPU: busy core-seconds of the whole machine (softirq and kernel workers included) during the 1-stream run; proxy process CPU: user+system seconds of the proxy's own processes in that run (for zone-ingress the daemon; the kernel's splice work is in the machine column); relayed share: the part of the 1-stream bytes that zone-ingress kernel relayed itself while a direction was held (backpressure), the rest went through the sk_skb redirect. Per-connection logging: none for any system (the HAProxy and nginx configurations have no access log; zone-ingress runs with `--access-log off`). Latency: sockperf ping-pong, 64 B, full RTT. Connections: rustls clients (16 concurrent), full mTLS handshake with a MeshService SNI and a 2-byte reply. Idle flows: {} per system.",
+        "\nBulk: iperf3 through the plaintext route (`--plaintext-route`, HAProxy/nginx default backend). CPU: busy core-seconds of the whole machine (softirq and kernel workers included) during the 1-stream run; proxy process CPU: user+system seconds of the proxy's own processes in that run (for zone-ingress the daemon; the kernel's splice work is in the machine column); kernel workers CPU: the same for every `kworker` and `ksoftirqd` thread (a sockmap splice's psock workers run there; softirq work done inside a process's system call counts to that process); relayed share: the part of the 1-stream bytes that zone-ingress kernel relayed itself while a direction was held (backpressure), the rest went through the sk_skb redirect. Per-connection logging: none for any system (the HAProxy and nginx configurations have no access log; zone-ingress runs with `--access-log off`). Latency: sockperf ping-pong, 64 B, full RTT. Connections: rustls clients (16 concurrent), full mTLS handshake with a MeshService SNI and a 2-byte reply; proxy CPU per conn: the proxy's own user+system CPU over the run divided by the connections it carried, kernel workers the same for `kworker`/`ksoftirqd` (for direct routing: the forwarding's softirq work where it lands there). Idle flows: {} per system.",
         if opts.quick { 200 } else { opts.flows }
     );
     (md, Value::Object(js))
