@@ -925,7 +925,9 @@ impl Shared {
     /// Relays one held direction as far as it can without blocking. `Ok(true)`: the direction
     /// is no longer held (the verdict redirects its next skb).
     fn relay_side(&self, conn: &mut Spliced, side: usize) -> Result<bool, RelayError> {
-        let (backlog, pair) = self.backlog(conn, side).map_err(RelayError::Internal)?;
+        // Only the wait for the peer's queue needs the backlog (three system calls per pass).
+        let waiting = conn.relay[side].as_ref().is_some_and(|r| r.want);
+        let (backlog, pair) = if waiting { self.backlog(conn, side).map_err(RelayError::Internal)? } else { (0, Pair::default()) };
         let cookie = conn.cookies[side];
         let publish = |relayed: u64| self.set_hold(cookie, false, relayed).map_err(RelayError::Internal);
         let (src, dst) = (conn.fds[side].as_fd(), conn.fds[1 - side].as_fd());
