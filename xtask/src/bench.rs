@@ -147,29 +147,8 @@ fn start_system(guard: &mut Guard, ctx: &Ctx, system: System, phase: Phase) -> a
     let pids = match system {
         System::Direct => Vec::new(),
         System::ZiKernel | System::ZiUserspace => {
-            let mode = if system == System::ZiKernel { "kernel" } else { "userspace" };
-            let route = format!("{}{{mesh=default}}", phase.plaintext_service());
-            let zi = ctx.dir.join("zoneingress.yaml");
-            let dps = ctx.dir.join("dataplanes.yaml");
-            let args = [
-                ctx.daemon.to_str().context("path")?,
-                "run",
-                "--dataplane-file",
-                zi.to_str().context("path")?,
-                "--dataplanes",
-                dps.to_str().context("path")?,
-                "--splice",
-                mode,
-                "--plaintext-route",
-                &route,
-                "--drain-time",
-                "0s",
-                "--max-connections-per-cluster",
-                "100000",
-                // Like the peers' configurations, which log nothing per connection.
-                "--access-log",
-                "off",
-            ];
+            let args = zi_args(ctx, system, phase);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             vec![spawn(guard, NET.ingress, &args, &log)?]
         }
         System::Haproxy | System::HaproxySplice => {
@@ -187,6 +166,33 @@ fn start_system(guard: &mut Guard, ctx: &Ctx, system: System, phase: Phase) -> a
         wait_port(NET.client, INGRESS, LISTEN_PORT).with_context(|| format!("{} did not start; see {}", system.name(), log.display()))?;
     }
     Ok(pids)
+}
+
+/// The daemon's command line for `system` (one of the zone-ingress modes) in `phase`.
+fn zi_args(ctx: &Ctx, system: System, phase: Phase) -> Vec<String> {
+    let mode = if system == System::ZiKernel { "kernel" } else { "userspace" };
+    let dir = |f: &str| ctx.dir.join(f).display().to_string();
+    let mut args =
+        vec![ctx.daemon.display().to_string(), "run".into(), "--dataplane-file".into(), dir("zoneingress.yaml"), "--dataplanes".into(), dir("dataplanes.yaml")];
+    args.extend(["--splice", mode, "--plaintext-route"].map(String::from));
+    args.push(format!("{}{{mesh=default}}", phase.plaintext_service()));
+    // `--access-log off`: like the peers' configurations, which log nothing per connection.
+    args.extend(["--drain-time", "0s", "--max-connections-per-cluster", "100000", "--access-log", "off"].map(String::from));
+    args
+}
+
+/// The configurations of every system in the bulk phase, for the report.
+fn configurations(ctx: &Ctx, systems: &[System]) -> Vec<(&'static str, String)> {
+    let backend = format!("{DP}:{IPERF_PORT}");
+    systems
+        .iter()
+        .filter_map(|&s| match s {
+            System::Direct => None,
+            System::ZiKernel | System::ZiUserspace => Some((s.name(), zi_args(ctx, s, Phase::Iperf).join(" "))),
+            System::Haproxy | System::HaproxySplice => Some((s.name(), haproxy_config(s == System::HaproxySplice, &backend))),
+            System::Nginx => Some((s.name(), nginx_config(&ctx.dir, &backend))),
+        })
+        .collect()
 }
 
 /// The configuration a competent operator would write for an SNI router on 2 cores.
@@ -583,7 +589,15 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
         samples.entry((system, "idle_flows")).or_default().push(idle_flows(&mut guard, &ctx, system, &pids, flows)?);
         pids.iter().for_each(|p| stop(&mut guard, *p));
     }
-    let report = report(&systems, &samples, opts);
+    let mut report = report(&systems, &samples, opts);
+    let configs = configurations(&ctx, &systems);
+    report.0.push_str("\n## Configurations (bulk phase; the other phases change only the plaintext backend's port)\n");
+    for (name, text) in &configs {
+        let _ = write!(report.0, "\n{name}:\n\n```\n{}\n```\n", text.trim_end());
+    }
+    if let Value::Object(o) = &mut report.1 {
+        o.insert("configurations".into(), configs.iter().map(|(n, t)| ((*n).to_owned(), Value::String(t.clone()))).collect::<serde_json::Map<_, _>>().into());
+    }
     std::fs::write(dir.join("report.md"), &report.0)?;
     std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&report.1)?)?;
     std::fs::write(dir.join("chart.svg"), chart(&report.1))?;
@@ -645,7 +659,7 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
         if opts.quick { "quick (1 s per measurement)".to_owned() } else { format!("{} s per measurement", opts.seconds) }
     );
     let direct = |metric: &str, field: &str| stat(samples, System::Direct, metric, field).map(|m| m.0);
-    md.push_str("| system | 1 stream Gbit/s | 1 stream rev | 4 streams | 4 streams rev | Gbit/s per busy core | CPU s per GB | proxy process CPU s | kernel workers CPU s | relayed share | RTT p50 µs (added) | RTT p99 µs | new TLS conn/s | proxy CPU µs per conn | kernel workers µs per conn | handoff µs | RSS B/flow | Slab B/flow |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| system | 1 stream Gbit/s | 1 stream rev | 4 streams | 4 streams rev | Gbit/s per busy core | CPU s per GB | proxy process CPU s | kernel workers CPU s | relayed share | RTT p50 µs (added) | RTT p99 µs | new TLS conn/s | conn errors | proxy CPU µs per conn | kernel workers µs per conn | handoff µs | RSS B/flow | Slab B/flow |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for &s in systems {
         let cell = |metric: &str, field: &str, ratio_to_direct: bool| -> String {
             match stat(samples, s, metric, field) {
@@ -667,7 +681,7 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {added} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {added} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.name(),
             cell("bulk_1_fwd", "gbps", true),
             cell("bulk_1_rev", "gbps", true),
@@ -680,6 +694,7 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
             cell("bulk_1_fwd", "relayed_share", false),
             cell("latency", "rtt_p99_us", false),
             cell("conn_rate", "conn_per_s", true),
+            cell("conn_rate", "errors", false),
             cell("conn_rate", "proxy_cpu_us_per_conn", false),
             cell("conn_rate", "kworker_cpu_us_per_conn", false),
             cell("handoff", "handoff_mean_us", false),
@@ -704,7 +719,11 @@ fn chart(js: &Value) -> String {
     let med = |v: &Value, metric: &str, field: &str| -> f64 {
         median(v[metric].as_array().map(|a| a.iter().filter_map(|x| x[field].as_f64()).collect()).unwrap_or_default()).map_or(0.0, |m| m.0)
     };
-    let rows: Vec<(String, f64, f64)> = obj.iter().map(|(k, v)| (k.clone(), med(v, "bulk_1_fwd", "gbps"), med(v, "bulk_1_fwd", "cpu_s_per_gb"))).collect();
+    let rows: Vec<(String, f64, f64)> = obj
+        .iter()
+        .filter(|(_, v)| v.get("bulk_1_fwd").is_some())
+        .map(|(k, v)| (k.clone(), med(v, "bulk_1_fwd", "gbps"), med(v, "bulk_1_fwd", "cpu_s_per_gb")))
+        .collect();
     let max_g = rows.iter().map(|r| r.1).fold(0.1, f64::max);
     let max_c = rows.iter().map(|r| r.2).fold(0.01, f64::max);
     let (w, row_h) = (760.0, 28.0);

@@ -718,7 +718,9 @@ impl Shared {
     fn on_event(&self, state: &mut State, token: u64, side: usize, events: u32) {
         let Some(conn) = state.conns.get_mut(&token) else { return };
         let fd = conn.fds[side].as_fd();
-        let err = sys::take_error(fd).ok().flatten();
+        // A pending socket error (a reset) is always reported with EPOLLERR: a plain FIN needs
+        // no SO_ERROR read.
+        let err = if events & libc::EPOLLERR as u32 != 0 { sys::take_error(fd).ok().flatten() } else { None };
         let hup = events & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
         if err.is_some() || (hup && events & libc::EPOLLRDHUP as u32 == 0) {
             debug!(token, side, error = ?err, "reset on spliced socket");
