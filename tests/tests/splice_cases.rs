@@ -531,6 +531,48 @@ async fn bursty_recv(r: &mut tokio::net::tcp::OwnedReadHalf, n: u64) -> std::io:
     Ok(h.finalize().into())
 }
 
+/// Both sides send (`up` bytes client→backend, `down` back; in bursts of `pace.0` bytes with a
+/// `pace.1` pause after each, if given) to a reader that takes at most 100 MiB/s, then shut down
+/// and read to a clean EOF; SHA-256 checks both ways. Returns the client's address.
+fn lagging_readers(env: &Env, up: u64, down: u64, pace: Option<(u64, Duration)>) -> SocketAddr {
+    let long = Duration::from_secs(120);
+    async fn send(w: &mut tokio::net::tcp::OwnedWriteHalf, seed: u64, n: u64, pace: Option<(u64, Duration)>) -> std::io::Result<[u8; 32]> {
+        match pace {
+            Some((burst, pause)) => stream::send_stream_paced(w, seed, n, burst, pause).await,
+            None => stream::send_stream(w, seed, n).await,
+        }
+    }
+    env.rt.block_on(async {
+        let l = env.listen(SockOpts::nodelay());
+        let backend = async {
+            let b = env.backend(&l).await;
+            let (mut r, mut w) = b.into_split();
+            let (got, sent) =
+                tokio::join!(tokio::time::timeout(long, bursty_recv(&mut r, up)), tokio::time::timeout(long, send(&mut w, stream::DOWN_SEED, down, pace)),);
+            let got = got.expect("backend receive timed out").expect("backend receive");
+            sent.expect("backend send timed out").expect("backend send");
+            assert_eq!(raw::hex(&got), raw::hex(&stream::expected(stream::UP_SEED, up)), "client→backend SHA-256");
+            w.shutdown().await.expect("shutdown");
+            expect_clean_eof(&mut r.reunite(w).expect("reunite"), "backend").await;
+        };
+        let client = async {
+            let c = env.client(SockOpts::nodelay()).await;
+            let me = c.local_addr().expect("addr");
+            let (mut r, mut w) = c.into_split();
+            raw::write_all(&mut w, &env.hello, STEP).await.expect("hello");
+            let (got, sent) =
+                tokio::join!(tokio::time::timeout(long, bursty_recv(&mut r, down)), tokio::time::timeout(long, send(&mut w, stream::UP_SEED, up, pace)),);
+            let got = got.expect("client receive timed out").expect("client receive");
+            sent.expect("client send timed out").expect("client send");
+            assert_eq!(raw::hex(&got), raw::hex(&stream::expected(stream::DOWN_SEED, down)), "backend→client SHA-256");
+            w.shutdown().await.expect("shutdown");
+            expect_clean_eof(&mut r.reunite(w).expect("reunite"), "client").await;
+            me
+        };
+        tokio::join!(backend, client).1
+    })
+}
+
 /// Senders that go quiet between bursts, toward readers that lag: on the kernel path each burst
 /// is held and relayed, and each quiet gap sets the hold down, so the verdict redirects again
 /// from the next burst's first byte. The SHA-256 checks cover bytes on both sides of every switch.
@@ -540,40 +582,7 @@ fn bursts_with_gaps(mode: &'static str) {
     const PAUSE: Duration = Duration::from_millis(400);
     let n = BURST * BURSTS;
     let env = Env::section5(mode, &["--max-in-flight-bytes", "268435456"]);
-    let long = Duration::from_secs(120);
-    let client = env.rt.block_on(async {
-        let l = env.listen(SockOpts::nodelay());
-        let backend = async {
-            let b = env.backend(&l).await;
-            let (mut r, mut w) = b.into_split();
-            let (got, sent) = tokio::join!(
-                tokio::time::timeout(long, bursty_recv(&mut r, n)),
-                tokio::time::timeout(long, stream::send_stream_paced(&mut w, stream::DOWN_SEED, n, BURST, PAUSE)),
-            );
-            let got = got.expect("backend receive timed out").expect("backend receive");
-            sent.expect("backend send timed out").expect("backend send");
-            assert_eq!(raw::hex(&got), raw::hex(&stream::expected(stream::UP_SEED, n)), "client→backend SHA-256");
-            w.shutdown().await.expect("shutdown");
-            expect_clean_eof(&mut r.reunite(w).expect("reunite"), "backend").await;
-        };
-        let client = async {
-            let c = env.client(SockOpts::nodelay()).await;
-            let me = c.local_addr().expect("addr");
-            let (mut r, mut w) = c.into_split();
-            raw::write_all(&mut w, &env.hello, STEP).await.expect("hello");
-            let (got, sent) = tokio::join!(
-                tokio::time::timeout(long, bursty_recv(&mut r, n)),
-                tokio::time::timeout(long, stream::send_stream_paced(&mut w, stream::UP_SEED, n, BURST, PAUSE)),
-            );
-            let got = got.expect("client receive timed out").expect("client receive");
-            sent.expect("client send timed out").expect("client send");
-            assert_eq!(raw::hex(&got), raw::hex(&stream::expected(stream::DOWN_SEED, n)), "backend→client SHA-256");
-            w.shutdown().await.expect("shutdown");
-            expect_clean_eof(&mut r.reunite(w).expect("reunite"), "client").await;
-            me
-        };
-        tokio::join!(backend, client).1
-    });
+    let client = lagging_readers(&env, n, n, Some((BURST, PAUSE)));
     env.check_closed(client, Some(env.hello.len() + n as usize), Some(n as usize));
     let log = env.daemon.log_text();
     eprintln!("c04c {mode}: {}", flow_control_summary(&log));
@@ -590,46 +599,13 @@ fn bursty_reader(mode: &'static str) {
     const DOWN: u64 = 96 << 20;
     const UP: u64 = 32 << 20;
     let env = Env::section5(mode, &["--max-in-flight-bytes", "268435456"]);
-    let long = Duration::from_secs(120);
-    let client = env.rt.block_on(async {
-        let l = env.listen(SockOpts::nodelay());
-        let backend = async {
-            let b = env.backend(&l).await;
-            let (mut r, mut w) = b.into_split();
-            let (got, sent) = tokio::join!(
-                tokio::time::timeout(long, bursty_recv(&mut r, UP)),
-                tokio::time::timeout(long, stream::send_stream(&mut w, stream::DOWN_SEED, DOWN)),
-            );
-            let got = got.expect("backend receive timed out").expect("backend receive");
-            sent.expect("backend send timed out").expect("backend send");
-            assert_eq!(raw::hex(&got), raw::hex(&stream::expected(stream::UP_SEED, UP)), "client→backend SHA-256");
-            w.shutdown().await.expect("shutdown");
-            expect_clean_eof(&mut r.reunite(w).expect("reunite"), "backend").await;
-        };
-        let client = async {
-            let c = env.client(SockOpts::nodelay()).await;
-            let me = c.local_addr().expect("addr");
-            let (mut r, mut w) = c.into_split();
-            raw::write_all(&mut w, &env.hello, STEP).await.expect("hello");
-            let (got, sent) = tokio::join!(
-                tokio::time::timeout(long, bursty_recv(&mut r, DOWN)),
-                tokio::time::timeout(long, stream::send_stream(&mut w, stream::UP_SEED, UP)),
-            );
-            let got = got.expect("client receive timed out").expect("client receive");
-            sent.expect("client send timed out").expect("client send");
-            assert_eq!(raw::hex(&got), raw::hex(&stream::expected(stream::DOWN_SEED, DOWN)), "backend→client SHA-256");
-            w.shutdown().await.expect("shutdown");
-            expect_clean_eof(&mut r.reunite(w).expect("reunite"), "client").await;
-            me
-        };
-        tokio::join!(backend, client).1
-    });
+    let client = lagging_readers(&env, UP, DOWN, None);
     env.check_closed(client, Some(env.hello.len() + UP as usize), Some(DOWN as usize));
     let log = env.daemon.log_text();
     eprintln!("c04b {mode}: {}", flow_control_summary(&log));
     if mode == "kernel" {
-        // The readers take at most 100 MiB/s: the path must have switched to the hold and back,
-        // so the SHA-256 checks above covered bytes on both sides of those switches.
+        // The readers take at most 100 MiB/s: the path must have switched to the hold, so the
+        // SHA-256 checks above covered bytes on both sides of the switch.
         let [held, released, guard] = flow_control_counts(&log);
         assert!(held > 0 && released > 0, "no hold/release cycle with a lagging reader ({})", flow_control_summary(&log));
         assert_eq!(guard, 0, "the memory guard fired although the hold should bound the queue");

@@ -14,7 +14,8 @@
 //! Backpressure of a spliced direction (`splice::kernel`, the connection's monitor thread, one
 //! per CPU up to 4): backlog toward the peer above 2 MiB → `HOLD` (the verdict keeps skbs on the
 //! receiving socket, whose window closes) → peer's psock queue empty → the monitor relays the
-//! held bytes → the verdict redirects again.
+//! held bytes, keeping the hold while they keep coming → 5 ms without new bytes → the verdict
+//! redirects again.
 //!
 //! # Modules
 //! - [`cli`]: command line (kuma-dp flag names), `run` and `validate`.
@@ -25,7 +26,7 @@
 //! - [`client_hello`]: incremental ClientHello parser over peeked bytes.
 //! - [`server`]: listeners, the per-connection task (accept → … → handoff).
 //! - [`splice`]: the kernel splice and the userspace relay, with their close handling.
-//! - [`sys`]: socket options.
+//! - [`sys`]: socket options, and lock-free BPF map element access (`BpfMap`).
 //!
 //! # Operations
 //!
