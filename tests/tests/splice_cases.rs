@@ -190,6 +190,7 @@ both_modes! {
     c04_larger_than_socket_buffers => larger_than_buffers;
     c04b_bursty_reader_both_ways => bursty_reader;
     c04c_bursts_with_quiet_gaps_both_ways => bursts_with_gaps;
+    c04d_burst_then_interactive => burst_then_interactive;
     c05a_half_close_client_fin_on_last_data => half_close_client_fin_on_data;
     c05b_half_close_client_fin_alone => half_close_client_fin_alone;
     c05c_half_close_client_fin_while_backend_lags => half_close_client_while_backlogged;
@@ -592,6 +593,71 @@ fn bursts_with_gaps(mode: &'static str) {
         let [held, released, guard] = flow_control_counts(&log);
         assert!(held >= 6 && released >= 6, "too few hold/release cycles across quiet gaps ({})", flow_control_summary(&log));
         assert_eq!(guard, 0, "the memory guard fired although the hold should bound the queue");
+    }
+}
+
+/// A flow that bursts (16 MiB, read at full speed: the psock worker falls behind, so the kernel
+/// path holds the direction), then turns interactive: 64-byte ping-pongs back to back. Every
+/// echo must come back intact and in order across the hold and its release, and the hold must
+/// be set down while the pings run (200 more pings after it was seen). The latency of small
+/// messages while a hold is kept is measured in the rig (closing note), not asserted here.
+fn burst_then_interactive(mode: &'static str) {
+    const BURST: u64 = 16 << 20;
+    const PING: usize = 64;
+    /// Pings after the hold was seen set down (they take the redirect).
+    const AFTER: usize = 200;
+    let env = Env::section5(mode, &[]);
+    let long = Duration::from_secs(60);
+    let (client, pings, released_at) = env.rt.block_on(async {
+        let l = env.listen(SockOpts::nodelay());
+        let backend = async {
+            let b = env.backend(&l).await;
+            let (mut r, mut w) = b.into_split();
+            let got = tokio::time::timeout(long, stream::recv_stream(&mut r, BURST)).await.expect("burst timed out").expect("burst");
+            assert_eq!(raw::hex(&got), raw::hex(&stream::expected(stream::UP_SEED, BURST)), "client→backend burst SHA-256");
+            let mut buf = [0u8; PING];
+            loop {
+                match tokio::time::timeout(STEP, r.read_exact(&mut buf)).await.expect("ping timed out") {
+                    Ok(_) => w.write_all(&buf).await.expect("echo"),
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                    Err(e) => panic!("backend read: {e}"),
+                }
+            }
+            w.shutdown().await.expect("shutdown");
+        };
+        let client = async {
+            let c = env.client(SockOpts::nodelay()).await;
+            let me = c.local_addr().expect("addr");
+            let (mut r, mut w) = c.into_split();
+            raw::write_all(&mut w, &env.hello, STEP).await.expect("hello");
+            stream::send_stream(&mut w, stream::UP_SEED, BURST).await.expect("burst");
+            let deadline = Instant::now() + Duration::from_secs(3);
+            let (mut pings, mut released_at) = (0usize, None);
+            // Bounded: at most 3 s of pings, and AFTER more once the release was seen.
+            while Instant::now() < deadline && released_at.is_none_or(|at| pings < at + AFTER) {
+                let msg = [u8::try_from(pings % 251).expect("byte"); PING];
+                raw::write_all(&mut w, &msg, STEP).await.expect("ping");
+                let echo = raw::read_exact(&mut r, PING, STEP).await.expect("pong");
+                raw::assert_bytes("echo", &echo, &msg);
+                pings += 1;
+                if released_at.is_none() && (mode == "userspace" || (pings % 10 == 0 && env.daemon.log_text().contains("hold released"))) {
+                    released_at = Some(pings);
+                }
+            }
+            w.shutdown().await.expect("shutdown");
+            expect_clean_eof(&mut r.reunite(w).expect("reunite"), "client").await;
+            (me, pings, released_at)
+        };
+        tokio::join!(backend, client).1
+    });
+    env.check_closed(client, Some(env.hello.len() + BURST as usize + pings * PING), Some(pings * PING));
+    let log = env.daemon.log_text();
+    eprintln!("c04d {mode}: {pings} pings, release seen after {released_at:?}; {}", flow_control_summary(&log));
+    if mode == "kernel" {
+        let [held, _, guard] = flow_control_counts(&log);
+        assert!(held > 0, "a 16 MiB burst was not held ({})", flow_control_summary(&log));
+        assert!(released_at.is_some(), "the hold was not set down while the flow kept exchanging small messages ({pings} pings in 3 s)");
+        assert_eq!(guard, 0, "the memory guard fired");
     }
 }
 

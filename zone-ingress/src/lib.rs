@@ -14,8 +14,8 @@
 //! Backpressure of a spliced direction (`splice::kernel`, the connection's monitor thread, one
 //! per CPU up to 4): backlog toward the peer above 2 MiB → `HOLD` (the verdict keeps skbs on the
 //! receiving socket, whose window closes) → peer's psock queue empty → the monitor relays the
-//! held bytes, keeping the hold while they keep coming → 5 ms without new bytes → the verdict
-//! redirects again.
+//! held bytes, keeping the hold while they keep coming → 5 ms of light relay passes → the
+//! verdict redirects again.
 //!
 //! # Modules
 //! - [`cli`]: command line (kuma-dp flag names), `run` and `validate`.

@@ -12,10 +12,11 @@
 //!    forwards it; from here every byte goes through one path, in order;
 //! 5. check `peer_missing`; non-zero means the assumption broke: abort both with RST.
 //!
-//! After the handoff userspace never reads or writes either socket. A monitor thread watches
-//! them with its own epoll for `EPOLLRDHUP` only (asking for `EPOLLIN` would wake it after every
-//! batch the verdict moves) and, per direction X→Y, waits until every byte X received is in Y's
-//! TCP send queue before `shutdown(Y, SHUT_WR)` (§3's drain check).
+//! After the handoff userspace never reads or writes either socket, except to relay a held
+//! direction (below). A monitor thread watches them with its own epoll for `EPOLLRDHUP` (and
+//! `EPOLLIN` only while a held direction's relay is light; asking for it always would wake the
+//! monitor after every batch the verdict moves) and, per direction X→Y, waits until every
+//! byte X received is in Y's TCP send queue before `shutdown(Y, SHUT_WR)` (§3's drain check).
 //!
 //! Backpressure (§4): the redirect path has none, so a fast sender toward a slow reader (or
 //! toward a psock worker slower than the receive path) grows the peer's psock queue without
@@ -28,9 +29,12 @@
 //! direction), keeping the hold while bytes keep coming: a saturating flow is then carried by the
 //! relay alone instead of going back to the psock worker, which sends each skb from a kernel
 //! thread and falls behind the receive path within milliseconds (the direction was held again
-//! and again: 4 iperf3 streams for 3 s took about 290 holds, now 6). Once the source has been quiet for `RELAY_QUIET` the monitor sets
-//! the hold down (`Hold::relayed` published, then after every chunk); the verdict keeps holding
-//! until an skb finds every held byte relayed, and redirects from that skb on. Order is kept
+//! and again: 4 iperf3 streams for 3 s took about 290 holds, now 6). While the relay's passes
+//! stay light (each drains the source and moves under `LIGHT_PASS` bytes, i.e. the flow has
+//! turned interactive) the source is also watched for `EPOLLIN`, so a held message is relayed
+//! at once; after `RELAY_QUIET` of light passes the monitor sets the hold down (`Hold::relayed`
+//! published, then after every chunk); the verdict keeps holding until an skb finds every held
+//! byte relayed, and redirects from that skb on. Order is kept
 //! because the relay writes only after the queued redirects reached the peer, and the verdict
 //! redirects again only after the relay wrote every held byte. The memory guard
 //! (`--max-in-flight-bytes`) remains as the last resort: a backlog above it aborts the
@@ -252,6 +256,16 @@ fn epoll_add(epoll: std::os::fd::BorrowedFd<'_>, fd: i32, events: u32, token: u6
     Ok(())
 }
 
+/// Changes the events of `fd`, registered in `epoll` with `token`.
+fn epoll_mod(epoll: std::os::fd::BorrowedFd<'_>, fd: i32, events: u32, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: modifying the registration of a live fd the caller keeps open.
+    if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, &raw mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Default number of monitor threads: one per CPU, at most 4.
 pub fn default_monitor_threads() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get).min(4)
@@ -274,9 +288,12 @@ pub const HOLD_AT: u64 = 2 << 20;
 const RELAY_BUFFER: usize = 256 << 10;
 /// How long a relay must stay caught up before it ends (see `relay_side`).
 const RELAY_SETTLE: Duration = Duration::from_millis(2);
-/// How long a held direction's source must stay without new bytes before the hold is set down
-/// and the verdict redirects again (see `relay_side`).
+/// How long a held direction's relay must find only light passes (the source drained, under
+/// `LIGHT_PASS` bytes moved) before the hold is set down and the verdict redirects again (see
+/// `relay_side`). A saturating flow moves more per pass and stays on the relay.
 const RELAY_QUIET: Duration = Duration::from_millis(5);
+/// At most this many bytes moved in a pass that drained the source make it a light pass.
+const LIGHT_PASS: u64 = 64 << 10;
 /// Bytes one held direction may relay per monitor pass (keeps one pass short).
 const RELAY_BUDGET: u64 = 4 << 20;
 
@@ -307,11 +324,14 @@ struct Relay {
     /// holds bytes that must be relayed.
     want: bool,
     /// Released from waiting but still requested: while bytes keep coming, the verdict holds
-    /// every skb and the relay is the only writer to the peer; set down once the source is quiet
-    /// (`RELAY_QUIET`).
+    /// every skb and the relay is the only writer to the peer; set down after `RELAY_QUIET` of
+    /// light passes.
     keep: bool,
-    /// Since when the relay's passes have found nothing to move (with `keep`).
+    /// Since when the relay's passes have all been light (with `keep`).
     quiet_since: Option<Instant>,
+    /// The source is registered for `EPOLLIN` (while light with `keep`), so a message that the
+    /// verdict holds meanwhile is relayed at once rather than at the next 200 µs pass.
+    armed: bool,
     /// The source reached EOF: nothing more to read.
     eof: bool,
     /// Since when every held byte has been relayed (see `relay_side`).
@@ -328,7 +348,7 @@ impl Spliced {
 
 impl Relay {
     fn new() -> Self {
-        Self { buf: Vec::new(), start: 0, end: 0, want: true, keep: false, quiet_since: None, eof: false, settled_since: None }
+        Self { buf: Vec::new(), start: 0, end: 0, want: true, keep: false, quiet_since: None, armed: false, eof: false, settled_since: None }
     }
 }
 
@@ -702,7 +722,7 @@ impl Shared {
             }
             let tokens: Vec<u64> = conns.held.iter().copied().collect();
             for t in tokens {
-                self.relay(&mut conns, t);
+                self.relay(me, &mut conns, t);
             }
             let tokens: Vec<u64> = conns.draining.iter().copied().collect();
             for t in tokens {
@@ -887,7 +907,7 @@ impl Shared {
 
     /// One pass over the held directions of `token`: once the peer's psock queue is empty,
     /// release the hold and relay what the verdict kept; end when every held byte is relayed.
-    fn relay(&self, state: &mut State, token: u64) {
+    fn relay(&self, me: &Monitor, state: &mut State, token: u64) {
         let Some(conn) = state.conns.get_mut(&token) else {
             state.held.remove(&token);
             return;
@@ -896,7 +916,20 @@ impl Shared {
             if conn.relay[side].is_none() {
                 continue;
             }
-            match self.relay_side(conn, side) {
+            let result = self.relay_side(conn, side);
+            if let (Ok(done), Some(relay)) = (&result, conn.relay[side].as_mut()) {
+                // EPOLLIN only while a kept relay's passes are light: a saturating flow is served
+                // by the passes, without a wake-up per arriving batch.
+                let want = !done && relay.keep && relay.quiet_since.is_some();
+                if want != relay.armed {
+                    let events = if want { libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET } else { libc::EPOLLRDHUP | libc::EPOLLET };
+                    match epoll_mod(me.epoll.as_fd(), conn.fds[side].as_raw_fd(), events as u32, token << 1 | side as u64) {
+                        Ok(()) => relay.armed = want,
+                        Err(e) => debug!(token, side, error = %e, "epoll_ctl(MOD) of a relayed socket failed; the 200 µs passes still run"),
+                    }
+                }
+            }
+            match result {
                 Ok(true) => {
                     conn.relay[side] = None;
                     debug!(token, side, relayed = conn.relayed[side], "hold released: the verdict redirects again");
@@ -952,7 +985,7 @@ impl Shared {
             // requested while bytes keep coming, so a saturating flow is carried by the relay alone
             // instead of returning to the psock worker, which sends slower than the receive path
             // fills its queue (each return cost another hold cycle); it is set down once the
-            // source is quiet (below).
+            // passes have been light for a while (below).
             relay.want = false;
             relay.keep = true;
             relay.quiet_since = None;
@@ -996,7 +1029,10 @@ impl Shared {
         }
         self.stats.relayed_bytes.fetch_add(moved, Ordering::Relaxed);
         if relay.keep {
-            if !relay.eof && (!caught_up || moved != 0) {
+            // A light pass drained the source and moved little: interactive traffic, which the
+            // verdict's redirect serves faster than the relay's passes.
+            let light = caught_up && moved < LIGHT_PASS;
+            if !relay.eof && !light {
                 relay.quiet_since = None;
                 return Ok(false);
             }
@@ -1004,8 +1040,9 @@ impl Shared {
             if !relay.eof && quiet_since.elapsed() < RELAY_QUIET {
                 return Ok(false);
             }
-            // Quiet (or at EOF): release. The verdict holds on until an skb finds every held byte
-            // relayed, so it resumes redirecting at the first skb after the relay has caught up.
+            // Light for `RELAY_QUIET` (or at EOF): release. The verdict holds on until an skb finds
+            // every held byte relayed, so it resumes redirecting at the first skb after the relay
+            // has caught up.
             relay.keep = false;
             publish(*relayed)?;
         }
