@@ -256,6 +256,14 @@ fn target(system: System, port: u16) -> (String, u16) {
     if system == System::Direct { (DP.to_owned(), port) } else { (INGRESS.to_owned(), LISTEN_PORT) }
 }
 
+/// utime + stime of `pid` in clock ticks (fields 14 and 15 of `/proc/PID/stat`), 0 if gone.
+fn stat_cpu_ticks(pid: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
+    // Counted from after the command name, which may contain spaces.
+    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
 /// CPU seconds (user + system) used so far by `pid` and its descendants.
 fn tree_cpu_s(pid: u32) -> f64 {
     let mut total = 0u64;
@@ -264,11 +272,7 @@ fn tree_cpu_s(pid: u32) -> f64 {
         std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default().split_whitespace().filter_map(|c| c.parse().ok()).collect()
     };
     while let Some(p) = stack.pop() {
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
-            let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-            // Fields 14 and 15 (utime, stime), counted from after the command name.
-            total += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        }
+        total += stat_cpu_ticks(&p.to_string());
         stack.extend(children(p));
     }
     total as f64 / user_hz()
@@ -286,10 +290,7 @@ fn kernel_workers_cpu_s() -> f64 {
         if !(comm.starts_with("kworker") || comm.starts_with("ksoftirqd")) {
             continue;
         }
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-            total += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        }
+        total += stat_cpu_ticks(pid);
     }
     total as f64 / user_hz()
 }

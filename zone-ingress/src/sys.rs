@@ -207,9 +207,10 @@ impl<K: Copy, V: Copy> BpfMap<K, V> {
         Self { fd, _types: std::marker::PhantomData }
     }
 
-    fn call(&self, cmd: libc::c_long, key: &K, value: u64, flags: u64) -> io::Result<()> {
+    /// One element command; `flags` 0 (`BPF_ANY` for updates).
+    fn call(&self, cmd: libc::c_long, key: &K, value: u64) -> io::Result<()> {
         let fd = u32::try_from(self.fd.as_raw_fd()).map_err(io::Error::other)?;
-        let attr = MapElemAttr { map_fd: fd, _pad: 0, key: std::ptr::from_ref(key) as u64, value, flags };
+        let attr = MapElemAttr { map_fd: fd, _pad: 0, key: std::ptr::from_ref(key) as u64, value, flags: 0 };
         // SAFETY: `attr` is a valid element-command attribute of its size; `key` points to a live
         // `K` and `value` (if non-zero) to a live `V` the kernel reads or writes in full, which
         // are the map's key and value sizes (the type's contract).
@@ -220,19 +221,19 @@ impl<K: Copy, V: Copy> BpfMap<K, V> {
     /// The value at `key` (`ENOENT` if there is none).
     pub fn get(&self, key: &K) -> io::Result<V> {
         let mut out = std::mem::MaybeUninit::<V>::uninit();
-        self.call(BPF_MAP_LOOKUP_ELEM, key, out.as_mut_ptr() as u64, 0)?;
+        self.call(BPF_MAP_LOOKUP_ELEM, key, out.as_mut_ptr() as u64)?;
         // SAFETY: the lookup succeeded, so the kernel wrote a whole value of `V`'s size.
         Ok(unsafe { out.assume_init() })
     }
 
     /// Inserts or replaces the value at `key` (`BPF_ANY`).
     pub fn insert(&self, key: &K, value: &V) -> io::Result<()> {
-        self.call(BPF_MAP_UPDATE_ELEM, key, std::ptr::from_ref(value) as u64, 0)
+        self.call(BPF_MAP_UPDATE_ELEM, key, std::ptr::from_ref(value) as u64)
     }
 
     /// Removes `key` (`ENOENT` if absent).
     pub fn remove(&self, key: &K) -> io::Result<()> {
-        self.call(BPF_MAP_DELETE_ELEM, key, 0, 0)
+        self.call(BPF_MAP_DELETE_ELEM, key, 0)
     }
 
     /// The map's fd.

@@ -135,8 +135,8 @@ pub struct Rejected {
     pub error: HandoffError,
 }
 
-/// The maps userspace writes, used without a lock (`sys::BpfMap`): handoffs on the accept
-/// threads and the monitors' drain checks, holds and closes run in parallel.
+/// The maps userspace writes, used without a lock (`sys::BpfMap`): handoffs on the runtime's
+/// workers and the monitors' drain checks, holds and closes run in parallel.
 struct Maps {
     socks: BpfMap<u64, i32>,
     verdict: BpfMap<u64, i32>,
@@ -864,7 +864,7 @@ impl Shared {
     /// Bytes the verdict redirected from `side` that are not yet in the peer's TCP send queue,
     /// i.e. what waits in the peer's psock queue; with `side`'s `PAIRS` entry.
     fn backlog(&self, conn: &Spliced, side: usize) -> io::Result<(u64, Pair)> {
-        let pair = self.maps.pairs.get(&conn.cookies[side]).map_err(io::Error::other)?;
+        let pair = self.maps.pairs.get(&conn.cookies[side])?;
         let peer = conn.fds[1 - side].as_fd();
         let y = sys::tcp_info(peer)?;
         // The peer's TCP holds what was redirected and what the monitor relayed.
