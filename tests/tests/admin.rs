@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, time::Duration};
 
 use zone_ingress_tests::{
     daemon::{Daemon, zone_ingress_yaml},
-    netns::{Netns, Topology},
+    netns::Topology,
     ops::{self, Scrape, admin_addr, get, ingress_addr, paced_client, plain_dataplanes, plain_flow, raw_request, request, wait_exit, wait_until},
     runtime, section5_inventory,
 };
@@ -163,7 +163,7 @@ fn every_endpoint_over_http() {
     let page = get(ns, admin, "/connections").json();
     assert!(ok, "three open flows with live kernel byte counts expected: {page:#}");
     // The daemon never reads a spliced socket, so only the kernel can notice a vanished peer.
-    assert_keepalive_on_every_socket(ns, 3);
+    assert_keepalive_on_every_socket(daemon.pid(), 3);
     for f in page["connections"].as_array().expect("connections") {
         assert!(f["client"].as_str().expect("client").starts_with("198.18.0.1:"), "{f}");
         assert_eq!(f["sni"], PLAIN_ROUTE);
@@ -396,31 +396,57 @@ fn exact_counters(splice: &str, access_log: bool) {
     assert!(log.contains("service=\"backend\"") || log.contains("service=backend"), "{log}");
 }
 
-/// Every socket of the `flows` open flows in `ns` (client side on :10001, backend side to :8080)
-/// runs the keepalive timer. `ss -o` shows one timer per socket: while a segment is
-/// unacknowledged it shows the retransmit timer instead, so look a few times and require
-/// keepalive once per socket.
-fn assert_keepalive_on_every_socket(ns: &Netns, flows: usize) {
-    let mut sockets = BTreeSet::new();
-    let mut with_keepalive = BTreeSet::new();
-    let mut last = String::new();
-    for _ in 0..100 {
-        let ss = ns.command("ss").args(["-tnoH", "state", "established"]).output().expect("ss");
-        last = String::from_utf8_lossy(&ss.stdout).into_owned();
-        for l in last.lines().filter(|l| l.contains("198.18.0.2:10001") || l.contains(":8080 ")) {
-            let tuple: String = l.split_whitespace().skip(2).take(2).collect::<Vec<_>>().join(" ");
-            if l.contains("timer:(keepalive") {
-                with_keepalive.insert(tuple.clone());
-            }
-            sockets.insert(tuple);
-        }
-        if sockets.len() == 2 * flows && with_keepalive.len() == 2 * flows {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+/// Every socket of the `flows` open flows held by the daemon `pid` (client side: peer
+/// 198.18.0.1, backend side: peer port 8080) has keepalive on with the daemon's settings (60 s
+/// idle, 10 s interval, 6 probes). Read from the sockets themselves (`pidfd_getfd`, then
+/// `getsockopt`): `ss -o` shows one timer per socket, and a segment in flight hides keepalive.
+fn assert_keepalive_on_every_socket(pid: u32, flows: usize) {
+    fn opt(fd: i32, level: i32, name: i32) -> i32 {
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `v` and `len` are valid for writes of their sizes.
+        let rc = unsafe { libc::getsockopt(fd, level, name, (&raw mut v).cast(), &raw mut len) };
+        assert_eq!(rc, 0, "getsockopt({level}, {name}): {}", std::io::Error::last_os_error());
+        v
     }
-    assert_eq!(sockets.len(), 2 * flows, "{flows} flows, two sockets each:\n{last}");
-    assert_eq!(with_keepalive, sockets, "keepalive on every socket:\n{last}");
+    // SAFETY: plain system calls; every fd they return is closed below.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    assert!(pidfd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fd dir").flatten() {
+        let link = std::fs::read_link(entry.path()).unwrap_or_default();
+        if !link.to_string_lossy().starts_with("socket:") {
+            continue;
+        }
+        let Some(target) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        // SAFETY: as above.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, target, 0) } as i32;
+        if fd < 0 {
+            continue;
+        }
+        // SAFETY: `peer` and `len` are valid for writes of their sizes.
+        let mut peer: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let connected = unsafe { libc::getpeername(fd, (&raw mut peer).cast(), &raw mut len) } == 0 && i32::from(peer.sin_family) == libc::AF_INET;
+        let addr = std::net::Ipv4Addr::from(u32::from_be(peer.sin_addr.s_addr));
+        if connected && (addr == std::net::Ipv4Addr::new(198, 18, 0, 1) || u16::from_be(peer.sin_port) == 8080) {
+            let got = [
+                opt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+                opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+                opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+                opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+            ];
+            found.push((format!("{addr}:{}", u16::from_be(peer.sin_port)), got));
+        }
+        // SAFETY: `fd` is our duplicate.
+        unsafe { libc::close(fd) };
+    }
+    // SAFETY: `pidfd` is ours.
+    unsafe { libc::close(pidfd) };
+    assert_eq!(found.len(), 2 * flows, "{flows} flows, two sockets each: {found:?}");
+    for (peer, got) in &found {
+        assert_eq!(got, &[1, 60, 10, 6], "socket to {peer}: SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT");
+    }
 }
 
 /// The userspace path runs keepalive on both sockets too: the client socket inherits it from
@@ -429,7 +455,7 @@ fn assert_keepalive_on_every_socket(ns: &Netns, flows: usize) {
 fn userspace_sockets_run_keepalive() {
     let topo = Topology::new(1);
     let rt = runtime();
-    let _daemon = start(&topo, "userspace", &[]);
+    let daemon = start(&topo, "userspace", &[]);
     let admin = admin_addr(ADMIN_PORT);
     let ns = &topo.ingress;
     let _dps = rt.block_on(async { plain_dataplanes(&topo, &[(1, 8080, "backend-1")]) });
@@ -443,7 +469,7 @@ fn userspace_sockets_run_keepalive() {
             .collect::<Vec<_>>()
     });
     assert!(wait_until(Duration::from_secs(10), || get(ns, admin, "/connections").json()["total"] == 2));
-    assert_keepalive_on_every_socket(ns, 2);
+    assert_keepalive_on_every_socket(daemon.pid(), 2);
     rt.block_on(async {
         for f in flows {
             let out = f.await.expect("join").expect("flow");
