@@ -23,7 +23,6 @@ use std::{
     convert::Infallible,
     io,
     net::{IpAddr, SocketAddr},
-    os::fd::AsFd as _,
     path::PathBuf,
     sync::{Arc, PoisonError},
     time::Duration,
@@ -46,13 +45,11 @@ use tokio::{
     task::JoinHandle,
 };
 use tracing::{debug, info, warn};
-use zone_ingress_ebpf::splice as abi;
 
 use crate::{
-    flows, mapstat,
-    metrics::{self, ClusterSample, KernelSample, MapSample, Memory, Scrape, XdpSample},
+    flows,
+    metrics::{self, XdpSample},
     server::{Ingress, Readiness},
-    splice::Path,
 };
 
 /// Default admin bind address: loopback only.
@@ -346,7 +343,7 @@ async fn stats(ctx: &Arc<Ctx>, format: &str, filter: Option<String>) -> Response
     let ingress = Arc::clone(&ctx.ingress);
     let xdp = ctx.info.xdp.clone();
     let Ok(families) = tokio::task::spawn_blocking(move || {
-        let mut s = scrape(&ingress);
+        let mut s = ingress.scrape();
         s.xdp = xdp.as_deref().map(xdp_sample);
         ingress.metrics.gather(&s)
     })
@@ -361,83 +358,6 @@ async fn stats(ctx: &Arc<Ctx>, format: &str, filter: Option<String>) -> Response
         },
         "json" => json_response(&metrics::render_envoy_stats_json(&families, filter.as_deref())),
         _ => text(StatusCode::OK, metrics::render_envoy_stats(&families, filter.as_deref())),
-    }
-}
-
-/// Everything a scrape needs from outside the metrics module.
-#[must_use]
-pub fn scrape(ingress: &Ingress) -> Scrape {
-    let snap = ingress.snapshot();
-    let m = &ingress.metrics;
-    let all = m.all_clusters();
-    let (clusters, flows_by_mode, bytes_by_mode) = ingress.flows.live_totals(&|c| ingress.kernel_counters(c), |t| {
-        let clusters: Vec<ClusterSample> = all
-            .iter()
-            .map(|st| {
-                let (c2b, b2c) = t.by_cluster.get(&st.name).copied().unwrap_or_default();
-                ClusterSample {
-                    stats: Arc::clone(st),
-                    client_to_backend: st.closed_client_to_backend.load(std::sync::atomic::Ordering::Relaxed) + c2b,
-                    backend_to_client: st.closed_backend_to_client.load(std::sync::atomic::Ordering::Relaxed) + b2c,
-                }
-            })
-            .collect();
-        let (k, u) = (m.closed_bytes(Path::Kernel), m.closed_bytes(Path::Userspace));
-        let bytes = [(k.0 + t.by_mode[0].0, k.1 + t.by_mode[0].1), (u.0 + t.by_mode[1].0, u.1 + t.by_mode[1].1)];
-        (clusters, t.flows_by_mode, bytes)
-    });
-    let status = ingress.config_status.lock().unwrap_or_else(PoisonError::into_inner).clone();
-    let kernel = ingress.kernel.as_ref().map(|k| {
-        let st = k.stats();
-        let v = k.verdict_counters();
-        let at = |slot: u32| v.get(slot as usize).copied().unwrap_or(0);
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        KernelSample {
-            active: k.active(),
-            in_flight_bytes: load(&st.in_flight_bytes),
-            memory_guard_aborts: load(&st.memory_guard_aborts),
-            peer_missing_aborts: load(&st.peer_missing_aborts),
-            drain_stalls: load(&st.drain_stalls),
-            holds: load(&st.holds),
-            relayed_bytes: load(&st.relayed_bytes),
-            verdicts: vec![
-                ("held", at(abi::STAT_HELD)),
-                ("redirected", at(abi::STAT_REDIRECTED)),
-                ("peer_missing", at(abi::STAT_PEER_MISSING)),
-                ("no_pair", at(abi::STAT_NO_PAIR)),
-                ("empty", at(abi::STAT_EMPTY)),
-            ],
-            maps: k
-                .map_fds()
-                .into_iter()
-                .map(|(name, fd)| {
-                    let max_entries = mapstat::max_entries(fd.as_fd()).unwrap_or(abi::MAX_SOCKETS);
-                    let entries = mapstat::count_u64_keys(fd.as_fd(), u64::from(max_entries)).unwrap_or(0);
-                    MapSample { name, entries, max_entries }
-                })
-                .collect(),
-        }
-    });
-    Scrape {
-        listener_address: ingress.listener_addr().map(metrics::listener_label).unwrap_or_default(),
-        listener_bound: ingress.listener_bound(),
-        open_connections: ingress.open_connections(),
-        clusters,
-        flows_by_mode,
-        bytes_by_mode,
-        max_cluster_connections: ingress.options.max_cluster_connections,
-        uptime: ingress.uptime(),
-        memory: Memory::read(),
-        concurrency: std::thread::available_parallelism().map_or(1, usize::from),
-        draining: ingress.terminating(),
-        ready: ingress.readiness() == Readiness::Ready,
-        config_ok: status.ok,
-        last_reload_unix: status.last_attempt_unix,
-        routes: snap.table.len(),
-        subset_routes: snap.table.cached_subsets(),
-        kernel,
-        // Filled by `stats`, which holds the guard.
-        xdp: None,
     }
 }
 
@@ -546,7 +466,7 @@ fn config_dump(ctx: &Ctx) -> serde_json::Value {
                 "drainStall": duration(l.drain_stall),
                 "keepalive": duration(l.keepalive),
                 "userspaceBufferBytes": l.userspace_buffer,
-                "holdAtBytes": crate::splice::kernel::HOLD_AT,
+                "holdAtBytes": crate::splice::sockmap::HOLD_AT,
                 "monitorThreads": l.monitor_threads,
             },
         },

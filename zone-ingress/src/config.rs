@@ -1643,6 +1643,70 @@ fn substitute(file: &Path, text: &str, vars: &BTreeMap<String, String>, diags: &
     Some((output, posmap))
 }
 
+// ---------------------------------------------------------------------------------------------
+// Sources: what to load
+// ---------------------------------------------------------------------------------------------
+
+/// Where the inputs come from (plain data; the command line fills it).
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// The ZoneIngress resource (YAML).
+    pub dataplane_file: PathBuf,
+    /// The inventory: a file or a directory of Kuma Dataplane resources.
+    pub dataplanes: PathBuf,
+    /// `{{ key }}` substitutions in the dataplane file.
+    pub dataplane_vars: Vec<(String, String)>,
+    /// The zone this ingress serves.
+    pub zone: String,
+    /// Must be `ingress` (kuma-dp's `--proxy-type`).
+    pub proxy_type: String,
+}
+
+/// Both inputs, checked.
+#[derive(Debug)]
+pub struct Inputs {
+    pub zone_ingress: ZoneIngress,
+    pub inventory: Inventory,
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// Loads and validates both inputs, reporting every problem of both at once.
+///
+/// # Errors
+/// Every error (and warning) of both inputs when one of them has an error.
+pub fn load_inputs(sources: &Sources) -> Result<Inputs, Vec<Diagnostic>> {
+    let mut problems = Vec::new();
+    if sources.proxy_type != "ingress" {
+        problems.push(Diagnostic::error(
+            PathBuf::from("--proxy-type"),
+            "proxy-type",
+            format!("zone-ingress only serves --proxy-type=ingress, got {:?}", sources.proxy_type),
+        ));
+    }
+    let vars: BTreeMap<String, String> = sources.dataplane_vars.iter().cloned().collect();
+    let zi = load_zone_ingress(&sources.dataplane_file, &vars);
+    let inv = load_inventory(&sources.dataplanes);
+    let mut warnings = Vec::new();
+    fn take<T>(loaded: Result<Loaded<T>, ConfigError>, warnings: &mut Vec<Diagnostic>, problems: &mut Vec<Diagnostic>) -> Option<T> {
+        match loaded {
+            Ok(l) => {
+                warnings.extend(l.warnings);
+                Some(l.value)
+            }
+            Err(e) => {
+                problems.extend(e.diagnostics);
+                None
+            }
+        }
+    }
+    let zi = take(zi, &mut warnings, &mut problems);
+    let inv = take(inv, &mut warnings, &mut problems);
+    match (zi, inv) {
+        (Some(zone_ingress), Some(inventory)) if problems.is_empty() => Ok(Inputs { zone_ingress, inventory, warnings }),
+        _ => Err(problems),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};

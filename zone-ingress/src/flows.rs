@@ -1,7 +1,9 @@
-//! The open flows: what `/connections` lists and where the live byte counters come from.
+//! The open flows: the owner of every routed connection until its close is logged, what
+//! `/connections` lists, and where the live byte counters come from.
 //!
 //! A flow is registered once its backend is connected (just before the handoff) and removed
-//! when it closes, so the registry never holds more entries than there are open connections.
+//! when it closes (its close report, or its relay's end), so the registry never holds more
+//! entries than there are open connections; removing it releases its cluster slot.
 //! Byte counters: the userspace relay's shared [`Progress`], and for kernel-spliced flows the
 //! BPF map's per-socket counters, read on demand (a page of `/connections`, a scrape), never
 //! polled.
@@ -21,7 +23,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    metrics::{ClusterStats, Metrics},
+    metrics::{ClusterStats, Metrics, UpstreamPermit},
     routing::Route,
     splice::{CloseReason, Closed, Path, userspace::Progress},
     sys,
@@ -47,6 +49,8 @@ pub struct Flow {
     /// Kernel flows: the sockets' cookies (client, backend), the keys of their BPF counters.
     pub cookies: Option<[u64; 2]>,
     pub cluster: Arc<ClusterStats>,
+    /// The flow's slot under its cluster's cap, released when the flow leaves the registry.
+    pub permit: UpstreamPermit,
 }
 
 /// Reads a kernel flow's counters by its cookies: (client → backend, backend → client, last
@@ -289,6 +293,7 @@ mod tests {
             sni: route.sni.clone(),
             endpoint: route.endpoints[0],
             cluster: Arc::clone(&clusters[&route.cluster.name]),
+            permit: clusters[&route.cluster.name].try_acquire(usize::MAX).expect("no cap"),
             route,
             mode: Path::Kernel,
             started: SystemTime::now(),

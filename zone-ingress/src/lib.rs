@@ -45,12 +45,14 @@
 //! - [`signal`]: SIGTERM/SIGINT, SIGHUP, SIGUSR2.
 //! - [`xdp`]: the XDP guard in front of the listener (CIDR lists, SYN limit, early drops).
 pub mod admin;
+pub mod app;
 pub mod cli;
 pub mod client_hello;
 pub mod config;
+pub mod ebpf;
 pub mod flows;
-pub mod mapstat;
 pub mod metrics;
+pub mod reject;
 pub mod reload;
 pub mod routing;
 pub mod server;

@@ -9,8 +9,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     zone_ingress::cli::init_tracing(&cli);
     let result = match cli.command {
-        Command::Run(args) => zone_ingress::cli::run(args),
-        Command::Validate(args) => zone_ingress::cli::validate(&args),
+        Command::Run(args) => zone_ingress::app::run(args),
+        Command::Validate(args) => zone_ingress::app::validate(&args),
     };
     match result {
         Ok(code) => code,

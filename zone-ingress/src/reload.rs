@@ -27,46 +27,13 @@ use notify::{
     EventKind, RecursiveMode, Watcher as _,
     event::{AccessKind, AccessMode},
 };
-use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::{
-    cli::{InputArgs, load_inputs},
-    config::Diagnostic,
-    routing::RouteTable,
-    server::{self, Ingress, Snapshot},
+    config::{Diagnostic, Sources, load_inputs},
+    server::{self, ConfigStatus, Ingress, Snapshot, unix},
 };
-
-/// Outcome of the last configuration load, for `/config_dump` and the metrics.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ConfigStatus {
-    /// The last load was applied (or found nothing to change).
-    pub ok: bool,
-    /// Unix time of the last load attempt and of the last applied one, seconds.
-    pub last_attempt_unix: f64,
-    pub last_success_unix: f64,
-    /// What triggered the last attempt (`startup`, `file change`, `SIGHUP`).
-    pub trigger: String,
-    /// Problems of the last failed attempt, as logged (empty after a success).
-    pub errors: Vec<String>,
-    /// Warnings of the last attempt.
-    pub warnings: Vec<String>,
-}
-
-fn unix(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
-}
-
-impl ConfigStatus {
-    /// The status right after the startup load.
-    #[must_use]
-    pub fn loaded() -> Self {
-        let now = unix(SystemTime::now());
-        Self { ok: true, last_attempt_unix: now, last_success_unix: now, trigger: "startup".into(), errors: Vec::new(), warnings: Vec::new() }
-    }
-}
 
 /// Why a reload was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -95,8 +62,8 @@ pub struct Applied {
 /// Loads the inputs again and applies them to a running ingress.
 #[derive(Debug, Clone)]
 pub struct Reloader {
-    /// The inputs, as given on the command line.
-    pub args: InputArgs,
+    /// Where the inputs come from.
+    pub sources: Sources,
     /// Listener sockets per bind (`--listeners`).
     pub listeners: usize,
 }
@@ -139,7 +106,7 @@ impl Reloader {
     }
 
     fn try_reload(&self, ingress: &Arc<Ingress>, trigger: &str) -> Result<Applied, ReloadError> {
-        let inputs = load_inputs(&self.args).map_err(ReloadError::Invalid)?;
+        let inputs = load_inputs(&self.sources).map_err(ReloadError::Invalid)?;
         for w in &inputs.warnings {
             warn!("{w}");
         }
@@ -159,22 +126,12 @@ impl Reloader {
             info!(trigger, version = current.version, "configuration unchanged");
             None
         } else {
-            let table = RouteTable::build(&inputs.inventory, &self.args.zone);
+            let snapshot = Snapshot::build(&ingress.metrics, Some(zi), inputs.inventory, &self.sources.zone);
             if let Some(sni) = &ingress.options.plaintext_route
-                && table.lookup(sni).is_err()
+                && snapshot.table.lookup(sni).is_err()
             {
                 warn!(sni, "--plaintext-route no longer matches any route: plaintext connections will be rejected");
             }
-            let snapshot = Snapshot {
-                version: 0,
-                clusters: ingress.metrics.clusters_for(&table),
-                available_services: table.available_services(&inputs.inventory),
-                dataplanes: inputs.inventory.dataplanes.len(),
-                inventory: Arc::new(inputs.inventory),
-                zone_ingress: Some(zi),
-                loaded_at: SystemTime::now(),
-                table: Arc::new(table),
-            };
             let routes = snapshot.table.len();
             let dataplanes = snapshot.dataplanes;
             let version = ingress.install(snapshot);
@@ -211,7 +168,7 @@ impl Reloader {
 ///
 /// # Errors
 /// The watch could not be set up (inotify limits, a vanished directory).
-pub fn watch(args: &InputArgs, tx: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
+pub fn watch(sources: &Sources, tx: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
     // Directory → file names of interest in it (`None`: every YAML file, for an inventory dir).
     let mut dirs: BTreeMap<PathBuf, Option<Vec<OsString>>> = BTreeMap::new();
     let mut add_file = |path: &Path| {
@@ -223,12 +180,12 @@ pub fn watch(args: &InputArgs, tx: mpsc::Sender<()>) -> notify::Result<notify::R
             }
         }
     };
-    add_file(&args.dataplane_file);
-    if args.dataplanes.is_dir() {
-        let abs = std::path::absolute(&args.dataplanes).unwrap_or_else(|_| args.dataplanes.clone());
+    add_file(&sources.dataplane_file);
+    if sources.dataplanes.is_dir() {
+        let abs = std::path::absolute(&sources.dataplanes).unwrap_or_else(|_| sources.dataplanes.clone());
         dirs.insert(abs, None);
     } else {
-        add_file(&args.dataplanes);
+        add_file(&sources.dataplanes);
     }
     let filter = dirs.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {

@@ -88,8 +88,6 @@ pub struct Cluster {
     pub name: String,
     /// The name as Envoy's stats show it (`envoy_cluster_name`): `:` becomes `_`.
     pub stat_name: String,
-    /// Open upstream connections; maintained by the caller (see [`Cluster::try_acquire`]).
-    pub active: AtomicUsize,
     /// Healthy endpoints (`envoy_cluster_membership_healthy`).
     pub healthy: usize,
     /// All inbounds of the cluster, healthy or not (`envoy_cluster_membership_total`).
@@ -98,24 +96,7 @@ pub struct Cluster {
 
 impl Cluster {
     fn new(name: String, healthy: usize, total: usize) -> Self {
-        Self { stat_name: name.replace(':', "_"), name, active: AtomicUsize::new(0), healthy, total }
-    }
-
-    /// Count one more active connection unless `limit` are already open; the permit gives it
-    /// back when dropped.
-    #[must_use]
-    pub fn try_acquire(self: &Arc<Self>, limit: usize) -> Option<ClusterPermit> {
-        self.active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1)).ok().map(|_| ClusterPermit(Arc::clone(self)))
-    }
-}
-
-/// One counted connection of a [`Cluster`]; decrements `active` on drop.
-#[derive(Debug)]
-pub struct ClusterPermit(Arc<Cluster>);
-
-impl Drop for ClusterPermit {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        Self { stat_name: name.replace(':', "_"), name, healthy, total }
     }
 }
 
@@ -883,20 +864,6 @@ networking:
         for bad in ["", "1a", "-a", "a-", "A", "a_b", "a.b", &"a".repeat(64)] {
             assert!(!is_dns1035_label(bad), "{bad}");
         }
-    }
-
-    #[test]
-    fn cluster_permits_enforce_the_cap() {
-        let t = table();
-        let cluster = Arc::clone(&t.lookup("redis{mesh=default}").expect("routed").cluster);
-        let first = cluster.try_acquire(2).expect("under the cap");
-        let second = cluster.try_acquire(2).expect("under the cap");
-        assert!(cluster.try_acquire(2).is_none());
-        assert_eq!(cluster.active.load(Ordering::Relaxed), 2);
-        drop(first);
-        assert!(cluster.try_acquire(2).is_some());
-        drop(second);
-        assert_eq!(cluster.active.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -1,7 +1,17 @@
-//! Moving bytes after the handoff: in the kernel (`kernel`, sockhash + sk_skb verdict) or in
-//! userspace (`userspace`, the same close semantics without eBPF).
+//! Moving bytes after routing: the contract every splice mode keeps, and the modes.
+//!
+//! - [`sockmap`] (`--splice kernel`): a SOCKHASH with an sk_skb verdict redirects every skb to
+//!   the peer socket; monitor threads turn FIN/RST on one side into FIN/RST on the other;
+//! - [`userspace`]: a bounded copy loop with the same close semantics, without eBPF.
+//!
+//! The contract ([docs/design.md#close](../../../docs/design.md#close)): a mode moves every byte
+//! in order or aborts the connection with RST both ways; a FIN from one side reaches the other
+//! only after every byte before it; and the mode reports each connection's end exactly once as
+//! [`Closed`] (why, and the bytes each way) to the connection's owner. The userspace relay
+//! returns it; a kernel mode, whose connections outlive the task that routed them, sends it as
+//! a [`CloseReport`] on the channel its owner gave it. A new mode gets its own module here.
 
-pub mod kernel;
+pub mod sockmap;
 pub mod userspace;
 
 use std::time::Duration;
@@ -38,7 +48,7 @@ impl Path {
 
 /// Dead-peer detection of relayed and spliced sockets: after `Limits::keepalive` idle, a probe
 /// every `KEEPALIVE_INTERVAL`; `KEEPALIVE_PROBES` unanswered ones end the connection.
-pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// See [`KEEPALIVE_INTERVAL`].
 pub const KEEPALIVE_PROBES: u32 = 6;
 
@@ -66,17 +76,24 @@ pub struct Limits {
     pub monitor_threads: usize,
 }
 
+/// Defaults of [`Limits`] (Kuma's idle timeout), also the command line's.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// See [`DEFAULT_IDLE_TIMEOUT`].
+pub const DEFAULT_MAX_IN_FLIGHT: u64 = 64 << 20;
+/// See [`DEFAULT_IDLE_TIMEOUT`].
+pub const DEFAULT_IN_FLIGHT_GRACE: Duration = Duration::from_secs(5);
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            idle_timeout: Duration::from_secs(3600),
-            max_in_flight: 64 << 20,
-            in_flight_grace: Duration::from_secs(5),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            in_flight_grace: DEFAULT_IN_FLIGHT_GRACE,
             max_spliced: (zone_ingress_ebpf::splice::MAX_SOCKETS / 2) as usize,
             drain_stall: Duration::from_secs(60),
             keepalive: Duration::from_secs(60),
             userspace_buffer: 64 << 10,
-            monitor_threads: kernel::default_monitor_threads(),
+            monitor_threads: sockmap::default_monitor_threads(),
         }
     }
 }
@@ -120,5 +137,22 @@ pub struct Closed {
     pub backend_to_client: u64,
 }
 
-/// Called once when a spliced connection has been closed.
-pub type OnClose = Box<dyn FnOnce(Closed) + Send + 'static>;
+/// The end of a connection that a kernel mode owned: the owner's id for it (given at the
+/// handoff) and its totals.
+#[derive(Clone, Copy, Debug)]
+pub struct CloseReport {
+    pub flow: u64,
+    pub closed: Closed,
+}
+
+/// Where a kernel mode sends its close reports. Unbounded, yet bounded in practice: one report
+/// per connection the mode owns, and each is sent once.
+pub type ReportSender = tokio::sync::mpsc::UnboundedSender<CloseReport>;
+/// The owner's end of a [`ReportSender`].
+pub type ReportReceiver = tokio::sync::mpsc::UnboundedReceiver<CloseReport>;
+
+/// A channel for close reports.
+#[must_use]
+pub fn report_channel() -> (ReportSender, ReportReceiver) {
+    tokio::sync::mpsc::unbounded_channel()
+}

@@ -1,13 +1,18 @@
 //! Thin, checked wrappers over the socket options and ioctls the handoff and close logic need.
 //! Every function takes a borrowed fd and returns `io::Result`; nothing here owns a socket.
-//! Also [`BpfMap`], lock-free element access to a BPF map.
+//! BPF maps are in [`bpf`], epoll sets in [`epoll`].
+
+pub mod bpf;
+pub mod epoll;
 
 use std::{
     io,
     mem::{self, size_of},
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsRawFd, BorrowedFd},
     time::Duration,
 };
+
+pub use bpf::BpfMap;
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
@@ -105,20 +110,6 @@ pub fn send_nonblocking(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
-/// `epoll_pwait2`: like `epoll_wait` with a timeout finer than a millisecond. Returns how many
-/// entries of `events` were filled.
-pub fn epoll_wait(epoll: BorrowedFd<'_>, events: &mut [libc::epoll_event], timeout: Duration) -> io::Result<usize> {
-    let ts =
-        libc::timespec { tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX), tv_nsec: libc::c_long::from(timeout.subsec_nanos()) };
-    let max = libc::c_int::try_from(events.len()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `events` is valid for `max` entries, `ts` lives across the call, no signal mask.
-    let n = unsafe { libc::syscall(SYS_EPOLL_PWAIT2, epoll.as_raw_fd(), events.as_mut_ptr(), max, &raw const ts, std::ptr::null::<libc::sigset_t>(), 0usize) };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
-}
-
-/// `epoll_pwait2` (Linux 5.11), the same number on every architecture of the generic table.
-const SYS_EPOLL_PWAIT2: libc::c_long = 441;
-
 /// Re-sets `SO_SNDBUF` to its current size. The kernel then calls the socket's write-space
 /// callback, which for a socket in a sockmap reschedules its psock worker: a nudge for bytes
 /// that wait in the psock queue while the send buffer has room.
@@ -173,71 +164,4 @@ pub fn monotonic_ns() -> u64 {
     let mut ts: libc::timespec = unsafe { mem::zeroed() };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
-/// A BPF map used through its fd with plain `bpf(2)` element commands. Each command is atomic in
-/// the kernel, so threads share one `BpfMap` without a lock (aya's map types take `&mut self`
-/// to update, which put every handoff, drain check and hold behind one mutex).
-///
-/// `K` and `V` must be the map's key and value types (plain data of exactly the map's key and
-/// value sizes): check that once, e.g. with aya's typed `try_from`, before [`BpfMap::new`].
-#[derive(Debug)]
-pub struct BpfMap<K, V> {
-    fd: std::os::fd::OwnedFd,
-    _types: std::marker::PhantomData<fn(K) -> V>,
-}
-
-/// `bpf(2)` commands and the `attr` layout of the element commands (`uapi/linux/bpf.h`).
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-
-#[repr(C)]
-struct MapElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-impl<K: Copy, V: Copy> BpfMap<K, V> {
-    /// Wraps `fd`, a map whose key and value types are `K` and `V` (see the type's docs).
-    pub fn new(fd: std::os::fd::OwnedFd) -> Self {
-        Self { fd, _types: std::marker::PhantomData }
-    }
-
-    /// One element command; `flags` 0 (`BPF_ANY` for updates).
-    fn call(&self, cmd: libc::c_long, key: &K, value: u64) -> io::Result<()> {
-        let fd = u32::try_from(self.fd.as_raw_fd()).map_err(io::Error::other)?;
-        let attr = MapElemAttr { map_fd: fd, _pad: 0, key: std::ptr::from_ref(key) as u64, value, flags: 0 };
-        // SAFETY: `attr` is a valid element-command attribute of its size; `key` points to a live
-        // `K` and `value` (if non-zero) to a live `V` the kernel reads or writes in full, which
-        // are the map's key and value sizes (the type's contract).
-        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, &raw const attr, std::mem::size_of::<MapElemAttr>()) };
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-    }
-
-    /// The value at `key` (`ENOENT` if there is none).
-    pub fn get(&self, key: &K) -> io::Result<V> {
-        let mut out = std::mem::MaybeUninit::<V>::uninit();
-        self.call(BPF_MAP_LOOKUP_ELEM, key, out.as_mut_ptr() as u64)?;
-        // SAFETY: the lookup succeeded, so the kernel wrote a whole value of `V`'s size.
-        Ok(unsafe { out.assume_init() })
-    }
-
-    /// Inserts or replaces the value at `key` (`BPF_ANY`).
-    pub fn insert(&self, key: &K, value: &V) -> io::Result<()> {
-        self.call(BPF_MAP_UPDATE_ELEM, key, std::ptr::from_ref(value) as u64)
-    }
-
-    /// Removes `key` (`ENOENT` if absent).
-    pub fn remove(&self, key: &K) -> io::Result<()> {
-        self.call(BPF_MAP_DELETE_ELEM, key, 0)
-    }
-
-    /// The map's fd.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
 }

@@ -1,0 +1,345 @@
+//! The daemon's lifecycle: load → start → serve → reload → drain, and `validate`.
+//!
+//! - load: both inputs (and the XDP guard file) are checked together; any error exits 64 with
+//!   every problem reported and nothing started;
+//! - start: the eBPF object, the splice mode, the XDP guard, the listeners, the admin server;
+//! - serve: signals, admin commands and file changes until a shutdown; each reload validates
+//!   the files and swaps the configuration atomically ([`crate::reload`]);
+//! - drain: not ready, stop accepting, let established flows finish for the drain time, then
+//!   close the rest.
+
+use std::{
+    net::SocketAddr,
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::{
+    admin,
+    cli::{RunArgs, ValidateArgs},
+    config::{self, Diagnostic, Inputs, Sources},
+    ebpf,
+    metrics::Metrics,
+    reload::{self, Reloader},
+    routing::RouteTable,
+    server::{self, Ingress, Options, Snapshot},
+    signal::{Event, Signals},
+    splice::{self, Limits, ReportReceiver, SpliceMode, sockmap::KernelSplice},
+    xdp,
+};
+
+/// Exit code for invalid configuration (linkerd's convention: EX_USAGE).
+pub const EXIT_BAD_CONFIG: u8 = 64;
+
+/// How long a burst of file events must be quiet before the reload reads the files.
+const RELOAD_SETTLE: Duration = Duration::from_millis(250);
+
+/// Logs every problem of a rejected configuration.
+fn report(problems: &[Diagnostic]) {
+    let mut errors = 0;
+    for p in problems {
+        if p.is_error() {
+            errors += 1;
+            error!("{p}");
+        } else {
+            warn!("{p}");
+        }
+    }
+    error!("{errors} configuration error(s); nothing started");
+}
+
+/// `zone-ingress validate`.
+///
+/// # Errors
+/// None today: every problem is a configuration problem, reported with exit code 64.
+pub fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
+    let sources = Sources::from(&args.inputs);
+    // Every problem of the three files in one report.
+    let mut problems = Vec::new();
+    let inputs = config::load_inputs(&sources).map_err(|p| problems.extend(p));
+    let guard_warnings = match args.xdp_config.as_deref().map(xdp::load_config) {
+        Some(Ok(g)) => g.warnings,
+        Some(Err(e)) => {
+            problems.extend(e.diagnostics);
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
+    match inputs {
+        Ok(inputs) if problems.is_empty() => {
+            for w in inputs.warnings.iter().chain(&guard_warnings) {
+                warn!("{w}");
+            }
+            if let Some(path) = &args.xdp_config {
+                info!(file = %path.display(), "XDP guard file is valid");
+            }
+            let table = RouteTable::build(&inputs.inventory, &sources.zone);
+            info!(
+                listener = %SocketAddr::new(inputs.zone_ingress.address, inputs.zone_ingress.port),
+                routes = table.entries().count(),
+                dataplanes = inputs.inventory.dataplanes.len(),
+                "configuration is valid"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => {
+            report(&problems);
+            Ok(ExitCode::from(EXIT_BAD_CONFIG))
+        }
+    }
+}
+
+/// `zone-ingress run`: load, start, serve; reload on file changes and SIGHUP; drain on
+/// SIGUSR2 or `POST /drain_listeners`; shut down on SIGTERM/SIGINT (after the drain time) or
+/// `POST /quitquitquit` (at once).
+///
+/// # Errors
+/// A start that failed (the splice or guard a flag insists on, the listener, the runtime).
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let sources = Sources::from(&args.inputs);
+    // Load.
+    let inputs = match config::load_inputs(&sources) {
+        Ok(i) => i,
+        Err(problems) => {
+            report(&problems);
+            return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+        }
+    };
+    for w in &inputs.warnings {
+        warn!("{w}");
+    }
+    // Start: the kernel side first (a flag that insists on it fails before anything binds).
+    let limits = args.limits();
+    let (reports_tx, reports_rx) = splice::report_channel();
+    let kernel = start_splice(args.splice, &limits, reports_tx)?;
+    raise_fd_limit();
+    let listen = inputs.zone_ingress.listen_addr();
+    let xdp_guard = match xdp::start(args.xdp, args.xdp_config.as_deref(), listen) {
+        Ok(guard) => guard.map(Arc::new),
+        Err(xdp::StartError::Config(problems)) => {
+            report(&problems);
+            return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(sni) = &args.plaintext_route
+        && RouteTable::build(&inputs.inventory, &sources.zone).lookup(sni).is_err()
+    {
+        bail!("--plaintext-route {sni:?} does not match any route of the inventory");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let mut app = App::start(args, sources, inputs, limits, kernel, reports_rx, xdp_guard)?;
+        let drain_time = app.serve().await;
+        app.drain(drain_time).await;
+        anyhow::Ok(())
+    })?;
+    // Dropping the runtime dropped the last handles: the verdict program is detached and no
+    // map or program of ours remains (nothing is pinned).
+    drop(runtime);
+    info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Loads the kernel splice as `--splice` asks: `None` for the userspace relay.
+fn start_splice(mode: SpliceMode, limits: &Limits, reports: splice::ReportSender) -> anyhow::Result<Option<KernelSplice>> {
+    let load = || -> anyhow::Result<KernelSplice> {
+        let users = ebpf::Users { splice: true, syn_buckets: zone_ingress_ebpf::prefilter::DEFAULT_TRACKED_SOURCES };
+        let object = Arc::new(ebpf::Object::load(users)?);
+        Ok(KernelSplice::load(object, limits.clone(), reports)?)
+    };
+    Ok(match mode {
+        SpliceMode::Userspace => {
+            info!(mode = "userspace", "splice mode: userspace (chosen by --splice userspace)");
+            None
+        }
+        SpliceMode::Kernel => {
+            let k = load().context("--splice kernel: loading the eBPF splice")?;
+            info!(mode = "kernel", "splice mode: kernel (sockhash + sk_skb verdict)");
+            Some(k)
+        }
+        SpliceMode::Auto => match load() {
+            Ok(k) => {
+                info!(mode = "kernel", "splice mode: kernel (auto: eBPF loaded)");
+                Some(k)
+            }
+            Err(e) => {
+                warn!(mode = "userspace", error = format!("{e:#}"), "splice mode: userspace (auto: the eBPF splice could not load)");
+                None
+            }
+        },
+    })
+}
+
+/// A started daemon, inside the runtime.
+struct App {
+    args: RunArgs,
+    ingress: Arc<Ingress>,
+    signals: Signals,
+    commands_tx: mpsc::Sender<admin::Command>,
+    commands_rx: mpsc::Receiver<admin::Command>,
+    admin: Option<admin::AdminServer>,
+    info: admin::Info,
+    reloader: Reloader,
+    xdp_guard: Option<Arc<xdp::Guard>>,
+}
+
+impl App {
+    /// Binds the listeners and the admin server and starts accepting.
+    fn start(
+        args: RunArgs,
+        sources: Sources,
+        inputs: Inputs,
+        limits: Limits,
+        kernel: Option<KernelSplice>,
+        reports: ReportReceiver,
+        xdp_guard: Option<Arc<xdp::Guard>>,
+    ) -> anyhow::Result<Self> {
+        let signals = Signals::new().context("installing signal handlers")?;
+        let Inputs { zone_ingress: zi, inventory, .. } = inputs;
+        let listen = zi.listen_addr();
+        let n = args.listeners.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+        // Our listeners share their port with SO_REUSEPORT, which would also let a second
+        // instance started by mistake bind it and silently take half of the connections.
+        server::check_port_free(listen).with_context(|| format!("binding the listener {listen}"))?;
+        let listeners = server::bind(listen, n, limits.keepalive).with_context(|| format!("binding the listener {listen}"))?;
+        let options = Options {
+            client_hello_timeout: args.client_hello_timeout.0,
+            connect_timeout: args.connect_timeout.0,
+            connect_attempts: usize::from(args.connect_attempts),
+            max_cluster_connections: args.max_connections_per_cluster,
+            plaintext_route: args.plaintext_route.clone(),
+            proxy_id: zi.name.clone(),
+            zone: sources.zone.clone(),
+            splice: args.splice,
+            limits,
+            ..Options::default()
+        };
+        let admin_port = zi.admin_port;
+        let metrics = Arc::new(Metrics::default());
+        let snapshot = Snapshot::build(&metrics, Some(zi), inventory, &sources.zone);
+        info!(routes = snapshot.table.entries().count(), "routing table built");
+        let ingress = Ingress::with_snapshot(options, metrics, snapshot, kernel);
+        tokio::spawn(server::close_reports(Arc::clone(&ingress), reports));
+        ingress.start_listeners(listeners);
+        let (commands_tx, commands_rx) = mpsc::channel(4);
+        let info = admin::Info {
+            dataplane_file: sources.dataplane_file.clone(),
+            dataplanes: sources.dataplanes.clone(),
+            drain_time: args.drain_time.0,
+            listeners: n,
+            xdp: xdp_guard.clone(),
+        };
+        let admin_addr = SocketAddr::new(args.admin_address, admin_port);
+        let admin = start_admin(&ingress, admin_addr, &commands_tx, &info);
+        info!(%listen, listeners = n, admin = %admin_addr, "ready");
+        let reloader = Reloader { sources, listeners: n };
+        Ok(Self { args, ingress, signals, commands_tx, commands_rx, admin, info, reloader, xdp_guard })
+    }
+
+    /// Serves until a shutdown is asked for; returns how long established flows may drain.
+    async fn serve(&mut self) -> Duration {
+        let (changes_tx, mut changes_rx) = mpsc::channel(1);
+        // Without a watcher the files still reload on SIGHUP.
+        let _watcher =
+            reload::watch(&self.reloader.sources, changes_tx).map_err(|e| warn!(error = %e, "cannot watch the configuration files; reload with SIGHUP")).ok();
+        loop {
+            let trigger = tokio::select! {
+                event = self.signals.next() => match event {
+                    Event::Shutdown(_) => return self.args.drain_time.0,
+                    Event::Reload => "SIGHUP",
+                    Event::DrainListeners => {
+                        self.ingress.stop_listeners().await;
+                        continue;
+                    }
+                },
+                Some(command) = self.commands_rx.recv() => match command {
+                    admin::Command::Quit => {
+                        info!("POST /quitquitquit: exiting now");
+                        return Duration::ZERO;
+                    }
+                    admin::Command::DrainListeners => {
+                        info!("POST /drain_listeners: draining the listener");
+                        self.ingress.stop_listeners().await;
+                        continue;
+                    }
+                },
+                Some(()) = changes_rx.recv() => {
+                    // Editors write in several steps: let the burst settle, then read once.
+                    tokio::time::sleep(RELOAD_SETTLE).await;
+                    while changes_rx.try_recv().is_ok() {}
+                    "file change"
+                },
+            };
+            self.reload(trigger);
+        }
+    }
+
+    /// Applies the files again, the guard file too, and follows an admin port change.
+    fn reload(&mut self, trigger: &str) {
+        let reloaded = self.reloader.reload(&self.ingress, trigger);
+        if let Some(guard) = &self.xdp_guard {
+            guard.reload(self.ingress.listener_addr(), trigger);
+        }
+        if let Ok(applied) = reloaded {
+            let wanted = SocketAddr::new(self.args.admin_address, applied.admin_port);
+            if self.admin.as_ref().map(admin::AdminServer::addr) != Some(wanted) {
+                info!(admin = %wanted, "admin port changed; rebinding the admin server");
+                drop(self.admin.take());
+                self.admin = start_admin(&self.ingress, wanted, &self.commands_tx, &self.info);
+            }
+        }
+    }
+
+    /// kuma-dp semantics: not ready, stop accepting, let established flows finish for
+    /// `drain_time`, then close the rest.
+    async fn drain(self, drain_time: Duration) {
+        let ingress = &self.ingress;
+        ingress.begin_termination();
+        ingress.stop_listeners().await;
+        let deadline = Instant::now() + drain_time;
+        info!(drain_time = %humantime::format_duration(drain_time), open = ingress.open_connections(), "draining");
+        let left = ingress.wait_idle(deadline).await;
+        if left > 0 {
+            warn!(left, "drain time over; closing the remaining connections");
+            ingress.abort_flows();
+            // Relays and close reports log their close as they see the abort; give them a moment.
+            let _ = ingress.wait_idle(Instant::now() + Duration::from_secs(2)).await;
+        } else {
+            info!("all flows finished");
+        }
+        drop(self.admin);
+    }
+}
+
+/// Binds and starts the admin server; a failure is logged, not fatal (the data path keeps
+/// running; readiness probes then fail visibly).
+fn start_admin(ingress: &Arc<Ingress>, addr: SocketAddr, commands: &mpsc::Sender<admin::Command>, info: &admin::Info) -> Option<admin::AdminServer> {
+    match admin::bind(addr) {
+        Ok(listener) => Some(admin::AdminServer::start(Arc::clone(ingress), listener, commands.clone(), info.clone())),
+        Err(e) => {
+            error!(%addr, error = %e, "cannot bind the admin server; /ready, /stats and /config_dump are unavailable");
+            None
+        }
+    }
+}
+
+/// Raises the soft open-file limit to the hard limit: every connection holds two sockets.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit with a valid out-pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let wanted = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const wanted) == 0 {
+                lim = wanted;
+            }
+        }
+    }
+    info!(max_open_files = lim.rlim_cur, "file descriptor limit");
+}

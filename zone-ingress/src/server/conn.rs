@@ -1,0 +1,365 @@
+//! One connection: accept → peek SNI → route → connect → handoff → close.
+//!
+//! The task peeks the ClientHello (never consuming it), picks a route and an endpoint,
+//! connects, registers the flow and hands both sockets to the kernel splice, or relays them in
+//! userspace. With the kernel the task then ends and the flow registry owns the connection
+//! until the splice reports its end ([`super::close_reports`]); a userspace relay lives in the
+//! task, which closes the flow itself. Either way the end goes through [`Ingress::close_flow`].
+
+use std::{
+    fmt, io,
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Instant, SystemTime},
+};
+
+use tokio::{
+    io::{AsyncWriteExt, Interest},
+    net::{TcpSocket, TcpStream},
+};
+use tracing::{debug, info, warn};
+
+use super::{Ingress, Snapshot};
+use crate::{
+    client_hello::{self, Parsed},
+    flows::Flow,
+    metrics::ClusterStats,
+    reject::RejectReason,
+    routing::Route,
+    sni,
+    splice::{
+        CloseReason, Closed, Path,
+        sockmap::{KernelSplice, Rejected},
+        userspace::{self, Progress},
+    },
+    sys,
+};
+
+/// At most this many rejected connections are logged per second (a flood cannot fill a disk);
+/// the rest are counted and the number suppressed is logged with the next line.
+const REJECT_LOG_PER_SEC: u64 = 20;
+
+/// Counts and (rate-limited) logs a connection closed before reaching a backend.
+fn reject(ingress: &Ingress, client: &TcpStream, peer: SocketAddr, sni: Option<&str>, reason: RejectReason) {
+    // Consume what the client already sent (we only peeked it): closing a socket with unread
+    // data makes the kernel answer with RST, and a rejected client should see a plain FIN.
+    let mut scratch = [0u8; 4096];
+    for _ in 0..16 {
+        // SAFETY: `scratch` is writable for its length.
+        let n = unsafe { libc::recv(client.as_raw_fd(), scratch.as_mut_ptr().cast(), scratch.len(), libc::MSG_DONTWAIT) };
+        if n <= 0 {
+            break;
+        }
+    }
+    static WINDOW: AtomicU64 = AtomicU64::new(0);
+    static LOGGED: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let m = &ingress.metrics;
+    m.reject(reason);
+    m.destroyed.fetch_add(1, Ordering::Relaxed);
+    if reason.no_filter_chain_match() {
+        m.no_filter_chain_match.fetch_add(1, Ordering::Relaxed);
+    }
+    if reason == RejectReason::ClientHelloTimeout {
+        m.pre_cx_timeout.fetch_add(1, Ordering::Relaxed);
+    }
+    let now = sys::monotonic_ns() / 1_000_000_000;
+    if WINDOW.swap(now, Ordering::Relaxed) != now {
+        LOGGED.store(0, Ordering::Relaxed);
+    }
+    if LOGGED.fetch_add(1, Ordering::Relaxed) < REJECT_LOG_PER_SEC {
+        let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+        info!(target: "access", client = %peer, sni, reason = reason.label(), why = reason.describe(), suppressed, "connection rejected");
+    } else {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+        m.access_log_suppressed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[tracing::instrument(level = "debug", skip_all, fields(%peer))]
+pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: SocketAddr, accepted_at: Instant) {
+    let started = SystemTime::now();
+    let snap = ingress.snapshot();
+    let table = &snap.table;
+    if table.is_empty() {
+        // Kuma's answer when no mesh has any service (docs/design.md#routing).
+        let proxy = snap.zone_ingress.as_ref().map_or(ingress.options.proxy_id.as_str(), |zi| zi.name.as_str());
+        let body = serde_json::json!({"proxy": proxy, "zone": ingress.options.zone}).to_string();
+        let mut client = client;
+        let _ = client.write_all(body.as_bytes()).await;
+        let _ = client.shutdown().await;
+        reject(ingress, &client, peer, None, RejectReason::EmptyTable);
+        return;
+    }
+    let opts = &ingress.options;
+    let m = &ingress.metrics;
+    let parsed = match tokio::time::timeout(opts.client_hello_timeout, peek_client_hello(&client, opts.max_client_hello)).await {
+        Err(_) => return reject(ingress, &client, peer, None, RejectReason::ClientHelloTimeout),
+        Ok(Err(_)) => return reject(ingress, &client, peer, None, RejectReason::ClientClosed),
+        Ok(Ok(p)) => p,
+    };
+    let sni = match &parsed {
+        Parsed::Complete { sni: Some(sni), .. } => {
+            m.tls_found.fetch_add(1, Ordering::Relaxed);
+            m.sni_found.fetch_add(1, Ordering::Relaxed);
+            sni.as_str().to_owned()
+        }
+        Parsed::Complete { sni: None, .. } => {
+            m.tls_found.fetch_add(1, Ordering::Relaxed);
+            m.sni_not_found.fetch_add(1, Ordering::Relaxed);
+            return reject(ingress, &client, peer, None, RejectReason::NoSni);
+        }
+        Parsed::Invalid(client_hello::Invalid::NotTls) if opts.plaintext_route.is_some() => {
+            m.tls_not_found.fetch_add(1, Ordering::Relaxed);
+            opts.plaintext_route.clone().unwrap_or_default()
+        }
+        Parsed::Invalid(invalid) => {
+            if matches!(invalid, client_hello::Invalid::TooLarge) {
+                m.client_hello_too_large.fetch_add(1, Ordering::Relaxed);
+            } else {
+                m.tls_not_found.fetch_add(1, Ordering::Relaxed);
+            }
+            return reject(ingress, &client, peer, None, (*invalid).into());
+        }
+        Parsed::Incomplete { .. } => return reject(ingress, &client, peer, None, RejectReason::ClientClosed),
+    };
+    let route = match table.lookup(&sni) {
+        Ok(route) => route,
+        Err(r) => {
+            if r == crate::routing::Reject::NoEndpoints {
+                count_none_healthy(&snap, &sni);
+            }
+            return reject(ingress, &client, peer, Some(&sni), r.into());
+        }
+    };
+    let Some(stats) = snap.clusters.get(&route.cluster.name).cloned() else {
+        // Every route's cluster is in its snapshot; nothing to count against otherwise.
+        warn!(sni, cluster = route.cluster.name, "cluster missing from the snapshot");
+        return reject(ingress, &client, peer, Some(&sni), RejectReason::UnknownSni);
+    };
+    // Hold on to the route, not the whole table: a long flow must not keep old tables alive.
+    drop(snap);
+    stats.downstream_cx_total.fetch_add(1, Ordering::Relaxed);
+    // Per-cluster cap (Envoy's circuit breaker), kept across reloads; released at close.
+    let Some(permit) = stats.try_acquire(opts.max_cluster_connections) else {
+        stats.upstream_cx_overflow.fetch_add(1, Ordering::Relaxed);
+        return reject(ingress, &client, peer, Some(&sni), RejectReason::ClusterOverflow);
+    };
+    let Some((backend, endpoint)) = connect(ingress, &route, &stats).await else {
+        return reject(ingress, &client, peer, Some(&sni), RejectReason::ConnectFailed);
+    };
+    debug!(sni, %endpoint, "routed");
+
+    let progress = Arc::new(Progress::default());
+    let cookies = ingress.kernel.as_ref().and_then(|_| {
+        let c = sys::socket_cookie(client.as_fd()).ok()?;
+        let b = sys::socket_cookie(backend.as_fd()).ok()?;
+        Some([c, b])
+    });
+    let mode = if ingress.kernel.is_some() { Path::Kernel } else { Path::Userspace };
+    let flow = ingress.flows.open(Flow {
+        client: peer,
+        sni,
+        route,
+        endpoint,
+        mode,
+        started,
+        started_ns: sys::monotonic_ns().saturating_sub(u64::try_from(accepted_at.elapsed().as_nanos()).unwrap_or(0)),
+        progress: Arc::clone(&progress),
+        cookies,
+        cluster: stats,
+        permit,
+    });
+    let (client, backend) = match &ingress.kernel {
+        Some(kernel) => match hand_to_kernel(ingress, kernel, client, backend, flow, accepted_at) {
+            None => return,
+            Some((client, backend, error)) => {
+                m.kernel_fallbacks.fetch_add(1, Ordering::Relaxed);
+                ingress.flows.set_mode(flow, Path::Userspace);
+                info!(%peer, flow, %error, "kernel splice refused this connection; relaying in userspace");
+                (client, backend)
+            }
+        },
+        None => (client, backend),
+    };
+    relay(ingress, client, backend, flow, accepted_at, &progress).await;
+}
+
+/// A subset SNI that matched no endpoint counts as `upstream_cx_none_healthy` of its service.
+fn count_none_healthy(snap: &Snapshot, sni: &str) {
+    if let Ok(parsed) = sni::parse_legacy(sni)
+        && let Some(mesh) = parsed.mesh()
+        && let Some(stats) = snap.clusters.get(&format!("{mesh}:{}", parsed.service))
+    {
+        stats.upstream_cx_none_healthy.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A route's tags as `k=v,k=v` for the access log.
+struct Tags<'a>(&'a std::collections::BTreeMap<String, String>);
+
+impl fmt::Display for Tags<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{k}={v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The access log line of a closed flow.
+pub(super) fn log_close(id: u64, flow: &Flow, closed: &Closed) {
+    let route = &flow.route;
+    let duration_ns = sys::monotonic_ns().saturating_sub(flow.started_ns);
+    // `mode` directly before the byte counts: the text format reads `mode="kernel" bytes…`.
+    info!(
+        target: "access",
+        flow = id,
+        client = %flow.client,
+        sni = flow.sni,
+        service = route.service,
+        mesh = route.mesh,
+        tags = %Tags(&route.tags),
+        cluster = route.cluster.name,
+        endpoint = %flow.endpoint,
+        mode = flow.mode.as_str(),
+        bytes_client_to_backend = closed.client_to_backend,
+        bytes_backend_to_client = closed.backend_to_client,
+        duration_ms = duration_ns / 1_000_000,
+        reason = closed.reason.as_str(),
+        "connection closed"
+    );
+}
+
+/// Hands flow `flow` to the kernel. `None`: the kernel owns it now (or it was closed); `Some`:
+/// the kernel refused it and both sockets come back untouched, for the userspace relay.
+fn hand_to_kernel(
+    ingress: &Arc<Ingress>,
+    kernel: &KernelSplice,
+    client: TcpStream,
+    backend: TcpStream,
+    flow: u64,
+    accepted_at: Instant,
+) -> Option<(TcpStream, TcpStream, crate::splice::sockmap::HandoffError)> {
+    let to_owned = |s: TcpStream| -> io::Result<OwnedFd> { Ok(OwnedFd::from(s.into_std()?)) };
+    let internal = Closed { reason: CloseReason::Internal, client_to_backend: 0, backend_to_client: 0 };
+    let (Ok(client_fd), Ok(backend_fd)) = (to_owned(client), to_owned(backend)) else {
+        // into_std only fails if deregistration fails, which leaves nothing to serve.
+        ingress.close_flow(flow, internal);
+        return None;
+    };
+    // Counted before the handoff: the report may arrive before this function returns.
+    ingress.spliced_open.fetch_add(1, Ordering::AcqRel);
+    match kernel.handoff(client_fd, backend_fd, flow) {
+        Ok(()) => {
+            ingress.metrics.spliced(Path::Kernel);
+            ingress.metrics.handoff.observe(accepted_at.elapsed());
+            debug!(flow, "spliced in the kernel");
+            None
+        }
+        Err(Rejected { client, backend, error }) => {
+            ingress.spliced_open.fetch_sub(1, Ordering::AcqRel);
+            let back = |fd: OwnedFd| TcpStream::from_std(std::net::TcpStream::from(fd));
+            match (back(client), back(backend)) {
+                (Ok(c), Ok(b)) => Some((c, b, error)),
+                _ => {
+                    ingress.close_flow(flow, internal);
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// Relays flow `flow` in userspace until it ends, then closes it.
+async fn relay(ingress: &Arc<Ingress>, client: TcpStream, backend: TcpStream, flow: u64, accepted_at: Instant, progress: &Arc<Progress>) {
+    ingress.metrics.spliced(Path::Userspace);
+    ingress.metrics.handoff.observe(accepted_at.elapsed());
+    let mut abort = ingress.abort_relays.subscribe();
+    let closed = tokio::select! {
+        closed = userspace::relay(client, backend, &ingress.options.limits, Arc::clone(progress)) => closed,
+        // End of the drain time: dropping the relay closes both sockets.
+        _ = abort.wait_for(|abort| *abort) => Closed {
+            reason: CloseReason::Shutdown,
+            client_to_backend: progress.client_to_backend.load(Ordering::Relaxed),
+            backend_to_client: progress.backend_to_client.load(Ordering::Relaxed),
+        },
+    };
+    ingress.close_flow(flow, closed);
+}
+
+/// Tries the route's endpoints in round-robin order, each with the connect timeout.
+async fn connect(ingress: &Ingress, route: &Route, stats: &ClusterStats) -> Option<(TcpStream, SocketAddr)> {
+    let opts = &ingress.options;
+    for endpoint in route.candidates(opts.connect_attempts.max(1)) {
+        stats.upstream_cx_total.fetch_add(1, Ordering::Relaxed);
+        let attempt = async {
+            let socket = if endpoint.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+            socket.connect(endpoint).await
+        };
+        match tokio::time::timeout(opts.connect_timeout, attempt).await {
+            Ok(Ok(stream)) => return Some((stream, endpoint)),
+            Ok(Err(e)) => debug!(%endpoint, error = %e, "connect failed"),
+            Err(_) => {
+                debug!(%endpoint, "connect timed out");
+                stats.upstream_cx_connect_timeout.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        stats.upstream_cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+    }
+    None
+}
+
+/// Peeks (`MSG_PEEK`, never consuming) until the ClientHello is complete, invalid, or the
+/// client closes. Returns `Err` when the client closed or failed first.
+async fn peek_client_hello(stream: &TcpStream, max: usize) -> io::Result<Parsed> {
+    // One byte more than the cap, so "too large" is distinguishable from "exactly at the cap".
+    let mut buf = vec![0u8; max + 1];
+    let mut have = 0usize;
+    let mut closed = false;
+    loop {
+        let n = peek_now(stream, &mut buf)?;
+        if n > have {
+            have = n;
+            match client_hello::parse(&buf[..have], max) {
+                Parsed::Incomplete { .. } if have <= max => {}
+                Parsed::Incomplete { .. } => return Ok(Parsed::Invalid(client_hello::Invalid::TooLarge)),
+                done => return Ok(done),
+            }
+            continue;
+        }
+        if closed {
+            if have == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            return Ok(Parsed::Incomplete { need_at_least: None });
+        }
+        // Nothing new. Clear tokio's readiness (a peek leaves the data, so the socket stays
+        // "readable"), re-check once to close the race with data that arrived meanwhile, then
+        // wait for the next edge.
+        let _ = stream.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+        if peek_now(stream, &mut buf)? > have {
+            continue;
+        }
+        let ready = stream.ready(Interest::READABLE).await?;
+        closed = ready.is_read_closed();
+    }
+}
+
+/// One non-blocking `recv(MSG_PEEK)`; 0 when nothing is queued.
+fn peek_now(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is writable for its length.
+    let n = unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::WouldBlock { Ok(0) } else { Err(e) }
+}

@@ -1,0 +1,155 @@
+//! BPF maps through plain `bpf(2)` calls: element access shared by threads without a lock
+//! ([`BpfMap`]), and occupancy for the metrics ([`max_entries`], [`count_u64_keys`]).
+
+use std::{
+    io,
+    marker::PhantomData,
+    mem::{MaybeUninit, size_of},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+};
+
+/// `bpf(2)` commands (`include/uapi/linux/bpf.h`, `enum bpf_cmd`).
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// One `bpf(2)` call with `attr`, a valid, initialised `bpf_attr` prefix of its own size.
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
+    // SAFETY: `attr` is a valid, initialised bpf_attr prefix of the size passed; the pointers
+    // inside it are the callers' contract.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// `bpf_attr` of the map element commands (`map_fd`, `key`, `value` or `next_key`, `flags`).
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn map_fd(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    u32::try_from(fd.as_raw_fd()).map_err(|_| io::ErrorKind::InvalidInput.into())
+}
+
+/// A BPF map used through its fd with plain `bpf(2)` element commands. Each command is atomic in
+/// the kernel, so threads share one `BpfMap` without a lock (aya's map types take `&mut self`
+/// to update).
+///
+/// `K` and `V` must be the map's key and value types (plain data of exactly the map's key and
+/// value sizes): check that once, e.g. with aya's typed `try_from`, before [`BpfMap::new`].
+#[derive(Debug)]
+pub struct BpfMap<K, V> {
+    fd: OwnedFd,
+    _types: PhantomData<fn(K) -> V>,
+}
+
+impl<K: Copy, V: Copy> BpfMap<K, V> {
+    /// Wraps `fd`, a map whose key and value types are `K` and `V` (see the type's docs).
+    pub fn new(fd: OwnedFd) -> Self {
+        Self { fd, _types: PhantomData }
+    }
+
+    /// One element command; `flags` 0 (`BPF_ANY` for updates). `value` points to a live `V` (or
+    /// is 0 for a delete).
+    fn call(&self, cmd: libc::c_long, key: &K, value: u64) -> io::Result<()> {
+        let mut attr = ElemAttr { map_fd: map_fd(self.fd.as_fd())?, key: std::ptr::from_ref(key) as u64, value, ..ElemAttr::default() };
+        // `key` points to a live `K` and `value` (if non-zero) to a live `V` the kernel reads or
+        // writes in full, which are the map's key and value sizes (the type's contract).
+        bpf(cmd, &mut attr)
+    }
+
+    /// The value at `key` (`ENOENT` if there is none).
+    pub fn get(&self, key: &K) -> io::Result<V> {
+        let mut out = MaybeUninit::<V>::uninit();
+        self.call(BPF_MAP_LOOKUP_ELEM, key, out.as_mut_ptr() as u64)?;
+        // SAFETY: the lookup succeeded, so the kernel wrote a whole value of `V`'s size.
+        Ok(unsafe { out.assume_init() })
+    }
+
+    /// Inserts or replaces the value at `key` (`BPF_ANY`).
+    pub fn insert(&self, key: &K, value: &V) -> io::Result<()> {
+        self.call(BPF_MAP_UPDATE_ELEM, key, std::ptr::from_ref(value) as u64)
+    }
+
+    /// Removes `key` (`ENOENT` if absent).
+    pub fn remove(&self, key: &K) -> io::Result<()> {
+        self.call(BPF_MAP_DELETE_ELEM, key, 0)
+    }
+
+    /// The map's fd.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// `bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The head of `struct bpf_map_info` (the kernel fills at most `info_len` bytes).
+#[repr(C)]
+#[derive(Default)]
+struct MapInfoHead {
+    map_type: u32,
+    id: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// `max_entries` of a map. Called per scrape, never on the connection path.
+///
+/// # Errors
+/// The `bpf(2)` call failed (not a map fd, no privilege).
+pub fn max_entries(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut info = MapInfoHead::default();
+    let mut attr = InfoAttr { bpf_fd: map_fd(fd)?, info_len: u32::try_from(size_of::<MapInfoHead>()).unwrap_or(0), info: std::ptr::from_mut(&mut info) as u64 };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info.max_entries)
+}
+
+/// Number of keys of a map with 8-byte keys, counting at most `cap`. Called per scrape: one
+/// `bpf(2)` call per entry, capped at `cap`, so a map that changes under the walk (a deleted
+/// key restarts it in the kernel) cannot keep it going; the count is then approximate.
+///
+/// # Errors
+/// The first `bpf(2)` call failed for another reason than an empty map.
+pub fn count_u64_keys(fd: BorrowedFd<'_>, cap: u64) -> io::Result<u64> {
+    let fd = map_fd(fd)?;
+    let mut key = 0u64;
+    let mut next = 0u64;
+    let mut count = 0u64;
+    let mut first = true;
+    while count < cap {
+        let mut attr = ElemAttr {
+            map_fd: fd,
+            // A null key asks for the first one.
+            key: if first { 0 } else { std::ptr::from_ref(&key) as u64 },
+            value: std::ptr::from_mut(&mut next) as u64,
+            ..ElemAttr::default()
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) if first => return Err(e),
+            Err(_) => break,
+        }
+        first = false;
+        key = next;
+        count += 1;
+    }
+    Ok(count)
+}
