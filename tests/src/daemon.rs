@@ -66,13 +66,22 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `zone-ingress run` in `ns` with the given files and extra flags; waits for "ready".
     pub fn start(ns: &Netns, zone_ingress: &str, dataplanes: &str, args: &[&str]) -> Self {
+        Self::start_logged(ns, zone_ingress, dataplanes, args, "info")
+    }
+
+    /// [`Daemon::start`] with `RUST_LOG=log_filter` (`ZI_TEST_LOG`, when set, wins).
+    pub fn start_logged(ns: &Netns, zone_ingress: &str, dataplanes: &str, args: &[&str], log_filter: &str) -> Self {
         let scratch = Scratch::new("daemon");
         let zi = scratch.write("zoneingress.yaml", zone_ingress);
         let dps = scratch.write("dataplanes.yaml", dataplanes);
-        Self::start_files(ns, scratch, &zi, &dps, args)
+        Self::spawn(ns, scratch, &zi, &dps, args, log_filter)
     }
 
     pub fn start_files(ns: &Netns, scratch: Scratch, zi: &Path, dps: &Path, args: &[&str]) -> Self {
+        Self::spawn(ns, scratch, zi, dps, args, "info")
+    }
+
+    fn spawn(ns: &Netns, scratch: Scratch, zi: &Path, dps: &Path, args: &[&str], log_filter: &str) -> Self {
         let log = scratch.0.join("daemon.log");
         let out = File::create(&log).expect("log file");
         let err = out.try_clone().expect("log fd");
@@ -85,7 +94,7 @@ impl Daemon {
             .arg("--dataplanes")
             .arg(dps)
             .args(args)
-            .env("RUST_LOG", std::env::var("ZI_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("RUST_LOG", std::env::var("ZI_TEST_LOG").unwrap_or_else(|_| log_filter.to_owned()))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -26,7 +26,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
 }
 
-/// The reference's §5 inventory on the test topology: `backend` v1 on dataplane 1 and v2 on
+/// The inventory of docs/design.md#sni-examples on the test topology: `backend` v1 on dataplane 1 and v2 on
 /// dataplane 2 (port 8080), `redis` on dataplane 3 (6379), `web` NotReady on dataplane 3 (80).
 /// With `v6`, the endpoints are the dataplanes' IPv6 addresses.
 pub fn section5_inventory(v6: bool) -> String {

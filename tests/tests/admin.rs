@@ -56,7 +56,7 @@ const DASHBOARD_METRICS: &[&str] = &[
     "envoy_cluster_update_rejected",
 ];
 
-/// The rest of reference §8's table and our own series.
+/// The rest of Envoy's series (docs/metrics.md) and our own.
 const OTHER_METRICS: &[&str] = &[
     "envoy_listener_no_filter_chain_match",
     "envoy_tcp_downstream_cx_total",

@@ -1,4 +1,4 @@
-//! The correctness cases of in-kernel-splice.md §8, each run through the live daemon with
+//! The splice correctness cases (docs/design.md#correctness-cases), each run through the live daemon with
 //! `--splice kernel` and with `--splice userspace` (two `#[test]`s per case: `<case>::kernel`
 //! and `<case>::userspace`).
 //!
@@ -11,21 +11,23 @@
 //! the connection is checked for the path (`mode="kernel"` / `mode="userspace"`) and, where the
 //! totals are deterministic, the exact byte counts.
 //!
-//! Beyond the §8 list: `c04b`, `c05c` and `c06d` repeat the large-transfer and half-close cases
-//! with a reader that lags (the kernel path then holds a direction, relays the held bytes itself
-//! until the sender goes quiet, then redirects again, and may finish after a FIN while held);
-//! `c04c` has senders that pause between bursts, so the hold is taken and set down again several
-//! times mid-stream; `c06c` checks that the access log's `reason` names the side that closed
-//! first on both paths; `c07`/`c08` reset both with data still in flight (`a`) and
-//! after the reader received everything (`b`).
+//! Beyond the basic cases, the `*_lags` and `bursty_reader_both_ways` cases repeat the
+//! large-transfer and half-close cases with a reader that lags (the kernel path then holds a
+//! direction, relays the held bytes itself until the sender goes quiet, then redirects again,
+//! and may finish after a FIN while held); `bursts_with_quiet_gaps_both_ways` has senders that
+//! pause between bursts, so the hold is taken and set down again several times mid-stream;
+//! `access_reason_names_the_first_fin` checks that the access log's `reason` names the side
+//! that closed first on both paths; the `rst_*` cases reset with data still in flight and after
+//! the reader received everything.
 //!
-//! Run with `--test-threads=1` (as `cargo xtask test` does): `z13_no_kernel_warnings_in_dmesg`
-//! sorts last and compares `dmesg` with the snapshot the first test of this binary took.
+//! `no_kernel_warnings_in_dmesg` takes its own `dmesg` snapshot, runs the cases that touch FIN,
+//! RST, the kick and the fallback on the kernel path, and checks that the kernel logged no
+//! warning from the splice path meanwhile; it does not depend on the order tests run in.
 
 use std::{
     net::SocketAddr,
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -57,14 +59,6 @@ fn dp1_addr() -> SocketAddr {
     SocketAddr::new(Topology::dataplane_v4(1).into(), 8080)
 }
 
-/// `dmesg` when the first test of this binary started (for `z13_no_kernel_warnings_in_dmesg`).
-static DMESG_AT_START: OnceLock<Result<Vec<String>, String>> = OnceLock::new();
-
-fn dmesg_snapshot() -> &'static Result<Vec<String>, String> {
-    DMESG_AT_START.get_or_init(raw::dmesg)
-}
-
-static LOG_LEVEL: OnceLock<()> = OnceLock::new();
 
 /// Flow-control decisions the daemon logged (debug lines of `zone_ingress::splice`).
 const FLOW_CONTROL: [&str; 3] = ["direction held", "hold released", "memory guard"];
@@ -90,23 +84,14 @@ struct Env {
 
 impl Env {
     fn start(mode: &'static str, inventory: &str, extra: &[&str]) -> Self {
-        let _ = dmesg_snapshot();
-        LOG_LEVEL.get_or_init(|| {
-            if std::env::var_os("ZI_TEST_LOG").is_none() {
-                // The splice module logs its per-connection decisions (pause, resume, a failed
-                // tail copy) at debug; the cases below report how often they happened. Set once, before
-                // the first daemon starts, while no other thread of this process reads the
-                // environment.
-                // SAFETY: see above.
-                unsafe { std::env::set_var("ZI_TEST_LOG", "info,zone_ingress::splice=debug") };
-            }
-        });
         let topo = Topology::new(1);
         // Two monitor threads whatever the machine: connections alternate between them (the
         // first lands on monitor 1, whose flow reports travel from monitor 0's ring reader).
         let mut args = vec!["--splice", mode, "--drain-time", "1s", "--splice-threads", "2"];
         args.extend_from_slice(extra);
-        let daemon = Daemon::start(&topo.ingress, &zone_ingress_yaml("198.18.0.2", 10001, 9901), inventory, &args);
+        // The splice module logs its per-connection decisions (hold, release, memory guard) at
+        // debug; the cases below report how often they happened.
+        let daemon = Daemon::start_logged(&topo.ingress, &zone_ingress_yaml("198.18.0.2", 10001, 9901), inventory, &args, "info,zone_ingress::splice=debug");
         Self { rt: runtime(), daemon, topo, mode, hello: raw::probe(SNI) }
     }
 
@@ -184,28 +169,28 @@ macro_rules! both_modes {
 }
 
 both_modes! {
-    c01_client_bytes_in_hello_segment => same_segment;
-    c02_early_data_after_hello => early_data;
-    c03_many_small_writes_both_ways => many_small_writes;
-    c04_larger_than_socket_buffers => larger_than_buffers;
-    c04b_bursty_reader_both_ways => bursty_reader;
-    c04c_bursts_with_quiet_gaps_both_ways => bursts_with_gaps;
-    c04d_burst_then_interactive => burst_then_interactive;
-    c05a_half_close_client_fin_on_last_data => half_close_client_fin_on_data;
-    c05b_half_close_client_fin_alone => half_close_client_fin_alone;
-    c05c_half_close_client_fin_while_backend_lags => half_close_client_while_backlogged;
-    c06a_half_close_backend_fin_on_last_data => half_close_backend_fin_on_data;
-    c06b_half_close_backend_fin_alone => half_close_backend_fin_alone;
-    c06d_half_close_backend_fin_while_client_lags => half_close_backend_while_backlogged;
-    c06c_access_reason_names_the_first_fin => access_reason_first_fin;
-    c07a_rst_client_to_backend_data_in_flight => rst_client_in_flight;
-    c07b_rst_client_to_backend_all_delivered => rst_client_all_delivered;
-    c08a_rst_backend_to_client_data_in_flight => rst_backend_in_flight;
-    c08b_rst_backend_to_client_all_delivered => rst_backend_all_delivered;
-    c09_backend_refusing => backend_refusing;
-    c10_client_fin_before_handoff => client_fin_before_handoff;
-    c11_kick_with_nothing_further => kick_nothing_further;
-    c12_slow_reader_memory_bounded => slow_reader;
+    client_bytes_in_hello_segment => same_segment;
+    early_data_after_hello => early_data;
+    many_small_writes_both_ways => many_small_writes;
+    larger_than_socket_buffers => larger_than_buffers;
+    bursty_reader_both_ways => bursty_reader;
+    bursts_with_quiet_gaps_both_ways => bursts_with_gaps;
+    burst_then_interactive => burst_then_interactive;
+    half_close_client_fin_on_last_data => half_close_client_fin_on_data;
+    half_close_client_fin_alone => half_close_client_fin_alone;
+    half_close_client_fin_while_backend_lags => half_close_client_while_backlogged;
+    half_close_backend_fin_on_last_data => half_close_backend_fin_on_data;
+    half_close_backend_fin_alone => half_close_backend_fin_alone;
+    half_close_backend_fin_while_client_lags => half_close_backend_while_backlogged;
+    access_reason_names_the_first_fin => access_reason_first_fin;
+    rst_client_to_backend_data_in_flight => rst_client_in_flight;
+    rst_client_to_backend_all_delivered => rst_client_all_delivered;
+    rst_backend_to_client_data_in_flight => rst_backend_in_flight;
+    rst_backend_to_client_all_delivered => rst_backend_all_delivered;
+    backend_refusing => backend_refusing;
+    client_fin_before_handoff => client_fin_before_handoff;
+    kick_with_nothing_further => kick_nothing_further;
+    slow_reader_memory_bounded => slow_reader;
 }
 
 /// Ends a connection cleanly from both sides: the side that still has its write half shuts it
@@ -389,7 +374,7 @@ fn larger_than_buffers(mode: &'static str) {
     });
     let n = usize::try_from(N).expect("usize");
     env.check_closed(client, Some(env.hello.len() + n), Some(n));
-    eprintln!("c04 {mode}: {}", flow_control_summary(&env.daemon.log_text()));
+    eprintln!("larger_than_socket_buffers {mode}: {}", flow_control_summary(&env.daemon.log_text()));
 }
 
 // -------------------------------------------------------------------------------------------
@@ -505,7 +490,7 @@ fn half_close_backend_fin_alone(mode: &'static str) {
 // above 2 MiB the daemon holds the direction (the bytes stay on the sending side's socket, its
 // window closes) and later relays them itself before the verdict redirects again. Every byte
 // must arrive once, in order, across those switches. The memory guard's cap is set above the
-// transfer size here, so only the hold can bound the queue (c12 checks the memory).
+// transfer size here, so only the hold can bound the queue (slow_reader_memory_bounded checks the memory).
 
 /// 96 MiB down and 32 MiB up at once, each reader reading 1 MiB then sleeping 10 ms.
 /// Reads `n` bytes at most about 100 MiB/s (a 10 ms pause after each MiB); their SHA-256.
@@ -586,7 +571,7 @@ fn bursts_with_gaps(mode: &'static str) {
     let client = lagging_readers(&env, n, n, Some((BURST, PAUSE)));
     env.check_closed(client, Some(env.hello.len() + n as usize), Some(n as usize));
     let log = env.daemon.log_text();
-    eprintln!("c04c {mode}: {}", flow_control_summary(&log));
+    eprintln!("bursts_with_quiet_gaps_both_ways {mode}: {}", flow_control_summary(&log));
     if mode == "kernel" {
         // Each direction's 4 bursts outrun a 100 MiB/s reader: at least 3 of them must have been
         // held, relayed and set down again in each direction (6), the first bursts' by the gaps.
@@ -652,7 +637,7 @@ fn burst_then_interactive(mode: &'static str) {
     });
     env.check_closed(client, Some(env.hello.len() + BURST as usize + pings * PING), Some(pings * PING));
     let log = env.daemon.log_text();
-    eprintln!("c04d {mode}: {pings} pings, release seen after {released_at:?}; {}", flow_control_summary(&log));
+    eprintln!("burst_then_interactive {mode}: {pings} pings, release seen after {released_at:?}; {}", flow_control_summary(&log));
     if mode == "kernel" {
         let [held, _, guard] = flow_control_counts(&log);
         assert!(held > 0, "a 16 MiB burst was not held ({})", flow_control_summary(&log));
@@ -668,7 +653,7 @@ fn bursty_reader(mode: &'static str) {
     let client = lagging_readers(&env, UP, DOWN, None);
     env.check_closed(client, Some(env.hello.len() + UP as usize), Some(DOWN as usize));
     let log = env.daemon.log_text();
-    eprintln!("c04b {mode}: {}", flow_control_summary(&log));
+    eprintln!("bursty_reader_both_ways {mode}: {}", flow_control_summary(&log));
     if mode == "kernel" {
         // The readers take at most 100 MiB/s: the path must have switched to the hold, so the
         // SHA-256 checks above covered bytes on both sides of the switch.
@@ -990,9 +975,9 @@ fn client_fin_before_handoff(mode: &'static str) {
             tokio::join!(backend, client).1
         });
         let line = env.closed_line(client);
-        eprintln!("c10 {mode} {variant}: access line: {line}");
+        eprintln!("client_fin_before_handoff {mode} {variant}: access line: {line}");
         let path = raw::field(&line, "mode").unwrap_or("?").to_owned();
-        eprintln!("c10 {mode} {variant}: carried by the {path} path");
+        eprintln!("client_fin_before_handoff {mode} {variant}: carried by the {path} path");
         if mode == "userspace" {
             assert_eq!(path, "userspace", "{line}");
         }
@@ -1001,7 +986,7 @@ fn client_fin_before_handoff(mode: &'static str) {
     }
     let log = env.daemon.log_text();
     let fallbacks = raw::lines_with(&log, &["kernel splice refused this connection"]);
-    eprintln!("c10 {mode}: {} fallback line(s): {fallbacks:#?}", fallbacks.len());
+    eprintln!("client_fin_before_handoff {mode}: {} fallback line(s): {fallbacks:#?}", fallbacks.len());
 }
 
 // -------------------------------------------------------------------------------------------
@@ -1144,7 +1129,7 @@ fn slow_reader(mode: &'static str) {
     let peak_slab = samples.iter().map(|s| s.slab.saturating_sub(base.slab)).max().unwrap_or(0);
     let peak_tcp = samples.iter().map(|s| s.tcp_mem.saturating_sub(base.tcp_mem)).max().unwrap_or(0);
     eprintln!(
-        "c12 {mode}: backend wrote {:.1} MiB in {writer_time:?}, ended with {end:?}\n\
+        "slow_reader_memory_bounded {mode}: backend wrote {:.1} MiB in {writer_time:?}, ended with {end:?}\n\
          kernel memory (MemTotal-MemFree-Buffers-Cached-SwapCached-AnonPages): base {:.1} MiB, peak growth {:.1} MiB held 300 ms ({:.1} MiB instant), after {:+.1} MiB\n\
          Slab: base {:.1} MiB, peak growth {:.1} MiB, after {:+.1} MiB; sockstat TCP mem peak growth {:.1} MiB ({} samples)\n\
          sockstat (ingress ns) before:\n{sockstat_before}during:\n{}after:\n{sockstat_after}",
@@ -1185,7 +1170,7 @@ fn slow_reader(mode: &'static str) {
                 if !guard_fired {
                     problems.push(format!("the backend's writes failed ({e}) but the access line does not show the memory guard: {line}"));
                 }
-                eprintln!("c12 kernel: stopped by the memory guard after {:.1} MiB", raw::mib(written));
+                eprintln!("slow_reader_memory_bounded kernel: stopped by the memory guard after {:.1} MiB", raw::mib(written));
             }
             WriterEnd::Blocked => {
                 if written >= USERSPACE_BUFFER_BOUND {
@@ -1195,7 +1180,7 @@ fn slow_reader(mode: &'static str) {
                         raw::mib(USERSPACE_BUFFER_BOUND)
                     ));
                 }
-                eprintln!("c12 kernel: stopped by backpressure after {:.1} MiB; access line at close: {line}", raw::mib(written));
+                eprintln!("slow_reader_memory_bounded kernel: stopped by backpressure after {:.1} MiB; access line at close: {line}", raw::mib(written));
             }
             other => problems.push(format!(
                 "the backend's writes neither failed (memory guard) nor blocked (backpressure): {other:?} after {:.1} MiB in \
@@ -1203,7 +1188,7 @@ fn slow_reader(mode: &'static str) {
                 raw::mib(written)
             )),
         }
-        assert!(problems.is_empty(), "c12 kernel:\n- {}\n\ndaemon log:\n{log}", problems.join("\n- "));
+        assert!(problems.is_empty(), "slow_reader_memory_bounded kernel:\n- {}\n\ndaemon log:\n{log}", problems.join("\n- "));
     } else {
         assert!(matches!(end, WriterEnd::Blocked), "userspace: the backend's writes must block; ended with {end:?} after {:.1} MiB", raw::mib(written));
         assert!(
@@ -1222,39 +1207,31 @@ fn slow_reader(mode: &'static str) {
 }
 
 // -------------------------------------------------------------------------------------------
-// 13. No kernel warnings.
+// No kernel warnings.
 
-/// Sorted last: compares `dmesg` now with the snapshot taken when the first test of this binary
-/// started. Run alone, it takes the snapshot itself and first exercises the kernel path (the
-/// cases that touch FIN, RST, the kick and the fallback).
+/// Takes a `dmesg` snapshot, runs the cases that touch FIN, RST, the kick and the fallback on
+/// the kernel path, and checks that the kernel logged no warning from the splice path since.
 #[test]
-fn z13_no_kernel_warnings_in_dmesg() {
-    let alone = DMESG_AT_START.get().is_none();
-    let before = match dmesg_snapshot() {
-        Ok(lines) => lines.clone(),
-        Err(e) => panic!("{e}"),
-    };
-    if alone {
-        eprintln!("z13: no other test ran in this process; exercising the kernel path first");
-        type Case = (&'static str, fn(&'static str));
-        let cases: [Case; 7] = [
-            ("same_segment", same_segment),
-            ("half_close_client_fin_on_data", half_close_client_fin_on_data),
-            ("half_close_backend_fin_alone", half_close_backend_fin_alone),
-            ("rst_client_all_delivered", rst_client_all_delivered),
-            ("rst_backend_in_flight", rst_backend_in_flight),
-            ("client_fin_before_handoff", client_fin_before_handoff),
-            ("kick_nothing_further", kick_nothing_further),
-        ];
-        for (name, case) in cases {
-            if std::panic::catch_unwind(|| case("kernel")).is_err() {
-                eprintln!("z13: case {name} failed (its own test reports it); checking dmesg anyway");
-            }
+fn no_kernel_warnings_in_dmesg() {
+    let before = raw::dmesg().unwrap_or_else(|e| panic!("{e}"));
+    type Case = (&'static str, fn(&'static str));
+    let cases: [Case; 7] = [
+        ("same_segment", same_segment),
+        ("half_close_client_fin_on_data", half_close_client_fin_on_data),
+        ("half_close_backend_fin_alone", half_close_backend_fin_alone),
+        ("rst_client_all_delivered", rst_client_all_delivered),
+        ("rst_backend_in_flight", rst_backend_in_flight),
+        ("client_fin_before_handoff", client_fin_before_handoff),
+        ("kick_nothing_further", kick_nothing_further),
+    ];
+    for (name, case) in cases {
+        if std::panic::catch_unwind(|| case("kernel")).is_err() {
+            eprintln!("no_kernel_warnings_in_dmesg: case {name} failed (its own test reports it); checking dmesg anyway");
         }
     }
     let after = raw::dmesg().unwrap_or_else(|e| panic!("{e}"));
     let splats = raw::new_splice_splats(&before, &after);
     let new_lines = after.len().saturating_sub(before.len());
-    eprintln!("z13: {new_lines} new dmesg line(s) since the snapshot; {} splice-related splat(s)", splats.len());
-    assert!(splats.is_empty(), "kernel warnings in the splice path since the first test:\n{}", splats.join("\n---\n"));
+    eprintln!("no_kernel_warnings_in_dmesg: {new_lines} new dmesg line(s) since the snapshot; {} splice-related splat(s)", splats.len());
+    assert!(splats.is_empty(), "kernel warnings in the splice path while the cases ran:\n{}", splats.join("\n---\n"));
 }

@@ -1,4 +1,4 @@
-//! Every row of the SNI test-vector table (kuma-zone-ingress.md §5) through the live ingress,
+//! Every row of the SNI test-vector table (docs/design.md#sni-examples) through the live ingress,
 //! with `section5_inventory(false)` and `--zone east`, in both splice modes.
 //!
 //! - `probe_table_*`: a probe ClientHello per row over plain TCP. Dataplanes 1/2/3 run plain TCP
@@ -44,7 +44,7 @@ fn ingress_addr() -> SocketAddr {
     SocketAddr::new(Topology::ingress_v4().into(), 10001)
 }
 
-/// Dataplane k's (1-based) address in the §5 inventory: 8080 for the backends, 6379 for redis.
+/// Dataplane k's (1-based) address in the inventory of docs/design.md#sni-examples: 8080 for the backends, 6379 for redis.
 fn dp_addr(k: usize) -> SocketAddr {
     SocketAddr::new(Topology::dataplane_v4(k).into(), if k == 3 { 6379 } else { 8080 })
 }
@@ -99,7 +99,7 @@ enum Expect {
     Rejected(&'static str),
 }
 
-/// The §5 table (SNI → expectation), plus the parser error cases of §5's last paragraph.
+/// The table of docs/design.md#sni-examples (SNI → expectation), plus parser error cases.
 const TABLE: [(&str, Expect); 18] = [
     ("backend{mesh=default}", Expect::Routed(&[1, 2])),
     ("backend{mesh=default,version=v1}", Expect::Routed(&[1])),

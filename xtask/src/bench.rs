@@ -125,7 +125,7 @@ impl Phase {
     }
 }
 
-/// FNV-1a-64, for the MeshService SNI of the TLS service (reference §3.2).
+/// FNV-1a-64, for the MeshService SNI of the TLS service (docs/design.md#sni-formats).
 fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }

@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 
 /// The toolchain that builds the eBPF crate (never a dated one: only the installed nightly exists).
 pub const NIGHTLY: &str = "nightly";
-/// bpf-linker release known to work with aya 0.14 and LLVM 22 (`reference/toolchain.md`).
+/// bpf-linker release known to work with aya 0.14 and LLVM 22 (README.md#requirements).
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Overrides where the daemon binary is looked up by the privileged tests and the demo.
 pub const ENV_ZONE_INGRESS_BIN: &str = "ZONE_INGRESS_BIN";

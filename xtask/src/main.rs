@@ -4,6 +4,7 @@ mod bench;
 mod bench_xdp;
 mod build_ebpf;
 mod demo;
+mod modgraph;
 mod netns;
 mod setup;
 mod test;
@@ -25,6 +26,8 @@ enum Cli {
     Demo(demo::Options),
     /// Benchmark zone-ingress against direct routing, HAProxy and nginx (needs root).
     Bench(bench::Options),
+    /// Check that the daemon's top-level modules import each other without a cycle.
+    Modgraph(modgraph::Options),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
         Cli::Test(o) => test::test(&o),
         Cli::Demo(o) => demo::demo(&o),
         Cli::Bench(o) => bench::bench(&o),
+        Cli::Modgraph(o) => modgraph::modgraph(&o),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

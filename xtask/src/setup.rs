@@ -1,6 +1,7 @@
 //! `cargo xtask setup`: installs what a fresh machine lacks. Idempotent; seconds when all is there.
 //!
-//! - nightly `rust-src` (the eBPF crate is built with `-Z build-std=core`);
+//! - nightly `rust-src` (the eBPF crate is built with `-Z build-std=core`), and the nightly's
+//!   `rustfmt` and `clippy` (the import grouping of `rustfmt.toml`, the eBPF crate's lints);
 //! - `bpf-linker`, built against the nightly toolchain's own libLLVM (no LLVM package needed);
 //! - the Debian packages the tests, the demo and the benchmark use.
 
@@ -36,11 +37,14 @@ pub fn setup(opts: &Options) -> anyhow::Result<()> {
 fn rust_src() -> anyhow::Result<()> {
     let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))
         .context("the nightly toolchain is required to build the eBPF programs")?;
-    if installed.lines().any(|l| l.starts_with("rust-src")) {
-        return Ok(());
+    for component in ["rust-src", "rustfmt", "clippy"] {
+        if installed.lines().any(|l| l.starts_with(component)) {
+            continue;
+        }
+        eprintln!("setup: installing {component} for {NIGHTLY}");
+        exec(Command::new("rustup").args(["component", "add", component, "--toolchain", NIGHTLY]))?;
     }
-    eprintln!("setup: installing rust-src for {NIGHTLY}");
-    exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))
+    Ok(())
 }
 
 fn cargo_home() -> PathBuf {

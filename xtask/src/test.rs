@@ -1,12 +1,13 @@
-//! `cargo xtask test`: sets up, then runs every check: `cargo fmt --check`, clippy (warnings are
-//! errors), unit tests, the eBPF build, and the privileged integration tests (network
-//! namespaces, real kernel programs) one at a time.
+//! `cargo xtask test`: sets up, then runs every check: `cargo +nightly fmt --check`, clippy
+//! (warnings are errors) on the host crates and on the eBPF crate for its BPF target, the
+//! module import graph, unit tests and the unprivileged connection-path tests, the eBPF build,
+//! and the privileged integration tests (network namespaces, real kernel programs) one at a time.
 //! All failures are reported together at the end.
 
 use std::process::Command;
 
 use clap::Parser;
-use xtask::{ENV_ZONE_INGRESS_BIN, status, workspace_root};
+use xtask::{ENV_ZONE_INGRESS_BIN, NIGHTLY, status, workspace_root};
 
 #[derive(Debug, Parser)]
 pub struct Options {
@@ -25,9 +26,9 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
 
     // Format and lints first (a run with a filter is a developer's loop: skipped there).
     if opts.filter.is_none() {
-        let fmt = status(Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--check"]))?;
+        let fmt = status(Command::new("cargo").current_dir(&root).args([&format!("+{NIGHTLY}"), "fmt", "--all", "--check"]))?;
         if !fmt.success() {
-            failures.push("cargo fmt --check (run `cargo fmt --all`)");
+            failures.push("cargo +nightly fmt --check (run `cargo +nightly fmt --all`)");
         }
         let clippy = status(Command::new("cargo").current_dir(&root).args([
             "clippy",
@@ -42,6 +43,21 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
         ]))?;
         if !clippy.success() {
             failures.push("cargo clippy");
+        }
+        // The kernel programs, for their own target (the host build of that crate is a stub).
+        let clippy_ebpf = status(
+            Command::new("cargo")
+                .current_dir(root.join("zone-ingress-ebpf"))
+                .args([&format!("+{NIGHTLY}"), "clippy", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+                .args(["--", "-D", "warnings"])
+                .env("CARGO_TARGET_DIR", xtask::target_dir().join("ebpf-clippy")),
+        )?;
+        if !clippy_ebpf.success() {
+            failures.push("cargo clippy (eBPF crate)");
+        }
+        if let Err(e) = crate::modgraph::modgraph(&crate::modgraph::Options::default()) {
+            eprintln!("xtask: {e:#}");
+            failures.push("module import graph");
         }
     }
     // The daemon binary the integration tests and the demo run (built with its eBPF object).

@@ -12,7 +12,7 @@
 /// has the verdict attached; a socket stays in it for its whole life too (removing a socket from
 /// the map that carries the program, while bytes arrive, drops acknowledged bytes).
 ///
-/// Backpressure (in-kernel-splice.md §4): the redirect path has none, because a redirected skb
+/// Backpressure (docs/design.md#backpressure): the redirect path has none, because a redirected skb
 /// no longer counts against the sender's receive buffer. When the bytes queued toward a peer
 /// grow too large, userspace asks the verdict to *hold* that direction (`HOLD`): from the next
 /// skb on, the verdict passes skbs to the receiving socket itself (`SK_PASS` without a

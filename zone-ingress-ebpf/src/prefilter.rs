@@ -1,4 +1,4 @@
-//! XDP guard in front of the listener (in-kernel-splice.md §7): judges every packet *for the
+//! XDP guard in front of the listener (docs/design.md#xdp-guard): judges every packet *for the
 //! listener* (TCP to its address and port) before the stack allocates anything for it, and lets
 //! everything else through untouched and uncounted.
 //!
@@ -16,7 +16,7 @@
 //! 4. `bad_flags`: flag combinations no valid segment carries (SYN+FIN, SYN+RST, FIN+RST, and
 //!    none of SYN/ACK/RST: RFC 9293 §3.10.7 has every later segment carry ACK);
 //! 5. `urgent`: URG set. Sockmap does not carry urgent data (the out-of-band byte is lost or
-//!    lands in the stream), see in-kernel-splice.md §5;
+//!    lands in the stream), see docs/design.md#kernel-behaviour-the-code-relies-on;
 //! 6. `syn_rate_limited`: a SYN (without ACK) over its source prefix's token bucket.
 //!
 //! The token buckets live in an LRU per-CPU hash, so the rate is per CPU and memory stays bounded

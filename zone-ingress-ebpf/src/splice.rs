@@ -1,6 +1,6 @@
 //! sk_skb stream verdict: every skb received on a spliced socket is redirected to the egress of
 //! its peer (`bpf_sk_redirect_hash(.., flags = 0)`), so the kernel moves the payload between the
-//! two TCP connections without a userspace copy. See `in-kernel-splice.md` §1–§2.
+//! two TCP connections without a userspace copy. See `docs/design.md#kernel-behaviour-the-code-relies-on`.
 //!
 //! Attached alone (no stream parser) to `VERDICT`: the kernel runs it on each skb taken from the
 //! receive queue of a socket in that map (`sk_psock_verdict_recv`, net/core/skmsg.c,

@@ -6,7 +6,7 @@
 //! | --- | --- | --- |
 //! | `/` | GET | this list |
 //! | `/ready` | GET | `READY` 200, `NOT_READY` 503, `TERMINATING` 503 |
-//! | `/stats/prometheus` | GET | Prometheus text: Envoy's names (reference §8) and `zone_ingress_*` |
+//! | `/stats/prometheus` | GET | Prometheus text: Envoy's names (docs/metrics.md) and `zone_ingress_*` |
 //! | `/stats` | GET | the same as `name: value` lines (`?filter=`, `?format=json|prometheus`) |
 //! | `/config_dump` | GET | JSON: ZoneIngress with `availableServices`, routes, clusters, splice |
 //! | `/connections` | GET | JSON page of open flows (`?limit=` ≤ 1000, `?after=<id>`) |

@@ -1,19 +1,19 @@
-//! The routing table: SNI → route → endpoints (reference §4, §5, §7).
+//! The routing table: SNI → route → endpoints (docs/design.md#route-table).
 //!
 //! Kuma builds one Envoy filter chain per accepted SNI and matches the whole string; this table
 //! holds the same set of entries, built from the [`Inventory`]:
 //!
-//! - legacy `S{mesh=M}` per mesh `M` and service `S` with at least one healthy inbound (§4.1);
+//! - legacy `S{mesh=M}` per mesh `M` and service `S` with at least one healthy inbound ;
 //! - MeshService `a<hash>.S.<port>.M.ms` per such service whose name is a DNS-1035 label, one per
-//!   distinct healthy inbound port (§4.2: Universal zones generate one MeshService per service).
+//!   distinct healthy inbound port (Universal zones generate one MeshService per service).
 //!
 //! Legacy *subset* SNIs (`S{mesh=M,version=v1}`) are not enumerated: Kuma creates them only for
 //! subsets some policy references, which this data plane cannot see. Any canonical subset of a
-//! known service is accepted instead and filters that service's endpoints (§4.1 explains why the
+//! known service is accepted instead and filters that service's endpoints (docs/design.md#route-table explains why the
 //! result is identical for every SNI Kuma would generate). Subset routes are built on first use
 //! and cached, so each keeps its round-robin position across connections.
 //!
-//! Balancing is round robin per TCP connection with weight 1 (§7); health is exactly the
+//! Balancing is round robin per TCP connection with weight 1; health is exactly the
 //! inventory's `state`/`health` (no active checks). A new table is built on every inventory
 //! change and swapped in whole by the caller.
 
@@ -80,11 +80,11 @@ impl Reject {
 
 /// A backend cluster in Kuma's sense: the endpoint set of one service (legacy) or one
 /// MeshService port. Shared by every route that sends to it, so the caller can cap concurrent
-/// upstream connections per cluster as Envoy does (1024 by default, reference §6.7).
+/// upstream connections per cluster as Envoy does (1024 by default, docs/design.md#route-table).
 #[derive(Debug)]
 pub struct Cluster {
     /// Kuma's cluster name: `<mesh>:<service>` for legacy routes,
-    /// `<mesh>_<name>__<zone>_msvc_<port>` for MeshService routes (reference §8).
+    /// `<mesh>_<name>__<zone>_msvc_<port>` for MeshService routes (docs/design.md#route-table).
     pub name: String,
     /// The name as Envoy's stats show it (`envoy_cluster_name`): `:` becomes `_`.
     pub stat_name: String,
@@ -153,7 +153,7 @@ impl Route {
     }
 }
 
-/// One `availableServices` entry (reference §2.1): a distinct (mesh, full tag set) of healthy
+/// One `availableServices` entry (docs/design.md#route-table): a distinct (mesh, full tag set) of healthy
 /// inbounds and how many inbounds carry it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct AvailableService {
@@ -329,7 +329,7 @@ impl RouteTable {
     }
 
     /// No entry at all (no healthy service in any mesh): Kuma then answers every connection
-    /// with `{"proxy":…,"zone":…}` (reference §6.3).
+    /// with `{"proxy":…,"zone":…}` (docs/design.md#route-table).
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
@@ -441,7 +441,7 @@ mod tests {
     use super::*;
     use crate::config::parse_inventory;
 
-    /// The inventory of reference §5, with 198.18.1.x (benchmarking range) for 10.20.1.x.
+    /// The inventory of docs/design.md#sni-examples, with 198.18.1.x (benchmarking range) for 10.20.1.x.
     const INVENTORY: &str = r"
 type: Dataplane
 mesh: default

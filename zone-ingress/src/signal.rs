@@ -1,4 +1,4 @@
-//! Process signals, with kuma-dp's meanings (reference §6, §8):
+//! Process signals, with kuma-dp's meanings (docs/operations.md#signals-and-drain):
 //!
 //! - SIGTERM, SIGINT: shut down: report `TERMINATING`, stop accepting, let established flows
 //!   run for the drain time, then close the rest and exit 0;
@@ -57,18 +57,5 @@ impl Signals {
             Event::DrainListeners => info!(signal = "SIGUSR2", "draining the listener"),
         }
         event
-    }
-}
-
-/// Resolves on the first SIGINT or SIGTERM, logging which.
-pub async fn shutdown() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        // Without signal handlers the process can still be stopped by the default action.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => info!(signal = "SIGTERM", "shutting down"),
-        _ = int.recv() => info!(signal = "SIGINT", "shutting down"),
     }
 }

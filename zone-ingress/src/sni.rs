@@ -1,4 +1,4 @@
-//! The two SNI formats a Kuma 2.x ZoneIngress serves (reference §3): the legacy tag format
+//! The two SNI formats a Kuma 2.x ZoneIngress serves (docs/design.md#sni-formats): the legacy tag format
 //! `service{key=value,...}` and the hashed resource format `a<hash>.<name>.<port>.<mesh>.<type>`.
 //!
 //! Both sides of a cross-zone connection derive the SNI independently from the same data, so the
@@ -22,7 +22,7 @@ const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// Longest name or mesh kept verbatim in a resource SNI; longer ones are cut to this many bytes
-/// and marked with a trailing `x` (reference §3.2), so the label stays within DNS's 63 bytes.
+/// and marked with a trailing `x` (docs/design.md#sni-formats), so the label stays within DNS's 63 bytes.
 const MAX_RESOURCE_LABEL: usize = 62;
 
 /// FNV-1a 64 over `bytes` (offset basis `0xcbf29ce484222325`, prime `0x100000001b3`).
@@ -61,7 +61,7 @@ impl fmt::Display for ResourceKind {
     }
 }
 
-/// The hashed SNI of a MeshService / MeshMultiZoneService port (reference §3.2):
+/// The hashed SNI of a MeshService / MeshMultiZoneService port (docs/design.md#sni-formats):
 /// `"a" + hex16(fnv1a64(name ";" mesh ";")) + "." + name' + "." + port + "." + mesh' + "." + kind`,
 /// where `name'`/`mesh'` are cut to 62 bytes plus `x` when longer.
 #[must_use]
@@ -104,7 +104,7 @@ fn truncate_label(label: &str) -> String {
     out
 }
 
-/// The legacy tag SNI (reference §3.1): `service{k1=v1,k2=v2}` with all `tags` except
+/// The legacy tag SNI (docs/design.md#sni-formats): `service{k1=v1,k2=v2}` with all `tags` except
 /// `kuma.io/service`, sorted by key in byte order; just `service` when no pair remains.
 ///
 /// `tags` should include `mesh` for anything a client would send; it is not required here
@@ -267,7 +267,7 @@ pub fn parse_legacy_tags(sni: &str) -> Result<LegacySni, SniError> {
             return Err(SniError::EmptyValue(key.to_owned()));
         }
         check_charset("tag key", key, is_key_char)?;
-        // `*` is the selector wildcard (reference §4.1); it is a whole value, never part of one.
+        // `*` is the selector wildcard (docs/design.md#sni-formats); it is a whole value, never part of one.
         if value != "*" {
             check_charset("tag value", value, is_value_char)?;
         }
@@ -278,7 +278,7 @@ pub fn parse_legacy_tags(sni: &str) -> Result<LegacySni, SniError> {
     Ok(LegacySni { service: service.to_owned(), tags })
 }
 
-/// Decode a legacy SNI and enforce the canonical rule of reference §4.1: it must carry `mesh`,
+/// Decode a legacy SNI and enforce the canonical rule (docs/design.md#sni-formats): it must carry `mesh`,
 /// must not carry `kuma.io/service` inside the braces, and re-serialising it with sorted keys must
 /// give the input byte for byte. Kuma has a filter chain only for canonical names, so anything
 /// else must be rejected rather than "fixed".
