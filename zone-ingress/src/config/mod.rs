@@ -43,7 +43,7 @@ pub use inventory::{Dataplane, Inbound, InboundState, Inventory, ZONE_TAG, load_
 pub use zone_ingress::{DEFAULT_ADMIN_PORT, ZoneIngress, load_zone_ingress, parse_zone_ingress};
 
 /// Where the inputs come from: the command-line values [`load_inputs`] reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Sources {
     /// The `ZoneIngress` file (`--dataplane-file`).
     pub dataplane_file: PathBuf,
