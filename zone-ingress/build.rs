@@ -11,7 +11,10 @@ use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
-    let ebpf_dir = manifest_dir.parent().ok_or_else(|| anyhow!("no workspace above {}", manifest_dir.display()))?.join("zone-ingress-ebpf");
+    let ebpf_dir = manifest_dir
+        .parent()
+        .ok_or_else(|| anyhow!("no workspace above {}", manifest_dir.display()))?
+        .join("zone-ingress-ebpf");
     let root_dir = ebpf_dir.to_str().context("non-UTF-8 workspace path")?;
     println!("cargo:rerun-if-changed={root_dir}");
     let out = PathBuf::from(std::env::var("OUT_DIR")?).join("zone-ingress-ebpf");
@@ -21,6 +24,9 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(&out, b"")?;
         return Ok(());
     }
-    aya_build::build_ebpf([aya_build::Package { name: "zone-ingress-ebpf", root_dir, ..Default::default() }], aya_build::Toolchain::Nightly)
-        .context("building the eBPF programs failed; run `cargo xtask setup` (nightly rust-src, bpf-linker)")
+    aya_build::build_ebpf(
+        [aya_build::Package { name: "zone-ingress-ebpf", root_dir, ..Default::default() }],
+        aya_build::Toolchain::Nightly,
+    )
+    .context("building the eBPF programs failed; run `cargo xtask setup` (nightly rust-src, bpf-linker)")
 }

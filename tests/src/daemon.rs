@@ -25,7 +25,11 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 impl Scratch {
     pub fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("zi-{tag}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let p = std::env::temp_dir().join(format!(
+            "zi-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("scratch dir");
         Self(p)

@@ -32,7 +32,8 @@ fn in_test_ranges(ip: IpAddr) -> bool {
 
 /// The MAC address of `ifname` in `ns` (`ip -j link show`).
 pub fn mac(ns: &Netns, ifname: &str) -> [u8; 6] {
-    let out = Command::new("ip").args(["-n", &ns.name, "-j", "link", "show", "dev", ifname]).output().expect("ip link show");
+    let out =
+        Command::new("ip").args(["-n", &ns.name, "-j", "link", "show", "dev", ifname]).output().expect("ip link show");
     assert!(out.status.success(), "ip link show {ifname}: {}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
     let text = v[0]["address"].as_str().unwrap_or_else(|| panic!("no address for {ifname}: {v}"));
@@ -45,7 +46,10 @@ pub fn mac(ns: &Netns, ifname: &str) -> [u8; 6] {
 
 /// The XDP attachment of `ifname` in `ns`: `Some("native")`, `Some("generic")` or `None`.
 pub fn xdp_attachment(ns: &Netns, ifname: &str) -> Option<&'static str> {
-    let out = Command::new("ip").args(["-n", &ns.name, "-d", "-j", "link", "show", "dev", ifname]).output().expect("ip link show");
+    let out = Command::new("ip")
+        .args(["-n", &ns.name, "-d", "-j", "link", "show", "dev", ifname])
+        .output()
+        .expect("ip link show");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     let mode = v[0]["xdp"]["mode"].as_u64()?;
     // XDP_ATTACHED_DRV = 1, SKB = 2, HW = 3, MULTI = 4 (include/uapi/linux/if_link.h).
@@ -152,7 +156,10 @@ impl RawSender {
 
     /// A whole frame carrying `packet`.
     pub fn frame(&self, packet: &Packet) -> Vec<u8> {
-        assert!(in_test_ranges(packet.src) && in_test_ranges(packet.dst), "crafted packets stay in the test ranges: {packet:?}");
+        assert!(
+            in_test_ranges(packet.src) && in_test_ranges(packet.dst),
+            "crafted packets stay in the test ranges: {packet:?}"
+        );
         let mut f = self.eth(if packet.src.is_ipv4() { 0x0800 } else { 0x86dd });
         f.extend_from_slice(&packet.bytes());
         f
@@ -370,10 +377,12 @@ pub fn syn_flood(sender: &RawSender, src: IpAddr, dst: SocketAddr, max_packets: 
         // New source port and sequence; adjust the TCP checksum incrementally (RFC 1624).
         let sport = 1024 + (sent % 60_000) as u16;
         let seq = (sent as u32).wrapping_mul(2_654_435_761);
-        let old: Vec<u16> = (0..4).map(|i| u16::from_be_bytes([frame[sport_at + 2 * i], frame[sport_at + 2 * i + 1]])).collect();
+        let old: Vec<u16> =
+            (0..4).map(|i| u16::from_be_bytes([frame[sport_at + 2 * i], frame[sport_at + 2 * i + 1]])).collect();
         frame[sport_at..sport_at + 2].copy_from_slice(&sport.to_be_bytes());
         frame[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
-        let new: Vec<u16> = (0..4).map(|i| u16::from_be_bytes([frame[sport_at + 2 * i], frame[sport_at + 2 * i + 1]])).collect();
+        let new: Vec<u16> =
+            (0..4).map(|i| u16::from_be_bytes([frame[sport_at + 2 * i], frame[sport_at + 2 * i + 1]])).collect();
         let mut sum = u32::from(!u16::from_be_bytes([frame[l4 + 16], frame[l4 + 17]]));
         for (o, n) in old.iter().zip(&new) {
             sum += u32::from(!*o) + u32::from(*n);
@@ -403,7 +412,9 @@ pub fn counters(ns: &Netns, admin: SocketAddr) -> std::collections::BTreeMap<Str
             continue;
         }
         let v = match &sample.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
             other => panic!("unexpected sample type {other:?}"),
         };
         if let Some(reason) = sample.labels.get("reason") {

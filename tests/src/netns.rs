@@ -61,7 +61,9 @@ impl Netns {
 
     /// Binds a listener here and hands it to the current tokio runtime.
     pub fn listen(&self, addr: SocketAddr) -> tokio::net::TcpListener {
-        let l = self.run(|| std::net::TcpListener::bind(addr)).unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", self.name));
+        let l = self
+            .run(|| std::net::TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", self.name));
         l.set_nonblocking(true).expect("nonblocking");
         tokio::net::TcpListener::from_std(l).expect("tokio listener")
     }

@@ -73,7 +73,8 @@ fn parse_response(buf: &[u8]) -> Option<Response> {
     let head = std::str::from_utf8(&buf[..head_end]).ok()?;
     let mut lines = head.split("\r\n");
     let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect();
     let mut body = buf[head_end + 4..].to_vec();
     let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
     if chunked {
@@ -123,8 +124,10 @@ impl Scrape {
                     typed.insert(metric_alias.unwrap_or(metric_name));
                 }
                 LineInfo::Sample { metric_name, .. } => {
-                    let family =
-                        ["_bucket", "_sum", "_count"].iter().find_map(|s| metric_name.strip_suffix(s).filter(|f| typed.contains(*f))).unwrap_or(metric_name);
+                    let family = ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|s| metric_name.strip_suffix(s).filter(|f| typed.contains(*f)))
+                        .unwrap_or(metric_name);
                     assert!(typed.contains(family), "sample without a # TYPE line: {line:?}");
                 }
                 LineInfo::Doc { .. } | LineInfo::Empty => {}
@@ -136,11 +139,17 @@ impl Scrape {
 
     /// The value of the sample `name` whose labels include all of `labels`, if exactly one.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let mut found = self.parsed.samples.iter().filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)));
+        let mut found = self
+            .parsed
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)));
         let s = found.next()?;
         assert!(found.next().is_none(), "several samples of {name} match {labels:?}");
         match &s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => Some(*v),
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(*v),
             prometheus_parse::Value::Histogram(h) => h.iter().map(|b| b.count).reduce(f64::max),
             prometheus_parse::Value::Summary(_) => None,
         }
@@ -158,7 +167,9 @@ impl Scrape {
             .iter()
             .filter(|s| s.metric == name)
             .map(|s| match &s.value {
-                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => *v,
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
                 _ => 0.0,
             })
             .sum()
@@ -295,7 +306,10 @@ pub fn wait_exit(pid: u32, timeout: Duration) -> bool {
 
 /// Plain-TCP dataplanes on the test topology serving the integrity protocol, one per
 /// `(k, port, name)`; returns their counters.
-pub fn plain_dataplanes(topo: &Topology, dps: &[(usize, u16, &str)]) -> Vec<std::sync::Arc<crate::stream::ServerStats>> {
+pub fn plain_dataplanes(
+    topo: &Topology,
+    dps: &[(usize, u16, &str)],
+) -> Vec<std::sync::Arc<crate::stream::ServerStats>> {
     dps.iter()
         .map(|(k, port, name)| {
             let addr = SocketAddr::new(Topology::dataplane_v4(*k).into(), *port);
@@ -312,7 +326,9 @@ pub fn ingress_addr(port: u16) -> SocketAddr {
 /// Runs one plain-TCP protocol exchange from the client namespace through the ingress.
 pub async fn plain_flow(topo: &Topology, port: u16, n_up: u64, n_down: u64) -> std::io::Result<Outcome> {
     let tcp = topo.client.connect(ingress_addr(port))?;
-    tokio::time::timeout(Duration::from_secs(60), crate::stream::client(tcp, n_up, n_down)).await.map_err(|_| std::io::Error::other("flow timed out"))?
+    tokio::time::timeout(Duration::from_secs(60), crate::stream::client(tcp, n_up, n_down))
+        .await
+        .map_err(|_| std::io::Error::other("flow timed out"))?
 }
 
 /// Ids of the BPF programs process `pid` holds open (from `/proc/<pid>/fdinfo`).
@@ -330,5 +346,10 @@ pub fn bpf_prog_ids(pid: u32) -> Vec<u32> {
 
 /// The BPF program `id` still exists (`bpftool prog show id <id>`).
 pub fn bpf_prog_exists(id: u32) -> bool {
-    std::process::Command::new("bpftool").args(["prog", "show", "id", &id.to_string()]).output().expect("bpftool prog show id").status.success()
+    std::process::Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .output()
+        .expect("bpftool prog show id")
+        .status
+        .success()
 }

@@ -42,7 +42,11 @@ impl Pki {
 
     /// A leaf for `names` (DNS SANs; names that are not DNS names are skipped as SANs).
     pub fn leaf(&self, cn: &str, names: &[&str]) -> Leaf {
-        let sans: Vec<String> = names.iter().filter(|n| rustls::pki_types::DnsName::try_from(**n).is_ok()).map(|n| (*n).to_owned()).collect();
+        let sans: Vec<String> = names
+            .iter()
+            .filter(|n| rustls::pki_types::DnsName::try_from(**n).is_ok())
+            .map(|n| (*n).to_owned())
+            .collect();
         let mut params = CertificateParams::new(sans).expect("params");
         params.distinguished_name.push(DnType::CommonName, cn);
         let key = KeyPair::generate().expect("leaf key");

@@ -87,7 +87,8 @@ fn timed_out(what: &str) -> io::Error {
 /// runtime), bounded by 5 s.
 pub async fn connect(ns: &Netns, addr: SocketAddr, opts: SockOpts) -> io::Result<TcpStream> {
     let sock = ns.run(|| new_socket(addr, opts))?;
-    let stream = tokio::time::timeout(Duration::from_secs(5), sock.connect(addr)).await.map_err(|_| timed_out("connect"))??;
+    let stream =
+        tokio::time::timeout(Duration::from_secs(5), sock.connect(addr)).await.map_err(|_| timed_out("connect"))??;
     if opts.nodelay {
         stream.set_nodelay(true)?;
     }
@@ -131,7 +132,15 @@ fn setsockopt_int(fd: i32, level: i32, name: i32, v: i32) -> io::Result<()> {
 pub fn set_linger_zero(s: &impl AsRawFd) -> io::Result<()> {
     let l = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: `l` lives across the call and its size is passed.
-    let r = unsafe { libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&raw const l).cast(), size_of::<libc::linger>() as libc::socklen_t) };
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const l).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
     if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
@@ -241,12 +250,19 @@ pub fn lines_with<'a>(log: &'a str, needles: &[&str]) -> Vec<&'a str> {
 
 /// The `connection closed` / `connection rejected` access line of the client at `client`
 /// (its local address as the daemon saw it), polled for up to `timeout`.
-pub fn wait_access_line(log_path: &std::path::Path, client: SocketAddr, what: &str, timeout: Duration) -> Option<String> {
+pub fn wait_access_line(
+    log_path: &std::path::Path,
+    client: SocketAddr,
+    what: &str,
+    timeout: Duration,
+) -> Option<String> {
     let needle = format!("client={client} ");
     let end = Instant::now() + timeout;
     loop {
         let log = std::fs::read_to_string(log_path).unwrap_or_default();
-        if let Some(l) = log.lines().find(|l| l.contains(what) && (l.contains(&needle) || l.ends_with(&format!("client={client}")))) {
+        if let Some(l) =
+            log.lines().find(|l| l.contains(what) && (l.contains(&needle) || l.ends_with(&format!("client={client}"))))
+        {
             return Some(l.to_owned());
         }
         if Instant::now() >= end {
@@ -290,7 +306,11 @@ pub fn bpf_map_ids(pid: u32) -> Vec<u32> {
 }
 
 fn bpftool_json(args: &[&str]) -> Result<serde_json::Value, String> {
-    let out = Command::new("bpftool").arg("-j").args(args).output().map_err(|e| format!("running bpftool: {e} (install it with `cargo xtask setup`)"))?;
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .map_err(|e| format!("running bpftool: {e} (install it with `cargo xtask setup`)"))?;
     if !out.status.success() {
         return Err(format!("bpftool {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)));
     }
@@ -322,7 +342,12 @@ pub fn raise_nofile() -> u64 {
     unsafe {
         assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim), 0, "getrlimit");
         lim.rlim_cur = lim.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim), 0, "setrlimit: {}", io::Error::last_os_error());
+        assert_eq!(
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim),
+            0,
+            "setrlimit: {}",
+            io::Error::last_os_error()
+        );
     }
     lim.rlim_cur
 }
@@ -385,7 +410,11 @@ pub fn sockstat_tcp_mem_pages(text: &str) -> u64 {
 
 /// `/proc/net/sockstat` as seen from `ns`.
 pub fn sockstat(ns: &Netns) -> String {
-    ns.command("cat").arg("/proc/net/sockstat").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+    ns.command("cat")
+        .arg("/proc/net/sockstat")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 /// `ss -tanmi` in `ns` (TCP sockets with their states, queues and memory), for failure reports.
@@ -414,7 +443,8 @@ pub fn dmesg() -> Result<Vec<String>, String> {
 }
 
 /// Names whose appearance in a splat ties it to the splice path.
-pub const SPLICE_KERNEL_SYMBOLS: [&str; 8] = ["sk_psock", "skmsg", "tcp_bpf", "sock_map", "sockmap", "sk_skb", "bpf_sk_redirect", "sk_msg"];
+pub const SPLICE_KERNEL_SYMBOLS: [&str; 8] =
+    ["sk_psock", "skmsg", "tcp_bpf", "sock_map", "sockmap", "sk_skb", "bpf_sk_redirect", "sk_msg"];
 
 /// Kernel splats (`WARNING:`, `BUG:`, oopses) that are new since `before` and mention the
 /// splice path in their first line or their call trace (the 60 lines after it).
@@ -425,7 +455,8 @@ pub fn new_splice_splats(before: &[String], after: &[String]) -> Vec<String> {
         if old.contains(line) {
             continue;
         }
-        let splat = ["WARNING:", "BUG:", "Oops", "general protection fault", "kernel BUG"].iter().any(|k| line.contains(k));
+        let splat =
+            ["WARNING:", "BUG:", "Oops", "general protection fault", "kernel BUG"].iter().any(|k| line.contains(k));
         if !splat {
             continue;
         }

@@ -80,7 +80,13 @@ pub async fn send_stream<W: AsyncWrite + Unpin>(w: &mut W, seed: u64, n: u64) ->
 
 /// Like [`send_stream`], in bursts of `burst` bytes with a `pause` after each but the last (a
 /// sender that goes quiet now and then).
-pub async fn send_stream_paced<W: AsyncWrite + Unpin>(w: &mut W, seed: u64, n: u64, burst: u64, pause: std::time::Duration) -> std::io::Result<[u8; 32]> {
+pub async fn send_stream_paced<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    seed: u64,
+    n: u64,
+    burst: u64,
+    pause: std::time::Duration,
+) -> std::io::Result<[u8; 32]> {
     let mut chunks = Chunks::new(seed, n);
     let mut h = Sha256::new();
     let mut in_burst = 0u64;
@@ -107,7 +113,10 @@ pub async fn recv_stream<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> std::io::Re
         let k = usize::try_from(left.min(CHUNK as u64)).expect("chunk");
         let got = r.read(&mut buf[..k]).await?;
         if got == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("EOF with {left} of {n} bytes missing")));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("EOF with {left} of {n} bytes missing"),
+            ));
         }
         h.update(&buf[..got]);
         left -= got as u64;
@@ -135,7 +144,11 @@ pub struct Outcome {
 }
 
 /// Runs the client side over `stream` (TLS or plain): sends n_up, receives n_down, compares.
-pub async fn client<S: AsyncRead + AsyncWrite + Unpin + Send>(stream: S, n_up: u64, n_down: u64) -> std::io::Result<Outcome> {
+pub async fn client<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    stream: S,
+    n_up: u64,
+    n_down: u64,
+) -> std::io::Result<Outcome> {
     let (mut r, mut w) = tokio::io::split(stream);
     let mut header = Vec::with_capacity(24);
     header.extend_from_slice(b"ZIH1\0\0\0\0");

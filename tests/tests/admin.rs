@@ -8,7 +8,10 @@ use std::{collections::BTreeSet, time::Duration};
 use zone_ingress_tests::{
     daemon::{Daemon, zone_ingress_yaml},
     netns::Topology,
-    ops::{self, Scrape, admin_addr, get, ingress_addr, paced_client, plain_dataplanes, plain_flow, raw_request, request, wait_exit, wait_until},
+    ops::{
+        self, Scrape, admin_addr, get, ingress_addr, paced_client, plain_dataplanes, plain_flow, raw_request, request,
+        wait_exit, wait_until,
+    },
     runtime, section5_inventory,
 };
 
@@ -98,7 +101,9 @@ fn every_endpoint_over_http() {
     let mut daemon = start(&topo, "kernel", &["--splice-threads", "3"]);
     let admin = admin_addr(ADMIN_PORT);
     let ns = &topo.ingress;
-    let _dps = rt.block_on(async { plain_dataplanes(&topo, &[(1, 8080, "backend-1"), (2, 8080, "backend-2"), (3, 6379, "redis-1")]) });
+    let _dps = rt.block_on(async {
+        plain_dataplanes(&topo, &[(1, 8080, "backend-1"), (2, 8080, "backend-2"), (3, 6379, "redis-1")])
+    });
 
     // /ready and the index.
     let r = get(ns, admin, "/ready");
@@ -123,7 +128,8 @@ fn every_endpoint_over_http() {
     assert_eq!(zi["networking"]["port"], 10001);
     assert_eq!(zi["networking"]["advertisedAddress"], "198.18.100.1");
     assert_eq!(zi["networking"]["admin"]["port"], ADMIN_PORT);
-    let services: BTreeSet<String> = zi["availableServices"].as_array().expect("availableServices").iter().map(ToString::to_string).collect();
+    let services: BTreeSet<String> =
+        zi["availableServices"].as_array().expect("availableServices").iter().map(ToString::to_string).collect();
     let expected: BTreeSet<String> = [
         serde_json::json!({"mesh": "default", "instances": 1, "tags": {"kuma.io/service": "backend", "kuma.io/zone": "east", "version": "v1"}}),
         serde_json::json!({"mesh": "default", "instances": 1, "tags": {"kuma.io/service": "backend", "kuma.io/zone": "east", "version": "v2"}}),
@@ -158,7 +164,10 @@ fn every_endpoint_over_http() {
     });
     let ok = wait_until(Duration::from_secs(10), || {
         let page = get(ns, admin, "/connections").json();
-        page["total"] == 3 && page["connections"].as_array().is_some_and(|c| c.iter().all(|f| f["bytesClientToBackend"].as_u64().unwrap_or(0) > 0))
+        page["total"] == 3
+            && page["connections"]
+                .as_array()
+                .is_some_and(|c| c.iter().all(|f| f["bytesClientToBackend"].as_u64().unwrap_or(0) > 0))
     });
     let page = get(ns, admin, "/connections").json();
     assert!(ok, "three open flows with live kernel byte counts expected: {page:#}");
@@ -193,7 +202,8 @@ fn every_endpoint_over_http() {
     assert!(wait_until(Duration::from_secs(10), || get(ns, admin, "/connections").json()["total"] == 5));
     let first = get(ns, admin, "/connections?limit=2").json();
     assert_eq!(first["returned"], 2);
-    let mut ids: Vec<u64> = first["connections"].as_array().expect("page").iter().filter_map(|c| c["id"].as_u64()).collect();
+    let mut ids: Vec<u64> =
+        first["connections"].as_array().expect("page").iter().filter_map(|c| c["id"].as_u64()).collect();
     let mut after = first["nextAfter"].as_u64().expect("nextAfter on a partial page");
     loop {
         let page = get(ns, admin, &format!("/connections?limit=2&after={after}")).json();
@@ -234,7 +244,12 @@ fn every_endpoint_over_http() {
     let filtered = get(ns, admin, "/stats?filter=tls_inspector.");
     assert_eq!(filtered.body.lines().count(), 5, "{}", filtered.body);
     let json = get(ns, admin, "/stats?format=json").json();
-    assert!(json["stats"].as_array().is_some_and(|s| s.iter().any(|s| s["name"] == "cluster.default_backend.upstream_cx_total" && s["value"] == 8)), "{json}");
+    assert!(
+        json["stats"].as_array().is_some_and(|s| s
+            .iter()
+            .any(|s| s["name"] == "cluster.default_backend.upstream_cx_total" && s["value"] == 8)),
+        "{json}"
+    );
     let prom = get(ns, admin, "/stats?format=prometheus");
     assert_eq!(prom.status, 200);
     Scrape::parse(&prom.body);
@@ -247,13 +262,22 @@ fn every_endpoint_over_http() {
     for name in DASHBOARD_METRICS.iter().chain(OTHER_METRICS) {
         assert!(names.contains(*name), "metric {name} missing from /stats/prometheus:\n{}", scrape.text);
     }
-    assert_eq!(scrape.must("envoy_listener_downstream_cx_total", &[("envoy_listener_address", "198.18.0.2_10001")]), 8.0);
+    assert_eq!(
+        scrape.must("envoy_listener_downstream_cx_total", &[("envoy_listener_address", "198.18.0.2_10001")]),
+        8.0
+    );
     assert_eq!(scrape.must("envoy_cluster_membership_healthy", &[("envoy_cluster_name", "default_backend")]), 2.0);
     assert_eq!(scrape.must("envoy_cluster_membership_total", &[("envoy_cluster_name", "default_redis")]), 1.0);
-    assert!(scrape.value("envoy_cluster_membership_total", &[("envoy_cluster_name", "default_web")]).is_none(), "web: no healthy inbound, no cluster");
+    assert!(
+        scrape.value("envoy_cluster_membership_total", &[("envoy_cluster_name", "default_web")]).is_none(),
+        "web: no healthy inbound, no cluster"
+    );
     assert_eq!(scrape.must("envoy_control_plane_connected_state", &[]), 1.0);
     assert_eq!(scrape.must("zone_ingress_bpf_map_max_entries", &[("map", "PAIRS")]), 262_144.0);
-    assert!(r.body.contains("# TYPE envoy_cluster_upstream_cx_connect_fail counter\n"), "Envoy's name, no _total added");
+    assert!(
+        r.body.contains("# TYPE envoy_cluster_upstream_cx_connect_fail counter\n"),
+        "Envoy's name, no _total added"
+    );
 
     // Bad requests: 4xx, never a crash.
     assert_eq!(get(ns, admin, "/nope").status, 404);
@@ -265,11 +289,16 @@ fn every_endpoint_over_http() {
     assert_eq!(request(ns, admin, "DELETE", "/stats").status, 405);
     assert_eq!(get(ns, admin, "/stats?format=xml").status, 400);
     assert_eq!(get(ns, admin, "/stats?filter=%zz").status, 400);
-    let huge = format!("GET /ready HTTP/1.1\r\nHost: admin\r\nX-Big: {}\r\nConnection: close\r\n\r\n", "a".repeat(64 << 10));
+    let huge =
+        format!("GET /ready HTTP/1.1\r\nHost: admin\r\nX-Big: {}\r\nConnection: close\r\n\r\n", "a".repeat(64 << 10));
     let r = raw_request(ns, admin, huge.as_bytes()).expect("an answer to an oversized request");
     assert!((400..500).contains(&r.status), "oversized head: {}", r.status);
-    let r = raw_request(ns, admin, b"POST /drain_listeners HTTP/1.1\r\nHost: admin\r\nContent-Length: 10000000\r\nConnection: close\r\n\r\n")
-        .expect("an answer to an oversized body");
+    let r = raw_request(
+        ns,
+        admin,
+        b"POST /drain_listeners HTTP/1.1\r\nHost: admin\r\nContent-Length: 10000000\r\nConnection: close\r\n\r\n",
+    )
+    .expect("an answer to an oversized body");
     assert_eq!(r.status, 413);
     let r = raw_request(ns, admin, b"HELLO WORLD\r\n\r\n").expect("an answer to garbage");
     assert_eq!(r.status, 400);
@@ -301,7 +330,11 @@ fn every_endpoint_over_http() {
     // POST /quitquitquit: exits now, with 0.
     let r = request(ns, admin, "POST", "/quitquitquit");
     assert_eq!((r.status, r.body.trim()), (200, "OK"));
-    assert!(wait_exit(daemon.pid(), Duration::from_secs(10)), "the daemon exits after /quitquitquit:\n{}", daemon.log_text());
+    assert!(
+        wait_exit(daemon.pid(), Duration::from_secs(10)),
+        "the daemon exits after /quitquitquit:\n{}",
+        daemon.log_text()
+    );
     let status = daemon.stop(Duration::from_secs(5)).expect("exit status");
     assert!(status.success(), "exit status {status:?}:\n{}", daemon.log_text());
     assert!(daemon.log_text().contains("POST /quitquitquit"));
@@ -316,7 +349,8 @@ fn exact_counters(splice: &str, access_log: bool) {
     let admin = admin_addr(ADMIN_PORT);
     let ns = &topo.ingress;
     let _dps = rt.block_on(async { plain_dataplanes(&topo, &[(1, 8080, "backend-1"), (2, 8080, "backend-2")]) });
-    let sizes: Vec<(u64, u64)> = vec![(0, 0), (1, 1), (1000, 70_000), (65_536, 3), (3 << 20, 5 << 20), (12_345, 678_901)];
+    let sizes: Vec<(u64, u64)> =
+        vec![(0, 0), (1, 1), (1000, 70_000), (65_536, 3), (3 << 20, 5 << 20), (12_345, 678_901)];
     let (mut up, mut down) = (0u64, 0u64);
     rt.block_on(async {
         for (n_up, n_down) in &sizes {
@@ -330,9 +364,12 @@ fn exact_counters(splice: &str, access_log: bool) {
         for _ in 0..2 {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut tcp = topo.client.connect(ingress_addr(10001)).expect("connect");
-            tcp.write_all(&zone_ingress::client_hello::build_client_hello(Some(b"nope{mesh=default}"), 0)).await.expect("hello");
+            tcp.write_all(&zone_ingress::client_hello::build_client_hello(Some(b"nope{mesh=default}"), 0))
+                .await
+                .expect("hello");
             let mut buf = [0u8; 16];
-            let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.expect("closed").unwrap_or(0);
+            let n =
+                tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.expect("closed").unwrap_or(0);
             assert_eq!(n, 0, "rejected without a byte");
         }
     });
@@ -427,7 +464,8 @@ fn assert_keepalive_on_every_socket(pid: u32, flows: usize) {
         // SAFETY: `peer` and `len` are valid for writes of their sizes.
         let mut peer: libc::sockaddr_in = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        let connected = unsafe { libc::getpeername(fd, (&raw mut peer).cast(), &raw mut len) } == 0 && i32::from(peer.sin_family) == libc::AF_INET;
+        let connected = unsafe { libc::getpeername(fd, (&raw mut peer).cast(), &raw mut len) } == 0
+            && i32::from(peer.sin_family) == libc::AF_INET;
         let addr = std::net::Ipv4Addr::from(u32::from_be(peer.sin_addr.s_addr));
         if connected && (addr == std::net::Ipv4Addr::new(198, 18, 0, 1) || u16::from_be(peer.sin_port) == 8080) {
             let got = [
@@ -499,7 +537,8 @@ fn counters_are_exact_userspace() {
 fn live_kernel_bytes_are_monotonic() {
     let topo = Topology::new(1);
     let rt = runtime();
-    let inventory = ops::inventory(&[ops::Inbound { name: "backend-1", k: 1, port: 8080, service: "backend", tags: &[] }]);
+    let inventory =
+        ops::inventory(&[ops::Inbound { name: "backend-1", k: 1, port: 8080, service: "backend", tags: &[] }]);
     let _daemon = Daemon::start(
         &topo.ingress,
         &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT),
@@ -517,7 +556,10 @@ fn live_kernel_bytes_are_monotonic() {
     let mut samples = Vec::new();
     for _ in 0..10 {
         let s = ops::scrape(&topo.ingress, admin);
-        samples.push(s.value("envoy_tcp_downstream_cx_rx_bytes_total", &[("envoy_tcp_prefix", "default_backend")]).unwrap_or(0.0));
+        samples.push(
+            s.value("envoy_tcp_downstream_cx_rx_bytes_total", &[("envoy_tcp_prefix", "default_backend")])
+                .unwrap_or(0.0),
+        );
         std::thread::sleep(Duration::from_millis(150));
     }
     let out = rt.block_on(flow).expect("join").expect("flow");

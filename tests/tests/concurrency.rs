@@ -104,7 +104,8 @@ fn concurrent(mode: &'static str) {
                 readers.spawn(async move {
                     let mut s = s;
                     s.set_nodelay(true).expect("nodelay");
-                    let got = raw::read_exact(&mut s, hello.len() + 8, Duration::from_secs(30)).await.expect("hello + index");
+                    let got =
+                        raw::read_exact(&mut s, hello.len() + 8, Duration::from_secs(30)).await.expect("hello + index");
                     raw::assert_bytes("ClientHello", &got[..hello.len()], &hello);
                     let i = u64::from_le_bytes(got[hello.len()..].try_into().expect("8 bytes"));
                     (i, s)
@@ -126,7 +127,10 @@ fn concurrent(mode: &'static str) {
             let mut first = hello.clone();
             first.extend_from_slice(&(i as u64).to_le_bytes());
             connects.spawn(async move {
-                let mut s = tokio::time::timeout(Duration::from_secs(30), sock.connect(ingress)).await.expect("connect timed out").expect("connect");
+                let mut s = tokio::time::timeout(Duration::from_secs(30), sock.connect(ingress))
+                    .await
+                    .expect("connect timed out")
+                    .expect("connect");
                 s.set_nodelay(true).expect("nodelay");
                 raw::write_all(&mut s, &first, Duration::from_secs(30)).await.expect("hello + index");
                 (i, s)
@@ -138,7 +142,10 @@ fn concurrent(mode: &'static str) {
             clients[i] = Some(s);
         }
         let clients: Vec<TcpStream> = clients.into_iter().map(|s| s.expect("connected")).collect();
-        let backends = tokio::time::timeout(Duration::from_secs(40), acceptor).await.expect("the dataplane accepted them all in time").expect("acceptor");
+        let backends = tokio::time::timeout(Duration::from_secs(40), acceptor)
+            .await
+            .expect("the dataplane accepted them all in time")
+            .expect("acceptor");
         (clients, backends)
     });
     let opened = t0.elapsed();
@@ -152,7 +159,10 @@ fn concurrent(mode: &'static str) {
         fds_held >= fd_base + 2 * N
     });
     assert!(all_held, "daemon fds: {fd_base} before, {fds_held} with {N} connections open (want +{})", 2 * N);
-    assert!(fds_held <= fd_base + 2 * N + 16, "daemon fds: {fd_base} before, {fds_held} with {N} open: more than two per connection");
+    assert!(
+        fds_held <= fd_base + 2 * N + 16,
+        "daemon fds: {fd_base} before, {fds_held} with {N} open: more than two per connection"
+    );
     if let Some(id) = pairs {
         assert_eq!(raw::map_entries(id), Ok(2 * N), "PAIRS entries with {N} spliced connections");
     }
@@ -195,7 +205,12 @@ fn concurrent(mode: &'static str) {
         }
         tasks.abort_all();
         assert_eq!(done, N, "only {done} of {N} transfers finished within 45 s");
-        assert!(failures.is_empty(), "{} of {N} connections failed:\n{}", failures.len(), failures.iter().take(20).cloned().collect::<Vec<_>>().join("\n"));
+        assert!(
+            failures.is_empty(),
+            "{} of {N} connections failed:\n{}",
+            failures.len(),
+            failures.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+        );
     });
     eprintln!("{mode}: {N} × {} KiB each way verified in {:?}", BYTES >> 10, t1.elapsed());
 
@@ -223,7 +238,8 @@ fn concurrent(mode: &'static str) {
     let log = daemon.log_text();
     assert_eq!(log.matches("connection closed").count(), N, "one access line per connection");
     assert_eq!(log.matches(&format!("mode=\"{mode}\" bytes")).count(), N, "every connection on the {mode} path");
-    let want_bytes = format!("bytes_client_to_backend={} bytes_backend_to_client={BYTES}", hello.len() as u64 + 8 + BYTES);
+    let want_bytes =
+        format!("bytes_client_to_backend={} bytes_backend_to_client={BYTES}", hello.len() as u64 + 8 + BYTES);
     assert_eq!(log.matches(&want_bytes).count(), N, "every access line counts exactly the bytes moved ({want_bytes})");
     eprintln!("{mode}: total {:?}", t0.elapsed());
     assert!(t0.elapsed() < Duration::from_secs(90), "took {:?}", t0.elapsed());

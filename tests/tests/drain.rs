@@ -9,7 +9,8 @@ use zone_ingress_tests::{
     daemon::{Daemon, zone_ingress_yaml},
     netns::Topology,
     ops::{
-        self, Inbound, admin_addr, bpf_prog_exists, bpf_prog_ids, bpf_programs_named, get, ingress_addr, paced_client, plain_dataplanes, wait_exit, wait_until,
+        self, Inbound, admin_addr, bpf_prog_exists, bpf_prog_ids, bpf_programs_named, get, ingress_addr, paced_client,
+        plain_dataplanes, wait_exit, wait_until,
     },
     runtime,
 };
@@ -67,7 +68,10 @@ fn sigterm_lets_flows_finish(splice: &str) {
     }
     assert!(wait_exit(daemon.pid(), Duration::from_secs(25)), "exit after the flows:\n{}", daemon.log_text());
     let took = t0.elapsed();
-    assert!(took < Duration::from_secs(20), "exited as soon as the flows finished, not at the end of the drain time ({took:?})");
+    assert!(
+        took < Duration::from_secs(20),
+        "exited as soon as the flows finished, not at the end of the drain time ({took:?})"
+    );
     let status = daemon.stop(Duration::from_secs(5)).expect("exit status");
     assert!(status.success(), "exit status {status:?}:\n{}", daemon.log_text());
     let log = daemon.log_text();
@@ -106,7 +110,10 @@ fn drain_time_closes_the_rest(splice: &str) {
         tcp.write_all(&header).await.expect("header");
         tcp
     });
-    assert!(wait_until(Duration::from_secs(5), || get(&topo.ingress, admin_addr(ADMIN_PORT), "/connections").json()["total"] == 1));
+    assert!(wait_until(
+        Duration::from_secs(5),
+        || get(&topo.ingress, admin_addr(ADMIN_PORT), "/connections").json()["total"] == 1
+    ));
     let programs = bpf_prog_ids(daemon.pid());
     assert_eq!(programs.is_empty(), splice == "userspace", "kernel mode holds the verdict program: {programs:?}");
     let t0 = Instant::now();
@@ -191,7 +198,10 @@ fn second_instance_on_the_same_port_refuses_to_start() {
     let first = start(&topo, "kernel", "1s");
     let scratch = zone_ingress_tests::daemon::Scratch::new("second");
     let zi = scratch.write("zi.yaml", &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT + 1));
-    let dps = scratch.write("dps.yaml", &ops::inventory(&[Inbound { name: "backend-1", k: 1, port: 8080, service: "backend", tags: &[] }]));
+    let dps = scratch.write(
+        "dps.yaml",
+        &ops::inventory(&[Inbound { name: "backend-1", k: 1, port: 8080, service: "backend", tags: &[] }]),
+    );
     let log = scratch.0.join("second.log");
     let out = std::fs::File::create(&log).expect("log file");
     let mut second = topo

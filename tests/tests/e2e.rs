@@ -23,7 +23,12 @@ fn e2e(splice: &str, v6: bool) {
     let pki = Pki::new();
     let rt = runtime();
     let listen = if v6 { Topology::ingress_v6().to_string() } else { Topology::ingress_v4().to_string() };
-    let daemon = Daemon::start(&topo.ingress, &zone_ingress_yaml(&listen, 10001, 9901), &section5_inventory(v6), &["--splice", splice, "--drain-time", "1s"]);
+    let daemon = Daemon::start(
+        &topo.ingress,
+        &zone_ingress_yaml(&listen, 10001, 9901),
+        &section5_inventory(v6),
+        &["--splice", splice, "--drain-time", "1s"],
+    );
     rt.block_on(async {
         let mut stats = Vec::new();
         for (k, name) in DP_NAMES.iter().enumerate() {
@@ -39,12 +44,17 @@ fn e2e(splice: &str, v6: bool) {
         // Two connections: round robin must send one to each backend dataplane.
         for _ in 0..2 {
             let tcp = topo.client.connect(ingress).expect("connect to the ingress");
-            let tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(ServerName::try_from(BACKEND_MS).expect("dns name"), tcp))
+            let tls = tokio::time::timeout(
+                Duration::from_secs(10),
+                connector.connect(ServerName::try_from(BACKEND_MS).expect("dns name"), tcp),
+            )
+            .await
+            .expect("handshake timed out")
+            .expect("mTLS handshake through the ingress");
+            let out = tokio::time::timeout(Duration::from_secs(120), stream::client(tls, 64 * MIB, 64 * MIB))
                 .await
-                .expect("handshake timed out")
-                .expect("mTLS handshake through the ingress");
-            let out =
-                tokio::time::timeout(Duration::from_secs(120), stream::client(tls, 64 * MIB, 64 * MIB)).await.expect("transfer timed out").expect("transfer");
+                .expect("transfer timed out")
+                .expect("transfer");
             assert!(out.up_ok, "client → dataplane SHA-256 mismatch via {splice}");
             assert!(out.down_ok, "dataplane → client SHA-256 mismatch via {splice}");
             seen.push(out.dataplane);
@@ -52,7 +62,11 @@ fn e2e(splice: &str, v6: bool) {
         seen.sort();
         assert_eq!(seen, vec!["backend-1".to_owned(), "backend-2".to_owned()], "round robin over both backends");
         for s in &stats[..2] {
-            assert_eq!(s.snis.lock().expect("lock").as_slice(), &[BACKEND_MS.to_owned()], "SNI passed through untouched");
+            assert_eq!(
+                s.snis.lock().expect("lock").as_slice(),
+                &[BACKEND_MS.to_owned()],
+                "SNI passed through untouched"
+            );
             assert_eq!(s.completed.load(Ordering::Relaxed), 1);
         }
     });
@@ -99,9 +113,16 @@ fn bad_config_reports_every_problem_and_starts_nothing() {
             .expect("run the daemon binary");
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert_eq!(out.status.code(), Some(64), "{cmd}: exit code 64 expected:\n{text}");
-        for needle in
-            ["zi.yaml:4:", "networking.address", "zi.yaml:5:", "networking.port", "advertisedPort", "dps.yaml:7:", "inbound[0].port", "kuma.io/service"]
-        {
+        for needle in [
+            "zi.yaml:4:",
+            "networking.address",
+            "zi.yaml:5:",
+            "networking.port",
+            "advertisedPort",
+            "dps.yaml:7:",
+            "inbound[0].port",
+            "kuma.io/service",
+        ] {
             assert!(text.contains(needle), "{cmd}: {needle:?} missing from the report:\n{text}");
         }
         assert!(!text.contains("ready"), "{cmd}: nothing may start:\n{text}");

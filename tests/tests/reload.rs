@@ -8,7 +8,10 @@ use std::{collections::BTreeSet, time::Duration};
 use zone_ingress_tests::{
     daemon::{Daemon, Scratch, zone_ingress_yaml},
     netns::Topology,
-    ops::{self, Inbound, admin_addr, get, ingress_addr, paced_client, plain_dataplanes, plain_flow, wait_until, write_atomic},
+    ops::{
+        self, Inbound, admin_addr, get, ingress_addr, paced_client, plain_dataplanes, plain_flow, wait_until,
+        write_atomic,
+    },
     runtime,
 };
 
@@ -47,7 +50,13 @@ fn reload_under_load() {
     let scratch = Scratch::new("reload");
     let zi = scratch.write("zoneingress.yaml", &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT));
     let dps = scratch.write("dataplanes.yaml", &ops::inventory(&[backend("backend-1", 1)]));
-    let daemon = Daemon::start_files(&topo.ingress, Scratch::new("reload-daemon"), &zi, &dps, &["--plaintext-route", PLAIN_ROUTE, "--drain-time", "2s"]);
+    let daemon = Daemon::start_files(
+        &topo.ingress,
+        Scratch::new("reload-daemon"),
+        &zi,
+        &dps,
+        &["--plaintext-route", PLAIN_ROUTE, "--drain-time", "2s"],
+    );
     let admin = admin_addr(ADMIN_PORT);
     let ns = &topo.ingress;
     let n_up = 64u64 << 20;
@@ -65,12 +74,23 @@ fn reload_under_load() {
 
     // 1. Add backend-2: new connections use both at once.
     write_atomic(&dps, &ops::inventory(&[backend("backend-1", 1), backend("backend-2", 2)]));
-    assert!(wait_until(Duration::from_secs(10), || reloads(&topo, "success") >= 1.0), "reload after adding a dataplane:\n{}", daemon.log_text());
+    assert!(
+        wait_until(Duration::from_secs(10), || reloads(&topo, "success") >= 1.0),
+        "reload after adding a dataplane:\n{}",
+        daemon.log_text()
+    );
     assert_eq!(served_by(&rt, &topo, 10001, 4), set(&["backend-1", "backend-2"]));
 
     // 2. Break the file: rejected with the startup report, the table stays.
-    write_atomic(&dps, "items:\n- type: Dataplane\n  mesh: default\n  name: broken\n  networking:\n    address: not-an-ip\n    inbound:\n    - port: 99999\n");
-    assert!(wait_until(Duration::from_secs(10), || reloads(&topo, "failure") >= 1.0), "rejected reload:\n{}", daemon.log_text());
+    write_atomic(
+        &dps,
+        "items:\n- type: Dataplane\n  mesh: default\n  name: broken\n  networking:\n    address: not-an-ip\n    inbound:\n    - port: 99999\n",
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || reloads(&topo, "failure") >= 1.0),
+        "rejected reload:\n{}",
+        daemon.log_text()
+    );
     let s = ops::scrape(ns, admin);
     assert_eq!(s.must("envoy_control_plane_connected_state", &[]), 0.0);
     assert_eq!(s.must("zone_ingress_config_last_reload_successful", &[]), 0.0);
@@ -79,10 +99,23 @@ fn reload_under_load() {
     assert_eq!(dump["config"]["lastReload"]["ok"], false);
     let errors = dump["config"]["lastReload"]["errors"].as_array().expect("errors");
     assert!(!errors.is_empty(), "{dump:#}");
-    assert!(errors.iter().any(|e| e.as_str().is_some_and(|e| e.contains("dataplanes.yaml"))), "errors name the file: {errors:?}");
-    let backend_route =
-        |dump: &serde_json::Value| dump["routes"].as_array().expect("routes").iter().find(|r| r["sni"] == PLAIN_ROUTE).map(|r| r["endpoints"].clone());
-    assert_eq!(backend_route(&dump), Some(serde_json::json!(["198.18.1.2:8080", "198.18.2.2:8080"])), "the running table stays");
+    assert!(
+        errors.iter().any(|e| e.as_str().is_some_and(|e| e.contains("dataplanes.yaml"))),
+        "errors name the file: {errors:?}"
+    );
+    let backend_route = |dump: &serde_json::Value| {
+        dump["routes"]
+            .as_array()
+            .expect("routes")
+            .iter()
+            .find(|r| r["sni"] == PLAIN_ROUTE)
+            .map(|r| r["endpoints"].clone())
+    };
+    assert_eq!(
+        backend_route(&dump),
+        Some(serde_json::json!(["198.18.1.2:8080", "198.18.2.2:8080"])),
+        "the running table stays"
+    );
     assert_eq!(served_by(&rt, &topo, 10001, 4), set(&["backend-1", "backend-2"]));
     assert!(daemon.log_text().contains("configuration rejected"), "{}", daemon.log_text());
 
@@ -92,7 +125,8 @@ fn reload_under_load() {
     assert!(
         wait_until(Duration::from_secs(10), || {
             let dump = get(ns, admin, "/config_dump").json();
-            dump["config"]["lastReload"]["ok"] == true && backend_route(&dump) == Some(serde_json::json!(["198.18.2.2:8080"]))
+            dump["config"]["lastReload"]["ok"] == true
+                && backend_route(&dump) == Some(serde_json::json!(["198.18.2.2:8080"]))
         }),
         "reload after removing a dataplane:\n{}",
         daemon.log_text()
@@ -119,7 +153,10 @@ fn reload_under_load() {
     }
     let log = daemon.log_text();
     assert!(log.contains("configuration reloaded"), "{log}");
-    assert!(!log.contains("reason=\"client_reset\"") && !log.contains("reason=\"backend_reset\""), "no flow was reset:\n{log}");
+    assert!(
+        !log.contains("reason=\"client_reset\"") && !log.contains("reason=\"backend_reset\""),
+        "no flow was reset:\n{log}"
+    );
 }
 
 #[test]
@@ -129,7 +166,13 @@ fn listener_rebind_keeps_flows() {
     let scratch = Scratch::new("rebind");
     let zi = scratch.write("zoneingress.yaml", &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT));
     let dps = scratch.write("dataplanes.yaml", &ops::inventory(&[backend("backend-1", 1)]));
-    let daemon = Daemon::start_files(&topo.ingress, Scratch::new("rebind-daemon"), &zi, &dps, &["--plaintext-route", PLAIN_ROUTE]);
+    let daemon = Daemon::start_files(
+        &topo.ingress,
+        Scratch::new("rebind-daemon"),
+        &zi,
+        &dps,
+        &["--plaintext-route", PLAIN_ROUTE],
+    );
     let admin = admin_addr(ADMIN_PORT);
     let long = rt.block_on(async {
         plain_dataplanes(&topo, &[(1, 8080, "backend-1")]);
@@ -167,7 +210,11 @@ fn admin_port_change_rebinds_admin() {
     let dps = scratch.write("dataplanes.yaml", &ops::inventory(&[backend("backend-1", 1)]));
     let daemon = Daemon::start_files(&topo.ingress, Scratch::new("adminport-daemon"), &zi, &dps, &[]);
     write_atomic(&zi, &zone_ingress_yaml("198.18.0.2", 10001, 9902));
-    assert!(wait_until(Duration::from_secs(10), || topo.ingress.connect(admin_addr(9902)).is_ok()), "admin on the new port:\n{}", daemon.log_text());
+    assert!(
+        wait_until(Duration::from_secs(10), || topo.ingress.connect(admin_addr(9902)).is_ok()),
+        "admin on the new port:\n{}",
+        daemon.log_text()
+    );
     assert_eq!(get(&topo.ingress, admin_addr(9902), "/ready").status, 200);
     assert!(topo.ingress.connect(admin_addr(ADMIN_PORT)).is_err(), "the old admin port is closed");
 }

@@ -59,7 +59,6 @@ fn dp1_addr() -> SocketAddr {
     SocketAddr::new(Topology::dataplane_v4(1).into(), 8080)
 }
 
-
 /// Flow-control decisions the daemon logged (debug lines of `zone_ingress::splice`).
 const FLOW_CONTROL: [&str; 3] = ["direction held", "hold released", "memory guard"];
 
@@ -91,7 +90,13 @@ impl Env {
         args.extend_from_slice(extra);
         // The splice module logs its per-connection decisions (hold, release, memory guard) at
         // debug; the cases below report how often they happened.
-        let daemon = Daemon::start_logged(&topo.ingress, &zone_ingress_yaml("198.18.0.2", 10001, 9901), inventory, &args, "info,zone_ingress::splice=debug");
+        let daemon = Daemon::start_logged(
+            &topo.ingress,
+            &zone_ingress_yaml("198.18.0.2", 10001, 9901),
+            inventory,
+            &args,
+            "info,zone_ingress::splice=debug",
+        );
         Self { rt: runtime(), daemon, topo, mode, hello: raw::probe(SNI) }
     }
 
@@ -128,12 +133,25 @@ impl Env {
     fn check_closed(&self, client: SocketAddr, c2b: Option<usize>, b2c: Option<usize>) -> String {
         let line = self.closed_line(client);
         let mode = format!("mode=\"{}\" bytes", self.mode);
-        assert!(line.contains(&mode), "connection not carried by the {} path: {line}\n{}", self.mode, self.daemon.log_text());
+        assert!(
+            line.contains(&mode),
+            "connection not carried by the {} path: {line}\n{}",
+            self.mode,
+            self.daemon.log_text()
+        );
         if let Some(n) = c2b {
-            assert_eq!(raw::field(&line, "bytes_client_to_backend"), Some(n.to_string().as_str()), "client→backend total in: {line}");
+            assert_eq!(
+                raw::field(&line, "bytes_client_to_backend"),
+                Some(n.to_string().as_str()),
+                "client→backend total in: {line}"
+            );
         }
         if let Some(n) = b2c {
-            assert_eq!(raw::field(&line, "bytes_backend_to_client"), Some(n.to_string().as_str()), "backend→client total in: {line}");
+            assert_eq!(
+                raw::field(&line, "bytes_backend_to_client"),
+                Some(n.to_string().as_str()),
+                "backend→client total in: {line}"
+            );
         }
         line
     }
@@ -145,7 +163,11 @@ impl Drop for Env {
         if std::thread::panicking() {
             let log = self.daemon.log_text();
             let lines: Vec<&str> = log.lines().collect();
-            eprintln!("--- daemon log ({} mode), last 80 lines ---\n{}", self.mode, lines[lines.len().saturating_sub(80)..].join("\n"));
+            eprintln!(
+                "--- daemon log ({} mode), last 80 lines ---\n{}",
+                self.mode,
+                lines[lines.len().saturating_sub(80)..].join("\n")
+            );
             eprintln!("--- ss -tanmi in the ingress namespace ---\n{}", raw::ss(&self.topo.ingress));
             eprintln!("--- ss -tanmi in the dataplane namespace ---\n{}", raw::ss(&self.topo.dataplanes[0]));
         }
@@ -301,9 +323,12 @@ fn many_small_writes(mode: &'static str) {
         let backend = async {
             let b = env.backend(&l).await;
             let (mut r, mut w) = b.into_split();
-            let reader = async { raw::read_exact(&mut r, up.len(), Duration::from_secs(60)).await.expect("backend reads") };
+            let reader =
+                async { raw::read_exact(&mut r, up.len(), Duration::from_secs(60)).await.expect("backend reads") };
             let writer = async {
-                tokio::time::timeout(Duration::from_secs(60), write_pieces(&mut w, &down, &down_sizes)).await.expect("backend writes timed out");
+                tokio::time::timeout(Duration::from_secs(60), write_pieces(&mut w, &down, &down_sizes))
+                    .await
+                    .expect("backend writes timed out");
             };
             let (got, ()) = tokio::join!(reader, writer);
             raw::assert_bytes("client→backend small writes", &got, &up);
@@ -315,9 +340,12 @@ fn many_small_writes(mode: &'static str) {
             let me = c.local_addr().expect("addr");
             let (mut r, mut w) = c.into_split();
             raw::write_all(&mut w, &env.hello, STEP).await.expect("hello");
-            let reader = async { raw::read_exact(&mut r, down.len(), Duration::from_secs(60)).await.expect("client reads") };
+            let reader =
+                async { raw::read_exact(&mut r, down.len(), Duration::from_secs(60)).await.expect("client reads") };
             let writer = async {
-                tokio::time::timeout(Duration::from_secs(60), write_pieces(&mut w, &up, &up_sizes)).await.expect("client writes timed out");
+                tokio::time::timeout(Duration::from_secs(60), write_pieces(&mut w, &up, &up_sizes))
+                    .await
+                    .expect("client writes timed out");
             };
             let (got, ()) = tokio::join!(reader, writer);
             raw::assert_bytes("backend→client small writes", &got, &down);
@@ -422,7 +450,11 @@ fn half_close_client_first(mode: &'static str, fin: Fin) {
             }
             raw::shutdown_write(&c).expect("client shutdown(SHUT_WR)");
             let (got, end) = raw::read_to_end(&mut c, 8 * MIB, STEP).await;
-            assert!(end.is_eof(), "client: expected the backend's FIN after the tail, got {end:?} after {} bytes", got.len());
+            assert!(
+                end.is_eof(),
+                "client: expected the backend's FIN after the tail, got {end:?} after {} bytes",
+                got.len()
+            );
             raw::assert_bytes("backend→client tail sent after the client's FIN", &got, &tail);
             me
         };
@@ -458,7 +490,11 @@ fn half_close_backend_first(mode: &'static str, fin: Fin) -> String {
             }
             raw::shutdown_write(&b).expect("backend shutdown(SHUT_WR)");
             let (got, end) = raw::read_to_end(&mut b, 8 * MIB, STEP).await;
-            assert!(end.is_eof(), "backend: expected the client's FIN after the tail, got {end:?} after {} bytes", got.len());
+            assert!(
+                end.is_eof(),
+                "backend: expected the client's FIN after the tail, got {end:?} after {} bytes",
+                got.len()
+            );
             raw::assert_bytes("client→backend tail sent after the backend's FIN", &got, &tail);
         };
         let client = async {
@@ -504,7 +540,10 @@ async fn bursty_recv(r: &mut tokio::net::tcp::OwnedReadHalf, n: u64) -> std::io:
         let k = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
         let got = r.read(&mut buf[..k]).await?;
         if got == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("EOF with {left} of {n} bytes missing")));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("EOF with {left} of {n} bytes missing"),
+            ));
         }
         h.update(&buf[..got]);
         left -= got as u64;
@@ -522,7 +561,12 @@ async fn bursty_recv(r: &mut tokio::net::tcp::OwnedReadHalf, n: u64) -> std::io:
 /// and read to a clean EOF; SHA-256 checks both ways. Returns the client's address.
 fn lagging_readers(env: &Env, up: u64, down: u64, pace: Option<(u64, Duration)>) -> SocketAddr {
     let long = Duration::from_secs(120);
-    async fn send(w: &mut tokio::net::tcp::OwnedWriteHalf, seed: u64, n: u64, pace: Option<(u64, Duration)>) -> std::io::Result<[u8; 32]> {
+    async fn send(
+        w: &mut tokio::net::tcp::OwnedWriteHalf,
+        seed: u64,
+        n: u64,
+        pace: Option<(u64, Duration)>,
+    ) -> std::io::Result<[u8; 32]> {
         match pace {
             Some((burst, pause)) => stream::send_stream_paced(w, seed, n, burst, pause).await,
             None => stream::send_stream(w, seed, n).await,
@@ -533,8 +577,10 @@ fn lagging_readers(env: &Env, up: u64, down: u64, pace: Option<(u64, Duration)>)
         let backend = async {
             let b = env.backend(&l).await;
             let (mut r, mut w) = b.into_split();
-            let (got, sent) =
-                tokio::join!(tokio::time::timeout(long, bursty_recv(&mut r, up)), tokio::time::timeout(long, send(&mut w, stream::DOWN_SEED, down, pace)),);
+            let (got, sent) = tokio::join!(
+                tokio::time::timeout(long, bursty_recv(&mut r, up)),
+                tokio::time::timeout(long, send(&mut w, stream::DOWN_SEED, down, pace)),
+            );
             let got = got.expect("backend receive timed out").expect("backend receive");
             sent.expect("backend send timed out").expect("backend send");
             assert_eq!(raw::hex(&got), raw::hex(&stream::expected(stream::UP_SEED, up)), "client→backend SHA-256");
@@ -546,8 +592,10 @@ fn lagging_readers(env: &Env, up: u64, down: u64, pace: Option<(u64, Duration)>)
             let me = c.local_addr().expect("addr");
             let (mut r, mut w) = c.into_split();
             raw::write_all(&mut w, &env.hello, STEP).await.expect("hello");
-            let (got, sent) =
-                tokio::join!(tokio::time::timeout(long, bursty_recv(&mut r, down)), tokio::time::timeout(long, send(&mut w, stream::UP_SEED, up, pace)),);
+            let (got, sent) = tokio::join!(
+                tokio::time::timeout(long, bursty_recv(&mut r, down)),
+                tokio::time::timeout(long, send(&mut w, stream::UP_SEED, up, pace)),
+            );
             let got = got.expect("client receive timed out").expect("client receive");
             sent.expect("client send timed out").expect("client send");
             assert_eq!(raw::hex(&got), raw::hex(&stream::expected(stream::DOWN_SEED, down)), "backend→client SHA-256");
@@ -576,7 +624,11 @@ fn bursts_with_gaps(mode: &'static str) {
         // Each direction's 4 bursts outrun a 100 MiB/s reader: at least 3 of them must have been
         // held, relayed and set down again in each direction (6), the first bursts' by the gaps.
         let [held, released, guard] = flow_control_counts(&log);
-        assert!(held >= 6 && released >= 6, "too few hold/release cycles across quiet gaps ({})", flow_control_summary(&log));
+        assert!(
+            held >= 6 && released >= 6,
+            "too few hold/release cycles across quiet gaps ({})",
+            flow_control_summary(&log)
+        );
         assert_eq!(guard, 0, "the memory guard fired although the hold should bound the queue");
     }
 }
@@ -598,8 +650,15 @@ fn burst_then_interactive(mode: &'static str) {
         let backend = async {
             let b = env.backend(&l).await;
             let (mut r, mut w) = b.into_split();
-            let got = tokio::time::timeout(long, stream::recv_stream(&mut r, BURST)).await.expect("burst timed out").expect("burst");
-            assert_eq!(raw::hex(&got), raw::hex(&stream::expected(stream::UP_SEED, BURST)), "client→backend burst SHA-256");
+            let got = tokio::time::timeout(long, stream::recv_stream(&mut r, BURST))
+                .await
+                .expect("burst timed out")
+                .expect("burst");
+            assert_eq!(
+                raw::hex(&got),
+                raw::hex(&stream::expected(stream::UP_SEED, BURST)),
+                "client→backend burst SHA-256"
+            );
             let mut buf = [0u8; PING];
             loop {
                 match tokio::time::timeout(STEP, r.read_exact(&mut buf)).await.expect("ping timed out") {
@@ -625,7 +684,9 @@ fn burst_then_interactive(mode: &'static str) {
                 let echo = raw::read_exact(&mut r, PING, STEP).await.expect("pong");
                 raw::assert_bytes("echo", &echo, &msg);
                 pings += 1;
-                if released_at.is_none() && (mode == "userspace" || (pings % 10 == 0 && env.daemon.log_text().contains("hold released"))) {
+                if released_at.is_none()
+                    && (mode == "userspace" || (pings % 10 == 0 && env.daemon.log_text().contains("hold released")))
+                {
                     released_at = Some(pings);
                 }
             }
@@ -637,11 +698,17 @@ fn burst_then_interactive(mode: &'static str) {
     });
     env.check_closed(client, Some(env.hello.len() + BURST as usize + pings * PING), Some(pings * PING));
     let log = env.daemon.log_text();
-    eprintln!("burst_then_interactive {mode}: {pings} pings, release seen after {released_at:?}; {}", flow_control_summary(&log));
+    eprintln!(
+        "burst_then_interactive {mode}: {pings} pings, release seen after {released_at:?}; {}",
+        flow_control_summary(&log)
+    );
     if mode == "kernel" {
         let [held, _, guard] = flow_control_counts(&log);
         assert!(held > 0, "a 16 MiB burst was not held ({})", flow_control_summary(&log));
-        assert!(released_at.is_some(), "the hold was not set down while the flow kept exchanging small messages ({pings} pings in 3 s)");
+        assert!(
+            released_at.is_some(),
+            "the hold was not set down while the flow kept exchanging small messages ({pings} pings in 3 s)"
+        );
         assert_eq!(guard, 0, "the memory guard fired");
     }
 }
@@ -658,7 +725,11 @@ fn bursty_reader(mode: &'static str) {
         // The readers take at most 100 MiB/s: the path must have switched to the hold, so the
         // SHA-256 checks above covered bytes on both sides of the switch.
         let [held, released, guard] = flow_control_counts(&log);
-        assert!(held > 0 && released > 0, "no hold/release cycle with a lagging reader ({})", flow_control_summary(&log));
+        assert!(
+            held > 0 && released > 0,
+            "no hold/release cycle with a lagging reader ({})",
+            flow_control_summary(&log)
+        );
         assert_eq!(guard, 0, "the memory guard fired although the hold should bound the queue");
     }
 }
@@ -681,7 +752,11 @@ fn half_close_while_backlogged(mode: &'static str, first: Side) {
                 raw::write_all(&mut s, data, Duration::from_secs(60)).await.expect("data");
                 raw::shutdown_write(&s).expect("shutdown(SHUT_WR)");
                 let (got, end) = raw::read_to_end(&mut s, 8 * MIB, Duration::from_secs(60)).await;
-                assert!(end.is_eof(), "{who}: expected the peer's FIN after the tail, got {end:?} after {} bytes", got.len());
+                assert!(
+                    end.is_eof(),
+                    "{who}: expected the peer's FIN after the tail, got {end:?} after {} bytes",
+                    got.len()
+                );
                 raw::assert_bytes(&format!("{who}: tail received after its own FIN"), &got, tail);
             }
         };
@@ -691,7 +766,12 @@ fn half_close_while_backlogged(mode: &'static str, first: Side) {
             async move {
                 tokio::time::sleep(slow_start).await;
                 let (got, end) = raw::read_to_end(&mut s, 64 * MIB, Duration::from_secs(60)).await;
-                assert!(end.is_eof(), "{who}: expected the peer's FIN, got {end:?} after {} of {} bytes", got.len(), data.len());
+                assert!(
+                    end.is_eof(),
+                    "{who}: expected the peer's FIN, got {end:?} after {} of {} bytes",
+                    got.len(),
+                    data.len()
+                );
                 raw::assert_bytes(&format!("{who}: data sent before the peer's FIN"), &got, data);
                 raw::write_all(&mut s, tail, STEP).await.expect("tail");
                 raw::shutdown_write(&s).expect("shutdown(SHUT_WR)");
@@ -735,7 +815,11 @@ fn half_close_backend_while_backlogged(mode: &'static str) {
 /// on both paths (the userspace relay reports the first FIN).
 fn access_reason_first_fin(mode: &'static str) {
     let line = half_close_backend_first(mode, Fin::Alone);
-    assert_eq!(raw::field(&line, "reason"), Some("backend_fin"), "the backend sent the first FIN, but the access line says: {line}");
+    assert_eq!(
+        raw::field(&line, "reason"),
+        Some("backend_fin"),
+        "the backend sent the first FIN, but the access line says: {line}"
+    );
 }
 
 // -------------------------------------------------------------------------------------------
@@ -782,7 +866,10 @@ fn rst(mode: &'static str, resetter: Side, at: ResetAt) {
                 let _ = tx.send(at);
             }
         };
-        let reader_script = |mut s: TcpStream, rx: oneshot::Receiver<Instant>, delivered: oneshot::Sender<()>, who: &'static str| {
+        let reader_script = |mut s: TcpStream,
+                             rx: oneshot::Receiver<Instant>,
+                             delivered: oneshot::Sender<()>,
+                             who: &'static str| {
             let data = &data;
             async move {
                 let mut got = Vec::new();
@@ -810,14 +897,26 @@ fn rst(mode: &'static str, resetter: Side, at: ResetAt) {
                 let delay = seen.saturating_duration_since(reset_at);
                 assert!(delay < Duration::from_secs(5), "{who}: the reset took {delay:?} to arrive");
                 assert!(got.len() <= data.len(), "{who}: {} bytes received, only {} sent", got.len(), data.len());
-                raw::assert_bytes(&format!("{who}: bytes before the reset (a prefix of the stream)"), &got, &data[..got.len()]);
-                eprintln!("{who}: {} of {} bytes, then ECONNRESET {delay:?} after the peer's RST", got.len(), data.len());
+                raw::assert_bytes(
+                    &format!("{who}: bytes before the reset (a prefix of the stream)"),
+                    &got,
+                    &data[..got.len()],
+                );
+                eprintln!(
+                    "{who}: {} of {} bytes, then ECONNRESET {delay:?} after the peer's RST",
+                    got.len(),
+                    data.len()
+                );
             }
         };
         let (mut backend_reset, mut backend_read, mut client_reset, mut client_read) = (None, None, None, None);
         match resetter {
-            Side::Client => (client_reset, backend_read) = (Some((reset_tx, delivered_rx)), Some((reset_rx, delivered_tx))),
-            Side::Backend => (backend_reset, client_read) = (Some((reset_tx, delivered_rx)), Some((reset_rx, delivered_tx))),
+            Side::Client => {
+                (client_reset, backend_read) = (Some((reset_tx, delivered_rx)), Some((reset_rx, delivered_tx)))
+            }
+            Side::Backend => {
+                (backend_reset, client_read) = (Some((reset_tx, delivered_rx)), Some((reset_rx, delivered_tx)))
+            }
         }
         let backend = async {
             let b = env.backend(&l).await;
@@ -908,7 +1007,11 @@ fn backend_refusing(mode: &'static str) {
     let attempts = 2u32;
     for (sni, min, max) in [
         ("refused{mesh=default}", Duration::ZERO, Duration::from_millis(1500)),
-        ("blackhole{mesh=default}", timeout * attempts - Duration::from_millis(100), timeout * attempts + Duration::from_millis(1500)),
+        (
+            "blackhole{mesh=default}",
+            timeout * attempts - Duration::from_millis(100),
+            timeout * attempts + Duration::from_millis(1500),
+        ),
     ] {
         let hello = raw::probe(sni);
         let (client, took) = env.rt.block_on(async {
@@ -931,7 +1034,11 @@ fn backend_refusing(mode: &'static str) {
             .unwrap_or_else(|| panic!("no rejection logged for {client}:\n{}", env.daemon.log_text()));
         assert_eq!(raw::field(&line, "reason"), Some("connect_failed"), "{line}");
     }
-    assert!(env.daemon.log_text().matches("connection closed").count() == 0, "nothing was spliced:\n{}", env.daemon.log_text());
+    assert!(
+        env.daemon.log_text().matches("connection closed").count() == 0,
+        "nothing was spliced:\n{}",
+        env.daemon.log_text()
+    );
 }
 
 // -------------------------------------------------------------------------------------------
@@ -949,7 +1056,11 @@ fn client_fin_before_handoff(mode: &'static str) {
             let backend = async {
                 let mut b = env.backend(&l).await;
                 let (got, end) = raw::read_to_end(&mut b, MIB, STEP).await;
-                assert!(end.is_eof(), "{variant}: backend expected the client's FIN, got {end:?} after {} bytes", got.len());
+                assert!(
+                    end.is_eof(),
+                    "{variant}: backend expected the client's FIN, got {end:?} after {} bytes",
+                    got.len()
+                );
                 raw::assert_bytes(&format!("{variant}: payload sent with the FIN"), &got, &payload);
                 raw::write_all(&mut b, &reply, STEP).await.expect("reply");
                 b.shutdown().await.expect("backend shutdown");
@@ -968,7 +1079,11 @@ fn client_fin_before_handoff(mode: &'static str) {
                     raw::set_cork(&c, false).expect("TCP_CORK off");
                 }
                 let (got, end) = raw::read_to_end(&mut c, 2 * MIB, STEP).await;
-                assert!(end.is_eof(), "{variant}: client expected EOF after the reply, got {end:?} after {} bytes", got.len());
+                assert!(
+                    end.is_eof(),
+                    "{variant}: client expected EOF after the reply, got {end:?} after {} bytes",
+                    got.len()
+                );
                 raw::assert_bytes(&format!("{variant}: reply to a half-closed client"), &got, &reply);
                 me
             };
@@ -981,7 +1096,11 @@ fn client_fin_before_handoff(mode: &'static str) {
         if mode == "userspace" {
             assert_eq!(path, "userspace", "{line}");
         }
-        assert_eq!(raw::field(&line, "bytes_client_to_backend"), Some((env.hello.len() + n).to_string().as_str()), "{line}");
+        assert_eq!(
+            raw::field(&line, "bytes_client_to_backend"),
+            Some((env.hello.len() + n).to_string().as_str()),
+            "{line}"
+        );
         assert_eq!(raw::field(&line, "bytes_backend_to_client"), Some(reply.len().to_string().as_str()), "{line}");
     }
     let log = env.daemon.log_text();
@@ -1009,7 +1128,9 @@ fn kick_nothing_further(mode: &'static str) {
             let mut c = env.client(SockOpts::nodelay()).await;
             let me = c.local_addr().expect("addr");
             raw::write_all(&mut c, &env.hello, STEP).await.expect("hello");
-            let got = raw::read_exact(&mut c, reply.len(), Duration::from_secs(10)).await.expect("the reply to a lone ClientHello");
+            let got = raw::read_exact(&mut c, reply.len(), Duration::from_secs(10))
+                .await
+                .expect("the reply to a lone ClientHello");
             raw::assert_bytes("reply", &got, &reply);
             c.shutdown().await.expect("client shutdown");
             expect_clean_eof(&mut c, "client").await;
@@ -1125,7 +1246,8 @@ fn slow_reader(mode: &'static str) {
     // counters by tens of MiB for an instant; a queue that holds memory holds it longer.
     let kernel_growth: Vec<u64> = samples.iter().map(|s| s.kernel.saturating_sub(base.kernel)).collect();
     let instant_peak_kernel = kernel_growth.iter().copied().max().unwrap_or(0);
-    let peak_kernel = kernel_growth.windows(3).map(|w| w.iter().copied().min().unwrap_or(0)).max().unwrap_or(instant_peak_kernel);
+    let peak_kernel =
+        kernel_growth.windows(3).map(|w| w.iter().copied().min().unwrap_or(0)).max().unwrap_or(instant_peak_kernel);
     let peak_slab = samples.iter().map(|s| s.slab.saturating_sub(base.slab)).max().unwrap_or(0);
     let peak_tcp = samples.iter().map(|s| s.tcp_mem.saturating_sub(base.tcp_mem)).max().unwrap_or(0);
     eprintln!(
@@ -1188,9 +1310,17 @@ fn slow_reader(mode: &'static str) {
                 raw::mib(written)
             )),
         }
-        assert!(problems.is_empty(), "slow_reader_memory_bounded kernel:\n- {}\n\ndaemon log:\n{log}", problems.join("\n- "));
+        assert!(
+            problems.is_empty(),
+            "slow_reader_memory_bounded kernel:\n- {}\n\ndaemon log:\n{log}",
+            problems.join("\n- ")
+        );
     } else {
-        assert!(matches!(end, WriterEnd::Blocked), "userspace: the backend's writes must block; ended with {end:?} after {:.1} MiB", raw::mib(written));
+        assert!(
+            matches!(end, WriterEnd::Blocked),
+            "userspace: the backend's writes must block; ended with {end:?} after {:.1} MiB",
+            raw::mib(written)
+        );
         assert!(
             written < USERSPACE_BUFFER_BOUND,
             "userspace: {:.1} MiB written into a client that never reads (bound {:.0} MiB)",
@@ -1226,12 +1356,17 @@ fn no_kernel_warnings_in_dmesg() {
     ];
     for (name, case) in cases {
         if std::panic::catch_unwind(|| case("kernel")).is_err() {
-            eprintln!("no_kernel_warnings_in_dmesg: case {name} failed (its own test reports it); checking dmesg anyway");
+            eprintln!(
+                "no_kernel_warnings_in_dmesg: case {name} failed (its own test reports it); checking dmesg anyway"
+            );
         }
     }
     let after = raw::dmesg().unwrap_or_else(|e| panic!("{e}"));
     let splats = raw::new_splice_splats(&before, &after);
     let new_lines = after.len().saturating_sub(before.len());
-    eprintln!("no_kernel_warnings_in_dmesg: {new_lines} new dmesg line(s) since the snapshot; {} splice-related splat(s)", splats.len());
+    eprintln!(
+        "no_kernel_warnings_in_dmesg: {new_lines} new dmesg line(s) since the snapshot; {} splice-related splat(s)",
+        splats.len()
+    );
     assert!(splats.is_empty(), "kernel warnings in the splice path while the cases ran:\n{}", splats.join("\n---\n"));
 }

@@ -133,7 +133,11 @@ fn raw_rejects() -> Vec<(String, Vec<u8>, &'static str)> {
     vec![
         ("(no SNI extension)".to_owned(), raw::probe_without_sni(), "no_sni"),
         ("(plaintext GET / HTTP/1.1)".to_owned(), b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n".to_vec(), "not_tls"),
-        ("backend\\0{mesh=default} (NUL in the name)".to_owned(), raw::probe_bytes(b"backend\0{mesh=default}"), "bad_sni"),
+        (
+            "backend\\0{mesh=default} (NUL in the name)".to_owned(),
+            raw::probe_bytes(b"backend\0{mesh=default}"),
+            "bad_sni",
+        ),
         ("(256-byte name)".to_owned(), raw::probe(&over_limit), "bad_sni"),
         ("(300-byte name)".to_owned(), raw::probe(&"a".repeat(300)), "bad_sni"),
         ("(255-byte name, well-formed, no such subset)".to_owned(), raw::probe(&at_limit), "no_endpoints"),
@@ -163,8 +167,9 @@ fn probe_table(mode: &'static str) {
     let rt = runtime();
     rt.block_on(async {
         let hits: Hits = Arc::default();
-        let servers: Vec<JoinHandle<()>> =
-            (1..=3).map(|k| spawn_probe_server(topo.dataplanes[k - 1].listen(dp_addr(k)), DP_NAMES[k - 1], Arc::clone(&hits))).collect();
+        let servers: Vec<JoinHandle<()>> = (1..=3)
+            .map(|k| spawn_probe_server(topo.dataplanes[k - 1].listen(dp_addr(k)), DP_NAMES[k - 1], Arc::clone(&hits)))
+            .collect();
         for (sni, expect) in TABLE {
             let hello = raw::probe(sni);
             match expect {
@@ -179,15 +184,22 @@ fn probe_table(mode: &'static str) {
                         let name = String::from_utf8_lossy(&got[..16]).trim_end_matches('\0').to_owned();
                         assert_eq!(got[16..], raw::sha256(&hello), "{sni}: the ClientHello reached {name} altered");
                         *answered.entry(name).or_default() += 1;
-                        let line = raw::wait_access_line(&daemon.log, client, "connection closed", Duration::from_secs(5))
-                            .unwrap_or_else(|| panic!("{sni}: no access line for {client}:\n{}", daemon.log_text()));
+                        let line =
+                            raw::wait_access_line(&daemon.log, client, "connection closed", Duration::from_secs(5))
+                                .unwrap_or_else(|| {
+                                    panic!("{sni}: no access line for {client}:\n{}", daemon.log_text())
+                                });
                         assert_eq!(raw::field(&line, "sni"), Some(sni), "{line}");
                         assert!(line.contains(&format!("mode=\"{mode}\"")), "{line}");
                     }
-                    let want: BTreeMap<String, usize> = dps.iter().map(|k| (DP_NAMES[k - 1].to_owned(), per_dp)).collect();
+                    let want: BTreeMap<String, usize> =
+                        dps.iter().map(|k| (DP_NAMES[k - 1].to_owned(), per_dp)).collect();
                     assert_eq!(answered, want, "{sni}: which dataplanes answered");
                     let seen: Vec<Option<String>> = hits.lock().expect("lock").iter().map(|(_, s)| s.clone()).collect();
-                    assert!(seen.iter().all(|s| s.as_deref() == Some(sni)), "{sni}: SNIs the dataplanes parsed: {seen:?}");
+                    assert!(
+                        seen.iter().all(|s| s.as_deref() == Some(sni)),
+                        "{sni}: SNIs the dataplanes parsed: {seen:?}"
+                    );
                     eprintln!("{mode}: {sni} → {answered:?}");
                     hits.lock().expect("lock").clear();
                 }
@@ -207,7 +219,11 @@ fn probe_table(mode: &'static str) {
             eprintln!("{mode}: {row} → rejected ({reason})");
             tokio::time::sleep(Duration::from_millis(60)).await;
         }
-        assert!(hits.lock().expect("lock").is_empty(), "a rejected row reached a dataplane: {:?}", hits.lock().expect("lock"));
+        assert!(
+            hits.lock().expect("lock").is_empty(),
+            "a rejected row reached a dataplane: {:?}",
+            hits.lock().expect("lock")
+        );
         for s in servers {
             s.abort();
         }
@@ -260,7 +276,10 @@ fn run_bounded(mut cmd: Command, input: &[u8], timeout: Duration) -> String {
         if Instant::now() >= end {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("command timed out after {timeout:?}: {cmd:?}\n{}", std::fs::read_to_string(&out_path).unwrap_or_default());
+            panic!(
+                "command timed out after {timeout:?}: {cmd:?}\n{}",
+                std::fs::read_to_string(&out_path).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -336,7 +355,11 @@ fn legacy_mtls_openssl(mode: &'static str) {
         let mut distinct = answered.clone();
         distinct.sort();
         distinct.dedup();
-        assert_eq!(distinct, cns.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(), "{sni}: server certificates that answered: {answered:?}");
+        assert_eq!(
+            distinct,
+            cns.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
+            "{sni}: server certificates that answered: {answered:?}"
+        );
         eprintln!("{mode}: openssl mTLS {sni} → {answered:?}");
     }
     let closed = daemon.log_text().matches("connection closed").count();
@@ -360,7 +383,11 @@ fn meshservice_rustls(mode: &'static str) {
         for k in 1..=3 {
             let name = DP_NAMES[k - 1];
             let leaf = pki.leaf(name, &[MS_BACKEND, MS_REDIS]);
-            stats.push(spawn_dataplane(topo.dataplanes[k - 1].listen(dp_addr(k)), name, Some(pki.server_config(&leaf))));
+            stats.push(spawn_dataplane(
+                topo.dataplanes[k - 1].listen(dp_addr(k)),
+                name,
+                Some(pki.server_config(&leaf)),
+            ));
         }
         let client_leaf = pki.leaf("remote-client", &["client.test"]);
         let connector = tokio_rustls::TlsConnector::from(pki.client_config(&client_leaf));
@@ -368,10 +395,11 @@ fn meshservice_rustls(mode: &'static str) {
             let mut answered = BTreeMap::<String, usize>::new();
             for _ in 0..n {
                 let tcp = raw::connect(&topo.client, ingress_addr(), SockOpts::nodelay()).await.expect("connect");
-                let tls = tokio::time::timeout(STEP, connector.connect(ServerName::try_from(sni).expect("dns name"), tcp))
-                    .await
-                    .expect("handshake timed out")
-                    .expect("mTLS handshake through the ingress");
+                let tls =
+                    tokio::time::timeout(STEP, connector.connect(ServerName::try_from(sni).expect("dns name"), tcp))
+                        .await
+                        .expect("handshake timed out")
+                        .expect("mTLS handshake through the ingress");
                 let out = tokio::time::timeout(Duration::from_secs(30), stream::client(tls, 256 << 10, 256 << 10))
                     .await
                     .expect("transfer timed out")
@@ -418,8 +446,11 @@ networking:
     let rt = runtime();
     rt.block_on(async {
         // A client that says nothing, one that sends a ClientHello, one that speaks plaintext.
-        let firsts: [(&str, Vec<u8>); 3] =
-            [("silent", Vec::new()), ("ClientHello", raw::probe("backend{mesh=default}")), ("plaintext", b"GET / HTTP/1.1\r\n\r\n".to_vec())];
+        let firsts: [(&str, Vec<u8>); 3] = [
+            ("silent", Vec::new()),
+            ("ClientHello", raw::probe("backend{mesh=default}")),
+            ("plaintext", b"GET / HTTP/1.1\r\n\r\n".to_vec()),
+        ];
         for (what, first) in firsts {
             let mut c = raw::connect(&topo.client, ingress_addr(), SockOpts::nodelay()).await.expect("connect");
             let me = c.local_addr().expect("addr");
@@ -491,7 +522,10 @@ fn plaintext_route(mode: &'static str) {
         };
         tokio::join!(tls_client, backend);
         // Nothing reached dataplane 2.
-        assert!(tokio::time::timeout(Duration::from_millis(200), l2.accept()).await.is_err(), "dataplane 2 got a connection");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), l2.accept()).await.is_err(),
+            "dataplane 2 got a connection"
+        );
     });
 }
 

@@ -57,7 +57,12 @@ impl Setup {
             all.extend(["--xdp-config", path.as_str()]);
         }
         all.extend_from_slice(args);
-        let daemon = Daemon::start(&topo.ingress, &zone_ingress_yaml(&listener(v6).ip().to_string(), PORT, ADMIN), &section5_inventory(v6), &all);
+        let daemon = Daemon::start(
+            &topo.ingress,
+            &zone_ingress_yaml(&listener(v6).ip().to_string(), PORT, ADMIN),
+            &section5_inventory(v6),
+            &all,
+        );
         Self { topo, daemon, pki: Pki::new(), guard_file, _scratch: scratch, v6 }
     }
 
@@ -106,16 +111,20 @@ impl Setup {
 
     /// One TLS flow from `src` through the ingress: `n` bytes each way, SHA-256 checked.
     async fn tls_flow(&self, connector: &tokio_rustls::TlsConnector, src: IpAddr, n: u64) -> Result<(), String> {
-        let tcp = self.connect_from(src, Duration::from_secs(5)).await.map_err(|e| format!("connect from {src}: {e}"))?;
+        let tcp =
+            self.connect_from(src, Duration::from_secs(5)).await.map_err(|e| format!("connect from {src}: {e}"))?;
         tls_over(connector, tcp, n).await
     }
 }
 
 async fn tls_over(connector: &tokio_rustls::TlsConnector, tcp: tokio::net::TcpStream, n: u64) -> Result<(), String> {
-    let tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(ServerName::try_from(BACKEND_MS).expect("name"), tcp))
-        .await
-        .map_err(|_| "TLS handshake timed out".to_owned())?
-        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        connector.connect(ServerName::try_from(BACKEND_MS).expect("name"), tcp),
+    )
+    .await
+    .map_err(|_| "TLS handshake timed out".to_owned())?
+    .map_err(|e| format!("TLS handshake: {e}"))?;
     let out = tokio::time::timeout(Duration::from_secs(60), stream::client(tls, n, n))
         .await
         .map_err(|_| "transfer timed out".to_owned())?
@@ -123,12 +132,17 @@ async fn tls_over(connector: &tokio_rustls::TlsConnector, tcp: tokio::net::TcpSt
     if out.up_ok && out.down_ok { Ok(()) } else { Err(format!("SHA-256 mismatch: {out:?}")) }
 }
 
-fn delta(before: &std::collections::BTreeMap<String, u64>, after: &std::collections::BTreeMap<String, u64>, reason: &str) -> u64 {
+fn delta(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+    reason: &str,
+) -> u64 {
     after.get(reason).copied().unwrap_or(0) - before.get(reason).copied().unwrap_or(0)
 }
 
 /// Reasons that must not move unless a test provokes them.
-const DROP_REASONS: [&str; 7] = ["denied", "not_allowed", "syn_rate_limited", "fragment", "malformed", "bad_flags", "urgent"];
+const DROP_REASONS: [&str; 7] =
+    ["denied", "not_allowed", "syn_rate_limited", "fragment", "malformed", "bad_flags", "urgent"];
 
 fn lists(v6: bool, mode_flag: &[&str], expect_mode: &str) {
     // Longest prefix wins across both lists: a deny inside an allow, an allow inside that deny.
@@ -143,7 +157,11 @@ fn lists(v6: bool, mode_flag: &[&str], expect_mode: &str) {
         s.add_client_address(ip);
     }
     assert_eq!(guard::xdp_attachment(&s.topo.ingress, "i0"), Some(expect_mode), "{}", s.daemon.log_text());
-    assert!(s.daemon.log_text().contains(&format!("xdp guard attached ({expect_mode} mode)")), "{}", s.daemon.log_text());
+    assert!(
+        s.daemon.log_text().contains(&format!("xdp guard attached ({expect_mode} mode)")),
+        "{}",
+        s.daemon.log_text()
+    );
     let rt = runtime();
     rt.block_on(async {
         let _dps = s.dataplanes();
@@ -167,7 +185,8 @@ fn lists(v6: bool, mode_flag: &[&str], expect_mode: &str) {
         assert_eq!(delta(&before, &after, "not_allowed"), ATTEMPTS, "{after:?}");
         // Four flows of handshake, 64 KiB each way and close: at least a few dozen segments.
         assert!(delta(&before, &after, "passed") >= 40, "{after:?}");
-        for reason in ["syn_rate_limited", "fragment", "malformed", "bad_flags", "urgent", "syn_untracked", "no_config"] {
+        for reason in ["syn_rate_limited", "fragment", "malformed", "bad_flags", "urgent", "syn_untracked", "no_config"]
+        {
             assert_eq!(delta(&before, &after, reason), 0, "{reason}: {after:?}");
         }
         // The same counters in Envoy's /stats listing.
@@ -228,15 +247,24 @@ fn syn_flood_is_limited_while_legitimate_clients_complete_tls() {
                 failures.push(e);
             }
         }
-        assert!(failures.is_empty(), "{} of {started_flows} legitimate flows failed under the flood: {failures:?}", failures.len());
+        assert!(
+            failures.is_empty(),
+            "{} of {started_flows} legitimate flows failed under the flood: {failures:?}",
+            failures.len()
+        );
         let after = s.counters();
         let limited = delta(&before, &after, "syn_rate_limited");
         // Per CPU: the burst plus the rate over the flood's duration may pass.
         let cpus = std::thread::available_parallelism().map_or(1, usize::from) as u64;
         let may_pass = cpus * (RATE + RATE * (flood_time.as_secs() + 1));
-        eprintln!("flood: {sent} SYNs in {flood_time:?}, {limited} dropped by the limit, {started_flows} TLS flows all fine");
+        eprintln!(
+            "flood: {sent} SYNs in {flood_time:?}, {limited} dropped by the limit, {started_flows} TLS flows all fine"
+        );
         assert!(sent >= 10_000, "the flood sent only {sent} SYNs");
-        assert!(limited <= sent as u64 && limited + may_pass >= sent as u64, "sent {sent}, limited {limited}, may pass {may_pass}: {after:?}");
+        assert!(
+            limited <= sent as u64 && limited + may_pass >= sent as u64,
+            "sent {sent}, limited {limited}, may pass {may_pass}: {after:?}"
+        );
         assert_eq!(delta(&before, &after, "syn_untracked"), 0);
         drop(flood_ns);
     });
@@ -372,8 +400,13 @@ fn live_update_under_traffic() {
             let (s, connector) = (Arc::clone(&s), Arc::clone(&connector));
             flows.spawn(async move {
                 let tcp = s.connect_from(v4(0, 1), Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
-                let tls = connector.connect(ServerName::try_from(BACKEND_MS).expect("name"), tcp).await.map_err(|e| e.to_string())?;
-                let out = ops::paced_client(tls, 2 * MIB, 2 * MIB, 64 << 10, Duration::from_millis(125)).await.map_err(|e| e.to_string())?;
+                let tls = connector
+                    .connect(ServerName::try_from(BACKEND_MS).expect("name"), tcp)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let out = ops::paced_client(tls, 2 * MIB, 2 * MIB, 64 << 10, Duration::from_millis(125))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 if out.up_ok && out.down_ok { Ok(()) } else { Err(format!("{out:?}")) }
             });
         }
@@ -470,7 +503,12 @@ fn off_detach_and_bad_config() {
     let bad = scratch.write("guard.yaml", "allow: [198.18.0.1/24]\nsynLimit:\n  rate: 0\nextra: true\n");
     let (code, text) = run(&["--xdp-config", bad.to_str().expect("utf-8")]);
     assert_eq!(code, Some(64), "{text}");
-    for needle in ["guard.yaml:1:9: allow[0]", "did you mean 198.18.0.0/24", "guard.yaml:3:9: synLimit.rate", "guard.yaml:4:1: extra: unknown key"] {
+    for needle in [
+        "guard.yaml:1:9: allow[0]",
+        "did you mean 198.18.0.0/24",
+        "guard.yaml:3:9: synLimit.rate",
+        "guard.yaml:4:1: extra: unknown key",
+    ] {
         assert!(text.contains(needle), "{needle:?} missing in:\n{text}");
     }
     assert_eq!(guard::xdp_attachment(&topo.ingress, "i0"), None);

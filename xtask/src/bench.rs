@@ -30,10 +30,10 @@ const HOLD_PORT: u16 = 9000;
 const HASH_PORT: u16 = 7000;
 
 /// Debian packages of the peers and load generators.
-pub const BENCH_PACKAGES: &[&str] = &["iperf3", "haproxy", "nginx", "libnginx-mod-stream", "sockperf"];
+pub(crate) const BENCH_PACKAGES: &[&str] = &["iperf3", "haproxy", "nginx", "libnginx-mod-stream", "sockperf"];
 
 #[derive(Debug, Parser)]
-pub struct Options {
+pub(crate) struct Options {
     /// Every path once, briefly, with byte checks (what the test suite runs).
     #[arg(long)]
     pub quick: bool,
@@ -68,7 +68,8 @@ enum System {
 }
 
 impl System {
-    const ALL: [Self; 6] = [Self::Direct, Self::ZiKernel, Self::ZiUserspace, Self::Haproxy, Self::HaproxySplice, Self::Nginx];
+    const ALL: [Self; 6] =
+        [Self::Direct, Self::ZiKernel, Self::ZiUserspace, Self::Haproxy, Self::HaproxySplice, Self::Nginx];
 
     fn name(self) -> &'static str {
         match self {
@@ -163,7 +164,8 @@ fn start_system(guard: &mut Guard, ctx: &Ctx, system: System, phase: Phase) -> a
         }
     };
     if system != System::Direct {
-        wait_port(NET.client, INGRESS, LISTEN_PORT).with_context(|| format!("{} did not start; see {}", system.name(), log.display()))?;
+        wait_port(NET.client, INGRESS, LISTEN_PORT)
+            .with_context(|| format!("{} did not start; see {}", system.name(), log.display()))?;
     }
     Ok(pids)
 }
@@ -172,12 +174,20 @@ fn start_system(guard: &mut Guard, ctx: &Ctx, system: System, phase: Phase) -> a
 fn zi_args(ctx: &Ctx, system: System, phase: Phase) -> Vec<String> {
     let mode = if system == System::ZiKernel { "kernel" } else { "userspace" };
     let dir = |f: &str| ctx.dir.join(f).display().to_string();
-    let mut args =
-        vec![ctx.daemon.display().to_string(), "run".into(), "--dataplane-file".into(), dir("zoneingress.yaml"), "--dataplanes".into(), dir("dataplanes.yaml")];
+    let mut args = vec![
+        ctx.daemon.display().to_string(),
+        "run".into(),
+        "--dataplane-file".into(),
+        dir("zoneingress.yaml"),
+        "--dataplanes".into(),
+        dir("dataplanes.yaml"),
+    ];
     args.extend(["--splice", mode, "--plaintext-route"].map(String::from));
     args.push(format!("{}{{mesh=default}}", phase.plaintext_service()));
     // `--access-log off`: like the peers' configurations, which log nothing per connection.
-    args.extend(["--drain-time", "0s", "--max-connections-per-cluster", "100000", "--access-log", "off"].map(String::from));
+    args.extend(
+        ["--drain-time", "0s", "--max-connections-per-cluster", "100000", "--access-log", "off"].map(String::from),
+    );
     args
 }
 
@@ -189,7 +199,9 @@ fn configurations(ctx: &Ctx, systems: &[System]) -> Vec<(&'static str, String)> 
         .filter_map(|&s| match s {
             System::Direct => None,
             System::ZiKernel | System::ZiUserspace => Some((s.name(), zi_args(ctx, s, Phase::Iperf).join(" "))),
-            System::Haproxy | System::HaproxySplice => Some((s.name(), haproxy_config(s == System::HaproxySplice, &backend))),
+            System::Haproxy | System::HaproxySplice => {
+                Some((s.name(), haproxy_config(s == System::HaproxySplice, &backend)))
+            }
             System::Nginx => Some((s.name(), nginx_config(&ctx.dir, &backend))),
         })
         .collect()
@@ -228,8 +240,16 @@ fn write_inputs(dir: &Path) -> anyhow::Result<()> {
             "type: ZoneIngress\nname: zi-bench\nnetworking:\n  address: {INGRESS}\n  port: {LISTEN_PORT}\n  advertisedAddress: 198.18.100.1\n  advertisedPort: {LISTEN_PORT}\n  admin:\n    port: 9901\n"
         ),
     )?;
-    let mut dps = String::from("type: Dataplane\nmesh: default\nname: bench-dp\nnetworking:\n  address: 198.18.1.2\n  inbound:\n");
-    for (svc, port) in [("iperf", IPERF_PORT), ("sockperf", SOCKPERF_PORT), ("bench", TLS_PORT), ("hold", HOLD_PORT), ("hash", HASH_PORT)] {
+    let mut dps = String::from(
+        "type: Dataplane\nmesh: default\nname: bench-dp\nnetworking:\n  address: 198.18.1.2\n  inbound:\n",
+    );
+    for (svc, port) in [
+        ("iperf", IPERF_PORT),
+        ("sockperf", SOCKPERF_PORT),
+        ("bench", TLS_PORT),
+        ("hold", HOLD_PORT),
+        ("hash", HASH_PORT),
+    ] {
         let _ = write!(dps, "  - port: {port}\n    tags:\n      kuma.io/service: {svc}\n");
     }
     std::fs::write(dir.join("dataplanes.yaml"), dps)?;
@@ -239,7 +259,8 @@ fn write_inputs(dir: &Path) -> anyhow::Result<()> {
 /// Busy and total jiffies of the whole machine (all CPUs; softirq and kernel threads included).
 fn cpu_jiffies() -> (u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let fields: Vec<u64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    let fields: Vec<u64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
     let total: u64 = fields.iter().take(8).sum();
     let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
     (total - idle, total)
@@ -261,7 +282,8 @@ fn stat_cpu_ticks(pid: &str) -> u64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
     // Counted from after the command name, which may contain spaces.
     let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 /// CPU seconds (user + system) used so far by `pid` and its descendants.
@@ -269,7 +291,11 @@ fn tree_cpu_s(pid: u32) -> f64 {
     let mut total = 0u64;
     let mut stack = vec![pid];
     let children = |p: u32| -> Vec<u32> {
-        std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default().split_whitespace().filter_map(|c| c.parse().ok()).collect()
+        std::fs::read_to_string(format!("/proc/{p}/task/{p}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .collect()
     };
     while let Some(p) = stack.pop() {
         total += stat_cpu_ticks(&p.to_string());
@@ -315,7 +341,8 @@ fn iperf(system: System, pids: &[u32], streams: u32, reverse: bool, opts: &Optio
     let kw1 = kernel_workers_cpu_s();
     let own1: f64 = pids.iter().map(|p| tree_cpu_s(*p)).sum();
     let relayed1 = relayed_bytes(system);
-    let v: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))?;
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))?;
     if let Some(e) = v.get("error") {
         bail!("iperf3 via {}: {e}", system.name());
     }
@@ -342,7 +369,12 @@ fn iperf(system: System, pids: &[u32], streams: u32, reverse: bool, opts: &Optio
 /// 64 MiB each way with SHA-256 checks (the tests' protocol): the path moves bytes unchanged.
 fn integrity(ctx: &Ctx, system: System) -> anyhow::Result<Value> {
     let (host, port) = target(system, HASH_PORT);
-    let out = output(nsexec(NET.client).args([ctx.benchtool.to_str().context("path")?, "hash-client", &format!("{host}:{port}"), &(64u64 << 20).to_string()]))?;
+    let out = output(nsexec(NET.client).args([
+        ctx.benchtool.to_str().context("path")?,
+        "hash-client",
+        &format!("{host}:{port}"),
+        &(64u64 << 20).to_string(),
+    ]))?;
     let v: Value = serde_json::from_str(out.lines().last().unwrap_or("")).context("hash-client output")?;
     if v["up_ok"] != json!(true) || v["down_ok"] != json!(true) {
         bail!("bytes changed through {}: {v}", system.name());
@@ -369,7 +401,10 @@ fn sockperf(system: System, opts: &Options) -> anyhow::Result<Value> {
         "--full-rtt",
     ]))?;
     let pct = |p: &str| -> Option<f64> {
-        out.lines().find(|l| l.contains(&format!("percentile {p}"))).and_then(|l| l.rsplit('=').next()).and_then(|v| v.trim().parse().ok())
+        out.lines()
+            .find(|l| l.contains(&format!("percentile {p}")))
+            .and_then(|l| l.rsplit('=').next())
+            .and_then(|v| v.trim().parse().ok())
     };
     let (Some(p50), Some(p99)) = (pct("50.000"), pct("99.000")) else {
         bail!("sockperf via {} printed no percentiles:\n{out}", system.name());
@@ -433,7 +468,12 @@ fn tree_rss_kb(pid: u32) -> u64 {
         .unwrap_or_default();
     while let Some(p) = stack.pop() {
         let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
-        total += status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        total += status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
         stack.extend(procs.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
     }
     total
@@ -448,7 +488,13 @@ fn idle_flows(guard: &mut Guard, ctx: &Ctx, system: System, pids: &[u32], n: usi
     let rss0: u64 = pids.iter().map(|p| tree_rss_kb(*p)).sum();
     let slab0 = meminfo_kb("Slab:");
     let mut child = nsexec(NET.client)
-        .args([ctx.benchtool.to_str().context("path")?, "hold-client", &format!("{INGRESS}:{LISTEN_PORT}"), &n.to_string(), "hold{mesh=default}"])
+        .args([
+            ctx.benchtool.to_str().context("path")?,
+            "hold-client",
+            &format!("{INGRESS}:{LISTEN_PORT}"),
+            &n.to_string(),
+            "hold{mesh=default}",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
@@ -482,8 +528,10 @@ fn idle_flows(guard: &mut Guard, ctx: &Ctx, system: System, pids: &[u32], n: usi
     while established(NET.dataplane, HOLD_PORT) > 0 && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(200));
     }
-    Ok(json!({"flows": flows, "rss_kb": rss1, "rss_per_flow_b": (rss1.saturating_sub(rss0) * 1024) as f64 / flows as f64,
-              "slab_per_flow_b": (slab1.saturating_sub(slab0) * 1024) as f64 / flows as f64}))
+    Ok(
+        json!({"flows": flows, "rss_kb": rss1, "rss_per_flow_b": (rss1.saturating_sub(rss0) * 1024) as f64 / flows as f64,
+              "slab_per_flow_b": (slab1.saturating_sub(slab0) * 1024) as f64 / flows as f64}),
+    )
 }
 
 /// Established TCP connections in `ns` whose local port is `port`.
@@ -496,7 +544,7 @@ fn established(ns: &str, port: u16) -> u64 {
         .unwrap_or(0)
 }
 
-pub fn bench(opts: &Options) -> anyhow::Result<()> {
+pub(crate) fn bench(opts: &Options) -> anyhow::Result<()> {
     if opts.xdp {
         return crate::bench_xdp::bench(opts);
     }
@@ -517,7 +565,11 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
     ]))?;
     let dir = xtask::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
-    let ctx = Ctx { dir: dir.clone(), daemon: xtask::target_dir().join("release/zone-ingress"), benchtool: xtask::target_dir().join("release/benchtool") };
+    let ctx = Ctx {
+        dir: dir.clone(),
+        daemon: xtask::target_dir().join("release/zone-ingress"),
+        benchtool: xtask::target_dir().join("release/benchtool"),
+    };
     write_inputs(&dir)?;
     let mut guard = Guard::new(NET)?;
     // Every system under test inherits this (soft raised to hard). These machines cap the hard
@@ -536,15 +588,43 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&pki);
     let tool = ctx.benchtool.to_str().context("path")?.to_owned();
     let pki_s = pki.to_str().context("path")?.to_owned();
-    spawn(&mut guard, NET.dataplane, &["iperf3", "-s", "-B", DP, "-p", &IPERF_PORT.to_string()], &dir.join("iperf3-server.log"))?;
-    spawn(&mut guard, NET.dataplane, &["sockperf", "server", "--tcp", "-i", DP, "-p", &SOCKPERF_PORT.to_string()], &dir.join("sockperf-server.log"))?;
-    spawn(&mut guard, NET.dataplane, &[&tool, "tls-server", &format!("{DP}:{TLS_PORT}"), &tls_sni(), "--pki", &pki_s], &dir.join("tls-server.log"))?;
-    spawn(&mut guard, NET.dataplane, &[&tool, "hold-server", &format!("{DP}:{HOLD_PORT}")], &dir.join("hold-server.log"))?;
-    spawn(&mut guard, NET.dataplane, &[&tool, "hash-server", &format!("{DP}:{HASH_PORT}")], &dir.join("hash-server.log"))?;
+    spawn(
+        &mut guard,
+        NET.dataplane,
+        &["iperf3", "-s", "-B", DP, "-p", &IPERF_PORT.to_string()],
+        &dir.join("iperf3-server.log"),
+    )?;
+    spawn(
+        &mut guard,
+        NET.dataplane,
+        &["sockperf", "server", "--tcp", "-i", DP, "-p", &SOCKPERF_PORT.to_string()],
+        &dir.join("sockperf-server.log"),
+    )?;
+    spawn(
+        &mut guard,
+        NET.dataplane,
+        &[&tool, "tls-server", &format!("{DP}:{TLS_PORT}"), &tls_sni(), "--pki", &pki_s],
+        &dir.join("tls-server.log"),
+    )?;
+    spawn(
+        &mut guard,
+        NET.dataplane,
+        &[&tool, "hold-server", &format!("{DP}:{HOLD_PORT}")],
+        &dir.join("hold-server.log"),
+    )?;
+    spawn(
+        &mut guard,
+        NET.dataplane,
+        &[&tool, "hash-server", &format!("{DP}:{HASH_PORT}")],
+        &dir.join("hash-server.log"),
+    )?;
     for port in [IPERF_PORT, SOCKPERF_PORT, TLS_PORT, HOLD_PORT, HASH_PORT] {
         wait_port(NET.ingress, DP, port)?;
     }
-    let systems: Vec<System> = System::ALL.into_iter().filter(|s| opts.systems.is_empty() || opts.systems.iter().any(|n| n == s.key())).collect();
+    let systems: Vec<System> = System::ALL
+        .into_iter()
+        .filter(|s| opts.systems.is_empty() || opts.systems.iter().any(|n| n == s.key()))
+        .collect();
     let rounds = if opts.quick { 1 } else { opts.rounds.max(1) };
     let mut samples: BTreeMap<(System, &'static str), Vec<Value>> = BTreeMap::new();
     let bulk = [("bulk_1_fwd", 1, false), ("bulk_1_rev", 1, true), ("bulk_4_fwd", 4, false), ("bulk_4_rev", 4, true)];
@@ -597,7 +677,14 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
         let _ = write!(report.0, "\n{name}:\n\n```\n{}\n```\n", text.trim_end());
     }
     if let Value::Object(o) = &mut report.1 {
-        o.insert("configurations".into(), configs.iter().map(|(n, t)| ((*n).to_owned(), Value::String(t.clone()))).collect::<serde_json::Map<_, _>>().into());
+        o.insert(
+            "configurations".into(),
+            configs
+                .iter()
+                .map(|(n, t)| ((*n).to_owned(), Value::String(t.clone())))
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+        );
     }
     std::fs::write(dir.join("report.md"), &report.0)?;
     std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&report.1)?)?;
@@ -633,21 +720,39 @@ fn zi_metrics() -> Option<String> {
 
 /// The value of the unlabelled sample `name` on a Prometheus page.
 fn prom_value(body: &str, name: &str) -> Option<f64> {
-    body.lines().find(|l| l.split_whitespace().next() == Some(name)).and_then(|l| l.split_whitespace().last()).and_then(|v| v.parse().ok())
+    body.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Bytes the kernel path's monitor relayed so far (held directions), for zone-ingress kernel.
 fn relayed_bytes(system: System) -> Option<f64> {
-    (system == System::ZiKernel).then(|| zi_metrics().and_then(|b| prom_value(&b, "zone_ingress_splice_relayed_bytes_total"))).flatten()
+    (system == System::ZiKernel)
+        .then(|| zi_metrics().and_then(|b| prom_value(&b, "zone_ingress_splice_relayed_bytes_total")))
+        .flatten()
 }
 
 /// Median/min/max of `field` over the samples of (system, metric).
-fn stat(samples: &BTreeMap<(System, &'static str), Vec<Value>>, s: System, metric: &str, field: &str) -> Option<(f64, f64, f64)> {
-    let v: Vec<f64> = samples.iter().filter(|((sys, m), _)| *sys == s && *m == metric).flat_map(|(_, v)| v.iter().filter_map(|x| x[field].as_f64())).collect();
+fn stat(
+    samples: &BTreeMap<(System, &'static str), Vec<Value>>,
+    s: System,
+    metric: &str,
+    field: &str,
+) -> Option<(f64, f64, f64)> {
+    let v: Vec<f64> = samples
+        .iter()
+        .filter(|((sys, m), _)| *sys == s && *m == metric)
+        .flat_map(|(_, v)| v.iter().filter_map(|x| x[field].as_f64()))
+        .collect();
     median(v)
 }
 
-fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Value>>, opts: &Options) -> (String, Value) {
+fn report(
+    systems: &[System],
+    samples: &BTreeMap<(System, &'static str), Vec<Value>>,
+    opts: &Options,
+) -> (String, Value) {
     let mut md = String::new();
     let mut js = serde_json::Map::new();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -657,7 +762,11 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
         "Machine: Linux {} · {cpus} CPUs · {} rounds · {} · medians (min–max); ratios are to direct routing in the same run.\n",
         kernel.trim(),
         if opts.quick { 1 } else { opts.rounds },
-        if opts.quick { "quick (1 s per measurement)".to_owned() } else { format!("{} s per measurement", opts.seconds) }
+        if opts.quick {
+            "quick (1 s per measurement)".to_owned()
+        } else {
+            format!("{} s per measurement", opts.seconds)
+        }
     );
     let direct = |metric: &str, field: &str| stat(samples, System::Direct, metric, field).map(|m| m.0);
     md.push_str("| system | 1 stream Gbit/s | 1 stream rev | 4 streams | 4 streams rev | Gbit/s per busy core | CPU s per GB | proxy process CPU s | kernel workers CPU s | relayed share | RTT p50 µs (added) | RTT p99 µs | new TLS conn/s | conn errors | proxy CPU µs per conn | kernel workers µs per conn | handoff µs | RSS B/flow | Slab B/flow |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
@@ -702,8 +811,11 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
             cell("idle_flows", "rss_per_flow_b", false),
             cell("idle_flows", "slab_per_flow_b", false),
         );
-        let per: serde_json::Map<String, Value> =
-            samples.iter().filter(|((sys, _), _)| *sys == s).map(|((_, m), v)| ((*m).to_owned(), Value::Array(v.clone()))).collect();
+        let per: serde_json::Map<String, Value> = samples
+            .iter()
+            .filter(|((sys, _), _)| *sys == s)
+            .map(|((_, m), v)| ((*m).to_owned(), Value::Array(v.clone())))
+            .collect();
         js.insert(s.key().to_owned(), Value::Object(per));
     }
     let _ = writeln!(
@@ -718,7 +830,8 @@ fn report(systems: &[System], samples: &BTreeMap<(System, &'static str), Vec<Val
 fn chart(js: &Value) -> String {
     let Some(obj) = js.as_object() else { return String::new() };
     let med = |v: &Value, metric: &str, field: &str| -> f64 {
-        median(v[metric].as_array().map(|a| a.iter().filter_map(|x| x[field].as_f64()).collect()).unwrap_or_default()).map_or(0.0, |m| m.0)
+        median(v[metric].as_array().map(|a| a.iter().filter_map(|x| x[field].as_f64()).collect()).unwrap_or_default())
+            .map_or(0.0, |m| m.0)
     };
     let rows: Vec<(String, f64, f64)> = obj
         .iter()

@@ -175,8 +175,12 @@ fn flood(time: Duration, dst_mac: [u8; 6], src_mac: [u8; 6]) -> anyhow::Result<u
             sll.sll_ifindex = i32::try_from(ifindex)?;
             sll.sll_halen = 6;
             sll.sll_addr[..6].copy_from_slice(&dst_mac);
-            let frames: Vec<Vec<u8>> = (0..BATCH).map(|i| syn_frame(dst_mac, src_mac, 20_000 + u16::try_from(i).unwrap_or(0))).collect();
-            let mut iovs: Vec<libc::iovec> = frames.iter().map(|f| libc::iovec { iov_base: f.as_ptr().cast_mut().cast(), iov_len: f.len() }).collect();
+            let frames: Vec<Vec<u8>> =
+                (0..BATCH).map(|i| syn_frame(dst_mac, src_mac, 20_000 + u16::try_from(i).unwrap_or(0))).collect();
+            let mut iovs: Vec<libc::iovec> = frames
+                .iter()
+                .map(|f| libc::iovec { iov_base: f.as_ptr().cast_mut().cast(), iov_len: f.len() })
+                .collect();
             let mut msgs: Vec<libc::mmsghdr> = iovs
                 .iter_mut()
                 .map(|iov| {
@@ -193,7 +197,8 @@ fn flood(time: Duration, dst_mac: [u8; 6], src_mac: [u8; 6]) -> anyhow::Result<u
             let mut sent = 0u64;
             while sent < MAX_FLOOD_PACKETS && Instant::now() < end {
                 // SAFETY: `msgs` describes BATCH valid frames.
-                let n = unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), u32::try_from(BATCH).unwrap_or(1), 0) };
+                let n =
+                    unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), u32::try_from(BATCH).unwrap_or(1), 0) };
                 if n > 0 {
                     sent += u64::try_from(n).unwrap_or(0);
                 } else {
@@ -280,7 +285,8 @@ fn start_daemon(guard: &mut Guard, ctx: &Ctx, xdp: &str) -> anyhow::Result<u32> 
         p.to_str().context("non-UTF-8 path")
     }
     let log = ctx.dir.join(format!("zone-ingress-xdp-{xdp}.log"));
-    let (zi, dps, cfg) = (ctx.dir.join("zoneingress.yaml"), ctx.dir.join("dataplanes.yaml"), ctx.dir.join("guard.yaml"));
+    let (zi, dps, cfg) =
+        (ctx.dir.join("zoneingress.yaml"), ctx.dir.join("dataplanes.yaml"), ctx.dir.join("guard.yaml"));
     let mut args = vec![path(&ctx.daemon)?, "run", "--dataplane-file", path(&zi)?, "--dataplanes", path(&dps)?];
     args.extend(["--plaintext-route", "iperf{mesh=default}", "--drain-time", "0s", "--xdp", xdp]);
     if xdp != "off" {
@@ -302,11 +308,18 @@ fn start_daemon(guard: &mut Guard, ctx: &Ctx, xdp: &str) -> anyhow::Result<u32> 
 }
 
 fn cell(v: &[f64], unit: f64) -> String {
-    median(v.iter().map(|x| x / unit).collect()).map_or_else(|| "–".to_owned(), |(m, lo, hi)| format!("{m:.2} ({lo:.2}–{hi:.2})"))
+    median(v.iter().map(|x| x / unit).collect())
+        .map_or_else(|| "–".to_owned(), |(m, lo, hi)| format!("{m:.2} ({lo:.2}–{hi:.2})"))
 }
 
 /// One drop-rate measurement: packets the variant dropped per second, and sent per second.
-fn drop_rate(guard: &mut Guard, ctx: &Ctx, d: Dropper, secs: u64, macs: ([u8; 6], [u8; 6])) -> anyhow::Result<(f64, f64)> {
+fn drop_rate(
+    guard: &mut Guard,
+    ctx: &Ctx,
+    d: Dropper,
+    secs: u64,
+    macs: ([u8; 6], [u8; 6]),
+) -> anyhow::Result<(f64, f64)> {
     let daemon = start_daemon(guard, ctx, d.xdp_flag())?;
     if d == Dropper::Nftables {
         let rules = ctx.dir.join("xdp-bench.nft");
@@ -338,17 +351,27 @@ fn drop_rate(guard: &mut Guard, ctx: &Ctx, d: Dropper, secs: u64, macs: ([u8; 6]
 }
 
 fn iperf(secs: u64) -> anyhow::Result<f64> {
-    let out = nsexec(NET.client).args(["iperf3", "-J", "-c", INGRESS, "-p", &PORT.to_string(), "-t", &secs.to_string()]).output()?;
-    let v: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))?;
+    let out = nsexec(NET.client)
+        .args(["iperf3", "-J", "-c", INGRESS, "-p", &PORT.to_string(), "-t", &secs.to_string()])
+        .output()?;
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))?;
     if let Some(e) = v.get("error") {
         bail!("iperf3: {e}");
     }
     Ok(v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0))
 }
 
-pub fn bench(opts: &Options) -> anyhow::Result<()> {
+pub(crate) fn bench(opts: &Options) -> anyhow::Result<()> {
     crate::setup::setup(&crate::setup::Options { packages: vec!["iperf3".to_owned(), "nftables".to_owned()] })?;
-    exec(Command::new("cargo").current_dir(workspace_root()).args(["build", "--release", "-p", "zone-ingress", "--bin", "zone-ingress"]))?;
+    exec(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "zone-ingress",
+        "--bin",
+        "zone-ingress",
+    ]))?;
     let dir = xtask::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
     let ctx = Ctx { dir: dir.clone(), daemon: xtask::target_dir().join("release/zone-ingress") };
@@ -365,7 +388,10 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
         ),
     )?;
     // A realistic guard: a few lists, and the flooding source denied.
-    std::fs::write(dir.join("guard.yaml"), "deny:\n  - 198.18.0.66/32\n  - 203.0.113.0/24\n  - 2001:db8::/32\nallow: []\n")?;
+    std::fs::write(
+        dir.join("guard.yaml"),
+        "deny:\n  - 198.18.0.66/32\n  - 203.0.113.0/24\n  - 2001:db8::/32\nallow: []\n",
+    )?;
     let mut guard = Guard::new(NET)?;
     NET.create()?;
     // The flooding source is on the client's link so that SYN-ACKs (no filter) have a
@@ -420,7 +446,8 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
         kernel.trim()
     );
     for d in Dropper::ALL {
-        let drop_cell = if d == Dropper::None { "– (all reach the stack)".to_owned() } else { cell(&dropped[&d], 1e6) };
+        let drop_cell =
+            if d == Dropper::None { "– (all reach the stack)".to_owned() } else { cell(&dropped[&d], 1e6) };
         let _ = writeln!(md, "| {} | {drop_cell} | {} |", d.name(), cell(&sent[&d], 1e6));
     }
     let base = median(gbps["off"].clone()).map_or(0.0, |m| m.0);

@@ -7,13 +7,13 @@ use clap::Parser;
 use xtask::{exec, workspace_root};
 
 #[derive(Debug, Parser)]
-pub struct Options {
+pub(crate) struct Options {
     /// Build in release mode.
     #[arg(long)]
     pub release: bool,
 }
 
-pub fn build_ebpf(opts: &Options) -> anyhow::Result<()> {
+pub(crate) fn build_ebpf(opts: &Options) -> anyhow::Result<()> {
     crate::setup::setup(&crate::setup::Options::default())?;
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root()).args(["build", "--package", "zone-ingress"]);

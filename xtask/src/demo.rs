@@ -8,20 +8,31 @@ use clap::Parser;
 use xtask::{ENV_ZONE_INGRESS_BIN, exec, workspace_root};
 
 #[derive(Debug, Parser)]
-pub struct Options {
+pub(crate) struct Options {
     /// Splice mode for the demo's ingress.
     #[arg(long, default_value = "kernel")]
     pub splice: String,
 }
 
-pub fn demo(opts: &Options) -> anyhow::Result<()> {
+pub(crate) fn demo(opts: &Options) -> anyhow::Result<()> {
     crate::setup::setup(&crate::setup::Options::default())?;
     let root = workspace_root();
     exec(Command::new("cargo").current_dir(&root).args(["build", "--release", "-p", "zone-ingress"]))?;
     exec(
         Command::new("cargo")
             .current_dir(&root)
-            .args(["run", "--release", "-q", "-p", "zone-ingress-tests", "--bin", "demo", "--", "--splice", &opts.splice])
+            .args([
+                "run",
+                "--release",
+                "-q",
+                "-p",
+                "zone-ingress-tests",
+                "--bin",
+                "demo",
+                "--",
+                "--splice",
+                &opts.splice,
+            ])
             .env(ENV_ZONE_INGRESS_BIN, xtask::target_dir().join("release/zone-ingress")),
     )
 }

@@ -14,7 +14,7 @@ use clap::Parser;
 use xtask::workspace_root;
 
 #[derive(Debug, Parser, Default)]
-pub struct Options {
+pub(crate) struct Options {
     /// Print every edge, not only a cycle.
     #[arg(long)]
     pub print: bool,
@@ -26,7 +26,7 @@ pub struct Options {
 /// Module → the modules it uses.
 type Graph = BTreeMap<String, BTreeSet<String>>;
 
-pub fn modgraph(opts: &Options) -> anyhow::Result<()> {
+pub(crate) fn modgraph(opts: &Options) -> anyhow::Result<()> {
     let src = opts.src.clone().unwrap_or_else(|| workspace_root().join("zone-ingress/src"));
     let graph = build(&src)?;
     if opts.print {
@@ -170,7 +170,12 @@ fn find_cycle(graph: &Graph) -> Option<Vec<String>> {
         Open,
         Done,
     }
-    fn visit(node: &str, graph: &Graph, marks: &mut BTreeMap<String, Mark>, stack: &mut Vec<String>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &Graph,
+        marks: &mut BTreeMap<String, Mark>,
+        stack: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
         match marks.get(node) {
             Some(Mark::Done) => return None,
             Some(Mark::Open) => {

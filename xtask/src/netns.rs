@@ -20,13 +20,13 @@ use anyhow::{Context as _, bail};
 use xtask::exec;
 
 /// The ingress namespace's address on the client link.
-pub const INGRESS: &str = "198.18.0.2";
+pub(crate) const INGRESS: &str = "198.18.0.2";
 /// The dataplane namespace's address.
-pub const DP: &str = "198.18.1.2";
+pub(crate) const DP: &str = "198.18.1.2";
 
 /// The names of the three namespaces, and whether the ingress routes between the other two.
 #[derive(Clone, Copy, Debug)]
-pub struct Topology {
+pub(crate) struct Topology {
     pub client: &'static str,
     pub ingress: &'static str,
     pub dataplane: &'static str,
@@ -47,7 +47,7 @@ impl Topology {
     }
 
     /// Creates the namespaces (replacing any left over), links, addresses and routes.
-    pub fn create(&self) -> anyhow::Result<()> {
+    pub(crate) fn create(&self) -> anyhow::Result<()> {
         self.delete();
         for ns in self.namespaces() {
             ip(&["netns", "add", ns])?;
@@ -56,7 +56,12 @@ impl Topology {
         let (c, i, d) = (self.client, self.ingress, self.dataplane);
         ip(&["link", "add", "c0", "netns", c, "type", "veth", "peer", "name", "i0", "netns", i])?;
         ip(&["link", "add", "i1", "netns", i, "type", "veth", "peer", "name", "d0", "netns", d])?;
-        for (ns, dev, addr) in [(c, "c0", "198.18.0.1/24"), (i, "i0", "198.18.0.2/24"), (i, "i1", "198.18.1.1/24"), (d, "d0", "198.18.1.2/24")] {
+        for (ns, dev, addr) in [
+            (c, "c0", "198.18.0.1/24"),
+            (i, "i0", "198.18.0.2/24"),
+            (i, "i1", "198.18.1.1/24"),
+            (d, "d0", "198.18.1.2/24"),
+        ] {
             ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
         }
@@ -71,7 +76,13 @@ impl Topology {
         // flows, the connection rate), each leaving a TIME_WAIT socket for 60 s: the whole port
         // range, and TIME_WAIT reuse for new outgoing connections.
         for ns in [c, i] {
-            exec(nsexec(ns).args(["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65535", "net.ipv4.tcp_tw_reuse=1"]))?;
+            exec(nsexec(ns).args([
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.ip_local_port_range=1024 65535",
+                "net.ipv4.tcp_tw_reuse=1",
+            ]))?;
         }
         Ok(())
     }
@@ -80,7 +91,7 @@ impl Topology {
 /// Processes and namespaces to remove, whatever happens: on drop, every child still held is
 /// stopped ([`kill`]) and the namespaces are deleted. SIGINT and SIGTERM only set a flag, which
 /// [`Guard::check`] turns into an error, so the drop still runs.
-pub struct Guard {
+pub(crate) struct Guard {
     topology: Topology,
     children: Vec<Child>,
     stop: Arc<AtomicBool>,
@@ -88,7 +99,7 @@ pub struct Guard {
 
 impl Guard {
     /// A guard for `topology` (not created yet); registers the SIGINT/SIGTERM flag.
-    pub fn new(topology: Topology) -> anyhow::Result<Self> {
+    pub(crate) fn new(topology: Topology) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             signal_hook::flag::register(sig, Arc::clone(&stop))?;
@@ -97,7 +108,7 @@ impl Guard {
     }
 
     /// Fails once SIGINT or SIGTERM arrived.
-    pub fn check(&self) -> anyhow::Result<()> {
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
         if self.stop.load(Ordering::Relaxed) {
             bail!("interrupted");
         }
@@ -105,7 +116,7 @@ impl Guard {
     }
 
     /// Takes `child` into the guard's care; returns its PID (for [`stop`]).
-    pub fn adopt(&mut self, child: Child) -> u32 {
+    pub(crate) fn adopt(&mut self, child: Child) -> u32 {
         let pid = child.id();
         self.children.push(child);
         pid
@@ -122,7 +133,7 @@ impl Drop for Guard {
 }
 
 /// SIGTERM, then SIGKILL if `child` has not exited within 5 s; reaps it.
-pub fn kill(child: &mut Child) {
+pub(crate) fn kill(child: &mut Child) {
     // SAFETY: signalling a child we spawned, by PID.
     unsafe { libc::kill(libc::pid_t::try_from(child.id()).unwrap_or(0), libc::SIGTERM) };
     let end = Instant::now() + Duration::from_secs(5);
@@ -137,26 +148,32 @@ pub fn kill(child: &mut Child) {
 }
 
 /// Runs `ip <args>` (stdout discarded), failing on a non-zero exit.
-pub fn ip(args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn ip(args: &[&str]) -> anyhow::Result<()> {
     exec(Command::new("ip").args(args).stdout(Stdio::null()))
 }
 
 /// `ip netns exec <ns>`, to append a command to.
-pub fn nsexec(ns: &str) -> Command {
+pub(crate) fn nsexec(ns: &str) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns]);
     c
 }
 
 /// Starts `args` in `ns` with stdout and stderr to `log`, held by `guard`; returns its PID.
-pub fn spawn(guard: &mut Guard, ns: &str, args: &[&str], log: &Path) -> anyhow::Result<u32> {
+pub(crate) fn spawn(guard: &mut Guard, ns: &str, args: &[&str], log: &Path) -> anyhow::Result<u32> {
     let out = std::fs::File::create(log)?;
-    let child = nsexec(ns).args(args).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).spawn().with_context(|| format!("spawning {args:?}"))?;
+    let child = nsexec(ns)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("spawning {args:?}"))?;
     Ok(guard.adopt(child))
 }
 
 /// Stops the child `pid` of `guard` ([`kill`]), if it holds it.
-pub fn stop(guard: &mut Guard, pid: u32) {
+pub(crate) fn stop(guard: &mut Guard, pid: u32) {
     if let Some(i) = guard.children.iter().position(|c| c.id() == pid) {
         let mut c = guard.children.remove(i);
         kill(&mut c);
@@ -164,10 +181,14 @@ pub fn stop(guard: &mut Guard, pid: u32) {
 }
 
 /// Waits until something accepts TCP on `addr` inside `ns` (bounded).
-pub fn wait_port(ns: &str, addr: &str, port: u16) -> anyhow::Result<()> {
+pub(crate) fn wait_port(ns: &str, addr: &str, port: u16) -> anyhow::Result<()> {
     let end = Instant::now() + Duration::from_secs(10);
     while Instant::now() < end {
-        let ok = nsexec(ns).args(["bash", "-c", &format!("exec 3<>/dev/tcp/{addr}/{port}")]).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+        let ok = nsexec(ns)
+            .args(["bash", "-c", &format!("exec 3<>/dev/tcp/{addr}/{port}")])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
         if ok {
             return Ok(());
         }
@@ -177,7 +198,7 @@ pub fn wait_port(ns: &str, addr: &str, port: u16) -> anyhow::Result<()> {
 }
 
 /// Median, min and max of `v` (`None` when empty).
-pub fn median(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
+pub(crate) fn median(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
     if v.is_empty() {
         return None;
     }

@@ -16,16 +16,16 @@ use clap::Parser;
 use xtask::{BPF_LINKER_VERSION, NIGHTLY, exec, output};
 
 /// Debian packages for the privileged tests and the demo (`ip`, `bpftool`, iperf3, openssl).
-pub const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "iperf3", "openssl", "procps"];
+pub(crate) const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "iperf3", "openssl", "procps"];
 
 #[derive(Debug, Parser, Default)]
-pub struct Options {
+pub(crate) struct Options {
     /// Extra Debian packages to install (the benchmark adds its peers).
     #[arg(long = "package")]
     pub packages: Vec<String>,
 }
 
-pub fn setup(opts: &Options) -> anyhow::Result<()> {
+pub(crate) fn setup(opts: &Options) -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
     let mut pkgs: Vec<&str> = TEST_PACKAGES.to_vec();
@@ -64,7 +64,10 @@ fn bpf_linker() -> anyhow::Result<()> {
     // The LLVM bpf-linker links against must be the nightly's own (its major must match what
     // rustc emits). Read it instead of hard-coding it.
     let vv = output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "-vV"]))?;
-    let llvm = vv.lines().find_map(|l| l.strip_prefix("LLVM version: ")).context("rustc +nightly -vV printed no LLVM version")?;
+    let llvm = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("rustc +nightly -vV printed no LLVM version")?;
     let major = llvm.split('.').next().unwrap_or(llvm);
     let sysroot = PathBuf::from(output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?);
     let lib = sysroot.join("lib");
@@ -102,18 +105,24 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 fn is_installed(pkg: &str) -> bool {
-    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg])).is_ok_and(|s| s.contains("install ok installed"))
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_ok_and(|s| s.contains("install ok installed"))
 }
 
 /// Installs the missing packages with apt-get (non-interactive).
-pub fn debian_packages(pkgs: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn debian_packages(pkgs: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !is_installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
     eprintln!("setup: installing Debian packages {}", missing.join(" "));
-    let install =
-        |cmd: &mut Command| exec(cmd.args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"));
+    let install = |cmd: &mut Command| {
+        exec(
+            cmd.args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
     if install(&mut Command::new("apt-get")).is_err() {
         exec(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
         install(&mut Command::new("apt-get"))?;

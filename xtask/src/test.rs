@@ -10,7 +10,7 @@ use clap::Parser;
 use xtask::{ENV_ZONE_INGRESS_BIN, NIGHTLY, status, workspace_root};
 
 #[derive(Debug, Parser)]
-pub struct Options {
+pub(crate) struct Options {
     /// Only run tests whose name contains this (passed to the test binaries).
     pub filter: Option<String>,
     /// Skip the unit tests.
@@ -18,7 +18,7 @@ pub struct Options {
     pub skip_unit: bool,
 }
 
-pub fn test(opts: &Options) -> anyhow::Result<()> {
+pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
     crate::setup::setup(&crate::setup::Options::default())?;
     let root = workspace_root();
     let mut failures = Vec::new();
@@ -26,7 +26,8 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
 
     // Format and lints first (a run with a filter is a developer's loop: skipped there).
     if opts.filter.is_none() {
-        let fmt = status(Command::new("cargo").current_dir(&root).args([&format!("+{NIGHTLY}"), "fmt", "--all", "--check"]))?;
+        let fmt =
+            status(Command::new("cargo").current_dir(&root).args([&format!("+{NIGHTLY}"), "fmt", "--all", "--check"]))?;
         if !fmt.success() {
             failures.push("cargo +nightly fmt --check (run `cargo +nightly fmt --all`)");
         }
@@ -48,7 +49,15 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
         let clippy_ebpf = status(
             Command::new("cargo")
                 .current_dir(root.join("zone-ingress-ebpf"))
-                .args([&format!("+{NIGHTLY}"), "clippy", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+                .args([
+                    &format!("+{NIGHTLY}"),
+                    "clippy",
+                    "--release",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                ])
                 .args(["--", "-D", "warnings"])
                 .env("CARGO_TARGET_DIR", xtask::target_dir().join("ebpf-clippy")),
         )?;
@@ -71,7 +80,15 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
         let s = status(
             Command::new("cargo")
                 .current_dir(&root)
-                .args(["test", "--workspace", "--exclude", "zone-ingress-tests", "--exclude", "zone-ingress-ebpf", "--"])
+                .args([
+                    "test",
+                    "--workspace",
+                    "--exclude",
+                    "zone-ingress-tests",
+                    "--exclude",
+                    "zone-ingress-ebpf",
+                    "--",
+                ])
                 .args(&filter),
         )?;
         if !s.success() {

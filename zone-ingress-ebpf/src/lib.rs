@@ -191,8 +191,18 @@ pub mod prefilter {
     pub const STAT_COUNT: u32 = 10;
 
     /// The `reason` label of each `STAT_*` slot, in slot order.
-    pub const STAT_NAMES: [&str; STAT_COUNT as usize] =
-        ["passed", "denied", "not_allowed", "syn_rate_limited", "fragment", "malformed", "bad_flags", "urgent", "syn_untracked", "no_config"];
+    pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
+        "passed",
+        "denied",
+        "not_allowed",
+        "syn_rate_limited",
+        "fragment",
+        "malformed",
+        "bad_flags",
+        "urgent",
+        "syn_untracked",
+        "no_config",
+    ];
 
     /// What the guard enforces; written by userspace into `CONFIG[0]`, read once per packet.
     ///

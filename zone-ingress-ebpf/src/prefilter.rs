@@ -36,9 +36,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use zone_ingress_ebpf::prefilter::{
-    ACTION_ALLOW, ACTION_DENY, Bucket, CONFIG_VERSION, Config, DEFAULT_TRACKED_SOURCES, FAMILY_V4, FAMILY_V6, FLAG_DEFAULT_DENY, FLAG_LISTENER_V4,
-    FLAG_LISTENER_V6, FLAG_SYN_LIMIT, MAX_CIDRS, MAX_EXT_HEADERS, MAX_SYN_BURST, MAX_SYN_RATE, STAT_BAD_FLAGS, STAT_COUNT, STAT_DENIED, STAT_FRAGMENT,
-    STAT_MALFORMED, STAT_NO_CONFIG, STAT_NOT_ALLOWED, STAT_PASSED, STAT_SYN_RATE, STAT_SYN_UNTRACKED, STAT_URGENT, SourceKey, UNITS_PER_TOKEN,
+    ACTION_ALLOW, ACTION_DENY, Bucket, CONFIG_VERSION, Config, DEFAULT_TRACKED_SOURCES, FAMILY_V4, FAMILY_V6,
+    FLAG_DEFAULT_DENY, FLAG_LISTENER_V4, FLAG_LISTENER_V6, FLAG_SYN_LIMIT, MAX_CIDRS, MAX_EXT_HEADERS, MAX_SYN_BURST,
+    MAX_SYN_RATE, STAT_BAD_FLAGS, STAT_COUNT, STAT_DENIED, STAT_FRAGMENT, STAT_MALFORMED, STAT_NO_CONFIG,
+    STAT_NOT_ALLOWED, STAT_PASSED, STAT_SYN_RATE, STAT_SYN_UNTRACKED, STAT_URGENT, SourceKey, UNITS_PER_TOKEN,
 };
 
 #[map(name = "XDP_CONFIG")]
@@ -52,7 +53,8 @@ static XDP_CIDR_V4: LpmTrie<u32, u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 static XDP_CIDR_V6: LpmTrie<[u32; 4], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 
 #[map(name = "XDP_SYN_BUCKETS")]
-static XDP_SYN_BUCKETS: LruPerCpuHashMap<SourceKey, Bucket> = LruPerCpuHashMap::with_max_entries(DEFAULT_TRACKED_SOURCES, 0);
+static XDP_SYN_BUCKETS: LruPerCpuHashMap<SourceKey, Bucket> =
+    LruPerCpuHashMap::with_max_entries(DEFAULT_TRACKED_SOURCES, 0);
 
 #[map(name = "XDP_STATS")]
 static XDP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
@@ -171,7 +173,7 @@ enum Source {
 }
 
 #[xdp(frags)]
-pub fn prefilter(ctx: XdpContext) -> u32 {
+pub(crate) fn prefilter(ctx: XdpContext) -> u32 {
     match try_prefilter(&ctx) {
         Ok(Verdict::Ignore) | Err(NotParsed) => XDP_PASS,
         Ok(Verdict::Pass) => {
@@ -258,7 +260,8 @@ fn ipv4(ctx: &XdpContext, cfg: &Config, l3: usize) -> Result<Verdict, NotParsed>
     if version_ihl >> 4 != 4 || ihl < 20 {
         return Ok(Verdict::Drop(STAT_MALFORMED));
     }
-    let (tot_len, frag_off, saddr) = unsafe { (usize::from(u16::from_be((*ip).tot_len)), u16::from_be((*ip).frag_off), (*ip).saddr) };
+    let (tot_len, frag_off, saddr) =
+        unsafe { (usize::from(u16::from_be((*ip).tot_len)), u16::from_be((*ip).frag_off), (*ip).saddr) };
     let l4 = l3 + ihl;
     if frag_off & (IP_MF | IP_OFFSET) != 0 {
         return Ok(fragment(ctx, cfg, frag_off & IP_OFFSET == 0, l4, tot_len >= ihl + 4));
@@ -290,8 +293,14 @@ fn ipv6(ctx: &XdpContext, cfg: &Config, l3: usize) -> Result<Verdict, NotParsed>
     if daddr[0] != want[0] || daddr[1] != want[1] || daddr[2] != want[2] || daddr[3] != want[3] {
         return Ok(Verdict::Ignore);
     }
-    let (version, payload_len, mut next, saddr) =
-        unsafe { (u32::from_be((*ip).version_class_flow) >> 28, usize::from(u16::from_be((*ip).payload_len)), (*ip).next_header, (*ip).saddr) };
+    let (version, payload_len, mut next, saddr) = unsafe {
+        (
+            u32::from_be((*ip).version_class_flow) >> 28,
+            usize::from(u16::from_be((*ip).payload_len)),
+            (*ip).next_header,
+            (*ip).saddr,
+        )
+    };
     // Walk the extension headers to TCP. Anything else (UDP, ICMPv6, ESP, no next header) is not
     // for the listener.
     let mut l4 = l3 + IPV6_HLEN;
@@ -444,9 +453,15 @@ fn take_syn_token(cfg: &Config, src: Source) -> bool {
     let cap = burst * UNITS_PER_TOKEN;
     let key = match src {
         Source::V4(a) => SourceKey { family: FAMILY_V4, addr: [a & cfg.syn_mask_v4, 0, 0, 0] },
-        Source::V6(a) => {
-            SourceKey { family: FAMILY_V6, addr: [a[0] & cfg.syn_mask_v6[0], a[1] & cfg.syn_mask_v6[1], a[2] & cfg.syn_mask_v6[2], a[3] & cfg.syn_mask_v6[3]] }
-        }
+        Source::V6(a) => SourceKey {
+            family: FAMILY_V6,
+            addr: [
+                a[0] & cfg.syn_mask_v6[0],
+                a[1] & cfg.syn_mask_v6[1],
+                a[2] & cfg.syn_mask_v6[2],
+                a[3] & cfg.syn_mask_v6[3],
+            ],
+        },
     };
     // SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };

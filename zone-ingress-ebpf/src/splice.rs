@@ -14,14 +14,15 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
+    bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{map, stream_verdict},
     maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use zone_ingress_ebpf::splice::{
-    EVENTS_BYTES, Hold, MAX_SOCKETS, Pair, REPORT_EVERY, STAT_COUNT, STAT_EMPTY, STAT_HELD, STAT_NO_PAIR, STAT_PEER_MISSING, STAT_REDIRECTED,
+    EVENTS_BYTES, Hold, MAX_SOCKETS, Pair, REPORT_EVERY, STAT_COUNT, STAT_EMPTY, STAT_HELD, STAT_NO_PAIR,
+    STAT_PEER_MISSING, STAT_REDIRECTED,
 };
 
 #[map(name = "SOCKS")]
@@ -44,7 +45,7 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 static SPLICE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 
 #[stream_verdict]
-pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
+pub(crate) fn splice_verdict(ctx: SkBuffContext) -> u32 {
     try_splice_verdict(&ctx)
 }
 
@@ -64,7 +65,7 @@ fn count(slot: u32) {
 fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
     // SAFETY: the helper only reads the skb's socket; `as_ptr` is the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(pair) = PAIRS.get_ptr_mut(&cookie) else {
+    let Some(pair) = PAIRS.get_ptr_mut(cookie) else {
         count(STAT_NO_PAIR);
         return SK_PASS;
     };
@@ -80,7 +81,7 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
     // socket's verdict writes its entry, and never concurrently (module docs).
     unsafe {
         // SAFETY: a map value read for this program run.
-        let hold = HOLD.get(&cookie);
+        let hold = HOLD.get(cookie);
         let want = hold.is_some_and(|h| h.want != 0);
         let relayed = hold.map_or(0, |h| h.relayed);
         let keep = if (*pair).holding != 0 {

@@ -48,7 +48,8 @@ fn main() -> Result<()> {
 /// A rustls 0.23 client with the ring provider and its default settings.
 fn capture_rustls(listener: &TcpListener, sni: &str) -> Result<Vec<u8>> {
     let addr = listener.local_addr()?;
-    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).with_context(|| format!("rustls only sends DNS names, not {sni:?}"))?;
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned())
+        .with_context(|| format!("rustls only sends DNS names, not {sni:?}"))?;
     // No roots: the handshake never gets as far as the server's certificate.
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()?
@@ -70,7 +71,12 @@ fn capture_rustls(listener: &TcpListener, sni: &str) -> Result<Vec<u8>> {
 fn capture_exec(listener: &TcpListener, port: u16, program: &str, args: &[String]) -> Result<Vec<u8>> {
     let args: Vec<String> = args.iter().map(|a| a.replace("{port}", &port.to_string())).collect();
     eprintln!("running {program} {}", args.join(" "));
-    let mut child = Command::new(program).args(&args).stdin(Stdio::null()).stdout(Stdio::null()).spawn().with_context(|| format!("spawn {program}"))?;
+    let mut child = Command::new(program)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("spawn {program}"))?;
     let hello = accept_and_read(listener);
     // The client has nothing left to do once its hello is captured.
     let _ = child.kill();
@@ -89,7 +95,10 @@ fn accept_and_read(listener: &TcpListener) -> Result<Vec<u8>> {
         let mut header = [0u8; 5];
         sock.read_exact(&mut header).context("read record header")?;
         let [content_type, major, minor, len_hi, len_lo] = header;
-        ensure!(content_type == 22, "record type {content_type} (version {major}.{minor}) before the hello was complete");
+        ensure!(
+            content_type == 22,
+            "record type {content_type} (version {major}.{minor}) before the hello was complete"
+        );
         let mut fragment = vec![0u8; usize::from(u16::from_be_bytes([len_hi, len_lo]))];
         sock.read_exact(&mut fragment).context("read record body")?;
         stream.extend_from_slice(&header);

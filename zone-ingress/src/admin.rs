@@ -207,10 +207,26 @@ struct Endpoint {
 const ENDPOINTS: &[Endpoint] = &[
     Endpoint { path: "/", method: Method::GET, help: "this list" },
     Endpoint { path: "/ready", method: Method::GET, help: "READY 200, NOT_READY 503, TERMINATING 503" },
-    Endpoint { path: "/stats", method: Method::GET, help: "counters as name: value (?filter=<substring>, ?format=json|prometheus)" },
-    Endpoint { path: "/stats/prometheus", method: Method::GET, help: "Prometheus text format (Envoy names and zone_ingress_*)" },
-    Endpoint { path: "/config_dump", method: Method::GET, help: "effective configuration: ZoneIngress, routes, clusters, splice" },
-    Endpoint { path: "/connections", method: Method::GET, help: "open flows (?limit=1..1000, default 100; ?after=<id> for the next page)" },
+    Endpoint {
+        path: "/stats",
+        method: Method::GET,
+        help: "counters as name: value (?filter=<substring>, ?format=json|prometheus)",
+    },
+    Endpoint {
+        path: "/stats/prometheus",
+        method: Method::GET,
+        help: "Prometheus text format (Envoy names and zone_ingress_*)",
+    },
+    Endpoint {
+        path: "/config_dump",
+        method: Method::GET,
+        help: "effective configuration: ZoneIngress, routes, clusters, splice",
+    },
+    Endpoint {
+        path: "/connections",
+        method: Method::GET,
+        help: "open flows (?limit=1..1000, default 100; ?after=<id> for the next page)",
+    },
     Endpoint { path: "/quitquitquit", method: Method::POST, help: "exit now, closing open flows (loopback only)" },
     Endpoint { path: "/drain_listeners", method: Method::POST, help: "stop accepting, keep running (loopback only)" },
 ];
@@ -228,7 +244,8 @@ async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, req: Request<Incoming>) -> Resp
         r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
         return r;
     }
-    let body_len = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let body_len =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if body_len.is_some_and(|n| n > MAX_BODY) {
         return text(StatusCode::PAYLOAD_TOO_LARGE, format!("request body larger than {MAX_BODY} bytes\n"));
     }

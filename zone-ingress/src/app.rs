@@ -147,7 +147,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Loads the kernel splice as `--splice` asks: `None` for the userspace relay.
-fn start_splice(mode: SpliceMode, limits: &Limits, reports: splice::ReportSender) -> anyhow::Result<Option<KernelSplice>> {
+fn start_splice(
+    mode: SpliceMode,
+    limits: &Limits,
+    reports: splice::ReportSender,
+) -> anyhow::Result<Option<KernelSplice>> {
     let load = || -> anyhow::Result<KernelSplice> {
         let users = ebpf::Users { splice: true, syn_buckets: zone_ingress_ebpf::prefilter::DEFAULT_TRACKED_SOURCES };
         let object = Arc::new(ebpf::Object::load(users)?);
@@ -169,7 +173,11 @@ fn start_splice(mode: SpliceMode, limits: &Limits, reports: splice::ReportSender
                 Some(k)
             }
             Err(e) => {
-                warn!(mode = "userspace", error = format!("{e:#}"), "splice mode: userspace (auto: the eBPF splice could not load)");
+                warn!(
+                    mode = "userspace",
+                    error = format!("{e:#}"),
+                    "splice mode: userspace (auto: the eBPF splice could not load)"
+                );
                 None
             }
         },
@@ -207,7 +215,8 @@ impl App {
         // Our listeners share their port with SO_REUSEPORT, which would also let a second
         // instance started by mistake bind it and silently take half of the connections.
         server::check_port_free(listen).with_context(|| format!("binding the listener {listen}"))?;
-        let listeners = server::bind(listen, n, limits.keepalive).with_context(|| format!("binding the listener {listen}"))?;
+        let listeners =
+            server::bind(listen, n, limits.keepalive).with_context(|| format!("binding the listener {listen}"))?;
         let options = Options {
             client_hello_timeout: args.client_hello_timeout.0,
             connect_timeout: args.connect_timeout.0,
@@ -246,8 +255,9 @@ impl App {
     async fn serve(&mut self) -> Duration {
         let (changes_tx, mut changes_rx) = mpsc::channel(1);
         // Without a watcher the files still reload on SIGHUP.
-        let _watcher =
-            reload::watch(&self.reloader.sources, changes_tx).map_err(|e| warn!(error = %e, "cannot watch the configuration files; reload with SIGHUP")).ok();
+        let _watcher = reload::watch(&self.reloader.sources, changes_tx)
+            .map_err(|e| warn!(error = %e, "cannot watch the configuration files; reload with SIGHUP"))
+            .ok();
         loop {
             let trigger = tokio::select! {
                 event = self.signals.next() => match event {
@@ -319,7 +329,12 @@ impl App {
 
 /// Binds and starts the admin server; a failure is logged, not fatal (the data path keeps
 /// running; readiness probes then fail visibly).
-fn start_admin(ingress: &Arc<Ingress>, addr: SocketAddr, commands: &mpsc::Sender<admin::Command>, info: &admin::Info) -> Option<admin::AdminServer> {
+fn start_admin(
+    ingress: &Arc<Ingress>,
+    addr: SocketAddr,
+    commands: &mpsc::Sender<admin::Command>,
+    info: &admin::Info,
+) -> Option<admin::AdminServer> {
     match admin::bind(addr) {
         Ok(listener) => Some(admin::AdminServer::start(Arc::clone(ingress), listener, commands.clone(), info.clone())),
         Err(e) => {

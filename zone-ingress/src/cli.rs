@@ -160,7 +160,10 @@ pub struct RunArgs {
 }
 
 fn parse_var(s: &str) -> Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.trim().to_owned(), v.to_owned())).filter(|(k, _)| !k.is_empty()).ok_or_else(|| format!("expected key=value, got {s:?}"))
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
 }
 
 impl From<&InputArgs> for config::Sources {
@@ -192,7 +195,8 @@ impl RunArgs {
 
 /// Sets up `tracing` from `RUST_LOG` (default `info`).
 pub fn init_tracing(cli: &Cli) {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if cli.access_log == AccessLog::Off
         && let Ok(d) = "access=off".parse()
     {

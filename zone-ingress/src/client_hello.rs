@@ -222,7 +222,9 @@ pub fn parse(buf: &[u8], max_len: usize) -> Parsed {
             Parsed::Complete { sni, len }
         }
         Err(Stop::Invalid(invalid)) => Parsed::Invalid(invalid),
-        Err(Stop::Short) => Parsed::Incomplete { need_at_least: Some(reader.completion_lower_bound().max(buf.len().saturating_add(1))) },
+        Err(Stop::Short) => {
+            Parsed::Incomplete { need_at_least: Some(reader.completion_lower_bound().max(buf.len().saturating_add(1))) }
+        }
     }
 }
 
@@ -805,7 +807,9 @@ mod tests {
         for pair in results.windows(2) {
             let ((short_len, short), (long_len, long)) = (&pair[0], &pair[1]);
             match short {
-                Parsed::Invalid(_) | Parsed::Complete { .. } => assert_eq!(short, long, "prefix of {short_len} bytes decided, {long_len} bytes changed it"),
+                Parsed::Invalid(_) | Parsed::Complete { .. } => {
+                    assert_eq!(short, long, "prefix of {short_len} bytes decided, {long_len} bytes changed it")
+                }
                 Parsed::Incomplete { need_at_least } => {
                     let need = need_at_least.expect("the parser always knows a bound");
                     assert!(need > *short_len && need <= max_len, "{short:?} at {short_len}");
@@ -930,7 +934,9 @@ mod tests {
 
     #[test]
     fn sni_with_nul_or_bad_utf8_is_rejected() {
-        for name in [&b"backend\0{mesh=default}"[..], b"\0", b"good.example\0.evil.example", b"backend{mesh=\xff}", b"\xc3"] {
+        for name in
+            [&b"backend\0{mesh=default}"[..], b"\0", b"good.example\0.evil.example", b"backend{mesh=\xff}", b"\xc3"]
+        {
             let buf = build_client_hello(Some(name), 0);
             assert_eq!(parse_default(&buf), Parsed::Invalid(Invalid::BadSni), "{}", name.escape_ascii());
         }
@@ -971,8 +977,16 @@ mod tests {
     #[test]
     fn record_versions() {
         let f = &FIXTURES[0];
-        for (version, ok) in [([3, 0], true), ([3, 1], true), ([3, 2], true), ([3, 3], true), ([3, 4], true), ([3, 5], false), ([2, 0], false), ([4, 1], false)]
-        {
+        for (version, ok) in [
+            ([3, 0], true),
+            ([3, 1], true),
+            ([3, 2], true),
+            ([3, 3], true),
+            ([3, 4], true),
+            ([3, 5], false),
+            ([2, 0], false),
+            ([4, 1], false),
+        ] {
             let mut buf = f.bytes.to_vec();
             buf[1..3].copy_from_slice(&version);
             let expected = if ok { complete(Some(f.sni), f.bytes.len()) } else { Parsed::Invalid(Invalid::NotTls) };

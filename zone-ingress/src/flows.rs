@@ -69,7 +69,11 @@ fn counters(mode: Path, progress: &Progress, cookies: Option<[u64; 2]>, kernel: 
         progress.backend_to_client.fetch_max(b2c, Ordering::Relaxed);
         progress.last_active_ns.fetch_max(last, Ordering::Relaxed);
     }
-    (progress.client_to_backend.load(Ordering::Relaxed), progress.backend_to_client.load(Ordering::Relaxed), progress.last_active_ns.load(Ordering::Relaxed))
+    (
+        progress.client_to_backend.load(Ordering::Relaxed),
+        progress.backend_to_client.load(Ordering::Relaxed),
+        progress.last_active_ns.load(Ordering::Relaxed),
+    )
 }
 
 /// What `/connections` shows of a flow.
@@ -197,7 +201,12 @@ impl Flows {
     /// held, so that `f` reads closed totals consistent with them (module docs).
     pub fn live_totals<R>(&self, kernel: KernelReader<'_>, f: impl FnOnce(&LiveTotals) -> R) -> R {
         type Entry = (u64, Path, Arc<Progress>, Option<[u64; 2]>, String);
-        let open: Vec<Entry> = self.lock().open.iter().map(|(id, f)| (*id, f.mode, Arc::clone(&f.progress), f.cookies, f.cluster.name.clone())).collect();
+        let open: Vec<Entry> = self
+            .lock()
+            .open
+            .iter()
+            .map(|(id, f)| (*id, f.mode, Arc::clone(&f.progress), f.cookies, f.cluster.name.clone()))
+            .collect();
         let live: Vec<(u64, Path, String, u64, u64)> = open
             .into_iter()
             .map(|(id, mode, progress, cookies, cluster)| {
@@ -230,8 +239,12 @@ impl Flows {
         let inner = self.lock();
         let start = after.map_or(0, |a| a.saturating_add(1));
         type Picked = (u64, FlowView, Arc<Progress>, Option<[u64; 2]>);
-        let mut picked: Vec<Picked> =
-            inner.open.range(start..).take(limit + 1).map(|(id, f)| (*id, view(*id, f), Arc::clone(&f.progress), f.cookies)).collect();
+        let mut picked: Vec<Picked> = inner
+            .open
+            .range(start..)
+            .take(limit + 1)
+            .map(|(id, f)| (*id, view(*id, f), Arc::clone(&f.progress), f.cookies))
+            .collect();
         let total = inner.open.len();
         drop(inner);
         let next_after = if picked.len() > limit {
@@ -261,7 +274,12 @@ fn view(id: u64, f: &Flow) -> FlowView {
         id,
         client: f.client.to_string(),
         sni: f.sni.clone(),
-        route: RouteView { service: f.route.service.clone(), mesh: f.route.mesh.clone(), tags: f.route.tags.clone(), cluster: f.route.cluster.name.clone() },
+        route: RouteView {
+            service: f.route.service.clone(),
+            mesh: f.route.mesh.clone(),
+            tags: f.route.tags.clone(),
+            cluster: f.route.cluster.name.clone(),
+        },
         endpoint: f.endpoint.to_string(),
         mode: f.mode,
         bytes_client_to_backend: 0,

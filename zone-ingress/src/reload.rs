@@ -118,7 +118,10 @@ impl Reloader {
         let rebind = !unchanged && ingress.listener_addr() != Some(new_addr) && !ingress.listener_drained();
         // Bind before anything changes: a failure leaves everything as it was.
         let listeners = if rebind {
-            Some(server::bind(new_addr, self.listeners, ingress.options.limits.keepalive).map_err(|source| ReloadError::Bind { addr: new_addr, source })?)
+            Some(
+                server::bind(new_addr, self.listeners, ingress.options.limits.keepalive)
+                    .map_err(|source| ReloadError::Bind { addr: new_addr, source })?,
+            )
         } else {
             None
         };
@@ -191,8 +194,13 @@ pub fn watch(sources: &Sources, tx: mpsc::Sender<()>) -> notify::Result<notify::
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(event) = res else { return };
         // Reads (our own reloads among them) must not trigger reloads.
-        let relevant_kind =
-            matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Access(AccessKind::Close(AccessMode::Write)));
+        let relevant_kind = matches!(
+            event.kind,
+            EventKind::Create(_)
+                | EventKind::Modify(_)
+                | EventKind::Remove(_)
+                | EventKind::Access(AccessKind::Close(AccessMode::Write))
+        );
         if relevant_kind && event.paths.iter().any(|p| concerns(&filter, p)) {
             let _ = tx.try_send(());
         }

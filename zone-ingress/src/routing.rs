@@ -137,8 +137,25 @@ pub struct Route {
 }
 
 impl Route {
-    fn new(sni: String, kind: RouteKind, cluster: Arc<Cluster>, mesh: &str, service: &str, tags: BTreeMap<String, String>, endpoints: Vec<SocketAddr>) -> Self {
-        Self { sni, kind, cluster, mesh: mesh.to_owned(), service: service.to_owned(), tags, endpoints, cursor: AtomicUsize::new(0) }
+    fn new(
+        sni: String,
+        kind: RouteKind,
+        cluster: Arc<Cluster>,
+        mesh: &str,
+        service: &str,
+        tags: BTreeMap<String, String>,
+        endpoints: Vec<SocketAddr>,
+    ) -> Self {
+        Self {
+            sni,
+            kind,
+            cluster,
+            mesh: mesh.to_owned(),
+            service: service.to_owned(),
+            tags,
+            endpoints,
+            cursor: AtomicUsize::new(0),
+        }
     }
 
     /// The endpoints to try for one new connection: this route's next round-robin pick first,
@@ -240,11 +257,14 @@ impl RouteTable {
             let cluster = Arc::new(Cluster::new(format!("{mesh}:{service}"), group.healthy.len(), group.all.len()));
             let endpoints = group.healthy.iter().map(|i| i.endpoint).collect();
             let sni = sni::legacy_sni(service, &mesh_tags);
-            insert_route(&mut routes, Route::new(sni, RouteKind::Legacy, Arc::clone(&cluster), mesh, service, mesh_tags.clone(), endpoints));
-            services
-                .entry((*mesh).to_owned())
-                .or_default()
-                .insert((*service).to_owned(), Service { cluster, members: group.healthy.iter().map(|i| (i.endpoint, i.tags.clone())).collect() });
+            insert_route(
+                &mut routes,
+                Route::new(sni, RouteKind::Legacy, Arc::clone(&cluster), mesh, service, mesh_tags.clone(), endpoints),
+            );
+            services.entry((*mesh).to_owned()).or_default().insert(
+                (*service).to_owned(),
+                Service { cluster, members: group.healthy.iter().map(|i| (i.endpoint, i.tags.clone())).collect() },
+            );
 
             if is_dns1035_label(service) {
                 for route in mesh_service_routes(mesh, service, zone, group) {
@@ -255,7 +275,15 @@ impl RouteTable {
 
         let mut ordered: Vec<Arc<Route>> = routes.values().cloned().collect();
         ordered.sort_by(|a, b| a.sni.cmp(&b.sni));
-        Self { zone: zone.to_owned(), routes, ordered, services, subsets: Mutex::default(), subset_capacity: SUBSET_CACHE_CAPACITY, foreign }
+        Self {
+            zone: zone.to_owned(),
+            routes,
+            ordered,
+            services,
+            subsets: Mutex::default(),
+            subset_capacity: SUBSET_CACHE_CAPACITY,
+            foreign,
+        }
     }
 
     /// Replace the subset cache bound ([`SUBSET_CACHE_CAPACITY`] by default); 0 disables
@@ -285,21 +313,36 @@ impl RouteTable {
         if let Some(route) = self.lock_subsets().routes.get(sni) {
             return Ok(Arc::clone(route));
         }
-        let parsed = sni::parse_legacy(sni).map_err(|e| if e.is_syntax() { Reject::InvalidSni } else { Reject::NotCanonical })?;
-        let base = parsed.mesh().and_then(|mesh| self.services.get(mesh)).and_then(|services| services.get(&parsed.service)).ok_or(Reject::UnknownSni)?;
+        let parsed = sni::parse_legacy(sni)
+            .map_err(|e| if e.is_syntax() { Reject::InvalidSni } else { Reject::NotCanonical })?;
+        let base = parsed
+            .mesh()
+            .and_then(|mesh| self.services.get(mesh))
+            .and_then(|services| services.get(&parsed.service))
+            .ok_or(Reject::UnknownSni)?;
         let wanted: Vec<(&str, &str)> = parsed.subset_tags().collect();
         // Kuma's TagSelector: every key must be present; `*` matches any value.
         let endpoints: Vec<SocketAddr> = base
             .members
             .iter()
-            .filter(|(_, tags)| wanted.iter().all(|(k, v)| tags.get(*k).is_some_and(|have| *v == "*" || have.as_str() == *v)))
+            .filter(|(_, tags)| {
+                wanted.iter().all(|(k, v)| tags.get(*k).is_some_and(|have| *v == "*" || have.as_str() == *v))
+            })
             .map(|(endpoint, _)| *endpoint)
             .collect();
         if endpoints.is_empty() {
             return Err(Reject::NoEndpoints);
         }
         let mesh = parsed.mesh().unwrap_or_default().to_owned();
-        let route = Arc::new(Route::new(sni.to_owned(), RouteKind::Subset, Arc::clone(&base.cluster), &mesh, &parsed.service, parsed.tags, endpoints));
+        let route = Arc::new(Route::new(
+            sni.to_owned(),
+            RouteKind::Subset,
+            Arc::clone(&base.cluster),
+            &mesh,
+            &parsed.service,
+            parsed.tags,
+            endpoints,
+        ));
         Ok(self.cache_subset(route))
     }
 
@@ -376,7 +419,10 @@ impl RouteTable {
                 *counts.entry((&dp.mesh, &inbound.tags)).or_default() += 1;
             }
         }
-        counts.into_iter().map(|((mesh, tags), instances)| AvailableService { mesh: mesh.to_owned(), instances, tags: tags.clone() }).collect()
+        counts
+            .into_iter()
+            .map(|((mesh, tags), instances)| AvailableService { mesh: mesh.to_owned(), instances, tags: tags.clone() })
+            .collect()
     }
 }
 
@@ -393,10 +439,12 @@ fn mesh_service_routes(mesh: &str, service: &str, zone: &str, group: &Group<'_>)
     ports
         .into_iter()
         .map(|port| {
-            let endpoints: Vec<SocketAddr> = group.healthy.iter().map(|i| i.endpoint).filter(|e| e.port() == port).collect();
+            let endpoints: Vec<SocketAddr> =
+                group.healthy.iter().map(|i| i.endpoint).filter(|e| e.port() == port).collect();
             let total = group.all.iter().filter(|i| i.endpoint.port() == port).count();
             // Universal MeshServices have no namespace, hence the empty field (`__`).
-            let cluster = Arc::new(Cluster::new(format!("{mesh}_{service}__{zone}_msvc_{port}"), endpoints.len(), total));
+            let cluster =
+                Arc::new(Cluster::new(format!("{mesh}_{service}__{zone}_msvc_{port}"), endpoints.len(), total));
             Route::new(
                 sni::mesh_service_sni(service, mesh, port, ResourceKind::Ms),
                 RouteKind::MeshService { port },
@@ -629,7 +677,12 @@ networking:
         let snis: Vec<&str> = t.entries().map(|r| r.sni.as_str()).collect();
         assert_eq!(
             snis,
-            vec!["a25502fde077cd057.redis.6379.default.ms", "a601e0c00295a9fbe.backend.8080.default.ms", "backend{mesh=default}", "redis{mesh=default}",]
+            vec![
+                "a25502fde077cd057.redis.6379.default.ms",
+                "a601e0c00295a9fbe.backend.8080.default.ms",
+                "backend{mesh=default}",
+                "redis{mesh=default}",
+            ]
         );
         assert_eq!(t.len(), 4);
         let legacy = t.lookup("backend{mesh=default}").expect("routed");
@@ -775,9 +828,18 @@ networking:
         ));
         let t = RouteTable::build(&inv, "east");
         let services = t.available_services(&inv);
-        let summary: Vec<(String, u32, Option<&str>)> =
-            services.iter().map(|s| (s.tags["kuma.io/service"].clone(), s.instances, s.tags.get("version").map(String::as_str))).collect();
-        assert_eq!(summary, vec![("backend".to_owned(), 2, Some("v1")), ("backend".to_owned(), 1, Some("v2")), ("redis".to_owned(), 1, None),]);
+        let summary: Vec<(String, u32, Option<&str>)> = services
+            .iter()
+            .map(|s| (s.tags["kuma.io/service"].clone(), s.instances, s.tags.get("version").map(String::as_str)))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("backend".to_owned(), 2, Some("v1")),
+                ("backend".to_owned(), 1, Some("v2")),
+                ("redis".to_owned(), 1, None),
+            ]
+        );
         let json = serde_json::to_value(&services[2]).expect("serialises");
         assert_eq!(
             json,

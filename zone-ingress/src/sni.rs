@@ -221,7 +221,10 @@ impl SniError {
     /// well-formed tag SNI that Kuma would never produce.
     #[must_use]
     pub fn is_syntax(&self) -> bool {
-        !matches!(self, Self::DuplicateKey(_) | Self::MissingMesh | Self::ServiceTagInBraces | Self::NotCanonical { .. })
+        !matches!(
+            self,
+            Self::DuplicateKey(_) | Self::MissingMesh | Self::ServiceTagInBraces | Self::NotCanonical { .. }
+        )
     }
 }
 
@@ -340,55 +343,85 @@ mod tests {
 
     #[test]
     fn hash_vector_backend_demo_ms() {
-        assert_eq!(mesh_service_sni("backend", "demo", 8080, ResourceKind::Ms), "ae10a8071b8a8eeb8.backend.8080.demo.ms");
+        assert_eq!(
+            mesh_service_sni("backend", "demo", 8080, ResourceKind::Ms),
+            "ae10a8071b8a8eeb8.backend.8080.demo.ms"
+        );
     }
 
     #[test]
     fn hash_vector_backend_demo_mzms_shares_hash() {
-        assert_eq!(mesh_service_sni("backend", "demo", 8080, ResourceKind::Mzms), "ae10a8071b8a8eeb8.backend.8080.demo.mzms");
+        assert_eq!(
+            mesh_service_sni("backend", "demo", 8080, ResourceKind::Mzms),
+            "ae10a8071b8a8eeb8.backend.8080.demo.mzms"
+        );
     }
 
     #[test]
     fn hash_vector_backend_default() {
-        assert_eq!(mesh_service_sni("backend", "default", 80, ResourceKind::Ms), "a601e0c00295a9fbe.backend.80.default.ms");
+        assert_eq!(
+            mesh_service_sni("backend", "default", 80, ResourceKind::Ms),
+            "a601e0c00295a9fbe.backend.80.default.ms"
+        );
     }
 
     #[test]
     fn hash_vector_backend2_default() {
-        assert_eq!(mesh_service_sni("backend2", "default", 80, ResourceKind::Ms), "aec60634adf0f45d6.backend2.80.default.ms");
+        assert_eq!(
+            mesh_service_sni("backend2", "default", 80, ResourceKind::Ms),
+            "aec60634adf0f45d6.backend2.80.default.ms"
+        );
     }
 
     #[test]
     fn hash_vector_multi_backend_mzms() {
-        assert_eq!(mesh_service_sni("multi-backend", "default", 80, ResourceKind::Mzms), "a6844c35bc637ba96.multi-backend.80.default.mzms");
+        assert_eq!(
+            mesh_service_sni("multi-backend", "default", 80, ResourceKind::Mzms),
+            "a6844c35bc637ba96.multi-backend.80.default.mzms"
+        );
     }
 
     #[test]
     fn hash_vector_test_server_envoyconfig() {
-        assert_eq!(mesh_service_sni("test-server", "envoyconfig", 80, ResourceKind::Ms), "a029781856823048e.test-server.80.envoyconfig.ms");
+        assert_eq!(
+            mesh_service_sni("test-server", "envoyconfig", 80, ResourceKind::Ms),
+            "a029781856823048e.test-server.80.envoyconfig.ms"
+        );
     }
 
     #[test]
     fn hash_vector_kubernetes_name_with_dot() {
-        assert_eq!(mesh_service_sni("redis.kuma-demo", "default", 6379, ResourceKind::Ms), "a64067518fe826e27.redis.kuma-demo.6379.default.ms");
+        assert_eq!(
+            mesh_service_sni("redis.kuma-demo", "default", 6379, ResourceKind::Ms),
+            "a64067518fe826e27.redis.kuma-demo.6379.default.ms"
+        );
     }
 
     #[test]
     fn hash_vector_truncated_name() {
         let name = format!("{}-qwe", "a".repeat(62));
-        assert_eq!(mesh_service_sni(&name, "default", 8080, ResourceKind::Ms), format!("a1f6ee52b5dc5a634.{}x.8080.default.ms", "a".repeat(62)));
+        assert_eq!(
+            mesh_service_sni(&name, "default", 8080, ResourceKind::Ms),
+            format!("a1f6ee52b5dc5a634.{}x.8080.default.ms", "a".repeat(62))
+        );
     }
 
     #[test]
     fn hash_vector_optional_data() {
-        assert_eq!(resource_sni("backend", "demo", 8080, ResourceKind::Ms, "x=a"), "a333a125865a97632.backend.8080.demo.ms");
+        assert_eq!(
+            resource_sni("backend", "demo", 8080, ResourceKind::Ms, "x=a"),
+            "a333a125865a97632.backend.8080.demo.ms"
+        );
     }
 
     #[test]
     fn hash_vector_truncated_name_and_mesh_with_data() {
         let name = format!("{}-qwe", "a".repeat(62));
         let mesh = format!("{}-qwe", "b".repeat(62));
-        assert_eq!(resource_sni(&name, &mesh, 8080, ResourceKind::Ms, "x=a"), format!("a5b91d8a08567bf09.{}x.8080.{}x.ms", "a".repeat(62), "b".repeat(62)));
+        assert_eq!(
+            resource_sni(&name, &mesh, 8080, ResourceKind::Ms, "x=a"),
+            format!("a5b91d8a08567bf09.{}x.8080.{}x.ms", "a".repeat(62), "b".repeat(62))
+        );
     }
 
     #[test]
@@ -405,7 +438,13 @@ mod tests {
 
     #[test]
     fn legacy_vector_without_mesh_round_trips_syntactically() {
-        let t = tags(&[("kuma.io/service", "backend"), ("app", "backend-app"), ("env", "prod"), ("region", "eu"), ("version", "v1")]);
+        let t = tags(&[
+            ("kuma.io/service", "backend"),
+            ("app", "backend-app"),
+            ("env", "prod"),
+            ("region", "eu"),
+            ("version", "v1"),
+        ]);
         let sni = "backend{app=backend-app,env=prod,region=eu,version=v1}";
         assert_eq!(legacy_sni("backend", &t), sni);
         let parsed = parse_legacy_tags(sni).expect("parses");
@@ -462,7 +501,10 @@ mod tests {
 
     #[test]
     fn legacy_rejects_non_canonical_order() {
-        assert_eq!(parse_legacy("backend{version=v1,mesh=default}"), Err(SniError::NotCanonical { canonical: "backend{mesh=default,version=v1}".to_owned() }));
+        assert_eq!(
+            parse_legacy("backend{version=v1,mesh=default}"),
+            Err(SniError::NotCanonical { canonical: "backend{mesh=default,version=v1}".to_owned() })
+        );
     }
 
     #[test]

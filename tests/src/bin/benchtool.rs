@@ -36,13 +36,19 @@ fn pki(dir: &PathBuf, sni: &str) -> (Arc<rustls::ServerConfig>, Arc<rustls::Clie
         let s = p.leaf("bench-dataplane", &[sni]);
         let c = p.leaf("bench-client", &["client.test"]);
         std::fs::create_dir_all(dir).expect("pki dir");
-        for (name, text) in
-            [("server.pem", &s.cert_pem), ("server.key", &s.key_pem), ("client.pem", &c.cert_pem), ("client.key", &c.key_pem), ("ca.pem", &p.ca_pem)]
-        {
+        for (name, text) in [
+            ("server.pem", &s.cert_pem),
+            ("server.key", &s.key_pem),
+            ("client.pem", &c.cert_pem),
+            ("client.key", &c.key_pem),
+            ("ca.pem", &p.ca_pem),
+        ] {
             std::fs::write(dir.join(name), text).expect("write pem");
         }
     }
-    let certs = |f: &str| -> Vec<CertificateDer<'static>> { CertificateDer::pem_file_iter(dir.join(f)).expect("pem").map(|c| c.expect("cert")).collect() };
+    let certs = |f: &str| -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_file_iter(dir.join(f)).expect("pem").map(|c| c.expect("cert")).collect()
+    };
     let key = |f: &str| PrivateKeyDer::from_pem_file(dir.join(f)).expect("key");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -50,7 +56,10 @@ fn pki(dir: &PathBuf, sni: &str) -> (Arc<rustls::ServerConfig>, Arc<rustls::Clie
         roots.add(c).expect("root");
     }
     let roots = Arc::new(roots);
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider)).build().expect("verifier");
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider))
+            .build()
+            .expect("verifier");
     let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .expect("versions")

@@ -21,16 +21,24 @@ fn main() {
     println!("   namespaces: client 198.18.0.1 → ingress 198.18.0.2:10001 → dataplanes 198.18.{{1,2,3}}.2");
     let topo = Topology::new(3);
     let pki = Pki::new();
-    let daemon =
-        Daemon::start(&topo.ingress, &zone_ingress_yaml("198.18.0.2", 10001, 9901), &section5_inventory(false), &["--splice", &splice, "--drain-time", "2s"]);
-    println!("   ingress pid {} is ready; inventory: backend v1, backend v2 (8080), redis (6379), web (NotReady)", daemon.pid());
+    let daemon = Daemon::start(
+        &topo.ingress,
+        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
+        &section5_inventory(false),
+        &["--splice", &splice, "--drain-time", "2s"],
+    );
+    println!(
+        "   ingress pid {} is ready; inventory: backend v1, backend v2 (8080), redis (6379), web (NotReady)",
+        daemon.pid()
+    );
     let rt = runtime();
     let ingress: SocketAddr = "198.18.0.2:10001".parse().expect("addr");
     rt.block_on(async {
         for (k, name) in DP_NAMES.iter().enumerate() {
             let port = if k == 2 { 6379 } else { 8080 };
             let addr = SocketAddr::new(Topology::dataplane_addr(k + 1, false), port);
-            let leaf = pki.leaf(name, &["a601e0c00295a9fbe.backend.8080.default.ms", "a25502fde077cd057.redis.6379.default.ms"]);
+            let leaf = pki
+                .leaf(name, &["a601e0c00295a9fbe.backend.8080.default.ms", "a25502fde077cd057.redis.6379.default.ms"]);
             spawn_dataplane(topo.dataplanes[k].listen(addr), name, Some(pki.server_config(&leaf)));
         }
         let client_leaf = pki.leaf("remote-client", &["client.test"]);
@@ -50,7 +58,11 @@ fn main() {
             }
             .await;
             match result {
-                Ok(o) => println!("   SNI {sni:<45} → {:<10} 8 MiB each way, SHA-256 {}", o.dataplane, if o.up_ok && o.down_ok { "match" } else { "MISMATCH" }),
+                Ok(o) => println!(
+                    "   SNI {sni:<45} → {:<10} 8 MiB each way, SHA-256 {}",
+                    o.dataplane,
+                    if o.up_ok && o.down_ok { "match" } else { "MISMATCH" }
+                ),
                 Err(e) => println!("   SNI {sni:<45} → rejected (closed without a byte: {e})"),
             }
         }
@@ -73,7 +85,14 @@ fn main() {
         let port = if k == 2 { 6379 } else { 8080 };
         let child = topo.dataplanes[k]
             .command("openssl")
-            .args(["s_server", "-quiet", "-accept", &format!("{}:{port}", Topology::dataplane_v4(k + 1)), "-Verify", "1"])
+            .args([
+                "s_server",
+                "-quiet",
+                "-accept",
+                &format!("{}:{port}", Topology::dataplane_v4(k + 1)),
+                "-Verify",
+                "1",
+            ])
             .arg("-cert")
             .arg(&scert)
             .arg("-key")
@@ -152,7 +171,8 @@ fn main() {
     println!("-- GET /ready: {}", get("/ready").trim());
     let dump = get("/config_dump");
     println!("-- GET /config_dump (first 40 lines)");
-    let pretty = serde_json::from_str::<serde_json::Value>(&dump).and_then(|v| serde_json::to_string_pretty(&v)).unwrap_or(dump);
+    let pretty =
+        serde_json::from_str::<serde_json::Value>(&dump).and_then(|v| serde_json::to_string_pretty(&v)).unwrap_or(dump);
     for line in pretty.lines().take(40) {
         println!("   {line}");
     }

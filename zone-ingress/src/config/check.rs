@@ -91,7 +91,12 @@ pub(crate) struct Checker<'a> {
 impl<'a> Checker<'a> {
     /// A checker for the document whose positions are `spans` (`None`: no positions) in the text
     /// `posmap` maps back to the file.
-    pub(crate) fn new(file: &'a Path, spans: Option<&'a DocSpans>, posmap: &'a PosMap, diags: &'a mut Vec<Diagnostic>) -> Self {
+    pub(crate) fn new(
+        file: &'a Path,
+        spans: Option<&'a DocSpans>,
+        posmap: &'a PosMap,
+        diags: &'a mut Vec<Diagnostic>,
+    ) -> Self {
         Self { file, spans, posmap, diags, errors: 0 }
     }
 
@@ -164,7 +169,9 @@ impl<'a> Checker<'a> {
         let path = child_path(parent, "type");
         match get(map, "type") {
             Some(Value::String(t)) if t == expected => {}
-            Some(other) => self.error(&path, Where::Value(&path), format!("must be `{expected}`, got {}", describe(other))),
+            Some(other) => {
+                self.error(&path, Where::Value(&path), format!("must be `{expected}`, got {}", describe(other)))
+            }
             None => self.error(&path, Where::Parent(parent), format!("is required (`type: {expected}`)")),
         }
     }
@@ -241,7 +248,9 @@ impl<'a> Checker<'a> {
                     Err(format!("must be an integer, got {}", describe(value)))
                 }
             }
-            Value::String(s) => s.trim().parse::<u64>().map_err(|_| format!("must be an integer, got {}", describe(value))),
+            Value::String(s) => {
+                s.trim().parse::<u64>().map_err(|_| format!("must be an integer, got {}", describe(value)))
+            }
             other => Err(format!("must be an integer, got {}", describe(other))),
         };
         match number {
@@ -282,7 +291,13 @@ impl<'a> Checker<'a> {
         }
     }
 
-    pub(crate) fn sequence<'v>(&mut self, map: &'v Mapping, parent: &str, key: &str, need: Need) -> Got<&'v Vec<Value>> {
+    pub(crate) fn sequence<'v>(
+        &mut self,
+        map: &'v Mapping,
+        parent: &str,
+        key: &str,
+        need: Need,
+    ) -> Got<&'v Vec<Value>> {
         let path = child_path(parent, key);
         match get(map, key) {
             None => {
@@ -313,7 +328,11 @@ impl<'a> Checker<'a> {
                     if let Value::String(s) = item {
                         Some((item_path, s.as_str()))
                     } else {
-                        self.error(&item_path, Where::Value(&item_path), format!("must be a string, got {}", describe(item)));
+                        self.error(
+                            &item_path,
+                            Where::Value(&item_path),
+                            format!("must be a string, got {}", describe(item)),
+                        );
                         None
                     }
                 })
@@ -326,7 +345,13 @@ impl<'a> Checker<'a> {
     }
 
     /// A whole number in `range`. Only an absent key is absent: a null value is not a number.
-    pub(crate) fn whole_number(&mut self, map: &Mapping, parent: &str, key: &str, range: RangeInclusive<u64>) -> Got<u64> {
+    pub(crate) fn whole_number(
+        &mut self,
+        map: &Mapping,
+        parent: &str,
+        key: &str,
+        range: RangeInclusive<u64>,
+    ) -> Got<u64> {
         let path = child_path(parent, key);
         let Some(value) = map.get(key) else {
             return Got::Absent;
@@ -335,7 +360,11 @@ impl<'a> Checker<'a> {
             Some(n) if range.contains(&n) => Got::Value(n),
             _ => {
                 let (min, max) = range.into_inner();
-                self.error(&path, Where::Value(&path), format!("must be a whole number from {min} to {max}, got {}", describe(value)));
+                self.error(
+                    &path,
+                    Where::Value(&path),
+                    format!("must be a whole number from {min} to {max}, got {}", describe(value)),
+                );
                 Got::Invalid
             }
         }
@@ -392,7 +421,11 @@ impl<'a> Checker<'a> {
                 Value::Null => {
                     self.error(&tag_path, Where::Value(&tag_path), "tag value must be non-empty");
                 }
-                other => self.error(&tag_path, Where::Value(&tag_path), format!("tag value must be a string, got {} (quote it)", describe(other))),
+                other => self.error(
+                    &tag_path,
+                    Where::Value(&tag_path),
+                    format!("tag value must be a string, got {} (quote it)", describe(other)),
+                ),
             }
         }
         if !map.contains_key(SERVICE_TAG) {
@@ -432,7 +465,11 @@ fn key_text(key: &Value) -> String {
 /// The keys of `map` that are not in `known`: each one's path, and the known key it may be a
 /// misspelling of.
 fn unexpected_keys<'k>(map: &Mapping, parent: &str, known: &[&'k str]) -> Vec<(String, Option<&'k str>)> {
-    map.keys().map(key_text).filter(|text| !known.contains(&text.as_str())).map(|text| (child_path(parent, &text), closest(&text, known))).collect()
+    map.keys()
+        .map(key_text)
+        .filter(|text| !known.contains(&text.as_str()))
+        .map(|text| (child_path(parent, &text), closest(&text, known)))
+        .collect()
 }
 
 /// The known key closest to a misspelt one, if any is plausibly meant.
@@ -469,7 +506,10 @@ fn is_dns_name(name: &str) -> bool {
         return false;
     }
     let labels_ok = trimmed.split('.').all(|label| {
-        !label.is_empty() && label.len() <= 63 && !label.starts_with('-') && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     });
     labels_ok && !trimmed.chars().all(|c| c.is_ascii_digit() || c == '.')
 }
@@ -481,8 +521,8 @@ fn is_dns_name(name: &str) -> bool {
 /// `parent.key`, or `parent["key"]` for keys that are not plain identifiers (tag names contain
 /// dots and slashes, and a dotted rendering would be ambiguous).
 pub(crate) fn child_path(parent: &str, key: &str) -> String {
-    let plain =
-        key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let plain = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     match (plain, parent.is_empty()) {
         (true, true) => key.to_owned(),
         (true, false) => format!("{parent}.{key}"),

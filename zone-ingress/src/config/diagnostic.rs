@@ -42,7 +42,14 @@ impl Diagnostic {
     /// An error without a position, for problems found outside the files (command-line
     /// arguments, say) that should be reported together with the file problems.
     pub fn error(file: impl Into<PathBuf>, path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { file: file.into(), line: None, column: None, path: path.into(), message: message.into(), severity: Severity::Error }
+        Self {
+            file: file.into(),
+            line: None,
+            column: None,
+            path: path.into(),
+            message: message.into(),
+            severity: Severity::Error,
+        }
     }
 
     /// A warning without a position; see [`Diagnostic::error`].
@@ -111,7 +118,9 @@ pub struct Loaded<T> {
 /// Turn collected diagnostics into the result: an error if any diagnostic is an error.
 pub(crate) fn finish<T>(value: Option<T>, mut diags: Vec<Diagnostic>) -> Result<Loaded<T>, ConfigError> {
     // Stable: problems without a position keep their place after the positioned ones of the file.
-    diags.sort_by(|a, b| (&a.file, a.line.unwrap_or(usize::MAX), a.column).cmp(&(&b.file, b.line.unwrap_or(usize::MAX), b.column)));
+    diags.sort_by(|a, b| {
+        (&a.file, a.line.unwrap_or(usize::MAX), a.column).cmp(&(&b.file, b.line.unwrap_or(usize::MAX), b.column))
+    });
     match value {
         Some(value) if !diags.iter().any(Diagnostic::is_error) => Ok(Loaded { value, warnings: diags }),
         _ => Err(ConfigError { diagnostics: diags }),
@@ -120,13 +129,22 @@ pub(crate) fn finish<T>(value: Option<T>, mut diags: Vec<Diagnostic>) -> Result<
 
 /// A diagnostic about the file as a whole (no position, no field path).
 pub(crate) fn whole_file(file: &Path, severity: Severity, message: impl Into<String>) -> Diagnostic {
-    Diagnostic { file: file.to_path_buf(), line: None, column: None, path: String::new(), message: message.into(), severity }
+    Diagnostic {
+        file: file.to_path_buf(),
+        line: None,
+        column: None,
+        path: String::new(),
+        message: message.into(),
+        severity,
+    }
 }
 
 /// The file's text; an unreadable or non-UTF-8 file is a diagnostic.
 pub(crate) fn read_text(path: &Path) -> Result<String, Diagnostic> {
     let bytes = fs::read(path).map_err(|e| whole_file(path, Severity::Error, format!("cannot read file: {e}")))?;
-    String::from_utf8(bytes).map_err(|e| whole_file(path, Severity::Error, format!("not valid UTF-8 (at byte {})", e.utf8_error().valid_up_to())))
+    String::from_utf8(bytes).map_err(|e| {
+        whole_file(path, Severity::Error, format!("not valid UTF-8 (at byte {})", e.utf8_error().valid_up_to()))
+    })
 }
 
 #[cfg(test)]

@@ -117,7 +117,11 @@ pub fn load_inventory(path: &Path) -> Result<Loaded<Inventory>, ConfigError> {
             Err(d) => return finish(None, vec![d]),
         };
         if files.is_empty() {
-            diags.push(whole_file(path, Severity::Warning, "no *.yaml or *.yml files in this directory: the inventory is empty"));
+            diags.push(whole_file(
+                path,
+                Severity::Warning,
+                "no *.yaml or *.yml files in this directory: the inventory is empty",
+            ));
         }
         for file in files {
             match read_text(&file) {
@@ -159,14 +163,18 @@ struct Found {
 }
 
 fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
-    let entries = fs::read_dir(dir).map_err(|e| whole_file(dir, Severity::Error, format!("cannot read directory: {e}")))?;
+    let entries =
+        fs::read_dir(dir).map_err(|e| whole_file(dir, Severity::Error, format!("cannot read directory: {e}")))?;
     let mut files = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| whole_file(dir, Severity::Error, format!("cannot read directory: {e}")))?;
         let path = entry.path();
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let yaml = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
+        let yaml = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
         // Hidden files are editor and Kubernetes ConfigMap bookkeeping (`..data`), not inventory.
         // `fs::metadata` follows symlinks, which is how ConfigMap volumes present their files.
         if yaml && !name.starts_with('.') && fs::metadata(&path).is_ok_and(|m| m.is_file()) {
@@ -211,7 +219,11 @@ fn collect_inventory(origin: &Path, found: Vec<Found>, diags: &mut Vec<Diagnosti
         dataplanes.push(f.dataplane);
     }
     if dataplanes.is_empty() && !diags.iter().any(Diagnostic::is_error) {
-        diags.push(whole_file(origin, Severity::Warning, "no Dataplane resources: the ingress has nothing to route to"));
+        diags.push(whole_file(
+            origin,
+            Severity::Warning,
+            "no Dataplane resources: the ingress has nothing to route to",
+        ));
     }
     Inventory { dataplanes }
 }
@@ -237,7 +249,11 @@ const DATAPLANE: &str = "Dataplane";
 
 fn check_resource(ck: &mut Checker<'_>, value: &Value, base: &str, found: &mut Vec<Found>) {
     let Value::Mapping(map) = value else {
-        ck.error(base, Where::Value(base), format!("expected a Dataplane resource or an `items:` list, got {}", describe(value)));
+        ck.error(
+            base,
+            Where::Value(base),
+            format!("expected a Dataplane resource or an `items:` list, got {}", describe(value)),
+        );
         return;
     };
     if !is_dataplane(ck, map, base) {
@@ -252,7 +268,9 @@ fn check_resource(ck: &mut Checker<'_>, value: &Value, base: &str, found: &mut V
         _ => None,
     };
     let labels = match get(map, "labels") {
-        Some(Value::Mapping(labels)) => labels.iter().filter_map(|(k, v)| Some((k.as_str()?.to_owned(), v.as_str()?.to_owned()))).collect(),
+        Some(Value::Mapping(labels)) => {
+            labels.iter().filter_map(|(k, v)| Some((k.as_str()?.to_owned(), v.as_str()?.to_owned()))).collect()
+        }
         _ => BTreeMap::new(),
     };
     let net_path = child_path(base, "networking");
@@ -275,7 +293,12 @@ fn check_resource(ck: &mut Checker<'_>, value: &Value, base: &str, found: &mut V
     };
     let name_path = child_path(base, "name");
     let pos = ck.position(&name_path, &Where::Value(&name_path));
-    found.push(Found { dataplane: Dataplane { mesh, name, creation_time, labels, inbounds }, file: ck.file.to_path_buf(), path: base.to_owned(), pos });
+    found.push(Found {
+        dataplane: Dataplane { mesh, name, creation_time, labels, inbounds },
+        file: ck.file.to_path_buf(),
+        path: base.to_owned(),
+        pos,
+    });
 }
 
 /// `type: Dataplane`? Other resource types are skipped with a warning.
@@ -283,12 +306,20 @@ fn is_dataplane(ck: &mut Checker<'_>, map: &Mapping, base: &str) -> bool {
     let type_path = child_path(base, "type");
     match get(map, "type") {
         None => {
-            ck.error(&type_path, Where::Parent(base), "is required (expected `Dataplane`, or an `items:` list of them)");
+            ck.error(
+                &type_path,
+                Where::Parent(base),
+                "is required (expected `Dataplane`, or an `items:` list of them)",
+            );
             false
         }
         Some(Value::String(t)) if t == DATAPLANE => true,
         Some(Value::String(t)) => {
-            ck.warn(&type_path, Where::Value(&type_path), format!("skipped: only Dataplane resources are read from the inventory, not {t}"));
+            ck.warn(
+                &type_path,
+                Where::Value(&type_path),
+                format!("skipped: only Dataplane resources are read from the inventory, not {t}"),
+            );
             false
         }
         Some(other) => {
@@ -317,7 +348,8 @@ fn check_inbounds(ck: &mut Checker<'_>, networking: &Mapping, net_path: &str) ->
     let mut checked = Vec::with_capacity(inbounds.len());
     for (i, inbound) in inbounds.iter().enumerate() {
         let path = index_path(&inbound_path, i);
-        let hosts = [(&advertised, child_path(net_path, "advertisedAddress")), (&address, child_path(net_path, "address"))];
+        let hosts =
+            [(&advertised, child_path(net_path, "advertisedAddress")), (&address, child_path(net_path, "address"))];
         if let Some(inbound) = check_inbound(ck, inbound, &path, hosts, &mut reported_names) {
             checked.push(inbound);
         }
@@ -327,7 +359,13 @@ fn check_inbounds(ck: &mut Checker<'_>, networking: &Mapping, net_path: &str) ->
 
 /// Check one inbound. `hosts` are the dataplane-level address candidates in precedence order
 /// around the inbound's own address: `[advertisedAddress, address]`.
-fn check_inbound(ck: &mut Checker<'_>, value: &Value, path: &str, hosts: [(&Got<Host>, String); 2], reported_names: &mut HashSet<String>) -> Option<Inbound> {
+fn check_inbound(
+    ck: &mut Checker<'_>,
+    value: &Value,
+    path: &str,
+    hosts: [(&Got<Host>, String); 2],
+    reported_names: &mut HashSet<String>,
+) -> Option<Inbound> {
     let Value::Mapping(map) = value else {
         ck.error(path, Where::Value(path), format!("must be a mapping, got {}", describe(value)));
         return None;
@@ -343,7 +381,11 @@ fn check_inbound(ck: &mut Checker<'_>, value: &Value, path: &str, hosts: [(&Got<
         Some(Value::String(s)) if s == "NotReady" => Some(InboundState::NotReady),
         Some(Value::String(s)) if s == "Ignored" => Some(InboundState::Ignored),
         Some(other) => {
-            ck.error(&state_path, Where::Value(&state_path), format!("must be one of Ready, NotReady, Ignored; got {}", describe(other)));
+            ck.error(
+                &state_path,
+                Where::Value(&state_path),
+                format!("must be one of Ready, NotReady, Ignored; got {}", describe(other)),
+            );
             None
         }
     };
@@ -371,7 +413,9 @@ fn check_inbound(ck: &mut Checker<'_>, value: &Value, path: &str, hosts: [(&Got<
     // address.
     let [(advertised, advertised_path), (address, address_path)] = hosts;
     let own_path = child_path(path, "address");
-    let chosen = [(advertised, advertised_path), (&own_address, own_path), (address, address_path)].into_iter().find(|(got, _)| !matches!(got, Got::Absent));
+    let chosen = [(advertised, advertised_path), (&own_address, own_path), (address, address_path)]
+        .into_iter()
+        .find(|(got, _)| !matches!(got, Got::Absent));
     let ip = match chosen {
         Some((Got::Value(Host::Ip(ip)), _)) => Some(*ip),
         Some((Got::Value(Host::Name(host)), source)) => {
@@ -418,8 +462,11 @@ mod tests {
     #[test]
     fn inventory_multi_document_stream() {
         let inbound = "  - port: 80\n    tags: {kuma.io/service: s}\n";
-        let text =
-            format!("---\n{}---\n{}---\ntype: MeshService\nname: s\nmesh: default\n---\n", dp("a", "198.18.1.1", inbound), dp("b", "198.18.1.2", inbound),);
+        let text = format!(
+            "---\n{}---\n{}---\ntype: MeshService\nname: s\nmesh: default\n---\n",
+            dp("a", "198.18.1.1", inbound),
+            dp("b", "198.18.1.2", inbound),
+        );
         let loaded = inv(&text);
         let names: Vec<&str> = loaded.value.dataplanes.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, vec!["a", "b"]);
@@ -555,7 +602,8 @@ networking:
   - {port: 3, address: 198.18.9.9, tags: {kuma.io/service: s}}
 ";
         let loaded = inv(text);
-        let eps: Vec<String> = loaded.value.dataplanes.iter().flat_map(|d| d.inbounds.iter().map(|i| i.endpoint.to_string())).collect();
+        let eps: Vec<String> =
+            loaded.value.dataplanes.iter().flat_map(|d| d.inbounds.iter().map(|i| i.endpoint.to_string())).collect();
         assert_eq!(eps, vec!["198.18.1.1:1", "198.18.9.9:2", "203.0.113.2:3"]);
     }
 

@@ -107,7 +107,9 @@ pub fn load_inputs(sources: &Sources) -> Result<Inputs, Vec<Diagnostic>> {
         }
     };
     match (zi, inv) {
-        (Some(zone_ingress), Some(inventory)) if problems.is_empty() => Ok(Inputs { zone_ingress, inventory, warnings }),
+        (Some(zone_ingress), Some(inventory)) if problems.is_empty() => {
+            Ok(Inputs { zone_ingress, inventory, warnings })
+        }
         _ => Err(problems),
     }
 }
@@ -119,8 +121,7 @@ mod tests {
     use super::*;
     use crate::config::test_util::*;
 
-    const DATAPLANE: &str =
-        "type: Dataplane\nmesh: default\nname: b1\nnetworking:\n  address: 198.18.1.1\n  inbound:\n  - port: 80\n    tags: {kuma.io/service: s}\n";
+    const DATAPLANE: &str = "type: Dataplane\nmesh: default\nname: b1\nnetworking:\n  address: 198.18.1.1\n  inbound:\n  - port: 80\n    tags: {kuma.io/service: s}\n";
 
     fn sources(dir: &TempDir, zone_ingress: &str, dataplanes: &str) -> Sources {
         Sources {
@@ -136,7 +137,10 @@ mod tests {
     fn load_inputs_reads_both_files() {
         let dir = TempDir::new();
         let template = ZI.replace("name: zi-east-1", "name: \"{{ name }}\"");
-        let sources = Sources { dataplane_vars: vec![("name".to_owned(), "zi-east-2".to_owned())], ..sources(&dir, &template, DATAPLANE) };
+        let sources = Sources {
+            dataplane_vars: vec![("name".to_owned(), "zi-east-2".to_owned())],
+            ..sources(&dir, &template, DATAPLANE)
+        };
         let inputs = load_inputs(&sources).expect("valid");
         assert_eq!(inputs.zone_ingress.name, "zi-east-2");
         assert_eq!(inputs.inventory.dataplanes.len(), 1);
@@ -147,7 +151,8 @@ mod tests {
     fn load_inputs_reports_every_problem_at_once() {
         let dir = TempDir::new();
         let broken = ZI.replace("port: 10001\n  advertisedAddress", "port: abc\n  advertisedAddress");
-        let sources = Sources { proxy_type: "sidecar".to_owned(), ..sources(&dir, &broken, "type: Dataplane\nmesh: default\n") };
+        let sources =
+            Sources { proxy_type: "sidecar".to_owned(), ..sources(&dir, &broken, "type: Dataplane\nmesh: default\n") };
         let problems = load_inputs(&sources).expect_err("invalid");
         let proxy = problems.iter().find(|d| d.path == "proxy-type").expect("proxy-type reported");
         assert_eq!(proxy.file, Path::new("--proxy-type"));

@@ -86,7 +86,12 @@ fn is_var_name(name: &str) -> bool {
 /// Replace `{{ name }}` / `{{name}}` with `vars[name]`, as kuma-dp does with `--dataplane-var`.
 /// Values are inserted verbatim (no YAML quoting), like kuma-dp. Returns `None` after reporting
 /// every unknown variable and malformed placeholder.
-pub(crate) fn substitute(file: &Path, text: &str, vars: &BTreeMap<String, String>, diags: &mut Vec<Diagnostic>) -> Option<(String, PosMap)> {
+pub(crate) fn substitute(
+    file: &Path,
+    text: &str,
+    vars: &BTreeMap<String, String>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<(String, PosMap)> {
     if !text.contains("{{") {
         return Some((text.to_owned(), PosMap::identity()));
     }
@@ -142,7 +147,8 @@ pub(crate) fn substitute(file: &Path, text: &str, vars: &BTreeMap<String, String
         return None;
     }
     output.push_str(&text[copied_to..]);
-    let posmap = PosMap { translation: Some(Translation { original: text.to_owned(), output: output.clone(), replacements }) };
+    let posmap =
+        PosMap { translation: Some(Translation { original: text.to_owned(), output: output.clone(), replacements }) };
     Some((output, posmap))
 }
 
@@ -156,9 +162,12 @@ mod tests {
     #[test]
     fn vars_are_substituted() {
         let text = fs::read_to_string(fixture("zoneingress-template.yaml")).expect("fixture");
-        let loaded =
-            parse_zone_ingress(Path::new("t.yaml"), &text, &vars(&[("name", "zi-east-2"), ("address", "198.18.0.6"), ("port", "10001"), ("unused", "x")]))
-                .expect("valid");
+        let loaded = parse_zone_ingress(
+            Path::new("t.yaml"),
+            &text,
+            &vars(&[("name", "zi-east-2"), ("address", "198.18.0.6"), ("port", "10001"), ("unused", "x")]),
+        )
+        .expect("valid");
         let z = loaded.value;
         assert_eq!(z.name, "zi-east-2");
         assert_eq!(z.listen_addr(), "198.18.0.6:10001".parse().expect("addr"));

@@ -74,7 +74,10 @@ pub(crate) fn error_at<'e>(e: &'e ConfigError, path: &str) -> &'e Diagnostic {
 }
 
 pub(crate) fn warning_at<'d>(warnings: &'d [Diagnostic], path: &str) -> &'d Diagnostic {
-    warnings.iter().find(|d| d.path == path && d.severity == Severity::Warning).unwrap_or_else(|| panic!("no warning at {path}: {warnings:#?}"))
+    warnings
+        .iter()
+        .find(|d| d.path == path && d.severity == Severity::Warning)
+        .unwrap_or_else(|| panic!("no warning at {path}: {warnings:#?}"))
 }
 
 pub(crate) fn at(d: &Diagnostic) -> (Option<usize>, Option<usize>) {
@@ -96,7 +99,11 @@ pub(crate) struct TempDir(pub(crate) PathBuf);
 impl TempDir {
     pub(crate) fn new() -> Self {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!("zone-ingress-config-test-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let dir = std::env::temp_dir().join(format!(
+            "zone-ingress-config-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         fs::create_dir_all(&dir).expect("create temp dir");
         Self(dir)
     }

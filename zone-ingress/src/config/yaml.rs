@@ -76,7 +76,11 @@ impl Parsed {
         match (docs.next(), docs.next()) {
             (Some((i, doc)), second) => {
                 if let Some((j, _)) = second {
-                    self.checker(file, j, diags).error("", Where::Value(""), format!("expected a single {what} document; found more than one"));
+                    self.checker(file, j, diags).error(
+                        "",
+                        Where::Value(""),
+                        format!("expected a single {what} document; found more than one"),
+                    );
                 }
                 Single::Found(i, doc)
             }

@@ -79,7 +79,11 @@ pub fn load_zone_ingress(path: &Path, vars: &BTreeMap<String, String>) -> Result
 ///
 /// # Errors
 /// As [`load_zone_ingress`], without the I/O.
-pub fn parse_zone_ingress(file: &Path, text: &str, vars: &BTreeMap<String, String>) -> Result<Loaded<ZoneIngress>, ConfigError> {
+pub fn parse_zone_ingress(
+    file: &Path,
+    text: &str,
+    vars: &BTreeMap<String, String>,
+) -> Result<Loaded<ZoneIngress>, ConfigError> {
     let mut diags = Vec::new();
     let Some((text, posmap)) = substitute(file, text, vars, &mut diags) else {
         return finish(None, diags);
@@ -120,7 +124,11 @@ fn check_zone_ingress(ck: &mut Checker<'_>, root: &Value) -> Option<ZoneIngress>
     let name = ck.string(map, "", "name", Need::Required).ok();
 
     if get(map, "zone").is_some() {
-        ck.warn("zone", Where::Key("zone"), "ignored: `zone` is written by the control plane (empty in the ingress's own zone)");
+        ck.warn(
+            "zone",
+            Where::Key("zone"),
+            "ignored: `zone` is written by the control plane (empty in the ingress's own zone)",
+        );
     }
     if let Some(services) = get(map, "availableServices") {
         ck.warn(
@@ -147,7 +155,14 @@ fn check_zone_ingress(ck: &mut Checker<'_>, root: &Value) -> Option<ZoneIngress>
         Got::Value(host) => Some(host.to_string()),
         _ => None,
     };
-    Some(ZoneIngress { name: name?, address: address?, port: port.ok()?, advertised_address, advertised_port: advertised_port.ok(), admin_port: admin_port? })
+    Some(ZoneIngress {
+        name: name?,
+        address: address?,
+        port: port.ok()?,
+        advertised_address,
+        advertised_port: advertised_port.ok(),
+        admin_port: admin_port?,
+    })
 }
 
 /// `networking.address`: an IP literal, since the listeners bind to it.
@@ -180,14 +195,28 @@ fn check_advertised_pair(ck: &mut Checker<'_>, address: &Got<Host>, port: &Got<u
             "advertisedAddress and advertisedPort are not set: other zones will not send any \
              traffic to this ingress (clients skip ingresses without both; kumahq/kuma#5157)",
         ),
-        (Got::Absent, _) => ck.error("networking.advertisedAddress", Where::Key("networking.advertisedPort"), "has to be defined with advertisedPort"),
-        (_, Got::Absent) => ck.error("networking.advertisedPort", Where::Key("networking.advertisedAddress"), "has to be defined with advertisedAddress"),
+        (Got::Absent, _) => ck.error(
+            "networking.advertisedAddress",
+            Where::Key("networking.advertisedPort"),
+            "has to be defined with advertisedPort",
+        ),
+        (_, Got::Absent) => ck.error(
+            "networking.advertisedPort",
+            Where::Key("networking.advertisedAddress"),
+            "has to be defined with advertisedAddress",
+        ),
         _ => {}
     }
 }
 
 /// `networking.admin.port` (default [`DEFAULT_ADMIN_PORT`]) and its clashes with the other ports.
-fn admin_port(ck: &mut Checker<'_>, networking: &Mapping, port: &Got<u16>, advertised_address: &Got<Host>, advertised_port: &Got<u16>) -> Option<u16> {
+fn admin_port(
+    ck: &mut Checker<'_>,
+    networking: &Mapping,
+    port: &Got<u16>,
+    advertised_address: &Got<Host>,
+    advertised_port: &Got<u16>,
+) -> Option<u16> {
     let admin_port = match ck.mapping(networking, "networking", "admin", Need::Optional) {
         Got::Value(admin) => {
             ck.unknown_keys(admin, "networking.admin", &["port"]);
@@ -221,7 +250,8 @@ fn admin_port(ck: &mut Checker<'_>, networking: &Mapping, port: &Got<u16>, adver
             }
         }
     }
-    if let (Got::Value(Host::Ip(ip)), Got::Value(adv_port), Some((admin, true))) = (advertised_address, advertised_port, admin_port)
+    if let (Got::Value(Host::Ip(ip)), Got::Value(adv_port), Some((admin, true))) =
+        (advertised_address, advertised_port, admin_port)
         && ip.is_loopback()
         && *adv_port == admin
     {
@@ -234,7 +264,11 @@ fn admin_port(ck: &mut Checker<'_>, networking: &Mapping, port: &Got<u16>, adver
 /// would reject the resource, so an operator copying one around should hear about it.
 fn check_available_services(ck: &mut Checker<'_>, services: &Value) {
     let Value::Sequence(items) = services else {
-        ck.error("availableServices", Where::Value("availableServices"), format!("must be a list, got {}", describe(services)));
+        ck.error(
+            "availableServices",
+            Where::Value("availableServices"),
+            format!("must be a list, got {}", describe(services)),
+        );
         return;
     };
     for (i, item) in items.iter().enumerate() {
@@ -247,7 +281,11 @@ fn check_available_services(ck: &mut Checker<'_>, services: &Value) {
             Some(tags) => {
                 ck.tags(tags, &child_path(&path, "tags"));
             }
-            None => ck.error(&child_path(&path, "tags"), Where::Parent(&path), format!("mandatory tag \"{SERVICE_TAG}\" is missing")),
+            None => ck.error(
+                &child_path(&path, "tags"),
+                Where::Parent(&path),
+                format!("mandatory tag \"{SERVICE_TAG}\" is missing"),
+            ),
         }
     }
 }
@@ -500,7 +538,9 @@ mod tests {
         error_at(&e, "availableServices[3].tags");
         assert_eq!(e.errors().count(), 6, "{e}");
         // Still reported as ignored.
-        assert!(e.diagnostics.iter().any(|d| d.path == "availableServices" && d.severity == Severity::Warning && d.message.contains("ignored")));
+        assert!(e.diagnostics.iter().any(|d| d.path == "availableServices"
+            && d.severity == Severity::Warning
+            && d.message.contains("ignored")));
     }
 
     #[test]

@@ -31,21 +31,59 @@ impl Metrics {
         f.counter("envoy_listener_downstream_cx_total", "Accepted client connections.", &l, get(&self.accepted));
         f.gauge("envoy_listener_downstream_cx_active", "Open client connections.", &l, s.open_connections as f64);
         f.counter("envoy_listener_downstream_cx_destroy", "Client connections that ended.", &l, get(&self.destroyed));
-        f.counter("envoy_listener_downstream_cx_overflow", "Refused by a listener connection limit (none is set).", &l, 0.0);
-        f.counter("envoy_listener_downstream_cx_overload_reject", "Refused by an overload manager (none runs).", &l, 0.0);
-        f.counter("envoy_listener_downstream_global_cx_overflow", "Refused by a global connection limit (none is set).", &l, 0.0);
-        f.counter("envoy_listener_downstream_pre_cx_timeout", "ClientHello not complete in time.", &l, get(&self.pre_cx_timeout));
-        f.counter("envoy_listener_no_filter_chain_match", "Connections with an unknown or missing SNI, or not TLS.", &l, get(&self.no_filter_chain_match));
-        for name in ["envoy_listener_ssl_handshake", "envoy_listener_ssl_fail_verify_error", "envoy_listener_ssl_connection_error"] {
+        f.counter(
+            "envoy_listener_downstream_cx_overflow",
+            "Refused by a listener connection limit (none is set).",
+            &l,
+            0.0,
+        );
+        f.counter(
+            "envoy_listener_downstream_cx_overload_reject",
+            "Refused by an overload manager (none runs).",
+            &l,
+            0.0,
+        );
+        f.counter(
+            "envoy_listener_downstream_global_cx_overflow",
+            "Refused by a global connection limit (none is set).",
+            &l,
+            0.0,
+        );
+        f.counter(
+            "envoy_listener_downstream_pre_cx_timeout",
+            "ClientHello not complete in time.",
+            &l,
+            get(&self.pre_cx_timeout),
+        );
+        f.counter(
+            "envoy_listener_no_filter_chain_match",
+            "Connections with an unknown or missing SNI, or not TLS.",
+            &l,
+            get(&self.no_filter_chain_match),
+        );
+        for name in [
+            "envoy_listener_ssl_handshake",
+            "envoy_listener_ssl_fail_verify_error",
+            "envoy_listener_ssl_connection_error",
+        ] {
             f.counter(name, "Always 0: TLS passes through, it is never terminated here.", &l, 0.0);
         }
-        f.gauge("envoy_listener_manager_total_listeners_active", "1 while the passthrough listener is bound.", &[], f64::from(u8::from(s.listener_bound)));
+        f.gauge(
+            "envoy_listener_manager_total_listeners_active",
+            "1 while the passthrough listener is bound.",
+            &[],
+            f64::from(u8::from(s.listener_bound)),
+        );
         let tls = [
             ("envoy_tls_inspector_tls_found", "Connections that started with a TLS ClientHello.", &self.tls_found),
             ("envoy_tls_inspector_tls_not_found", "Connections that did not start with TLS.", &self.tls_not_found),
             ("envoy_tls_inspector_sni_found", "ClientHellos with a server_name.", &self.sni_found),
             ("envoy_tls_inspector_sni_not_found", "ClientHellos without a server_name.", &self.sni_not_found),
-            ("envoy_tls_inspector_client_hello_too_large", "ClientHellos larger than the peek limit.", &self.client_hello_too_large),
+            (
+                "envoy_tls_inspector_client_hello_too_large",
+                "ClientHellos larger than the peek limit.",
+                &self.client_hello_too_large,
+            ),
         ];
         for (name, help, v) in tls {
             f.counter(name, help, &[], get(v));
@@ -59,30 +97,105 @@ impl Metrics {
             let l = [("envoy_cluster_name", st.stat_name.as_str())];
             let t = [("envoy_tcp_prefix", st.tcp_prefix.as_str())];
             let (c2b, b2c) = (c.client_to_backend, c.backend_to_client);
-            f.counter("envoy_tcp_downstream_cx_total", "Connections routed through this prefix.", &t, get(&st.downstream_cx_total));
-            f.counter("envoy_tcp_downstream_cx_rx_bytes_total", "Bytes received from clients (BPF counters for spliced flows).", &t, c2b as f64);
-            f.counter("envoy_tcp_downstream_cx_tx_bytes_total", "Bytes sent to clients (BPF counters for spliced flows).", &t, b2c as f64);
+            f.counter(
+                "envoy_tcp_downstream_cx_total",
+                "Connections routed through this prefix.",
+                &t,
+                get(&st.downstream_cx_total),
+            );
+            f.counter(
+                "envoy_tcp_downstream_cx_rx_bytes_total",
+                "Bytes received from clients (BPF counters for spliced flows).",
+                &t,
+                c2b as f64,
+            );
+            f.counter(
+                "envoy_tcp_downstream_cx_tx_bytes_total",
+                "Bytes sent to clients (BPF counters for spliced flows).",
+                &t,
+                b2c as f64,
+            );
             f.counter("envoy_tcp_idle_timeout", "Flows closed by the idle timeout.", &t, get(&st.idle_timeout));
 
             f.counter("envoy_cluster_upstream_cx_total", "Upstream connect attempts.", &l, get(&st.upstream_cx_total));
-            f.gauge("envoy_cluster_upstream_cx_active", "Connections counted against the cluster cap.", &l, st.active() as f64);
-            f.counter("envoy_cluster_upstream_cx_connect_fail", "Failed connect attempts.", &l, get(&st.upstream_cx_connect_fail));
-            f.counter("envoy_cluster_upstream_cx_connect_timeout", "Connect attempts that timed out.", &l, get(&st.upstream_cx_connect_timeout));
-            f.counter("envoy_cluster_upstream_cx_overflow", "Connections refused by the per-cluster cap.", &l, get(&st.upstream_cx_overflow));
-            f.counter("envoy_cluster_upstream_cx_none_healthy", "Connections whose subset had no healthy endpoint.", &l, get(&st.upstream_cx_none_healthy));
-            f.counter("envoy_cluster_upstream_cx_destroy", "Upstream flows that closed.", &l, get(&st.upstream_cx_destroy));
-            f.counter("envoy_cluster_upstream_cx_rx_bytes_total", "Bytes received from the cluster's endpoints.", &l, b2c as f64);
-            f.counter("envoy_cluster_upstream_cx_tx_bytes_total", "Bytes sent to the cluster's endpoints.", &l, c2b as f64);
+            f.gauge(
+                "envoy_cluster_upstream_cx_active",
+                "Connections counted against the cluster cap.",
+                &l,
+                st.active() as f64,
+            );
+            f.counter(
+                "envoy_cluster_upstream_cx_connect_fail",
+                "Failed connect attempts.",
+                &l,
+                get(&st.upstream_cx_connect_fail),
+            );
+            f.counter(
+                "envoy_cluster_upstream_cx_connect_timeout",
+                "Connect attempts that timed out.",
+                &l,
+                get(&st.upstream_cx_connect_timeout),
+            );
+            f.counter(
+                "envoy_cluster_upstream_cx_overflow",
+                "Connections refused by the per-cluster cap.",
+                &l,
+                get(&st.upstream_cx_overflow),
+            );
+            f.counter(
+                "envoy_cluster_upstream_cx_none_healthy",
+                "Connections whose subset had no healthy endpoint.",
+                &l,
+                get(&st.upstream_cx_none_healthy),
+            );
+            f.counter(
+                "envoy_cluster_upstream_cx_destroy",
+                "Upstream flows that closed.",
+                &l,
+                get(&st.upstream_cx_destroy),
+            );
+            f.counter(
+                "envoy_cluster_upstream_cx_rx_bytes_total",
+                "Bytes received from the cluster's endpoints.",
+                &l,
+                b2c as f64,
+            );
+            f.counter(
+                "envoy_cluster_upstream_cx_tx_bytes_total",
+                "Bytes sent to the cluster's endpoints.",
+                &l,
+                c2b as f64,
+            );
             f.gauge(
                 "envoy_cluster_circuit_breakers_default_cx_open",
                 "1 while the per-cluster connection cap is reached.",
                 &l,
                 f64::from(u8::from(st.active() >= s.max_cluster_connections)),
             );
-            f.gauge("envoy_cluster_membership_healthy", "Healthy endpoints in the current table.", &l, st.membership_healthy.load(Ordering::Relaxed) as f64);
-            f.gauge("envoy_cluster_membership_total", "All inbounds of the cluster in the inventory.", &l, st.membership_total.load(Ordering::Relaxed) as f64);
-            f.counter("envoy_cluster_update_success", "Configuration loads that kept this cluster.", &l, get(&st.update_success));
-            f.counter("envoy_cluster_update_rejected", "Configuration loads rejected while this cluster was served.", &l, get(&st.update_rejected));
+            f.gauge(
+                "envoy_cluster_membership_healthy",
+                "Healthy endpoints in the current table.",
+                &l,
+                st.membership_healthy.load(Ordering::Relaxed) as f64,
+            );
+            f.gauge(
+                "envoy_cluster_membership_total",
+                "All inbounds of the cluster in the inventory.",
+                &l,
+                st.membership_total.load(Ordering::Relaxed) as f64,
+            );
+            f.counter(
+                "envoy_cluster_update_success",
+                "Configuration loads that kept this cluster.",
+                &l,
+                get(&st.update_success),
+            );
+            f.counter(
+                "envoy_cluster_update_rejected",
+                "Configuration loads rejected while this cluster was served.",
+                &l,
+                get(&st.update_rejected),
+            );
             // Request-level series: a TCP passthrough never sees a request.
             for name in [
                 "envoy_cluster_upstream_rq_total",
@@ -106,11 +219,17 @@ impl Metrics {
     }
 
     fn server_families(&self, f: &mut Families, s: &Scrape) {
-        let attempts = (self.reload_success.load(Ordering::Relaxed) + self.reload_failure.load(Ordering::Relaxed) + 1) as f64;
+        let attempts =
+            (self.reload_success.load(Ordering::Relaxed) + self.reload_failure.load(Ordering::Relaxed) + 1) as f64;
         let ok = (self.reload_success.load(Ordering::Relaxed) + 1) as f64;
         let rejected = self.reload_failure.load(Ordering::Relaxed) as f64;
         f.gauge("envoy_server_uptime", "Seconds since start.", &[], s.uptime.as_secs() as f64);
-        f.gauge("envoy_server_memory_heap_size", "Heap reserved by the allocator, bytes.", &[], s.memory.heap_size as f64);
+        f.gauge(
+            "envoy_server_memory_heap_size",
+            "Heap reserved by the allocator, bytes.",
+            &[],
+            s.memory.heap_size as f64,
+        );
         f.gauge("envoy_server_memory_allocated", "Heap in use, bytes.", &[], s.memory.allocated as f64);
         f.gauge("envoy_server_live", "1 unless draining.", &[], f64::from(u8::from(!s.draining)));
         f.gauge("envoy_server_state", "0 live, 1 draining.", &[], f64::from(u8::from(s.draining)));
@@ -136,7 +255,12 @@ impl Metrics {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
         for (i, mode) in MODES.iter().enumerate() {
             let l = [("mode", mode.as_str())];
-            f.counter("zone_ingress_connections_total", "Connections handed to each path after routing.", &l, get(&self.spliced[i]));
+            f.counter(
+                "zone_ingress_connections_total",
+                "Connections handed to each path after routing.",
+                &l,
+                get(&self.spliced[i]),
+            );
             f.gauge("zone_ingress_connections_active", "Open flows on each path.", &l, s.flows_by_mode[i] as f64);
             for (d, direction) in ["client_to_backend", "backend_to_client"].iter().enumerate() {
                 let v = if d == 0 { s.bytes_by_mode[i].0 } else { s.bytes_by_mode[i].1 };
@@ -148,7 +272,12 @@ impl Metrics {
                 );
             }
         }
-        f.counter("zone_ingress_kernel_fallbacks_total", "Connections the kernel refused and userspace relayed.", &[], get(&self.kernel_fallbacks));
+        f.counter(
+            "zone_ingress_kernel_fallbacks_total",
+            "Connections the kernel refused and userspace relayed.",
+            &[],
+            get(&self.kernel_fallbacks),
+        );
         f.histogram("zone_ingress_handoff_duration_seconds", "Accept to spliced (or relayed) latency.", &self.handoff);
         for reason in RejectReason::ALL {
             f.counter(
@@ -159,48 +288,138 @@ impl Metrics {
             );
         }
         for (i, reason) in CLOSE_REASONS.iter().enumerate() {
-            f.counter("zone_ingress_closed_connections_total", "Flows that closed, by reason.", &[("reason", reason.as_str())], get(&self.closes[i]));
+            f.counter(
+                "zone_ingress_closed_connections_total",
+                "Flows that closed, by reason.",
+                &[("reason", reason.as_str())],
+                get(&self.closes[i]),
+            );
         }
-        f.counter("zone_ingress_access_log_suppressed_total", "Rejection log lines dropped by the rate limit.", &[], get(&self.access_log_suppressed));
+        f.counter(
+            "zone_ingress_access_log_suppressed_total",
+            "Rejection log lines dropped by the rate limit.",
+            &[],
+            get(&self.access_log_suppressed),
+        );
         for (result, v) in [("success", &self.reload_success), ("failure", &self.reload_failure)] {
-            f.counter("zone_ingress_config_reloads_total", "Configuration reloads after startup.", &[("result", result)], get(v));
+            f.counter(
+                "zone_ingress_config_reloads_total",
+                "Configuration reloads after startup.",
+                &[("result", result)],
+                get(v),
+            );
         }
-        f.gauge("zone_ingress_config_last_reload_successful", "0 after a rejected reload until a valid one.", &[], f64::from(u8::from(s.config_ok)));
-        f.gauge("zone_ingress_config_last_reload_timestamp_seconds", "Unix time of the last load attempt.", &[], s.last_reload_unix);
+        f.gauge(
+            "zone_ingress_config_last_reload_successful",
+            "0 after a rejected reload until a valid one.",
+            &[],
+            f64::from(u8::from(s.config_ok)),
+        );
+        f.gauge(
+            "zone_ingress_config_last_reload_timestamp_seconds",
+            "Unix time of the last load attempt.",
+            &[],
+            s.last_reload_unix,
+        );
         f.gauge("zone_ingress_routes", "Exact SNI entries in the table.", &[], s.routes as f64);
         f.gauge("zone_ingress_subset_routes_cached", "Subset routes built and cached.", &[], s.subset_routes as f64);
-        f.counter("zone_ingress_listener_rebinds_total", "Listener rebinds after an address change.", &[], get(&self.listener_rebinds));
+        f.counter(
+            "zone_ingress_listener_rebinds_total",
+            "Listener rebinds after an address change.",
+            &[],
+            get(&self.listener_rebinds),
+        );
         f.gauge("zone_ingress_ready", "1 when /ready answers READY.", &[], f64::from(u8::from(s.ready)));
         if let Some(k) = &s.kernel {
-            f.gauge("zone_ingress_kernel_spliced_active", "Connections spliced in the kernel now.", &[], k.active as f64);
+            f.gauge(
+                "zone_ingress_kernel_spliced_active",
+                "Connections spliced in the kernel now.",
+                &[],
+                k.active as f64,
+            );
             f.gauge(
                 "zone_ingress_kernel_in_flight_bytes",
                 "Bytes queued toward slow peers, summed over flows (sampled each second).",
                 &[],
                 k.in_flight_bytes as f64,
             );
-            f.counter("zone_ingress_memory_guard_aborts_total", "Flows aborted by the memory guard.", &[], k.memory_guard_aborts as f64);
-            f.counter("zone_ingress_peer_missing_aborts_total", "Flows aborted because the verdict found no peer.", &[], k.peer_missing_aborts as f64);
-            f.counter("zone_ingress_drain_stalls_total", "Flows aborted because a half-close drain check stalled.", &[], k.drain_stalls as f64);
-            f.counter("zone_ingress_splice_holds_total", "Times a kernel-spliced direction was held for backpressure.", &[], k.holds as f64);
-            f.counter("zone_ingress_splice_relayed_bytes_total", "Bytes of held directions relayed by the daemon.", &[], k.relayed_bytes as f64);
+            f.counter(
+                "zone_ingress_memory_guard_aborts_total",
+                "Flows aborted by the memory guard.",
+                &[],
+                k.memory_guard_aborts as f64,
+            );
+            f.counter(
+                "zone_ingress_peer_missing_aborts_total",
+                "Flows aborted because the verdict found no peer.",
+                &[],
+                k.peer_missing_aborts as f64,
+            );
+            f.counter(
+                "zone_ingress_drain_stalls_total",
+                "Flows aborted because a half-close drain check stalled.",
+                &[],
+                k.drain_stalls as f64,
+            );
+            f.counter(
+                "zone_ingress_splice_holds_total",
+                "Times a kernel-spliced direction was held for backpressure.",
+                &[],
+                k.holds as f64,
+            );
+            f.counter(
+                "zone_ingress_splice_relayed_bytes_total",
+                "Bytes of held directions relayed by the daemon.",
+                &[],
+                k.relayed_bytes as f64,
+            );
             for (result, v) in &k.verdicts {
-                f.counter("zone_ingress_bpf_verdict_skbs_total", "Skbs seen by the sk_skb verdict, by outcome.", &[("result", result)], *v as f64);
+                f.counter(
+                    "zone_ingress_bpf_verdict_skbs_total",
+                    "Skbs seen by the sk_skb verdict, by outcome.",
+                    &[("result", result)],
+                    *v as f64,
+                );
             }
             for m in &k.maps {
-                f.gauge("zone_ingress_bpf_map_entries", "Entries in each BPF map.", &[("map", m.name)], m.entries as f64);
-                f.gauge("zone_ingress_bpf_map_max_entries", "Capacity of each BPF map.", &[("map", m.name)], f64::from(m.max_entries));
+                f.gauge(
+                    "zone_ingress_bpf_map_entries",
+                    "Entries in each BPF map.",
+                    &[("map", m.name)],
+                    m.entries as f64,
+                );
+                f.gauge(
+                    "zone_ingress_bpf_map_max_entries",
+                    "Capacity of each BPF map.",
+                    &[("map", m.name)],
+                    f64::from(m.max_entries),
+                );
             }
         }
         if let Some(x) = &s.xdp {
             for (reason, v) in &x.packets {
-                f.counter("zone_ingress_xdp_packets_total", "Packets for the listener judged by the XDP guard, by outcome.", &[("reason", reason)], *v as f64);
+                f.counter(
+                    "zone_ingress_xdp_packets_total",
+                    "Packets for the listener judged by the XDP guard, by outcome.",
+                    &[("reason", reason)],
+                    *v as f64,
+                );
             }
             for (interface, mode) in &x.interfaces {
-                f.gauge("zone_ingress_xdp_attached", "1 per interface the XDP guard is attached to.", &[("interface", interface), ("mode", mode)], 1.0);
+                f.gauge(
+                    "zone_ingress_xdp_attached",
+                    "1 per interface the XDP guard is attached to.",
+                    &[("interface", interface), ("mode", mode)],
+                    1.0,
+                );
             }
             for (list, n) in [("allow", x.allow), ("deny", x.deny)] {
-                f.gauge("zone_ingress_xdp_prefixes", "Source prefixes in the XDP guard's lists.", &[("list", list)], n as f64);
+                f.gauge(
+                    "zone_ingress_xdp_prefixes",
+                    "Source prefixes in the XDP guard's lists.",
+                    &[("list", list)],
+                    n as f64,
+                );
             }
         }
     }
@@ -211,7 +430,14 @@ impl Metrics {
 struct Families(BTreeMap<String, MetricFamily>);
 
 impl Families {
-    fn push(&mut self, name: &str, help: &str, ty: MetricType, labels: &[(&str, &str)], metric: impl FnOnce(&mut proto::Metric)) {
+    fn push(
+        &mut self,
+        name: &str,
+        help: &str,
+        ty: MetricType,
+        labels: &[(&str, &str)],
+        metric: impl FnOnce(&mut proto::Metric),
+    ) {
         let mf = self.0.entry(name.to_owned()).or_insert_with(|| {
             let mut mf = MetricFamily::default();
             mf.set_name(name.to_owned());

@@ -44,7 +44,8 @@ use crate::{
 };
 
 /// Upper bounds (µs) of the handoff-latency histogram buckets (accept → spliced).
-pub const HANDOFF_BUCKETS_US: [u64; 12] = [25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000];
+pub const HANDOFF_BUCKETS_US: [u64; 12] =
+    [25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000];
 
 /// A fixed-bucket histogram (per-bucket counts; made cumulative on export).
 #[derive(Debug, Default)]
@@ -156,7 +157,10 @@ impl ClusterStats {
     /// when dropped.
     #[must_use]
     pub fn try_acquire(self: &Arc<Self>, limit: usize) -> Option<UpstreamPermit> {
-        self.active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1)).ok().map(|_| UpstreamPermit(Arc::clone(self)))
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| UpstreamPermit(Arc::clone(self)))
     }
 
     /// Connections currently counted against the cap.
@@ -291,7 +295,9 @@ impl Metrics {
             if out.contains_key(&cluster.name) {
                 continue;
             }
-            let stats = Arc::clone(registry.entry(cluster.name.clone()).or_insert_with(|| Arc::new(ClusterStats::new(cluster))));
+            let stats = Arc::clone(
+                registry.entry(cluster.name.clone()).or_insert_with(|| Arc::new(ClusterStats::new(cluster))),
+            );
             stats.membership_healthy.store(cluster.healthy, Ordering::Relaxed);
             stats.membership_total.store(cluster.total, Ordering::Relaxed);
             out.insert(cluster.name.clone(), stats);

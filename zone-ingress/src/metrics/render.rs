@@ -109,9 +109,18 @@ fn histogram_summary(h: &proto::Histogram) -> String {
     }
     let quantile = |q: f64| {
         let rank = (q * count as f64).ceil() as u64;
-        h.get_bucket().iter().find(|b| b.cumulative_count() >= rank).map_or_else(|| "+Inf".to_owned(), |b| number(b.upper_bound()))
+        h.get_bucket()
+            .iter()
+            .find(|b| b.cumulative_count() >= rank)
+            .map_or_else(|| "+Inf".to_owned(), |b| number(b.upper_bound()))
     };
-    format!("P50({}) P90({}) P99({}) count={count} sum={}", quantile(0.5), quantile(0.9), quantile(0.99), h.get_sample_sum())
+    format!(
+        "P50({}) P90({}) P99({}) count={count} sum={}",
+        quantile(0.5),
+        quantile(0.9),
+        quantile(0.99),
+        h.get_sample_sum()
+    )
 }
 
 #[cfg(test)]
@@ -126,7 +135,13 @@ mod tests {
     };
 
     fn scrape() -> Scrape {
-        Scrape { listener_address: "198.18.0.2_10001".into(), listener_bound: true, config_ok: true, ready: true, ..Scrape::default() }
+        Scrape {
+            listener_address: "198.18.0.2_10001".into(),
+            listener_bound: true,
+            config_ok: true,
+            ready: true,
+            ..Scrape::default()
+        }
     }
 
     #[test]
@@ -137,7 +152,10 @@ mod tests {
         m.handoff.observe(Duration::from_micros(40));
         let text = render_prometheus(&m.gather(&scrape())).expect("encode");
         assert!(text.contains("# TYPE envoy_listener_downstream_cx_total counter\n"), "{text}");
-        assert!(text.contains("envoy_listener_downstream_cx_total{envoy_listener_address=\"198.18.0.2_10001\"} 3\n"), "{text}");
+        assert!(
+            text.contains("envoy_listener_downstream_cx_total{envoy_listener_address=\"198.18.0.2_10001\"} 3\n"),
+            "{text}"
+        );
         assert!(text.contains("envoy_tls_inspector_sni_found 0\n"), "{text}");
         assert!(text.contains("zone_ingress_rejected_connections_total{reason=\"unknown_sni\"} 1\n"), "{text}");
         assert!(text.contains("zone_ingress_rejected_connections_total{reason=\"connect_failed\"} 0\n"), "{text}");

@@ -50,7 +50,8 @@ fn reject(ingress: &Ingress, client: &TcpStream, peer: SocketAddr, sni: Option<&
     let mut scratch = [0u8; 4096];
     for _ in 0..16 {
         // SAFETY: `scratch` is writable for its length.
-        let n = unsafe { libc::recv(client.as_raw_fd(), scratch.as_mut_ptr().cast(), scratch.len(), libc::MSG_DONTWAIT) };
+        let n =
+            unsafe { libc::recv(client.as_raw_fd(), scratch.as_mut_ptr().cast(), scratch.len(), libc::MSG_DONTWAIT) };
         if n <= 0 {
             break;
         }
@@ -97,7 +98,12 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
     }
     let opts = &ingress.options;
     let m = &ingress.metrics;
-    let parsed = match tokio::time::timeout(opts.client_hello_timeout, peek_client_hello(&client, opts.max_client_hello)).await {
+    let parsed = match tokio::time::timeout(
+        opts.client_hello_timeout,
+        peek_client_hello(&client, opts.max_client_hello),
+    )
+    .await
+    {
         Err(_) => return reject(ingress, &client, peer, None, RejectReason::ClientHelloTimeout),
         Ok(Err(_)) => return reject(ingress, &client, peer, None, RejectReason::ClientClosed),
         Ok(Ok(p)) => p,
@@ -279,7 +285,14 @@ fn hand_to_kernel(
 }
 
 /// Relays flow `flow` in userspace until it ends, then closes it.
-async fn relay(ingress: &Arc<Ingress>, client: TcpStream, backend: TcpStream, flow: u64, accepted_at: Instant, progress: &Arc<Progress>) {
+async fn relay(
+    ingress: &Arc<Ingress>,
+    client: TcpStream,
+    backend: TcpStream,
+    flow: u64,
+    accepted_at: Instant,
+    progress: &Arc<Progress>,
+) {
     ingress.metrics.spliced(Path::Userspace);
     ingress.metrics.handoff.observe(accepted_at.elapsed());
     let mut abort = ingress.abort_relays.subscribe();
@@ -356,7 +369,9 @@ async fn peek_client_hello(stream: &TcpStream, max: usize) -> io::Result<Parsed>
 /// One non-blocking `recv(MSG_PEEK)`; 0 when nothing is queued.
 fn peek_now(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is writable for its length.
-    let n = unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    let n = unsafe {
+        libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    };
     if n >= 0 {
         return Ok(n as usize);
     }

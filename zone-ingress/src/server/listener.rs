@@ -2,7 +2,6 @@
 //! Each accepted connection gets one task ([`super::conn::handle`]).
 
 use std::{
-    future::Future,
     io,
     net::SocketAddr,
     os::fd::AsFd,
@@ -33,7 +32,9 @@ pub fn check_port_free(addr: SocketAddr) -> io::Result<()> {
     match probe.bind(addr) {
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
             io::ErrorKind::AddrInUse,
-            format!("{addr} is already in use by another socket (another zone-ingress instance?); not sharing the port"),
+            format!(
+                "{addr} is already in use by another socket (another zone-ingress instance?); not sharing the port"
+            ),
         )),
         other => other,
     }
@@ -58,14 +59,6 @@ pub fn bind(addr: SocketAddr, n: usize, keepalive: Duration) -> io::Result<Vec<T
         out.push(socket.listen(4096)?);
     }
     Ok(out)
-}
-
-/// Accepts on every listener until `shutdown` resolves; then stops accepting (already
-/// accepted connections keep running; see `Ingress::wait_idle`).
-pub async fn serve(ingress: Arc<Ingress>, listeners: Vec<TcpListener>, shutdown: impl Future<Output = ()>) {
-    ingress.start_listeners(listeners);
-    shutdown.await;
-    ingress.stop_listeners().await;
 }
 
 pub(super) async fn accept_loop(ingress: Arc<Ingress>, listener: TcpListener) {

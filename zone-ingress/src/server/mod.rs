@@ -40,7 +40,7 @@ use tokio::{
 };
 use tracing::info;
 
-pub use self::listener::{bind, check_port_free, serve};
+pub use self::listener::{bind, check_port_free};
 use crate::{
     client_hello,
     config::{Inventory, ZoneIngress},
@@ -201,7 +201,12 @@ impl fmt::Debug for Ingress {
 impl Ingress {
     /// An ingress serving `snapshot`, whose cluster counters come from `metrics`. With `kernel`,
     /// run [`close_reports`] on the receiver of the channel the splice reports on.
-    pub fn with_snapshot(options: Options, metrics: Arc<Metrics>, snapshot: Snapshot, kernel: Option<KernelSplice>) -> Arc<Self> {
+    pub fn with_snapshot(
+        options: Options,
+        metrics: Arc<Metrics>,
+        snapshot: Snapshot,
+        kernel: Option<KernelSplice>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             options,
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -342,7 +347,11 @@ impl Ingress {
             return Readiness::NotReady("the eBPF splice is not attached");
         }
         if !self.listener_bound() {
-            return Readiness::NotReady(if self.listener_drained() { "listener drained" } else { "listener not bound" });
+            return Readiness::NotReady(if self.listener_drained() {
+                "listener drained"
+            } else {
+                "listener not bound"
+            });
         }
         Readiness::Ready
     }
@@ -412,6 +421,13 @@ impl ConfigStatus {
     #[must_use]
     pub fn loaded() -> Self {
         let now = unix(SystemTime::now());
-        Self { ok: true, last_attempt_unix: now, last_success_unix: now, trigger: "startup".into(), errors: Vec::new(), warnings: Vec::new() }
+        Self {
+            ok: true,
+            last_attempt_unix: now,
+            last_success_unix: now,
+            trigger: "startup".into(),
+            errors: Vec::new(),
+            warnings: Vec::new(),
+        }
     }
 }

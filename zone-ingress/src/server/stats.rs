@@ -27,22 +27,24 @@ impl Ingress {
         let snap = ingress.snapshot();
         let m = &ingress.metrics;
         let all = m.all_clusters();
-        let (clusters, flows_by_mode, bytes_by_mode) = ingress.flows.live_totals(&|c| ingress.kernel_counters(c), |t| {
-            let clusters: Vec<ClusterSample> = all
-                .iter()
-                .map(|st| {
-                    let (c2b, b2c) = t.by_cluster.get(&st.name).copied().unwrap_or_default();
-                    ClusterSample {
-                        stats: Arc::clone(st),
-                        client_to_backend: st.closed_client_to_backend.load(Ordering::Relaxed) + c2b,
-                        backend_to_client: st.closed_backend_to_client.load(Ordering::Relaxed) + b2c,
-                    }
-                })
-                .collect();
-            let (k, u) = (m.closed_bytes(Path::Kernel), m.closed_bytes(Path::Userspace));
-            let bytes = [(k.0 + t.by_mode[0].0, k.1 + t.by_mode[0].1), (u.0 + t.by_mode[1].0, u.1 + t.by_mode[1].1)];
-            (clusters, t.flows_by_mode, bytes)
-        });
+        let (clusters, flows_by_mode, bytes_by_mode) =
+            ingress.flows.live_totals(&|c| ingress.kernel_counters(c), |t| {
+                let clusters: Vec<ClusterSample> = all
+                    .iter()
+                    .map(|st| {
+                        let (c2b, b2c) = t.by_cluster.get(&st.name).copied().unwrap_or_default();
+                        ClusterSample {
+                            stats: Arc::clone(st),
+                            client_to_backend: st.closed_client_to_backend.load(Ordering::Relaxed) + c2b,
+                            backend_to_client: st.closed_backend_to_client.load(Ordering::Relaxed) + b2c,
+                        }
+                    })
+                    .collect();
+                let (k, u) = (m.closed_bytes(Path::Kernel), m.closed_bytes(Path::Userspace));
+                let bytes =
+                    [(k.0 + t.by_mode[0].0, k.1 + t.by_mode[0].1), (u.0 + t.by_mode[1].0, u.1 + t.by_mode[1].1)];
+                (clusters, t.flows_by_mode, bytes)
+            });
         let status = ingress.config_status.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let kernel = ingress.kernel.as_ref().map(|k| {
             let st = k.stats();

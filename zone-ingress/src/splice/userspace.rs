@@ -20,7 +20,6 @@ use tokio::{
         tcp::{ReadHalf, WriteHalf},
     },
 };
-
 use tracing::debug;
 
 use super::{CloseReason, Closed, Limits};
@@ -43,7 +42,13 @@ enum PumpError {
 /// Copies until EOF, then shuts the writer down (FIN), so each direction half-closes alone.
 /// The buffer exists only while bytes are moving: it is allocated (not zeroed) when the source
 /// turns readable and freed when it has nothing more, so an idle flow holds no buffer.
-async fn pump(from: ReadHalf<'_>, mut to: WriteHalf<'_>, counter: &AtomicU64, progress: &Progress, buffer: usize) -> Result<(), PumpError> {
+async fn pump(
+    from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
+    counter: &AtomicU64,
+    progress: &Progress,
+    buffer: usize,
+) -> Result<(), PumpError> {
     let mut buf: Vec<u8> = Vec::new();
     loop {
         from.readable().await.map_err(PumpError::Read)?;
@@ -72,7 +77,12 @@ async fn pump(from: ReadHalf<'_>, mut to: WriteHalf<'_>, counter: &AtomicU64, pr
 pub async fn relay(client: TcpStream, backend: TcpStream, limits: &Limits, progress: Arc<Progress>) -> Closed {
     // The client socket inherited both from the listener (`server::bind`).
     let _ = backend.set_nodelay(true);
-    let _ = sys::set_dead_peer_detection(backend.as_fd(), limits.keepalive, super::KEEPALIVE_INTERVAL, super::KEEPALIVE_PROBES);
+    let _ = sys::set_dead_peer_detection(
+        backend.as_fd(),
+        limits.keepalive,
+        super::KEEPALIVE_INTERVAL,
+        super::KEEPALIVE_PROBES,
+    );
     let fds = [client.as_raw_fd(), backend.as_raw_fd()];
     progress.last_active_ns.store(sys::monotonic_ns(), Ordering::Relaxed);
     // Borrowed halves: unlike `into_split`'s owned write half, dropping them does not send a

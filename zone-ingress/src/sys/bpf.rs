@@ -59,7 +59,12 @@ impl<K: Copy, V: Copy> BpfMap<K, V> {
     /// One element command; `flags` 0 (`BPF_ANY` for updates). `value` points to a live `V` (or
     /// is 0 for a delete).
     fn call(&self, cmd: libc::c_long, key: &K, value: u64) -> io::Result<()> {
-        let mut attr = ElemAttr { map_fd: map_fd(self.fd.as_fd())?, key: std::ptr::from_ref(key) as u64, value, ..ElemAttr::default() };
+        let mut attr = ElemAttr {
+            map_fd: map_fd(self.fd.as_fd())?,
+            key: std::ptr::from_ref(key) as u64,
+            value,
+            ..ElemAttr::default()
+        };
         // `key` points to a live `K` and `value` (if non-zero) to a live `V` the kernel reads or
         // writes in full, which are the map's key and value sizes (the type's contract).
         bpf(cmd, &mut attr)
@@ -116,7 +121,11 @@ struct MapInfoHead {
 /// The `bpf(2)` call failed (not a map fd, no privilege).
 pub fn max_entries(fd: BorrowedFd<'_>) -> io::Result<u32> {
     let mut info = MapInfoHead::default();
-    let mut attr = InfoAttr { bpf_fd: map_fd(fd)?, info_len: u32::try_from(size_of::<MapInfoHead>()).unwrap_or(0), info: std::ptr::from_mut(&mut info) as u64 };
+    let mut attr = InfoAttr {
+        bpf_fd: map_fd(fd)?,
+        info_len: u32::try_from(size_of::<MapInfoHead>()).unwrap_or(0),
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     Ok(info.max_entries)
 }

@@ -63,11 +63,23 @@ pub fn modify(epoll: BorrowedFd<'_>, fd: i32, events: u32, token: u64) -> io::Re
 /// `epoll_pwait2`: like `epoll_wait` with a timeout finer than a millisecond. Returns how many
 /// entries of `events` were filled.
 pub fn wait(epoll: BorrowedFd<'_>, events: &mut [libc::epoll_event], timeout: Duration) -> io::Result<usize> {
-    let ts =
-        libc::timespec { tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX), tv_nsec: libc::c_long::from(timeout.subsec_nanos()) };
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
+    };
     let max = libc::c_int::try_from(events.len()).unwrap_or(libc::c_int::MAX);
     // SAFETY: `events` is valid for `max` entries, `ts` lives across the call, no signal mask.
-    let n = unsafe { libc::syscall(SYS_EPOLL_PWAIT2, epoll.as_raw_fd(), events.as_mut_ptr(), max, &raw const ts, std::ptr::null::<libc::sigset_t>(), 0usize) };
+    let n = unsafe {
+        libc::syscall(
+            SYS_EPOLL_PWAIT2,
+            epoll.as_raw_fd(),
+            events.as_mut_ptr(),
+            max,
+            &raw const ts,
+            std::ptr::null::<libc::sigset_t>(),
+            0usize,
+        )
+    };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 

@@ -55,7 +55,8 @@ impl State {
                 Err(e) => return Err(e),
             }
         }
-        let (keep, stale): (Vec<_>, Vec<_>) = std::mem::take(&mut self.attached).into_iter().partition(|a| wanted.contains(&a.interface));
+        let (keep, stale): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.attached).into_iter().partition(|a| wanted.contains(&a.interface));
         self.attached = keep;
         for a in stale {
             let prog = xdp_program(&mut self.ebpf)?;

@@ -67,7 +67,10 @@ impl Cidr {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
         };
-        let addr: IpAddr = addr_text.trim().parse().map_err(|_| format!("{s:?} is not an IP address or CIDR (e.g. 198.18.0.0/15, 2001:2::/48)"))?;
+        let addr: IpAddr = addr_text
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR (e.g. 198.18.0.0/15, 2001:2::/48)"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix_len = match len_text {
             None => max,
@@ -144,7 +147,9 @@ impl GuardConfig {
 pub fn load_config(path: &Path) -> Result<Loaded<GuardConfig>, ConfigError> {
     match std::fs::read_to_string(path) {
         Ok(text) => parse_config(path, &text),
-        Err(e) => Err(ConfigError { diagnostics: vec![Diagnostic::error(path, "", format!("cannot read the XDP guard file: {e}"))] }),
+        Err(e) => Err(ConfigError {
+            diagnostics: vec![Diagnostic::error(path, "", format!("cannot read the XDP guard file: {e}"))],
+        }),
     }
 }
 
@@ -225,22 +230,28 @@ fn syn_limit(ck: &mut Checker<'_>, root: &Mapping) -> Option<SynLimit> {
     };
     ck.closed_keys(map, PARENT, SYN_LIMIT_KEYS);
     let mut ok = true;
-    let mut number = |ck: &mut Checker<'_>, key: &str, min: u64, max: u64| match ck.whole_number(map, PARENT, key, min..=max) {
-        Got::Value(n) => Some(n),
-        Got::Absent => None,
-        Got::Invalid => {
-            ok = false;
-            None
-        }
-    };
+    let mut number =
+        |ck: &mut Checker<'_>, key: &str, min: u64, max: u64| match ck.whole_number(map, PARENT, key, min..=max) {
+            Got::Value(n) => Some(n),
+            Got::Absent => None,
+            Got::Invalid => {
+                ok = false;
+                None
+            }
+        };
     let rate = number(ck, "rate", 1, abi::MAX_SYN_RATE);
     let burst = number(ck, "burst", 1, abi::MAX_SYN_BURST);
     let ipv4_prefix_len = number(ck, "ipv4PrefixLength", 1, 32).and_then(|n| u8::try_from(n).ok());
     let ipv6_prefix_len = number(ck, "ipv6PrefixLength", 1, 128).and_then(|n| u8::try_from(n).ok());
-    let tracked_sources = number(ck, "trackedSources", u64::from(MIN_TRACKED_SOURCES), u64::from(MAX_TRACKED_SOURCES)).and_then(|n| u32::try_from(n).ok());
+    let tracked_sources = number(ck, "trackedSources", u64::from(MIN_TRACKED_SOURCES), u64::from(MAX_TRACKED_SOURCES))
+        .and_then(|n| u32::try_from(n).ok());
     let Some(rate) = rate else {
         if ok {
-            ck.error(PARENT, Where::Value(PARENT), "missing `rate` (SYNs per second per source); remove `synLimit` to disable the limit");
+            ck.error(
+                PARENT,
+                Where::Value(PARENT),
+                "missing `rate` (SYNs per second per source); remove `synLimit` to disable the limit",
+            );
         }
         return None;
     };
@@ -288,7 +299,8 @@ mod tests {
     #[test]
     fn every_problem_with_its_position() {
         let d = parse("allow:\n  - 198.18.0.1/24\n  - nonsense\ndeny: [10.0.0.0/33]\nsynLimit:\n  rate: -1\n  brust: 5\nextra: 1\n").expect_err("invalid");
-        let at = |path: &str| d.iter().find(|d| d.path == path).unwrap_or_else(|| panic!("no diagnostic for {path}: {d:?}"));
+        let at =
+            |path: &str| d.iter().find(|d| d.path == path).unwrap_or_else(|| panic!("no diagnostic for {path}: {d:?}"));
         assert!(at("allow[0]").message.contains("did you mean 198.18.0.0/24"), "{:?}", at("allow[0]"));
         assert_eq!(at("allow[0]").line, Some(2));
         assert_eq!(at("allow[1]").line, Some(3));
@@ -305,7 +317,8 @@ mod tests {
     fn conflicts_and_duplicates() {
         let d = parse("allow: [198.18.0.0/16]\ndeny: [198.18.0.0/16]\n").expect_err("conflict");
         assert!(d[0].message.contains("both allow"), "{d:?}");
-        let l = parse_config(Path::new("g"), "deny: [198.18.1.0/24, 198.18.1.0/24]\n").expect("duplicates are warnings");
+        let l =
+            parse_config(Path::new("g"), "deny: [198.18.1.0/24, 198.18.1.0/24]\n").expect("duplicates are warnings");
         assert_eq!(l.value.deny.len(), 1);
         assert_eq!(l.warnings.len(), 1);
     }
@@ -344,7 +357,12 @@ mod tests {
             d.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
         };
         let text = lines("allow: [198.18.0.1/24]\nsynLimit:\n  rate: 0\nextra: true\n");
-        for needle in ["guard.yaml:1:9: allow[0]", "did you mean 198.18.0.0/24", "guard.yaml:3:9: synLimit.rate", "guard.yaml:4:1: extra: unknown key"] {
+        for needle in [
+            "guard.yaml:1:9: allow[0]",
+            "did you mean 198.18.0.0/24",
+            "guard.yaml:3:9: synLimit.rate",
+            "guard.yaml:4:1: extra: unknown key",
+        ] {
             assert!(text.contains(needle), "{needle:?} missing in:\n{text}");
         }
         let text = lines("allow:\n  - 198.18.0.0/15\n  - nonsense\nsynLimit:\n  rate: -1\n");

@@ -53,7 +53,10 @@ mod guard_file;
 
 use attach::Attachment;
 pub use attach::interfaces_with;
-pub use guard_file::{Cidr, DEFAULT_V4_PREFIX, DEFAULT_V6_PREFIX, GuardConfig, MAX_TRACKED_SOURCES, MIN_TRACKED_SOURCES, SynLimit, load_config, parse_config};
+pub use guard_file::{
+    Cidr, DEFAULT_V4_PREFIX, DEFAULT_V6_PREFIX, GuardConfig, MAX_TRACKED_SOURCES, MIN_TRACKED_SOURCES, SynLimit,
+    load_config, parse_config,
+};
 
 /// The kernel object built by `build.rs` (the same bytes `splice::kernel` embeds).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zone-ingress-ebpf"));
@@ -229,9 +232,20 @@ impl Guard {
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         let prog = xdp_program(&mut ebpf)?;
         prog.load().map_err(|source| XdpError::Program { source })?;
-        let maps = Maps { config: take_map(&mut ebpf, abi::CONFIG)?, cidr_v4: take_map(&mut ebpf, abi::CIDR_V4)?, cidr_v6: take_map(&mut ebpf, abi::CIDR_V6)? };
+        let maps = Maps {
+            config: take_map(&mut ebpf, abi::CONFIG)?,
+            cidr_v4: take_map(&mut ebpf, abi::CIDR_V4)?,
+            cidr_v6: take_map(&mut ebpf, abi::CIDR_V6)?,
+        };
         let stats: PerCpuArray<MapData, u64> = take_map(&mut ebpf, abi::STATS)?;
-        let mut state = State { ebpf, maps, written: Written::default(), attached: Vec::new(), listener, current: GuardConfig::default() };
+        let mut state = State {
+            ebpf,
+            maps,
+            written: Written::default(),
+            attached: Vec::new(),
+            listener,
+            current: GuardConfig::default(),
+        };
         // Contents first, then the attachments: the program never runs unconfigured.
         state.apply(&config, listener)?;
         state.current = config;
@@ -249,9 +263,10 @@ impl Guard {
     fn log_summary(&self, what: &str) {
         let s = self.lock();
         let c = &s.current;
-        let limit = c
-            .syn_limit
-            .map_or_else(|| "off".to_owned(), |l| format!("{}/s burst {} per /{} and /{} per CPU", l.rate, l.burst, l.ipv4_prefix_len, l.ipv6_prefix_len));
+        let limit = c.syn_limit.map_or_else(
+            || "off".to_owned(),
+            |l| format!("{}/s burst {} per /{} and /{} per CPU", l.rate, l.burst, l.ipv4_prefix_len, l.ipv6_prefix_len),
+        );
         info!(listener = %s.listener, allow = c.allow.len(), deny = c.deny.len(), syn_limit = %limit, "{what}");
     }
 

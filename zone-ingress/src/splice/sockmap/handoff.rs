@@ -58,7 +58,8 @@ impl KernelSplice {
         // The client socket inherited these from the listener (`server::bind`).
         let keepalive = self.shared.limits.keepalive;
         sys::set_nodelay(fds[BACKEND]).map_err(io("TCP_NODELAY"))?;
-        sys::set_dead_peer_detection(fds[BACKEND], keepalive, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES).map_err(io("keepalive"))?;
+        sys::set_dead_peer_detection(fds[BACKEND], keepalive, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES)
+            .map_err(io("keepalive"))?;
         let maps = &self.shared.maps;
         for side in [CLIENT, BACKEND] {
             let pair = Pair { peer: cookies[1 - side], ..Pair::default() };
@@ -146,7 +147,12 @@ impl KernelSplice {
         let mut failed = prep.kick_error.map(|e| ("SO_RCVLOWAT kick", e));
         for side in [CLIENT, BACKEND] {
             // `raw[side]` is owned by `conns[token]`.
-            if let Err(e) = epoll::add(monitor.epoll.as_fd(), raw[side], (libc::EPOLLRDHUP | libc::EPOLLET) as u32, token << 1 | side as u64) {
+            if let Err(e) = epoll::add(
+                monitor.epoll.as_fd(),
+                raw[side],
+                (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+                token << 1 | side as u64,
+            ) {
                 failed = Some(("epoll_ctl", e));
             }
         }

@@ -90,7 +90,17 @@ pub(super) struct Relay {
 
 impl Relay {
     pub(super) fn new() -> Self {
-        Self { buf: Vec::new(), start: 0, end: 0, want: true, keep: false, quiet_since: None, armed: false, eof: false, settled_since: None }
+        Self {
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            want: true,
+            keep: false,
+            quiet_since: None,
+            armed: false,
+            eof: false,
+            settled_since: None,
+        }
     }
 }
 
@@ -122,7 +132,13 @@ impl Shared {
         let Ok((backlog, _)) = self.backlog(conn, side) else { return };
         if backlog > self.limits.max_in_flight {
             self.stats.memory_guard_aborts.fetch_add(1, Ordering::Relaxed);
-            warn!(token, side, backlog, cap = self.limits.max_in_flight, "bytes queued toward a slow peer above the cap; aborting (memory guard)");
+            warn!(
+                token,
+                side,
+                backlog,
+                cap = self.limits.max_in_flight,
+                "bytes queued toward a slow peer above the cap; aborting (memory guard)"
+            );
             self.abort(state, token, side, CloseReason::MemoryGuard);
             return;
         }
@@ -156,10 +172,21 @@ impl Shared {
                 // by the passes, without a wake-up per arriving batch.
                 let want = !done && relay.keep && relay.quiet_since.is_some();
                 if want != relay.armed {
-                    let events = if want { libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET } else { libc::EPOLLRDHUP | libc::EPOLLET };
-                    match epoll::modify(me.epoll.as_fd(), conn.fds[side].as_raw_fd(), events as u32, token << 1 | side as u64) {
+                    let events = if want {
+                        libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET
+                    } else {
+                        libc::EPOLLRDHUP | libc::EPOLLET
+                    };
+                    match epoll::modify(
+                        me.epoll.as_fd(),
+                        conn.fds[side].as_raw_fd(),
+                        events as u32,
+                        token << 1 | side as u64,
+                    ) {
                         Ok(()) => relay.armed = want,
-                        Err(e) => debug!(token, side, error = %e, "epoll_ctl(MOD) of a relayed socket failed; the 200 µs passes still run"),
+                        Err(e) => {
+                            debug!(token, side, error = %e, "epoll_ctl(MOD) of a relayed socket failed; the 200 µs passes still run")
+                        }
                     }
                 }
             }
@@ -196,7 +223,8 @@ impl Shared {
     fn relay_side(&self, conn: &mut Spliced, side: usize) -> Result<bool, RelayError> {
         // Only the wait for the peer's queue needs the backlog (three system calls per pass).
         let waiting = conn.relay[side].as_ref().is_some_and(|r| r.want);
-        let (backlog, pair) = if waiting { self.backlog(conn, side).map_err(RelayError::Internal)? } else { (0, Pair::default()) };
+        let (backlog, pair) =
+            if waiting { self.backlog(conn, side).map_err(RelayError::Internal)? } else { (0, Pair::default()) };
         let cookie = conn.cookies[side];
         let publish = |relayed: u64| self.set_hold(cookie, false, relayed).map_err(RelayError::Internal);
         let (src, dst) = (conn.fds[side].as_fd(), conn.fds[1 - side].as_fd());

@@ -18,8 +18,6 @@ mod handoff;
 mod hold;
 mod monitor;
 
-pub use self::hold::HOLD_AT;
-
 use std::{
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
@@ -36,6 +34,7 @@ use aya::{
 use tracing::{error, info};
 use zone_ingress_ebpf::splice::{self as abi, Hold, Pair};
 
+pub use self::hold::HOLD_AT;
 use self::monitor::{Monitor, fatal_on_panic};
 use super::{CloseReason, CloseReport, Limits, ReportSender};
 use crate::{
@@ -164,7 +163,9 @@ impl KernelSplice {
         let hold: HashMap<MapData, u64, Hold> = object.take_map(abi::HOLD)?;
         let stats_map: PerCpuArray<MapData, u64> = object.take_map(abi::STATS)?;
         // The typed aya maps above checked key and value sizes; from here on plain fds.
-        let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map_err(|source| LoadError::Io { what: "duplicating a map fd", source });
+        let dup = |fd: BorrowedFd<'_>| {
+            fd.try_clone_to_owned().map_err(|source| LoadError::Io { what: "duplicating a map fd", source })
+        };
         let maps = Maps {
             socks: BpfMap::new(dup(socks.fd().as_fd())?),
             verdict: BpfMap::new(dup(verdict.fd().as_fd())?),
@@ -174,7 +175,11 @@ impl KernelSplice {
         {
             let program = |source| LoadError::Program { name: abi::VERDICT_PROG, source };
             let mut ebpf = object.lock();
-            let prog: &mut SkSkb = ebpf.program_mut(abi::VERDICT_PROG).ok_or(ebpf::Error::Missing(abi::VERDICT_PROG))?.try_into().map_err(program)?;
+            let prog: &mut SkSkb = ebpf
+                .program_mut(abi::VERDICT_PROG)
+                .ok_or(ebpf::Error::Missing(abi::VERDICT_PROG))?
+                .try_into()
+                .map_err(program)?;
             prog.load().map_err(program)?;
             prog.attach(verdict.fd()).map_err(program)?;
         }
@@ -215,7 +220,12 @@ impl KernelSplice {
                 LoadError::Io { what: "spawning a monitor thread", source }
             })?;
         }
-        info!(program = abi::VERDICT_PROG, map = abi::VERDICT, monitor_threads = threads, "sk_skb stream verdict attached");
+        info!(
+            program = abi::VERDICT_PROG,
+            map = abi::VERDICT,
+            monitor_threads = threads,
+            "sk_skb stream verdict attached"
+        );
         Ok(Self { shared, _object: object, stats_map: Mutex::new(stats_map) })
     }
 

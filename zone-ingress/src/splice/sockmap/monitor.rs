@@ -52,7 +52,13 @@ impl Monitor {
         let epoll = epoll::create()?;
         let wake = epoll::eventfd()?;
         epoll::add(epoll.as_fd(), wake.as_raw_fd(), libc::EPOLLIN as u32, WAKE_TOKEN)?;
-        Ok(Self { conns: Mutex::new(State::default()), epoll, wake, inbox: Mutex::new(Vec::new()), in_flight: AtomicU64::new(0) })
+        Ok(Self {
+            conns: Mutex::new(State::default()),
+            epoll,
+            wake,
+            inbox: Mutex::new(Vec::new()),
+            in_flight: AtomicU64::new(0),
+        })
     }
 
     pub(super) fn lock_conns(&self) -> MutexGuard<'_, State> {
@@ -81,7 +87,11 @@ const INBOX_MAX: usize = 1 << 16;
 /// must not go unnoticed: its connections would never be closed, held or guarded again.
 pub(super) fn fatal_on_panic(body: impl FnOnce(), on_panic: impl FnOnce(&str)) {
     if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
-        let msg = payload.downcast_ref::<&str>().copied().or_else(|| payload.downcast_ref::<String>().map(String::as_str)).unwrap_or("(no message)");
+        let msg = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
         on_panic(msg);
     }
 }
@@ -285,7 +295,9 @@ impl Shared {
                 self.stats.drain_stalls.fetch_add(1, Ordering::Relaxed);
                 self.abort(state, token, side, CloseReason::DrainStall);
                 return;
-            } else if conn.drain_progress[side].0.elapsed() > DRAIN_KICK_AFTER && conn.last_kick[side].is_none_or(|k| k.elapsed() > DRAIN_KICK_EVERY) {
+            } else if conn.drain_progress[side].0.elapsed() > DRAIN_KICK_AFTER
+                && conn.last_kick[side].is_none_or(|k| k.elapsed() > DRAIN_KICK_EVERY)
+            {
                 // Stuck without progress: re-run the verdict over what X still holds, and wake
                 // the peer's psock worker for what waits in its queue. Both are idempotent.
                 debug!(token, side, received, forwarded, in_peer, "drain check stuck; kicking both sockets");
@@ -455,7 +467,10 @@ impl Shared {
             }
         }
         self.stats.active.fetch_sub(1, Ordering::AcqRel);
-        self.report(CloseReport { flow, closed: Closed { reason, client_to_backend: bytes[CLIENT], backend_to_client: bytes[BACKEND] } });
+        self.report(CloseReport {
+            flow,
+            closed: Closed { reason, client_to_backend: bytes[CLIENT], backend_to_client: bytes[BACKEND] },
+        });
     }
 }
 
