@@ -113,19 +113,27 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     for w in &inputs.warnings {
         warn!("{w}");
     }
-    // Start: the kernel side first (a flag that insists on it fails before anything binds).
-    let limits = args.limits();
-    let (reports_tx, reports_rx) = splice::report_channel();
-    let kernel = start_splice(args.splice, &limits, reports_tx)?;
-    raise_fd_limit();
+    // Start: the kernel side first (a flag that insists on it fails before anything binds),
+    // from one eBPF object shared by the splice and the XDP guard.
     let listen = inputs.zone_ingress.listen_addr();
-    let xdp_guard = match xdp::start(args.xdp, args.xdp_config.as_deref(), listen) {
-        Ok(guard) => guard.map(Arc::new),
+    let guard_plan = match xdp::plan(args.xdp, args.xdp_config.as_deref()) {
+        Ok(plan) => plan,
         Err(xdp::StartError::Config(problems)) => {
             report(&problems);
             return Ok(ExitCode::from(EXIT_BAD_CONFIG));
         }
         Err(e) => return Err(e.into()),
+    };
+    let object = load_object(args.splice, guard_plan.as_ref());
+    let limits = args.limits();
+    let (reports_tx, reports_rx) = splice::report_channel();
+    let kernel = start_splice(args.splice, object.clone(), &limits, reports_tx)?;
+    raise_fd_limit();
+    let xdp_guard = match guard_plan {
+        Some(plan) => {
+            xdp::start(plan, object.unwrap_or_else(|| Err(Arc::new(ebpf::Error::NoObject))), listen)?.map(Arc::new)
+        }
+        None => None,
     };
     if let Some(sni) = &args.plaintext_route
         && RouteTable::build(&inputs.inventory, &sources.zone).lookup(sni).is_err()
@@ -146,15 +154,25 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Loads the kernel splice as `--splice` asks: `None` for the userspace relay.
+/// The eBPF object, loaded once if the splice or the guard needs it (`None` if neither does).
+fn load_object(splice: SpliceMode, guard: Option<&xdp::Plan>) -> Option<Result<Arc<ebpf::Object>, Arc<ebpf::Error>>> {
+    let wants_splice = splice != SpliceMode::Userspace;
+    if !wants_splice && guard.is_none() {
+        return None;
+    }
+    let syn_buckets = guard.map_or(zone_ingress_ebpf::prefilter::DEFAULT_TRACKED_SOURCES, xdp::Plan::tracked_sources);
+    Some(ebpf::Object::load(ebpf::Users { splice: wants_splice, syn_buckets }).map(Arc::new).map_err(Arc::new))
+}
+
+/// Loads the kernel splice as `--splice` asks into `object`: `None` for the userspace relay.
 fn start_splice(
     mode: SpliceMode,
+    object: Option<Result<Arc<ebpf::Object>, Arc<ebpf::Error>>>,
     limits: &Limits,
     reports: splice::ReportSender,
 ) -> anyhow::Result<Option<KernelSplice>> {
     let load = || -> anyhow::Result<KernelSplice> {
-        let users = ebpf::Users { splice: true, syn_buckets: zone_ingress_ebpf::prefilter::DEFAULT_TRACKED_SOURCES };
-        let object = Arc::new(ebpf::Object::load(users)?);
+        let object = object.context("no eBPF object")?.map_err(|e| anyhow::anyhow!(e))?;
         Ok(KernelSplice::load(object, limits.clone(), reports)?)
     };
     Ok(match mode {

@@ -17,7 +17,7 @@ use super::{State, XdpError, XdpMode, xdp_program};
 pub(super) struct Attachment {
     pub(super) interface: String,
     pub(super) mode: &'static str,
-    link: XdpLinkId,
+    pub(super) link: XdpLinkId,
 }
 
 impl State {
@@ -43,7 +43,7 @@ impl State {
             if self.attached.iter().any(|a| &a.interface == name) {
                 continue;
             }
-            match attach(xdp_program(&mut self.ebpf)?, name, mode) {
+            match attach(xdp_program(&mut self.object.lock())?, name, mode) {
                 Ok(a) => {
                     info!(interface = %a.interface, mode = a.mode, "xdp guard attached ({} mode)", a.mode);
                     self.attached.push(a);
@@ -59,8 +59,7 @@ impl State {
             std::mem::take(&mut self.attached).into_iter().partition(|a| wanted.contains(&a.interface));
         self.attached = keep;
         for a in stale {
-            let prog = xdp_program(&mut self.ebpf)?;
-            match prog.detach(a.link) {
+            match xdp_program(&mut self.object.lock())?.detach(a.link) {
                 Ok(()) => info!(interface = %a.interface, "xdp guard detached from an interface the listener left"),
                 Err(e) => warn!(interface = %a.interface, error = %e, "detaching the xdp guard failed"),
             }

@@ -28,11 +28,11 @@ use std::{
     fmt, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{
         Array, MapData, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
@@ -41,12 +41,12 @@ use aya::{
 };
 use clap::ValueEnum;
 use tracing::{error, info, warn};
-use zone_ingress_ebpf::{
-    prefilter::{self as abi, Config},
-    splice,
-};
+use zone_ingress_ebpf::prefilter::{self as abi, Config};
 
-use crate::config::Diagnostic;
+use crate::{
+    config::Diagnostic,
+    ebpf::{self, Object},
+};
 
 mod attach;
 mod guard_file;
@@ -57,9 +57,6 @@ pub use guard_file::{
     Cidr, DEFAULT_V4_PREFIX, DEFAULT_V6_PREFIX, GuardConfig, MAX_TRACKED_SOURCES, MIN_TRACKED_SOURCES, SynLimit,
     load_config, parse_config,
 };
-
-/// The kernel object built by `build.rs` (the same bytes `splice::kernel` embeds).
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zone-ingress-ebpf"));
 
 /// `--xdp`: whether and how to attach the guard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -91,18 +88,10 @@ impl XdpMode {
 /// Why the guard could not be started or updated.
 #[derive(Debug, thiserror::Error)]
 pub enum XdpError {
-    #[error("the eBPF object is empty: the daemon was built with AYA_BUILD_SKIP=1")]
-    NoObject,
-    #[error("loading the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
-    #[error("{0} missing from the eBPF object")]
-    Missing(&'static str),
-    #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
+    #[error(transparent)]
+    Object(#[from] ebpf::Error),
+    #[error("the eBPF object could not be loaded: {0}")]
+    NoObject(#[source] Arc<ebpf::Error>),
     #[error("program {}: {source}", abi::PROG)]
     Program {
         #[source]
@@ -135,7 +124,8 @@ struct Written {
 }
 
 struct State {
-    ebpf: Ebpf,
+    /// The object the program lives in (shared with the splice).
+    object: Arc<Object>,
     maps: Maps,
     written: Written,
     attached: Vec<Attachment>,
@@ -173,13 +163,29 @@ pub enum StartError {
     },
 }
 
-/// Starts the guard as `--xdp` asks (`None`: not given, which means `auto` with a guard file
-/// and `off` without), in front of `listener`. `Ok(None)` when it is off, or when `auto` could
-/// not load or attach it (logged). Warnings of the guard file are logged.
+/// The guard as `--xdp` and the guard file ask for it, checked, before anything is loaded.
+#[derive(Debug)]
+pub struct Plan {
+    mode: XdpMode,
+    path: Option<PathBuf>,
+    config: GuardConfig,
+}
+
+impl Plan {
+    /// Sources the SYN limit tracks: the size of its map, set when the object is loaded.
+    #[must_use]
+    pub fn tracked_sources(&self) -> u32 {
+        self.config.tracked_sources()
+    }
+}
+
+/// Reads `--xdp` (`None`: not given, which means `auto` with a guard file and `off` without)
+/// and checks the guard file. `Ok(None)` when the guard is off (logged). Warnings of the guard
+/// file are logged.
 ///
 /// # Errors
-/// An invalid guard file (in any mode but `off`), or a failure in `native`/`generic` mode.
-pub fn start(mode: Option<XdpMode>, path: Option<&Path>, listener: SocketAddr) -> Result<Option<Guard>, StartError> {
+/// An invalid guard file (in any mode but `off`).
+pub fn plan(mode: Option<XdpMode>, path: Option<&Path>) -> Result<Option<Plan>, StartError> {
     let mode = mode.unwrap_or(if path.is_some() { XdpMode::Auto } else { XdpMode::Off });
     if mode == XdpMode::Off {
         if let Some(p) = path {
@@ -200,7 +206,22 @@ pub fn start(mode: Option<XdpMode>, path: Option<&Path>, listener: SocketAddr) -
             loaded.value
         }
     };
-    match Guard::load(mode, path.map(Path::to_path_buf), config, listener) {
+    Ok(Some(Plan { mode, path: path.map(Path::to_path_buf), config }))
+}
+
+/// Loads the guard of `plan` into `object` (the process's eBPF object, or why it could not be
+/// loaded) and attaches it in front of `listener`. `Ok(None)` when `auto` could not load or
+/// attach it (logged).
+///
+/// # Errors
+/// A failure in `native`/`generic` mode.
+pub fn start(
+    plan: Plan,
+    object: Result<Arc<Object>, Arc<ebpf::Error>>,
+    listener: SocketAddr,
+) -> Result<Option<Guard>, StartError> {
+    let mode = plan.mode;
+    match object.map_err(XdpError::NoObject).and_then(|object| Guard::load(plan, object, listener)) {
         Ok(g) => Ok(Some(g)),
         Err(source) if mode == XdpMode::Auto => {
             warn!(error = %source, "xdp guard: not attached (auto); running without it");
@@ -210,36 +231,18 @@ pub fn start(mode: Option<XdpMode>, path: Option<&Path>, listener: SocketAddr) -
     }
 }
 
-fn page_size() -> u32 {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u32::try_from(n).unwrap_or(4096)
-}
-
 impl Guard {
-    fn load(mode: XdpMode, path: Option<PathBuf>, config: GuardConfig, listener: SocketAddr) -> Result<Self, XdpError> {
-        if EBPF_OBJECT.is_empty() {
-            return Err(XdpError::NoObject);
-        }
-        // One object holds both programs; this instance loads only the guard, so the splice's
-        // maps are created at their smallest (the kernel splice has its own instance).
-        let mut loader = EbpfLoader::new();
-        for name in [splice::SOCKS, splice::VERDICT, splice::PAIRS, splice::STATS] {
-            loader.map_max_entries(name, 1);
-        }
-        loader.map_max_entries(splice::EVENTS, page_size());
-        loader.map_max_entries(abi::SYN_BUCKETS, config.tracked_sources());
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
-        let prog = xdp_program(&mut ebpf)?;
-        prog.load().map_err(|source| XdpError::Program { source })?;
+    fn load(plan: Plan, object: Arc<Object>, listener: SocketAddr) -> Result<Self, XdpError> {
+        let Plan { mode, path, config } = plan;
+        xdp_program(&mut object.lock())?.load().map_err(|source| XdpError::Program { source })?;
         let maps = Maps {
-            config: take_map(&mut ebpf, abi::CONFIG)?,
-            cidr_v4: take_map(&mut ebpf, abi::CIDR_V4)?,
-            cidr_v6: take_map(&mut ebpf, abi::CIDR_V6)?,
+            config: object.take_map(abi::CONFIG)?,
+            cidr_v4: object.take_map(abi::CIDR_V4)?,
+            cidr_v6: object.take_map(abi::CIDR_V6)?,
         };
-        let stats: PerCpuArray<MapData, u64> = take_map(&mut ebpf, abi::STATS)?;
+        let stats: PerCpuArray<MapData, u64> = object.take_map(abi::STATS)?;
         let mut state = State {
-            ebpf,
+            object,
             maps,
             written: Written::default(),
             attached: Vec::new(),
@@ -354,24 +357,24 @@ impl Drop for Guard {
     fn drop(&mut self) {
         let counters = self.counters();
         let s = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
-        let interfaces: Vec<&str> = s.attached.iter().map(|a| a.interface.as_str()).collect();
+        let interfaces: Vec<String> = s.attached.iter().map(|a| a.interface.clone()).collect();
         let summary: Vec<String> = counters.iter().filter(|(_, v)| *v > 0).map(|(n, v)| format!("{n}={v}")).collect();
-        // The links go with `ebpf`, right after this.
+        // The object may outlive the guard (the splice shares it): detach now.
+        let mut loaded = s.object.lock();
+        if let Ok(prog) = xdp_program(&mut loaded) {
+            for a in s.attached.drain(..) {
+                if let Err(e) = prog.detach(a.link) {
+                    warn!(interface = %a.interface, error = %e, "detaching the xdp guard failed");
+                }
+            }
+        }
         info!(interfaces = ?interfaces, counters = %summary.join(" "), "xdp guard detached");
     }
 }
 
-fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
-    let prog = ebpf.program_mut(abi::PROG).ok_or(XdpError::Missing(abi::PROG))?;
+fn xdp_program(loaded: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
+    let prog = loaded.program_mut(abi::PROG).ok_or(ebpf::Error::Missing(abi::PROG))?;
     prog.try_into().map_err(|source| XdpError::Program { source })
-}
-
-fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, XdpError>
-where
-    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf.take_map(name).ok_or(XdpError::Missing(name))?;
-    M::try_from(map).map_err(|source| XdpError::Map { name, source })
 }
 
 /// The raw words of an IPv4 address (network-order bytes read natively).
@@ -440,7 +443,7 @@ impl State {
                 };
             }
         }
-        let map_err = |name| move |source| XdpError::Map { name, source };
+        let map_err = |name| move |source| XdpError::Object(ebpf::Error::Map { name, source });
         for (&(len, data), &action) in &want.v4 {
             if self.written.v4.get(&(len, data)) != Some(&action) {
                 self.maps.cidr_v4.insert(&Key::new(u32::from(len), data), action, 0).map_err(map_err(abi::CIDR_V4))?;
