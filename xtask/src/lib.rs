@@ -11,6 +11,8 @@ use anyhow::{Context as _, bail};
 pub const NIGHTLY: &str = "nightly";
 /// bpf-linker release known to work with aya 0.14 and LLVM 22 (README.md#requirements).
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-deny release for `cargo deny check licenses bans sources` (`deny.toml`).
+pub const CARGO_DENY_VERSION: &str = "0.20.2";
 /// Overrides where the daemon binary is looked up by the privileged tests and the demo.
 pub const ENV_ZONE_INGRESS_BIN: &str = "ZONE_INGRESS_BIN";
 

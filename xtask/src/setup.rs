@@ -3,6 +3,7 @@
 //! - nightly `rust-src` (the eBPF crate is built with `-Z build-std=core`), and the nightly's
 //!   `rustfmt` and `clippy` (the import grouping of `rustfmt.toml`, the eBPF crate's lints);
 //! - `bpf-linker`, built against the nightly toolchain's own libLLVM (no LLVM package needed);
+//! - `cargo-deny`, for the dependency licence, ban and source checks (`deny.toml`);
 //! - the Debian packages the tests, the demo and the benchmark use.
 
 use std::{
@@ -13,7 +14,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use xtask::{BPF_LINKER_VERSION, NIGHTLY, exec, output};
+use xtask::{BPF_LINKER_VERSION, CARGO_DENY_VERSION, NIGHTLY, exec, output};
 
 /// Debian packages for the privileged tests and the demo (`ip`, `bpftool`, iperf3, openssl).
 pub(crate) const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "iperf3", "openssl", "procps"];
@@ -28,6 +29,7 @@ pub(crate) struct Options {
 pub(crate) fn setup(opts: &Options) -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
+    cargo_deny()?;
     let mut pkgs: Vec<&str> = TEST_PACKAGES.to_vec();
     pkgs.extend(opts.packages.iter().map(String::as_str));
     debian_packages(&pkgs)?;
@@ -102,6 +104,17 @@ fn bpf_linker() -> anyhow::Result<()> {
                 .env("LLVM_PREFIX", &prefix),
         )
     })
+}
+
+fn cargo_deny() -> anyhow::Result<()> {
+    let bin = cargo_home().join("bin").join("cargo-deny");
+    if let Ok(v) = output(Command::new(&bin).arg("--version"))
+        && v.contains(CARGO_DENY_VERSION)
+    {
+        return Ok(());
+    }
+    eprintln!("setup: building cargo-deny {CARGO_DENY_VERSION} (about 3 min)");
+    exec(Command::new("cargo").args(["install", "cargo-deny", "--locked", "--version", CARGO_DENY_VERSION]))
 }
 
 fn is_installed(pkg: &str) -> bool {

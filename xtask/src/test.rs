@@ -1,6 +1,6 @@
 //! `cargo xtask test`: sets up, then runs every check: `cargo +nightly fmt --check`, clippy
-//! (warnings are errors) on the host crates and on the eBPF crate for its BPF target, the
-//! module import graph, unit tests and the unprivileged connection-path tests, the eBPF build,
+//! (warnings are errors) on the host crates and on the eBPF crate for its BPF target,
+//! `cargo deny` (licences, bans, sources), the module import graph, unit tests and the unprivileged connection-path tests, the eBPF build,
 //! and the privileged integration tests (network namespaces, real kernel programs) one at a time.
 //! All failures are reported together at the end.
 
@@ -63,6 +63,18 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
         )?;
         if !clippy_ebpf.success() {
             failures.push("cargo clippy (eBPF crate)");
+        }
+        // Dependencies: licences, bans, sources (the advisories check needs the network).
+        let deny = status(Command::new("cargo").current_dir(&root).args([
+            "deny",
+            "--offline",
+            "check",
+            "licenses",
+            "bans",
+            "sources",
+        ]))?;
+        if !deny.success() {
+            failures.push("cargo deny check licenses bans sources");
         }
         if let Err(e) = crate::modgraph::modgraph(&crate::modgraph::Options::default()) {
             eprintln!("xtask: {e:#}");

@@ -123,6 +123,23 @@ mod tests {
 
     const DATAPLANE: &str = "type: Dataplane\nmesh: default\nname: b1\nnetworking:\n  address: 198.18.1.1\n  inbound:\n  - port: 80\n    tags: {kuma.io/service: s}\n";
 
+    /// The loopback example of the README (`docs/examples/`) stays valid.
+    #[test]
+    fn the_documented_example_loads() {
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples");
+        let sources = Sources {
+            dataplane_file: docs.join("zoneingress.yaml"),
+            dataplanes: docs.join("dataplanes.yaml"),
+            zone: "east".into(),
+            proxy_type: "ingress".into(),
+            ..Sources::default()
+        };
+        let inputs = load_inputs(&sources).unwrap_or_else(|p| panic!("{p:#?}"));
+        assert!(inputs.warnings.is_empty(), "{:#?}", inputs.warnings);
+        assert_eq!(inputs.zone_ingress.listen_addr(), "127.0.0.1:10001".parse().expect("addr"));
+        assert_eq!(inputs.inventory.dataplanes.len(), 2);
+    }
+
     fn sources(dir: &TempDir, zone_ingress: &str, dataplanes: &str) -> Sources {
         Sources {
             dataplane_file: dir.write("zi.yaml", zone_ingress),
