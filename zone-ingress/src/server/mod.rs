@@ -57,8 +57,8 @@ pub struct Options {
     pub client_hello_timeout: Duration,
     /// Per-attempt backend connect timeout (Kuma: 5 s).
     pub connect_timeout: Duration,
-    /// Endpoints tried per connection when connects fail (Kuma: 1; safe to retry since
-    /// nothing has been sent to the backend yet).
+    /// Endpoints tried per connection when connects fail (Kuma's Envoy tries one). Retrying is
+    /// safe: nothing has been sent to the backend yet.
     pub connect_attempts: usize,
     /// Concurrent connections per cluster (Envoy's default circuit breaker: 1024).
     pub max_cluster_connections: usize,
