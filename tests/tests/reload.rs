@@ -218,3 +218,120 @@ fn admin_port_change_rebinds_admin() {
     assert_eq!(get(&topo.ingress, admin_addr(9902), "/ready").status, 200);
     assert!(topo.ingress.connect(admin_addr(ADMIN_PORT)).is_err(), "the old admin port is closed");
 }
+
+/// How long a changed source may take to be applied: the settle time (250 ms of quiet) plus a
+/// margin for a loaded machine.
+const APPLIED_WITHIN: Duration = Duration::from_millis(2500);
+
+/// Waits until `n` short flows are all served by `want`; returns how long it took.
+fn wait_served_by(
+    rt: &tokio::runtime::Runtime,
+    topo: &Topology,
+    want: &BTreeSet<String>,
+    limit: Duration,
+) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    wait_until(limit, || served_by(rt, topo, 10001, 2) == *want).then(|| start.elapsed())
+}
+
+/// The inventory directory is replaced whole, the two ways operators and Kubernetes do it:
+/// `mv inv.new inv`, then `rm -rf inv; mkdir inv; cp ...`. The watch follows the new directory
+/// each time, and each change is applied within the settle time.
+#[test]
+fn inventory_directory_replaced_whole_is_reloaded() {
+    let topo = Topology::new(2);
+    let rt = runtime();
+    let scratch = Scratch::new("dirswap");
+    let zi = scratch.write("zoneingress.yaml", &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT));
+    let inv = scratch.0.join("inv");
+    std::fs::create_dir(&inv).expect("mkdir inv");
+    std::fs::write(inv.join("a.yaml"), ops::inventory(&[backend("backend-1", 1)])).expect("write a.yaml");
+    let daemon = Daemon::start_files(
+        &topo.ingress,
+        Scratch::new("dirswap-daemon"),
+        &zi,
+        &inv,
+        &["--plaintext-route", PLAIN_ROUTE],
+    );
+    rt.block_on(async { plain_dataplanes(&topo, &[(1, 8080, "backend-1"), (2, 8080, "backend-2")]) });
+    assert_eq!(served_by(&rt, &topo, 10001, 2), set(&["backend-1"]));
+
+    // 1. `mv inv.new inv` (rename over the old directory needs it gone first: `mv -T` semantics
+    //    through a rename of the old one away).
+    let new = scratch.0.join("inv.new");
+    std::fs::create_dir(&new).expect("mkdir inv.new");
+    std::fs::write(new.join("b.yaml"), ops::inventory(&[backend("backend-2", 2)])).expect("write b.yaml");
+    std::fs::rename(&inv, scratch.0.join("inv.old")).expect("move the old directory away");
+    std::fs::rename(&new, &inv).expect("move the new directory into place");
+    let took = wait_served_by(&rt, &topo, &set(&["backend-2"]), APPLIED_WITHIN);
+    assert!(took.is_some(), "directory renamed into place not applied:\n{}", daemon.log_text());
+    eprintln!("mv inv.new inv: applied after {took:?}");
+
+    // 2. `rm -rf inv; mkdir inv; cp ...` into the directory that replaced the first one: only a
+    //    watch that followed the rename sees this.
+    std::fs::remove_dir_all(&inv).expect("rm -rf inv");
+    std::fs::create_dir(&inv).expect("mkdir inv");
+    std::fs::write(inv.join("c.yaml"), ops::inventory(&[backend("backend-1", 1)])).expect("write c.yaml");
+    let took = wait_served_by(&rt, &topo, &set(&["backend-1"]), APPLIED_WITHIN);
+    assert!(took.is_some(), "directory recreated in place not applied:\n{}", daemon.log_text());
+    eprintln!("rm -rf inv; mkdir inv; cp: applied after {took:?}");
+
+    // 3. A later edit inside the recreated directory is seen too.
+    std::fs::write(inv.join("c.yaml"), ops::inventory(&[backend("backend-2", 2)])).expect("rewrite c.yaml");
+    let took = wait_served_by(&rt, &topo, &set(&["backend-2"]), APPLIED_WITHIN);
+    assert!(took.is_some(), "edit inside the recreated directory not applied:\n{}", daemon.log_text());
+    assert!(daemon.log_text().contains("configuration directory replaced"), "{}", daemon.log_text());
+}
+
+/// `cat new > inventory.yaml` by a slow writer: the file is empty (truncated) for a while before
+/// its new contents arrive. The running table stays meanwhile (every connection is served) and
+/// the new contents are applied once written.
+#[test]
+fn truncate_then_slow_write_keeps_the_service() {
+    use std::io::Write as _;
+
+    let topo = Topology::new(2);
+    let rt = runtime();
+    let scratch = Scratch::new("truncate");
+    let zi = scratch.write("zoneingress.yaml", &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT));
+    let dps = scratch.write("dataplanes.yaml", &ops::inventory(&[backend("backend-1", 1)]));
+    let daemon = Daemon::start_files(
+        &topo.ingress,
+        Scratch::new("truncate-daemon"),
+        &zi,
+        &dps,
+        &["--plaintext-route", PLAIN_ROUTE],
+    );
+    rt.block_on(async { plain_dataplanes(&topo, &[(1, 8080, "backend-1"), (2, 8080, "backend-2")]) });
+    assert_eq!(served_by(&rt, &topo, 10001, 2), set(&["backend-1"]));
+
+    let mut file = std::fs::File::create(&dps).expect("truncate the inventory");
+    // 1.2 s with the file empty: connections keep being served by the running table.
+    let end = std::time::Instant::now() + Duration::from_millis(1200);
+    let mut served = 0;
+    while std::time::Instant::now() < end {
+        assert_eq!(
+            served_by(&rt, &topo, 10001, 1),
+            set(&["backend-1"]),
+            "while the file was empty:\n{}",
+            daemon.log_text()
+        );
+        served += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(served >= 5, "only {served} connections checked while the file was empty");
+    let text = ops::inventory(&[backend("backend-1", 1), backend("backend-2", 2)]);
+    let (head, tail) = text.split_at(text.len() / 2);
+    file.write_all(head.as_bytes()).expect("first half");
+    file.flush().expect("flush");
+    std::thread::sleep(Duration::from_millis(100));
+    file.write_all(tail.as_bytes()).expect("second half");
+    drop(file);
+    assert!(
+        wait_until(APPLIED_WITHIN, || served_by(&rt, &topo, 10001, 4) == set(&["backend-1", "backend-2"])),
+        "the completed file is applied:\n{}",
+        daemon.log_text()
+    );
+    let log = daemon.log_text();
+    assert!(!log.contains("dataplanes=0"), "the empty file was never applied:\n{log}");
+}

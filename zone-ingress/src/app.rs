@@ -36,8 +36,14 @@ use crate::{
 /// Exit code for invalid configuration (linkerd's convention: EX_USAGE).
 pub const EXIT_BAD_CONFIG: u8 = 64;
 
-/// How long a burst of file events must be quiet before the reload reads the files.
+/// How long the files must be quiet (no event, no change of size or time) before a reload
+/// reads them.
 const RELOAD_SETTLE: Duration = Duration::from_millis(250);
+/// How long an empty input file must stay empty before a reload applies it: `cat new > file`
+/// truncates before it writes.
+const EMPTY_SETTLE: Duration = Duration::from_secs(2);
+/// A reload waits at most this long for the files to settle.
+const RELOAD_SETTLE_MAX: Duration = Duration::from_secs(10);
 
 /// Logs every problem of a rejected configuration.
 fn report(problems: &[Diagnostic]) {
@@ -273,7 +279,7 @@ impl App {
     async fn serve(&mut self) -> Duration {
         let (changes_tx, mut changes_rx) = mpsc::channel(1);
         // Without a watcher the files still reload on SIGHUP.
-        let _watcher = reload::watch(&self.reloader.sources, changes_tx)
+        let mut watcher = reload::watch(&self.reloader.sources, changes_tx)
             .map_err(|e| warn!(error = %e, "cannot watch the configuration files; reload with SIGHUP"))
             .ok();
         loop {
@@ -298,12 +304,14 @@ impl App {
                     }
                 },
                 Some(()) = changes_rx.recv() => {
-                    // Editors write in several steps: let the burst settle, then read once.
-                    tokio::time::sleep(RELOAD_SETTLE).await;
-                    while changes_rx.try_recv().is_ok() {}
+                    // Editors and `cat >` write in several steps: read once it has settled.
+                    settle(&mut changes_rx, &self.reloader.sources).await;
                     "file change"
                 },
             };
+            if let Some(w) = &mut watcher {
+                w.rearm();
+            }
             self.reload(trigger);
         }
     }
@@ -342,6 +350,35 @@ impl App {
             info!("all flows finished");
         }
         drop(self.admin);
+    }
+}
+
+/// Waits until the input files have had no event and no change of size or modification time
+/// for [`RELOAD_SETTLE`] ([`EMPTY_SETTLE`] while an input is empty), or
+/// [`RELOAD_SETTLE_MAX`] has passed.
+async fn settle(changes: &mut mpsc::Receiver<()>, sources: &Sources) {
+    let started = Instant::now();
+    let mut last = reload::Fingerprint::read(sources);
+    let mut quiet_since = Instant::now();
+    loop {
+        tokio::time::sleep(RELOAD_SETTLE / 5).await;
+        let now = reload::Fingerprint::read(sources);
+        let mut events = false;
+        while changes.try_recv().is_ok() {
+            events = true;
+        }
+        if events || now != last {
+            quiet_since = Instant::now();
+        }
+        let needed = if now.has_empty_input() { EMPTY_SETTLE } else { RELOAD_SETTLE };
+        last = now;
+        if quiet_since.elapsed() >= needed {
+            return;
+        }
+        if started.elapsed() >= RELOAD_SETTLE_MAX {
+            warn!("the configuration files keep changing; reading them as they are");
+            return;
+        }
     }
 }
 

@@ -129,6 +129,13 @@ pub struct RunArgs {
     /// Memory guard: how long a connection may stay above the in-flight cap.
     #[arg(long, default_value_t = HumanDuration(splice::DEFAULT_IN_FLIGHT_GRACE))]
     pub in_flight_grace: HumanDuration,
+    /// `TCP_USER_TIMEOUT` on backend sockets, off by default: bytes sent to a backend that stay
+    /// unacknowledged this long (it vanished while the client was sending) reset the flow, both
+    /// ways, instead of after the kernel's retransmission limit (about 15 min). Trade-off: a
+    /// backend that keeps its receive window closed this long (a paused reader) is cut too, so
+    /// choose it well above the longest pause a healthy backend makes (e.g. `5m`).
+    #[arg(long)]
+    pub backend_user_timeout: Option<HumanDuration>,
     /// Global cap on kernel-spliced connections (beyond it: userspace relay).
     #[arg(long, default_value_t = Limits::default().max_spliced)]
     pub max_spliced: usize,
@@ -188,6 +195,7 @@ impl RunArgs {
             in_flight_grace: self.in_flight_grace.0,
             max_spliced: self.max_spliced,
             monitor_threads: self.splice_threads.map_or_else(splice::sockmap::default_monitor_threads, usize::from),
+            backend_user_timeout: self.backend_user_timeout.map(|d| d.0),
             ..Limits::default()
         }
     }

@@ -1,8 +1,12 @@
 //! Hot reload of the two inputs: the ZoneIngress file and the Dataplane inventory.
 //!
 //! Both are watched (inotify, through `notify`, on their directories so that editors' and
-//! Kubernetes' rename-into-place updates are seen) and re-read on SIGHUP. A reload runs the
-//! same loading and validation as startup ([`crate::cli::load_inputs`]):
+//! Kubernetes' rename-into-place updates are seen, and on those directories' parents so that a
+//! directory replaced whole is seen too) and re-read on SIGHUP. A burst of changes is applied
+//! once the files have been quiet and unchanged for a moment ([`Fingerprint`]); a file being
+//! written in place is not read half-way (write to a temporary file and rename it into place
+//! to make an update atomic). A reload runs the same loading and validation as startup
+//! ([`crate::config::load_inputs`]):
 //!
 //! - invalid: every problem is logged as at startup, the running configuration stays, and the
 //!   failure shows in `zone_ingress_config_reloads_total{result="failure"}`,
@@ -14,9 +18,9 @@
 //!   old listening sockets, which closes only those.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     ffi::OsString,
-    io,
+    fmt, io,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, PoisonError, atomic::Ordering},
@@ -166,14 +170,39 @@ impl Reloader {
     }
 }
 
+/// The inputs' file watch. inotify watches an inode, not a path: a directory replaced whole
+/// (`rm -rf inv; mkdir inv`, `mv inv.new inv`, a ConfigMap volume's swap) would leave the watch
+/// on the old one for good. So the parent of every watched directory is watched too (its
+/// entries appearing or moving are changes), and [`Watcher::rearm`], called before each reload,
+/// moves a watch to the directory that now has its path. Dropping it stops watching.
+pub struct Watcher {
+    inner: notify::RecommendedWatcher,
+    /// Watched directory → the (device, inode) it had when its watch was set (`None`: not set,
+    /// e.g. it did not exist).
+    armed: BTreeMap<PathBuf, Option<(u64, u64)>>,
+}
+
+impl fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Watcher").field("armed", &self.armed).finish_non_exhaustive()
+    }
+}
+
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().filter(std::fs::Metadata::is_dir).map(|m| (m.dev(), m.ino()))
+}
+
+/// Directory → file names of interest in it (`None`: every YAML file, for an inventory dir).
+type Interest = BTreeMap<PathBuf, Option<Vec<OsString>>>;
+
 /// Watches the inputs; each relevant change sends `()` on `tx` (a full channel means a reload
-/// is already pending, which covers this change too). Dropping the watcher stops it.
+/// is already pending, which covers this change too).
 ///
 /// # Errors
 /// The watch could not be set up (inotify limits, a vanished directory).
-pub fn watch(sources: &Sources, tx: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
-    // Directory → file names of interest in it (`None`: every YAML file, for an inventory dir).
-    let mut dirs: BTreeMap<PathBuf, Option<Vec<OsString>>> = BTreeMap::new();
+pub fn watch(sources: &Sources, tx: mpsc::Sender<()>) -> notify::Result<Watcher> {
+    let mut dirs: Interest = BTreeMap::new();
     let mut add_file = |path: &Path| {
         let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         if let (Some(dir), Some(name)) = (abs.parent(), abs.file_name()) {
@@ -190,8 +219,11 @@ pub fn watch(sources: &Sources, tx: mpsc::Sender<()>) -> notify::Result<notify::
     } else {
         add_file(&sources.dataplanes);
     }
+    // The parents of the watched directories: an event there on a watched directory's own path
+    // means it was replaced (or removed, or created).
+    let parents: BTreeSet<PathBuf> = dirs.keys().filter_map(|d| d.parent().map(Path::to_path_buf)).collect();
     let filter = dirs.clone();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+    let inner = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(event) = res else { return };
         // Reads (our own reloads among them) must not trigger reloads.
         let relevant_kind = matches!(
@@ -201,15 +233,102 @@ pub fn watch(sources: &Sources, tx: mpsc::Sender<()>) -> notify::Result<notify::
                 | EventKind::Remove(_)
                 | EventKind::Access(AccessKind::Close(AccessMode::Write))
         );
-        if relevant_kind && event.paths.iter().any(|p| concerns(&filter, p)) {
+        if relevant_kind && event.paths.iter().any(|p| filter.contains_key(p) || concerns(&filter, p)) {
             let _ = tx.try_send(());
         }
     })?;
+    let mut watcher = Watcher { inner, armed: BTreeMap::new() };
+    for parent in parents.iter().filter(|p| !dirs.contains_key(*p)) {
+        // Best effort: `/` or an unreadable parent only loses the directory-swap detection.
+        match watcher.inner.watch(parent, RecursiveMode::NonRecursive) {
+            Ok(()) => {}
+            Err(e) => {
+                warn!(dir = %parent.display(), error = %e, "cannot watch a parent of the configuration; a replaced directory is seen on SIGHUP only")
+            }
+        }
+    }
     for dir in dirs.keys() {
-        watcher.watch(dir, RecursiveMode::NonRecursive)?;
+        watcher.inner.watch(dir, RecursiveMode::NonRecursive)?;
+        watcher.armed.insert(dir.clone(), identity(dir));
         info!(dir = %dir.display(), "watching for configuration changes");
     }
     Ok(watcher)
+}
+
+impl Watcher {
+    /// Moves the watch of every directory that was replaced (or created) since it was set to
+    /// the directory now at its path. Cheap when nothing changed: one `stat` per directory.
+    pub fn rearm(&mut self) {
+        for (dir, armed) in &mut self.armed {
+            let now = identity(dir);
+            if now == *armed {
+                continue;
+            }
+            // The old watch went with the old directory (or will, once it is deleted).
+            let _ = self.inner.unwatch(dir);
+            if now.is_none() {
+                warn!(dir = %dir.display(), "a watched configuration directory is gone; watching its parent for it to come back");
+                *armed = None;
+                continue;
+            }
+            match self.inner.watch(dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    info!(dir = %dir.display(), "configuration directory replaced; watching the new one");
+                    *armed = now;
+                }
+                Err(e) => warn!(dir = %dir.display(), error = %e, "cannot watch the replaced configuration directory"),
+            }
+        }
+    }
+}
+
+/// Input files' sizes and modification times, to tell a file still being written from a
+/// settled one.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Fingerprint {
+    files: Vec<(PathBuf, u64, Option<SystemTime>)>,
+    /// The inventory is a directory without a YAML file.
+    empty_dir: bool,
+}
+
+impl Fingerprint {
+    /// The current state of every input file (the YAML files of an inventory directory).
+    #[must_use]
+    pub fn read(sources: &Sources) -> Self {
+        let mut files = vec![sources.dataplane_file.clone()];
+        let mut empty_dir = false;
+        if sources.dataplanes.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&sources.dataplanes) {
+                let mut yaml: Vec<PathBuf> = entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                    .collect();
+                yaml.sort();
+                empty_dir = yaml.is_empty();
+                files.extend(yaml);
+            }
+        } else {
+            files.push(sources.dataplanes.clone());
+        }
+        let files = files
+            .into_iter()
+            .map(|f| {
+                let m = std::fs::metadata(&f).ok();
+                let len = m.as_ref().map_or(u64::MAX, std::fs::Metadata::len);
+                let modified = m.and_then(|m| m.modified().ok());
+                (f, len, modified)
+            })
+            .collect();
+        Self { files, empty_dir }
+    }
+
+    /// Some input is empty: a file (a writer that truncated it may not have written yet) or the
+    /// inventory directory (one replaced by `rm -rf; mkdir; cp` may not be filled yet).
+    #[must_use]
+    pub fn has_empty_input(&self) -> bool {
+        self.empty_dir || self.files.iter().any(|(_, len, _)| *len == 0)
+    }
 }
 
 /// An event on `path` concerns the inputs: one of the watched files, a YAML file of a watched

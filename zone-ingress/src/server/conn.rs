@@ -296,15 +296,11 @@ async fn relay(
     ingress.metrics.spliced(Path::Userspace);
     ingress.metrics.handoff.observe(accepted_at.elapsed());
     let mut abort = ingress.abort_relays.subscribe();
-    let closed = tokio::select! {
-        closed = userspace::relay(client, backend, &ingress.options.limits, Arc::clone(progress)) => closed,
-        // End of the drain time: dropping the relay closes both sockets.
-        _ = abort.wait_for(|abort| *abort) => Closed {
-            reason: CloseReason::Shutdown,
-            client_to_backend: progress.client_to_backend.load(Ordering::Relaxed),
-            backend_to_client: progress.backend_to_client.load(Ordering::Relaxed),
-        },
+    // End of the drain time: the relay resets both sides.
+    let aborted = async move {
+        let _ = abort.wait_for(|abort| *abort).await;
     };
+    let closed = userspace::relay(client, backend, &ingress.options.limits, Arc::clone(progress), aborted).await;
     ingress.close_flow(flow, closed);
 }
 

@@ -47,10 +47,27 @@ impl Path {
 }
 
 /// Dead-peer detection of relayed and spliced sockets: after `Limits::keepalive` idle, a probe
-/// every `KEEPALIVE_INTERVAL`; `KEEPALIVE_PROBES` unanswered ones end the connection.
+/// every `KEEPALIVE_INTERVAL`; `KEEPALIVE_PROBES` unanswered ones end the connection. Keepalive
+/// only probes an idle connection: a peer that vanishes while bytes to it are unacknowledged is
+/// found by the retransmission limit, or sooner by `Limits::backend_user_timeout`.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// See [`KEEPALIVE_INTERVAL`].
 pub const KEEPALIVE_PROBES: u32 = 6;
+
+/// Sets what every backend socket gets at the handoff, in every mode: `TCP_NODELAY`, dead-peer
+/// detection and, when asked for, `TCP_USER_TIMEOUT`. (Client sockets inherit the first two from
+/// the listeners.)
+///
+/// # Errors
+/// A socket option could not be set.
+pub fn prepare_backend(fd: std::os::fd::BorrowedFd<'_>, limits: &Limits) -> std::io::Result<()> {
+    crate::sys::set_nodelay(fd)?;
+    crate::sys::set_dead_peer_detection(fd, limits.keepalive, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES)?;
+    if let Some(timeout) = limits.backend_user_timeout {
+        crate::sys::set_user_timeout(fd, timeout)?;
+    }
+    Ok(())
+}
 
 /// Limits that apply to spliced connections.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -69,6 +86,12 @@ pub struct Limits {
     /// backend socket: a spliced socket is never read by the daemon, so the kernel must notice
     /// dead peers; the userspace path gets the same.
     pub keepalive: Duration,
+    /// `TCP_USER_TIMEOUT` of backend sockets (`--backend-user-timeout`), off by default: bytes
+    /// sent to a backend that stay unacknowledged this long (a backend that vanished while the
+    /// client was sending) end the flow with a reset both ways instead of after the kernel's
+    /// retransmission limit (about 15 min). The cost: a backend that keeps its window closed
+    /// this long (a paused reader) is cut too.
+    pub backend_user_timeout: Option<Duration>,
     /// Userspace path: bytes buffered per direction.
     pub userspace_buffer: usize,
     /// Kernel path: monitor threads (close handling, backpressure, relays of held directions),
@@ -92,6 +115,7 @@ impl Default for Limits {
             max_spliced: (zone_ingress_ebpf::splice::MAX_SOCKETS / 2) as usize,
             drain_stall: Duration::from_secs(60),
             keepalive: Duration::from_secs(60),
+            backend_user_timeout: None,
             userspace_buffer: 64 << 10,
             monitor_threads: sockmap::default_monitor_threads(),
         }

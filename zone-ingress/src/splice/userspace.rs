@@ -3,6 +3,7 @@
 //! for single connections the kernel refused (e.g. a client that sent FIN before the handoff).
 
 use std::{
+    future::Future,
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     pin::pin,
@@ -72,17 +73,21 @@ async fn pump(
 }
 
 /// Relays between `client` and `backend` until both directions are finished, one side resets,
-/// or the connection idles out. Nothing has been read from `client` yet: the ClientHello is
-/// still in its receive queue and is relayed like any other byte.
-pub async fn relay(client: TcpStream, backend: TcpStream, limits: &Limits, progress: Arc<Progress>) -> Closed {
-    // The client socket inherited both from the listener (`server::bind`).
-    let _ = backend.set_nodelay(true);
-    let _ = sys::set_dead_peer_detection(
-        backend.as_fd(),
-        limits.keepalive,
-        super::KEEPALIVE_INTERVAL,
-        super::KEEPALIVE_PROBES,
-    );
+/// the connection idles out, or `abort` resolves (the end of the drain time). Nothing has been
+/// read from `client` yet: the ClientHello is still in its receive queue and is relayed like
+/// any other byte. An idle timeout or an abort resets both sides, so neither mistakes the cut
+/// for the end of the stream.
+pub async fn relay(
+    client: TcpStream,
+    backend: TcpStream,
+    limits: &Limits,
+    progress: Arc<Progress>,
+    abort: impl Future<Output = ()>,
+) -> Closed {
+    // The client socket inherited what it needs from the listener (`server::bind`).
+    if let Err(e) = super::prepare_backend(backend.as_fd(), limits) {
+        debug!(error = %e, "setting the backend socket's options failed");
+    }
     let fds = [client.as_raw_fd(), backend.as_raw_fd()];
     progress.last_active_ns.store(sys::monotonic_ns(), Ordering::Relaxed);
     // Borrowed halves: unlike `into_split`'s owned write half, dropping them does not send a
@@ -97,33 +102,35 @@ pub async fn relay(client: TcpStream, backend: TcpStream, limits: &Limits, progr
     let idle_ns = u64::try_from(limits.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
     let tick = limits.idle_timeout.min(Duration::from_secs(1));
     let mut first_fin = None;
-    // `reset` = which side to reset (0 client, 1 backend) because the other one failed.
+    let mut abort = pin!(abort);
+    // `reset[side]`: end that side with RST (the other one failed, or the flow is cut).
     let (reason, reset) = loop {
         tokio::select! {
             r = &mut c2b, if !done[0] => match r {
                 Ok(()) => { done[0] = true; first_fin.get_or_insert(CloseReason::ClientFin); }
-                Err(PumpError::Read(e)) => { debug!(error = %e, "client read failed"); break (CloseReason::ClientReset, Some(1)) }
-                Err(PumpError::Write(e)) => { debug!(error = %e, "backend write failed"); break (CloseReason::BackendReset, Some(0)) }
+                Err(PumpError::Read(e)) => { debug!(error = %e, "client read failed"); break (CloseReason::ClientReset, [false, true]) }
+                Err(PumpError::Write(e)) => { debug!(error = %e, "backend write failed"); break (CloseReason::BackendReset, [true, false]) }
             },
             r = &mut b2c, if !done[1] => match r {
                 Ok(()) => { done[1] = true; first_fin.get_or_insert(CloseReason::BackendFin); }
-                Err(PumpError::Read(e)) => { debug!(error = %e, "backend read failed"); break (CloseReason::BackendReset, Some(0)) }
-                Err(PumpError::Write(e)) => { debug!(error = %e, "client write failed"); break (CloseReason::ClientReset, Some(1)) }
+                Err(PumpError::Read(e)) => { debug!(error = %e, "backend read failed"); break (CloseReason::BackendReset, [true, false]) }
+                Err(PumpError::Write(e)) => { debug!(error = %e, "client write failed"); break (CloseReason::ClientReset, [false, true]) }
             },
             () = tokio::time::sleep(tick) => {
                 let last = progress.last_active_ns.load(Ordering::Relaxed);
                 if sys::monotonic_ns().saturating_sub(last) >= idle_ns {
-                    break (CloseReason::IdleTimeout, None);
+                    break (CloseReason::IdleTimeout, [true, true]);
                 }
             }
+            () = &mut abort => break (CloseReason::Shutdown, [true, true]),
         }
         if done == [true, true] {
-            break (first_fin.unwrap_or(CloseReason::ClientFin), None);
+            break (first_fin.unwrap_or(CloseReason::ClientFin), [false, false]);
         }
     };
-    if let Some(side) = reset {
+    for (fd, _) in fds.iter().zip(reset).filter(|(_, reset)| *reset) {
         // SAFETY: both streams are still alive inside the pinned futures until this fn returns.
-        let fd = unsafe { BorrowedFd::borrow_raw(fds[side]) };
+        let fd = unsafe { BorrowedFd::borrow_raw(*fd) };
         let _ = sys::set_linger_zero(fd);
     }
     Closed {

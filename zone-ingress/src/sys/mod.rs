@@ -154,6 +154,13 @@ pub fn set_dead_peer_detection(fd: BorrowedFd<'_>, idle: Duration, interval: Dur
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, &probes_c)
 }
 
+/// `TCP_USER_TIMEOUT`: data unacknowledged (or a zero window not reopened) for this long ends
+/// the connection with `ETIMEDOUT`.
+pub fn set_user_timeout(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
+    let ms = libc::c_uint::try_from(timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, &ms)
+}
+
 /// `SO_ERROR`: the pending socket error, cleared by reading it.
 pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
     let mut err: libc::c_int = 0;

@@ -21,7 +21,7 @@ use zone_ingress_ebpf::splice::Pair;
 
 use super::{BACKEND, CLIENT, HandoffError, KernelSplice, Rejected, monitor::Spliced};
 use crate::{
-    splice::{CloseReason, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES},
+    splice::{CloseReason, prepare_backend},
     sys::{self, epoll},
 };
 
@@ -55,11 +55,8 @@ impl KernelSplice {
             sys::socket_cookie(fds[CLIENT]).map_err(io("SO_COOKIE of the client socket"))?,
             sys::socket_cookie(fds[BACKEND]).map_err(io("SO_COOKIE of the backend socket"))?,
         ];
-        // The client socket inherited these from the listener (`server::bind`).
-        let keepalive = self.shared.limits.keepalive;
-        sys::set_nodelay(fds[BACKEND]).map_err(io("TCP_NODELAY"))?;
-        sys::set_dead_peer_detection(fds[BACKEND], keepalive, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES)
-            .map_err(io("keepalive"))?;
+        // The client socket inherited what it needs from the listener (`server::bind`).
+        prepare_backend(fds[BACKEND], &self.shared.limits).map_err(io("backend socket options"))?;
         let maps = &self.shared.maps;
         for side in [CLIENT, BACKEND] {
             let pair = Pair { peer: cookies[1 - side], ..Pair::default() };

@@ -273,14 +273,15 @@ impl KernelSplice {
         .collect()
     }
 
-    /// Aborts every spliced connection (used at the end of drain); the monitor threads keep
-    /// running until the `KernelSplice` is dropped.
+    /// Resets every spliced connection, both sides (the end of the drain time: a peer must not
+    /// take the cut for the end of the stream); the monitor threads keep running until the
+    /// `KernelSplice` is dropped.
     pub fn abort_all(&self, reason: CloseReason) {
         for monitor in &self.shared.monitors {
             let mut conns = monitor.lock_conns();
             let tokens: Vec<u64> = conns.conns.keys().copied().collect();
             for t in tokens {
-                self.shared.finish(&mut conns, t, reason);
+                self.shared.abort(&mut conns, t, CLIENT, reason);
             }
         }
     }

@@ -407,7 +407,8 @@ impl Shared {
                     warn!(token, "in-flight bytes above the cap for too long; aborting (memory guard)");
                     self.abort(state, token, side, reason);
                 }
-                CloseReason::IdleTimeout => self.finish(state, token, reason),
+                // Reset, not FIN: a peer must not take the cut for the end of the stream.
+                CloseReason::IdleTimeout => self.abort(state, token, side, reason),
                 _ => {
                     self.stats.peer_missing_aborts.fetch_add(1, Ordering::Relaxed);
                     self.abort(state, token, side, reason);
