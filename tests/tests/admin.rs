@@ -568,3 +568,84 @@ fn live_kernel_bytes_are_monotonic() {
     let (total, _) = ops::protocol_bytes(n_up, 1024);
     assert!(samples.iter().any(|v| *v > 0.0 && *v < total as f64), "a live value between 0 and the total: {samples:?}");
 }
+
+/// 100 idle admin connections (more than the 64 served at once) do not keep `/ready` and
+/// `/stats` from answering: the longest-idle connection is closed to make room.
+#[test]
+fn ready_answers_under_an_admin_flood() {
+    let topo = Topology::new(1);
+    let daemon = start(&topo, "userspace", &[]);
+    let ns = &topo.ingress;
+    let admin = admin_addr(ADMIN_PORT);
+    let idle: Vec<std::net::TcpStream> = ns.run(|| {
+        (0..100)
+            .map(|_| {
+                std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(5)).expect("idle admin connection")
+            })
+            .collect()
+    });
+    for i in 0..20 {
+        let r = get(ns, admin, "/ready");
+        assert_eq!((r.status, r.body.trim()), (200, "READY"), "probe {i} under the flood:\n{}", daemon.log_text());
+    }
+    assert_eq!(get(ns, admin, "/stats").status, 200);
+    drop(idle);
+}
+
+/// At the descriptor limit (the daemon's `RLIMIT_NOFILE` lowered to what it holds plus a few,
+/// then clients hold every descriptor left), `/ready` still answers: the admin server keeps
+/// one descriptor in reserve for it.
+#[test]
+fn ready_answers_at_the_descriptor_limit() {
+    let topo = Topology::new(1);
+    let rt = runtime();
+    let daemon = start(&topo, "userspace", &[]);
+    let ns = &topo.ingress;
+    let admin = admin_addr(ADMIN_PORT);
+    let pid = daemon.pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("the daemon's descriptors").count();
+    let limit = open + 6;
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={limit}:{limit}")])
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit failed");
+    // Clients that connect and say nothing: each accepted one holds a descriptor until its
+    // ClientHello times out, the rest wait in the backlog.
+    let clients: Vec<tokio::net::TcpStream> =
+        rt.block_on(async { (0..20).map(|_| topo.client.connect(ingress_addr(10001)).expect("connect")).collect() });
+    assert!(
+        wait_until(Duration::from_secs(5), || daemon.log_text().contains("accept failed")),
+        "the daemon never ran out of descriptors:\n{}",
+        daemon.log_text()
+    );
+    for i in 0..3 {
+        let r = get(ns, admin, "/ready");
+        assert_eq!(
+            (r.status, r.body.trim()),
+            (200, "READY"),
+            "probe {i} at the descriptor limit:\n{}",
+            daemon.log_text()
+        );
+    }
+    drop(clients);
+}
+
+/// `--admin-address` on a namespace address: a peer that is not on loopback may read state but
+/// gets 403 for every state-changing request, and the process keeps running.
+#[test]
+fn non_loopback_peers_cannot_change_state() {
+    let topo = Topology::new(1);
+    let daemon = start(&topo, "userspace", &["--admin-address", "198.18.0.2"]);
+    let admin = std::net::SocketAddr::new(Topology::ingress_v4().into(), ADMIN_PORT);
+    // The client namespace (198.18.0.1) reaches the admin server through the veth.
+    let from = &topo.client;
+    for path in ["/quitquitquit", "/drain_listeners"] {
+        let r = request(from, admin, "POST", path);
+        assert_eq!(r.status, 403, "POST {path} from 198.18.0.1: {} {}", r.status, r.body);
+    }
+    let r = get(from, admin, "/ready");
+    assert_eq!((r.status, r.body.trim()), (200, "READY"), "still running and listening:\n{}", daemon.log_text());
+    assert!(daemon.log_text().contains("refused a state-changing admin request"), "{}", daemon.log_text());
+    assert_eq!(daemon.log_text().matches("admin request").count(), 2, "only the two refusals:\n{}", daemon.log_text());
+}

@@ -16,16 +16,19 @@
 //! Bad requests get a 4xx and never affect the process: unknown path 404, wrong method 405
 //! (with `Allow`), a request head over 16 KiB 431 (hyper), a body over 64 KiB 413, a bad query
 //! 400, a state-changing request from a non-loopback peer 403. At most 64 admin connections are
-//! served at once (more are closed on accept); headers must arrive within 10 s and a
-//! connection lives at most 5 minutes.
+//! served at once: a new one closes the one that has waited longest for a request, so idle
+//! clients cannot lock `/ready` out; headers must arrive within 10 s and a connection lives at
+//! most 5 minutes. A descriptor is kept in reserve so that `/ready` is answered even when the
+//! process has run out of them.
 
 use std::{
+    collections::BTreeMap,
     convert::Infallible,
     io,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::{Arc, PoisonError},
-    time::Duration,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -41,7 +44,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::{
     net::{TcpListener, TcpSocket},
-    sync::{Semaphore, mpsc},
+    sync::{Notify, mpsc},
     task::JoinHandle,
 };
 use tracing::{debug, info, warn};
@@ -54,7 +57,7 @@ use crate::{
 
 /// Default admin bind address: loopback only.
 pub const DEFAULT_ADMIN_ADDRESS: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
-/// Admin connections served at once.
+/// Admin connections served at once (beyond: the longest-idle one is closed).
 const MAX_CONNECTIONS: usize = 64;
 /// Largest request head (request line and headers) hyper buffers.
 const MAX_REQUEST_HEAD: usize = 16 << 10;
@@ -136,38 +139,109 @@ impl AdminServer {
     }
 }
 
+/// The admin connections being served: when all [`MAX_CONNECTIONS`] are taken, the one idle
+/// longest (waiting for a request) is closed to make room, so idle or stalled clients can never
+/// keep `/ready` from answering.
+#[derive(Default)]
+struct Table {
+    next: u64,
+    /// Connection id → since when it waits for a request (`None` while it handles one), and
+    /// how to close it.
+    live: BTreeMap<u64, (Option<Instant>, Arc<Notify>)>,
+}
+
+impl Table {
+    fn lock(table: &Mutex<Self>) -> MutexGuard<'_, Self> {
+        table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a new connection, closing the longest-idle one if the table is full. `None`
+    /// when every connection is busy with a request (the new one is then closed).
+    fn admit(&mut self) -> Option<(u64, Arc<Notify>)> {
+        if self.live.len() >= MAX_CONNECTIONS {
+            let oldest = self.live.iter().filter_map(|(id, (idle, _))| idle.map(|t| (t, *id))).min()?;
+            if let Some((_, close)) = self.live.remove(&oldest.1) {
+                close.notify_one();
+            }
+        }
+        self.next += 1;
+        let close = Arc::new(Notify::new());
+        self.live.insert(self.next, (Some(Instant::now()), Arc::clone(&close)));
+        Some((self.next, close))
+    }
+
+    fn set_idle(&mut self, id: u64, idle: bool) {
+        if let Some(entry) = self.live.get_mut(&id) {
+            entry.0 = idle.then(Instant::now);
+        }
+    }
+}
+
+/// A descriptor kept in reserve: when `accept` fails for lack of descriptors, it is given up so
+/// that the admin connection waiting in the backlog can be accepted and answered (a supervisor's
+/// `/ready` probe at the descriptor limit), then taken again.
+fn reserve_fd() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
+fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
 async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let table = Arc::new(Mutex::new(Table::default()));
+    let mut reserve = reserve_fd();
     loop {
+        if reserve.is_none() {
+            reserve = reserve_fd();
+        }
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
+            Err(e) if out_of_descriptors(&e) && reserve.is_some() => {
+                warn!(error = %e, "admin accept: out of file descriptors; using the reserved one");
+                drop(reserve.take());
+                continue;
+            }
             Err(e) => {
                 warn!(error = %e, "admin accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            debug!(%peer, "admin connection limit reached; closing");
+        let Some((id, close)) = Table::lock(&table).admit() else {
+            debug!(%peer, "admin connection limit reached and every connection is busy; closing");
             continue;
         };
         let ctx = Arc::clone(&ctx);
+        let table = Arc::clone(&table);
         tokio::spawn(async move {
-            let _slot = slot;
-            let service = service_fn(move |req| {
-                let ctx = Arc::clone(&ctx);
-                async move { Ok::<_, Infallible>(handle(ctx, peer, req).await) }
+            let service = service_fn({
+                let table = Arc::clone(&table);
+                move |req| {
+                    let ctx = Arc::clone(&ctx);
+                    let table = Arc::clone(&table);
+                    async move {
+                        Table::lock(&table).set_idle(id, false);
+                        let response = handle(ctx, peer, req).await;
+                        Table::lock(&table).set_idle(id, true);
+                        Ok::<_, Infallible>(response)
+                    }
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .max_buf_size(MAX_REQUEST_HEAD)
                 .serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
-                Ok(Err(e)) => debug!(%peer, error = %e, "admin connection ended with an error"),
-                Err(_) => debug!(%peer, "admin connection closed after its lifetime"),
-                Ok(Ok(())) => {}
+            tokio::select! {
+                r = tokio::time::timeout(CONNECTION_LIFETIME, conn) => match r {
+                    Ok(Err(e)) => debug!(%peer, error = %e, "admin connection ended with an error"),
+                    Err(_) => debug!(%peer, "admin connection closed after its lifetime"),
+                    Ok(Ok(())) => {}
+                },
+                () = close.notified() => debug!(%peer, "idle admin connection closed to make room for a new one"),
             }
+            Table::lock(&table).live.remove(&id);
         });
     }
 }

@@ -177,9 +177,9 @@ impl Reloader {
 /// moves a watch to the directory that now has its path. Dropping it stops watching.
 pub struct Watcher {
     inner: notify::RecommendedWatcher,
-    /// Watched directory → the (device, inode) it had when its watch was set (`None`: not set,
-    /// e.g. it did not exist).
-    armed: BTreeMap<PathBuf, Option<(u64, u64)>>,
+    /// Watched directory → the identity it had when its watch was set (`None`: not set, e.g. it
+    /// did not exist).
+    armed: BTreeMap<PathBuf, Option<Identity>>,
 }
 
 impl fmt::Debug for Watcher {
@@ -188,9 +188,14 @@ impl fmt::Debug for Watcher {
     }
 }
 
-fn identity(path: &Path) -> Option<(u64, u64)> {
+/// What tells a directory from the one that had its path before: device, inode and birth time
+/// (a directory deleted and created again often gets its inode number back).
+type Identity = (u64, u64, Option<SystemTime>);
+
+fn identity(path: &Path) -> Option<Identity> {
     use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(path).ok().filter(std::fs::Metadata::is_dir).map(|m| (m.dev(), m.ino()))
+    let m = std::fs::metadata(path).ok().filter(std::fs::Metadata::is_dir)?;
+    Some((m.dev(), m.ino(), m.created().ok()))
 }
 
 /// Directory → file names of interest in it (`None`: every YAML file, for an inventory dir).
@@ -351,6 +356,46 @@ fn concerns(dirs: &BTreeMap<PathBuf, Option<Vec<OsString>>>, path: &Path) -> boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waits up to 3 s for a change notification.
+    fn changed(rx: &mut mpsc::Receiver<()>) -> bool {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while std::time::Instant::now() < end {
+            if rx.try_recv().is_ok() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// A directory deleted and created again (which usually gets its inode number back) is
+    /// watched again after `rearm`: a later write in it is seen.
+    #[test]
+    fn a_recreated_inventory_directory_is_watched_again() {
+        let root = std::env::temp_dir().join(format!("zi-watch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let inv = root.join("inv");
+        std::fs::create_dir_all(&inv).expect("mkdir");
+        std::fs::write(root.join("zi.yaml"), "x").expect("write");
+        std::fs::write(inv.join("a.yaml"), "a").expect("write");
+        let sources = Sources { dataplane_file: root.join("zi.yaml"), dataplanes: inv.clone(), ..Sources::default() };
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut watcher = watch(&sources, tx).expect("watch");
+        std::fs::write(inv.join("a.yaml"), "b").expect("rewrite");
+        assert!(changed(&mut rx), "a write in the directory");
+        std::fs::remove_dir_all(&inv).expect("rm -rf");
+        std::fs::create_dir(&inv).expect("mkdir again");
+        assert!(changed(&mut rx), "the directory replaced (seen through its parent)");
+        watcher.rearm();
+        // Let the events of the swap arrive, then forget them.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        while rx.try_recv().is_ok() {}
+        std::fs::write(inv.join("c.yaml"), "c").expect("write in the new directory");
+        assert!(changed(&mut rx), "a write in the new directory after rearm");
+        drop(watcher);
+        let _ = std::fs::remove_dir_all(&root);
+    }
 
     #[test]
     fn only_input_files_concern_a_reload() {
