@@ -599,7 +599,8 @@ fn ready_answers_under_an_admin_flood() {
 fn ready_answers_at_the_descriptor_limit() {
     let topo = Topology::new(1);
     let rt = runtime();
-    let daemon = start(&topo, "userspace", &[]);
+    // Clients that never send a ClientHello keep their descriptors for the whole test.
+    let daemon = start(&topo, "userspace", &["--client-hello-timeout", "120s"]);
     let ns = &topo.ingress;
     let admin = admin_addr(ADMIN_PORT);
     let pid = daemon.pid();
@@ -620,6 +621,7 @@ fn ready_answers_at_the_descriptor_limit() {
         daemon.log_text()
     );
     for i in 0..3 {
+        let asked = std::time::Instant::now();
         let r = get(ns, admin, "/ready");
         assert_eq!(
             (r.status, r.body.trim()),
@@ -627,6 +629,7 @@ fn ready_answers_at_the_descriptor_limit() {
             "probe {i} at the descriptor limit:\n{}",
             daemon.log_text()
         );
+        assert!(asked.elapsed() < Duration::from_secs(3), "probe {i} took {:?}", asked.elapsed());
     }
     drop(clients);
 }

@@ -190,16 +190,26 @@ fn out_of_descriptors(e: &io::Error) -> bool {
 
 async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
     let table = Arc::new(Mutex::new(Table::default()));
-    let mut reserve = reserve_fd();
-    loop {
-        if reserve.is_none() {
-            reserve = reserve_fd();
+    // Taken again once a descriptor is free: after the next accept, or when a connection ends.
+    let reserve = Arc::new(Mutex::new(reserve_fd()));
+    let refill = |reserve: &Mutex<Option<std::fs::File>>| {
+        let mut r = reserve.lock().unwrap_or_else(PoisonError::into_inner);
+        if r.is_none() {
+            *r = reserve_fd();
         }
+    };
+    loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
-            Err(e) if out_of_descriptors(&e) && reserve.is_some() => {
-                warn!(error = %e, "admin accept: out of file descriptors; using the reserved one");
-                drop(reserve.take());
+            Err(e) if out_of_descriptors(&e) => {
+                let spare = reserve.lock().unwrap_or_else(PoisonError::into_inner).take();
+                if spare.is_some() {
+                    warn!(error = %e, "admin accept: out of file descriptors; using the reserved one");
+                    drop(spare);
+                } else {
+                    warn!(error = %e, "admin accept: out of file descriptors");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 continue;
             }
             Err(e) => {
@@ -208,12 +218,14 @@ async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
                 continue;
             }
         };
+        refill(&reserve);
         let Some((id, close)) = Table::lock(&table).admit() else {
             debug!(%peer, "admin connection limit reached and every connection is busy; closing");
             continue;
         };
         let ctx = Arc::clone(&ctx);
         let table = Arc::clone(&table);
+        let reserve = Arc::clone(&reserve);
         tokio::spawn(async move {
             let service = service_fn({
                 let table = Arc::clone(&table);
@@ -242,6 +254,7 @@ async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
                 () = close.notified() => debug!(%peer, "idle admin connection closed to make room for a new one"),
             }
             Table::lock(&table).live.remove(&id);
+            refill(&reserve);
         });
     }
 }
