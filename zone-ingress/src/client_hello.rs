@@ -105,23 +105,6 @@ pub enum Invalid {
     BadSni,
 }
 
-impl Invalid {
-    /// Every variant, to register metric label values before the first failure.
-    pub const ALL: [Self; 5] = [Self::NotTls, Self::NotClientHello, Self::Malformed, Self::TooLarge, Self::BadSni];
-
-    /// Stable `snake_case` label for metrics and logs.
-    #[must_use]
-    pub const fn as_str(&self) -> &'static str {
-        match self {
-            Self::NotTls => "not_tls",
-            Self::NotClientHello => "not_client_hello",
-            Self::Malformed => "malformed",
-            Self::TooLarge => "too_large",
-            Self::BadSni => "bad_sni",
-        }
-    }
-}
-
 /// A `host_name` from a `ClientHello`: 1..=255 bytes of UTF-8 without NUL.
 ///
 /// Deliberately not checked for hostname syntax and never case-folded: Kuma's legacy SNIs such as
@@ -1145,12 +1128,6 @@ mod tests {
         // Over several records, the bound counts the next header once the hello length is known.
         let split = refragment(f.bytes, 100);
         assert_eq!(parse_default(&split[..105]), Parsed::Incomplete { need_at_least: Some(f.bytes.len() + 5) });
-    }
-
-    #[test]
-    fn invalid_labels_are_distinct() {
-        let labels: Vec<&str> = Invalid::ALL.iter().map(Invalid::as_str).collect();
-        assert_eq!(labels, ["not_tls", "not_client_hello", "malformed", "too_large", "bad_sni"]);
     }
 
     #[test]

@@ -68,6 +68,25 @@ pub struct Inputs {
     pub warnings: Vec<Diagnostic>,
 }
 
+/// A loaded input's value, its warnings added to `warnings`; or `None` and its problems added to
+/// `problems`.
+fn take<T>(
+    loaded: Result<Loaded<T>, ConfigError>,
+    warnings: &mut Vec<Diagnostic>,
+    problems: &mut Vec<Diagnostic>,
+) -> Option<T> {
+    match loaded {
+        Ok(l) => {
+            warnings.extend(l.warnings);
+            Some(l.value)
+        }
+        Err(e) => {
+            problems.extend(e.diagnostics);
+            None
+        }
+    }
+}
+
 /// Loads and validates both inputs, reporting every problem of both at once.
 ///
 /// # Errors
@@ -86,26 +105,8 @@ pub fn load_inputs(sources: &Sources) -> Result<Inputs, Vec<Diagnostic>> {
     let zi = load_zone_ingress(&sources.dataplane_file, &vars);
     let inv = load_inventory(&sources.dataplanes);
     let mut warnings = Vec::new();
-    let zi = match zi {
-        Ok(l) => {
-            warnings.extend(l.warnings);
-            Some(l.value)
-        }
-        Err(e) => {
-            problems.extend(e.diagnostics);
-            None
-        }
-    };
-    let inv = match inv {
-        Ok(l) => {
-            warnings.extend(l.warnings);
-            Some(l.value)
-        }
-        Err(e) => {
-            problems.extend(e.diagnostics);
-            None
-        }
-    };
+    let zi = take(zi, &mut warnings, &mut problems);
+    let inv = take(inv, &mut warnings, &mut problems);
     match (zi, inv) {
         (Some(zone_ingress), Some(inventory)) if problems.is_empty() => {
             Ok(Inputs { zone_ingress, inventory, warnings })
