@@ -1242,6 +1242,13 @@ fn slow_reader(mode: &'static str) {
     let after = MemSample::take(t0.elapsed());
     let sockstat_after = raw::sockstat(&env.topo.ingress);
     let samples = samples.lock().expect("lock").clone();
+    // The bounds below mean nothing without samples: the sampler ran every 100 ms for the whole
+    // transfer, so there must be at least a few windows of three.
+    assert!(
+        samples.len() >= 10,
+        "{mode}: only {} memory samples were taken; the bound was not measured",
+        samples.len()
+    );
     // Growth held for 3 consecutive samples (300 ms): other processes on the machine move these
     // counters by tens of MiB for an instant; a queue that holds memory holds it longer.
     let kernel_growth: Vec<u64> = samples.iter().map(|s| s.kernel.saturating_sub(base.kernel)).collect();
