@@ -1095,6 +1095,17 @@ fn client_fin_before_handoff(mode: &'static str) {
         eprintln!("client_fin_before_handoff {mode} {variant}: carried by the {path} path");
         if mode == "userspace" {
             assert_eq!(path, "userspace", "{line}");
+        } else {
+            // The kernel takes the connection unless the client's FIN came before the handoff, in
+            // which case it refuses it and says so: either way the path is accounted for.
+            let log = env.daemon.log_text();
+            let peer = client.to_string();
+            let refused = raw::lines_with(&log, &["kernel splice refused this connection", &peer]);
+            match path.as_str() {
+                "kernel" => assert!(refused.is_empty(), "carried by the kernel, yet refused: {refused:?}\n{line}"),
+                "userspace" => assert_eq!(refused.len(), 1, "relayed in userspace without a refusal: {line}"),
+                other => panic!("{variant}: unknown path {other:?}: {line}"),
+            }
         }
         assert_eq!(
             raw::field(&line, "bytes_client_to_backend"),
