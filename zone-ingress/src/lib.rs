@@ -1,47 +1,55 @@
 //! zone-ingress: a Kuma `ZoneIngress` data plane that routes cross-zone mTLS by SNI alone and
-//! splices every later byte inside the kernel.
+//! splices every later byte inside the kernel. The design, in prose: `docs/design.md`.
 //!
 //! # The data path
 //!
 //! ```text
-//!  accept ──► peek SNI ──► route ──► connect ──► handoff ──────────────► close
-//!  server     client_hello routing    server      splice::kernel          splice::kernel (monitor:
-//!  (SO_REUSEPORT  (MSG_PEEK,  (SNI →   (round robin, (SOCKHASH + sk_skb     RDHUP → drain check →
-//!   listeners)   never read) cluster)  retry next)   verdict, zone-ingress-ebpf)  SHUT_WR; RST → RST)
-//!                                                  └► splice::userspace (fallback / --splice userspace)
+//!  accept ──────► peek SNI ─────► route ──────► connect ────► handoff ─────────────► close
+//!  server::       server::conn    routing       server::conn  splice::sockmap::      splice::sockmap::monitor
+//!  listener       + client_hello  (SNI →        (round robin, handoff (SOCKHASH +    (RDHUP → drain check →
+//!  (SO_REUSEPORT  (MSG_PEEK,      cluster →     next on        sk_skb verdict,       SHUT_WR; RST → RST), then a
+//!   listeners)    never read)     endpoints)    failure)       zone-ingress-ebpf)    CloseReport to flows
+//!                                                             └► splice::userspace (fallback, --splice userspace):
+//!                                                                the relay returns its Closed to server::conn
+//!  rejected before a backend: reject::RejectReason, counted and logged by server::conn
 //! ```
 //!
-//! Backpressure of a spliced direction (`splice::kernel`, the connection's monitor thread, one
-//! per CPU up to 4): backlog toward the peer above 2 MiB → `HOLD` (the verdict keeps skbs on the
-//! receiving socket, whose window closes) → peer's psock queue empty → the monitor relays the
-//! held bytes, keeping the hold while they keep coming → 5 ms of light relay passes → the
-//! verdict redirects again.
+//! Backpressure of a spliced direction (`splice::sockmap::hold`, on the connection's monitor
+//! thread, one per CPU up to 4): backlog toward the peer above 2 MiB → `HOLD` (the verdict keeps
+//! skbs on the receiving socket, whose window closes) → peer's psock queue empty → the monitor
+//! relays the held bytes, keeping the hold while they keep coming → 5 ms of light relay passes
+//! → the verdict redirects again.
 //!
 //! # Modules
-//! - [`cli`]: command line (kuma-dp flag names), `run` and `validate`.
-//! - [`config`]: the ZoneIngress file and the Dataplane inventory, validated with every problem
-//!   reported at once.
+//! - [`app`]: the lifecycle (load → start → serve → reload → drain) and `validate`.
+//! - [`cli`]: the command line (kuma-dp flag names), clap types only.
+//! - [`config`]: the ZoneIngress file, the Dataplane inventory (and the XDP guard file's
+//!   checker), validated with every problem reported at once.
 //! - [`sni`]: Kuma's SNI formats (legacy tags, MeshService hash).
 //! - [`routing`]: SNI → cluster → endpoints, round robin.
 //! - [`client_hello`]: incremental ClientHello parser over peeked bytes.
-//! - [`server`]: listeners, the per-connection task (accept → … → handoff).
-//! - [`splice`]: the kernel splice and the userspace relay, with their close handling.
-//! - [`sys`]: socket options, and lock-free BPF map element access (`BpfMap`).
+//! - [`reject`]: why a connection is closed before a backend: label, log text, Envoy counter.
+//! - [`server`]: the shared state ([`server::Ingress`], [`server::Snapshot`]), listeners, the
+//!   per-connection task (accept → … → handoff), the metrics scrape.
+//! - [`flows`]: the registry of open flows: owns each connection until its close is logged,
+//!   behind `/connections` and the live byte counters.
+//! - [`splice`]: the contract every mode keeps ([`splice::Closed`], [`splice::CloseReport`]),
+//!   the sockmap splice and the userspace relay.
+//! - [`ebpf`]: the eBPF object, loaded once, shared by the splice and the XDP guard.
+//! - [`sys`]: socket options, `bpf(2)` map access ([`sys::BpfMap`]), epoll.
 //!
 //! # Operations
 //!
 //! ```text
 //!  signal (TERM/INT: drain, HUP: reload, USR2: drain listener) ─┐
-//!  reload (inotify + SIGHUP → validate → swap Snapshot, rebind) ─┼─► cli::run loop ─► server::Ingress
-//!  admin (hyper: /ready /stats /stats/prometheus /config_dump    ─┘        ▲
-//!         /connections /quitquitquit /drain_listeners) ── reads ─── metrics + flows + splice maps
+//!  reload (inotify + SIGHUP → settle → validate → swap Snapshot) ─┼─► app (serve loop) ─► server::Ingress
+//!  admin (hyper: /ready /stats /stats/prometheus /config_dump     ─┘          ▲
+//!         /connections /quitquitquit /drain_listeners) ── reads ──── server::Ingress::scrape
 //! ```
 //!
 //! - [`admin`]: the admin HTTP server (loopback by default).
 //! - [`metrics`]: counters and their Prometheus / Envoy `/stats` renderings (Envoy's names).
-//! - [`flows`]: the registry of open flows behind `/connections` and the live byte counters.
-//! - [`mapstat`]: BPF map occupancy for the metrics.
-//! - [`reload`]: file watching and validated, atomic configuration swaps.
+//! - [`reload`]: file watching (directories and their parents) and validated, atomic swaps.
 //! - [`signal`]: SIGTERM/SIGINT, SIGHUP, SIGUSR2.
 //! - [`xdp`]: the XDP guard in front of the listener (CIDR lists, SYN limit, early drops).
 pub mod admin;

@@ -40,7 +40,7 @@ use crate::{
 /// growing memory without limit.
 pub const SUBSET_CACHE_CAPACITY: usize = 4096;
 
-/// Why an SNI was not routed. Each variant is also a metric label ([`Reject::as_str`]).
+/// Why an SNI was not routed (its label: [`crate::reject::RejectReason`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Error)]
 pub enum Reject {
     /// No entry for this SNI: unknown mesh or service, no healthy inbound, unknown MeshService

@@ -2,9 +2,9 @@
 //! (`/stats/prometheus`) and Envoy's plain `name: value` listing (`/stats`).
 //!
 //! - this module: the counters (process-wide [`Metrics`], per-cluster [`ClusterStats`]);
-//! - [`families`]: the metric families of one scrape;
-//! - [`render`]: the Prometheus text and Envoy `/stats` renderings;
-//! - [`scrape`]: what a scrape reads from outside (flows, BPF maps, the XDP guard).
+//! - `families`: the metric families of one scrape;
+//! - `render`: the Prometheus text and Envoy `/stats` renderings;
+//! - `scrape`: what a scrape reads from outside (flows, BPF maps, the XDP guard).
 //!
 //! The connection path only touches atomics (no lock, no allocation per byte or per packet).
 //! Everything is turned into metric families at scrape time: state that lives elsewhere (the

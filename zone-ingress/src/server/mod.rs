@@ -6,9 +6,9 @@
 //!                                                └► splice::userspace ──► conn (relay ends)
 //! ```
 //!
-//! - [`listener`]: binding (`SO_REUSEPORT`) and the accept loops;
-//! - [`conn`]: one connection's task, from the peek to the handoff (or the relay's end);
-//! - [`stats`]: the metrics scrape, read from this state.
+//! - `listener`: binding (`SO_REUSEPORT`) and the accept loops;
+//! - `conn`: one connection's task, from the peek to the handoff (or the relay's end);
+//! - `stats`: the metrics scrape, read from this state.
 //!
 //! [`Ingress`] is the shared state: the current [`Snapshot`] (route table and per-cluster
 //! counters, swapped whole on reload so new connections follow the new table at once while
@@ -384,7 +384,7 @@ impl Ingress {
 }
 
 /// Processes the close reports of the kernel splice until the channel closes: each ends its
-/// flow ([`Ingress::close_flow`]).
+/// flow (`Ingress::close_flow`).
 pub async fn close_reports(ingress: Arc<Ingress>, mut reports: ReportReceiver) {
     while let Some(CloseReport { flow, closed }) = reports.recv().await {
         ingress.close_flow(flow, closed);

@@ -2,12 +2,12 @@
 //! attached, the pairing map, and the monitor threads that turn FIN/RST on one socket into
 //! FIN/RST on its peer and hold a direction whose peer falls behind.
 //!
-//! - [`handoff`]: hands a routed connection's two sockets to the kernel, in the order that
+//! - `handoff`: hands a routed connection's two sockets to the kernel, in the order that
 //!   keeps every byte on one path ([docs/design.md#handoff](../../../../docs/design.md#handoff));
-//! - [`monitor`]: the monitor threads: FIN → drain check → `SHUT_WR`, RST → RST, idle timeout,
+//! - `monitor`: the monitor threads: FIN → drain check → `SHUT_WR`, RST → RST, idle timeout,
 //!   memory guard, and the close report each connection ends with
 //!   ([docs/design.md#close](../../../../docs/design.md#close));
-//! - [`hold`]: backpressure: holding a direction and relaying what it kept
+//! - `hold`: backpressure: holding a direction and relaying what it kept
 //!   ([docs/design.md#backpressure](../../../../docs/design.md#backpressure)).
 //!
 //! After the handoff userspace never reads or writes either socket, except to relay a held
