@@ -569,6 +569,7 @@ fn config_dump(ctx: &Ctx) -> serde_json::Value {
                 "maxSpliced": l.max_spliced,
                 "drainStall": duration(l.drain_stall),
                 "keepalive": duration(l.keepalive),
+                "backendUserTimeout": l.backend_user_timeout.map(duration),
                 "userspaceBufferBytes": l.userspace_buffer,
                 "holdAtBytes": crate::splice::sockmap::HOLD_AT,
                 "monitorThreads": l.monitor_threads,
