@@ -34,6 +34,8 @@ fn backend_vanishing_while_client_sends(splice: &'static str) {
         &inventory,
         &["--splice", splice, "--plaintext-route", PLAIN_ROUTE, "--backend-user-timeout", &user_timeout],
     );
+    let dump = ops::get(&topo.ingress, ops::admin_addr(ADMIN_PORT), "/config_dump").json();
+    assert_eq!(dump["splice"]["limits"]["backendUserTimeout"], user_timeout.as_str(), "{dump:#}");
     let backend_addr = SocketAddr::new(Topology::dataplane_v4(1).into(), 8080);
     let (client_addr, outcome, after) = rt.block_on(async {
         let listener = topo.dataplanes[0].listen(backend_addr);
