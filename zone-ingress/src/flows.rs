@@ -23,7 +23,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    metrics::{ClusterStats, Metrics, UpstreamPermit},
+    metrics::{Metrics, UpstreamPermit},
     routing::Route,
     splice::{CloseReason, Closed, Path, userspace::Progress},
     sys,
@@ -48,8 +48,8 @@ pub struct Flow {
     pub progress: Arc<Progress>,
     /// Kernel flows: the sockets' cookies (client, backend), the keys of their BPF counters.
     pub cookies: Option<[u64; 2]>,
-    pub cluster: Arc<ClusterStats>,
-    /// The flow's slot under its cluster's cap, released when the flow leaves the registry.
+    /// The flow's slot under its cluster's cap (and so its cluster's counters), released when the
+    /// flow leaves the registry.
     pub permit: UpstreamPermit,
 }
 
@@ -173,7 +173,7 @@ impl Flows {
     pub fn close(&self, id: u64, closed: &Closed, metrics: &Metrics) -> Option<Flow> {
         let mut inner = self.lock();
         let flow = inner.open.remove(&id)?;
-        let c = &flow.cluster;
+        let c = flow.permit.cluster();
         c.closed_client_to_backend.fetch_add(closed.client_to_backend, Ordering::Relaxed);
         c.closed_backend_to_client.fetch_add(closed.backend_to_client, Ordering::Relaxed);
         c.upstream_cx_destroy.fetch_add(1, Ordering::Relaxed);
@@ -205,7 +205,7 @@ impl Flows {
             .lock()
             .open
             .iter()
-            .map(|(id, f)| (*id, f.mode, Arc::clone(&f.progress), f.cookies, f.cluster.name.clone()))
+            .map(|(id, f)| (*id, f.mode, Arc::clone(&f.progress), f.cookies, f.permit.cluster().name.clone()))
             .collect();
         let live: Vec<(u64, Path, String, u64, u64)> = open
             .into_iter()
@@ -310,7 +310,6 @@ mod tests {
             client: "198.18.0.1:40000".parse().expect("addr"),
             sni: route.sni.clone(),
             endpoint: route.endpoints[0],
-            cluster: Arc::clone(&clusters[&route.cluster.name]),
             permit: clusters[&route.cluster.name].try_acquire(usize::MAX).expect("no cap"),
             route,
             mode: Path::Kernel,
@@ -348,7 +347,7 @@ mod tests {
         let flows = Flows::default();
         let f = flow(&m);
         let progress = Arc::clone(&f.progress);
-        let cluster = Arc::clone(&f.cluster);
+        let cluster = Arc::clone(f.permit.cluster());
         let id = flows.open(f);
         progress.client_to_backend.store(100, Ordering::Relaxed);
         let live = flows.live_totals(&|_| None, |t| t.by_cluster["default:backend"]);

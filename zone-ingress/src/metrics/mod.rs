@@ -174,6 +174,14 @@ impl ClusterStats {
 #[derive(Debug)]
 pub struct UpstreamPermit(Arc<ClusterStats>);
 
+impl UpstreamPermit {
+    /// The cluster this connection counts against.
+    #[must_use]
+    pub fn cluster(&self) -> &Arc<ClusterStats> {
+        &self.0
+    }
+}
+
 impl Drop for UpstreamPermit {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::AcqRel);

@@ -177,7 +177,6 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
         started_ns: sys::monotonic_ns().saturating_sub(u64::try_from(accepted_at.elapsed().as_nanos()).unwrap_or(0)),
         progress: Arc::clone(&progress),
         cookies,
-        cluster: stats,
         permit,
     });
     let (client, backend) = match &ingress.kernel {
