@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Diagnostic, Sources, load_inputs},
+    config::{self, Diagnostic, Sources, load_inputs},
     server::{self, ConfigStatus, Ingress, Snapshot, unix},
 };
 
@@ -303,13 +303,8 @@ impl Fingerprint {
         let mut files = vec![sources.dataplane_file.clone()];
         let mut empty_dir = false;
         if sources.dataplanes.is_dir() {
-            if let Ok(entries) = std::fs::read_dir(&sources.dataplanes) {
-                let mut yaml: Vec<PathBuf> = entries
-                    .filter_map(Result::ok)
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-                    .collect();
-                yaml.sort();
+            // The files the loader reads (an unreadable directory: the load reports it).
+            if let Ok(yaml) = config::yaml_files(&sources.dataplanes) {
                 empty_dir = yaml.is_empty();
                 files.extend(yaml);
             }

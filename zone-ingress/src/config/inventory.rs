@@ -162,7 +162,9 @@ struct Found {
     pos: Option<(usize, usize)>,
 }
 
-fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
+/// The inventory files of directory `dir`: its YAML files (not hidden, symlinks followed), in
+/// name order. Also what a reload watches for changes.
+pub(crate) fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
     let entries =
         fs::read_dir(dir).map_err(|e| whole_file(dir, Severity::Error, format!("cannot read directory: {e}")))?;
     let mut files = Vec::new();

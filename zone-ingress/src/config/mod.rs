@@ -39,6 +39,7 @@ mod zone_ingress;
 
 pub(crate) use diagnostic::finish;
 pub use diagnostic::{ConfigError, Diagnostic, Loaded, Severity};
+pub(crate) use inventory::yaml_files;
 pub use inventory::{Dataplane, Inbound, InboundState, Inventory, ZONE_TAG, load_inventory, parse_inventory};
 pub use zone_ingress::{DEFAULT_ADMIN_PORT, ZoneIngress, load_zone_ingress, parse_zone_ingress};
 
