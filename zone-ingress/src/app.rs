@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 use crate::{
     admin,
     cli::{RunArgs, ValidateArgs},
-    config::{self, Diagnostic, Inputs, Sources},
+    config::{self, Diagnostic, Inputs, Sources, ZoneIngress},
     ebpf,
     metrics::Metrics,
     reload::{self, Reloader},
@@ -135,20 +135,25 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let (reports_tx, reports_rx) = splice::report_channel();
     let kernel = start_splice(args.splice, object.clone(), &limits, reports_tx)?;
     raise_fd_limit();
-    let xdp_guard = match guard_plan {
+    let guard = match guard_plan {
         Some(plan) => {
             xdp::start(plan, object.unwrap_or_else(|| Err(Arc::new(ebpf::Error::NoObject))), listen)?.map(Arc::new)
         }
         None => None,
     };
+    let Inputs { zone_ingress: zi, inventory, .. } = inputs;
+    let metrics = Arc::new(Metrics::default());
+    let snapshot = Snapshot::build(&metrics, Some(zi.clone()), inventory, &sources.zone);
+    info!(routes = snapshot.table.entries().count(), "routing table built");
     if let Some(sni) = &args.plaintext_route
-        && RouteTable::build(&inputs.inventory, &sources.zone).lookup(sni).is_err()
+        && snapshot.table.lookup(sni).is_err()
     {
         bail!("--plaintext-route {sni:?} does not match any route of the inventory");
     }
+    let kernel = KernelSide { splice: kernel, reports: reports_rx, guard };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let mut app = App::start(args, sources, inputs, limits, kernel, reports_rx, xdp_guard)?;
+        let mut app = App::start(args, sources, &zi, metrics, snapshot, limits, kernel)?;
         let drain_time = app.serve().await;
         app.drain(drain_time).await;
         anyhow::Ok(())
@@ -208,6 +213,14 @@ fn start_splice(
     })
 }
 
+/// What the kernel side started before the runtime: the splice (with the receiver of its close
+/// reports) and the XDP guard.
+struct KernelSide {
+    splice: Option<KernelSplice>,
+    reports: ReportReceiver,
+    guard: Option<Arc<xdp::Guard>>,
+}
+
 /// A started daemon, inside the runtime.
 struct App {
     args: RunArgs,
@@ -226,14 +239,13 @@ impl App {
     fn start(
         args: RunArgs,
         sources: Sources,
-        inputs: Inputs,
+        zi: &ZoneIngress,
+        metrics: Arc<Metrics>,
+        snapshot: Snapshot,
         limits: Limits,
-        kernel: Option<KernelSplice>,
-        reports: ReportReceiver,
-        xdp_guard: Option<Arc<xdp::Guard>>,
+        kernel: KernelSide,
     ) -> anyhow::Result<Self> {
         let signals = Signals::new().context("installing signal handlers")?;
-        let Inputs { zone_ingress: zi, inventory, .. } = inputs;
         let listen = zi.listen_addr();
         let n = args.listeners.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
         // Our listeners share their port with SO_REUSEPORT, which would also let a second
@@ -253,11 +265,8 @@ impl App {
             limits,
             ..Options::default()
         };
-        let admin_port = zi.admin_port;
-        let metrics = Arc::new(Metrics::default());
-        let snapshot = Snapshot::build(&metrics, Some(zi), inventory, &sources.zone);
-        info!(routes = snapshot.table.entries().count(), "routing table built");
-        let ingress = Ingress::with_snapshot(options, metrics, snapshot, kernel);
+        let KernelSide { splice, reports, guard: xdp_guard } = kernel;
+        let ingress = Ingress::with_snapshot(options, metrics, snapshot, splice);
         tokio::spawn(server::close_reports(Arc::clone(&ingress), reports));
         ingress.start_listeners(listeners);
         let (commands_tx, commands_rx) = mpsc::channel(4);
@@ -268,7 +277,7 @@ impl App {
             listeners: n,
             xdp: xdp_guard.clone(),
         };
-        let admin_addr = SocketAddr::new(args.admin_address, admin_port);
+        let admin_addr = SocketAddr::new(args.admin_address, zi.admin_port);
         let admin = start_admin(&ingress, admin_addr, &commands_tx, &info);
         info!(%listen, listeners = n, admin = %admin_addr, "ready");
         let reloader = Reloader { sources, listeners: n };
