@@ -56,11 +56,14 @@ fn cargo_home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
 }
 
+/// `cargo_home()/bin/<name>` is there and says it is `version`.
+fn installed(name: &str, version: &str) -> bool {
+    let bin = cargo_home().join("bin").join(name);
+    output(Command::new(bin).arg("--version")).is_ok_and(|v| v.contains(version))
+}
+
 fn bpf_linker() -> anyhow::Result<()> {
-    let bin = cargo_home().join("bin").join("bpf-linker");
-    if let Ok(v) = output(Command::new(&bin).arg("--version"))
-        && v.contains(BPF_LINKER_VERSION)
-    {
+    if installed("bpf-linker", BPF_LINKER_VERSION) {
         return Ok(());
     }
     // The LLVM bpf-linker links against must be the nightly's own (its major must match what
@@ -107,10 +110,7 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 fn cargo_deny() -> anyhow::Result<()> {
-    let bin = cargo_home().join("bin").join("cargo-deny");
-    if let Ok(v) = output(Command::new(&bin).arg("--version"))
-        && v.contains(CARGO_DENY_VERSION)
-    {
+    if installed("cargo-deny", CARGO_DENY_VERSION) {
         return Ok(());
     }
     eprintln!("setup: building cargo-deny {CARGO_DENY_VERSION} (about 3 min)");

@@ -253,12 +253,6 @@ impl Metrics {
         self.spliced[mode_index(path)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Connections handed to `path` so far.
-    #[must_use]
-    pub fn spliced_count(&self, path: Path) -> u64 {
-        self.spliced[mode_index(path)].load(Ordering::Relaxed)
-    }
-
     /// Counts a closed flow. Call with the flow registry's lock held (see
     /// [`crate::flows::Flows::close`]) so that live and closed bytes never overlap in a scrape.
     pub fn flow_closed(&self, path: Path, reason: CloseReason, client_to_backend: u64, backend_to_client: u64) {

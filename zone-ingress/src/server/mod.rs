@@ -230,11 +230,6 @@ impl Ingress {
         self.snapshot.load_full()
     }
 
-    /// The current route table.
-    pub fn table(&self) -> Arc<RouteTable> {
-        Arc::clone(&self.snapshot.load().table)
-    }
-
     /// Installs a new configuration atomically: connections accepted from now on route with
     /// it; established flows are not touched. Returns its version.
     pub fn install(&self, mut snapshot: Snapshot) -> u64 {
