@@ -170,6 +170,15 @@ fn start_system(guard: &mut Guard, ctx: &Ctx, system: System, phase: Phase) -> a
     Ok(pids)
 }
 
+/// The last lines of `system`'s log, for an error report (CI shows nothing else of it).
+fn log_tail(ctx: &Ctx, system: System) -> String {
+    let log = ctx.dir.join(format!("{}.log", system.key()));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(12)..].join("\n");
+    format!("{} (last lines of {}):\n{tail}", system.name(), log.display())
+}
+
 /// The daemon's command line for `system` (one of the zone-ingress modes) in `phase`.
 fn zi_args(ctx: &Ctx, system: System, phase: Phase) -> Vec<String> {
     let mode = if system == System::ZiKernel { "kernel" } else { "userspace" };
@@ -644,7 +653,8 @@ pub(crate) fn bench(opts: &Options) -> anyhow::Result<()> {
             let pids = start_system(&mut guard, &ctx, system, Phase::Iperf)?;
             for (name, streams, rev) in bulk {
                 guard.check()?;
-                samples.entry((system, name)).or_default().push(iperf(system, &pids, streams, rev, opts)?);
+                let sample = iperf(system, &pids, streams, rev, opts).map_err(|e| e.context(log_tail(&ctx, system)))?;
+                samples.entry((system, name)).or_default().push(sample);
             }
             pids.iter().for_each(|p| stop(&mut guard, *p));
             let pids = start_system(&mut guard, &ctx, system, Phase::Sockperf)?;
