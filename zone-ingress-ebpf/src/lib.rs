@@ -20,7 +20,9 @@
 /// slow reader's. Userspace waits until the peer's queue is empty, then relays the held bytes
 /// with `recv`/`send` (bounded by the receive buffer) and releases the hold; the verdict goes
 /// back to redirecting only once every held byte was relayed (`Pair::held == Hold::relayed`),
-/// so the byte order on the wire never changes.
+/// so the byte order on the wire never changes. The verdict also holds by itself once a socket
+/// has redirected everything userspace granted (`Hold::grant`, `REDIRECT_WINDOW` ahead of the
+/// peer's TCP), so the queue toward a peer stays bounded without the daemon.
 pub mod splice {
     /// SOCKHASH of every spliced socket, keyed by the socket's own cookie (no program).
     pub const SOCKS: &str = "SOCKS";
@@ -36,6 +38,11 @@ pub mod splice {
     pub const HOLD: &str = "HOLD";
     /// Bytes between two `EVENTS` reports of one socket.
     pub const REPORT_EVERY: u64 = 1 << 20;
+    /// Redirect window of a socket without a `HOLD` entry: the verdict redirects at most this
+    /// many bytes before userspace has granted more (`Hold::grant`). Beyond it, the verdict holds
+    /// the direction by itself, so what waits toward a slow peer stays bounded even while the
+    /// daemon cannot run (paused, starved).
+    pub const REDIRECT_WINDOW: u64 = 4 << 20;
     /// Size of `EVENTS` in bytes (a power of two, a multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 18;
     /// Per-CPU array of global counters, indexed by the `STAT_*` constants.
@@ -56,8 +63,10 @@ pub mod splice {
     pub const STAT_REDIRECTED: u32 = 3;
     /// Skbs kept on their own socket because the direction was held (backpressure).
     pub const STAT_HELD: u32 = 4;
+    /// Directions the verdict held by itself: an skb would have passed the socket's grant.
+    pub const STAT_OVER_GRANT: u32 = 5;
     /// Number of `STAT_*` slots.
-    pub const STAT_COUNT: u32 = 5;
+    pub const STAT_COUNT: u32 = 6;
 
     /// One spliced socket's view: who its peer is and what the verdict forwarded from it.
     ///
@@ -88,8 +97,9 @@ pub mod splice {
     // SAFETY: `Pair` is `repr(C)`, `Copy`, seven `u64`s: no padding, every bit pattern valid.
     unsafe impl aya::Pod for Pair {}
 
-    /// A hold request for one socket's direction, written only by userspace (the verdict only
-    /// reads it), so neither side ever overwrites the other's fields.
+    /// A hold request and the redirect grant of one socket's direction, written only by
+    /// userspace (the verdict only reads it), so neither side ever overwrites the other's fields.
+    /// No entry reads as `{want: 0, relayed: 0, grant: REDIRECT_WINDOW}`.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct Hold {
@@ -97,10 +107,14 @@ pub mod splice {
         pub want: u64,
         /// Held bytes that userspace has read from this socket and written to the peer.
         pub relayed: u64,
+        /// The verdict redirects an skb only while `Pair::bytes` stays within this value; the
+        /// skb that would pass it is held instead (and reported once on `EVENTS`). Userspace
+        /// moves it to `REDIRECT_WINDOW` beyond what has reached the peer's TCP.
+        pub grant: u64,
     }
 
     #[cfg(feature = "user")]
-    // SAFETY: `Hold` is `repr(C)`, `Copy`, two `u64`s: no padding, every bit pattern valid.
+    // SAFETY: `Hold` is `repr(C)`, `Copy`, three `u64`s: no padding, every bit pattern valid.
     unsafe impl aya::Pod for Hold {}
 }
 

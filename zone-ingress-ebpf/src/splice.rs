@@ -8,9 +8,12 @@
 //!
 //! A direction that userspace holds (`HOLD`, backpressure; see the crate docs) is passed to the
 //! receiving socket itself instead (`SK_PASS`, no redirect): the bytes wait there, charged to its
-//! receive buffer, until userspace relays them. The verdict of one socket never runs twice at
-//! once (it runs under the socket's lock), so the switch back to redirecting, taken here when
-//! every held byte has been relayed, cannot overtake a held byte.
+//! receive buffer, until userspace relays them. The verdict holds a direction by itself, and
+//! reports it once on `EVENTS`, when an skb would take the socket's redirected bytes past the
+//! grant userspace gave it (`Hold::grant`, `REDIRECT_WINDOW` without an entry): the queue toward
+//! the peer is bounded even when userspace does not run. The verdict of one socket never runs
+//! twice at once (it runs under the socket's lock), so the switch back to redirecting, taken here
+//! when every held byte has been relayed and the grant allows, cannot overtake a held byte.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -21,8 +24,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use zone_ingress_ebpf::splice::{
-    EVENTS_BYTES, Hold, MAX_SOCKETS, Pair, REPORT_EVERY, STAT_COUNT, STAT_EMPTY, STAT_HELD, STAT_NO_PAIR,
-    STAT_PEER_MISSING, STAT_REDIRECTED,
+    EVENTS_BYTES, Hold, MAX_SOCKETS, Pair, REDIRECT_WINDOW, REPORT_EVERY, STAT_COUNT, STAT_EMPTY, STAT_HELD,
+    STAT_NO_PAIR, STAT_OVER_GRANT, STAT_PEER_MISSING, STAT_REDIRECTED,
 };
 
 #[map(name = "SOCKS")]
@@ -84,13 +87,21 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
         let hold = HOLD.get(cookie);
         let want = hold.is_some_and(|h| h.want != 0);
         let relayed = hold.map_or(0, |h| h.relayed);
+        let grant = hold.map_or(REDIRECT_WINDOW, |h| h.grant);
+        let over = (*pair).bytes + u64::from(len) > grant;
         let keep = if (*pair).holding != 0 {
             // Back to redirecting only when nothing held is still waiting on this socket.
-            want || relayed != (*pair).held
+            want || over || relayed != (*pair).held
         } else {
-            want
+            want || over
         };
         if keep {
+            if (*pair).holding == 0 && !want {
+                // Held by the grant alone: userspace does not know yet. Best effort, like every
+                // report: its once-a-second sample finds a hold the ring could not deliver.
+                count(STAT_OVER_GRANT);
+                let _ = EVENTS.output::<u64>(&cookie, 0);
+            }
             (*pair).holding = 1;
             (*pair).held += u64::from(len);
             (*pair).last_active_ns = bpf_ktime_get_ns();

@@ -368,6 +368,12 @@ impl Metrics {
                 k.holds as f64,
             );
             f.counter(
+                "zone_ingress_splice_grant_holds_total",
+                "Times the verdict held a kernel-spliced direction by itself: its redirect grant ran out.",
+                &[],
+                k.grant_holds as f64,
+            );
+            f.counter(
                 "zone_ingress_splice_relayed_bytes_total",
                 "Bytes of held directions relayed by the daemon.",
                 &[],

@@ -56,6 +56,7 @@ pub struct KernelSample {
     pub peer_missing_aborts: u64,
     pub drain_stalls: u64,
     pub holds: u64,
+    pub grant_holds: u64,
     pub relayed_bytes: u64,
     pub verdicts: Vec<(&'static str, u64)>,
     pub maps: Vec<MapSample>,

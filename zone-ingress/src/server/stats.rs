@@ -58,6 +58,7 @@ impl Ingress {
                 peer_missing_aborts: load(&st.peer_missing_aborts),
                 drain_stalls: load(&st.drain_stalls),
                 holds: load(&st.holds),
+                grant_holds: at(abi::STAT_OVER_GRANT),
                 relayed_bytes: load(&st.relayed_bytes),
                 verdicts: vec![
                     ("held", at(abi::STAT_HELD)),

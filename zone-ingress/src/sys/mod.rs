@@ -129,6 +129,17 @@ pub fn poke_write_space(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &(v / 2).max(1))
 }
 
+/// Whether `fd` has room to write now (`poll` with `POLLOUT`, no wait). A TCP socket found full
+/// is marked so that its next freed space wakes `EPOLLOUT` waiters.
+pub fn writable(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+    // SAFETY: one valid pollfd, no wait.
+    if unsafe { libc::poll(&raw mut p, 1, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.revents & libc::POLLOUT != 0)
+}
+
 /// `SO_LINGER {on, 0}`: the next close sends RST instead of FIN.
 pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
     let l = libc::linger { l_onoff: 1, l_linger: 0 };

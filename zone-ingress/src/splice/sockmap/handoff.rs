@@ -17,7 +17,7 @@ use std::{
 };
 
 use tracing::warn;
-use zone_ingress_ebpf::splice::Pair;
+use zone_ingress_ebpf::splice::{Pair, REDIRECT_WINDOW};
 
 use super::{BACKEND, CLIENT, HandoffError, KernelSplice, Rejected, monitor::Spliced};
 use crate::{
@@ -127,6 +127,7 @@ impl KernelSplice {
             relay: [None, None],
             relayed: [0; 2],
             hold_entry: [false; 2],
+            grant: [REDIRECT_WINDOW; 2],
             last_kick: [None; 2],
             over_cap_since: None,
             flow,

@@ -16,8 +16,14 @@
 //! passes the monitor sets the hold down; the verdict keeps holding until an skb finds every
 //! held byte relayed, and redirects from that skb on.
 //!
-//! Order is kept because the relay writes only after the queued redirects reached the peer, and
-//! the verdict redirects again only after the relay wrote every held byte. The memory guard
+//! Order is kept because the relay writes only after the queued redirects reached the peer (a
+//! look taken while the verdict holds, and taken again if the verdict has redirected since), and
+//! the verdict redirects again only after the relay wrote every held byte. A held direction whose
+//! peer's send buffer is full is parked on the peer's `EPOLLOUT` instead of being polled.
+//!
+//! The verdict also bounds a direction without the daemon: it redirects at most the grant
+//! (`Hold::grant`, `REDIRECT_WINDOW` ahead of the peer's TCP), which [`Shared::check_direction`]
+//! moves forward on each report, and holds by itself beyond it. The memory guard
 //! (`--max-in-flight-bytes`) remains as the last resort: a backlog above it aborts the
 //! connection (RST both ways).
 
@@ -29,7 +35,7 @@ use std::{
 };
 
 use tracing::{debug, warn};
-use zone_ingress_ebpf::splice::{Hold, Pair};
+use zone_ingress_ebpf::splice::{Hold, Pair, REDIRECT_WINDOW};
 
 use super::{
     BACKEND, CLIENT, Maps, Shared,
@@ -54,6 +60,16 @@ const RELAY_QUIET: Duration = Duration::from_millis(5);
 const LIGHT_PASS: u64 = 64 << 10;
 /// Bytes one held direction may relay per monitor pass (keeps one pass short).
 const RELAY_BUDGET: u64 = 4 << 20;
+
+/// Where one relay pass left a held direction.
+enum Step {
+    /// The direction is no longer held: the verdict redirects its next skb.
+    Done,
+    /// More to do at the next pass.
+    More,
+    /// Nothing can move until the peer's send buffer has room.
+    Blocked,
+}
 
 /// Why relaying a held direction failed: which socket, or our own bookkeeping.
 enum RelayError {
@@ -84,8 +100,19 @@ pub(super) struct Relay {
     armed: bool,
     /// The source reached EOF: nothing more to read.
     eof: bool,
+    /// Waiting for room in the peer (its send buffer was full): out of the monitor's passes
+    /// until the peer's `EPOLLOUT` (or the once-a-second sample), so a peer that does not read
+    /// costs nothing.
+    pub(super) parked: bool,
     /// Since when every held byte has been relayed (see `relay_side`).
     settled_since: Option<Instant>,
+    /// The relay may write: a look found the verdict holding and nothing it redirected still
+    /// waiting toward the peer, and the verdict has redirected nothing since (`frozen`).
+    verified: bool,
+    /// `Pair::bytes` when the relay was verified. Once it moves, the verdict has redirected
+    /// again after the relay caught up, so bytes it holds from then on (its grant ran out) may
+    /// only go out after those redirects: the relay needs a new look first.
+    frozen: u64,
 }
 
 impl Relay {
@@ -99,7 +126,10 @@ impl Relay {
             quiet_since: None,
             armed: false,
             eof: false,
+            parked: false,
             settled_since: None,
+            verified: false,
+            frozen: 0,
         }
     }
 }
@@ -117,19 +147,20 @@ impl Shared {
     }
 
     /// Writes the `HOLD` entry of the socket with `cookie` (the only writer of that map).
-    fn set_hold(&self, cookie: u64, want: bool, relayed: u64) -> io::Result<()> {
-        let hold = Hold { want: u64::from(want), relayed };
+    fn set_hold(&self, cookie: u64, want: bool, relayed: u64, grant: u64) -> io::Result<()> {
+        let hold = Hold { want: u64::from(want), relayed, grant };
         self.maps.hold.insert(&cookie, &hold)
     }
 
-    /// Backpressure and memory guard for direction `side` of `token` (module docs): called
-    /// after the verdict reported another `REPORT_EVERY` bytes.
+    /// Backpressure, redirect grant and memory guard for direction `side` of `token` (module
+    /// docs): called after the verdict reported another `REPORT_EVERY` bytes or held the
+    /// direction by itself, and from the once-a-second sample.
     pub(super) fn check_direction(&self, state: &mut State, token: u64, side: usize) {
         let Some(conn) = state.conns.get_mut(&token) else { return };
         if conn.shut[side] || conn.relay[side].is_some() {
             return;
         }
-        let Ok((backlog, _)) = self.backlog(conn, side) else { return };
+        let Ok((backlog, pair)) = self.backlog(conn, side) else { return };
         if backlog > self.limits.max_in_flight {
             self.stats.memory_guard_aborts.fetch_add(1, Ordering::Relaxed);
             warn!(
@@ -142,8 +173,8 @@ impl Shared {
             self.abort(state, token, side, CloseReason::MemoryGuard);
             return;
         }
-        if backlog > HOLD_AT {
-            if let Err(e) = self.set_hold(conn.cookies[side], true, conn.relayed[side]) {
+        if backlog > HOLD_AT || pair.holding != 0 {
+            if let Err(e) = self.set_hold(conn.cookies[side], true, conn.relayed[side], conn.grant[side]) {
                 warn!(token, side, error = %e, "could not hold a direction (HOLD map update)");
                 return;
             }
@@ -151,8 +182,36 @@ impl Shared {
             conn.hold_entry[side] = true;
             state.held.insert(token);
             self.stats.holds.fetch_add(1, Ordering::Relaxed);
-            debug!(token, side, backlog, "direction held: bytes stay on the socket until the peer's queue drains");
+            let by = if backlog > HOLD_AT { "backlog" } else { "verdict (redirect grant used up)" };
+            debug!(token, side, backlog, by, "direction held: bytes stay on the socket until the peer's queue drains");
+            return;
         }
+        // Let the verdict redirect up to `REDIRECT_WINDOW` beyond what reached the peer's TCP.
+        let grant = pair.bytes.saturating_sub(backlog) + REDIRECT_WINDOW;
+        if grant > conn.grant[side] {
+            if let Err(e) = self.set_hold(conn.cookies[side], false, conn.relayed[side], grant) {
+                // The verdict holds by itself at the old grant: slower, never unbounded.
+                debug!(token, side, error = %e, "could not extend a redirect grant (HOLD map update)");
+                return;
+            }
+            conn.grant[side] = grant;
+            conn.hold_entry[side] = true;
+        }
+    }
+
+    /// Wakes the held direction toward `side` of `token` parked on that side's send buffer:
+    /// `side` reported `EPOLLOUT` (or the once-a-second sample looks again).
+    pub(super) fn unpark(&self, me: &Monitor, state: &mut State, token: u64, side: usize) {
+        let Some(conn) = state.conns.get_mut(&token) else { return };
+        let Some(relay) = conn.relay[1 - side].as_mut() else { return };
+        if !relay.parked {
+            return;
+        }
+        relay.parked = false;
+        if let Err(e) = rearm(me, conn, token, side) {
+            debug!(token, side, error = %e, "epoll_ctl(MOD) of a spliced socket failed");
+        }
+        state.held.insert(token);
     }
 
     /// One pass over the held directions of `token`: once the peer's psock queue is empty,
@@ -162,40 +221,46 @@ impl Shared {
             state.held.remove(&token);
             return;
         };
+        let mut ended = Vec::new();
         for side in [CLIENT, BACKEND] {
-            if conn.relay[side].is_none() {
+            if conn.relay[side].as_ref().is_none_or(|r| r.parked) {
                 continue;
             }
             let result = self.relay_side(conn, side);
-            if let (Ok(done), Some(relay)) = (&result, conn.relay[side].as_mut()) {
+            if let (Ok(step), Some(relay)) = (&result, conn.relay[side].as_mut()) {
                 // EPOLLIN only while a kept relay's passes are light: a saturating flow is served
                 // by the passes, without a wake-up per arriving batch.
-                let want = !done && relay.keep && relay.quiet_since.is_some();
+                let want = matches!(step, Step::More) && relay.keep && relay.quiet_since.is_some();
                 if want != relay.armed {
-                    let events = if want {
-                        libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET
-                    } else {
-                        libc::EPOLLRDHUP | libc::EPOLLET
-                    };
-                    match epoll::modify(
-                        me.epoll.as_fd(),
-                        conn.fds[side].as_raw_fd(),
-                        events as u32,
-                        token << 1 | side as u64,
-                    ) {
-                        Ok(()) => relay.armed = want,
-                        Err(e) => {
-                            debug!(token, side, error = %e, "epoll_ctl(MOD) of a relayed socket failed; the 200 µs passes still run")
-                        }
+                    relay.armed = want;
+                    if let Err(e) = rearm(me, conn, token, side) {
+                        debug!(token, side, error = %e, "epoll_ctl(MOD) of a relayed socket failed; the 200 µs passes still run");
                     }
                 }
             }
             match result {
-                Ok(true) => {
+                Ok(Step::Done) => {
                     conn.relay[side] = None;
+                    ended.push(side);
                     debug!(token, side, relayed = conn.relayed[side], "hold released: the verdict redirects again");
                 }
-                Ok(false) => {}
+                Ok(Step::More) => {}
+                Ok(Step::Blocked) => {
+                    // Out of the passes until the peer has room: its EPOLLOUT brings it back.
+                    // Registering for it re-checks the peer, so room that appeared meanwhile
+                    // still wakes the monitor at once.
+                    if let Some(relay) = conn.relay[side].as_mut() {
+                        relay.parked = true;
+                        relay.armed = false;
+                    }
+                    let armed = rearm(me, conn, token, 1 - side).and_then(|()| rearm(me, conn, token, side));
+                    if let Err(e) = armed {
+                        debug!(token, side, error = %e, "epoll_ctl(MOD) of a spliced socket failed; polling instead");
+                        if let Some(relay) = conn.relay[side].as_mut() {
+                            relay.parked = false;
+                        }
+                    }
+                }
                 Err(e) => {
                     let (failed, e) = match e {
                         RelayError::Source(e) => (Some(side), e),
@@ -213,48 +278,73 @@ impl Shared {
                 }
             }
         }
-        if conn.relay.iter().all(Option::is_none) {
+        if conn.relay.iter().all(|r| r.as_ref().is_none_or(|r| r.parked)) {
             state.held.remove(&token);
+        }
+        // The verdict may have held anew after the relay's last look (its grant ran out), and its
+        // report came while the relay still ran: look once more now that none does.
+        for side in ended {
+            self.check_direction(state, token, side);
         }
     }
 
-    /// Relays one held direction as far as it can without blocking. `Ok(true)`: the direction
-    /// is no longer held (the verdict redirects its next skb).
-    fn relay_side(&self, conn: &mut Spliced, side: usize) -> Result<bool, RelayError> {
-        // Only the wait for the peer's queue needs the backlog (three system calls per pass).
-        let waiting = conn.relay[side].as_ref().is_some_and(|r| r.want);
+    /// Relays one held direction as far as it can without blocking.
+    fn relay_side(&self, conn: &mut Spliced, side: usize) -> Result<Step, RelayError> {
+        // Only the look before writing needs the backlog (three system calls per pass).
+        let verified = conn.relay[side].as_ref().is_none_or(|r| r.verified);
         let (backlog, pair) =
-            if waiting { self.backlog(conn, side).map_err(RelayError::Internal)? } else { (0, Pair::default()) };
+            if verified { (0, Pair::default()) } else { self.backlog(conn, side).map_err(RelayError::Internal)? };
         let cookie = conn.cookies[side];
-        let publish = |relayed: u64| self.set_hold(cookie, false, relayed).map_err(RelayError::Internal);
+        let publish =
+            |relayed: u64, grant: u64| self.set_hold(cookie, false, relayed, grant).map_err(RelayError::Internal);
         let (src, dst) = (conn.fds[side].as_fd(), conn.fds[1 - side].as_fd());
-        let Some(relay) = conn.relay[side].as_mut() else { return Ok(true) };
+        let Some(relay) = conn.relay[side].as_mut() else { return Ok(Step::Done) };
         let relayed = &mut conn.relayed[side];
-        if relay.want {
-            if pair.holding == 0 && backlog == 0 {
+        let grant = &mut conn.grant[side];
+        if !relay.verified {
+            if backlog == 0 {
+                // The peer's queue is empty: grant a full window beyond what the verdict
+                // redirected so far, published with the release.
+                *grant = (*grant).max(pair.bytes + REDIRECT_WINDOW);
+            }
+            if relay.want && pair.holding == 0 && backlog == 0 {
                 // The queue drained before the verdict held anything: cancel. If a verdict run
-                // holds an skb meanwhile, `held != relayed` keeps it holding and we relay it.
+                // holds an skb meanwhile, `held != relayed` keeps it holding, and a later look
+                // finds it.
                 relay.want = false;
-                publish(*relayed)?;
+                publish(*relayed, *grant)?;
             }
-            // `holding` was set by a verdict run that finished after every earlier redirect of
-            // this socket (runs are serialized), so `backlog` counts all of them: relay only once
-            // they are all in the peer's TCP, or our bytes would overtake theirs.
-            if pair.holding == 0 || backlog != 0 {
-                return Ok(false);
+            if pair.holding == 0 && !relay.want {
+                // Cancelled, and the verdict holds nothing: done once that is settled (below).
+            } else if pair.holding == 0 || backlog != 0 {
+                // `holding` was set by a verdict run that finished after every earlier redirect
+                // of this socket (runs are serialized), and the verdict cannot redirect again
+                // before the relay writes (`want`, or held bytes not yet relayed), so `backlog`
+                // counts every redirect: write only once they are all in the peer's TCP, or our
+                // bytes would overtake theirs. A peer without room sends nothing from its queue
+                // either: wait for its EPOLLOUT.
+                let full = backlog != 0 && !sys::writable(dst).map_err(RelayError::Dest)?;
+                return Ok(if full { Step::Blocked } else { Step::More });
+            } else {
+                relay.verified = true;
+                relay.frozen = pair.bytes;
+                if relay.want {
+                    // The hold did its job (the peer's queue is empty): relay from here on. The
+                    // hold stays requested while bytes keep coming, so a saturating flow is
+                    // carried by the relay alone instead of returning to the psock worker, which
+                    // sends slower than the receive path fills its queue (each return cost
+                    // another hold cycle); it is set down once the passes have been light for a
+                    // while (below).
+                    relay.want = false;
+                    relay.keep = true;
+                    relay.quiet_since = None;
+                }
             }
-            // The hold did its job (the peer's queue is empty): relay from here on. The hold stays
-            // requested while bytes keep coming, so a saturating flow is carried by the relay alone
-            // instead of returning to the psock worker, which sends slower than the receive path
-            // fills its queue (each return cost another hold cycle); it is set down once the
-            // passes have been light for a while (below).
-            relay.want = false;
-            relay.keep = true;
-            relay.quiet_since = None;
         }
         let mut moved = 0u64;
         let mut caught_up = false;
-        while moved < RELAY_BUDGET {
+        let mut blocked = false;
+        while relay.verified && moved < RELAY_BUDGET {
             if relay.start < relay.end {
                 match sys::send_nonblocking(dst, &relay.buf[relay.start..relay.end]) {
                     Ok(n) => {
@@ -263,10 +353,13 @@ impl Shared {
                         *relayed += n as u64;
                         if relay.start == relay.end && !relay.keep {
                             // Tell the verdict at once, so it can resume as early as possible.
-                            publish(*relayed)?;
+                            publish(*relayed, *grant)?;
                         }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        blocked = true;
+                        break;
+                    }
                     Err(e) => return Err(RelayError::Dest(e)),
                 }
                 continue;
@@ -280,7 +373,18 @@ impl Shared {
             }
             match sys::recv_nonblocking(src, &mut relay.buf) {
                 Ok(0) => relay.eof = true,
-                Ok(n) => (relay.start, relay.end) = (0, n),
+                Ok(n) => {
+                    (relay.start, relay.end) = (0, n);
+                    if !relay.keep && pair_now(&self.maps, cookie).map_err(RelayError::Internal)?.bytes != relay.frozen
+                    {
+                        // Released, the verdict redirected again, then held anew: the resume
+                        // needed every held byte relayed, so all of these bytes came after those
+                        // redirects. They wait in the buffer for a new look.
+                        relay.verified = false;
+                        relay.settled_since = None;
+                        return Ok(Step::More);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     caught_up = true;
                     relay.buf = Vec::new();
@@ -290,44 +394,65 @@ impl Shared {
             }
         }
         self.stats.relayed_bytes.fetch_add(moved, Ordering::Relaxed);
+        if blocked {
+            // The peer's send buffer is full: nothing moves until it has room.
+            relay.quiet_since = None;
+            return Ok(Step::Blocked);
+        }
         if relay.keep {
             // A light pass drained the source and moved little: interactive traffic, which the
             // verdict's redirect serves faster than the relay's passes.
             let light = caught_up && moved < LIGHT_PASS;
             if !relay.eof && !light {
                 relay.quiet_since = None;
-                return Ok(false);
+                return Ok(Step::More);
             }
             let quiet_since = *relay.quiet_since.get_or_insert_with(Instant::now);
             if !relay.eof && quiet_since.elapsed() < RELAY_QUIET {
-                return Ok(false);
+                return Ok(Step::More);
             }
             // Light for `RELAY_QUIET` (or at EOF): release. The verdict holds on until an skb finds
             // every held byte relayed, so it resumes redirecting at the first skb after the relay
             // has caught up.
             relay.keep = false;
-            publish(*relayed)?;
+            publish(*relayed, *grant)?;
         }
-        let held = pair_held_now(&self.maps, cookie).map_err(RelayError::Internal)?;
-        if !caught_up || held != *relayed {
+        let held = pair_now(&self.maps, cookie).map_err(RelayError::Internal)?.held;
+        // A verified relay has read everything the source held; an unverified one (cancelled) read
+        // nothing, and the verdict holds nothing.
+        if (relay.verified && !caught_up) || held != *relayed || relay.start < relay.end {
             relay.settled_since = None;
-            return Ok(false);
+            return Ok(Step::More);
         }
         // Every held byte was relayed. A verdict run that read the hold request just before it
         // was released could still be finishing (softirq, microseconds): only a second look, a
         // while later, that still finds `held == relayed` ends the relay.
         match relay.settled_since {
-            Some(t) if t.elapsed() >= RELAY_SETTLE => Ok(true),
-            Some(_) => Ok(false),
+            Some(t) if t.elapsed() >= RELAY_SETTLE => Ok(Step::Done),
+            Some(_) => Ok(Step::More),
             None => {
                 relay.settled_since = Some(Instant::now());
-                Ok(false)
+                Ok(Step::More)
             }
         }
     }
 }
 
-/// `Pair::held` of the socket with `cookie`, read now.
-fn pair_held_now(maps: &Maps, cookie: u64) -> io::Result<u64> {
-    Ok(maps.pairs.get(&cookie)?.held)
+/// Registers `side` of `token` in the monitor's epoll set for what its state needs: always a
+/// peer's close (`EPOLLRDHUP`); `EPOLLIN` while its held direction's relay is light (`armed`);
+/// `EPOLLOUT` while the direction toward it is parked on its send buffer.
+pub(super) fn rearm(me: &Monitor, conn: &Spliced, token: u64, side: usize) -> io::Result<()> {
+    let mut events = libc::EPOLLRDHUP | libc::EPOLLET;
+    if conn.relay[side].as_ref().is_some_and(|r| r.armed) {
+        events |= libc::EPOLLIN;
+    }
+    if conn.relay[1 - side].as_ref().is_some_and(|r| r.parked) {
+        events |= libc::EPOLLOUT;
+    }
+    epoll::modify(me.epoll.as_fd(), conn.fds[side].as_raw_fd(), events as u32, token << 1 | side as u64)
+}
+
+/// The `PAIRS` entry of the socket with `cookie`, read now.
+fn pair_now(maps: &Maps, cookie: u64) -> io::Result<Pair> {
+    maps.pairs.get(&cookie)
 }

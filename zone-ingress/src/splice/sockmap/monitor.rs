@@ -3,10 +3,12 @@
 //! Each monitor thread (`Limits::monitor_threads`, one per CPU up to 4 by default) owns the
 //! connections whose token falls to it, with its own epoll set and table, so the relays of
 //! several held directions run in parallel. It watches both sockets of a connection for
-//! `EPOLLRDHUP` (and `EPOLLIN` only while a held direction's relay is light) and, per
+//! `EPOLLRDHUP` (`EPOLLIN` only while a held direction's relay is light, `EPOLLOUT` only while a
+//! direction toward it is parked) and, per
 //! direction X→Y, waits until every byte X received is in Y's TCP send queue before
 //! `shutdown(Y, SHUT_WR)` (the drain check). A reset on either side resets the other. Once a
-//! second it samples every connection: idle timeout, memory guard, and a backlog check for holds.
+//! second it samples every connection: idle timeout, memory guard, a backlog and grant check for
+//! holds, and one pass for each held direction parked on its peer's `EPOLLOUT`.
 //! Monitor 0 also reads the `EVENTS` ring and passes reports of other monitors' sockets on
 //! through their inbox (an eventfd wakes them).
 
@@ -22,7 +24,7 @@ use std::{
 };
 
 use tracing::{debug, warn};
-use zone_ingress_ebpf::splice::Pair;
+use zone_ingress_ebpf::splice::{Pair, REDIRECT_WINDOW};
 
 use super::{
     BACKEND, CLIENT, Shared,
@@ -101,7 +103,8 @@ pub(super) fn fatal_on_panic(body: impl FnOnce(), on_panic: impl FnOnce(&str)) {
 pub(super) struct State {
     pub(super) conns: HashMap<u64, Spliced>,
     pub(super) draining: BTreeSet<u64>,
-    /// Connections with a held direction (polled until released).
+    /// Connections with a held direction that can move (polled until released); a direction
+    /// parked on a full peer (`Relay::parked`) waits for that peer's `EPOLLOUT` instead.
     pub(super) held: BTreeSet<u64>,
     /// Socket cookie → (token, side), to route `EVENTS` reports.
     pub(super) by_cookie: HashMap<u64, (u64, usize)>,
@@ -131,8 +134,10 @@ pub(super) struct Spliced {
     pub(super) relay: [Option<Relay>; 2],
     /// Bytes the monitor relayed from side i to its peer, since the handoff.
     pub(super) relayed: [u64; 2],
-    /// Side i has a `HOLD` entry (to delete at close; most connections never get one).
+    /// Side i has a `HOLD` entry (to delete at close; short connections never get one).
     pub(super) hold_entry: [bool; 2],
+    /// The redirect grant of side i last written to `HOLD` (`REDIRECT_WINDOW` without an entry).
+    pub(super) grant: [u64; 2],
     /// Last kick of a stuck drain check, per direction.
     pub(super) last_kick: [Option<Instant>; 2],
     /// The owner's id of this connection, in its close report.
@@ -204,7 +209,7 @@ impl Shared {
                 }
                 let token = ev.u64 >> 1;
                 let side = (ev.u64 & 1) as usize;
-                self.on_event(&mut conns, token, side, ev.events);
+                self.on_event(me, &mut conns, token, side, ev.events);
             }
             let tokens: Vec<u64> = conns.held.iter().copied().collect();
             for t in tokens {
@@ -221,7 +226,10 @@ impl Shared {
         }
     }
 
-    fn on_event(&self, state: &mut State, token: u64, side: usize, events: u32) {
+    fn on_event(&self, me: &Monitor, state: &mut State, token: u64, side: usize, events: u32) {
+        if events & libc::EPOLLOUT as u32 != 0 {
+            self.unpark(me, state, token, side);
+        }
         let Some(conn) = state.conns.get_mut(&token) else { return };
         let fd = conn.fds[side].as_fd();
         // A pending socket error (a reset) is always reported with EPOLLERR: a plain FIN needs
@@ -355,6 +363,7 @@ impl Shared {
         let idle_ns = u64::try_from(self.limits.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
         let mut expired = Vec::new();
         let mut behind = Vec::new();
+        let mut parked = Vec::new();
         let mut total_in_flight = 0u64;
         {
             let maps = &self.maps;
@@ -376,8 +385,14 @@ impl Shared {
                     if let (Ok(y), Ok(outq)) = (sys::tcp_info(fd), sys::outq(fd)) {
                         let in_peer = (y.bytes_acked + u64::from(outq)).saturating_sub(conn.sent_base[peer]);
                         let backlog = conn.moved(side, &p).saturating_sub(in_peer);
-                        if backlog > HOLD_AT && conn.relay[side].is_none() {
+                        // A hold to start (a report the ring could not deliver), or a grant the
+                        // reports did not extend.
+                        let short = conn.grant[side].saturating_sub(p.bytes) < REDIRECT_WINDOW / 2;
+                        if conn.relay[side].is_none() && (backlog > HOLD_AT || p.holding != 0 || short) {
                             behind.push((*token, side));
+                        }
+                        if conn.relay[side].as_ref().is_some_and(|r| r.parked) {
+                            parked.push((*token, peer));
                         }
                         worst = worst.max(backlog);
                     }
@@ -420,6 +435,10 @@ impl Shared {
         // (after the expiries: a connection closed above is skipped by `flow`).
         for (token, side) in behind {
             self.check_direction(state, token, side);
+        }
+        // A parked direction gets one pass a second even without its peer's EPOLLOUT.
+        for (token, side) in parked {
+            self.unpark(me, state, token, side);
         }
     }
 
