@@ -28,6 +28,11 @@ pub fn probe(sni: &str) -> Vec<u8> {
     zone_ingress::client_hello::build_client_hello(Some(sni.as_bytes()), 0)
 }
 
+/// A probe ClientHello carrying `sni`, padded by about `padding` bytes.
+pub fn probe_padded(sni: &str, padding: usize) -> Vec<u8> {
+    zone_ingress::client_hello::build_client_hello(Some(sni.as_bytes()), padding)
+}
+
 /// A probe ClientHello with raw SNI bytes (NUL, over-long names).
 pub fn probe_bytes(sni: &[u8]) -> Vec<u8> {
     zone_ingress::client_hello::build_client_hello(Some(sni), 0)

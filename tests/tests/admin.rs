@@ -80,6 +80,8 @@ const OTHER_METRICS: &[&str] = &[
     "zone_ingress_memory_guard_aborts_total",
     "zone_ingress_splice_holds_total",
     "zone_ingress_splice_relayed_bytes_total",
+    "zone_ingress_splice_grant_holds_total",
+    "zone_ingress_handshakes_pending",
     "zone_ingress_rejected_connections_total",
     "zone_ingress_closed_connections_total",
     "zone_ingress_bpf_map_entries",

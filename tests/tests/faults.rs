@@ -5,6 +5,7 @@
 use std::{
     io,
     net::SocketAddr,
+    os::fd::AsRawFd,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -412,4 +413,117 @@ fn stuck_readers_cost_no_cpu_kernel() {
             w.expect("writer task").0.expect("backend wrote every byte");
         }
     });
+}
+
+/// Connections that send part of a ClientHello, then nothing.
+const PENDING: usize = 3000;
+/// `--max-pending-handshakes` of the test.
+const PENDING_CAP: usize = 2000;
+/// Resident memory the daemon may grow by while `PENDING_CAP` connections wait (each holds a
+/// task, a socket's registration and a peek buffer the size of what it sent).
+const PENDING_RSS_BOUND: u64 = 24 << 20;
+/// Resident memory the daemon may keep once they are gone.
+const PENDING_RSS_AFTER: u64 = 6 << 20;
+
+/// `VmRSS` of `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the daemon's status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// `PENDING` connections each send the first 3,000 bytes of a 4 KiB ClientHello and wait: the
+/// first `PENDING_CAP` wait for the rest (`zone_ingress_handshakes_pending`), the others are
+/// closed at once (`handshake_overflow`, Envoy's `downstream_cx_overflow`); the daemon's memory
+/// stays bounded while they wait and goes back down once they are gone.
+#[test]
+fn pending_handshakes_are_capped_and_their_memory_returned() {
+    let nofile = raw::raise_nofile();
+    assert!(nofile >= PENDING as u64 + 200, "RLIMIT_NOFILE hard limit {nofile} is too low for {PENDING} connections");
+    let topo = Topology::new(1);
+    let rt = runtime();
+    let inventory = ops::inventory(&[Inbound { name: "backend-1", k: 1, port: 8080, service: "backend", tags: &[] }]);
+    let cap = PENDING_CAP.to_string();
+    let daemon = Daemon::start(
+        &topo.ingress,
+        &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT),
+        &inventory,
+        &["--splice", "userspace", "--max-pending-handshakes", &cap, "--client-hello-timeout", "120s"],
+    );
+    let admin = ops::admin_addr(ADMIN_PORT);
+    let dump = ops::get(&topo.ingress, admin, "/config_dump").json();
+    assert_eq!(dump["connections"]["maxPendingHandshakes"], PENDING_CAP, "{dump:#}");
+    let hello = raw::probe_padded("backend{mesh=default}", 4000);
+    assert!(hello.len() > 4000, "the probe is {} bytes", hello.len());
+    let partial = &hello[..3000];
+    let pid = daemon.pid();
+    let base = rss(pid);
+    let (peak, closed_early, still_waiting) = rt.block_on(async {
+        let mut clients = Vec::with_capacity(PENDING);
+        for i in 0..PENDING {
+            let mut c = raw::connect(&topo.client, ingress_addr(10001), SockOpts::nodelay())
+                .await
+                .unwrap_or_else(|e| panic!("connect {i}: {e}"));
+            // A connection over the cap may be closed before its bytes are all written.
+            let _ = c.write_all(partial).await;
+            clients.push(c);
+        }
+        let settled = ops::wait_until(Duration::from_secs(15), || {
+            let s = ops::scrape(&topo.ingress, admin);
+            s.must("zone_ingress_handshakes_pending", &[]) == PENDING_CAP as f64
+                && s.must("zone_ingress_rejected_connections_total", &[("reason", "handshake_overflow")])
+                    == (PENDING - PENDING_CAP) as f64
+        });
+        let s = ops::scrape(&topo.ingress, admin);
+        assert!(settled, "pending handshakes not capped as expected:\n{}", s.text);
+        assert_eq!(s.sum("envoy_listener_downstream_cx_overflow"), (PENDING - PENDING_CAP) as f64);
+        let peak = rss(pid);
+        // Which clients were closed: the ingress sends a pending client nothing, so any event
+        // (EOF, reset) on its socket means it was closed.
+        let mut fds: Vec<libc::pollfd> = clients
+            .iter()
+            .map(|c| libc::pollfd { fd: c.as_raw_fd(), events: libc::POLLIN | libc::POLLRDHUP, revents: 0 })
+            .collect();
+        let mut closed = 0;
+        for _ in 0..40 {
+            // SAFETY: `fds` is valid for its length; no wait.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+            closed = usize::try_from(n).expect("poll");
+            if closed >= PENDING - PENDING_CAP {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let waiting = PENDING - closed;
+        drop(clients);
+        let drained = ops::wait_until(Duration::from_secs(15), || {
+            ops::scrape(&topo.ingress, admin).must("zone_ingress_handshakes_pending", &[]) == 0.0
+        });
+        assert!(drained, "pending handshakes did not go back to 0");
+        (peak, closed, waiting)
+    });
+    // The heap is trimmed in the background once the burst is over.
+    let mut after = rss(pid);
+    ops::wait_until(Duration::from_secs(5), || {
+        after = rss(pid);
+        after <= base + PENDING_RSS_AFTER
+    });
+    eprintln!(
+        "{PENDING} partial ClientHellos, cap {PENDING_CAP}: {closed_early} closed at once, {still_waiting} waiting; daemon RSS \
+         {:.1} MiB at start, {:.1} MiB while they waited, {:.1} MiB after",
+        raw::mib(base),
+        raw::mib(peak),
+        raw::mib(after)
+    );
+    assert_eq!((closed_early, still_waiting), (PENDING - PENDING_CAP, PENDING_CAP));
+    assert!(
+        peak <= base + PENDING_RSS_BOUND,
+        "the daemon grew by {:.1} MiB for {PENDING_CAP} pending handshakes",
+        raw::mib(peak - base)
+    );
+    assert!(after <= base + PENDING_RSS_AFTER, "the daemon kept {:.1} MiB after the burst", raw::mib(after - base));
 }

@@ -582,6 +582,7 @@ fn config_dump(ctx: &Ctx) -> serde_json::Value {
             "connectAttempts": opts.connect_attempts,
             "maxConnectionsPerCluster": opts.max_cluster_connections,
             "maxClientHelloBytes": opts.max_client_hello,
+            "maxPendingHandshakes": opts.max_pending_handshakes,
             "plaintextRoute": opts.plaintext_route,
             "drainTime": duration(ctx.info.drain_time),
         },

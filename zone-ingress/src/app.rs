@@ -258,6 +258,7 @@ impl App {
             connect_timeout: args.connect_timeout.0,
             connect_attempts: usize::from(args.connect_attempts),
             max_cluster_connections: args.max_connections_per_cluster,
+            max_pending_handshakes: args.max_pending_handshakes as usize,
             plaintext_route: args.plaintext_route.clone(),
             proxy_id: zi.name.clone(),
             zone: sources.zone.clone(),

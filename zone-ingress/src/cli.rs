@@ -111,6 +111,9 @@ pub struct RunArgs {
     /// Give up on an incomplete ClientHello after this long.
     #[arg(long, default_value_t = HumanDuration(server::DEFAULT_CLIENT_HELLO_TIMEOUT))]
     pub client_hello_timeout: HumanDuration,
+    /// Connections that may wait for their ClientHello at once; more are closed at once.
+    #[arg(long, default_value_t = server::DEFAULT_MAX_PENDING_HANDSHAKES, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_handshakes: u32,
     /// Per-attempt backend connect timeout.
     #[arg(long, default_value_t = HumanDuration(server::DEFAULT_CONNECT_TIMEOUT))]
     pub connect_timeout: HumanDuration,

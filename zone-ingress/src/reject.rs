@@ -40,12 +40,14 @@ pub enum RejectReason {
     ClusterOverflow,
     /// Every connect attempt failed or timed out.
     ConnectFailed,
+    /// `--max-pending-handshakes` connections were already waiting for their ClientHello.
+    HandshakeOverflow,
 }
 
 impl RejectReason {
     /// Every reason, in export order (each is exported from the start, so a rate over a reason
     /// that never happened is 0, not absent).
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::NotTls,
         Self::NotClientHello,
         Self::Malformed,
@@ -61,6 +63,7 @@ impl RejectReason {
         Self::EmptyTable,
         Self::ClusterOverflow,
         Self::ConnectFailed,
+        Self::HandshakeOverflow,
     ];
 
     /// Position in [`RejectReason::ALL`] (counter slot).
@@ -88,6 +91,7 @@ impl RejectReason {
             Self::EmptyTable => "empty_table",
             Self::ClusterOverflow => "cluster_overflow",
             Self::ConnectFailed => "connect_failed",
+            Self::HandshakeOverflow => "handshake_overflow",
         }
     }
 
@@ -110,6 +114,7 @@ impl RejectReason {
             Self::EmptyTable => "no service in any mesh: answered with the proxy and zone",
             Self::ClusterOverflow => "the cluster's connection cap is reached",
             Self::ConnectFailed => "no endpoint could be connected",
+            Self::HandshakeOverflow => "too many connections are waiting for their ClientHello",
         }
     }
 

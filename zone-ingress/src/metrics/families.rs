@@ -33,9 +33,9 @@ impl Metrics {
         f.counter("envoy_listener_downstream_cx_destroy", "Client connections that ended.", &l, get(&self.destroyed));
         f.counter(
             "envoy_listener_downstream_cx_overflow",
-            "Refused by a listener connection limit (none is set).",
+            "Closed at once: --max-pending-handshakes connections were waiting for their ClientHello.",
             &l,
-            0.0,
+            get(&self.rejects[RejectReason::HandshakeOverflow.index()]),
         );
         f.counter(
             "envoy_listener_downstream_cx_overload_reject",
@@ -277,6 +277,12 @@ impl Metrics {
             "Connections the kernel refused and userspace relayed.",
             &[],
             get(&self.kernel_fallbacks),
+        );
+        f.gauge(
+            "zone_ingress_handshakes_pending",
+            "Connections waiting for their ClientHello (capped by --max-pending-handshakes).",
+            &[],
+            get(&self.handshakes_pending),
         );
         f.histogram("zone_ingress_handoff_duration_seconds", "Accept to spliced (or relayed) latency.", &self.handoff);
         for reason in RejectReason::ALL {

@@ -212,6 +212,8 @@ pub struct Metrics {
     pub no_filter_chain_match: AtomicU64,
     /// ClientHello timeouts (`envoy_listener_downstream_pre_cx_timeout`).
     pub pre_cx_timeout: AtomicU64,
+    /// Connections waiting for their ClientHello now (`zone_ingress_handshakes_pending`).
+    pub handshakes_pending: AtomicU64,
     /// ClientHello parsing (Envoy's tls_inspector counters).
     pub tls_found: AtomicU64,
     pub tls_not_found: AtomicU64,

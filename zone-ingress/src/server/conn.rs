@@ -27,7 +27,7 @@ use super::{Ingress, Snapshot};
 use crate::{
     client_hello::{self, Parsed},
     flows::Flow,
-    metrics::ClusterStats,
+    metrics::{ClusterStats, Metrics},
     reject::RejectReason,
     routing::Route,
     sni,
@@ -98,6 +98,9 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
     }
     let opts = &ingress.options;
     let m = &ingress.metrics;
+    let Some(slot) = HandshakeSlot::take(m, opts.max_pending_handshakes) else {
+        return reject(ingress, &client, peer, None, RejectReason::HandshakeOverflow);
+    };
     let parsed = match tokio::time::timeout(
         opts.client_hello_timeout,
         peek_client_hello(&client, opts.max_client_hello),
@@ -108,6 +111,7 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
         Ok(Err(_)) => return reject(ingress, &client, peer, None, RejectReason::ClientClosed),
         Ok(Ok(p)) => p,
     };
+    drop(slot);
     let sni = match &parsed {
         Parsed::Complete { sni: Some(sni), .. } => {
             m.tls_found.fetch_add(1, Ordering::Relaxed);
@@ -327,13 +331,58 @@ async fn connect(ingress: &Ingress, route: &Route, stats: &ClusterStats) -> Opti
 
 /// Peeks (`MSG_PEEK`, never consuming) until the ClientHello is complete, invalid, or the
 /// client closes. Returns `Err` when the client closed or failed first.
+/// A connection's place among those waiting for their ClientHello (`--max-pending-handshakes`).
+struct HandshakeSlot<'a>(&'a Metrics);
+
+/// Most connections that waited for their ClientHello at once since the heap was last trimmed.
+static PENDING_PEAK: AtomicU64 = AtomicU64::new(0);
+/// A burst of at least this many pending handshakes is worth trimming the heap after.
+const TRIM_AFTER_PEAK: u64 = 1024;
+
+impl<'a> HandshakeSlot<'a> {
+    fn take(m: &'a Metrics, max: usize) -> Option<Self> {
+        let now = m.handshakes_pending.fetch_add(1, Ordering::AcqRel) + 1;
+        if now > max as u64 {
+            m.handshakes_pending.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        PENDING_PEAK.fetch_max(now, Ordering::Relaxed);
+        Some(Self(m))
+    }
+}
+
+impl Drop for HandshakeSlot<'_> {
+    fn drop(&mut self) {
+        let now = self.0.handshakes_pending.fetch_sub(1, Ordering::AcqRel) - 1;
+        // After a burst (a flood of connections that send nothing, say) the allocator keeps the
+        // freed buffers: once the burst is mostly gone, hand the free pages back to the kernel.
+        let peak = PENDING_PEAK.load(Ordering::Relaxed);
+        if peak >= TRIM_AFTER_PEAK
+            && now <= peak / 8
+            && PENDING_PEAK.compare_exchange(peak, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            debug!(peak, now, "handshake burst over; returning free heap pages");
+            tokio::task::spawn_blocking(sys::trim_heap);
+        }
+    }
+}
+
+/// First size of the peek buffer: a typical ClientHello fits (most are under 600 bytes; a
+/// post-quantum key share brings one to about 1.8 KiB). It doubles while peeks fill it, up to
+/// the cap, so a connection that sent little holds little.
+const PEEK_START: usize = 2048;
+
 async fn peek_client_hello(stream: &TcpStream, max: usize) -> io::Result<Parsed> {
     // One byte more than the cap, so "too large" is distinguishable from "exactly at the cap".
-    let mut buf = vec![0u8; max + 1];
+    let mut buf = vec![0u8; PEEK_START.min(max + 1)];
     let mut have = 0usize;
     let mut closed = false;
     loop {
-        let n = peek_now(stream, &mut buf)?;
+        let mut n = peek_now(stream, &mut buf)?;
+        while n == buf.len() && buf.len() < max + 1 {
+            buf.resize((buf.len() * 2).min(max + 1), 0);
+            n = peek_now(stream, &mut buf)?;
+        }
         if n > have {
             have = n;
             match client_hello::parse(&buf[..have], max) {

@@ -64,6 +64,9 @@ pub struct Options {
     pub max_cluster_connections: usize,
     /// Largest ClientHello accepted, in bytes (records included).
     pub max_client_hello: usize,
+    /// Connections that may wait for their ClientHello at once; more are closed at once
+    /// (`handshake_overflow`).
+    pub max_pending_handshakes: usize,
     /// Non-Kuma extension, off by default: connections whose first bytes are not a TLS
     /// ClientHello are routed as if they carried this SNI.
     pub plaintext_route: Option<String>,
@@ -85,6 +88,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_CONNECT_ATTEMPTS: u16 = 3;
 /// See [`DEFAULT_CLIENT_HELLO_TIMEOUT`].
 pub const DEFAULT_MAX_CLUSTER_CONNECTIONS: usize = 1024;
+/// Not Envoy's: it bounds the memory of connections that have not sent a ClientHello yet
+/// (each holds a task, a socket and up to a ClientHello's worth of peek buffer).
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: u32 = 16_384;
 
 impl Default for Options {
     fn default() -> Self {
@@ -94,6 +100,7 @@ impl Default for Options {
             connect_attempts: usize::from(DEFAULT_CONNECT_ATTEMPTS),
             max_cluster_connections: DEFAULT_MAX_CLUSTER_CONNECTIONS,
             max_client_hello: client_hello::DEFAULT_MAX_CLIENT_HELLO,
+            max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES as usize,
             plaintext_route: None,
             proxy_id: String::new(),
             zone: String::new(),

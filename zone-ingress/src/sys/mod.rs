@@ -140,6 +140,16 @@ pub fn writable(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(p.revents & libc::POLLOUT != 0)
 }
 
+/// Returns the allocator's free pages to the kernel (`malloc_trim`), wherever they are in the
+/// heap; other threads keep allocating meanwhile. A no-op where the C library has no such call.
+pub fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory; it takes the allocator's own locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// `SO_LINGER {on, 0}`: the next close sends RST instead of FIN.
 pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
     let l = libc::linger { l_onoff: 1, l_linger: 0 };
