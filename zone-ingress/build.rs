@@ -17,6 +17,8 @@ fn main() -> anyhow::Result<()> {
         .join("zone-ingress-ebpf");
     let root_dir = ebpf_dir.to_str().context("non-UTF-8 workspace path")?;
     println!("cargo:rerun-if-changed={root_dir}");
+    // A build with the object skipped must not be taken for a full one afterwards.
+    println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     let out = PathBuf::from(std::env::var("OUT_DIR")?).join("zone-ingress-ebpf");
     let skip = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {

@@ -527,3 +527,105 @@ fn pending_handshakes_are_capped_and_their_memory_returned() {
     );
     assert!(after <= base + PENDING_RSS_AFTER, "the daemon kept {:.1} MiB after the burst", raw::mib(after - base));
 }
+
+/// `ss` in `ns` for the established sockets on local port `port`, with `args`.
+fn ss(ns: &zone_ingress_tests::netns::Netns, args: &[&str], port: u16) -> String {
+    let out = ns
+        .command("ss")
+        .args(["-Htn"])
+        .args(args)
+        .args(["state", "established", &format!("( sport = :{port} )")])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value after `key` in `text` (`sk:1f2e` → `1f2e`, `r4096` → `4096`), up to a delimiter.
+fn after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let at = text.find(key)? + key.len();
+    let rest = &text[at..];
+    Some(&rest[..rest.find(|c: char| !c.is_ascii_alphanumeric()).unwrap_or(rest.len())])
+}
+
+/// Kernel mode, fault injected: the backend's socket disappears from the redirect map while the
+/// connection is spliced. The verdict cannot redirect what the client sends next; it must keep
+/// those bytes on the client's socket (they were acknowledged already: dropping them would
+/// corrupt the stream silently), count them, and the daemon must reset both sides.
+#[test]
+fn verdict_keeps_the_bytes_when_the_peer_is_missing() {
+    let topo = Topology::new(1);
+    let rt = runtime();
+    let inventory = ops::inventory(&[Inbound { name: "backend-1", k: 1, port: 8080, service: "backend", tags: &[] }]);
+    let daemon = Daemon::start(
+        &topo.ingress,
+        &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT),
+        &inventory,
+        &["--splice", "kernel", "--plaintext-route", PLAIN_ROUTE],
+    );
+    let admin = ops::admin_addr(ADMIN_PORT);
+    let backend_addr = SocketAddr::new(Topology::dataplane_v4(1).into(), 8080);
+    const SENT: usize = 64 << 10;
+    let (kept, outcome) = rt.block_on(async {
+        let listener = topo.dataplanes[0].listen(backend_addr);
+        let mut c = topo.client.connect(ingress_addr(10001)).expect("connect");
+        c.write_all(b"first").await.expect("first bytes");
+        let (mut b, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("accepted in time")
+            .expect("accept");
+        let mut first = [0u8; 5];
+        b.read_exact(&mut first).await.expect("the first bytes through the splice");
+        // The ingress's client-side socket, its peer in PAIRS, and that peer out of SOCKS.
+        let line = ss(&topo.ingress, &["-e"], 10001);
+        let cookie = u64::from_str_radix(after(&line, "sk:").unwrap_or_else(|| panic!("no cookie in {line:?}")), 16)
+            .expect("hex cookie");
+        let pairs = raw::daemon_map_id(daemon.pid(), "PAIRS").expect("PAIRS");
+        let key = cookie.to_ne_bytes().map(|b| b.to_string());
+        let lookup = topo
+            .ingress
+            .command("bpftool")
+            .args(["-j", "map", "lookup", "id", &pairs.to_string(), "key"])
+            .args(&key)
+            .output()
+            .expect("bpftool");
+        let v: serde_json::Value = serde_json::from_slice(&lookup.stdout)
+            .unwrap_or_else(|e| panic!("bpftool lookup: {e}: {}", String::from_utf8_lossy(&lookup.stderr)));
+        let peer_bytes: Vec<String> = v["value"].as_array().expect("value bytes")[..8]
+            .iter()
+            .map(|b| {
+                let s = b.as_str().expect("byte");
+                u8::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex byte").to_string()
+            })
+            .collect();
+        let socks = raw::daemon_map_id(daemon.pid(), "SOCKS").expect("SOCKS");
+        let deleted = topo
+            .ingress
+            .command("bpftool")
+            .args(["map", "delete", "id", &socks.to_string(), "key"])
+            .args(&peer_bytes)
+            .status()
+            .expect("bpftool");
+        assert!(deleted.success(), "could not delete the backend socket from SOCKS");
+        // The daemon stays stopped while the client sends, so only the kernel acts on the bytes.
+        daemon.signal(libc::SIGSTOP);
+        c.write_all(&vec![3u8; SENT]).await.expect("the client's bytes");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mem = ss(&topo.ingress, &["-m"], 10001);
+        let kept: u64 = after(&mem, "skmem:(r").and_then(|v| v.parse().ok()).unwrap_or(0);
+        daemon.signal(libc::SIGCONT);
+        let mut buf = [0u8; 1024];
+        let outcome = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await;
+        drop(b);
+        (kept, outcome)
+    });
+    let log = daemon.log_text();
+    eprintln!("peer missing: the client's socket holds {kept} bytes of receive memory after {SENT} bytes were sent");
+    assert!(kept >= SENT as u64, "the verdict dropped the bytes it could not redirect ({kept} bytes kept):\n{log}");
+    match outcome {
+        Ok(Err(e)) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
+        other => panic!("the client saw {other:?}, not a reset:\n{log}"),
+    }
+    let s = ops::scrape(&topo.ingress, admin);
+    assert!(s.must("zone_ingress_bpf_verdict_skbs_total", &[("result", "peer_missing")]) >= 1.0, "{}", s.text);
+    assert_eq!(s.must("zone_ingress_peer_missing_aborts_total", &[]), 1.0, "{}", s.text);
+}
