@@ -161,6 +161,26 @@ pub fn shutdown_write(s: &impl AsRawFd) -> io::Result<()> {
     if unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_WR) } == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
+/// Waits (polling every 2 ms, at most `timeout`) until every byte written to `s` has been
+/// acknowledged (`SIOCOUTQ` is 0): a FIN sent after that goes out alone, on no data segment.
+pub async fn wait_all_acked(s: &impl AsRawFd, timeout: Duration) -> io::Result<()> {
+    let end = Instant::now() + timeout;
+    loop {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ writes one int.
+        if unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if queued == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= end {
+            return Err(timed_out(&format!("acknowledgement of {queued} queued bytes")));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// How a read loop ended.
 #[derive(Debug)]
 pub enum End {

@@ -413,7 +413,7 @@ fn larger_than_buffers(mode: &'static str) {
 enum Fin {
     /// `shutdown(SHUT_WR)` right after a large write: the FIN rides on the last data segment.
     OnLastData,
-    /// Data first, 200 ms (acknowledged), then a FIN alone.
+    /// Data first, then, once every byte is acknowledged, a FIN alone.
     Alone,
 }
 
@@ -446,7 +446,7 @@ fn half_close_client_first(mode: &'static str, fin: Fin) {
             tokio::time::timeout(STEP, spliced_rx).await.expect("backend got the hello").expect("signal");
             raw::write_all(&mut c, &data, STEP).await.expect("data");
             if let Fin::Alone = fin {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                raw::wait_all_acked(&c, Duration::from_secs(10)).await.expect("the client's bytes acknowledged");
             }
             raw::shutdown_write(&c).expect("client shutdown(SHUT_WR)");
             let (got, end) = raw::read_to_end(&mut c, 8 * MIB, STEP).await;
@@ -486,7 +486,7 @@ fn half_close_backend_first(mode: &'static str, fin: Fin) -> String {
             let mut b = env.backend(&l).await;
             raw::write_all(&mut b, &data, STEP).await.expect("data");
             if let Fin::Alone = fin {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                raw::wait_all_acked(&b, Duration::from_secs(10)).await.expect("the backend's bytes acknowledged");
             }
             raw::shutdown_write(&b).expect("backend shutdown(SHUT_WR)");
             let (got, end) = raw::read_to_end(&mut b, 8 * MIB, STEP).await;

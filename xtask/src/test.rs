@@ -64,7 +64,13 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
         if !clippy_ebpf.success() {
             failures.push("cargo clippy (eBPF crate)");
         }
-        // Dependencies: licences, bans, sources (the advisories check needs the network).
+        // Dependencies: licences, bans, sources (the advisories check needs the network). The
+        // check reads the metadata of every platform's dependencies, which a build on this one
+        // never downloads: fetch them first (from the registry, as the build does).
+        let fetched = status(Command::new("cargo").current_dir(&root).args(["fetch", "--locked"]))?;
+        if !fetched.success() {
+            failures.push("cargo fetch --locked (the dependencies of every platform, for cargo deny)");
+        }
         let deny = status(Command::new("cargo").current_dir(&root).args([
             "deny",
             "--offline",
