@@ -119,6 +119,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     for w in &inputs.warnings {
         warn!("{w}");
     }
+    // The parse trees are gone; their pages go back to the kernel (a large inventory's are
+    // hundreds of MiB).
+    crate::sys::trim_heap();
     // Start: the kernel side first (a flag that insists on it fails before anything binds),
     // from one eBPF object shared by the splice and the XDP guard.
     let listen = inputs.zone_ingress.listen_addr();

@@ -79,7 +79,11 @@ impl Reloader {
     /// The inputs are invalid or the new listener cannot be bound; the running configuration
     /// is unchanged and the failure is recorded.
     pub fn reload(&self, ingress: &Arc<Ingress>, trigger: &str) -> Result<Applied, ReloadError> {
-        match self.try_reload(ingress, trigger) {
+        let result = self.try_reload(ingress, trigger);
+        // A load's parse trees are gone: hand their pages back (a large inventory's are hundreds
+        // of MiB) rather than keep them for the next reload.
+        crate::sys::trim_heap();
+        match result {
             Ok(applied) => Ok(applied),
             Err(e) => {
                 let mut errors: Vec<String> = Vec::new();

@@ -14,7 +14,7 @@ use serde_yaml::{Mapping, Value};
 use super::{
     check::{Checker, Got, Host, Need, Where, Zero, child_path, describe, get, index_path},
     diagnostic::{ConfigError, Diagnostic, Loaded, Severity, finish, read_text, whole_file},
-    yaml::parse_documents,
+    yaml::for_each_document,
 };
 use crate::sni::SERVICE_TAG;
 
@@ -110,6 +110,7 @@ impl Inbound {
 pub fn load_inventory(path: &Path) -> Result<Loaded<Inventory>, ConfigError> {
     let mut diags = Vec::new();
     let mut found = Vec::new();
+    let mut budget = MAX_INVENTORY_BYTES;
     let is_dir = fs::metadata(path).is_ok_and(|m| m.is_dir());
     if is_dir {
         let files = match yaml_files(path) {
@@ -124,19 +125,64 @@ pub fn load_inventory(path: &Path) -> Result<Loaded<Inventory>, ConfigError> {
             ));
         }
         for file in files {
-            match read_text(&file) {
+            match read_text_within(&file, &mut budget) {
                 Ok(text) => parse_inventory_into(&file, &text, &mut found, &mut diags),
-                Err(d) => diags.push(d),
+                Err(d) => {
+                    let over = budget == 0;
+                    diags.push(d);
+                    if over {
+                        break;
+                    }
+                }
             }
         }
     } else {
-        match read_text(path) {
+        match read_text_within(path, &mut budget) {
             Ok(text) => parse_inventory_into(path, &text, &mut found, &mut diags),
             Err(d) => diags.push(d),
         }
     }
     let inventory = collect_inventory(path, found, &mut diags);
     finish(Some(inventory), diags)
+}
+
+/// Most bytes of inventory (all files together) the daemon reads. Loading costs about ten times
+/// the text in memory at its peak (the parse of one document at a time, and every dataplane
+/// kept); above the limit the inventory is rejected with an error, as a reload would be, and the
+/// last good table stays.
+pub(crate) const MAX_INVENTORY_BYTES: u64 = 64 << 20;
+
+/// [`read_text`] of at most `budget` bytes, taken from the budget; above it, an error that says
+/// so (and the budget is 0).
+fn read_text_within(path: &Path, budget: &mut u64) -> Result<String, Diagnostic> {
+    let len = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    // Read no more than the budget allows, whatever the file grew to since `metadata`.
+    let over = |size: u64| {
+        whole_file(
+            path,
+            Severity::Error,
+            format!(
+                "the inventory is larger than the limit of {} MiB ({} bytes with this file); split the \
+                 services over several ingresses or trim the inventory",
+                MAX_INVENTORY_BYTES >> 20,
+                MAX_INVENTORY_BYTES - *budget + size,
+            ),
+        )
+    };
+    if len > *budget {
+        let d = over(len);
+        *budget = 0;
+        return Err(d);
+    }
+    let text = read_text(path)?;
+    let size = text.len() as u64;
+    if size > *budget {
+        let d = over(size);
+        *budget = 0;
+        return Err(d);
+    }
+    *budget -= size;
+    Ok(text)
 }
 
 /// Check inventory text (any of the single-file forms of [`load_inventory`]); `file` is used only
@@ -188,11 +234,7 @@ pub(crate) fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
 }
 
 fn parse_inventory_into(file: &Path, text: &str, found: &mut Vec<Found>, diags: &mut Vec<Diagnostic>) {
-    let parsed = parse_documents(file, text, diags);
-    for (i, doc) in parsed.docs.iter().enumerate() {
-        let mut ck = parsed.checker(file, i, diags);
-        check_inventory_document(&mut ck, doc, found);
-    }
+    for_each_document(file, text, diags, |ck, doc| check_inventory_document(ck, doc, found));
 }
 
 fn collect_inventory(origin: &Path, found: Vec<Found>, diags: &mut Vec<Diagnostic>) -> Inventory {
@@ -527,6 +569,34 @@ mod tests {
         assert!(dup.message.contains(&format!("first defined at {}:3:7", dir.0.join("a.yaml").display())), "{dup}");
         let missing = e.errors().find(|d| d.file == dir.0.join("e.yaml") && d.path == "name").expect("e.yaml error");
         assert!(missing.message.contains("required"));
+    }
+
+    #[test]
+    fn an_inventory_above_the_size_limit_is_an_error_that_says_so() {
+        let dir = TempDir::new();
+        let inbound = "  - port: 80\n    tags: {kuma.io/service: s}\n";
+        dir.write("a.yaml", &dp("small", "198.18.1.1", inbound));
+        // Sparse: as large as the limit allows and one byte more, without writing it.
+        let big = fs::File::create(dir.0.join("b.yaml")).expect("create");
+        big.set_len(MAX_INVENTORY_BYTES).expect("set_len");
+        dir.write("c.yaml", &dp("after", "198.18.1.3", inbound));
+        let e = load_inventory(&dir.0).expect_err("above the limit");
+        let d = e.errors().find(|d| d.file == dir.0.join("b.yaml")).expect("an error on the file that crossed it");
+        assert!(d.message.contains("larger than the limit of 64 MiB"), "{d}");
+        assert!(
+            d.message.contains(&format!(
+                "{} bytes",
+                MAX_INVENTORY_BYTES + fs::metadata(dir.0.join("a.yaml")).expect("a").len()
+            )),
+            "{d}"
+        );
+        // A single file too: at the limit it is read (and its NUL bytes are not YAML), one byte
+        // more and it is not.
+        let e = load_inventory(&dir.0.join("b.yaml")).expect_err("NUL bytes");
+        assert!(e.errors().all(|d| !d.message.contains("larger than the limit")), "{e}");
+        big.set_len(MAX_INVENTORY_BYTES + 1).expect("set_len");
+        let e = load_inventory(&dir.0.join("b.yaml")).expect_err("one byte above the limit");
+        assert!(e.errors().any(|d| d.message.contains("larger than the limit")), "{e}");
     }
 
     #[test]

@@ -129,6 +129,43 @@ pub(crate) fn parse_substituted(file: &Path, text: &str, posmap: PosMap, diags: 
     Parsed { docs, spans, posmap, syntax_error }
 }
 
+/// Checks every document of `text` (as written in `file`) with `check`, one at a time: a
+/// document's value and position index are dropped before the next is read, so a long stream
+/// (a large inventory) costs memory for what `check` keeps, not for the whole parse. Reports
+/// what [`parse_documents`] reports; stops at a syntax error, after the documents before it.
+pub(crate) fn for_each_document(
+    file: &Path,
+    text: &str,
+    diags: &mut Vec<Diagnostic>,
+    mut check: impl FnMut(&mut Checker<'_>, &Value),
+) {
+    let posmap = PosMap::identity();
+    let mut index = SpanIndex::new(text);
+    for document in serde_yaml::Deserializer::from_str(text) {
+        let spans = index.next_doc();
+        match Lenient::deserialize(document) {
+            Ok(Lenient(mut value)) => {
+                if let Err(e) = value.apply_merge() {
+                    diags.push(yaml_error(file, spans.as_ref().and_then(|s| s.start), &posmap, &e));
+                    value = Value::Null;
+                }
+                let mut ck = Checker::new(file, spans.as_ref(), &posmap, diags);
+                check(&mut ck, &value);
+            }
+            Err(e) => {
+                let mut pos = e.location().map(|l| Pos { line: l.line(), column: l.column() });
+                if e.to_string().starts_with("duplicate entry")
+                    && let Some(dup) = spans.as_ref().and_then(|s| s.duplicate_keys.first())
+                {
+                    pos = Some(*dup);
+                }
+                diags.push(yaml_error(file, pos, &posmap, &e));
+                break;
+            }
+        }
+    }
+}
+
 fn yaml_error(file: &Path, pos: Option<Pos>, posmap: &PosMap, e: &serde_yaml::Error) -> Diagnostic {
     let pos = pos.map(|p| posmap.original(p));
     Diagnostic {
@@ -244,34 +281,66 @@ fn huge_integer(digits: &str) -> Value {
 /// Index the position of every mapping value and list item by field path, document by document,
 /// from saphyr-parser's event stream. Stops quietly at a syntax error (`serde_yaml` reports it).
 fn index_spans(text: &str) -> Vec<DocSpans> {
-    use saphyr_parser::{Event, Parser};
+    let mut index = SpanIndex::new(text);
+    std::iter::from_fn(|| index.next_doc()).collect()
+}
 
-    let mut docs: Vec<DocSpans> = Vec::new();
-    let mut stack: Vec<Frame> = Vec::new();
-    let mut parser = Parser::new_from_str(text);
-    while let Some(Ok((event, span))) = parser.next_event() {
-        let pos = Pos { line: span.start.line(), column: span.start.col() + 1 };
-        let node = match event {
-            Event::DocumentStart(_) => {
-                docs.push(DocSpans { start: Some(pos), ..DocSpans::default() });
-                stack.clear();
-                continue;
-            }
-            Event::MappingEnd | Event::SequenceEnd => {
-                stack.pop();
-                continue;
-            }
-            Event::Scalar(value, ..) => Node::Scalar(value.into_owned()),
-            Event::Alias(_) => Node::Alias,
-            Event::MappingStart(..) => Node::Mapping,
-            Event::SequenceStart(..) => Node::Sequence,
-            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => continue,
-        };
-        if let Some(doc) = docs.last_mut() {
-            on_node(doc, &mut stack, node, pos);
-        }
+/// [`index_spans`] one document at a time, so a long stream of documents never has all of its
+/// indexes in memory at once.
+struct SpanIndex<'t> {
+    parser: saphyr_parser::Parser<'t, saphyr_parser::StrInput<'t>>,
+    stack: Vec<Frame>,
+    done: bool,
+}
+
+impl<'t> SpanIndex<'t> {
+    fn new(text: &'t str) -> Self {
+        Self { parser: saphyr_parser::Parser::new_from_str(text), stack: Vec::new(), done: false }
     }
-    docs
+
+    /// The index of the next document; `None` at the end of the stream or at a syntax error.
+    fn next_doc(&mut self) -> Option<DocSpans> {
+        use saphyr_parser::Event;
+
+        let mut doc: Option<DocSpans> = None;
+        while !self.done {
+            let Some(Ok((event, span))) = self.parser.next_event() else {
+                self.done = true;
+                break;
+            };
+            let pos = Pos { line: span.start.line(), column: span.start.col() + 1 };
+            let node = match event {
+                Event::DocumentStart(_) => {
+                    doc = Some(DocSpans { start: Some(pos), ..DocSpans::default() });
+                    self.stack.clear();
+                    continue;
+                }
+                Event::DocumentEnd => {
+                    if doc.is_some() {
+                        return doc;
+                    }
+                    continue;
+                }
+                Event::StreamEnd => {
+                    self.done = true;
+                    break;
+                }
+                Event::MappingEnd | Event::SequenceEnd => {
+                    self.stack.pop();
+                    continue;
+                }
+                Event::Scalar(value, ..) => Node::Scalar(value.into_owned()),
+                Event::Alias(_) => Node::Alias,
+                Event::MappingStart(..) => Node::Mapping,
+                Event::SequenceStart(..) => Node::Sequence,
+                Event::Nothing | Event::StreamStart => continue,
+            };
+            if let Some(d) = doc.as_mut() {
+                on_node(d, &mut self.stack, node, pos);
+            }
+        }
+        doc
+    }
 }
 
 enum Node {
