@@ -421,7 +421,9 @@ fn live_update_under_traffic() {
         update("deny: [198.18.0.49/32]\n", 1);
         let c0 = s.counters();
         assert!(s.connect_from(other, Duration::from_millis(600)).await.is_err(), "denied after the update");
-        assert_eq!(delta(&c0, &s.counters(), "denied"), 1);
+        // The SYN, and possibly the last packets of the flow from this source just before (the
+        // ingress may still be retransmitting its FIN when the deny lands).
+        assert!(delta(&c0, &s.counters(), "denied") >= 1, "{:?}", s.counters());
         s.tls_flow(&connector, v4(0, 1), 16 * KIB).await.expect("others still connect");
         // An invalid file changes nothing.
         ops::write_atomic(&s.guard_file, "deny: [198.18.0.49/33]\n");
