@@ -104,9 +104,13 @@ impl Daemon {
             .stderr(err)
             .spawn()
             .expect("spawn daemon");
-        let d = Self { child: Some(child), log, scratch };
-        if !d.wait_log("ready", Duration::from_secs(20)) {
+        let mut d = Self { child: Some(child), log, scratch };
+        // The line `... app: ready listen=...` (not "already in use", say), from a live process.
+        if !d.wait_log(" ready ", Duration::from_secs(20)) {
             panic!("daemon did not become ready:\n{}", d.log_text());
+        }
+        if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            panic!("daemon exited ({status}) right after getting ready:\n{}", d.log_text());
         }
         d
     }

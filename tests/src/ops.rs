@@ -288,13 +288,6 @@ pub fn protocol_bytes(n_up: u64, n_down: u64) -> (u64, u64) {
     (24 + n_up, 16 + n_down + 32)
 }
 
-/// BPF programs loaded on the machine whose name contains `name` (`bpftool prog show`).
-pub fn bpf_programs_named(name: &str) -> usize {
-    let out = std::process::Command::new("bpftool").args(["prog", "show"]).output().expect("bpftool prog show");
-    assert!(out.status.success(), "bpftool prog show: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(name)).count()
-}
-
 /// Waits until process `pid` has exited (gone, or a zombie waiting to be reaped).
 pub fn wait_exit(pid: u32, timeout: Duration) -> bool {
     wait_until(timeout, || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

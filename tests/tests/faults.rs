@@ -388,6 +388,7 @@ fn stuck_readers_cost_no_cpu_kernel() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let window = Duration::from_secs(5);
         let (cpu0, t) = (cpu_ns(daemon.pid()), Instant::now());
+        assert!(cpu0 > 0, "no CPU time read from /proc/{}/task/*/schedstat", daemon.pid());
         tokio::time::sleep(window).await;
         let share = (cpu_ns(daemon.pid()) - cpu0) as f64 / t.elapsed().as_nanos() as f64;
         eprintln!(

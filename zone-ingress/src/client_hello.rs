@@ -878,16 +878,22 @@ mod tests {
     }
 
     #[test]
-    fn flipped_or_truncated_fixtures_never_panic() {
+    fn flipped_or_truncated_fixtures_keep_the_parser_monotone() {
         for f in FIXTURES {
             for i in 0..f.bytes.len() {
-                let _ = parse_default(&f.bytes[..i]);
-                let _ = parse(f.bytes, i);
+                let prefix = parse_default(&f.bytes[..i]);
+                assert!(matches!(prefix, Parsed::Incomplete { .. }), "{} cut at {i}: {prefix:?}", f.name);
+                let capped = parse(f.bytes, i);
+                assert!(!matches!(capped, Parsed::Complete { .. }), "{} over a cap of {i}: {capped:?}", f.name);
                 for mask in [0x01, 0x80, 0xff] {
                     let mut buf = f.bytes.to_vec();
                     buf[i] ^= mask;
-                    let _ = parse_default(&buf);
-                    let _ = parse_default(&buf[..=i]);
+                    // Once a prefix is decided (complete or invalid), more bytes never change it.
+                    let whole = parse_default(&buf);
+                    let upto = parse_default(&buf[..=i]);
+                    if !matches!(upto, Parsed::Incomplete { .. }) {
+                        assert_eq!(upto, whole, "{} with byte {i} ^ {mask:#x}", f.name);
+                    }
                 }
             }
         }

@@ -571,13 +571,16 @@ mod tests {
     }
 
     #[test]
-    fn parser_never_panics_on_prefixes() {
+    fn every_prefix_of_a_tag_sni_has_the_right_answer() {
         let sni = "backend{kuma.io/zone=east,mesh=default,version=v2}";
         for end in 0..=sni.len() {
-            let _ = parse_legacy(&sni[..end]);
+            let prefix = &sni[..end];
+            // A tag SNI needs its `mesh` tag, and an opened tag list must be closed: no proper
+            // prefix is one.
+            assert_eq!(parse_legacy(prefix).is_ok(), end == sni.len(), "{prefix:?}: {:?}", parse_legacy(prefix));
         }
         for s in ["{", "}", "{}", "}{", "a{b=c}}", "a{{b=c}", "a{b=c,}", "\u{fffd}{"] {
-            let _ = parse_legacy(s);
+            assert!(parse_legacy(s).is_err(), "{s:?}: {:?}", parse_legacy(s));
         }
     }
 }

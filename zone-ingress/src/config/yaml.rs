@@ -470,8 +470,16 @@ mod tests {
             "}}{{}}",
             "key: {{ é }}",
         ] {
-            let _ = parse_zone_ingress(Path::new("x"), text, &no_vars());
-            let _ = parse_inventory(Path::new("x"), text);
+            // None of these is a ZoneIngress, and none holds a Dataplane: each is refused with
+            // diagnostics, or (the inventory) accepted as empty.
+            match parse_zone_ingress(Path::new("x"), text, &no_vars()) {
+                Ok(l) => panic!("{text:?} accepted as a ZoneIngress: {:?}", l.value),
+                Err(e) => assert!(e.errors().any(|d| !d.message.is_empty()), "{text:?}: {e:?}"),
+            }
+            match parse_inventory(Path::new("x"), text) {
+                Ok(l) => assert!(l.value.is_empty(), "{text:?}"),
+                Err(e) => assert!(e.errors().any(|d| !d.message.is_empty()), "{text:?}: {e:?}"),
+            }
         }
     }
 
