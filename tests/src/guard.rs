@@ -50,7 +50,11 @@ pub fn xdp_attachment(ns: &Netns, ifname: &str) -> Option<&'static str> {
         .args(["-n", &ns.name, "-d", "-j", "link", "show", "dev", ifname])
         .output()
         .expect("ip link show");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    assert!(out.status.success(), "ip link show {ifname} in {}: {}", ns.name, String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("ip -j link show printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    assert!(v[0].is_object(), "ip -j link show {ifname}: no link in {v}");
+    // No `xdp` key: nothing attached.
     let mode = v[0]["xdp"]["mode"].as_u64()?;
     // XDP_ATTACHED_DRV = 1, SKB = 2, HW = 3, MULTI = 4 (include/uapi/linux/if_link.h).
     match mode {
