@@ -27,6 +27,15 @@ const PLAIN_ROUTE: &str = "backend{mesh=default}";
 /// `--backend-user-timeout` of the test.
 const USER_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The daemon in `topo`'s ingress namespace with one service, `backend` on dataplane 1 port
+/// 8080, reached through the plaintext route; `args` are the mode and further flags.
+fn plain_daemon(topo: &Topology, args: &[&str]) -> Daemon {
+    let inventory = ops::inventory(&[Inbound { name: "backend-1", k: 1, port: 8080, service: "backend", tags: &[] }]);
+    let mut all = vec!["--plaintext-route", PLAIN_ROUTE];
+    all.extend_from_slice(args);
+    Daemon::start(&topo.ingress, &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT), &inventory, &all)
+}
+
 /// A backend that vanishes (its link goes down) while the client keeps sending: with
 /// `--backend-user-timeout`, the bytes it never acknowledges end the flow within about that
 /// long, and the client sees a reset (without it the client would wait for the kernel's
@@ -34,14 +43,8 @@ const USER_TIMEOUT: Duration = Duration::from_secs(2);
 fn backend_vanishing_while_client_sends(splice: &'static str) {
     let topo = Topology::new(1);
     let rt = runtime();
-    let inventory = ops::inventory(&[Inbound { name: "backend-1", k: 1, port: 8080, service: "backend", tags: &[] }]);
     let user_timeout = format!("{}s", USER_TIMEOUT.as_secs());
-    let daemon = Daemon::start(
-        &topo.ingress,
-        &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT),
-        &inventory,
-        &["--splice", splice, "--plaintext-route", PLAIN_ROUTE, "--backend-user-timeout", &user_timeout],
-    );
+    let daemon = plain_daemon(&topo, &["--splice", splice, "--backend-user-timeout", &user_timeout]);
     let dump = ops::get(&topo.ingress, ops::admin_addr(ADMIN_PORT), "/config_dump").json();
     assert_eq!(dump["splice"]["limits"]["backendUserTimeout"], user_timeout.as_str(), "{dump:#}");
     let backend_addr = SocketAddr::new(Topology::dataplane_v4(1).into(), 8080);
@@ -202,15 +205,9 @@ const PAUSE_MEM_BOUND: u64 = 96 << 20;
 fn daemon_paused_during_kernel_spliced_bulk_flows() {
     let topo = Topology::new(1);
     let rt = runtime();
-    let inventory = ops::inventory(&[Inbound { name: "backend-1", k: 1, port: 8080, service: "backend", tags: &[] }]);
     // A memory cap well above the redirect window: a guard that fires here fired on a flow the
     // kernel already bounds.
-    let daemon = Daemon::start(
-        &topo.ingress,
-        &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT),
-        &inventory,
-        &["--splice", "kernel", "--plaintext-route", PLAIN_ROUTE, "--max-in-flight-bytes", "16777216"],
-    );
+    let daemon = plain_daemon(&topo, &["--splice", "kernel", "--max-in-flight-bytes", "16777216"]);
     let backend_addr = SocketAddr::new(Topology::dataplane_v4(1).into(), 8080);
     let pattern = stream_pattern();
     let base = MemSample::take(Duration::ZERO);
@@ -345,13 +342,7 @@ fn cpu_ns(pid: u32) -> u64 {
 fn stuck_readers_cost_no_cpu_kernel() {
     let topo = Topology::new(1);
     let rt = runtime();
-    let inventory = ops::inventory(&[Inbound { name: "backend-1", k: 1, port: 8080, service: "backend", tags: &[] }]);
-    let daemon = Daemon::start(
-        &topo.ingress,
-        &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT),
-        &inventory,
-        &["--splice", "kernel", "--plaintext-route", PLAIN_ROUTE],
-    );
+    let daemon = plain_daemon(&topo, &["--splice", "kernel"]);
     let admin = ops::admin_addr(ADMIN_PORT);
     let backend_addr = SocketAddr::new(Topology::dataplane_v4(1).into(), 8080);
     let pattern = Arc::new(raw::pattern(78, STUCK_BYTES));
@@ -447,12 +438,9 @@ fn pending_handshakes_are_capped_and_their_memory_returned() {
     assert!(nofile >= PENDING as u64 + 200, "RLIMIT_NOFILE hard limit {nofile} is too low for {PENDING} connections");
     let topo = Topology::new(1);
     let rt = runtime();
-    let inventory = ops::inventory(&[Inbound { name: "backend-1", k: 1, port: 8080, service: "backend", tags: &[] }]);
     let cap = PENDING_CAP.to_string();
-    let daemon = Daemon::start(
-        &topo.ingress,
-        &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT),
-        &inventory,
+    let daemon = plain_daemon(
+        &topo,
         &["--splice", "userspace", "--max-pending-handshakes", &cap, "--client-hello-timeout", "120s"],
     );
     let admin = ops::admin_addr(ADMIN_PORT);
@@ -556,13 +544,7 @@ fn after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 fn verdict_keeps_the_bytes_when_the_peer_is_missing() {
     let topo = Topology::new(1);
     let rt = runtime();
-    let inventory = ops::inventory(&[Inbound { name: "backend-1", k: 1, port: 8080, service: "backend", tags: &[] }]);
-    let daemon = Daemon::start(
-        &topo.ingress,
-        &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT),
-        &inventory,
-        &["--splice", "kernel", "--plaintext-route", PLAIN_ROUTE],
-    );
+    let daemon = plain_daemon(&topo, &["--splice", "kernel"]);
     let admin = ops::admin_addr(ADMIN_PORT);
     let backend_addr = SocketAddr::new(Topology::dataplane_v4(1).into(), 8080);
     const SENT: usize = 64 << 10;
