@@ -279,6 +279,7 @@ fn check_inventory_document(ck: &mut Checker<'_>, doc: &Value, found: &mut Vec<F
         Value::Mapping(map) if get(map, "type").is_none() && map.contains_key("items") => match get(map, "items") {
             None => {}
             Some(Value::Sequence(items)) => {
+                check_page(ck, map, items.len());
                 for (i, item) in items.iter().enumerate() {
                     check_resource(ck, item, &index_path("items", i), found);
                 }
@@ -289,7 +290,29 @@ fn check_inventory_document(ck: &mut Checker<'_>, doc: &Value, found: &mut Vec<F
     }
 }
 
+/// A kumactl or API export is paged when it names a `next` page or a `total` above its item
+/// count: the dataplanes on the other pages are missing from the inventory, which loads what it
+/// has and says so.
+fn check_page(ck: &mut Checker<'_>, list: &Mapping, items: usize) {
+    let next = get(list, "next").filter(|v| !v.is_null());
+    let total = get(list, "total").and_then(Value::as_u64);
+    if next.is_none() && total.is_none_or(|t| t <= items as u64) {
+        return;
+    }
+    let of = total.map_or_else(String::new, |t| format!(" of {t}"));
+    let (path, at) = if next.is_some() { ("next", Where::Key("next")) } else { ("total", Where::Value("total")) };
+    ck.warn(
+        path,
+        at,
+        format!(
+            "one page of a paged export ({items}{of} items): the dataplanes on the other pages are missing; export \
+             them all (e.g. `kumactl get dataplanes --size 0 -o yaml`) or add the other pages"
+        ),
+    );
+}
+
 const DATAPLANE: &str = "Dataplane";
+const DATAPLANE_OVERVIEW: &str = "DataplaneOverview";
 
 fn check_resource(ck: &mut Checker<'_>, value: &Value, base: &str, found: &mut Vec<Found>) {
     let Value::Mapping(map) = value else {
@@ -300,9 +323,17 @@ fn check_resource(ck: &mut Checker<'_>, value: &Value, base: &str, found: &mut V
         );
         return;
     };
-    if !is_dataplane(ck, map, base) {
+    let Some(kind) = resource_kind(ck, map, base) else {
         return;
-    }
+    };
+    // A `kumactl inspect dataplanes` overview carries the Dataplane's body under `dataplane`.
+    let (spec, spec_path) = match kind {
+        Kind::Dataplane => (map, base.to_owned()),
+        Kind::Overview => match ck.mapping(map, base, "dataplane", Need::Required).ok() {
+            Some(spec) => (spec, child_path(base, "dataplane")),
+            None => return,
+        },
+    };
 
     let errors_before = ck.errors;
     let mesh = ck.string(map, base, "mesh", Need::Required).ok();
@@ -317,13 +348,22 @@ fn check_resource(ck: &mut Checker<'_>, value: &Value, base: &str, found: &mut V
         }
         _ => BTreeMap::new(),
     };
-    let net_path = child_path(base, "networking");
-    let Some(networking) = ck.mapping(map, base, "networking", Need::Required).ok() else {
+    let net_path = child_path(&spec_path, "networking");
+    let Some(networking) = ck.mapping(spec, &spec_path, "networking", Need::Required).ok() else {
         return;
     };
     if get(networking, "gateway").is_some() {
         let gw = child_path(&net_path, "gateway");
         ck.warn(&gw, Where::Key(&gw), "skipped: gateway dataplanes are not plain backends of the ingress");
+        return;
+    }
+    if get(networking, "listeners").is_some() && get(networking, "inbound").is_none() {
+        let listeners = child_path(&net_path, "listeners");
+        ck.warn(
+            &listeners,
+            Where::Key(&listeners),
+            "skipped: a zone proxy (listeners and no inbound) is not a backend of the ingress",
+        );
         return;
     }
 
@@ -345,8 +385,17 @@ fn check_resource(ck: &mut Checker<'_>, value: &Value, base: &str, found: &mut V
     });
 }
 
-/// `type: Dataplane`? Other resource types are skipped with a warning.
-fn is_dataplane(ck: &mut Checker<'_>, map: &Mapping, base: &str) -> bool {
+/// What a resource of the inventory is.
+enum Kind {
+    /// `type: Dataplane`.
+    Dataplane,
+    /// `type: DataplaneOverview` (`kumactl inspect dataplanes -o yaml`): the Dataplane's body is
+    /// under `dataplane`.
+    Overview,
+}
+
+/// A Dataplane or its overview? Other resource types are skipped with a warning.
+fn resource_kind(ck: &mut Checker<'_>, map: &Mapping, base: &str) -> Option<Kind> {
     let type_path = child_path(base, "type");
     match get(map, "type") {
         None => {
@@ -355,20 +404,21 @@ fn is_dataplane(ck: &mut Checker<'_>, map: &Mapping, base: &str) -> bool {
                 Where::Parent(base),
                 "is required (expected `Dataplane`, or an `items:` list of them)",
             );
-            false
+            None
         }
-        Some(Value::String(t)) if t == DATAPLANE => true,
+        Some(Value::String(t)) if t == DATAPLANE => Some(Kind::Dataplane),
+        Some(Value::String(t)) if t == DATAPLANE_OVERVIEW => Some(Kind::Overview),
         Some(Value::String(t)) => {
             ck.warn(
                 &type_path,
                 Where::Value(&type_path),
-                format!("skipped: only Dataplane resources are read from the inventory, not {t}"),
+                format!("skipped: only Dataplane resources (or their overviews) are read from the inventory, not {t}"),
             );
-            false
+            None
         }
         Some(other) => {
             ck.error(&type_path, Where::Value(&type_path), format!("must be a string, got {}", describe(other)));
-            false
+            None
         }
     }
 }
@@ -801,6 +851,58 @@ networking:
         let d = only_error(&e, "name");
         assert_eq!(at(&d), (Some(11), Some(7)));
         assert!(d.message.contains("first defined at dp.yaml:3:7"), "{d}");
+    }
+
+    #[test]
+    fn inventory_zone_proxy_dataplanes_are_skipped_not_refused() {
+        let text = "type: Dataplane\nmesh: default\nname: zp\nnetworking:\n  address: 198.18.1.1\n  listeners:\n  \
+                    - {type: ZoneIngress, port: 10001}\n---\n"
+            .to_owned()
+            + &dp("backend-1", "198.18.1.2", "  - port: 80\n    tags: {kuma.io/service: s}\n");
+        let loaded = inv(&text);
+        let names: Vec<&str> = loaded.value.dataplanes.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["backend-1"]);
+        let d = warning_at(&loaded.warnings, "networking.listeners");
+        assert!(d.message.contains("zone proxy"), "{d}");
+    }
+
+    #[test]
+    fn a_page_of_a_paged_export_loads_with_a_warning() {
+        let item = dp("a", "198.18.1.1", "  - port: 80\n    tags: {kuma.io/service: s}\n");
+        let indented: String = item.lines().map(|l| format!("  {l}\n")).collect();
+        let text = format!("total: 3\nnext: http://cp:5681/dataplanes?offset=1\nitems:\n-{}", &indented[1..]);
+        let loaded = inv(&text);
+        assert_eq!(loaded.value.dataplanes.len(), 1);
+        let d = warning_at(&loaded.warnings, "next");
+        assert!(d.message.contains("1 of 3 items"), "{d}");
+        // A complete list says nothing.
+        let text = format!("total: 1\nnext: null\nitems:\n-{}", &indented[1..]);
+        assert!(inv(&text).warnings.is_empty(), "{:?}", inv(&text).warnings);
+    }
+
+    #[test]
+    fn dataplane_overviews_are_read_from_their_dataplane() {
+        let text = "\
+type: DataplaneOverview
+mesh: default
+name: backend-1
+creationTime: '2026-01-01T00:00:00Z'
+dataplane:
+  networking:
+    address: 198.18.1.1
+    inbound:
+    - port: 8080
+      tags: {kuma.io/service: backend}
+dataplaneInsight:
+  subscriptions: []
+";
+        let loaded = inv(text);
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        let d = &loaded.value.dataplanes[0];
+        assert_eq!((d.mesh.as_str(), d.name.as_str(), d.inbounds.len()), ("default", "backend-1", 1));
+        // Without its body, an overview is an error at the right place.
+        let e = inv_err("type: DataplaneOverview\nmesh: default\nname: x\n");
+        assert!(error_at(&e, "dataplane").message.contains("required"), "{e}");
     }
 
     #[test]
