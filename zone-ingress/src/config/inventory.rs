@@ -305,8 +305,8 @@ fn check_page(ck: &mut Checker<'_>, list: &Mapping, items: usize) {
         path,
         at,
         format!(
-            "one page of a paged export ({items}{of} items): the dataplanes on the other pages are missing; export \
-             them all (e.g. `kumactl get dataplanes --size 0 -o yaml`) or add the other pages"
+            "one page of a paged export ({items}{of} items): the dataplanes on the other pages are missing; add \
+             the other pages (more files or documents) or export with a page size that holds them all"
         ),
     );
 }
