@@ -108,7 +108,9 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
 /// A start that failed (the splice or guard a flag insists on, the listener, the runtime).
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let sources = Sources::from(&args.inputs);
-    // Load.
+    // Load. What the files looked like before: a change from here until the watcher is armed
+    // (just before "ready") is then still applied.
+    let loaded = reload::Fingerprint::read(&sources);
     let inputs = match config::load_inputs(&sources) {
         Ok(i) => i,
         Err(problems) => {
@@ -156,7 +158,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let kernel = KernelSide { splice: kernel, reports: reports_rx, guard };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let mut app = App::start(args, sources, &zi, metrics, snapshot, limits, kernel)?;
+        let inputs = Loaded { sources, fingerprint: loaded };
+        let mut app = App::start(args, inputs, &zi, metrics, snapshot, limits, kernel)?;
         let drain_time = app.serve().await;
         app.drain(drain_time).await;
         anyhow::Ok(())
@@ -224,6 +227,12 @@ struct KernelSide {
     guard: Option<Arc<xdp::Guard>>,
 }
 
+/// Where the inputs come from, and what they looked like when they were loaded.
+struct Loaded {
+    sources: Sources,
+    fingerprint: reload::Fingerprint,
+}
+
 /// A started daemon, inside the runtime.
 struct App {
     args: RunArgs,
@@ -235,13 +244,16 @@ struct App {
     info: admin::Info,
     reloader: Reloader,
     xdp_guard: Option<Arc<xdp::Guard>>,
+    /// Watches the input files (`None` when it could not: SIGHUP still reloads); its events.
+    watcher: Option<reload::Watcher>,
+    changes_rx: mpsc::Receiver<()>,
 }
 
 impl App {
     /// Binds the listeners and the admin server and starts accepting.
     fn start(
         args: RunArgs,
-        sources: Sources,
+        Loaded { sources, fingerprint: loaded }: Loaded,
         zi: &ZoneIngress,
         metrics: Arc<Metrics>,
         snapshot: Snapshot,
@@ -283,18 +295,34 @@ impl App {
         };
         let admin_addr = SocketAddr::new(args.admin_address, zi.admin_port);
         let admin = start_admin(&ingress, admin_addr, &commands_tx, &info);
+        // Watch before "ready", so no change made once the daemon is ready can be missed; a
+        // change made since the load is applied at once.
+        let (changes_tx, changes_rx) = mpsc::channel(1);
+        let watcher = reload::watch(&sources, changes_tx.clone())
+            .map_err(|e| warn!(error = %e, "cannot watch the configuration files; reload with SIGHUP"))
+            .ok();
+        if reload::Fingerprint::read(&sources) != loaded {
+            let _ = changes_tx.try_send(());
+        }
         info!(%listen, listeners = n, admin = %admin_addr, "ready");
         let reloader = Reloader { sources, listeners: n };
-        Ok(Self { args, ingress, signals, commands_tx, commands_rx, admin, info, reloader, xdp_guard })
+        Ok(Self {
+            args,
+            ingress,
+            signals,
+            commands_tx,
+            commands_rx,
+            admin,
+            info,
+            reloader,
+            xdp_guard,
+            watcher,
+            changes_rx,
+        })
     }
 
     /// Serves until a shutdown is asked for; returns how long established flows may drain.
     async fn serve(&mut self) -> Duration {
-        let (changes_tx, mut changes_rx) = mpsc::channel(1);
-        // Without a watcher the files still reload on SIGHUP.
-        let mut watcher = reload::watch(&self.reloader.sources, changes_tx)
-            .map_err(|e| warn!(error = %e, "cannot watch the configuration files; reload with SIGHUP"))
-            .ok();
         loop {
             let trigger = tokio::select! {
                 event = self.signals.next() => match event {
@@ -316,13 +344,13 @@ impl App {
                         continue;
                     }
                 },
-                Some(()) = changes_rx.recv() => {
+                Some(()) = self.changes_rx.recv() => {
                     // Editors and `cat >` write in several steps: read once it has settled.
-                    settle(&mut changes_rx, &self.reloader.sources).await;
+                    settle(&mut self.changes_rx, &self.reloader.sources).await;
                     "file change"
                 },
             };
-            if let Some(w) = &mut watcher {
+            if let Some(w) = &mut self.watcher {
                 w.rearm();
             }
             self.reload(trigger);
