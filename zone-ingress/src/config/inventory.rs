@@ -127,19 +127,18 @@ pub fn load_inventory(path: &Path) -> Result<Loaded<Inventory>, ConfigError> {
         for file in files {
             match read_text_within(&file, &mut budget) {
                 Ok(text) => parse_inventory_into(&file, &text, &mut found, &mut diags),
-                Err(d) => {
-                    let over = budget == 0;
+                Err(Unread::Unreadable(d)) => diags.push(d),
+                // The files after it would only repeat the error.
+                Err(Unread::OverLimit(d)) => {
                     diags.push(d);
-                    if over {
-                        break;
-                    }
+                    break;
                 }
             }
         }
     } else {
         match read_text_within(path, &mut budget) {
             Ok(text) => parse_inventory_into(path, &text, &mut found, &mut diags),
-            Err(d) => diags.push(d),
+            Err(Unread::Unreadable(d) | Unread::OverLimit(d)) => diags.push(d),
         }
     }
     let inventory = collect_inventory(path, found, &mut diags);
@@ -152,13 +151,19 @@ pub fn load_inventory(path: &Path) -> Result<Loaded<Inventory>, ConfigError> {
 /// last good table stays.
 pub(crate) const MAX_INVENTORY_BYTES: u64 = 64 << 20;
 
-/// [`read_text`] of at most `budget` bytes, taken from the budget; above it, an error that says
-/// so (and the budget is 0).
-fn read_text_within(path: &Path, budget: &mut u64) -> Result<String, Diagnostic> {
-    let len = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    // Read no more than the budget allows, whatever the file grew to since `metadata`.
+/// Why an inventory file was not read.
+enum Unread {
+    /// Missing, unreadable or not UTF-8.
+    Unreadable(Diagnostic),
+    /// It would take the inventory past [`MAX_INVENTORY_BYTES`].
+    OverLimit(Diagnostic),
+}
+
+/// [`read_text`] of a file that fits in `budget` bytes, taken from the budget. A file larger
+/// than its `metadata` says (it grew meanwhile) is refused after the read.
+fn read_text_within(path: &Path, budget: &mut u64) -> Result<String, Unread> {
     let over = |size: u64| {
-        whole_file(
+        Unread::OverLimit(whole_file(
             path,
             Severity::Error,
             format!(
@@ -167,19 +172,16 @@ fn read_text_within(path: &Path, budget: &mut u64) -> Result<String, Diagnostic>
                 MAX_INVENTORY_BYTES >> 20,
                 MAX_INVENTORY_BYTES - *budget + size,
             ),
-        )
+        ))
     };
+    let len = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     if len > *budget {
-        let d = over(len);
-        *budget = 0;
-        return Err(d);
+        return Err(over(len));
     }
-    let text = read_text(path)?;
+    let text = read_text(path).map_err(Unread::Unreadable)?;
     let size = text.len() as u64;
     if size > *budget {
-        let d = over(size);
-        *budget = 0;
-        return Err(d);
+        return Err(over(size));
     }
     *budget -= size;
     Ok(text)

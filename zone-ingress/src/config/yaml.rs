@@ -48,7 +48,8 @@ pub(crate) struct DocSpans {
 pub(crate) struct Parsed {
     /// The documents read before any syntax error, in order; empty ones are `Null`.
     pub(crate) docs: Vec<Value>,
-    spans: Vec<DocSpans>,
+    /// The position index of each document (`None` where the index has no such document).
+    spans: Vec<Option<DocSpans>>,
     posmap: PosMap,
     syntax_error: bool,
 }
@@ -66,7 +67,7 @@ pub(crate) enum Single<'p> {
 impl Parsed {
     /// A checker for document `doc`.
     pub(crate) fn checker<'a>(&'a self, file: &'a Path, doc: usize, diags: &'a mut Vec<Diagnostic>) -> Checker<'a> {
-        Checker::new(file, self.spans.get(doc), &self.posmap, diags)
+        Checker::new(file, self.spans.get(doc).and_then(Option::as_ref), &self.posmap, diags)
     }
 
     /// The file's only non-empty document; a second one is an error ("expected a single `what`
@@ -98,34 +99,11 @@ pub(crate) fn parse_documents(file: &Path, text: &str, diags: &mut Vec<Diagnosti
 /// Parse every document of `text`, which `posmap` maps back to `file`. On a syntax error the
 /// documents before it are still returned (and checked), so one run reports as much as possible.
 pub(crate) fn parse_substituted(file: &Path, text: &str, posmap: PosMap, diags: &mut Vec<Diagnostic>) -> Parsed {
-    let spans = index_spans(text);
-    let mut docs = Vec::new();
-    let mut syntax_error = false;
-    for document in serde_yaml::Deserializer::from_str(text) {
-        match Lenient::deserialize(document) {
-            Ok(Lenient(mut value)) => {
-                if let Err(e) = value.apply_merge() {
-                    let pos = spans.get(docs.len()).and_then(|s| s.start);
-                    diags.push(yaml_error(file, pos, &posmap, &e));
-                    value = Value::Null;
-                }
-                docs.push(value);
-            }
-            Err(e) => {
-                let mut pos = e.location().map(|l| Pos { line: l.line(), column: l.column() });
-                if e.to_string().starts_with("duplicate entry") {
-                    // serde_yaml points at the mapping; the span index knows the repeated key.
-                    if let Some(dup) = spans.get(docs.len()).and_then(|s| s.duplicate_keys.first()) {
-                        pos = Some(*dup);
-                    }
-                }
-                diags.push(yaml_error(file, pos, &posmap, &e));
-                syntax_error = true;
-                // serde_yaml's document iterator repeats a fatal error forever.
-                break;
-            }
-        }
-    }
+    let (mut docs, mut spans) = (Vec::new(), Vec::new());
+    let syntax_error = each_document(file, text, &posmap, diags, |doc_spans, value, _| {
+        spans.push(doc_spans);
+        docs.push(value);
+    });
     Parsed { docs, spans, posmap, syntax_error }
 }
 
@@ -140,30 +118,49 @@ pub(crate) fn for_each_document(
     mut check: impl FnMut(&mut Checker<'_>, &Value),
 ) {
     let posmap = PosMap::identity();
+    each_document(file, text, &posmap, diags, |doc_spans, value, diags| {
+        check(&mut Checker::new(file, doc_spans.as_ref(), &posmap, diags), &value);
+    });
+}
+
+/// Reads the documents of `text` one at a time, each with its position index (`None` where the
+/// index has no such document), and hands them to `each`. A YAML error is reported at its
+/// position (mapped back to `file` by `posmap`); a document whose merge keys fail is handed on
+/// as `Null`. Returns whether it stopped at a syntax error (the documents before it were handed
+/// on).
+fn each_document(
+    file: &Path,
+    text: &str,
+    posmap: &PosMap,
+    diags: &mut Vec<Diagnostic>,
+    mut each: impl FnMut(Option<DocSpans>, Value, &mut Vec<Diagnostic>),
+) -> bool {
     let mut index = SpanIndex::new(text);
     for document in serde_yaml::Deserializer::from_str(text) {
         let spans = index.next_doc();
         match Lenient::deserialize(document) {
             Ok(Lenient(mut value)) => {
                 if let Err(e) = value.apply_merge() {
-                    diags.push(yaml_error(file, spans.as_ref().and_then(|s| s.start), &posmap, &e));
+                    diags.push(yaml_error(file, spans.as_ref().and_then(|s| s.start), posmap, &e));
                     value = Value::Null;
                 }
-                let mut ck = Checker::new(file, spans.as_ref(), &posmap, diags);
-                check(&mut ck, &value);
+                each(spans, value, diags);
             }
             Err(e) => {
                 let mut pos = e.location().map(|l| Pos { line: l.line(), column: l.column() });
+                // serde_yaml points at the mapping; the span index knows the repeated key.
                 if e.to_string().starts_with("duplicate entry")
                     && let Some(dup) = spans.as_ref().and_then(|s| s.duplicate_keys.first())
                 {
                     pos = Some(*dup);
                 }
-                diags.push(yaml_error(file, pos, &posmap, &e));
-                break;
+                diags.push(yaml_error(file, pos, posmap, &e));
+                // serde_yaml's document iterator repeats a fatal error forever.
+                return true;
             }
         }
     }
+    false
 }
 
 fn yaml_error(file: &Path, pos: Option<Pos>, posmap: &PosMap, e: &serde_yaml::Error) -> Diagnostic {
@@ -278,15 +275,9 @@ fn huge_integer(digits: &str) -> Value {
     Value::Number(digits.parse::<f64>().unwrap_or(f64::INFINITY).into())
 }
 
-/// Index the position of every mapping value and list item by field path, document by document,
-/// from saphyr-parser's event stream. Stops quietly at a syntax error (`serde_yaml` reports it).
-fn index_spans(text: &str) -> Vec<DocSpans> {
-    let mut index = SpanIndex::new(text);
-    std::iter::from_fn(|| index.next_doc()).collect()
-}
-
-/// [`index_spans`] one document at a time, so a long stream of documents never has all of its
-/// indexes in memory at once.
+/// The position of every mapping value and list item by field path, one document at a time (so a
+/// long stream never has all of its indexes in memory at once), from saphyr-parser's event
+/// stream. Stops quietly at a syntax error (`serde_yaml` reports it).
 struct SpanIndex<'t> {
     parser: saphyr_parser::Parser<'t, saphyr_parser::StrInput<'t>>,
     stack: Vec<Frame>,

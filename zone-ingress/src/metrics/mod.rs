@@ -214,6 +214,8 @@ pub struct Metrics {
     pub pre_cx_timeout: AtomicU64,
     /// Connections waiting for their ClientHello now (`zone_ingress_handshakes_pending`).
     pub handshakes_pending: AtomicU64,
+    /// Most of them at once since the heap was last trimmed after a burst (not exported).
+    pub handshakes_peak: AtomicU64,
     /// ClientHello parsing (Envoy's tls_inspector counters).
     pub tls_found: AtomicU64,
     pub tls_not_found: AtomicU64,

@@ -329,13 +329,9 @@ async fn connect(ingress: &Ingress, route: &Route, stats: &ClusterStats) -> Opti
     None
 }
 
-/// Peeks (`MSG_PEEK`, never consuming) until the ClientHello is complete, invalid, or the
-/// client closes. Returns `Err` when the client closed or failed first.
 /// A connection's place among those waiting for their ClientHello (`--max-pending-handshakes`).
 struct HandshakeSlot<'a>(&'a Metrics);
 
-/// Most connections that waited for their ClientHello at once since the heap was last trimmed.
-static PENDING_PEAK: AtomicU64 = AtomicU64::new(0);
 /// A burst of at least this many pending handshakes is worth trimming the heap after.
 const TRIM_AFTER_PEAK: u64 = 1024;
 
@@ -346,7 +342,7 @@ impl<'a> HandshakeSlot<'a> {
             m.handshakes_pending.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        PENDING_PEAK.fetch_max(now, Ordering::Relaxed);
+        m.handshakes_peak.fetch_max(now, Ordering::Relaxed);
         Some(Self(m))
     }
 }
@@ -356,10 +352,10 @@ impl Drop for HandshakeSlot<'_> {
         let now = self.0.handshakes_pending.fetch_sub(1, Ordering::AcqRel) - 1;
         // After a burst (a flood of connections that send nothing, say) the allocator keeps the
         // freed buffers: once the burst is mostly gone, hand the free pages back to the kernel.
-        let peak = PENDING_PEAK.load(Ordering::Relaxed);
+        let peak = self.0.handshakes_peak.load(Ordering::Relaxed);
         if peak >= TRIM_AFTER_PEAK
             && now <= peak / 8
-            && PENDING_PEAK.compare_exchange(peak, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            && self.0.handshakes_peak.compare_exchange(peak, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
         {
             debug!(peak, now, "handshake burst over; returning free heap pages");
             tokio::task::spawn_blocking(sys::trim_heap);
@@ -372,6 +368,8 @@ impl Drop for HandshakeSlot<'_> {
 /// the cap, so a connection that sent little holds little.
 const PEEK_START: usize = 2048;
 
+/// Peeks (`MSG_PEEK`, never consuming) until the ClientHello is complete, invalid, or the
+/// client closes. Returns `Err` when the client closed or failed first.
 async fn peek_client_hello(stream: &TcpStream, max: usize) -> io::Result<Parsed> {
     // One byte more than the cap, so "too large" is distinguishable from "exactly at the cap".
     let mut buf = vec![0u8; PEEK_START.min(max + 1)];
