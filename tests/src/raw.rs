@@ -422,6 +422,14 @@ impl MemSample {
     }
 }
 
+/// Kernel memory growth over `base` that lasted three consecutive samples: other processes move
+/// these counters for an instant; a queue that holds memory holds it longer. 0 with fewer than
+/// three samples.
+pub fn lasting_growth(samples: &[MemSample], base: &MemSample) -> u64 {
+    let growth: Vec<u64> = samples.iter().map(|s| s.kernel.saturating_sub(base.kernel)).collect();
+    growth.windows(3).map(|w| w.iter().copied().min().unwrap_or(0)).max().unwrap_or(0)
+}
+
 /// The `mem` pages of the `TCP:` line of a sockstat text.
 pub fn sockstat_tcp_mem_pages(text: &str) -> u64 {
     text.lines()
@@ -437,6 +445,18 @@ pub fn sockstat_tcp_mem_pages(text: &str) -> u64 {
 pub fn sockstat(ns: &Netns) -> String {
     ns.command("cat")
         .arg("/proc/net/sockstat")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// `ss -Htn <args>` in `ns` for the TCP sockets with local or remote port `port` (`args` may add
+/// columns and a state filter).
+pub fn ss_port(ns: &Netns, args: &[&str], port: u16) -> String {
+    ns.command("ss")
+        .arg("-Htn")
+        .args(args)
+        .arg(format!("( sport = :{port} or dport = :{port} )"))
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default()

@@ -182,13 +182,6 @@ async fn read_pattern<R: AsyncRead + Unpin>(
     }
 }
 
-/// Kernel memory growth over `base` that lasted three consecutive samples (300 ms): other
-/// processes move these counters for an instant; a queue that holds memory holds it longer.
-fn lasting_growth(samples: &[MemSample], base: &MemSample) -> u64 {
-    let growth: Vec<u64> = samples.iter().map(|s| s.kernel.saturating_sub(base.kernel)).collect();
-    growth.windows(3).map(|w| w.iter().copied().min().unwrap_or(0)).max().unwrap_or(0)
-}
-
 /// How long the daemon is stopped while its kernel-spliced flows run.
 const PAUSE: Duration = Duration::from_secs(8);
 /// Kernel memory the two flows may hold while the daemon is stopped. Each direction may queue
@@ -289,7 +282,7 @@ fn daemon_paused_during_kernel_spliced_bulk_flows() {
         during.len()
     );
     assert!(during.len() >= PAUSE.as_secs() as usize * 5, "only {} memory samples while paused", during.len());
-    let grew = lasting_growth(&during, &base);
+    let grew = raw::lasting_growth(&during, &base);
     let trace: Vec<String> =
         during.iter().step_by(5).map(|s| format!("{:.1}", raw::mib(s.kernel.saturating_sub(base.kernel)))).collect();
     eprintln!("kernel memory growth while paused, every 500 ms (MiB): {}", trace.join(" "));
@@ -517,18 +510,6 @@ fn pending_handshakes_are_capped_and_their_memory_returned() {
     assert!(after <= base + PENDING_RSS_AFTER, "the daemon kept {:.1} MiB after the burst", raw::mib(after - base));
 }
 
-/// `ss` in `ns` for the established sockets on local port `port`, with `args`.
-fn ss(ns: &zone_ingress_tests::netns::Netns, args: &[&str], port: u16) -> String {
-    let out = ns
-        .command("ss")
-        .args(["-Htn"])
-        .args(args)
-        .args(["state", "established", &format!("( sport = :{port} )")])
-        .output()
-        .expect("ss");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The value after `key` in `text` (`sk:1f2e` → `1f2e`, `r4096` → `4096`), up to a delimiter.
 fn after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     let at = text.find(key)? + key.len();
@@ -559,7 +540,7 @@ fn verdict_keeps_the_bytes_when_the_peer_is_missing() {
         let mut first = [0u8; 5];
         b.read_exact(&mut first).await.expect("the first bytes through the splice");
         // The ingress's client-side socket, its peer in PAIRS, and that peer out of SOCKS.
-        let line = ss(&topo.ingress, &["-e"], 10001);
+        let line = raw::ss_port(&topo.ingress, &["-e", "state", "established"], 10001);
         let cookie = u64::from_str_radix(after(&line, "sk:").unwrap_or_else(|| panic!("no cookie in {line:?}")), 16)
             .expect("hex cookie");
         let pairs = raw::daemon_map_id(daemon.pid(), "PAIRS").expect("PAIRS");
@@ -593,7 +574,7 @@ fn verdict_keeps_the_bytes_when_the_peer_is_missing() {
         daemon.signal(libc::SIGSTOP);
         c.write_all(&vec![3u8; SENT]).await.expect("the client's bytes");
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let mem = ss(&topo.ingress, &["-m"], 10001);
+        let mem = raw::ss_port(&topo.ingress, &["-m", "state", "established"], 10001);
         let kept: u64 = after(&mem, "skmem:(r").and_then(|v| v.parse().ok()).unwrap_or(0);
         daemon.signal(libc::SIGCONT);
         let mut buf = [0u8; 1024];

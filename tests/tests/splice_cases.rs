@@ -1278,10 +1278,8 @@ fn slow_reader(mode: &'static str) {
     );
     // Growth held for 3 consecutive samples (300 ms): other processes on the machine move these
     // counters by tens of MiB for an instant; a queue that holds memory holds it longer.
-    let kernel_growth: Vec<u64> = samples.iter().map(|s| s.kernel.saturating_sub(base.kernel)).collect();
-    let instant_peak_kernel = kernel_growth.iter().copied().max().unwrap_or(0);
-    let peak_kernel =
-        kernel_growth.windows(3).map(|w| w.iter().copied().min().unwrap_or(0)).max().unwrap_or(instant_peak_kernel);
+    let instant_peak_kernel = samples.iter().map(|s| s.kernel.saturating_sub(base.kernel)).max().unwrap_or(0);
+    let peak_kernel = raw::lasting_growth(&samples, &base);
     let peak_slab = samples.iter().map(|s| s.slab.saturating_sub(base.slab)).max().unwrap_or(0);
     let peak_tcp = samples.iter().map(|s| s.tcp_mem.saturating_sub(base.tcp_mem)).max().unwrap_or(0);
     eprintln!(

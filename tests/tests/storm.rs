@@ -18,7 +18,7 @@ use tokio::{
 };
 use zone_ingress_tests::{
     daemon::{Daemon, zone_ingress_yaml},
-    netns::{Netns, Topology},
+    netns::Topology,
     raw::{self, SockOpts},
     section5_inventory,
 };
@@ -34,17 +34,6 @@ const STORM: Duration = Duration::from_secs(5);
 const PATIENCE: Duration = Duration::from_secs(5);
 /// The backend's answer.
 const ANSWER: usize = 100;
-
-/// Sockets on `port` in `ns`, every state, with timers and TCP details.
-fn sockets_on(ns: &Netns, port: u16) -> String {
-    let out = ns
-        .command("ss")
-        .args(["-Htanoie", &format!("( sport = :{port} or dport = :{port} )")])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    if out.is_empty() { format!("  {}: none\n", ns.name) } else { format!("  {}:\n{out}", ns.name) }
-}
 
 fn storm(mode: &'static str) {
     let nofile = raw::raise_nofile();
@@ -153,7 +142,8 @@ fn storm(mode: &'static str) {
     for (port, why) in failures.iter().take(4) {
         report.push_str(&format!("client port {port}: {why}\n"));
         for ns in [&topo.client, &topo.ingress, &topo.dataplanes[0]] {
-            report.push_str(&sockets_on(ns, *port));
+            let out = raw::ss_port(ns, &["-a", "-o", "-i", "-e"], *port);
+            report.push_str(&format!("  {}:\n{}\n", ns.name, if out.is_empty() { "none" } else { &out }));
         }
     }
     let scrape = zone_ingress_tests::ops::scrape(&topo.ingress, zone_ingress_tests::ops::admin_addr(9901));
