@@ -7,6 +7,7 @@
 //! - ingress     198.18.0.2/24   2001:2:0:0::2/64   and 198.18.k.1/24  2001:2:0:k::1/64
 //! - dataplane k 198.18.k.2/24   2001:2:0:k::2/64
 
+pub mod control_plane;
 pub mod daemon;
 pub mod guard;
 pub mod netns;

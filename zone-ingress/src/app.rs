@@ -16,14 +16,14 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::{
     admin,
     cli::{RunArgs, ValidateArgs},
     config::{self, Diagnostic, Inputs, Sources, ZoneIngress},
-    ebpf,
+    control_plane, ebpf,
     metrics::Metrics,
     reload::{self, Reloader},
     routing::RouteTable,
@@ -65,6 +65,19 @@ fn report(problems: &[Diagnostic]) {
 /// None today: every problem is a configuration problem, reported with exit code 64.
 pub fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
     let sources = Sources::from(&args.inputs);
+    if args.inputs.control_plane.cp_address.is_some() {
+        // The routes come from the control plane: only the ZoneIngress file is ours to check.
+        return Ok(match load_zone_ingress_only(&sources) {
+            Ok(zi) => {
+                info!(listener = %zi.listen_addr(), "configuration is valid (routes come from the control plane)");
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                report(&problems);
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        });
+    }
     // Every problem of the three files in one report.
     let mut problems = Vec::new();
     let inputs = config::load_inputs(&sources).map_err(|p| problems.extend(p));
@@ -107,6 +120,9 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
 /// # Errors
 /// A start that failed (the splice or guard a flag insists on, the listener, the runtime).
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if args.inputs.control_plane.cp_address.is_some() {
+        return run_with_control_plane(args);
+    }
     let sources = Sources::from(&args.inputs);
     // Load. What the files looked like before: a change from here until the watcher is armed
     // (just before "ready") is then still applied.
@@ -158,7 +174,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let kernel = KernelSide { splice: kernel, reports: reports_rx, guard };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let inputs = Loaded { sources, fingerprint: loaded };
+        let inputs = Loaded { sources, fingerprint: loaded, control_plane: None };
         let mut app = App::start(args, inputs, &zi, metrics, snapshot, limits, kernel)?;
         let drain_time = app.serve().await;
         app.drain(drain_time).await;
@@ -166,6 +182,134 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     })?;
     // Dropping the runtime dropped the last handles: the verdict program is detached and no
     // map or program of ours remains (nothing is pinned).
+    drop(runtime);
+    info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The ZoneIngress file alone (control-plane mode), with `--proxy-type` checked.
+fn load_zone_ingress_only(sources: &Sources) -> Result<ZoneIngress, Vec<Diagnostic>> {
+    let mut problems = Vec::new();
+    if sources.proxy_type != "ingress" {
+        problems.push(Diagnostic::error(
+            std::path::PathBuf::from("--proxy-type"),
+            "proxy-type",
+            format!("zone-ingress only serves --proxy-type=ingress, got {:?}", sources.proxy_type),
+        ));
+    }
+    let vars = sources.dataplane_vars.iter().cloned().collect();
+    match config::load_zone_ingress(&sources.dataplane_file, &vars) {
+        Ok(loaded) if problems.is_empty() => {
+            for w in &loaded.warnings {
+                warn!("{w}");
+            }
+            Ok(loaded.value)
+        }
+        Ok(loaded) => {
+            problems.extend(loaded.warnings);
+            Err(problems)
+        }
+        Err(e) => {
+            problems.extend(e.diagnostics);
+            Err(problems)
+        }
+    }
+}
+
+/// The control-plane settings of `args` for the checked ZoneIngress `zi`: the token and CA
+/// read, the resource as JSON for the bootstrap request.
+fn control_plane_settings(args: &RunArgs, sources: &Sources, zi: &ZoneIngress) -> anyhow::Result<control_plane::Settings> {
+    let cp = &args.inputs.control_plane;
+    let url = control_plane::Settings::parse_url(cp.cp_address.as_deref().unwrap_or_default())?;
+    let token = match (&cp.dataplane_token_file, &cp.dataplane_token) {
+        (Some(path), _) => std::fs::read_to_string(path)
+            .with_context(|| format!("--dataplane-token-file {}", path.display()))?
+            .trim()
+            .to_owned(),
+        (None, Some(token)) => token.trim().to_owned(),
+        (None, None) => String::new(),
+    };
+    if token.is_empty() {
+        warn!("no dataplane token (--dataplane-token-file): a control plane with authentication will refuse this proxy");
+    }
+    let ca = cp
+        .ca_cert_file
+        .as_ref()
+        .map(|p| std::fs::read(p).with_context(|| format!("--ca-cert-file {}", p.display())))
+        .transpose()?;
+    // kuma-dp sends the resource as JSON, after the `--dataplane-var` substitutions.
+    let text = std::fs::read_to_string(&sources.dataplane_file)
+        .with_context(|| format!("--dataplane-file {}", sources.dataplane_file.display()))?;
+    let vars = sources.dataplane_vars.iter().cloned().collect();
+    let mut diags = Vec::new();
+    let (text, _) = config::substitute(&sources.dataplane_file, &text, &vars, &mut diags)
+        .context("--dataplane-file: substituting --dataplane-var")?;
+    let resource: serde_json::Value = serde_yaml::from_str(&text).context("--dataplane-file is not YAML")?;
+    Ok(control_plane::Settings {
+        url,
+        token,
+        token_path: cp.dataplane_token_file.clone(),
+        ca,
+        mesh: cp.mesh.clone(),
+        name: cp.name.clone().unwrap_or_else(|| zi.name.clone()),
+        resource: resource.to_string(),
+        zone: sources.zone.clone(),
+        retry_backoff: cp.cp_retry_backoff.0,
+        retry_max_duration: cp.cp_retry_max_duration.0,
+    })
+}
+
+/// `run` in control-plane mode: the ZoneIngress file gives the listener and admin addresses,
+/// the control plane everything else (docs/design.md#control-plane-mode). The listener is bound
+/// at start and accepts once the first configuration is installed.
+fn run_with_control_plane(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let sources = Sources::from(&args.inputs);
+    let zi = match load_zone_ingress_only(&sources) {
+        Ok(zi) => zi,
+        Err(problems) => {
+            report(&problems);
+            return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+        }
+    };
+    let settings = control_plane_settings(&args, &sources, &zi)?;
+    let listen = zi.listen_addr();
+    let guard_plan = match xdp::plan(args.xdp, args.xdp_config.as_deref()) {
+        Ok(plan) => plan,
+        Err(xdp::StartError::Config(problems)) => {
+            report(&problems);
+            return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if args.plaintext_route.is_some() {
+        bail!("--plaintext-route is a file-mode extension; the control plane decides every route");
+    }
+    let object = load_object(args.splice, guard_plan.as_ref());
+    let limits = args.limits();
+    let (reports_tx, reports_rx) = splice::report_channel();
+    let kernel = start_splice(args.splice, object.clone(), &limits, reports_tx)?;
+    raise_fd_limit();
+    let guard = match guard_plan {
+        Some(plan) => {
+            xdp::start(plan, object.unwrap_or_else(|| Err(Arc::new(ebpf::Error::NoObject))), listen)?.map(Arc::new)
+        }
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::default());
+    metrics.cp_mode.store(true, std::sync::atomic::Ordering::Relaxed);
+    let empty = RouteTable::from_control_plane(&sources.zone, Vec::new(), None);
+    let snapshot = Snapshot::from_table(&metrics, Some(zi.clone()), empty);
+    let kernel = KernelSide { splice: kernel, reports: reports_rx, guard };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let boot = control_plane::bootstrap(&settings).await?;
+        let loaded = reload::Fingerprint::read(&sources);
+        let inputs = Loaded { sources, fingerprint: loaded, control_plane: Some((settings, boot)) };
+        let mut app = App::start(args, inputs, &zi, metrics, snapshot, limits, kernel)?;
+        let drain_time = app.serve().await;
+        app.drain(drain_time).await;
+        anyhow::Ok(())
+    })?;
     drop(runtime);
     info!("stopped");
     Ok(ExitCode::SUCCESS)
@@ -231,6 +375,19 @@ struct KernelSide {
 struct Loaded {
     sources: Sources,
     fingerprint: reload::Fingerprint,
+    /// Control-plane mode: the settings and the bootstrap received.
+    control_plane: Option<(control_plane::Settings, control_plane::bootstrap::Bootstrap)>,
+}
+
+/// The ADS client task of control-plane mode.
+struct ControlPlaneTask {
+    /// Turns true to close the stream.
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    /// Hears once the first configuration is installed.
+    first: mpsc::Receiver<()>,
+    /// The bound listener, accepting from the first configuration on.
+    pending: Option<Vec<tokio::net::TcpListener>>,
 }
 
 /// A started daemon, inside the runtime.
@@ -247,13 +404,15 @@ struct App {
     /// Watches the input files (`None` when it could not: SIGHUP still reloads); its events.
     watcher: Option<reload::Watcher>,
     changes_rx: mpsc::Receiver<()>,
+    /// Control-plane mode.
+    control_plane: Option<ControlPlaneTask>,
 }
 
 impl App {
     /// Binds the listeners and the admin server and starts accepting.
     fn start(
         args: RunArgs,
-        Loaded { sources, fingerprint: loaded }: Loaded,
+        Loaded { sources, fingerprint: loaded, control_plane: cp }: Loaded,
         zi: &ZoneIngress,
         metrics: Arc<Metrics>,
         snapshot: Snapshot,
@@ -284,7 +443,18 @@ impl App {
         let KernelSide { splice, reports, guard: xdp_guard } = kernel;
         let ingress = Ingress::with_snapshot(options, metrics, snapshot, splice);
         tokio::spawn(server::close_reports(Arc::clone(&ingress), reports));
-        ingress.start_listeners(listeners);
+        let control_plane = match cp {
+            None => {
+                ingress.start_listeners(listeners);
+                None
+            }
+            Some((settings, boot)) => {
+                let (first_tx, first) = mpsc::channel(1);
+                let (shutdown, shutdown_rx) = watch::channel(false);
+                let task = tokio::spawn(control_plane::serve(settings, boot, Arc::clone(&ingress), first_tx, shutdown_rx));
+                Some(ControlPlaneTask { shutdown, task, first, pending: Some(listeners) })
+            }
+        };
         let (commands_tx, commands_rx) = mpsc::channel(4);
         let info = admin::Info {
             dataplane_file: sources.dataplane_file.clone(),
@@ -298,10 +468,15 @@ impl App {
         // Watch before "ready", so no change made once the daemon is ready can be missed; a
         // change made since the load is applied at once.
         let (changes_tx, changes_rx) = mpsc::channel(1);
-        let watcher = reload::watch(&sources, changes_tx.clone())
-            .map_err(|e| warn!(error = %e, "cannot watch the configuration files; reload with SIGHUP"))
-            .ok();
-        if reload::Fingerprint::read(&sources) != loaded {
+        // Control-plane mode reads its files once, as kuma-dp.
+        let watcher = if control_plane.is_some() {
+            None
+        } else {
+            reload::watch(&sources, changes_tx.clone())
+                .map_err(|e| warn!(error = %e, "cannot watch the configuration files; reload with SIGHUP"))
+                .ok()
+        };
+        if control_plane.is_none() && reload::Fingerprint::read(&sources) != loaded {
             let _ = changes_tx.try_send(());
         }
         info!(%listen, listeners = n, admin = %admin_addr, "ready");
@@ -318,6 +493,7 @@ impl App {
             xdp_guard,
             watcher,
             changes_rx,
+            control_plane,
         })
     }
 
@@ -344,6 +520,19 @@ impl App {
                         continue;
                     }
                 },
+                Some(()) = async {
+                    match &mut self.control_plane {
+                        Some(cp) if cp.pending.is_some() => cp.first.recv().await,
+                        _ => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(listeners) = self.control_plane.as_mut().and_then(|cp| cp.pending.take())
+                        && !self.ingress.listener_drained()
+                    {
+                        self.ingress.start_listeners(listeners);
+                    }
+                    continue;
+                },
                 Some(()) = self.changes_rx.recv() => {
                     // Editors and `cat >` write in several steps: read once it has settled.
                     settle(&mut self.changes_rx, &self.reloader.sources).await;
@@ -359,6 +548,13 @@ impl App {
 
     /// Applies the files again, the guard file too, and follows an admin port change.
     fn reload(&mut self, trigger: &str) {
+        if self.control_plane.is_some() {
+            info!(trigger, "the configuration comes from the control plane; only the XDP guard file is read again");
+            if let Some(guard) = &self.xdp_guard {
+                guard.reload(self.ingress.listener_addr(), trigger);
+            }
+            return;
+        }
         let reloaded = self.reloader.reload(&self.ingress, trigger);
         if let Some(guard) = &self.xdp_guard {
             guard.reload(self.ingress.listener_addr(), trigger);
@@ -375,10 +571,17 @@ impl App {
 
     /// kuma-dp semantics: not ready, stop accepting, let established flows finish for
     /// `drain_time`, then close the rest.
-    async fn drain(self, drain_time: Duration) {
+    async fn drain(mut self, drain_time: Duration) {
         let ingress = &self.ingress;
         ingress.begin_termination();
         ingress.stop_listeners().await;
+        // Closing the ADS stream is how the control plane learns the proxy is leaving (it then
+        // stops offering this ingress to other zones); the installed table keeps serving the
+        // established flows.
+        if let Some(cp) = self.control_plane.take() {
+            let _ = cp.shutdown.send(true);
+            let _ = cp.task.await;
+        }
         let deadline = Instant::now() + drain_time;
         info!(drain_time = %humantime::format_duration(drain_time), open = ingress.open_connections(), "draining");
         let left = ingress.wait_idle(deadline).await;

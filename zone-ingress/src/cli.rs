@@ -6,7 +6,7 @@ use std::{fmt, net::IpAddr, path::PathBuf, str::FromStr, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
-    admin, config, server,
+    admin, config, control_plane, server,
     splice::{self, Limits, SpliceMode},
     xdp::XdpMode,
 };
@@ -74,9 +74,9 @@ pub struct InputArgs {
     #[arg(long, env = "KUMA_DATAPLANE_RUNTIME_RESOURCE_PATH")]
     pub dataplane_file: PathBuf,
     /// Local inventory: Kuma Dataplane resources (one document, a `---` stream, a kumactl
-    /// `items:` list, or a directory of such files).
-    #[arg(long)]
-    pub dataplanes: PathBuf,
+    /// `items:` list, or a directory of such files). File mode; not with `--cp-address`.
+    #[arg(long, required_unless_present = "cp_address", conflicts_with = "cp_address")]
+    pub dataplanes: Option<PathBuf>,
     /// `{{ key }}` substitutions in the dataplane file (repeatable), as kuma-dp.
     #[arg(long = "dataplane-var", value_parser = parse_var)]
     pub dataplane_vars: Vec<(String, String)>,
@@ -86,6 +86,38 @@ pub struct InputArgs {
     /// Accepted for kuma-dp compatibility; must be `ingress`.
     #[arg(long, env = "KUMA_DATAPLANE_PROXY_TYPE", default_value = "ingress")]
     pub proxy_type: String,
+    #[command(flatten)]
+    pub control_plane: ControlPlaneArgs,
+}
+
+/// Control-plane mode: kuma-dp's flags and environment variables.
+#[derive(Args, Debug, Clone)]
+pub struct ControlPlaneArgs {
+    /// The control plane's dataplane server (`https://HOST:5678`): the configuration then comes
+    /// from it (bootstrap + ADS) instead of `--dataplanes`.
+    #[arg(long, env = "KUMA_CONTROL_PLANE_URL")]
+    pub cp_address: Option<String>,
+    /// CA certificate (PEM) the control plane's certificate is checked against.
+    #[arg(long, env = "KUMA_CONTROL_PLANE_CA_CERT_FILE", requires = "cp_address")]
+    pub ca_cert_file: Option<PathBuf>,
+    /// File holding the dataplane token (`kumactl generate zone-token` / dataplane token).
+    #[arg(long, env = "KUMA_DATAPLANE_RUNTIME_TOKEN_PATH", requires = "cp_address")]
+    pub dataplane_token_file: Option<PathBuf>,
+    /// The dataplane token itself (prefer `--dataplane-token-file`).
+    #[arg(long, env = "KUMA_DATAPLANE_RUNTIME_TOKEN", requires = "cp_address", conflicts_with = "dataplane_token_file")]
+    pub dataplane_token: Option<String>,
+    /// Name of the resource for the control plane (default: the ZoneIngress file's `name`).
+    #[arg(long, env = "KUMA_DATAPLANE_NAME")]
+    pub name: Option<String>,
+    /// Mesh sent with the bootstrap request (a ZoneIngress belongs to none).
+    #[arg(long, env = "KUMA_DATAPLANE_MESH", default_value = "")]
+    pub mesh: String,
+    /// Bootstrap retry interval.
+    #[arg(long, env = "KUMA_CONTROL_PLANE_RETRY_BACKOFF", default_value_t = HumanDuration(control_plane::DEFAULT_RETRY_BACKOFF))]
+    pub cp_retry_backoff: HumanDuration,
+    /// Give up on the bootstrap after this long.
+    #[arg(long, env = "KUMA_CONTROL_PLANE_RETRY_MAX_DURATION", default_value_t = HumanDuration(control_plane::DEFAULT_RETRY_MAX_DURATION))]
+    pub cp_retry_max_duration: HumanDuration,
 }
 
 /// `validate`: the inputs of `run`, and the guard file if there is one.
@@ -180,7 +212,7 @@ impl From<&InputArgs> for config::Sources {
     fn from(args: &InputArgs) -> Self {
         Self {
             dataplane_file: args.dataplane_file.clone(),
-            dataplanes: args.dataplanes.clone(),
+            dataplanes: args.dataplanes.clone().unwrap_or_default(),
             dataplane_vars: args.dataplane_vars.clone(),
             zone: args.zone.clone(),
             proxy_type: args.proxy_type.clone(),

@@ -25,6 +25,8 @@
 //! - [`cli`]: the command line (kuma-dp flag names), clap types only.
 //! - [`config`]: the ZoneIngress file, the Dataplane inventory (and the XDP guard file's
 //!   checker), validated with every problem reported at once.
+//! - [`control_plane`]: control-plane mode: kuma-dp's bootstrap, the ADS stream, and the
+//!   translation of listeners, clusters and endpoints into a route table.
 //! - [`sni`]: Kuma's SNI formats (legacy tags, MeshService hash).
 //! - [`routing`]: SNI → cluster → endpoints, round robin.
 //! - [`client_hello`]: incremental ClientHello parser over peeked bytes.
@@ -57,6 +59,7 @@ pub mod app;
 pub mod cli;
 pub mod client_hello;
 pub mod config;
+pub mod control_plane;
 pub mod ebpf;
 pub mod flows;
 pub mod metrics;

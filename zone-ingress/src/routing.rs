@@ -18,7 +18,7 @@
 //! change and swapped in whole by the caller.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     net::SocketAddr,
     sync::{
         Arc, Mutex, PoisonError,
@@ -79,9 +79,26 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    fn new(name: String, healthy: usize, total: usize) -> Self {
+    /// A cluster whose stat name is its name with `:` as `_` (Kuma's `altStatName`).
+    #[must_use]
+    pub fn new(name: String, healthy: usize, total: usize) -> Self {
         Self { stat_name: name.replace(':', "_"), name, healthy, total }
     }
+}
+
+/// One filter chain of the control plane's ingress listener, resolved to its endpoints
+/// ([`RouteTable::from_control_plane`]).
+#[derive(Debug)]
+pub struct ControlPlaneRoute {
+    /// The SNI (`server_names`), matched whole.
+    pub sni: String,
+    /// The cluster the chain's `tcp_proxy` sends to.
+    pub cluster: Arc<Cluster>,
+    /// The chain's `metadata_match` (`envoy.lb`), empty without one.
+    pub tags: BTreeMap<String, String>,
+    /// The healthy endpoints of the cluster's subset; empty: the SNI is known but its
+    /// connections are closed ([`Reject::NoEndpoints`]), as Envoy closes them.
+    pub endpoints: Vec<SocketAddr>,
 }
 
 /// What kind of entry a [`Route`] is.
@@ -97,6 +114,9 @@ pub enum RouteKind {
         /// The MeshService port (= the inbound port on Universal).
         port: u16,
     },
+    /// An SNI the control plane sent (a filter chain of the ingress listener), whatever its
+    /// format: legacy, subset, MeshService, MeshMultiZoneService, gateway, external service.
+    ControlPlane,
 }
 
 /// One accepted SNI and where it leads.
@@ -194,6 +214,11 @@ pub struct RouteTable {
     subsets: Mutex<SubsetCache>,
     subset_capacity: usize,
     foreign: usize,
+    /// SNIs the control plane knows whose subset has no endpoint.
+    no_endpoints: HashSet<String>,
+    /// The bytes the control plane's default filter chain answers with (`direct_response`),
+    /// written to every connection while the table has no entry.
+    default_answer: Option<Vec<u8>>,
 }
 
 /// Inbounds of one (mesh, service), in inventory order.
@@ -267,7 +292,53 @@ impl RouteTable {
             subsets: Mutex::default(),
             subset_capacity: SUBSET_CACHE_CAPACITY,
             foreign,
+            no_endpoints: HashSet::new(),
+            default_answer: None,
         }
+    }
+
+    /// The table of a configuration from the control plane: exactly its SNIs, nothing derived
+    /// (no subset of a known service is accepted unless the control plane sent it).
+    /// `default_answer` is the listener's `direct_response` for connections while there is no
+    /// entry. The mesh and service shown for an entry come from its SNI when it is a tag SNI.
+    #[must_use]
+    pub fn from_control_plane(zone: &str, entries: Vec<ControlPlaneRoute>, default_answer: Option<Vec<u8>>) -> Self {
+        let mut routes = HashMap::new();
+        let mut no_endpoints = HashSet::new();
+        for entry in entries {
+            if entry.endpoints.is_empty() {
+                no_endpoints.insert(entry.sni);
+                continue;
+            }
+            let (mesh, service) = match sni::parse_legacy(&entry.sni) {
+                Ok(parsed) => (parsed.mesh().unwrap_or_default().to_owned(), parsed.service.clone()),
+                Err(_) => (String::new(), entry.cluster.name.clone()),
+            };
+            insert_route(
+                &mut routes,
+                Route::new(entry.sni, RouteKind::ControlPlane, entry.cluster, &mesh, &service, entry.tags, entry.endpoints),
+            );
+        }
+        let mut ordered: Vec<Arc<Route>> = routes.values().cloned().collect();
+        ordered.sort_by(|a, b| a.sni.cmp(&b.sni));
+        Self {
+            zone: zone.to_owned(),
+            routes,
+            ordered,
+            services: HashMap::new(),
+            subsets: Mutex::default(),
+            subset_capacity: 0,
+            foreign: 0,
+            no_endpoints,
+            default_answer,
+        }
+    }
+
+    /// What to write to a connection while the table is empty, when the control plane said
+    /// (`None`: Kuma's `{"proxy":…,"zone":…}`).
+    #[must_use]
+    pub fn default_answer(&self) -> Option<&[u8]> {
+        self.default_answer.as_deref()
     }
 
     /// Replace the subset cache bound ([`SUBSET_CACHE_CAPACITY`] by default); 0 disables
@@ -288,6 +359,9 @@ impl RouteTable {
         }
         if sni.is_empty() || sni.len() > MAX_SNI_LEN || sni.contains('\0') {
             return Err(Reject::InvalidSni);
+        }
+        if self.no_endpoints.contains(sni) {
+            return Err(Reject::NoEndpoints);
         }
         // Only a tag SNI with braces can be a subset; bare names, MeshService, MeshExternalService
         // and KRI names that are not exact entries are unknown.
@@ -359,7 +433,7 @@ impl RouteTable {
     /// with `{"proxy":…,"zone":…}` (docs/design.md#route-table).
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
+        self.routes.is_empty() && self.no_endpoints.is_empty()
     }
 
     /// Number of exact entries (subset routes not included).

@@ -38,6 +38,7 @@ pub(crate) mod yaml;
 mod zone_ingress;
 
 pub(crate) use diagnostic::finish;
+pub(crate) use template::substitute;
 pub use diagnostic::{ConfigError, Diagnostic, Loaded, Severity};
 pub(crate) use inventory::yaml_files;
 pub use inventory::{Dataplane, Inbound, InboundState, Inventory, ZONE_TAG, load_inventory, parse_inventory};

@@ -219,9 +219,12 @@ impl Metrics {
     }
 
     fn server_families(&self, f: &mut Families, s: &Scrape) {
+        let cp_mode = self.cp_mode.load(Ordering::Relaxed);
+        // File mode counts the startup load; control-plane mode counts only the updates.
+        let startup = u64::from(!cp_mode);
         let attempts =
-            (self.reload_success.load(Ordering::Relaxed) + self.reload_failure.load(Ordering::Relaxed) + 1) as f64;
-        let ok = (self.reload_success.load(Ordering::Relaxed) + 1) as f64;
+            (self.reload_success.load(Ordering::Relaxed) + self.reload_failure.load(Ordering::Relaxed) + startup) as f64;
+        let ok = (self.reload_success.load(Ordering::Relaxed) + startup) as f64;
         let rejected = self.reload_failure.load(Ordering::Relaxed) as f64;
         f.gauge("envoy_server_uptime", "Seconds since start.", &[], s.uptime.as_secs() as f64);
         f.gauge(
@@ -239,11 +242,11 @@ impl Metrics {
         f.counter("envoy_server_watchdog_mega_miss", "Always 0: no watchdog.", &[], 0.0);
         f.gauge(
             "envoy_control_plane_connected_state",
-            "1 while the configuration files load; 0 after a rejected reload until a valid one.",
+            "Control-plane mode: 1 while the ADS stream is up. File mode: 1 while the configuration files load; 0 after a rejected reload until a valid one.",
             &[],
-            f64::from(u8::from(s.config_ok)),
+            f64::from(u8::from(if cp_mode { self.cp_connected.load(Ordering::Relaxed) } else { s.config_ok })),
         );
-        f.gauge("envoy_control_plane_pending_requests", "Always 0: configuration comes from files.", &[], 0.0);
+        f.gauge("envoy_control_plane_pending_requests", "Always 0: updates are applied as they arrive.", &[], 0.0);
         for prefix in ["envoy_listener_manager_lds", "envoy_cluster_manager_cds"] {
             f.counter(&format!("{prefix}_update_attempt"), "Configuration loads (startup included).", &[], attempts);
             f.counter(&format!("{prefix}_update_success"), "Configuration loads applied (startup included).", &[], ok);

@@ -28,7 +28,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -240,6 +240,10 @@ pub struct Metrics {
     /// Configuration loads after startup (file change or SIGHUP) that were applied / rejected.
     pub reload_success: AtomicU64,
     pub reload_failure: AtomicU64,
+    /// The configuration comes from a control plane (ADS) rather than files.
+    pub cp_mode: AtomicBool,
+    /// The ADS stream to the control plane is up (`envoy_control_plane_connected_state`).
+    pub cp_connected: AtomicBool,
     /// Listener rebinds after an address change.
     pub listener_rebinds: AtomicU64,
     /// Per-cluster counters by cluster name.

@@ -88,10 +88,15 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
     let table = &snap.table;
     if table.is_empty() {
         // Kuma's answer when no mesh has any service (docs/design.md#routing).
-        let proxy = snap.zone_ingress.as_ref().map_or(ingress.options.proxy_id.as_str(), |zi| zi.name.as_str());
-        let body = serde_json::json!({"proxy": proxy, "zone": ingress.options.zone}).to_string();
+        let body = table.default_answer().map_or_else(
+            || {
+                let proxy = snap.zone_ingress.as_ref().map_or(ingress.options.proxy_id.as_str(), |zi| zi.name.as_str());
+                serde_json::json!({"proxy": proxy, "zone": ingress.options.zone}).to_string().into_bytes()
+            },
+            <[u8]>::to_vec,
+        );
         let mut client = client;
-        let _ = client.write_all(body.as_bytes()).await;
+        let _ = client.write_all(&body).await;
         let _ = client.shutdown().await;
         reject(ingress, &client, peer, None, RejectReason::EmptyTable);
         return;

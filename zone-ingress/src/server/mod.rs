@@ -131,6 +131,21 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The snapshot of a table from the control plane (no inventory).
+    #[must_use]
+    pub fn from_table(metrics: &Metrics, zone_ingress: Option<ZoneIngress>, table: RouteTable) -> Self {
+        Self {
+            version: 1,
+            clusters: metrics.clusters_for(&table),
+            available_services: Vec::new(),
+            dataplanes: 0,
+            inventory: Arc::new(Inventory::default()),
+            zone_ingress,
+            loaded_at: SystemTime::now(),
+            table: Arc::new(table),
+        }
+    }
+
     /// The snapshot of `inventory` (and the ZoneIngress resource it was loaded with) for zone
     /// `zone`, with counters from `metrics`. Its version is set when it is installed.
     #[must_use]
