@@ -1,7 +1,8 @@
 //! The admin API over real HTTP, in the ingress namespace: every endpoint, bad requests, the
 //! Prometheus output (parsed with a real text-format parser, carrying the names Kuma's stock
-//! zone-ingress dashboard queries), and exact byte and connection counters for known traffic
-//! through the kernel splice and the userspace relay.
+//! zone-ingress dashboard queries), exact byte and connection counters and the per-cluster
+//! histograms for known traffic through the kernel splice and the userspace relay, and the
+//! read-only admin listener.
 
 use std::{collections::BTreeSet, time::Duration};
 
@@ -66,6 +67,8 @@ const OTHER_METRICS: &[&str] = &[
     "envoy_cluster_upstream_cx_active",
     "envoy_cluster_upstream_cx_overflow",
     "envoy_cluster_upstream_cx_none_healthy",
+    "envoy_cluster_upstream_cx_connect_ms",
+    "envoy_cluster_upstream_cx_length_ms",
     "envoy_cluster_membership_total",
     "envoy_tls_inspector_tls_found",
     "envoy_tls_inspector_tls_not_found",
@@ -414,6 +417,18 @@ fn exact_counters(splice: &str, access_log: bool) {
     for (name, labels, want) in checks {
         assert_eq!(s.must(name, &labels), want, "{name}{labels:?}\n{}", s.text);
     }
+    // One connect time and one upstream lifetime per flow, whichever path carried it (the
+    // histogram's value is its +Inf bucket).
+    for family in ["envoy_cluster_upstream_cx_connect_ms", "envoy_cluster_upstream_cx_length_ms"] {
+        assert_eq!(s.must(family, &cluster), n, "{family}\n{}", s.text);
+        assert_eq!(s.must(&format!("{family}_count"), &cluster), n, "{family}_count\n{}", s.text);
+    }
+    let connect_ms = s.must("envoy_cluster_upstream_cx_connect_ms_sum", &cluster);
+    assert!(
+        connect_ms > 0.0 && s.must("envoy_cluster_upstream_cx_length_ms_sum", &cluster) >= connect_ms,
+        "{}",
+        s.text
+    );
     if splice == "kernel" {
         // Every flow closed: the maps are empty again.
         for map in ["SOCKS", "PAIRS", "HOLD"] {
@@ -663,4 +678,142 @@ fn non_loopback_peers_cannot_change_state() {
     assert_eq!((r.status, r.body.trim()), (200, "READY"), "still running and listening:\n{}", daemon.log_text());
     assert!(daemon.log_text().contains("refused a state-changing admin request"), "{}", daemon.log_text());
     assert_eq!(daemon.log_text().matches("admin request").count(), 2, "only the two refusals:\n{}", daemon.log_text());
+}
+
+/// `--read-only-admin-address` on the ingress's network address: another host (the client
+/// namespace, as a kubelet probe or a Prometheus scrape at the pod's address) gets `/ready` and
+/// the metrics there, with the per-cluster connect-time and lifetime histograms filled by real
+/// flows, and nothing else: no state change, no configuration or flow dump. The full admin API
+/// stays on loopback and keeps working.
+#[test]
+fn read_only_listener_serves_probes_and_metrics_only() {
+    let topo = Topology::new(2);
+    let rt = runtime();
+    let mut daemon = start(&topo, "kernel", &["--read-only-admin-address", "198.18.0.2"]);
+    let read_only = std::net::SocketAddr::new(Topology::ingress_v4().into(), ADMIN_PORT);
+    let admin = admin_addr(ADMIN_PORT);
+    let (from, ns) = (&topo.client, &topo.ingress);
+    let _dps = rt.block_on(async { plain_dataplanes(&topo, &[(1, 8080, "backend-1"), (2, 8080, "backend-2")]) });
+
+    let r = get(from, read_only, "/ready");
+    assert_eq!((r.status, r.body.trim()), (200, "READY"), "{}", daemon.log_text());
+    assert_eq!(request(from, read_only, "HEAD", "/ready").status, 200);
+    let index = get(from, read_only, "/");
+    assert_eq!(index.status, 200);
+    for path in ["/ready", "/stats", "/stats/prometheus"] {
+        assert!(index.body.contains(path), "index lists {path}:\n{}", index.body);
+    }
+    for path in ["/config_dump", "/connections", "/quitquitquit", "/drain_listeners"] {
+        assert!(!index.body.contains(path), "index does not list {path}:\n{}", index.body);
+    }
+
+    // Real flows through the ingress to one cluster, then the histograms over the read-only
+    // listener: one connect and one lifetime per flow.
+    let flows = 5u64;
+    rt.block_on(async {
+        for _ in 0..flows {
+            let out = plain_flow(&topo, 10001, 4096, 70_000).await.expect("flow");
+            assert!(out.up_ok && out.down_ok, "{out:?}");
+        }
+    });
+    let n = flows as f64;
+    let cluster = [("envoy_cluster_name", "default_backend")];
+    let settled = wait_until(Duration::from_secs(10), || {
+        ops::scrape(from, read_only).value("envoy_cluster_upstream_cx_length_ms_count", &cluster) == Some(n)
+    });
+    let r = get(from, read_only, "/stats/prometheus");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/plain; version=0.0.4; charset=utf-8"));
+    let s = Scrape::parse(&r.body);
+    assert!(settled, "a lifetime per closed flow:\n{}", s.text);
+    for family in ["envoy_cluster_upstream_cx_connect_ms", "envoy_cluster_upstream_cx_length_ms"] {
+        assert!(r.body.contains(&format!("# TYPE {family} histogram\n")), "{family}:\n{}", s.text);
+        assert_eq!(s.must(&format!("{family}_count"), &cluster), n, "{family}_count\n{}", s.text);
+        // The highest cumulative bucket is +Inf: every observation.
+        assert_eq!(s.must(family, &cluster), n, "{family} +Inf bucket\n{}", s.text);
+        assert!(
+            r.body.contains(&format!(
+                "{family}_bucket{{envoy_cluster_name=\"default_backend\",le=\"3600000\"}} {flows}\n"
+            )),
+            "{family}: every flow under Envoy's last bound (1 h)\n{}",
+            s.text
+        );
+    }
+    let connect_sum = s.must("envoy_cluster_upstream_cx_connect_ms_sum", &cluster);
+    let length_sum = s.must("envoy_cluster_upstream_cx_length_ms_sum", &cluster);
+    assert!(connect_sum > 0.0, "connect time measured: {connect_sum}");
+    assert!(length_sum >= connect_sum, "a lifetime includes its connect: {length_sum} < {connect_sum}");
+    assert_eq!(s.must("envoy_cluster_upstream_cx_total", &cluster), n);
+    let stats = get(from, read_only, "/stats?filter=upstream_cx_connect_ms");
+    assert_eq!(stats.status, 200);
+    assert!(stats.body.contains("cluster.default_backend.upstream_cx_connect_ms: P50("), "{}", stats.body);
+    assert!(stats.body.contains(&format!(" count={flows} sum=")), "{}", stats.body);
+
+    // Nothing that changes state or shows the configuration and the flows.
+    for path in ["/quitquitquit", "/drain_listeners", "/ready", "/stats"] {
+        let r = request(from, read_only, "POST", path);
+        assert_eq!(r.status, 405, "POST {path} on the read-only listener: {} {}", r.status, r.body);
+        assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    }
+    for path in ["/config_dump", "/connections", "/quitquitquit", "/drain_listeners", "/nope"] {
+        assert_eq!(get(from, read_only, path).status, 404, "GET {path} on the read-only listener");
+    }
+    // The same holds from the ingress's own namespace (a loopback-like local peer).
+    assert_eq!(request(ns, read_only, "POST", "/quitquitquit").status, 405);
+    assert_eq!(get(ns, read_only, "/config_dump").status, 404);
+    let r = get(from, read_only, "/ready");
+    assert_eq!((r.status, r.body.trim()), (200, "READY"), "still running and accepting:\n{}", daemon.log_text());
+    let out = rt.block_on(plain_flow(&topo, 10001, 10, 10)).expect("a flow after the refusals");
+    assert!(out.up_ok && out.down_ok);
+    assert!(!daemon.log_text().contains("admin request"), "no state-changing request reached the run loop");
+
+    // The full admin API, on loopback only, is unchanged.
+    let dump = get(ns, admin, "/config_dump");
+    assert_eq!(dump.status, 200);
+    assert_eq!(dump.json()["admin"]["address"], "127.0.0.1:9901");
+    assert_eq!(get(ns, admin, "/connections").status, 200);
+    assert_eq!(ops::scrape(ns, admin).must("envoy_cluster_upstream_cx_connect_ms_count", &cluster), n + 1.0);
+    let r = request(ns, admin, "POST", "/quitquitquit");
+    assert_eq!((r.status, r.body.trim()), (200, "OK"));
+    assert!(wait_exit(daemon.pid(), Duration::from_secs(10)), "exits after /quitquitquit:\n{}", daemon.log_text());
+    let status = daemon.stop(Duration::from_secs(5)).expect("exit status");
+    assert!(status.success(), "exit status {status:?}:\n{}", daemon.log_text());
+}
+
+/// A read-only address that would take the admin port from the admin server (the same address,
+/// or a wildcard that covers it) is refused at start, with the reason, before anything binds.
+#[test]
+fn read_only_address_overlapping_the_admin_address_is_refused() {
+    use zone_ingress_tests::daemon::{Scratch, binary, wait_or_kill};
+    let topo = Topology::new(1);
+    let scratch = Scratch::new("ro-admin");
+    let zi = scratch.write("zi.yaml", &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT));
+    let dps = scratch.write("dps.yaml", &section5_inventory(false));
+    let cases = [
+        (&["--read-only-admin-address", "127.0.0.1"][..], "is the admin address"),
+        (&["--read-only-admin-address", "0.0.0.0"], "overlap"),
+        (&["--read-only-admin-address", "::"], "overlap"),
+        (&["--admin-address", "0.0.0.0", "--read-only-admin-address", "198.18.0.2"], "overlap"),
+    ];
+    for (args, needle) in cases {
+        let log = scratch.0.join("run.log");
+        let out = std::fs::File::create(&log).expect("log");
+        let mut child = topo
+            .ingress
+            .command(binary().to_str().expect("utf-8 path"))
+            .args(["run", "--splice", "userspace", "--dataplane-file"])
+            .arg(&zi)
+            .arg("--dataplanes")
+            .arg(&dps)
+            .args(args)
+            .stdout(out.try_clone().expect("log fd"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn the daemon");
+        let status = wait_or_kill(&mut child, Duration::from_secs(10));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{args:?}: refused at start:\n{text}");
+        assert!(text.contains(needle) && text.contains("--read-only-admin-address"), "{args:?}:\n{text}");
+        assert!(!text.contains("listening"), "{args:?}: nothing bound:\n{text}");
+    }
 }

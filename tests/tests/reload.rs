@@ -9,7 +9,7 @@ use zone_ingress_tests::{
     daemon::{Daemon, Scratch, zone_ingress_yaml},
     netns::Topology,
     ops::{
-        self, Inbound, admin_addr, get, ingress_addr, paced_client, plain_dataplanes, plain_flow, wait_until,
+        self, Inbound, admin_addr, get, ingress_addr, paced_client, plain_dataplanes, plain_flow, request, wait_until,
         write_atomic,
     },
     runtime,
@@ -200,6 +200,8 @@ fn listener_rebind_keeps_flows() {
     }
 }
 
+/// A changed admin port moves both admin listeners: the full one on loopback and the
+/// read-only one on the ingress's address.
 #[test]
 fn admin_port_change_rebinds_admin() {
     let topo = Topology::new(1);
@@ -208,15 +210,23 @@ fn admin_port_change_rebinds_admin() {
     let scratch = Scratch::new("adminport");
     let zi = scratch.write("zoneingress.yaml", &zone_ingress_yaml("198.18.0.2", 10001, ADMIN_PORT));
     let dps = scratch.write("dataplanes.yaml", &ops::inventory(&[backend("backend-1", 1)]));
-    let daemon = Daemon::start_files(&topo.ingress, Scratch::new("adminport-daemon"), &zi, &dps, &[]);
+    let args = ["--read-only-admin-address", "198.18.0.2"];
+    let daemon = Daemon::start_files(&topo.ingress, Scratch::new("adminport-daemon"), &zi, &dps, &args);
+    let read_only = |port| std::net::SocketAddr::new(Topology::ingress_v4().into(), port);
+    assert_eq!(get(&topo.client, read_only(ADMIN_PORT), "/ready").status, 200);
     write_atomic(&zi, &zone_ingress_yaml("198.18.0.2", 10001, 9902));
     assert!(
-        wait_until(Duration::from_secs(10), || topo.ingress.connect(admin_addr(9902)).is_ok()),
-        "admin on the new port:\n{}",
+        wait_until(Duration::from_secs(10), || topo.ingress.connect(admin_addr(9902)).is_ok()
+            && topo.client.connect(read_only(9902)).is_ok()),
+        "admin and read-only admin on the new port:\n{}",
         daemon.log_text()
     );
     assert_eq!(get(&topo.ingress, admin_addr(9902), "/ready").status, 200);
     assert!(topo.ingress.connect(admin_addr(ADMIN_PORT)).is_err(), "the old admin port is closed");
+    let r = get(&topo.client, read_only(9902), "/ready");
+    assert_eq!((r.status, r.body.trim()), (200, "READY"));
+    assert_eq!(request(&topo.client, read_only(9902), "POST", "/quitquitquit").status, 405, "still read-only");
+    assert!(topo.client.connect(read_only(ADMIN_PORT)).is_err(), "the old read-only port is closed");
 }
 
 /// How long a changed source may take to be applied: the settle time (250 ms of quiet) plus a

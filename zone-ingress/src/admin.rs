@@ -13,6 +13,11 @@
 //! | `/quitquitquit` | POST, loopback | exit now (flows are closed), code 0 |
 //! | `/drain_listeners` | POST, loopback | stop accepting, keep running (as SIGUSR2) |
 //!
+//! A second, read-only listener (`--read-only-admin-address`, on the same port) serves only
+//! `GET` `/`, `/ready`, `/stats` and `/stats/prometheus`, for probes and scrapers that reach the
+//! pod's address: any other method is 405, any other path 404. It is the same server with
+//! [`Role::ReadOnly`], so it has the same limits.
+//!
 //! Bad requests get a 4xx and never affect the process: unknown path 404, wrong method 405
 //! (with `Allow`), a request head over 16 KiB 431 (hyper), a body over 64 KiB 413, a bad query
 //! 400, a state-changing request from a non-loopback peer 403. At most 64 admin connections are
@@ -68,6 +73,63 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 /// `/connections` page size when `limit` is absent.
 const DEFAULT_PAGE: usize = 100;
 
+/// What an admin listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Every endpoint (`--admin-address`).
+    Full,
+    /// `GET`/`HEAD` of `/`, `/ready`, `/stats` and `/stats/prometheus` only
+    /// (`--read-only-admin-address`).
+    ReadOnly,
+}
+
+impl Role {
+    fn serves(self, endpoint: &Endpoint) -> bool {
+        self == Self::Full || endpoint.read_only
+    }
+
+    /// For logs: `admin`, `read-only admin`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "admin",
+            Self::ReadOnly => "read-only admin",
+        }
+    }
+}
+
+/// Why `read_only` cannot take the admin port beside `admin`, if it cannot: binding the same
+/// port on both would fail. On Linux two listeners share a port only on two different specific
+/// addresses (an IPv4-mapped IPv6 address is its IPv4 one); `0.0.0.0` overlaps every IPv4
+/// address, and `::` (dual-stack) every address of either family.
+///
+/// # Errors
+/// The two overlap; the message says how.
+pub fn check_read_only_address(admin: IpAddr, read_only: IpAddr) -> Result<(), String> {
+    let canonical = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    };
+    let (a, r) = (canonical(admin), canonical(read_only));
+    // `wild` is unspecified and its socket would take `other`'s address too.
+    let covers = |wild: IpAddr, other: IpAddr| match wild {
+        IpAddr::V4(w) => w.is_unspecified() && other.is_ipv4(),
+        IpAddr::V6(w) => w.is_unspecified(),
+    };
+    if a == r {
+        Err(format!(
+            "--read-only-admin-address {read_only} is the admin address: the read-only listener needs another address on the admin port"
+        ))
+    } else if covers(r, a) || covers(a, r) {
+        Err(format!(
+            "--read-only-admin-address {read_only} and --admin-address {admin} overlap on the admin port ({} covers the other address); give both specific addresses, e.g. the pod's address and 127.0.0.1",
+            if covers(r, a) { read_only } else { admin }
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// State-changing requests, forwarded to the run loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -109,6 +171,7 @@ struct Ctx {
     commands: mpsc::Sender<Command>,
     info: Info,
     addr: SocketAddr,
+    role: Role,
 }
 
 /// Binds the admin listener.
@@ -123,11 +186,17 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 impl AdminServer {
-    /// Serves the admin API on `listener` until dropped.
-    pub fn start(ingress: Arc<Ingress>, listener: TcpListener, commands: mpsc::Sender<Command>, info: Info) -> Self {
+    /// Serves the endpoints of `role` on `listener` until dropped.
+    pub fn start(
+        ingress: Arc<Ingress>,
+        listener: TcpListener,
+        commands: mpsc::Sender<Command>,
+        info: Info,
+        role: Role,
+    ) -> Self {
         let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::new(DEFAULT_ADMIN_ADDRESS, 0));
-        info!(%addr, "admin listening");
-        let ctx = Arc::new(Ctx { ingress, commands, info, addr });
+        info!(%addr, "{} listening", role.as_str());
+        let ctx = Arc::new(Ctx { ingress, commands, info, addr, role });
         let task = tokio::spawn(accept_loop(ctx, listener));
         Self { addr, task }
     }
@@ -289,38 +358,64 @@ struct Endpoint {
     /// `GET` endpoints also answer `HEAD`.
     method: Method,
     help: &'static str,
+    /// Also served by the read-only listener ([`Role::ReadOnly`]).
+    read_only: bool,
 }
 
 const ENDPOINTS: &[Endpoint] = &[
-    Endpoint { path: "/", method: Method::GET, help: "this list" },
-    Endpoint { path: "/ready", method: Method::GET, help: "READY 200, NOT_READY 503, TERMINATING 503" },
+    Endpoint { path: "/", method: Method::GET, help: "this list", read_only: true },
+    Endpoint {
+        path: "/ready",
+        method: Method::GET,
+        help: "READY 200, NOT_READY 503, TERMINATING 503",
+        read_only: true,
+    },
     Endpoint {
         path: "/stats",
         method: Method::GET,
         help: "counters as name: value (?filter=<substring>, ?format=json|prometheus)",
+        read_only: true,
     },
     Endpoint {
         path: "/stats/prometheus",
         method: Method::GET,
         help: "Prometheus text format (Envoy names and zone_ingress_*)",
+        read_only: true,
     },
     Endpoint {
         path: "/config_dump",
         method: Method::GET,
         help: "effective configuration: ZoneIngress, routes, clusters, splice",
+        read_only: false,
     },
     Endpoint {
         path: "/connections",
         method: Method::GET,
         help: "open flows (?limit=1..1000, default 100; ?after=<id> for the next page)",
+        read_only: false,
     },
-    Endpoint { path: "/quitquitquit", method: Method::POST, help: "exit now, closing open flows (loopback only)" },
-    Endpoint { path: "/drain_listeners", method: Method::POST, help: "stop accepting, keep running (loopback only)" },
+    Endpoint {
+        path: "/quitquitquit",
+        method: Method::POST,
+        help: "exit now, closing open flows (loopback only)",
+        read_only: false,
+    },
+    Endpoint {
+        path: "/drain_listeners",
+        method: Method::POST,
+        help: "stop accepting, keep running (loopback only)",
+        read_only: false,
+    },
 ];
 
 async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
-    let Some(endpoint) = ENDPOINTS.iter().find(|e| e.path == path) else {
+    if ctx.role == Role::ReadOnly && !matches!(*req.method(), Method::GET | Method::HEAD) {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "this admin listener is read-only: GET and HEAD only\n");
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let Some(endpoint) = ENDPOINTS.iter().find(|e| e.path == path && ctx.role.serves(e)) else {
         return text(StatusCode::NOT_FOUND, format!("unknown path {path:?}; GET / lists the endpoints\n"));
     };
     let method = req.method();
@@ -342,8 +437,8 @@ async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, req: Request<Incoming>) -> Resp
     };
     match path.as_str() {
         "/" => {
-            let mut body = String::from("zone-ingress admin\n");
-            for e in ENDPOINTS {
+            let mut body = format!("zone-ingress {}\n", ctx.role.as_str());
+            for e in ENDPOINTS.iter().filter(|e| ctx.role.serves(e)) {
                 body.push_str(&format!("  {:<5} {:<18} {}\n", e.method.as_str(), e.path, e.help));
             }
             text(StatusCode::OK, body)
@@ -608,6 +703,36 @@ mod tests {
         assert!(parse_query("filter=%zz").is_err());
         assert!(parse_query("filter=%4").is_err());
         assert!(parse_query("filter=%ff").is_err(), "not UTF-8");
+    }
+
+    #[test]
+    fn read_only_address_conflicts() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let ok = |a: &str, r: &str| check_read_only_address(ip(a), ip(r));
+        // Two specific addresses share a port.
+        assert!(ok("127.0.0.1", "198.18.0.2").is_ok());
+        assert!(ok("127.0.0.1", "::1").is_ok());
+        assert!(ok("::1", "2001:2::2").is_ok());
+        assert!(ok("0.0.0.0", "2001:2::2").is_ok(), "0.0.0.0 takes IPv4 addresses only");
+        // The same address, also written as IPv4-mapped IPv6.
+        assert!(ok("127.0.0.1", "127.0.0.1").expect_err("same").contains("is the admin address"));
+        assert!(ok("198.18.0.2", "::ffff:198.18.0.2").is_err());
+        // A wildcard covers the other address.
+        for (a, r) in [("127.0.0.1", "0.0.0.0"), ("0.0.0.0", "198.18.0.2"), ("127.0.0.1", "::"), ("::", "::1")] {
+            assert!(ok(a, r).expect_err("overlap").contains("overlap"), "{a} {r}");
+        }
+        assert!(ok("0.0.0.0", "::").is_err(), "`::` is dual-stack");
+    }
+
+    #[test]
+    fn read_only_role_serves_only_probes_and_stats() {
+        let served: Vec<&str> = ENDPOINTS.iter().filter(|e| Role::ReadOnly.serves(e)).map(|e| e.path).collect();
+        assert_eq!(served, ["/", "/ready", "/stats", "/stats/prometheus"]);
+        assert!(
+            ENDPOINTS.iter().filter(|e| Role::ReadOnly.serves(e)).all(|e| e.method == Method::GET),
+            "nothing that changes state"
+        );
+        assert_eq!(ENDPOINTS.iter().filter(|e| Role::Full.serves(e)).count(), ENDPOINTS.len());
     }
 
     #[test]

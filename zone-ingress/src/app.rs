@@ -120,6 +120,9 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
 /// # Errors
 /// A start that failed (the splice or guard a flag insists on, the listener, the runtime).
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if let Some(read_only) = args.read_only_admin_address {
+        admin::check_read_only_address(args.admin_address, read_only).map_err(anyhow::Error::msg)?;
+    }
     if args.inputs.control_plane.cp_address.is_some() {
         return run_with_control_plane(args);
     }
@@ -398,6 +401,8 @@ struct App {
     commands_tx: mpsc::Sender<admin::Command>,
     commands_rx: mpsc::Receiver<admin::Command>,
     admin: Option<admin::AdminServer>,
+    /// `--read-only-admin-address`'s listener, on the same port.
+    read_only_admin: Option<admin::AdminServer>,
     info: admin::Info,
     reloader: Reloader,
     xdp_guard: Option<Arc<xdp::Guard>>,
@@ -464,7 +469,10 @@ impl App {
             xdp: xdp_guard.clone(),
         };
         let admin_addr = SocketAddr::new(args.admin_address, zi.admin_port);
-        let admin = start_admin(&ingress, admin_addr, &commands_tx, &info);
+        let admin = start_admin(&ingress, admin_addr, &commands_tx, &info, admin::Role::Full);
+        let read_only_addr = args.read_only_admin_address.map(|ip| SocketAddr::new(ip, zi.admin_port));
+        let read_only_admin =
+            read_only_addr.and_then(|a| start_admin(&ingress, a, &commands_tx, &info, admin::Role::ReadOnly));
         // Watch before "ready", so no change made once the daemon is ready can be missed; a
         // change made since the load is applied at once.
         let (changes_tx, changes_rx) = mpsc::channel(1);
@@ -479,7 +487,8 @@ impl App {
         if control_plane.is_none() && reload::Fingerprint::read(&sources) != loaded {
             let _ = changes_tx.try_send(());
         }
-        info!(%listen, listeners = n, admin = %admin_addr, "ready");
+        let read_only = read_only_addr.map(tracing::field::display);
+        info!(%listen, listeners = n, admin = %admin_addr, read_only_admin = read_only, "ready");
         let reloader = Reloader { sources, listeners: n };
         Ok(Self {
             args,
@@ -488,6 +497,7 @@ impl App {
             commands_tx,
             commands_rx,
             admin,
+            read_only_admin,
             info,
             reloader,
             xdp_guard,
@@ -546,7 +556,8 @@ impl App {
         }
     }
 
-    /// Applies the files again, the guard file too, and follows an admin port change.
+    /// Applies the files again, the guard file too, and follows an admin port change (with
+    /// both admin listeners).
     fn reload(&mut self, trigger: &str) {
         if self.control_plane.is_some() {
             info!(trigger, "the configuration comes from the control plane; only the XDP guard file is read again");
@@ -560,11 +571,18 @@ impl App {
             guard.reload(self.ingress.listener_addr(), trigger);
         }
         if let Ok(applied) = reloaded {
-            let wanted = SocketAddr::new(self.args.admin_address, applied.admin_port);
-            if self.admin.as_ref().map(admin::AdminServer::addr) != Some(wanted) {
-                info!(admin = %wanted, "admin port changed; rebinding the admin server");
-                drop(self.admin.take());
-                self.admin = start_admin(&self.ingress, wanted, &self.commands_tx, &self.info);
+            let servers = [
+                (&mut self.admin, Some(self.args.admin_address), admin::Role::Full),
+                (&mut self.read_only_admin, self.args.read_only_admin_address, admin::Role::ReadOnly),
+            ];
+            for (server, ip, role) in servers {
+                let Some(ip) = ip else { continue };
+                let wanted = SocketAddr::new(ip, applied.admin_port);
+                if server.as_ref().map(admin::AdminServer::addr) != Some(wanted) {
+                    info!(admin = %wanted, "admin port changed; rebinding the {} server", role.as_str());
+                    drop(server.take());
+                    *server = start_admin(&self.ingress, wanted, &self.commands_tx, &self.info, role);
+                }
             }
         }
     }
@@ -594,6 +612,7 @@ impl App {
             info!("all flows finished");
         }
         drop(self.admin);
+        drop(self.read_only_admin);
     }
 }
 
@@ -626,18 +645,21 @@ async fn settle(changes: &mut mpsc::Receiver<()>, sources: &Sources) {
     }
 }
 
-/// Binds and starts the admin server; a failure is logged, not fatal (the data path keeps
-/// running; readiness probes then fail visibly).
+/// Binds and starts an admin server of `role`; a failure is logged, not fatal (the data path
+/// keeps running; readiness probes then fail visibly).
 fn start_admin(
     ingress: &Arc<Ingress>,
     addr: SocketAddr,
     commands: &mpsc::Sender<admin::Command>,
     info: &admin::Info,
+    role: admin::Role,
 ) -> Option<admin::AdminServer> {
     match admin::bind(addr) {
-        Ok(listener) => Some(admin::AdminServer::start(Arc::clone(ingress), listener, commands.clone(), info.clone())),
+        Ok(listener) => {
+            Some(admin::AdminServer::start(Arc::clone(ingress), listener, commands.clone(), info.clone(), role))
+        }
         Err(e) => {
-            error!(%addr, error = %e, "cannot bind the admin server; /ready, /stats and /config_dump are unavailable");
+            error!(%addr, error = %e, "cannot bind the {} server; /ready and /stats are unavailable there", role.as_str());
             None
         }
     }

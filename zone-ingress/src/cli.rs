@@ -56,6 +56,7 @@ pub enum LogFormat {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant, reason = "parsed once at start; its size costs nothing")]
 pub enum Command {
     /// Run the ingress.
     Run(RunArgs),
@@ -189,6 +190,11 @@ pub struct RunArgs {
     /// serves state and a shutdown trigger: keep it on loopback unless something else guards it.
     #[arg(long, default_value_t = admin::DEFAULT_ADMIN_ADDRESS, env = "ZONE_INGRESS_ADMIN_ADDRESS")]
     pub admin_address: IpAddr,
+    /// A second admin listener on this address and the same port, serving only `GET` `/ready`,
+    /// `/stats` and `/stats/prometheus` (for probes and scrapers at the pod's address). Must be
+    /// a specific address other than `--admin-address`.
+    #[arg(long, env = "ZONE_INGRESS_READ_ONLY_ADMIN_ADDRESS")]
+    pub read_only_admin_address: Option<IpAddr>,
     /// XDP guard in front of the listener: `auto` attaches natively where the driver can and
     /// generically otherwise, and runs without it if neither works; `native`/`generic` insist.
     /// Default: `auto` with `--xdp-config`, else `off`.

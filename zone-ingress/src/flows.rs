@@ -17,7 +17,7 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::Ordering},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::Serialize;
@@ -44,6 +44,9 @@ pub struct Flow {
     pub started: SystemTime,
     /// `sys::monotonic_ns()` at accept, for the age.
     pub started_ns: u64,
+    /// When the connect to the endpoint started: the upstream connection's lifetime
+    /// (`envoy_cluster_upstream_cx_length_ms`) runs from here to the close.
+    pub upstream_since: Instant,
     /// Userspace flows: the relay's counters.
     pub progress: Arc<Progress>,
     /// Kernel flows: the sockets' cookies (client, backend), the keys of their BPF counters.
@@ -177,6 +180,7 @@ impl Flows {
         c.closed_client_to_backend.fetch_add(closed.client_to_backend, Ordering::Relaxed);
         c.closed_backend_to_client.fetch_add(closed.backend_to_client, Ordering::Relaxed);
         c.upstream_cx_destroy.fetch_add(1, Ordering::Relaxed);
+        c.upstream_cx_length_ms.observe(flow.upstream_since.elapsed());
         if closed.reason == CloseReason::IdleTimeout {
             c.idle_timeout.fetch_add(1, Ordering::Relaxed);
         }
@@ -315,6 +319,7 @@ mod tests {
             mode: Path::Kernel,
             started: SystemTime::now(),
             started_ns: sys::monotonic_ns(),
+            upstream_since: Instant::now(),
             progress: Arc::new(Progress::default()),
             cookies: None,
         }
@@ -358,6 +363,7 @@ mod tests {
         assert!(flows.is_empty());
         assert_eq!(cluster.closed_client_to_backend.load(Ordering::Relaxed), 150);
         assert_eq!(cluster.closed_backend_to_client.load(Ordering::Relaxed), 7);
+        assert_eq!(cluster.upstream_cx_length_ms.count(), 1, "the lifetime is observed once");
         assert_eq!(m.closes()["client_fin"], 1);
     }
 }

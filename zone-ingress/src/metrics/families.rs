@@ -10,7 +10,7 @@ use std::{
 
 use prometheus::proto::{self, MetricFamily, MetricType};
 
-use super::{CLOSE_REASONS, HANDOFF_BUCKETS_US, Histogram, MODES, Metrics, Scrape};
+use super::{Buckets, CLOSE_REASONS, Histogram, MODES, Metrics, Scrape};
 use crate::reject::RejectReason;
 
 impl Metrics {
@@ -154,6 +154,18 @@ impl Metrics {
                 &l,
                 get(&st.upstream_cx_destroy),
             );
+            f.histogram(
+                "envoy_cluster_upstream_cx_connect_ms",
+                "Time to connect to an endpoint, ms (successful connects).",
+                &l,
+                &st.upstream_cx_connect_ms,
+            );
+            f.histogram(
+                "envoy_cluster_upstream_cx_length_ms",
+                "Upstream connection lifetime, ms, observed when the flow closes.",
+                &l,
+                &st.upstream_cx_length_ms,
+            );
             f.counter(
                 "envoy_cluster_upstream_cx_rx_bytes_total",
                 "Bytes received from the cluster's endpoints.",
@@ -287,7 +299,12 @@ impl Metrics {
             &[],
             get(&self.handshakes_pending),
         );
-        f.histogram("zone_ingress_handoff_duration_seconds", "Accept to spliced (or relayed) latency.", &self.handoff);
+        f.histogram(
+            "zone_ingress_handoff_duration_seconds",
+            "Accept to spliced (or relayed) latency.",
+            &[],
+            &self.handoff,
+        );
         for reason in RejectReason::ALL {
             f.counter(
                 "zone_ingress_rejected_connections_total",
@@ -491,24 +508,24 @@ impl Families {
         });
     }
 
-    fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
+    fn histogram<B: Buckets>(&mut self, name: &str, help: &str, labels: &[(&str, &str)], h: &Histogram<B>) {
         // Read the count last: a concurrent observation then shows up in a bucket before the
         // count, never the other way round, so buckets never exceed the +Inf bucket.
         let mut cumulative = 0u64;
-        let buckets: Vec<proto::Bucket> = HANDOFF_BUCKETS_US
+        let buckets: Vec<proto::Bucket> = B::BOUNDS_US
             .iter()
-            .zip(&h.buckets)
+            .zip(&*h.buckets)
             .map(|(le_us, n)| {
                 cumulative += n.load(Ordering::Relaxed);
                 let mut b = proto::Bucket::default();
-                b.set_upper_bound(*le_us as f64 / 1e6);
+                b.set_upper_bound(*le_us as f64 / B::UNIT_US);
                 b.set_cumulative_count(cumulative);
                 b
             })
             .collect();
-        let sum = h.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let sum = h.sum_us.load(Ordering::Relaxed) as f64 / B::UNIT_US;
         let count = h.count.load(Ordering::Relaxed).max(cumulative);
-        self.push(name, help, MetricType::HISTOGRAM, &[], |m| {
+        self.push(name, help, MetricType::HISTOGRAM, labels, |m| {
             let mut ph = proto::Histogram::default();
             ph.set_bucket(buckets);
             ph.set_sample_sum(sum);

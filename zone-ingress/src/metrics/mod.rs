@@ -43,27 +43,90 @@ use crate::{
     splice::{CloseReason, Path},
 };
 
-/// Upper bounds (µs) of the handoff-latency histogram buckets (accept → spliced).
-pub const HANDOFF_BUCKETS_US: [u64; 12] =
-    [25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000];
-
-/// A fixed-bucket histogram (per-bucket counts; made cumulative on export).
-#[derive(Debug, Default)]
-pub struct Histogram {
-    pub buckets: [AtomicU64; HANDOFF_BUCKETS_US.len()],
-    pub count: AtomicU64,
-    pub sum_us: AtomicU64,
+/// Bucket bounds and export unit of a [`Histogram`].
+pub trait Buckets {
+    /// Upper bounds of the buckets in µs, ascending (the `+Inf` bucket is implied).
+    const BOUNDS_US: &'static [u64];
+    /// Microseconds per exported unit: bounds and sum are exported divided by it.
+    const UNIT_US: f64;
 }
 
-impl Histogram {
+/// `zone_ingress_handoff_duration_seconds`: 25 µs to 1 s, exported in seconds.
+#[derive(Debug)]
+pub struct HandoffBuckets;
+
+impl Buckets for HandoffBuckets {
+    const BOUNDS_US: &'static [u64] = &[25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000];
+    const UNIT_US: f64 = 1e6;
+}
+
+/// Envoy's default histogram buckets (`histogram_bucket_settings` unset), exported in
+/// milliseconds as Envoy's `_ms` histograms are: 0.5 ms to 1 h.
+#[derive(Debug)]
+pub struct EnvoyMsBuckets;
+
+impl Buckets for EnvoyMsBuckets {
+    const BOUNDS_US: &'static [u64] = &[
+        500,
+        1_000,
+        5_000,
+        10_000,
+        25_000,
+        50_000,
+        100_000,
+        250_000,
+        500_000,
+        1_000_000,
+        2_500_000,
+        5_000_000,
+        10_000_000,
+        30_000_000,
+        60_000_000,
+        300_000_000,
+        600_000_000,
+        1_800_000_000,
+        3_600_000_000,
+    ];
+    const UNIT_US: f64 = 1e3;
+}
+
+/// A fixed-bucket histogram: one atomic per bucket (made cumulative on export), a count and a
+/// sum in µs. Observing costs three relaxed atomic adds, no lock.
+#[derive(Debug)]
+pub struct Histogram<B> {
+    /// Observations per bucket of `B::BOUNDS_US` (not cumulative; above the last bound: none).
+    buckets: Box<[AtomicU64]>,
+    count: AtomicU64,
+    sum_us: AtomicU64,
+    unit: std::marker::PhantomData<B>,
+}
+
+impl<B: Buckets> Default for Histogram<B> {
+    fn default() -> Self {
+        Self {
+            buckets: B::BOUNDS_US.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+            unit: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<B: Buckets> Histogram<B> {
     /// Records one observation.
     pub fn observe(&self, d: Duration) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        if let Some(i) = HANDOFF_BUCKETS_US.iter().position(|b| us <= *b) {
+        if let Some(i) = B::BOUNDS_US.iter().position(|b| us <= *b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    #[must_use]
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
     }
 }
 
@@ -127,6 +190,11 @@ pub struct ClusterStats {
     /// Endpoints in the current table (0 once the cluster left it).
     pub membership_healthy: AtomicUsize,
     pub membership_total: AtomicUsize,
+    /// Time to connect to an endpoint, successful connects only (`envoy_cluster_upstream_cx_connect_ms`).
+    pub upstream_cx_connect_ms: Histogram<EnvoyMsBuckets>,
+    /// Upstream connection lifetime, from the start of its connect to the flow's close
+    /// (`envoy_cluster_upstream_cx_length_ms`).
+    pub upstream_cx_length_ms: Histogram<EnvoyMsBuckets>,
 }
 
 impl ClusterStats {
@@ -150,6 +218,8 @@ impl ClusterStats {
             update_rejected: AtomicU64::new(0),
             membership_healthy: AtomicUsize::new(cluster.healthy),
             membership_total: AtomicUsize::new(cluster.total),
+            upstream_cx_connect_ms: Histogram::default(),
+            upstream_cx_length_ms: Histogram::default(),
         }
     }
 
@@ -230,7 +300,7 @@ pub struct Metrics {
     /// under the flow registry's lock (see [`ClusterStats::closed_client_to_backend`]).
     closed_bytes: [[AtomicU64; 2]; 2],
     /// Accept → spliced latency.
-    pub handoff: Histogram,
+    pub handoff: Histogram<HandoffBuckets>,
     /// Rejected connections by reason (slot: [`RejectReason::index`]).
     rejects: [AtomicU64; RejectReason::ALL.len()],
     /// Closed flows by reason (index into [`CLOSE_REASONS`]).

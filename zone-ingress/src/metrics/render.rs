@@ -125,11 +125,14 @@ fn histogram_summary(h: &proto::Histogram) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::{sync::atomic::Ordering, time::Duration};
+    use std::{
+        sync::{Arc, atomic::Ordering},
+        time::Duration,
+    };
 
     use super::*;
     use crate::{
-        metrics::{Metrics, Scrape},
+        metrics::{ClusterSample, Metrics, Scrape},
         reject::RejectReason,
         splice::Path,
     };
@@ -162,6 +165,73 @@ mod tests {
         assert!(text.contains("zone_ingress_handoff_duration_seconds_bucket{le=\"0.00005\"} 1\n"), "{text}");
         assert!(text.contains("zone_ingress_handoff_duration_seconds_count 1\n"), "{text}");
         assert!(!text.contains("_total_total"), "{text}");
+    }
+
+    /// Per-cluster `_ms` histograms: Envoy's bounds in ms, cumulative buckets, `+Inf` equal to
+    /// the count, the sum in (fractional) ms; `/stats` gives the quantile summary.
+    #[test]
+    fn cluster_histograms_follow_envoy() {
+        let inv = crate::config::parse_inventory(
+            std::path::Path::new("inv.yaml"),
+            "type: Dataplane\nmesh: default\nname: b1\nnetworking:\n  address: 198.18.1.2\n  inbound:\n  - port: 8080\n    tags:\n      kuma.io/service: backend\n",
+        )
+        .expect("inventory")
+        .value;
+        let m = Metrics::default();
+        let clusters = m.clusters_for(&crate::routing::RouteTable::build(&inv, ""));
+        let stats = Arc::clone(&clusters["default:backend"]);
+        // 0.3 ms, 0.7 ms, 3 ms, 42 ms, and 2 h (beyond the last bound: only in +Inf).
+        for us in [300, 700, 3_000, 42_000, 7_200_000_000] {
+            stats.upstream_cx_connect_ms.observe(Duration::from_micros(us));
+        }
+        let s = Scrape {
+            clusters: vec![ClusterSample { stats: Arc::clone(&stats), client_to_backend: 0, backend_to_client: 0 }],
+            ..scrape()
+        };
+        let text = render_prometheus(&m.gather(&s)).expect("encode");
+        assert!(text.contains("# TYPE envoy_cluster_upstream_cx_connect_ms histogram\n"), "{text}");
+        assert!(text.contains("# TYPE envoy_cluster_upstream_cx_length_ms histogram\n"), "{text}");
+        let samples = |name: &str| -> Vec<(String, f64)> {
+            let prefix = format!("{name}{{envoy_cluster_name=\"default_backend\"");
+            text.lines()
+                .filter_map(|l| l.strip_prefix(&prefix))
+                .map(|rest| {
+                    let (labels, v) = rest.rsplit_once(' ').expect("value");
+                    (labels.to_owned(), v.parse().expect("number"))
+                })
+                .collect()
+        };
+        let buckets = samples("envoy_cluster_upstream_cx_connect_ms_bucket");
+        let les: Vec<&str> =
+            buckets.iter().map(|(l, _)| l.trim_start_matches(",le=\"").trim_end_matches("\"}")).collect();
+        assert_eq!(
+            les,
+            [
+                "0.5", "1", "5", "10", "25", "50", "100", "250", "500", "1000", "2500", "5000", "10000", "30000",
+                "60000", "300000", "600000", "1800000", "3600000", "+Inf"
+            ],
+            "Envoy's default bounds\n{text}"
+        );
+        let counts: Vec<f64> = buckets.iter().map(|(_, v)| *v).collect();
+        assert!(counts.windows(2).all(|w| w[0] <= w[1]), "cumulative: {counts:?}");
+        assert_eq!(&counts[..6], [1.0, 2.0, 3.0, 3.0, 3.0, 4.0], "{text}");
+        assert_eq!(counts[18], 4.0, "the 2 h observation is above 3600000 ms");
+        assert_eq!(counts[19], 5.0, "+Inf");
+        assert_eq!(samples("envoy_cluster_upstream_cx_connect_ms_count"), [("}".to_owned(), 5.0)]);
+        let sum = samples("envoy_cluster_upstream_cx_connect_ms_sum")[0].1;
+        assert!((sum - 7_200_046.0).abs() < 1e-6, "sum in ms: {sum}");
+        // Nothing closed yet: every bucket, the count and the sum are 0.
+        let length = samples("envoy_cluster_upstream_cx_length_ms_bucket");
+        assert_eq!(length.len(), 20);
+        assert!(length.iter().all(|(_, v)| *v == 0.0), "{text}");
+        assert_eq!(samples("envoy_cluster_upstream_cx_length_ms_count"), [("}".to_owned(), 0.0)]);
+
+        let listing = render_envoy_stats(&m.gather(&s), Some("cluster.default_backend.upstream_cx_"));
+        assert!(
+            listing.contains("cluster.default_backend.upstream_cx_connect_ms: P50(5) P90(+Inf) P99(+Inf) count=5 sum="),
+            "{listing}"
+        );
+        assert!(listing.contains("cluster.default_backend.upstream_cx_length_ms: No recorded values\n"), "{listing}");
     }
 
     #[test]

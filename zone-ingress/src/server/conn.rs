@@ -164,7 +164,7 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
         stats.upstream_cx_overflow.fetch_add(1, Ordering::Relaxed);
         return reject(ingress, &client, peer, Some(&sni), RejectReason::ClusterOverflow);
     };
-    let Some((backend, endpoint)) = connect(ingress, &route, &stats).await else {
+    let Some((backend, endpoint, connect_started)) = connect(ingress, &route, &stats).await else {
         return reject(ingress, &client, peer, Some(&sni), RejectReason::ConnectFailed);
     };
     debug!(sni, %endpoint, "routed");
@@ -184,6 +184,7 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
         mode,
         started,
         started_ns: sys::monotonic_ns().saturating_sub(u64::try_from(accepted_at.elapsed().as_nanos()).unwrap_or(0)),
+        upstream_since: connect_started,
         progress: Arc::clone(&progress),
         cookies,
         permit,
@@ -312,17 +313,22 @@ async fn relay(
     ingress.close_flow(flow, closed);
 }
 
-/// Tries the route's endpoints in round-robin order, each with the connect timeout.
-async fn connect(ingress: &Ingress, route: &Route, stats: &ClusterStats) -> Option<(TcpStream, SocketAddr)> {
+/// Tries the route's endpoints in round-robin order, each with the connect timeout. Returns
+/// the connected socket, its endpoint and when its (successful) attempt started.
+async fn connect(ingress: &Ingress, route: &Route, stats: &ClusterStats) -> Option<(TcpStream, SocketAddr, Instant)> {
     let opts = &ingress.options;
     for endpoint in route.candidates(opts.connect_attempts.max(1)) {
         stats.upstream_cx_total.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         let attempt = async {
             let socket = if endpoint.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
             socket.connect(endpoint).await
         };
         match tokio::time::timeout(opts.connect_timeout, attempt).await {
-            Ok(Ok(stream)) => return Some((stream, endpoint)),
+            Ok(Ok(stream)) => {
+                stats.upstream_cx_connect_ms.observe(started.elapsed());
+                return Some((stream, endpoint, started));
+            }
             Ok(Err(e)) => debug!(%endpoint, error = %e, "connect failed"),
             Err(_) => {
                 debug!(%endpoint, "connect timed out");
