@@ -972,6 +972,25 @@ networking:
         assert_eq!(eps, vec!["198.18.7.10:1", "198.18.9.9:2", "[2001:2::9]:3"]);
     }
 
+    /// Nothing is cached: every load (a reload too) asks the resolver again.
+    #[test]
+    fn every_load_resolves_the_names_again() {
+        struct Moving(std::sync::atomic::AtomicU8);
+        impl Resolver for Moving {
+            fn lookup(&self, _: &str) -> Result<Vec<IpAddr>, String> {
+                let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(vec![IpAddr::from([198, 18, 0, n])])
+            }
+        }
+        let resolver: Arc<dyn Resolver> = Arc::new(Moving(1.into()));
+        let dir = TempDir::new();
+        let file = dir.write("dp.yaml", &dp("a", "backend.internal", "  - {port: 1, tags: {kuma.io/service: s}}\n"));
+        for expected in ["198.18.0.1:1", "198.18.0.2:1"] {
+            let loaded = load_inventory_with(&file, &resolver).expect("valid");
+            assert_eq!(loaded.value.dataplanes[0].inbounds[0].endpoint.to_string(), expected);
+        }
+    }
+
     #[test]
     fn a_dataplane_whose_name_does_not_resolve_is_skipped_with_a_warning() {
         let resolver = TableResolver::new(&[("backend.internal", Some(&["198.18.7.7"]))]);
