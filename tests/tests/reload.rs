@@ -81,11 +81,9 @@ fn reload_under_load() {
     );
     assert_eq!(served_by(&rt, &topo, 10001, 4), set(&["backend-1", "backend-2"]));
 
-    // 2. Break the file: rejected with the startup report, the table stays.
-    write_atomic(
-        &dps,
-        "items:\n- type: Dataplane\n  mesh: default\n  name: broken\n  networking:\n    address: not-an-ip\n    inbound:\n    - port: 99999\n",
-    );
+    // 2. Break the file (not YAML; a Dataplane that breaks a rule would only be skipped): rejected
+    // with the startup report, the table stays.
+    write_atomic(&dps, "items:\n- type: Dataplane\n  mesh: default\n  name: [broken\n  networking:\n");
     assert!(
         wait_until(Duration::from_secs(10), || reloads(&topo, "failure") >= 1.0),
         "rejected reload:\n{}",

@@ -140,6 +140,25 @@ impl<'a> Checker<'a> {
         self.push(Severity::Warning, path, at, message.into());
     }
 
+    /// Where the diagnostics emitted from now on start, for [`Checker::demote_since`].
+    pub(crate) fn mark(&self) -> usize {
+        self.diags.len()
+    }
+
+    /// Turns the errors emitted since `mark` into warnings, each message prefixed by `prefix`:
+    /// the part they are about is left out instead of the whole input being rejected. Whether
+    /// there were any.
+    pub(crate) fn demote_since(&mut self, mark: usize, prefix: &str) -> bool {
+        let mut any = false;
+        for d in self.diags.iter_mut().skip(mark).filter(|d| d.is_error()) {
+            d.severity = Severity::Warning;
+            d.message = format!("{prefix}{}", d.message);
+            self.errors -= 1;
+            any = true;
+        }
+        any
+    }
+
     /// Warn about keys not in `known`: unknown keys are ignored, but a misspelt optional field
     /// would otherwise silently keep its default.
     pub(crate) fn unknown_keys(&mut self, map: &Mapping, parent: &str, known: &[&str]) {

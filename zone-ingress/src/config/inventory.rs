@@ -1,11 +1,13 @@
-//! The backend inventory: Kuma `Dataplane` resources in Universal form (format and endpoint
-//! address precedence: `docs/design.md#routing`), from one file or a directory of them.
+//! The backend inventory: Kuma `Dataplane` resources in Universal or Kubernetes form (format and
+//! endpoint address precedence: `docs/design.md#routing`; forms: `docs/operations.md#input-forms`),
+//! from one file or a directory of them.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::Serialize;
@@ -14,6 +16,8 @@ use serde_yaml::{Mapping, Value};
 use super::{
     check::{Checker, Got, Host, Need, Where, Zero, child_path, describe, get, index_path},
     diagnostic::{ConfigError, Diagnostic, Loaded, Severity, finish, read_text, whole_file},
+    kube,
+    resolve::{RESOLVE_TIMEOUT, Resolver, resolve_all, system},
     yaml::for_each_document,
 };
 use crate::sni::SERVICE_TAG;
@@ -37,18 +41,20 @@ impl Inventory {
     }
 }
 
-/// One checked `Dataplane` (Universal form).
+/// One checked `Dataplane` (either form).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Dataplane {
     /// `mesh`.
     pub mesh: String,
-    /// `name`; unique per mesh within the inventory.
+    /// `name`, or on Kubernetes `metadata.name` + `.` + `metadata.namespace` (Kuma's name);
+    /// unique per mesh within the inventory.
     pub name: String,
-    /// `creationTime` as printed by kumactl (RFC 3339), when present. Kept as text: it only
-    /// orders dataplanes.
+    /// `creationTime` as printed by kumactl (RFC 3339), or `metadata.creationTimestamp`, when
+    /// present. Kept as text: it only orders dataplanes.
     pub creation_time: Option<String>,
-    /// `labels` (string values only); `kuma.io/zone` says which zone the dataplane is in.
+    /// `labels` or `metadata.labels` (string values only); `kuma.io/zone` says which zone the
+    /// dataplane is in.
     pub labels: BTreeMap<String, String>,
     /// The inbounds, healthy or not, in input order.
     pub inbounds: Vec<Inbound>,
@@ -79,7 +85,8 @@ pub enum InboundState {
 #[serde(rename_all = "camelCase")]
 pub struct Inbound {
     /// Where the ingress connects: `networking.advertisedAddress`, else `inbound.address`, else
-    /// `networking.address`, with `inbound.port`. Always an IP literal.
+    /// `networking.address`, with `inbound.port`. Always an IP: a DNS name in the dataplane-level
+    /// addresses was resolved when the inventory was read.
     pub endpoint: SocketAddr,
     /// `name`: the optional port name.
     pub name: Option<String>,
@@ -100,14 +107,25 @@ impl Inbound {
     }
 }
 
-/// Read the inventory from `path`: a file (one document, a `---` stream, or a kumactl `items:`
-/// list, in any combination) or a directory, whose `*.yaml`/`*.yml` files are read in name
-/// order (not recursively; hidden files are skipped).
+/// Read the inventory from `path`: a file (one document, a `---` stream, a kumactl `items:` list
+/// or a kubectl `kind: List`, in any combination; Universal or Kubernetes form) or a directory,
+/// whose `*.yaml`/`*.yml` files are read in name order (not recursively; hidden files are
+/// skipped). DNS names in `networking.address`/`advertisedAddress` are resolved with the system
+/// resolver.
+///
+/// A Dataplane that cannot be used (it breaks a rule of the control plane's, repeats a
+/// `(mesh, name)` read before, or has a name that does not resolve) is skipped with warnings
+/// that name it; the others load.
 ///
 /// # Errors
-/// Unreadable files, malformed YAML, invalid dataplanes, and duplicate `(mesh, name)` across
-/// everything read; all problems found are in the error.
+/// Unreadable files, malformed YAML, and documents that are not resources at all (no `type` or
+/// `kind`, not a mapping); all problems found are in the error.
 pub fn load_inventory(path: &Path) -> Result<Loaded<Inventory>, ConfigError> {
+    load_inventory_with(path, &system())
+}
+
+/// [`load_inventory`] with `resolver` for the DNS names.
+pub(crate) fn load_inventory_with(path: &Path, resolver: &Arc<dyn Resolver>) -> Result<Loaded<Inventory>, ConfigError> {
     let mut diags = Vec::new();
     let mut found = Vec::new();
     let mut budget = MAX_INVENTORY_BYTES;
@@ -141,7 +159,7 @@ pub fn load_inventory(path: &Path) -> Result<Loaded<Inventory>, ConfigError> {
             Err(Unread::Unreadable(d) | Unread::OverLimit(d)) => diags.push(d),
         }
     }
-    let inventory = collect_inventory(path, found, &mut diags);
+    let inventory = collect_inventory(path, found, &mut diags, resolver);
     finish(Some(inventory), diags)
 }
 
@@ -193,21 +211,33 @@ fn read_text_within(path: &Path, budget: &mut u64) -> Result<String, Unread> {
 /// # Errors
 /// As [`load_inventory`], without the I/O.
 pub fn parse_inventory(file: &Path, text: &str) -> Result<Loaded<Inventory>, ConfigError> {
+    parse_inventory_with(file, text, &system())
+}
+
+/// [`parse_inventory`] with `resolver` for the DNS names.
+pub(crate) fn parse_inventory_with(
+    file: &Path,
+    text: &str,
+    resolver: &Arc<dyn Resolver>,
+) -> Result<Loaded<Inventory>, ConfigError> {
     let mut diags = Vec::new();
     let mut found = Vec::new();
     parse_inventory_into(file, text, &mut found, &mut diags);
-    let inventory = collect_inventory(file, found, &mut diags);
+    let inventory = collect_inventory(file, found, &mut diags, resolver);
     finish(Some(inventory), diags)
 }
 
-/// A dataplane and where it came from, for the duplicate check.
+/// A dataplane and where it came from, for the duplicate check, and the DNS names its
+/// endpoints wait for.
 struct Found {
     dataplane: Dataplane,
     file: PathBuf,
-    /// Field path of the resource (`""` or `items[i]`).
-    path: String,
-    /// Line and column of its `name` value.
+    /// Field path of its name (`name`, `items[i].metadata.name`).
+    name_path: String,
+    /// Line and column of its name's value.
     pos: Option<(usize, usize)>,
+    /// Its dataplane-level DNS names (usually none).
+    names: Vec<Named>,
 }
 
 /// The inventory files of directory `dir`: its YAML files (not hidden, symlinks followed), in
@@ -239,11 +269,19 @@ fn parse_inventory_into(file: &Path, text: &str, found: &mut Vec<Found>, diags: 
     for_each_document(file, text, diags, |ck, doc| check_inventory_document(ck, doc, found));
 }
 
-fn collect_inventory(origin: &Path, found: Vec<Found>, diags: &mut Vec<Diagnostic>) -> Inventory {
+/// The inventory of what was found: a later duplicate of a `(mesh, name)` is skipped, then the
+/// DNS names are resolved and a dataplane whose name does not resolve is skipped, each with a
+/// warning. Nothing is resolved when the load is rejected anyway.
+fn collect_inventory(
+    origin: &Path,
+    found: Vec<Found>,
+    diags: &mut Vec<Diagnostic>,
+    resolver: &Arc<dyn Resolver>,
+) -> Inventory {
     // (mesh, name) → where it was first defined.
     type FirstSeen = (PathBuf, Option<(usize, usize)>);
     let mut seen: HashMap<(String, String), FirstSeen> = HashMap::new();
-    let mut dataplanes = Vec::with_capacity(found.len());
+    let mut kept = Vec::with_capacity(found.len());
     for f in found {
         let key = (f.dataplane.mesh.clone(), f.dataplane.name.clone());
         if let Some((first_file, first_pos)) = seen.get(&key) {
@@ -255,15 +293,23 @@ fn collect_inventory(origin: &Path, found: Vec<Found>, diags: &mut Vec<Diagnosti
                 file: f.file,
                 line: f.pos.map(|p| p.0),
                 column: f.pos.map(|p| p.1),
-                path: child_path(&f.path, "name"),
-                message: format!("duplicate Dataplane `{}` in mesh `{}`; first defined at {at}", key.1, key.0),
-                severity: Severity::Error,
+                path: f.name_path,
+                message: format!(
+                    "skipped Dataplane `{}` (mesh `{}`): a duplicate; the one first defined at {at} is used",
+                    key.1, key.0
+                ),
+                severity: Severity::Warning,
             });
             continue;
         }
-        seen.insert(key, (f.file, f.pos));
-        dataplanes.push(f.dataplane);
+        seen.insert(key, (f.file.clone(), f.pos));
+        kept.push(f);
     }
+    drop(seen);
+    if !diags.iter().any(Diagnostic::is_error) {
+        resolve_names(&mut kept, diags, resolver);
+    }
+    let dataplanes: Vec<Dataplane> = kept.into_iter().map(|f| f.dataplane).collect();
     if dataplanes.is_empty() && !diags.iter().any(Diagnostic::is_error) {
         diags.push(whole_file(
             origin,
@@ -274,10 +320,50 @@ fn collect_inventory(origin: &Path, found: Vec<Found>, diags: &mut Vec<Diagnosti
     Inventory { dataplanes }
 }
 
+/// Resolves the DNS names of `found` (each distinct name once, all within
+/// [`RESOLVE_TIMEOUT`]), sets the endpoints that use them, and drops the dataplanes with a name
+/// that does not resolve, with a warning at that name.
+fn resolve_names(found: &mut Vec<Found>, diags: &mut Vec<Diagnostic>, resolver: &Arc<dyn Resolver>) {
+    let names: HashSet<&str> = found.iter().flat_map(|f| f.names.iter().map(|n| n.host.as_str())).collect();
+    if names.is_empty() {
+        return;
+    }
+    let names: Vec<String> = names.into_iter().map(str::to_owned).collect();
+    let resolved = resolve_all(names, resolver, RESOLVE_TIMEOUT);
+    found.retain_mut(|f| {
+        for named in &f.names {
+            match &resolved[&named.host] {
+                Ok(ip) => {
+                    for &i in &named.inbounds {
+                        f.dataplane.inbounds[i].endpoint.set_ip(*ip);
+                    }
+                }
+                Err(why) => {
+                    diags.push(Diagnostic {
+                        file: f.file.clone(),
+                        line: named.pos.map(|p| p.0),
+                        column: named.pos.map(|p| p.1),
+                        path: named.path.clone(),
+                        message: format!(
+                            "skipped Dataplane `{}` (mesh `{}`): `{}` does not resolve ({why})",
+                            f.dataplane.name, f.dataplane.mesh, named.host
+                        ),
+                        severity: Severity::Warning,
+                    });
+                    return false;
+                }
+            }
+        }
+        true
+    });
+}
+
 fn check_inventory_document(ck: &mut Checker<'_>, doc: &Value, found: &mut Vec<Found>) {
     match doc {
         // Empty documents (a trailing `---`, a comment-only file) carry nothing.
         Value::Null => {}
+        // kumactl's list (`items`, `next`, `total`) and kubectl's (`kind: List`, or `kind:
+        // DataplaneList`, with `items` and `metadata`).
         Value::Mapping(map) if get(map, "type").is_none() && map.contains_key("items") => match get(map, "items") {
             None => {}
             Some(Value::Sequence(items)) => {
@@ -293,16 +379,26 @@ fn check_inventory_document(ck: &mut Checker<'_>, doc: &Value, found: &mut Vec<F
 }
 
 /// A kumactl or API export is paged when it names a `next` page or a `total` above its item
-/// count: the dataplanes on the other pages are missing from the inventory, which loads what it
-/// has and says so.
+/// count, a kubectl list when its `metadata.continue` is set: the dataplanes on the other pages
+/// are missing from the inventory, which loads what it has and says so.
 fn check_page(ck: &mut Checker<'_>, list: &Mapping, items: usize) {
     let next = get(list, "next").filter(|v| !v.is_null());
     let total = get(list, "total").and_then(Value::as_u64);
-    if next.is_none() && total.is_none_or(|t| t <= items as u64) {
+    let kube_continue = match get(list, "metadata") {
+        Some(Value::Mapping(m)) => get(m, "continue").and_then(Value::as_str).is_some_and(|c| !c.is_empty()),
+        _ => false,
+    };
+    if next.is_none() && total.is_none_or(|t| t <= items as u64) && !kube_continue {
         return;
     }
     let of = total.map_or_else(String::new, |t| format!(" of {t}"));
-    let (path, at) = if next.is_some() { ("next", Where::Key("next")) } else { ("total", Where::Value("total")) };
+    let (path, at) = if next.is_some() {
+        ("next", Where::Key("next"))
+    } else if kube_continue {
+        ("metadata.continue", Where::Key("metadata.continue"))
+    } else {
+        ("total", Where::Value("total"))
+    };
     ck.warn(
         path,
         at,
@@ -316,6 +412,10 @@ fn check_page(ck: &mut Checker<'_>, list: &Mapping, items: usize) {
 const DATAPLANE: &str = "Dataplane";
 const DATAPLANE_OVERVIEW: &str = "DataplaneOverview";
 
+/// One resource of the inventory. What is not a resource at all (not a mapping, no `type` or
+/// `kind`) is an error that rejects the inventory; a Dataplane that cannot be used is skipped
+/// with warnings that name it, as the control plane would have refused it (or, for a name that
+/// does not resolve, left it out) without refusing the others.
 fn check_resource(ck: &mut Checker<'_>, value: &Value, base: &str, found: &mut Vec<Found>) {
     let Value::Mapping(map) = value else {
         ck.error(
@@ -328,36 +428,96 @@ fn check_resource(ck: &mut Checker<'_>, value: &Value, base: &str, found: &mut V
     let Some(kind) = resource_kind(ck, map, base) else {
         return;
     };
-    // A `kumactl inspect dataplanes` overview carries the Dataplane's body under `dataplane`.
-    let (spec, spec_path) = match kind {
-        Kind::Dataplane => (map, base.to_owned()),
-        Kind::Overview => match ck.mapping(map, base, "dataplane", Need::Required).ok() {
-            Some(spec) => (spec, child_path(base, "dataplane")),
-            None => return,
-        },
+    let mark = ck.mark();
+    let head = check_head(ck, map, base, kind);
+    let body = head.spec.and_then(|(spec, spec_path)| check_body(ck, spec, &spec_path));
+    let who = match (&head.name, &head.mesh) {
+        (Some(name), Some(mesh)) => format!("skipped Dataplane `{name}` (mesh `{mesh}`): "),
+        (Some(name), None) => format!("skipped Dataplane `{name}`: "),
+        (None, _) => "skipped a Dataplane without a valid name: ".to_owned(),
     };
-
-    let errors_before = ck.errors;
-    let mesh = ck.string(map, base, "mesh", Need::Required).ok();
-    let name = ck.string(map, base, "name", Need::Required).ok();
-    let creation_time = match get(map, "creationTime") {
-        Some(Value::String(t)) => Some(t.clone()),
-        _ => None,
-    };
-    let labels = match get(map, "labels") {
-        Some(Value::Mapping(labels)) => {
-            labels.iter().filter_map(|(k, v)| Some((k.as_str()?.to_owned(), v.as_str()?.to_owned()))).collect()
-        }
-        _ => BTreeMap::new(),
-    };
-    let net_path = child_path(&spec_path, "networking");
-    let Some(networking) = ck.mapping(spec, &spec_path, "networking", Need::Required).ok() else {
+    if ck.demote_since(mark, &who) {
+        return;
+    }
+    let (Some((inbounds, names)), Some(mesh), Some(name)) = (body, head.mesh, head.name) else {
         return;
     };
+    let pos = ck.position(&head.name_path, &Where::Value(&head.name_path));
+    found.push(Found {
+        dataplane: Dataplane { mesh, name, creation_time: head.creation_time, labels: head.labels, inbounds },
+        file: ck.file.to_path_buf(),
+        name_path: head.name_path,
+        pos,
+        names,
+    });
+}
+
+/// What a Dataplane says about itself, and where its body (`networking`) is.
+struct Head<'m> {
+    mesh: Option<String>,
+    name: Option<String>,
+    /// Where the name is (`name`, `metadata.name`), for diagnostics.
+    name_path: String,
+    creation_time: Option<String>,
+    labels: BTreeMap<String, String>,
+    /// The mapping holding `networking`, and its path.
+    spec: Option<(&'m Mapping, String)>,
+}
+
+fn check_head<'m>(ck: &mut Checker<'_>, map: &'m Mapping, base: &str, kind: Kind) -> Head<'m> {
+    if kind == Kind::Kube {
+        let meta = kube::metadata(ck, map, base);
+        // The CRD's `mesh`, else the mesh label, else the default mesh (as the control plane
+        // defaults a Dataplane's mesh).
+        let mesh = match ck.string(map, base, "mesh", Need::Optional) {
+            Got::Value(mesh) => Some(mesh),
+            Got::Invalid => None,
+            Got::Absent => Some(
+                meta.labels
+                    .get(kube::MESH_LABEL)
+                    .filter(|m| !m.is_empty())
+                    .cloned()
+                    .unwrap_or_else(|| "default".into()),
+            ),
+        };
+        let spec = ck.mapping(map, base, "spec", Need::Required).ok().map(|spec| (spec, child_path(base, "spec")));
+        return Head {
+            mesh,
+            name: meta.name,
+            name_path: kube::name_path(base),
+            creation_time: meta.creation_time,
+            labels: meta.labels,
+            spec,
+        };
+    }
+    let mesh = ck.string(map, base, "mesh", Need::Required).ok();
+    let name = ck.string(map, base, "name", Need::Required).ok();
+    // A `kumactl inspect dataplanes` overview carries the Dataplane's body under `dataplane`.
+    let spec = match kind {
+        Kind::Overview => {
+            ck.mapping(map, base, "dataplane", Need::Required).ok().map(|spec| (spec, child_path(base, "dataplane")))
+        }
+        _ => Some((map, base.to_owned())),
+    };
+    Head {
+        mesh,
+        name,
+        name_path: child_path(base, "name"),
+        creation_time: get(map, "creationTime").and_then(Value::as_str).map(str::to_owned),
+        labels: kube::string_map(get(map, "labels")),
+        spec,
+    }
+}
+
+/// The inbounds of a Dataplane's body and the DNS names they need resolved; `None` when it is
+/// skipped (a warning or an error says why).
+fn check_body(ck: &mut Checker<'_>, spec: &Mapping, spec_path: &str) -> Option<(Vec<Inbound>, Vec<Named>)> {
+    let net_path = child_path(spec_path, "networking");
+    let networking = ck.mapping(spec, spec_path, "networking", Need::Required).ok()?;
     if get(networking, "gateway").is_some() {
         let gw = child_path(&net_path, "gateway");
         ck.warn(&gw, Where::Key(&gw), "skipped: gateway dataplanes are not plain backends of the ingress");
-        return;
+        return None;
     }
     if get(networking, "listeners").is_some() && get(networking, "inbound").is_none() {
         let listeners = child_path(&net_path, "listeners");
@@ -366,45 +526,51 @@ fn check_resource(ck: &mut Checker<'_>, value: &Value, base: &str, found: &mut V
             Where::Key(&listeners),
             "skipped: a zone proxy (listeners and no inbound) is not a backend of the ingress",
         );
-        return;
+        return None;
     }
-
-    let inbounds = check_inbounds(ck, networking, &net_path);
-
-    if ck.errors > errors_before {
-        return;
-    }
-    let (Some(mesh), Some(name)) = (mesh, name) else {
-        return;
-    };
-    let name_path = child_path(base, "name");
-    let pos = ck.position(&name_path, &Where::Value(&name_path));
-    found.push(Found {
-        dataplane: Dataplane { mesh, name, creation_time, labels, inbounds },
-        file: ck.file.to_path_buf(),
-        path: base.to_owned(),
-        pos,
-    });
+    Some(check_inbounds(ck, networking, &net_path))
 }
 
 /// What a resource of the inventory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     /// `type: Dataplane`.
     Dataplane,
     /// `type: DataplaneOverview` (`kumactl inspect dataplanes -o yaml`): the Dataplane's body is
     /// under `dataplane`.
     Overview,
+    /// `kind: Dataplane` (Kubernetes form): name and labels under `metadata`, the body under
+    /// `spec`.
+    Kube,
 }
 
 /// A Dataplane or its overview? Other resource types are skipped with a warning.
 fn resource_kind(ck: &mut Checker<'_>, map: &Mapping, base: &str) -> Option<Kind> {
+    if kube::is_kube(map) {
+        let kind = kube::kind(ck, map, base)?;
+        if kind != DATAPLANE {
+            let kind_path = child_path(base, "kind");
+            ck.warn(
+                &kind_path,
+                Where::Value(&kind_path),
+                format!("skipped: only Dataplane resources are read from the inventory, not {kind}"),
+            );
+            return None;
+        }
+        if let Err(message) = kube::api_version(map) {
+            let path = child_path(base, "apiVersion");
+            ck.warn(&path, Where::Value(&path), format!("skipped: not a Kuma resource: {message}"));
+            return None;
+        }
+        return Some(Kind::Kube);
+    }
     let type_path = child_path(base, "type");
     match get(map, "type") {
         None => {
             ck.error(
                 &type_path,
                 Where::Parent(base),
-                "is required (expected `Dataplane`, or an `items:` list of them)",
+                "is required (expected `type: Dataplane`, `kind: Dataplane`, or an `items:` list of them)",
             );
             None
         }
@@ -425,43 +591,77 @@ fn resource_kind(ck: &mut Checker<'_>, map: &Mapping, base: &str) -> Option<Kind
     }
 }
 
-/// The dataplane's addresses and its inbounds; only valid inbounds are returned.
-fn check_inbounds(ck: &mut Checker<'_>, networking: &Mapping, net_path: &str) -> Vec<Inbound> {
+/// A DNS name in `networking.address` or `networking.advertisedAddress`, resolved when the
+/// inventory is loaded (`docs/operations.md#input-forms`).
+struct Named {
+    host: String,
+    /// The field, and where its value is.
+    path: String,
+    pos: Option<(usize, usize)>,
+    /// The inbounds whose endpoint address it is.
+    inbounds: Vec<usize>,
+}
+
+/// Where an inbound's endpoint address comes from.
+#[derive(Clone, Copy)]
+enum Via {
+    /// An IP literal.
+    Ip,
+    /// A dataplane-level DNS name (its index in the dataplane's names), resolved later.
+    Name(usize),
+}
+
+/// The dataplane's addresses and its inbounds (only valid ones), and the DNS names to resolve.
+/// The control plane resolves both dataplane-level addresses when they are names, and leaves
+/// the dataplane out when either does not resolve, whichever one the endpoints use.
+fn check_inbounds(ck: &mut Checker<'_>, networking: &Mapping, net_path: &str) -> (Vec<Inbound>, Vec<Named>) {
     let address = ck.address(networking, net_path, "address", Need::Required);
     let advertised = ck.address(networking, net_path, "advertisedAddress", Need::Optional);
+    let mut names = Vec::new();
+    let mut name_of = |ck: &mut Checker<'_>, got: &Got<Host>, key: &str| -> Option<usize> {
+        let Got::Value(Host::Name(host)) = got else { return None };
+        let path = child_path(net_path, key);
+        let pos = ck.position(&path, &Where::Value(&path));
+        names.push(Named { host: host.clone(), path, pos, inbounds: Vec::new() });
+        Some(names.len() - 1)
+    };
+    let advertised_name = name_of(ck, &advertised, "advertisedAddress");
+    let address_name = name_of(ck, &address, "address");
+
     let inbound_path = child_path(net_path, "inbound");
     let inbounds = match ck.sequence(networking, net_path, "inbound", Need::Optional) {
         Got::Value(items) if !items.is_empty() => items.as_slice(),
-        Got::Invalid => return Vec::new(),
+        Got::Invalid => return (Vec::new(), names),
         _ => {
             ck.error(&inbound_path, Where::Key(net_path), "dataplane must have at least one inbound (or be a gateway)");
             &[]
         }
     };
 
-    // A DNS name used as endpoint address is reported once at its source, not per inbound.
-    let mut reported_names = HashSet::new();
     let mut checked = Vec::with_capacity(inbounds.len());
     for (i, inbound) in inbounds.iter().enumerate() {
         let path = index_path(&inbound_path, i);
-        let hosts =
-            [(&advertised, child_path(net_path, "advertisedAddress")), (&address, child_path(net_path, "address"))];
-        if let Some(inbound) = check_inbound(ck, inbound, &path, hosts, &mut reported_names) {
+        let hosts = [(&advertised, advertised_name), (&address, address_name)];
+        if let Some((inbound, from)) = check_inbound(ck, inbound, &path, hosts) {
+            if let Via::Name(n) = from {
+                names[n].inbounds.push(checked.len());
+            }
             checked.push(inbound);
         }
     }
-    checked
+    (checked, names)
 }
 
 /// Check one inbound. `hosts` are the dataplane-level address candidates in precedence order
-/// around the inbound's own address: `[advertisedAddress, address]`.
+/// around the inbound's own address: `[advertisedAddress, address]`, each with the index of its
+/// DNS name in the dataplane's names when it is one. An endpoint that uses a name gets its
+/// address when the names are resolved.
 fn check_inbound(
     ck: &mut Checker<'_>,
     value: &Value,
     path: &str,
-    hosts: [(&Got<Host>, String); 2],
-    reported_names: &mut HashSet<String>,
-) -> Option<Inbound> {
+    hosts: [(&Got<Host>, Option<usize>); 2],
+) -> Option<(Inbound, Via)> {
     let Value::Mapping(map) = value else {
         ck.error(path, Where::Value(path), format!("must be a mapping, got {}", describe(value)));
         return None;
@@ -507,24 +707,24 @@ fn check_inbound(
 
     // Endpoint address precedence (`docs/design.md#routing`): advertisedAddress, inbound.address,
     // address.
-    let [(advertised, advertised_path), (address, address_path)] = hosts;
-    let own_path = child_path(path, "address");
-    let chosen = [(advertised, advertised_path), (&own_address, own_path), (address, address_path)]
+    let [(advertised, advertised_name), (address, address_name)] = hosts;
+    let chosen = [(advertised, advertised_name), (&own_address, None), (address, address_name)]
         .into_iter()
         .find(|(got, _)| !matches!(got, Got::Absent));
-    let ip = match chosen {
-        Some((Got::Value(Host::Ip(ip)), _)) => Some(*ip),
-        Some((Got::Value(Host::Name(host)), source)) => {
-            if reported_names.insert(source.clone()) {
-                ck.error(
-                    &source,
-                    Where::Value(&source),
-                    format!(
-                        "endpoint address must be an IP address, not the DNS name `{host}`: \
-                         zone-ingress does not resolve names"
-                    ),
-                );
-            }
+    let endpoint = match chosen {
+        Some((Got::Value(Host::Ip(ip)), _)) => Some((*ip, Via::Ip)),
+        Some((Got::Value(Host::Name(_)), Some(n))) => Some((IpAddr::V4(Ipv4Addr::UNSPECIFIED), Via::Name(n))),
+        // The control plane resolves only the dataplane-level addresses.
+        Some((Got::Value(Host::Name(host)), None)) => {
+            let own_path = child_path(path, "address");
+            ck.error(
+                &own_path,
+                Where::Value(&own_path),
+                format!(
+                    "endpoint address must be an IP address, not the DNS name `{host}`: an inbound's own \
+                     address is not resolved (networking.address and advertisedAddress are)"
+                ),
+            );
             None
         }
         // Invalid: already reported; absent: `networking.address` is required and reported.
@@ -533,13 +733,14 @@ fn check_inbound(
 
     let state = state?;
     let healthy = state == InboundState::Ready && health_ready?;
-    Some(Inbound { endpoint: SocketAddr::new(ip?, port.ok()?), name, tags: tags?, state, healthy })
+    let (ip, from) = endpoint?;
+    Some((Inbound { endpoint: SocketAddr::new(ip, port.ok()?), name, tags: tags?, state, healthy }, from))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::test_util::*;
+    use crate::config::{resolve::tests::TableResolver, test_util::*};
 
     #[test]
     fn inventory_single_document() {
@@ -573,7 +774,10 @@ mod tests {
 
     #[test]
     fn inventory_kumactl_list_and_fixture() {
-        let loaded = load_inventory(&fixture("dataplanes.yaml")).expect("valid");
+        // redis-1's `networking.address` is a DNS name: resolved, though its endpoint is the
+        // advertised address.
+        let resolver = TableResolver::new(&[("redis-1.east.internal", Some(&["198.18.1.13"]))]);
+        let loaded = load_inventory_with(&fixture("dataplanes.yaml"), &resolver.dyn_ref()).expect("valid");
         let dps = &loaded.value.dataplanes;
         // The gateway is skipped with a warning; nothing else is reported.
         assert_eq!(dps.len(), 4);
@@ -611,16 +815,29 @@ mod tests {
         assert_eq!(names, vec!["from-a", "from-b", "from-c"]);
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
 
-        // Problems in several files are all reported, each with its file; duplicates across
-        // files name the first definition.
+        // Dataplanes that cannot be used are skipped, each with its file; a duplicate across
+        // files names the first definition, which stays.
         dir.write("d.yaml", &dp("from-a", "198.18.1.4", inbound));
         dir.write("e.yaml", "type: Dataplane\nmesh: default\n");
-        let e = load_inventory(&dir.0).expect_err("invalid");
-        let dup = error_at(&e, "name");
+        let loaded = load_inventory(&dir.0).expect("the usable dataplanes load");
+        let names: Vec<&str> = loaded.value.dataplanes.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, vec!["from-a", "from-b", "from-c"]);
+        assert_eq!(loaded.value.dataplanes[0].inbounds[0].endpoint, "198.18.1.1:80".parse().expect("addr"));
+        let dup = skip_at(&loaded.warnings, "name");
         assert_eq!(dup.file, dir.0.join("d.yaml"));
         assert!(dup.message.contains(&format!("first defined at {}:3:7", dir.0.join("a.yaml").display())), "{dup}");
-        let missing = e.errors().find(|d| d.file == dir.0.join("e.yaml") && d.path == "name").expect("e.yaml error");
-        assert!(missing.message.contains("required"));
+        let missing = loaded
+            .warnings
+            .iter()
+            .find(|d| d.file == dir.0.join("e.yaml") && d.path == "name")
+            .expect("e.yaml warning");
+        assert_eq!(missing.message, "skipped a Dataplane without a valid name: is required");
+        // A file that is not YAML still rejects the inventory.
+        dir.write("f.yaml", "type: Dataplane\nname: [\n");
+        let e = load_inventory(&dir.0).expect_err("invalid YAML");
+        let d = e.errors().next().expect("an error");
+        assert_eq!(d.file, dir.0.join("f.yaml"));
+        assert!(d.message.starts_with("invalid YAML"), "{d}");
     }
 
     #[test]
@@ -696,12 +913,13 @@ mod tests {
   - {port: 3, health: true, tags: {kuma.io/service: s}}
 ",
         );
-        let e = inv_err(&text);
-        let d = error_at(&e, "networking.inbound[0].state");
+        let w = inv_skips(&text);
+        let d = skip_at(&w, "networking.inbound[0].state");
         assert_eq!(at(d), (Some(7), Some(22)));
-        error_at(&e, "networking.inbound[1].health.ready");
-        error_at(&e, "networking.inbound[2].health");
-        assert_eq!(e.errors().count(), 3);
+        assert!(d.message.starts_with("skipped Dataplane `a` (mesh `default`): must be one of"), "{d}");
+        skip_at(&w, "networking.inbound[1].health.ready");
+        skip_at(&w, "networking.inbound[2].health");
+        assert_eq!(w.len(), 3);
     }
 
     #[test]
@@ -732,21 +950,84 @@ networking:
     }
 
     #[test]
-    fn inventory_endpoint_dns_names_are_errors_once_at_their_source() {
+    fn dataplane_dns_names_are_resolved_when_the_inventory_loads() {
+        let resolver = TableResolver::new(&[
+            ("backend.internal", Some(&["::1", "198.18.7.7", "198.18.7.10"])),
+            ("adv.internal", Some(&["2001:2::9"])),
+        ]);
         let text = dp(
             "a",
             "backend.internal",
             "  - {port: 1, tags: {kuma.io/service: s}}
-  - {port: 2, tags: {kuma.io/service: s}}
+  - {port: 2, address: 198.18.9.9, tags: {kuma.io/service: s}}
+",
+        ) + "---\n"
+            + &dp("b", "198.18.1.2", "  - {port: 3, tags: {kuma.io/service: s}}\n")
+                .replace("  inbound:", "  advertisedAddress: adv.internal\n  inbound:");
+        let loaded = inv_with(&text, &resolver);
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        let eps: Vec<String> =
+            loaded.value.dataplanes.iter().flat_map(|d| d.inbounds.iter().map(|i| i.endpoint.to_string())).collect();
+        // The smallest text form of the name's addresses, as the control plane picks it.
+        assert_eq!(eps, vec!["198.18.7.10:1", "198.18.9.9:2", "[2001:2::9]:3"]);
+    }
+
+    /// Nothing is cached: every load (a reload too) asks the resolver again.
+    #[test]
+    fn every_load_resolves_the_names_again() {
+        struct Moving(std::sync::atomic::AtomicU8);
+        impl Resolver for Moving {
+            fn lookup(&self, _: &str) -> Result<Vec<IpAddr>, String> {
+                let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(vec![IpAddr::from([198, 18, 0, n])])
+            }
+        }
+        let resolver: Arc<dyn Resolver> = Arc::new(Moving(1.into()));
+        let dir = TempDir::new();
+        let file = dir.write("dp.yaml", &dp("a", "backend.internal", "  - {port: 1, tags: {kuma.io/service: s}}\n"));
+        for expected in ["198.18.0.1:1", "198.18.0.2:1"] {
+            let loaded = load_inventory_with(&file, &resolver).expect("valid");
+            assert_eq!(loaded.value.dataplanes[0].inbounds[0].endpoint.to_string(), expected);
+        }
+    }
+
+    #[test]
+    fn a_dataplane_whose_name_does_not_resolve_is_skipped_with_a_warning() {
+        let resolver = TableResolver::new(&[("backend.internal", Some(&["198.18.7.7"]))]);
+        let inbound = "  - {port: 1, tags: {kuma.io/service: s}}\n";
+        // `gone.internal` is not used by the endpoint (advertisedAddress is), but the control
+        // plane resolves both and leaves the dataplane out when either fails.
+        let text = [
+            dp("ok", "backend.internal", inbound),
+            dp("gone", "gone.internal", inbound).replace("  inbound:", "  advertisedAddress: 198.18.1.9\n  inbound:"),
+            dp("ip", "198.18.1.3", inbound),
+        ]
+        .join("---\n");
+        let loaded = inv_with(&text, &resolver);
+        let names: Vec<&str> = loaded.value.dataplanes.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["ok", "ip"]);
+        let d = only_skip(&loaded.warnings, "networking.address");
+        assert_eq!(at(&d), (Some(13), Some(12)));
+        assert_eq!(
+            d.message,
+            "skipped Dataplane `gone` (mesh `default`): `gone.internal` does not resolve (Name or service not known)"
+        );
+    }
+
+    #[test]
+    fn an_inbound_dns_name_skips_its_dataplane() {
+        let text = dp(
+            "a",
+            "198.18.1.1",
+            "  - {port: 1, tags: {kuma.io/service: s}}
   - {port: 3, address: other.internal, tags: {kuma.io/service: s}}
 ",
-        );
-        let e = inv_err(&text);
-        let d = error_at(&e, "networking.address");
-        assert!(d.message.contains("does not resolve"), "{d}");
-        assert_eq!(at(d), (Some(5), Some(12)));
-        error_at(&e, "networking.inbound[2].address");
-        assert_eq!(e.errors().count(), 2, "{e}");
+        ) + "---\n"
+            + &dp("b", "198.18.1.2", "  - {port: 1, tags: {kuma.io/service: s}}\n");
+        let loaded = inv(&text);
+        assert_eq!(loaded.value.dataplanes.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["b"]);
+        let d = only_skip(&loaded.warnings, "networking.inbound[1].address");
+        assert!(d.message.contains("not the DNS name `other.internal`"), "{d}");
     }
 
     #[test]
@@ -766,16 +1047,14 @@ networking:
     #[test]
     fn inventory_addresses_must_not_be_unspecified() {
         let text = dp("a", "0.0.0.0", "  - {port: 1, tags: {kuma.io/service: s}}\n");
-        let e = inv_err(&text);
-        only_error(&e, "networking.address");
+        only_skip(&inv_skips(&text), "networking.address");
     }
 
     #[test]
     fn inventory_tags_need_service() {
         let text = dp("a", "198.18.1.1", "  - port: 1\n    tags:\n      version: v1\n");
-        let e = inv_err(&text);
-        let d = only_error(&e, "networking.inbound[0].tags");
-        assert_eq!(d.message, "mandatory tag \"kuma.io/service\" is missing");
+        let d = only_skip(&inv_skips(&text), "networking.inbound[0].tags");
+        assert_eq!(d.message, "skipped Dataplane `a` (mesh `default`): mandatory tag \"kuma.io/service\" is missing");
         assert_eq!(at(&d), (Some(8), Some(5)));
     }
 
@@ -793,36 +1072,39 @@ networking:
       empty: \"\"
 ",
         );
-        let e = inv_err(&text);
-        let d = error_at(&e, "networking.inbound[0].tags[\"bad key\"]");
+        let w = inv_skips(&text);
+        let d = skip_at(&w, "networking.inbound[0].tags[\"bad key\"]");
         assert_eq!(at(d), (Some(10), Some(7)));
-        let d = error_at(&e, "networking.inbound[0].tags.ok");
+        let d = skip_at(&w, "networking.inbound[0].tags.ok");
         assert_eq!(at(d), (Some(11), Some(11)));
-        let d = error_at(&e, "networking.inbound[0].tags.version");
+        let d = skip_at(&w, "networking.inbound[0].tags.version");
         assert!(d.message.contains("must be a string"), "{d}");
-        error_at(&e, "networking.inbound[0].tags.empty");
-        assert_eq!(e.errors().count(), 4, "{e}");
+        skip_at(&w, "networking.inbound[0].tags.empty");
+        assert_eq!(w.len(), 4, "{w:#?}");
     }
 
     #[test]
     fn inventory_inbound_port_range() {
         let text = dp("a", "198.18.1.1", "  - port: 0\n    tags: {kuma.io/service: s}\n");
-        let d = only_error(&inv_err(&text), "networking.inbound[0].port");
+        let d = only_skip(&inv_skips(&text), "networking.inbound[0].port");
         assert_eq!(at(&d), (Some(7), Some(11)));
         let text = dp("a", "198.18.1.1", "  - port: 65536\n    tags: {kuma.io/service: s}\n");
-        only_error(&inv_err(&text), "networking.inbound[0].port");
+        only_skip(&inv_skips(&text), "networking.inbound[0].port");
         let text = dp("a", "198.18.1.1", "  - tags: {kuma.io/service: s}\n");
-        only_error(&inv_err(&text), "networking.inbound[0].port");
+        only_skip(&inv_skips(&text), "networking.inbound[0].port");
     }
 
     #[test]
     fn inventory_mesh_and_name_required() {
         let text = "type: Dataplane\nnetworking:\n  address: 198.18.1.1\n  inbound:\n  - {port: \
                     1, tags: {kuma.io/service: s}}\n";
-        let e = inv_err(text);
-        error_at(&e, "mesh");
-        error_at(&e, "name");
-        assert_eq!(e.errors().count(), 2);
+        let w = inv_skips(text);
+        skip_at(&w, "mesh");
+        skip_at(&w, "name");
+        assert_eq!(w.len(), 2);
+        // Named, but without a mesh.
+        let w = inv_skips("type: Dataplane\nname: a\nnetworking: {address: 198.18.1.1, inbound: [{port: 1}]}\n");
+        assert_eq!(only_skip(&w, "mesh").message, "skipped Dataplane `a`: is required");
     }
 
     #[test]
@@ -833,24 +1115,27 @@ networking:
 
     #[test]
     fn inventory_networking_and_inbounds_required() {
-        let e = inv_err("type: Dataplane\nmesh: default\nname: a\n");
-        only_error(&e, "networking");
-        let e = inv_err("type: Dataplane\nmesh: default\nname: a\nnetworking:\n  address: 198.18.1.1\n");
-        only_error(&e, "networking.inbound");
-        let e = inv_err(
+        only_skip(&inv_skips("type: Dataplane\nmesh: default\nname: a\n"), "networking");
+        let w = inv_skips("type: Dataplane\nmesh: default\nname: a\nnetworking:\n  address: 198.18.1.1\n");
+        only_skip(&w, "networking.inbound");
+        let w = inv_skips(
             "type: Dataplane\nmesh: default\nname: a\nnetworking:\n  inbound:\n  - {port: 1, \
              tags: {kuma.io/service: s}}\n",
         );
-        only_error(&e, "networking.address");
+        only_skip(&w, "networking.address");
     }
 
     #[test]
     fn inventory_duplicate_mesh_and_name() {
         let inbound = "  - {port: 1, tags: {kuma.io/service: s}}\n";
         let a = dp("a", "198.18.1.1", inbound);
-        let text = format!("{a}---\n{a}---\n{}", a.replace("mesh: default", "mesh: other"));
-        let e = inv_err(&text);
-        let d = only_error(&e, "name");
+        let b = a.replace("198.18.1.1", "198.18.1.2");
+        let text = format!("{a}---\n{b}---\n{}", a.replace("mesh: default", "mesh: other"));
+        let loaded = inv(&text);
+        let kept: Vec<(&str, String)> =
+            loaded.value.dataplanes.iter().map(|d| (d.mesh.as_str(), d.inbounds[0].endpoint.to_string())).collect();
+        assert_eq!(kept, [("default", "198.18.1.1:1".to_owned()), ("other", "198.18.1.1:1".to_owned())]);
+        let d = only_skip(&loaded.warnings, "name");
         assert_eq!(at(&d), (Some(11), Some(7)));
         assert!(d.message.contains("first defined at dp.yaml:3:7"), "{d}");
     }
@@ -902,9 +1187,9 @@ dataplaneInsight:
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
         let d = &loaded.value.dataplanes[0];
         assert_eq!((d.mesh.as_str(), d.name.as_str(), d.inbounds.len()), ("default", "backend-1", 1));
-        // Without its body, an overview is an error at the right place.
-        let e = inv_err("type: DataplaneOverview\nmesh: default\nname: x\n");
-        assert!(error_at(&e, "dataplane").message.contains("required"), "{e}");
+        // Without its body, an overview is skipped, with a warning at the right place.
+        let w = inv_skips("type: DataplaneOverview\nmesh: default\nname: x\n");
+        assert_eq!(only_skip(&w, "dataplane").message, "skipped Dataplane `x` (mesh `default`): is required");
     }
 
     #[test]
@@ -984,18 +1269,141 @@ next: null
 total: 4
 ";
         let e = inv_err(text);
-        let lines: Vec<String> = e.errors().map(ToString::to_string).collect();
+        let lines: Vec<String> = e.diagnostics.iter().map(ToString::to_string).collect();
         assert_eq!(
             lines,
             vec![
-                "dp.yaml:15:13: items[1].networking.inbound[0].port: port must be in the range \
-                 [1, 65535]",
-                "dp.yaml:24:7: items[2].networking.inbound[0].tags: mandatory tag \
-                 \"kuma.io/service\" is missing",
+                "dp.yaml:15:13: warning: items[1].networking.inbound[0].port: skipped Dataplane `bad-port` \
+                 (mesh `default`): port must be in the range [1, 65535]",
+                "dp.yaml:24:7: warning: items[2].networking.inbound[0].tags: skipped Dataplane `bad-tags` \
+                 (mesh `default`): mandatory tag \"kuma.io/service\" is missing",
                 "dp.yaml:25:3: items[3]: expected a Dataplane resource or an `items:` list, got \
                  number 42",
             ]
         );
+        // Without the item that is no resource, the usable dataplane loads.
+        let loaded = inv(&text.replace("- 42\n", "").replace("total: 4", "total: 3"));
+        assert_eq!(loaded.value.dataplanes.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["ok"]);
+        assert_eq!(loaded.warnings.len(), 2, "{:#?}", loaded.warnings);
+    }
+
+    /// A Dataplane as `kubectl get dataplane -o yaml` prints it.
+    const KUBE_DP: &str = "\
+apiVersion: kuma.io/v1alpha1
+kind: Dataplane
+mesh: demo
+metadata:
+  creationTimestamp: \"2026-01-02T03:04:05Z\"
+  generation: 1
+  labels:
+    app: backend
+    kuma.io/mesh: demo
+    kuma.io/zone: east
+  name: backend-7d9c-x2k4p
+  namespace: kuma-demo
+  ownerReferences:
+  - {apiVersion: v1, kind: Pod, name: backend-7d9c-x2k4p, uid: 0b6f}
+  resourceVersion: \"4711\"
+  uid: 1c2d
+spec:
+  networking:
+    address: 198.18.4.10
+    inbound:
+    - port: 8080
+      tags:
+        kuma.io/service: backend_kuma-demo_svc_8080
+        k8s.kuma.io/service-port: \"8080\"
+    - port: 9090
+      health: {ready: false}
+      tags:
+        kuma.io/service: backend-admin_kuma-demo_svc_9090
+";
+
+    #[test]
+    fn kubernetes_dataplanes_are_read_with_kumas_name_mesh_and_labels() {
+        let loaded = inv(KUBE_DP);
+        assert!(loaded.warnings.is_empty(), "{:#?}", loaded.warnings);
+        let d = &loaded.value.dataplanes[0];
+        assert_eq!((d.mesh.as_str(), d.name.as_str()), ("demo", "backend-7d9c-x2k4p.kuma-demo"));
+        assert_eq!(d.creation_time.as_deref(), Some("2026-01-02T03:04:05Z"));
+        assert_eq!(d.zone(), Some("east"));
+        assert_eq!(d.labels["app"], "backend");
+        let eps: Vec<(String, bool)> = d.inbounds.iter().map(|i| (i.endpoint.to_string(), i.healthy)).collect();
+        assert_eq!(eps, [("198.18.4.10:8080".to_owned(), true), ("198.18.4.10:9090".to_owned(), false)]);
+        assert_eq!(d.inbounds[0].service(), Some("backend_kuma-demo_svc_8080"));
+
+        // Without `mesh`: the mesh label; without both: `default`. Without a namespace (as a
+        // cluster-scoped object would be): the bare name.
+        let labelled = KUBE_DP.replace("\nmesh: demo\n", "\n");
+        assert_eq!(inv(&labelled).value.dataplanes[0].mesh, "demo");
+        let bare = labelled.replace("    kuma.io/mesh: demo\n", "").replace("  namespace: kuma-demo\n", "");
+        let d = &inv(&bare).value.dataplanes[0];
+        assert_eq!((d.mesh.as_str(), d.name.as_str()), ("default", "backend-7d9c-x2k4p"));
+    }
+
+    #[test]
+    fn kubectl_lists_and_mixed_streams_are_read() {
+        let indented: String = KUBE_DP.lines().map(|l| format!("  {l}\n")).collect();
+        let second = indented
+            .replace("backend-7d9c-x2k4p", "backend-7d9c-q8m2z")
+            .replace("198.18.4.10", "198.18.4.11")
+            .replace("- port: 8080", "- port: 80800");
+        let list = format!(
+            "apiVersion: v1\nkind: List\nitems:\n-{}-{}metadata:\n  resourceVersion: \"\"\n",
+            &indented[1..],
+            &second[1..]
+        );
+        let universal = dp("vm-1", "198.18.5.1", "  - port: 80\n    tags: {kuma.io/service: vm}\n");
+        let text = format!(
+            "{list}---\n{universal}---\n{}",
+            KUBE_DP.replace("198.18.4.10", "198.18.4.12").replace("namespace: kuma-demo", "namespace: other")
+        );
+        let loaded = inv(&text);
+        let names: Vec<&str> = loaded.value.dataplanes.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["backend-7d9c-x2k4p.kuma-demo", "vm-1", "backend-7d9c-x2k4p.other"]);
+        // The second item breaks a rule: skipped, named, at its line in the list.
+        let d = only_skip(&loaded.warnings, "items[1].spec.networking.inbound[0].port");
+        assert_eq!(at(&d), (Some(52), Some(15)));
+        assert_eq!(
+            d.to_string(),
+            "dp.yaml:52:15: warning: items[1].spec.networking.inbound[0].port: skipped Dataplane \
+             `backend-7d9c-q8m2z.kuma-demo` (mesh `demo`): port must be in the range [1, 65535]"
+        );
+        assert_eq!(loaded.warnings.len(), 1, "{:#?}", loaded.warnings);
+    }
+
+    #[test]
+    fn kubernetes_documents_that_cannot_be_used() {
+        // No name: skipped.
+        let w = inv_skips(&KUBE_DP.replace("  name: backend-7d9c-x2k4p\n", ""));
+        assert_eq!(only_skip(&w, "metadata.name").message, "skipped a Dataplane without a valid name: is required");
+        // No spec: skipped.
+        let head = &KUBE_DP[..KUBE_DP.find("spec:").expect("spec")];
+        let w = inv_skips(head);
+        let d = only_skip(&w, "spec");
+        assert!(d.message.starts_with("skipped Dataplane `backend-7d9c-x2k4p.kuma-demo` (mesh `demo`)"), "{d}");
+        // Another kind, another API: skipped with a warning, not read.
+        let loaded = inv(&KUBE_DP.replace("kind: Dataplane", "kind: DataplaneInsight"));
+        assert!(loaded.value.is_empty());
+        assert!(warning_at(&loaded.warnings, "kind").message.contains("not DataplaneInsight"));
+        let loaded = inv(&KUBE_DP.replace("kuma.io/v1alpha1", "example.com/v1"));
+        assert!(loaded.value.is_empty());
+        assert!(warning_at(&loaded.warnings, "apiVersion").message.contains("must be `kuma.io/v1alpha1`"));
+        // A `kind` that is not a string is not a resource: an error.
+        only_error(&inv_err("apiVersion: kuma.io/v1alpha1\nkind: [Dataplane]\n"), "kind");
+    }
+
+    #[test]
+    fn a_page_of_a_kubectl_list_loads_with_a_warning() {
+        let indented: String = KUBE_DP.lines().map(|l| format!("  {l}\n")).collect();
+        let text = format!(
+            "apiVersion: v1\nkind: List\nitems:\n-{}metadata:\n  continue: eyJ2IjoibWV0YS5rOHMuaW8vdjEifQ\n",
+            &indented[1..]
+        );
+        let loaded = inv(&text);
+        assert_eq!(loaded.value.dataplanes.len(), 1);
+        let d = warning_at(&loaded.warnings, "metadata.continue");
+        assert!(d.message.contains("one page of a paged export (1 items)"), "{d}");
     }
 
     #[test]

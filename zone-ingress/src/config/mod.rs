@@ -1,10 +1,13 @@
 //! Configuration inputs: the `ZoneIngress` resource file and the backend inventory of Kuma
-//! `Dataplane` resources in Universal form (both formats: `docs/design.md#routing`).
+//! `Dataplane` resources, each in Universal or Kubernetes form (formats: `docs/design.md#routing`;
+//! the forms accepted: `docs/operations.md#input-forms`).
 //!
 //! Both are read the way an operator writes them and the control plane prints them, then checked
-//! against Kuma's validation rules plus the few this data plane adds (it binds to
-//! `networking.address` and dials endpoints without resolving DNS). Only checked values leave this
-//! module: [`ZoneIngress`] and [`Inventory`] are plain data.
+//! against Kuma's validation rules plus the few this data plane adds (it binds to the
+//! ZoneIngress's `networking.address`, so that must be an IP). A Dataplane that cannot be used is
+//! skipped with a warning, as the control plane would have refused or left out that one alone;
+//! a ZoneIngress with any error is refused. Only checked values leave this module: [`ZoneIngress`]
+//! and [`Inventory`] are plain data.
 //!
 //! Every problem in a file is reported at once, each as a [`Diagnostic`] with the file, the
 //! line and column when known, and the field path (`networking.admin.port`,
@@ -20,6 +23,8 @@
 //! - `diagnostic`: [`Diagnostic`], [`ConfigError`], [`Loaded`].
 //! - `zone_ingress`: the `ZoneIngress` file.
 //! - `inventory`: the `Dataplane` inventory (a file or a directory).
+//! - `kube`: the Kubernetes form (`apiVersion`, `kind`, `metadata`, `spec`) of both.
+//! - `resolve`: DNS names of Dataplane addresses, resolved within a bound at every load.
 //! - `check`: the field checker, which turns values into diagnostics with a path and a position.
 //! - `yaml`: parsing documents, and the span index of field paths to positions.
 //! - `template`: `{{ var }}` substitution, and positions in the substituted text mapped back to
@@ -31,6 +36,8 @@ use std::{collections::BTreeMap, path::PathBuf};
 pub(crate) mod check;
 mod diagnostic;
 mod inventory;
+mod kube;
+mod resolve;
 mod template;
 #[cfg(test)]
 mod test_util;
@@ -113,7 +120,11 @@ pub fn load_inputs(sources: &Sources) -> Result<Inputs, Vec<Diagnostic>> {
         (Some(zone_ingress), Some(inventory)) if problems.is_empty() => {
             Ok(Inputs { zone_ingress, inventory, warnings })
         }
-        _ => Err(problems),
+        // The warnings of a file that loaded (a skipped Dataplane, say) belong in the report too.
+        _ => {
+            problems.extend(warnings);
+            Err(problems)
+        }
     }
 }
 
@@ -171,16 +182,28 @@ mod tests {
     fn load_inputs_reports_every_problem_at_once() {
         let dir = TempDir::new();
         let broken = ZI.replace("port: 10001\n  advertisedAddress", "port: abc\n  advertisedAddress");
-        let sources =
-            Sources { proxy_type: "sidecar".to_owned(), ..sources(&dir, &broken, "type: Dataplane\nmesh: default\n") };
-        let problems = load_inputs(&sources).expect_err("invalid");
+        let given =
+            Sources { proxy_type: "sidecar".to_owned(), ..sources(&dir, &broken, "type: Dataplane\nname: [\n") };
+        let problems = load_inputs(&given).expect_err("invalid");
         let proxy = problems.iter().find(|d| d.path == "proxy-type").expect("proxy-type reported");
         assert_eq!(proxy.file, Path::new("--proxy-type"));
         assert_eq!(proxy.message, "zone-ingress only serves --proxy-type=ingress, got \"sidecar\"");
         let port = problems.iter().find(|d| d.path == "networking.port").expect("zone ingress reported");
-        assert_eq!((port.file.as_path(), port.line, port.column), (sources.dataplane_file.as_path(), Some(5), Some(9)));
-        assert!(problems.iter().any(|d| d.file == sources.dataplanes && d.path == "name"), "{problems:#?}");
+        assert_eq!((port.file.as_path(), port.line, port.column), (given.dataplane_file.as_path(), Some(5), Some(9)));
+        let yaml = problems.iter().find(|d| d.file == given.dataplanes).expect("inventory reported");
+        assert!(yaml.message.starts_with("invalid YAML"), "{yaml}");
         assert!(problems.iter().all(Diagnostic::is_error), "{problems:#?}");
+        // A Dataplane skipped while the ZoneIngress is refused: its warning is in the report.
+        let with_skip = sources(&dir, &broken, "type: Dataplane\nmesh: default\nname: a\n");
+        let problems = load_inputs(&with_skip).expect_err("invalid");
+        let skipped = problems.iter().find(|d| d.file == with_skip.dataplanes).expect("inventory reported");
+        assert_eq!(
+            skipped.to_string(),
+            format!(
+                "{}:1:1: warning: networking: skipped Dataplane `a` (mesh `default`): is required",
+                with_skip.dataplanes.display()
+            )
+        );
     }
 
     #[test]

@@ -4,10 +4,16 @@ use std::{
     collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
-use super::{ConfigError, Diagnostic, Inventory, Loaded, Severity, ZoneIngress, parse_inventory, parse_zone_ingress};
+use super::{
+    ConfigError, Diagnostic, Inventory, Loaded, Severity, ZoneIngress, inventory::parse_inventory_with,
+    parse_inventory, parse_zone_ingress, resolve::tests::TableResolver,
+};
 
 pub(crate) const ZI: &str = "\
 type: ZoneIngress
@@ -52,6 +58,33 @@ pub(crate) fn inv(text: &str) -> Loaded<Inventory> {
         Ok(loaded) => loaded,
         Err(e) => panic!("expected a valid inventory, got:\n{e}"),
     }
+}
+
+/// [`inv`] with `resolver` for the DNS names.
+pub(crate) fn inv_with(text: &str, resolver: &Arc<TableResolver>) -> Loaded<Inventory> {
+    match parse_inventory_with(Path::new("dp.yaml"), text, &resolver.dyn_ref()) {
+        Ok(loaded) => loaded,
+        Err(e) => panic!("expected a valid inventory, got:\n{e}"),
+    }
+}
+
+/// The warnings of an inventory that loads, about the Dataplanes it skipped.
+pub(crate) fn inv_skips(text: &str) -> Vec<Diagnostic> {
+    inv(text).warnings.into_iter().filter(|d| d.message.starts_with("skipped")).collect()
+}
+
+/// The warning at `path` that says a Dataplane was skipped.
+pub(crate) fn skip_at<'d>(warnings: &'d [Diagnostic], path: &str) -> &'d Diagnostic {
+    let d = warning_at(warnings, path);
+    assert!(d.message.starts_with("skipped Dataplane") || d.message.starts_with("skipped a Dataplane"), "{d}");
+    d
+}
+
+/// The only warning about a skipped Dataplane, which must be at `path`.
+pub(crate) fn only_skip(warnings: &[Diagnostic], path: &str) -> Diagnostic {
+    let skips: Vec<&Diagnostic> = warnings.iter().filter(|d| d.message.starts_with("skipped")).collect();
+    assert_eq!(skips.len(), 1, "expected exactly one skipped Dataplane: {warnings:#?}");
+    skip_at(warnings, path).clone()
 }
 
 pub(crate) fn inv_err(text: &str) -> ConfigError {

@@ -13,6 +13,7 @@ use serde_yaml::{Mapping, Value};
 use super::{
     check::{Checker, Got, Host, Need, Where, Zero, child_path, describe, get, index_path},
     diagnostic::{ConfigError, Loaded, Severity, finish, read_text, whole_file},
+    kube,
     template::substitute,
     yaml::{Single, parse_substituted},
 };
@@ -114,42 +115,65 @@ const ZONE_INGRESS_KEYS: &[&str] = &[
 ];
 const ZONE_INGRESS_NETWORKING_KEYS: &[&str] = &["address", "port", "advertisedAddress", "advertisedPort", "admin"];
 
+/// Top-level keys of the Kubernetes form.
+const KUBE_KEYS: &[&str] = &["apiVersion", "kind", "metadata", "spec", "mesh", "status"];
+/// Keys of its `spec`.
+const KUBE_SPEC_KEYS: &[&str] = &["networking", "zone", "availableServices"];
+
 fn check_zone_ingress(ck: &mut Checker<'_>, root: &Value) -> Option<ZoneIngress> {
     let Value::Mapping(map) = root else {
         ck.error("", Where::Value(""), format!("expected a ZoneIngress resource (a mapping), got {}", describe(root)));
         return None;
     };
-    ck.unknown_keys(map, "", ZONE_INGRESS_KEYS);
-    ck.resource_type(map, "", "ZoneIngress");
-    let name = ck.string(map, "", "name", Need::Required).ok();
+    // The Kubernetes form: name under `metadata`, the rest under `spec`.
+    let (name, spec, base) = if kube::is_kube(map) {
+        ck.unknown_keys(map, "", KUBE_KEYS);
+        let kind = kube::kind(ck, map, "");
+        if let Some(kind) = kind.filter(|k| *k != "ZoneIngress") {
+            ck.error("kind", Where::Value("kind"), format!("must be `ZoneIngress`, got {kind:?}"));
+        }
+        if let Err(message) = kube::api_version(map) {
+            ck.error("apiVersion", Where::Value("apiVersion"), message);
+        }
+        let name = kube::metadata(ck, map, "").name;
+        let spec = ck.mapping(map, "", "spec", Need::Required).ok()?;
+        ck.unknown_keys(spec, "spec", KUBE_SPEC_KEYS);
+        (name, spec, "spec")
+    } else {
+        ck.unknown_keys(map, "", ZONE_INGRESS_KEYS);
+        ck.resource_type(map, "", "ZoneIngress");
+        (ck.string(map, "", "name", Need::Required).ok(), map, "")
+    };
 
-    if get(map, "zone").is_some() {
+    let zone = child_path(base, "zone");
+    if get(spec, "zone").is_some() {
         ck.warn(
-            "zone",
-            Where::Key("zone"),
+            &zone,
+            Where::Key(&zone),
             "ignored: `zone` is written by the control plane (empty in the ingress's own zone)",
         );
     }
-    if let Some(services) = get(map, "availableServices") {
+    let available = child_path(base, "availableServices");
+    if let Some(services) = get(spec, "availableServices") {
         ck.warn(
-            "availableServices",
-            Where::Key("availableServices"),
+            &available,
+            Where::Key(&available),
             "ignored: `availableServices` is written by the control plane and recomputed from the \
              Dataplane inventory",
         );
-        check_available_services(ck, services);
+        check_available_services(ck, services, &available);
     }
 
-    let networking = ck.mapping(map, "", "networking", Need::Required).ok()?;
-    let net = "networking";
+    let networking = ck.mapping(spec, base, "networking", Need::Required).ok()?;
+    let net = &child_path(base, "networking");
     ck.unknown_keys(networking, net, ZONE_INGRESS_NETWORKING_KEYS);
 
-    let address = bind_address(ck, networking);
+    let address = bind_address(ck, networking, net);
     let port = ck.port(networking, net, "port", Need::Required, Zero::Invalid);
     let advertised_address = ck.address(networking, net, "advertisedAddress", Need::Optional);
     let advertised_port = ck.port(networking, net, "advertisedPort", Need::Optional, Zero::Unset);
-    check_advertised_pair(ck, &advertised_address, &advertised_port);
-    let admin_port = admin_port(ck, networking, &port, &advertised_address, &advertised_port);
+    check_advertised_pair(ck, net, &advertised_address, &advertised_port);
+    let admin_port = admin_port(ck, networking, net, &port, &advertised_address, &advertised_port);
 
     let advertised_address = match advertised_address {
         Got::Value(host) => Some(host.to_string()),
@@ -166,13 +190,14 @@ fn check_zone_ingress(ck: &mut Checker<'_>, root: &Value) -> Option<ZoneIngress>
 }
 
 /// `networking.address`: an IP literal, since the listeners bind to it.
-fn bind_address(ck: &mut Checker<'_>, networking: &Mapping) -> Option<IpAddr> {
-    match ck.address(networking, "networking", "address", Need::Required) {
+fn bind_address(ck: &mut Checker<'_>, networking: &Mapping, net: &str) -> Option<IpAddr> {
+    let path = child_path(net, "address");
+    match ck.address(networking, net, "address", Need::Required) {
         Got::Value(Host::Ip(ip)) => Some(ip),
         Got::Value(Host::Name(name)) => {
             ck.error(
-                "networking.address",
-                Where::Value("networking.address"),
+                &path,
+                Where::Value(&path),
                 format!(
                     "must be an IP address, not the DNS name `{name}`: the listener binds to it \
                      and zone-ingress does not resolve names"
@@ -184,8 +209,8 @@ fn bind_address(ck: &mut Checker<'_>, networking: &Mapping) -> Option<IpAddr> {
     }
 }
 
-fn check_advertised_pair(ck: &mut Checker<'_>, address: &Got<Host>, port: &Got<u16>) {
-    let net = "networking";
+fn check_advertised_pair(ck: &mut Checker<'_>, net: &str, address: &Got<Host>, port: &Got<u16>) {
+    let (address_path, port_path) = (child_path(net, "advertisedAddress"), child_path(net, "advertisedPort"));
     // Kuma's rule: both or neither; the error sits on the missing one's name but we point at the
     // one that is present, which is where the operator has to look.
     match (address, port) {
@@ -195,16 +220,12 @@ fn check_advertised_pair(ck: &mut Checker<'_>, address: &Got<Host>, port: &Got<u
             "advertisedAddress and advertisedPort are not set: other zones will not send any \
              traffic to this ingress (clients skip ingresses without both; kumahq/kuma#5157)",
         ),
-        (Got::Absent, _) => ck.error(
-            "networking.advertisedAddress",
-            Where::Key("networking.advertisedPort"),
-            "has to be defined with advertisedPort",
-        ),
-        (_, Got::Absent) => ck.error(
-            "networking.advertisedPort",
-            Where::Key("networking.advertisedAddress"),
-            "has to be defined with advertisedAddress",
-        ),
+        (Got::Absent, _) => {
+            ck.error(&address_path, Where::Key(&port_path), "has to be defined with advertisedPort");
+        }
+        (_, Got::Absent) => {
+            ck.error(&port_path, Where::Key(&address_path), "has to be defined with advertisedAddress");
+        }
         _ => {}
     }
 }
@@ -213,14 +234,17 @@ fn check_advertised_pair(ck: &mut Checker<'_>, address: &Got<Host>, port: &Got<u
 fn admin_port(
     ck: &mut Checker<'_>,
     networking: &Mapping,
+    net: &str,
     port: &Got<u16>,
     advertised_address: &Got<Host>,
     advertised_port: &Got<u16>,
 ) -> Option<u16> {
-    let admin_port = match ck.mapping(networking, "networking", "admin", Need::Optional) {
+    let admin_path = child_path(net, "admin");
+    let admin_port_path = child_path(&admin_path, "port");
+    let admin_port = match ck.mapping(networking, net, "admin", Need::Optional) {
         Got::Value(admin) => {
-            ck.unknown_keys(admin, "networking.admin", &["port"]);
-            ck.port(admin, "networking.admin", "port", Need::Optional, Zero::Unset)
+            ck.unknown_keys(admin, &admin_path, &["port"]);
+            ck.port(admin, &admin_path, "port", Need::Optional, Zero::Unset)
         }
         Got::Absent => Got::Absent,
         Got::Invalid => Got::Invalid,
@@ -237,11 +261,12 @@ fn admin_port(
         // address.
         if *port == admin {
             if explicit {
-                ck.error("networking.admin.port", Where::Value("networking.admin.port"), "must differ from port");
+                ck.error(&admin_port_path, Where::Value(&admin_port_path), "must differ from port");
             } else {
+                let port_path = child_path(net, "port");
                 ck.error(
-                    "networking.port",
-                    Where::Value("networking.port"),
+                    &port_path,
+                    Where::Value(&port_path),
                     format!(
                         "must differ from the default admin port {DEFAULT_ADMIN_PORT}; set \
                          networking.admin.port to another port"
@@ -255,24 +280,20 @@ fn admin_port(
         && ip.is_loopback()
         && *adv_port == admin
     {
-        ck.error("networking.admin.port", Where::Value("networking.admin.port"), "must differ from advertisedPort");
+        ck.error(&admin_port_path, Where::Value(&admin_port_path), "must differ from advertisedPort");
     }
     admin_port.map(|(port, _)| port)
 }
 
 /// Kuma's rules for `availableServices[i].tags`. The values are ignored, but the control plane
 /// would reject the resource, so an operator copying one around should hear about it.
-fn check_available_services(ck: &mut Checker<'_>, services: &Value) {
+fn check_available_services(ck: &mut Checker<'_>, services: &Value, base: &str) {
     let Value::Sequence(items) = services else {
-        ck.error(
-            "availableServices",
-            Where::Value("availableServices"),
-            format!("must be a list, got {}", describe(services)),
-        );
+        ck.error(base, Where::Value(base), format!("must be a list, got {}", describe(services)));
         return;
     };
     for (i, item) in items.iter().enumerate() {
-        let path = index_path("availableServices", i);
+        let path = index_path(base, i);
         let Value::Mapping(item) = item else {
             ck.error(&path, Where::Value(&path), format!("must be a mapping, got {}", describe(item)));
             continue;
@@ -646,5 +667,60 @@ networking:
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
         assert_eq!(loaded.value.name, "zi-east-1");
         assert_eq!(loaded.value.advertised(), Some(("zi.east.example.com", 10001)));
+    }
+
+    /// A ZoneIngress as `kubectl get zoneingress -o yaml` prints it.
+    const KUBE_ZI: &str = "\
+apiVersion: kuma.io/v1alpha1
+kind: ZoneIngress
+metadata:
+  name: zi-east-1
+  namespace: kuma-system
+  labels: {kuma.io/zone: east}
+  resourceVersion: \"42\"
+spec:
+  networking:
+    address: 198.18.0.5
+    port: 10001
+    advertisedAddress: 203.0.113.7
+    advertisedPort: 10001
+    admin:
+      port: 9901
+";
+
+    #[test]
+    fn kubernetes_zone_ingress_is_read_with_kumas_name() {
+        let loaded = zi(KUBE_ZI);
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        let z = loaded.value;
+        assert_eq!(z.name, "zi-east-1.kuma-system");
+        assert_eq!(z.listen_addr(), "198.18.0.5:10001".parse().expect("addr"));
+        assert_eq!(z.advertised(), Some(("203.0.113.7", 10001)));
+        assert_eq!(z.admin_port, 9901);
+        // The same as the Universal form apart from the name.
+        assert_eq!(ZoneIngress { name: "zi-east-1".into(), ..z }, zi(ZI).value);
+        // Templates work on it too.
+        let template = KUBE_ZI.replace("name: zi-east-1", "name: \"{{ name }}\"");
+        let loaded = parse_zone_ingress(Path::new("zi.yaml"), &template, &vars(&[("name", "zi-2")])).expect("valid");
+        assert_eq!(loaded.value.name, "zi-2.kuma-system");
+    }
+
+    #[test]
+    fn kubernetes_zone_ingress_problems_are_errors_at_their_place() {
+        let e = zi_err(&KUBE_ZI.replace("port: 10001\n    advertisedAddress", "port: 0\n    advertisedAddress"));
+        let d = only_error(&e, "spec.networking.port");
+        assert_eq!(at(&d), (Some(11), Some(11)));
+        let e = zi_err(&KUBE_ZI.replace("  name: zi-east-1\n", ""));
+        only_error(&e, "metadata.name");
+        let e = zi_err(&KUBE_ZI.replace("kind: ZoneIngress", "kind: Dataplane"));
+        assert_eq!(only_error(&e, "kind").message, "must be `ZoneIngress`, got \"Dataplane\"");
+        let e = zi_err(&KUBE_ZI.replace("kuma.io/v1alpha1", "v1"));
+        only_error(&e, "apiVersion");
+        let head = &KUBE_ZI[..KUBE_ZI.find("spec:").expect("spec")];
+        only_error(&zi_err(head), "spec");
+        // Fields the control plane writes, and misspellings, are warnings as in the Universal form.
+        let loaded = zi(&format!("{KUBE_ZI}  zone: east\n  availableService: []\n"));
+        warning_at(&loaded.warnings, "spec.zone");
+        assert!(warning_at(&loaded.warnings, "spec.availableService").message.contains("availableServices"));
     }
 }
