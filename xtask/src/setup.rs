@@ -5,6 +5,9 @@
 //! - `bpf-linker`, built against the nightly toolchain's own libLLVM (no LLVM package needed);
 //! - `cargo-deny`, for the dependency licence, ban and source checks (`deny.toml`);
 //! - the Debian packages the tests, the demo and the benchmark use.
+//!
+//! `--build-tools-only` stops after the first two: what building the daemon needs
+//! (`deploy/Dockerfile`).
 
 use std::{
     os::unix::fs::symlink,
@@ -24,11 +27,18 @@ pub(crate) struct Options {
     /// Extra Debian packages to install (the benchmark adds its peers).
     #[arg(long = "package")]
     pub packages: Vec<String>,
+    /// Only what `cargo build --release -p zone-ingress` needs (the nightly's components and
+    /// bpf-linker): the build stage of `deploy/Dockerfile`.
+    #[arg(long)]
+    pub build_tools_only: bool,
 }
 
 pub(crate) fn setup(opts: &Options) -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
+    if opts.build_tools_only {
+        return Ok(());
+    }
     cargo_deny()?;
     let mut pkgs: Vec<&str> = TEST_PACKAGES.to_vec();
     pkgs.extend(opts.packages.iter().map(String::as_str));
