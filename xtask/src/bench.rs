@@ -557,7 +557,10 @@ pub(crate) fn bench(opts: &Options) -> anyhow::Result<()> {
     if opts.xdp {
         return crate::bench_xdp::bench(opts);
     }
-    let pkgs = crate::setup::Options { packages: BENCH_PACKAGES.iter().map(|s| (*s).to_owned()).collect() };
+    let pkgs = crate::setup::Options {
+        packages: BENCH_PACKAGES.iter().map(|s| (*s).to_owned()).collect(),
+        ..Default::default()
+    };
     crate::setup::setup(&pkgs)?;
     let root = workspace_root();
     exec(Command::new("cargo").current_dir(&root).args([

@@ -363,7 +363,10 @@ fn iperf(secs: u64) -> anyhow::Result<f64> {
 }
 
 pub(crate) fn bench(opts: &Options) -> anyhow::Result<()> {
-    crate::setup::setup(&crate::setup::Options { packages: vec!["iperf3".to_owned(), "nftables".to_owned()] })?;
+    crate::setup::setup(&crate::setup::Options {
+        packages: vec!["iperf3".to_owned(), "nftables".to_owned()],
+        ..Default::default()
+    })?;
     exec(Command::new("cargo").current_dir(workspace_root()).args([
         "build",
         "--release",

@@ -13,6 +13,9 @@ pub const NIGHTLY: &str = "nightly";
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// cargo-deny release for `cargo deny check licenses bans sources` (`deny.toml`).
 pub const CARGO_DENY_VERSION: &str = "0.20.2";
+/// kubernetes-validate release (PyPI) that checks `deploy/kubernetes/` against the Kubernetes
+/// API schemas it ships (no cluster needed).
+pub const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 /// Overrides where the daemon binary is looked up by the privileged tests and the demo.
 pub const ENV_ZONE_INGRESS_BIN: &str = "ZONE_INGRESS_BIN";
 

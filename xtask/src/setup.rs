@@ -4,7 +4,13 @@
 //!   `rustfmt` and `clippy` (the import grouping of `rustfmt.toml`, the eBPF crate's lints);
 //! - `bpf-linker`, built against the nightly toolchain's own libLLVM (no LLVM package needed);
 //! - `cargo-deny`, for the dependency licence, ban and source checks (`deny.toml`);
-//! - the Debian packages the tests, the demo and the benchmark use.
+//! - the Debian packages the tests, the demo and the benchmark use (`systemd` for
+//!   `systemd-analyze verify` of the unit in `deploy/systemd/`);
+//! - `kubernetes-validate` (PyPI) in a virtualenv of its own, for the manifests in
+//!   `deploy/kubernetes/`.
+//!
+//! `--build-tools-only` stops after the first two: what building the daemon needs
+//! (`deploy/Dockerfile`).
 
 use std::{
     os::unix::fs::symlink,
@@ -14,25 +20,35 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use xtask::{BPF_LINKER_VERSION, CARGO_DENY_VERSION, NIGHTLY, exec, output};
+use xtask::{BPF_LINKER_VERSION, CARGO_DENY_VERSION, KUBERNETES_VALIDATE_VERSION, NIGHTLY, exec, output};
 
-/// Debian packages for the privileged tests and the demo (`ip`, `bpftool`, iperf3, openssl).
-pub(crate) const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "iperf3", "openssl", "procps"];
+/// Debian packages for the privileged tests and the demo (`ip`, `bpftool`, iperf3, openssl), and
+/// for the deployment checks (`systemd-analyze`, the virtualenv of kubernetes-validate).
+pub(crate) const TEST_PACKAGES: &[&str] =
+    &["iproute2", "bpftool", "iperf3", "openssl", "procps", "systemd", "python3-venv"];
 
 #[derive(Debug, Parser, Default)]
 pub(crate) struct Options {
     /// Extra Debian packages to install (the benchmark adds its peers).
     #[arg(long = "package")]
     pub packages: Vec<String>,
+    /// Only what `cargo build --release -p zone-ingress` needs (the nightly's components and
+    /// bpf-linker): the build stage of `deploy/Dockerfile`.
+    #[arg(long)]
+    pub build_tools_only: bool,
 }
 
 pub(crate) fn setup(opts: &Options) -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
+    if opts.build_tools_only {
+        return Ok(());
+    }
     cargo_deny()?;
     let mut pkgs: Vec<&str> = TEST_PACKAGES.to_vec();
     pkgs.extend(opts.packages.iter().map(String::as_str));
     debian_packages(&pkgs)?;
+    kubernetes_validate()?;
     Ok(())
 }
 
@@ -115,6 +131,31 @@ fn cargo_deny() -> anyhow::Result<()> {
     }
     eprintln!("setup: building cargo-deny {CARGO_DENY_VERSION} (about 3 min)");
     exec(Command::new("cargo").args(["install", "cargo-deny", "--locked", "--version", CARGO_DENY_VERSION]))
+}
+
+/// The `kubernetes-validate` command, in its virtualenv under `$CARGO_HOME/zone-ingress/`.
+pub(crate) fn kubernetes_validate_bin() -> PathBuf {
+    cargo_home()
+        .join("zone-ingress")
+        .join(format!("kubernetes-validate-{KUBERNETES_VALIDATE_VERSION}"))
+        .join("bin/kubernetes-validate")
+}
+
+fn kubernetes_validate() -> anyhow::Result<()> {
+    let bin = kubernetes_validate_bin();
+    if output(Command::new(&bin).arg("--version")).is_ok_and(|v| v.contains(KUBERNETES_VALIDATE_VERSION)) {
+        return Ok(());
+    }
+    let venv = bin.parent().and_then(Path::parent).context("virtualenv path")?;
+    eprintln!("setup: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {}", venv.display());
+    // Debian's python3 (python3-venv above), whatever else is first on PATH.
+    exec(Command::new("/usr/bin/python3").args(["-m", "venv", "--clear"]).arg(venv))?;
+    exec(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+    ]))
 }
 
 fn is_installed(pkg: &str) -> bool {

@@ -1,7 +1,9 @@
 //! `cargo xtask test`: sets up, then runs every check: `cargo +nightly fmt --check`, clippy
 //! (warnings are errors) on the host crates and on the eBPF crate for its BPF target,
-//! `cargo deny` (licences, bans, sources), the module import graph, unit tests and the unprivileged connection-path tests, the eBPF build,
-//! and the privileged integration tests (network namespaces, real kernel programs) one at a time.
+//! `cargo deny` (licences, bans, sources), the module import graph, the eBPF build, the deployment
+//! files (`deploy/`: against the built daemon, the Kubernetes API schemas and `systemd-analyze`),
+//! unit tests and the unprivileged connection-path tests, and the privileged integration tests
+//! (network namespaces, real kernel programs) one at a time.
 //! All failures are reported together at the end.
 
 use std::process::Command;
@@ -94,6 +96,33 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
     }
     let bin = xtask::target_dir().join("release/zone-ingress");
 
+    // The deployment files, quick and without root: tests/tests/deploy.rs checks them against
+    // the daemon just built (its flags, ports, the ConfigMap's ZoneIngress through `validate`,
+    // the unit through `systemd-analyze verify`); kubernetes-validate checks the manifests
+    // against the Kubernetes API schemas.
+    if opts.filter.is_none() {
+        let s = status(
+            Command::new("cargo")
+                .current_dir(&root)
+                .args(["test", "--release", "-p", "zone-ingress-tests", "--test", "deploy"])
+                .env(ENV_ZONE_INGRESS_BIN, &bin),
+        )?;
+        if !s.success() {
+            failures.push("deployment files (tests/tests/deploy.rs)");
+        }
+        let mut manifests: Vec<_> = std::fs::read_dir(root.join("deploy/kubernetes"))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml") && !p.ends_with("kustomization.yaml"))
+            .collect();
+        manifests.sort();
+        let s = status(
+            Command::new(crate::setup::kubernetes_validate_bin()).args(["--strict", "--quiet"]).args(&manifests),
+        )?;
+        if !s.success() {
+            failures.push("kubernetes-validate deploy/kubernetes");
+        }
+    }
     if !opts.skip_unit {
         let s = status(
             Command::new("cargo")
