@@ -33,7 +33,9 @@ use envoy_types::pb::{
                 Address, ConfigSource, Metadata, SocketAddress, address, config_source::ConfigSourceSpecifier,
                 socket_address::PortSpecifier,
             },
-            endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint::HostIdentifier},
+            endpoint::v3::{
+                ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint::HostIdentifier,
+            },
             listener::v3::{Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter},
         },
         extensions::filters::{
@@ -147,11 +149,19 @@ impl ControlPlane {
         config: watch::Sender<Config>,
         record: Arc<Record>,
     ) -> Self {
-        let leaf = pki.leaf(CP_NAME, &[CP_NAME]);
         let bootstrap_addr = bootstrap.local_addr().expect("addr");
+        // The URL names the IP; the bootstrap names CP_NAME for the ADS server, as kuma-cp's
+        // certificate carries both.
+        let leaf = pki.leaf(CP_NAME, &[CP_NAME, &bootstrap_addr.ip().to_string()]);
         let ads_addr = ads.local_addr().expect("addr");
         let stream_tasks = Arc::new(Mutex::new(Vec::new()));
-        let http = tokio::spawn(serve_bootstrap(bootstrap, tls_server(&leaf), ads_addr, pki.ca_pem.clone(), Arc::clone(&record)));
+        let http = tokio::spawn(serve_bootstrap(
+            bootstrap,
+            tls_server(&leaf),
+            ads_addr,
+            pki.ca_pem.clone(),
+            Arc::clone(&record),
+        ));
         let service = Ads {
             config: config.clone(),
             token: token.to_owned(),
@@ -167,7 +177,15 @@ impl ControlPlane {
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(ads))
                 .await;
         });
-        Self { bootstrap_addr, ads_addr, record, config, token: token.to_owned(), tasks: vec![http, grpc], stream_tasks }
+        Self {
+            bootstrap_addr,
+            ads_addr,
+            record,
+            config,
+            token: token.to_owned(),
+            tasks: vec![http, grpc],
+            stream_tasks,
+        }
     }
 
     /// Serves `config` from now on (pushed to every open stream).
@@ -324,7 +342,8 @@ staticResources:
         port = ads.port(),
         ca = b64(ca_pem),
     );
-    let answer = serde_json::json!({"bootstrap": b64(&yaml), "kumaSidecarConfiguration": {"networking": {}, "metrics": {}}});
+    let answer =
+        serde_json::json!({"bootstrap": b64(&yaml), "kumaSidecarConfiguration": {"networking": {}, "metrics": {}}});
     let mut r = reply(StatusCode::OK, answer.to_string());
     r.headers_mut().insert("kuma-bootstrap-version", "3".parse().expect("header"));
     r
@@ -349,7 +368,8 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
     ) -> Result<tonic::Response<Responses>, Status> {
-        let token = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        let token =
+            request.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
         self.record.stream_tokens.lock().expect("lock").push(token.clone());
         if token != self.token {
             return Err(Status::unauthenticated("authentication failed: invalid dataplane token"));
@@ -478,7 +498,10 @@ pub fn assignment(cluster: &str, endpoints: &[(SocketAddr, BTreeMap<String, Stri
     let lb_endpoints = endpoints
         .iter()
         .map(|(addr, tags)| LbEndpoint {
-            host_identifier: Some(HostIdentifier::Endpoint(Endpoint { address: Some(socket(*addr)), ..Endpoint::default() })),
+            host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                address: Some(socket(*addr)),
+                ..Endpoint::default()
+            })),
             metadata: Some(lb_metadata(tags)),
             load_balancing_weight: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 1 }),
             ..LbEndpoint::default()

@@ -1,6 +1,7 @@
 //! The daemon as a real process inside the ingress namespace, with its config files and log.
 
 use std::{
+    ffi::OsString,
     fs::File,
     path::{Path, PathBuf},
     process::{Child, ExitStatus, Stdio},
@@ -86,6 +87,16 @@ impl Daemon {
     }
 
     fn spawn(ns: &Netns, scratch: Scratch, zi: &Path, dps: &Path, args: &[&str], log_filter: &str) -> Self {
+        let mut all: Vec<OsString> = vec!["--dataplane-file".into(), zi.into(), "--dataplanes".into(), dps.into()];
+        all.extend(args.iter().map(OsString::from));
+        let mut d = Self::launch(ns, scratch, &all, log_filter);
+        d.expect_ready(Duration::from_secs(20));
+        d
+    }
+
+    /// Starts `zone-ingress run ARGS` in `ns` as given (no input flags added) and returns at
+    /// once, without waiting for "ready".
+    pub fn launch(ns: &Netns, scratch: Scratch, args: &[OsString], log_filter: &str) -> Self {
         let log = scratch.0.join("daemon.log");
         let out = File::create(&log).expect("log file");
         let err = out.try_clone().expect("log fd");
@@ -93,10 +104,7 @@ impl Daemon {
         assert!(bin.exists(), "daemon binary {} missing: run through `cargo xtask test`", bin.display());
         let child = ns
             .command(bin.to_str().expect("utf-8 path"))
-            .args(["run", "--dataplane-file"])
-            .arg(zi)
-            .arg("--dataplanes")
-            .arg(dps)
+            .arg("run")
             .args(args)
             .env("RUST_LOG", std::env::var("ZI_TEST_LOG").unwrap_or_else(|_| log_filter.to_owned()))
             .stdin(Stdio::null())
@@ -104,15 +112,37 @@ impl Daemon {
             .stderr(err)
             .spawn()
             .expect("spawn daemon");
-        let mut d = Self { child: Some(child), log, scratch };
+        Self { child: Some(child), log, scratch }
+    }
+
+    /// Panics unless the daemon logs " ready " within `timeout` and is still running then.
+    pub fn expect_ready(&mut self, timeout: Duration) {
         // The line `... app: ready listen=...` (not "already in use", say), from a live process.
-        if !d.wait_log(" ready ", Duration::from_secs(20)) {
-            panic!("daemon did not become ready:\n{}", d.log_text());
+        if !self.wait_log(" ready ", timeout) {
+            panic!("daemon did not become ready:\n{}", self.log_text());
         }
-        if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-            panic!("daemon exited ({status}) right after getting ready:\n{}", d.log_text());
+        if self.exited().is_some() {
+            panic!("daemon exited right after getting ready:\n{}", self.log_text());
         }
-        d
+    }
+
+    /// The exit status, once the daemon has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits (bounded) for the daemon to exit on its own; its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn pid(&self) -> u32 {

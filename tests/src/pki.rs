@@ -40,11 +40,12 @@ impl Pki {
         Self { ca_pem: ca.pem(), ca_der: ca.der().clone(), ca, ca_key }
     }
 
-    /// A leaf for `names` (DNS SANs; names that are not DNS names are skipped as SANs).
+    /// A leaf for `names` (DNS or IP address SANs; other names, such as Kuma's tag SNIs, are
+    /// skipped as SANs).
     pub fn leaf(&self, cn: &str, names: &[&str]) -> Leaf {
         let sans: Vec<String> = names
             .iter()
-            .filter(|n| rustls::pki_types::DnsName::try_from(**n).is_ok())
+            .filter(|n| n.parse::<std::net::IpAddr>().is_ok() || rustls::pki_types::DnsName::try_from(**n).is_ok())
             .map(|n| (*n).to_owned())
             .collect();
         let mut params = CertificateParams::new(sans).expect("params");

@@ -221,7 +221,11 @@ fn load_zone_ingress_only(sources: &Sources) -> Result<ZoneIngress, Vec<Diagnost
 
 /// The control-plane settings of `args` for the checked ZoneIngress `zi`: the token and CA
 /// read, the resource as JSON for the bootstrap request.
-fn control_plane_settings(args: &RunArgs, sources: &Sources, zi: &ZoneIngress) -> anyhow::Result<control_plane::Settings> {
+fn control_plane_settings(
+    args: &RunArgs,
+    sources: &Sources,
+    zi: &ZoneIngress,
+) -> anyhow::Result<control_plane::Settings> {
     let cp = &args.inputs.control_plane;
     let url = control_plane::Settings::parse_url(cp.cp_address.as_deref().unwrap_or_default())?;
     let token = match (&cp.dataplane_token_file, &cp.dataplane_token) {
@@ -233,7 +237,9 @@ fn control_plane_settings(args: &RunArgs, sources: &Sources, zi: &ZoneIngress) -
         (None, None) => String::new(),
     };
     if token.is_empty() {
-        warn!("no dataplane token (--dataplane-token-file): a control plane with authentication will refuse this proxy");
+        warn!(
+            "no dataplane token (--dataplane-token-file): a control plane with authentication will refuse this proxy"
+        );
     }
     let ca = cp
         .ca_cert_file
@@ -456,7 +462,8 @@ impl App {
             Some((settings, boot)) => {
                 let (first_tx, first) = mpsc::channel(1);
                 let (shutdown, shutdown_rx) = watch::channel(false);
-                let task = tokio::spawn(control_plane::serve(settings, boot, Arc::clone(&ingress), first_tx, shutdown_rx));
+                let task =
+                    tokio::spawn(control_plane::serve(settings, boot, Arc::clone(&ingress), first_tx, shutdown_rx));
                 Some(ControlPlaneTask { shutdown, task, first, pending: Some(listeners) })
             }
         };

@@ -105,7 +105,12 @@ pub struct ControlPlaneArgs {
     #[arg(long, env = "KUMA_DATAPLANE_RUNTIME_TOKEN_PATH", requires = "cp_address")]
     pub dataplane_token_file: Option<PathBuf>,
     /// The dataplane token itself (prefer `--dataplane-token-file`).
-    #[arg(long, env = "KUMA_DATAPLANE_RUNTIME_TOKEN", requires = "cp_address", conflicts_with = "dataplane_token_file")]
+    #[arg(
+        long,
+        env = "KUMA_DATAPLANE_RUNTIME_TOKEN",
+        requires = "cp_address",
+        conflicts_with = "dataplane_token_file"
+    )]
     pub dataplane_token: Option<String>,
     /// Name of the resource for the control plane (default: the ZoneIngress file's `name`).
     #[arg(long, env = "KUMA_DATAPLANE_NAME")]

@@ -316,7 +316,15 @@ impl RouteTable {
             };
             insert_route(
                 &mut routes,
-                Route::new(entry.sni, RouteKind::ControlPlane, entry.cluster, &mesh, &service, entry.tags, entry.endpoints),
+                Route::new(
+                    entry.sni,
+                    RouteKind::ControlPlane,
+                    entry.cluster,
+                    &mesh,
+                    &service,
+                    entry.tags,
+                    entry.endpoints,
+                ),
             );
         }
         let mut ordered: Vec<Arc<Route>> = routes.values().cloned().collect();

@@ -48,6 +48,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// gRPC `INVALID_ARGUMENT`, the code Envoy puts in a NACK.
 const INVALID_ARGUMENT: i32 = 3;
 
+/// A complete configuration as accepted: listeners, clusters, assignments.
+type Accepted = (Listeners, BTreeMap<String, ClusterSpec>, BTreeMap<String, Assignment>);
+
 /// What was accepted, kept across streams: a new stream starts from it.
 pub struct State {
     zone: String,
@@ -57,7 +60,7 @@ pub struct State {
     /// Last accepted version per type URL.
     versions: BTreeMap<&'static str, String>,
     /// What the installed table was built from.
-    installed: Option<(Listeners, BTreeMap<String, ClusterSpec>, BTreeMap<String, Assignment>)>,
+    installed: Option<Accepted>,
     first: Option<mpsc::Sender<()>>,
 }
 
@@ -129,10 +132,9 @@ async fn run(
             .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(name.clone()))
             .context("the ADS TLS settings")?;
     }
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the ADS server {host}:{} (TLS name {:?})", boot.ads_port, boot.ads_tls_name))?;
+    let channel = endpoint.connect().await.with_context(|| {
+        format!("connecting to the ADS server {host}:{} (TLS name {:?})", boot.ads_port, boot.ads_tls_name)
+    })?;
     let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel::<DiscoveryRequest>(16);
     let node = node(boot);
@@ -151,7 +153,8 @@ async fn run(
     tx.send(request(state, LISTENER_TYPE, Vec::new(), String::new(), None)).await?;
     let mut call = tonic::Request::new(ReceiverStream::new(rx));
     if let Some(token) = boot.authorization.as_deref().or(Some(settings.token.as_str())).filter(|t| !t.is_empty()) {
-        call.metadata_mut().insert("authorization", token.parse().context("the dataplane token is not a valid header value")?);
+        call.metadata_mut()
+            .insert("authorization", token.parse().context("the dataplane token is not a valid header value")?);
     }
     let mut stream = match client.stream_aggregated_resources(call).await {
         Ok(r) => r.into_inner(),
@@ -195,7 +198,12 @@ async fn run(
                 }
             }
             Err(reason) => {
-                warn!(type_url, version = response.version_info, reason, "control plane: update refused (NACK); the previous configuration stays");
+                warn!(
+                    type_url,
+                    version = response.version_info,
+                    reason,
+                    "control plane: update refused (NACK); the previous configuration stays"
+                );
                 ingress.metrics.reload_failure.fetch_add(1, Ordering::Relaxed);
                 ingress.metrics.count_update(false);
                 record(ingress, false, vec![reason.clone()]);
@@ -248,7 +256,10 @@ fn install(state: &mut State, ingress: &Arc<Ingress>) {
     }
     let (table, missing) = translate::table(&state.zone, listeners, clusters, &state.assignments);
     for (sni, cluster) in &missing {
-        warn!(sni, cluster, "control plane: a filter chain names a cluster it did not send; its connections are closed");
+        warn!(
+            sni,
+            cluster, "control plane: a filter chain names a cluster it did not send; its connections are closed"
+        );
     }
     let snapshot = Snapshot::from_table(&ingress.metrics, ingress.snapshot().zone_ingress.clone(), table);
     let routes = snapshot.table.len();
@@ -282,7 +293,13 @@ fn static_type(type_url: &str) -> Option<&'static str> {
 }
 
 /// An ACK (no `error`) or NACK of `nonce`, or a new subscription (empty nonce).
-fn request(state: &State, type_url: &str, names: Vec<String>, nonce: String, error: Option<Status>) -> DiscoveryRequest {
+fn request(
+    state: &State,
+    type_url: &str,
+    names: Vec<String>,
+    nonce: String,
+    error: Option<Status>,
+) -> DiscoveryRequest {
     DiscoveryRequest {
         version_info: state.versions.get(type_url).cloned().unwrap_or_default(),
         resource_names: names,

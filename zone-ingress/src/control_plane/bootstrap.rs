@@ -156,7 +156,11 @@ pub fn tls_client(ca: &[u8]) -> anyhow::Result<Arc<rustls::ClientConfig>> {
 }
 
 /// One bootstrap attempt against `url` (`http(s)://host:port`).
-pub async fn fetch(url: &Uri, tls: Option<&Arc<rustls::ClientConfig>>, request: &BootstrapRequest) -> Result<Bootstrap, Failure> {
+pub async fn fetch(
+    url: &Uri,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    request: &BootstrapRequest,
+) -> Result<Bootstrap, Failure> {
     let body = serde_json::to_vec_pretty(request).map_err(|e| Failure::Fatal(e.into()))?;
     let (status, text) = tokio::time::timeout(REQUEST_TIMEOUT, post(url, tls, body))
         .await
@@ -180,7 +184,11 @@ pub async fn fetch(url: &Uri, tls: Option<&Arc<rustls::ClientConfig>>, request: 
     }
 }
 
-async fn post(url: &Uri, tls: Option<&Arc<rustls::ClientConfig>>, body: Vec<u8>) -> anyhow::Result<(StatusCode, Bytes)> {
+async fn post(
+    url: &Uri,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    body: Vec<u8>,
+) -> anyhow::Result<(StatusCode, Bytes)> {
     let host = url.host().context("the control plane URL has no host")?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let https = url.scheme_str() == Some("https");
@@ -240,8 +248,10 @@ pub fn parse(body: &[u8]) -> anyhow::Result<Bootstrap> {
 fn field<'a>(v: &'a Value, camel: &str) -> Option<&'a Value> {
     let obj = v.as_object()?;
     obj.get(camel).or_else(|| {
-        let snake: String =
-            camel.chars().flat_map(|c| if c.is_ascii_uppercase() { vec!['_', c.to_ascii_lowercase()] } else { vec![c] }).collect();
+        let snake: String = camel
+            .chars()
+            .flat_map(|c| if c.is_ascii_uppercase() { vec!['_', c.to_ascii_lowercase()] } else { vec![c] })
+            .collect();
         obj.get(&snake)
     })
 }

@@ -29,9 +29,7 @@ use envoy_types::pb::{
                 Cluster as XdsCluster,
                 cluster::{
                     ClusterDiscoveryType, DiscoveryType, LbSubsetConfig,
-                    lb_subset_config::{
-                        LbSubsetFallbackPolicy, lb_subset_selector::LbSubsetSelectorFallbackPolicy,
-                    },
+                    lb_subset_config::{LbSubsetFallbackPolicy, lb_subset_selector::LbSubsetSelectorFallbackPolicy},
                 },
             },
             core::v3::{HealthStatus, Metadata, address, data_source, socket_address},
@@ -247,7 +245,9 @@ pub fn listeners(list: &[Listener]) -> Result<Listeners, String> {
         for (i, chain) in l.filter_chains.iter().chain(l.default_filter_chain.as_ref()).enumerate() {
             let at = || format!("listener {:?}, filter chain {i}", l.name);
             let snis = chain.filter_chain_match.as_ref().map(|m| m.server_names.clone()).unwrap_or_default();
-            if let Some(f) = chain.filters.iter().find(|f| f.name == TCP_PROXY_NAME || type_of(f) == Some(TCP_PROXY_TYPE)) {
+            if let Some(f) =
+                chain.filters.iter().find(|f| f.name == TCP_PROXY_NAME || type_of(f) == Some(TCP_PROXY_TYPE))
+            {
                 let proxy: TcpProxy = typed(f).map_err(|e| format!("{}: {e}", at()))?;
                 let cluster = match proxy.cluster_specifier {
                     Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => c,
@@ -264,8 +264,10 @@ pub fn listeners(list: &[Listener]) -> Result<Listeners, String> {
                 }
                 let tags = proxy.metadata_match.as_ref().map(|m| lb_tags(Some(m))).unwrap_or_default();
                 out.chains.push(Chain { snis, cluster, tags });
-            } else if let Some(f) =
-                chain.filters.iter().find(|f| f.name == DIRECT_RESPONSE_NAME || type_of(f) == Some(DIRECT_RESPONSE_TYPE))
+            } else if let Some(f) = chain
+                .filters
+                .iter()
+                .find(|f| f.name == DIRECT_RESPONSE_NAME || type_of(f) == Some(DIRECT_RESPONSE_TYPE))
             {
                 let config: DirectResponse = typed(f).map_err(|e| format!("{}: {e}", at()))?;
                 let bytes = match config.response.and_then(|r| r.specifier) {
@@ -366,11 +368,7 @@ fn select(subsets: Option<&LbSubsetConfig>, wanted: &BTreeMap<String, String>, m
         return all();
     }
     let matching = |want: &BTreeMap<String, String>| -> Vec<SocketAddr> {
-        members
-            .iter()
-            .filter(|m| want.iter().all(|(k, v)| m.tags.get(k) == Some(v)))
-            .map(|m| m.addr)
-            .collect()
+        members.iter().filter(|m| want.iter().all(|(k, v)| m.tags.get(k) == Some(v))).map(|m| m.addr).collect()
     };
     let top_fallback = || match LbSubsetFallbackPolicy::try_from(config.fallback_policy) {
         Ok(LbSubsetFallbackPolicy::AnyEndpoint) => all(),
@@ -379,9 +377,10 @@ fn select(subsets: Option<&LbSubsetConfig>, wanted: &BTreeMap<String, String>, m
         }
         _ => Vec::new(),
     };
-    let selector = config.subset_selectors.iter().find(|s| {
-        s.keys.len() == wanted.len() && s.keys.iter().all(|k| wanted.contains_key(k))
-    });
+    let selector = config
+        .subset_selectors
+        .iter()
+        .find(|s| s.keys.len() == wanted.len() && s.keys.iter().all(|k| wanted.contains_key(k)));
     let Some(selector) = selector else {
         return top_fallback();
     };

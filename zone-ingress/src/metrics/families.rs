@@ -234,8 +234,9 @@ impl Metrics {
         let cp_mode = self.cp_mode.load(Ordering::Relaxed);
         // File mode counts the startup load; control-plane mode counts only the updates.
         let startup = u64::from(!cp_mode);
-        let attempts =
-            (self.reload_success.load(Ordering::Relaxed) + self.reload_failure.load(Ordering::Relaxed) + startup) as f64;
+        let attempts = (self.reload_success.load(Ordering::Relaxed)
+            + self.reload_failure.load(Ordering::Relaxed)
+            + startup) as f64;
         let ok = (self.reload_success.load(Ordering::Relaxed) + startup) as f64;
         let rejected = self.reload_failure.load(Ordering::Relaxed) as f64;
         f.gauge("envoy_server_uptime", "Seconds since start.", &[], s.uptime.as_secs() as f64);
