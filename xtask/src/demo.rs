@@ -12,27 +12,22 @@ pub(crate) struct Options {
     /// Splice mode for the demo's ingress.
     #[arg(long, default_value = "kernel")]
     pub splice: String,
+    /// Take the routes from a control plane speaking Kuma's protocols (bootstrap + ADS) instead
+    /// of an inventory file.
+    #[arg(long)]
+    pub control_plane: bool,
 }
 
 pub(crate) fn demo(opts: &Options) -> anyhow::Result<()> {
     crate::setup::setup(&crate::setup::Options::default())?;
     let root = workspace_root();
     exec(Command::new("cargo").current_dir(&root).args(["build", "--release", "-p", "zone-ingress"]))?;
-    exec(
-        Command::new("cargo")
-            .current_dir(&root)
-            .args([
-                "run",
-                "--release",
-                "-q",
-                "-p",
-                "zone-ingress-tests",
-                "--bin",
-                "demo",
-                "--",
-                "--splice",
-                &opts.splice,
-            ])
-            .env(ENV_ZONE_INGRESS_BIN, xtask::target_dir().join("release/zone-ingress")),
-    )
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&root)
+        .args(["run", "--release", "-q", "-p", "zone-ingress-tests", "--bin", "demo", "--", "--splice", &opts.splice])
+        .env(ENV_ZONE_INGRESS_BIN, xtask::target_dir().join("release/zone-ingress"));
+    if opts.control_plane {
+        cmd.arg("--control-plane");
+    }
+    exec(&mut cmd)
 }

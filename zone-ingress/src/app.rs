@@ -246,14 +246,18 @@ fn control_plane_settings(
         .as_ref()
         .map(|p| std::fs::read(p).with_context(|| format!("--ca-cert-file {}", p.display())))
         .transpose()?;
-    // kuma-dp sends the resource as JSON, after the `--dataplane-var` substitutions.
-    let text = std::fs::read_to_string(&sources.dataplane_file)
-        .with_context(|| format!("--dataplane-file {}", sources.dataplane_file.display()))?;
-    let vars = sources.dataplane_vars.iter().cloned().collect();
-    let mut diags = Vec::new();
-    let (text, _) = config::substitute(&sources.dataplane_file, &text, &vars, &mut diags)
-        .context("--dataplane-file: substituting --dataplane-var")?;
-    let resource: serde_json::Value = serde_yaml::from_str(&text).context("--dataplane-file is not YAML")?;
+    // kuma-dp sends the resource as JSON in Universal form (what the control plane parses,
+    // whichever form the file was written in), after the `--dataplane-var` substitutions.
+    let mut networking = serde_json::json!({
+        "address": zi.address.to_string(),
+        "port": zi.port,
+        "admin": {"port": zi.admin_port},
+    });
+    if let Some((address, port)) = zi.advertised() {
+        networking["advertisedAddress"] = address.into();
+        networking["advertisedPort"] = port.into();
+    }
+    let resource = serde_json::json!({"type": "ZoneIngress", "name": zi.name, "networking": networking});
     Ok(control_plane::Settings {
         url,
         token,

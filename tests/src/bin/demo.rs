@@ -1,12 +1,15 @@
 //! The built-in demo (`cargo xtask demo`): a remote-zone client, the ingress and three local
 //! dataplanes serving mTLS, each in its own network namespace. Real TLS connections are routed
 //! by SNI through the spliced path; the demo prints what was routed and spliced, then cleans up.
+//! With `--control-plane`, the routes come from a control plane speaking Kuma's protocols
+//! (bootstrap + ADS over TLS, in dataplane 3's namespace) instead of an inventory file.
 
-use std::{net::SocketAddr, process::Stdio, time::Duration};
+use std::{collections::BTreeMap, ffi::OsString, net::SocketAddr, process::Stdio, time::Duration};
 
 use rustls::pki_types::ServerName;
 use zone_ingress_tests::{
     DP_NAMES,
+    control_plane::{self as cp, ControlPlane, Service},
     daemon::{Daemon, Scratch, zone_ingress_yaml},
     netns::Topology,
     pki::Pki,
@@ -17,20 +20,29 @@ use zone_ingress_tests::{
 #[expect(clippy::print_stdout, reason = "the demo's output is its purpose")]
 fn main() {
     let splice = std::env::args().skip_while(|a| a != "--splice").nth(1).unwrap_or_else(|| "kernel".into());
+    let with_cp = std::env::args().any(|a| a == "--control-plane");
     println!("== zone-ingress demo (splice mode: {splice})");
     println!("   namespaces: client 198.18.0.1 → ingress 198.18.0.2:10001 → dataplanes 198.18.{{1,2,3}}.2");
     let topo = Topology::new(3);
     let pki = Pki::new();
-    let daemon = Daemon::start(
-        &topo.ingress,
-        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
-        &section5_inventory(false),
-        &["--splice", &splice, "--drain-time", "2s"],
-    );
-    println!(
-        "   ingress pid {} is ready; inventory: backend v1, backend v2 (8080), redis (6379), web (NotReady)",
-        daemon.pid()
-    );
+    // The control plane's runtime lives until the end (the dataplanes' runtime is dropped halfway).
+    let cp_rt = runtime();
+    let (daemon, _cp) = if with_cp {
+        let (d, c) = start_with_control_plane(&topo, &pki, &cp_rt, &splice);
+        (d, Some(c))
+    } else {
+        let d = Daemon::start(
+            &topo.ingress,
+            &zone_ingress_yaml("198.18.0.2", 10001, 9901),
+            &section5_inventory(false),
+            &["--splice", &splice, "--drain-time", "2s"],
+        );
+        println!(
+            "   ingress pid {} is ready; inventory: backend v1, backend v2 (8080), redis (6379), web (NotReady)",
+            d.pid()
+        );
+        (d, None)
+    };
     let rt = runtime();
     let ingress: SocketAddr = "198.18.0.2:10001".parse().expect("addr");
     rt.block_on(async {
@@ -191,7 +203,123 @@ fn main() {
     }) {
         println!("   {line}");
     }
+    if with_cp {
+        println!(
+            "-- control plane: {}",
+            get("/stats/prometheus")
+                .lines()
+                .find(|l| l.starts_with("envoy_control_plane_connected_state"))
+                .unwrap_or("?")
+        );
+    }
     drop(daemon);
     drop(topo);
     println!("== cleaned up (daemon stopped, namespaces removed)");
+}
+
+/// The demo's services as a Kuma control plane sends them to a zone ingress: the same routes
+/// as the inventory of the file mode (`web` is NotReady, so it has none).
+fn demo_services() -> Vec<Service> {
+    let dp = |k: usize, port: u16| SocketAddr::new(Topology::dataplane_addr(k, false), port);
+    let tags = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    };
+    let backend_eps = vec![
+        (dp(1, 8080), tags(&[("kuma.io/service", "backend"), ("kuma.io/zone", "east"), ("version", "v1")])),
+        (dp(2, 8080), tags(&[("kuma.io/service", "backend"), ("kuma.io/zone", "east"), ("version", "v2")])),
+    ];
+    let redis_eps = vec![(dp(3, 6379), tags(&[("kuma.io/service", "redis")]))];
+    vec![
+        Service {
+            cluster: "default:backend".into(),
+            endpoints: backend_eps.clone(),
+            subset_keys: vec![vec!["version".into()], vec!["kuma.io/zone".into(), "version".into()]],
+            snis: vec![
+                ("backend{mesh=default}".into(), BTreeMap::new()),
+                ("backend{mesh=default,version=v1}".into(), tags(&[("version", "v1")])),
+                (
+                    "backend{kuma.io/zone=east,mesh=default,version=v2}".into(),
+                    tags(&[("kuma.io/zone", "east"), ("version", "v2")]),
+                ),
+            ],
+        },
+        Service {
+            cluster: "default_backend__east_msvc_8080".into(),
+            endpoints: backend_eps,
+            subset_keys: vec![],
+            snis: vec![("a601e0c00295a9fbe.backend.8080.default.ms".into(), BTreeMap::new())],
+        },
+        Service {
+            cluster: "default:redis".into(),
+            endpoints: redis_eps.clone(),
+            subset_keys: vec![],
+            snis: vec![("redis{mesh=default}".into(), BTreeMap::new())],
+        },
+        Service {
+            cluster: "default_redis__east_msvc_6379".into(),
+            endpoints: redis_eps,
+            subset_keys: vec![],
+            snis: vec![("a25502fde077cd057.redis.6379.default.ms".into(), BTreeMap::new())],
+        },
+    ]
+}
+
+/// Starts the control plane in dataplane 3's namespace and the daemon in control-plane mode.
+#[expect(clippy::print_stdout, reason = "the demo's output is its purpose")]
+fn start_with_control_plane(
+    topo: &Topology,
+    pki: &Pki,
+    rt: &tokio::runtime::Runtime,
+    splice: &str,
+) -> (Daemon, ControlPlane) {
+    const TOKEN: &str = "demo-dataplane-token";
+    let _guard = rt.enter();
+    let ns = &topo.dataplanes[2];
+    let cp_addr = |port| SocketAddr::new(Topology::dataplane_addr(3, false), port);
+    let config = cp::kuma_ingress("198.18.0.2:10001".parse().expect("addr"), &demo_services(), "zi-test", "east");
+    let control_plane = ControlPlane::start(ns.listen(cp_addr(5678)), ns.listen(cp_addr(5679)), pki, TOKEN, config);
+    println!("   control plane (bootstrap 198.18.3.2:5678, ADS 198.18.3.2:5679, TLS) serves the demo's services");
+    let scratch = Scratch::new("demo-cp");
+    let zi = scratch.write("zoneingress.yaml", &zone_ingress_yaml("198.18.0.2", 10001, 9901));
+    let ca = scratch.write("ca.crt", &pki.ca_pem);
+    let token = scratch.write("token", TOKEN);
+    let args: Vec<OsString> = [
+        "--proxy-type=ingress",
+        "--cp-address",
+        "https://198.18.3.2:5678",
+        "--dataplane-file",
+        zi.to_str().expect("utf-8"),
+        "--dataplane-token-file",
+        token.to_str().expect("utf-8"),
+        "--ca-cert-file",
+        ca.to_str().expect("utf-8"),
+        "--zone",
+        "east",
+        "--splice",
+        splice,
+        "--drain-time",
+        "2s",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    let mut daemon = Daemon::launch(&topo.ingress, scratch, &args, "info");
+    daemon.expect_ready(Duration::from_secs(20));
+    if !daemon.wait_log("control plane: configuration applied", Duration::from_secs(15)) {
+        panic!("no configuration from the control plane:\n{}", daemon.log_text());
+    }
+    let boot = control_plane.record.bootstraps.lock().expect("lock").len();
+    println!(
+        "   ingress pid {} joined: {boot} bootstrap request with the ZoneIngress and the token, ADS stream up, {} acknowledged updates",
+        daemon.pid(),
+        control_plane
+            .record
+            .requests
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|r| !r.nonce.is_empty() && r.error.is_none())
+            .count()
+    );
+    (daemon, control_plane)
 }

@@ -48,7 +48,6 @@ pub(crate) use diagnostic::finish;
 pub use diagnostic::{ConfigError, Diagnostic, Loaded, Severity};
 pub(crate) use inventory::yaml_files;
 pub use inventory::{Dataplane, Inbound, InboundState, Inventory, ZONE_TAG, load_inventory, parse_inventory};
-pub(crate) use template::substitute;
 pub use zone_ingress::{DEFAULT_ADMIN_PORT, ZoneIngress, load_zone_ingress, parse_zone_ingress};
 
 /// Where the inputs come from: the command-line values [`load_inputs`] reads.

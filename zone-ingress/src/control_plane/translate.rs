@@ -397,3 +397,192 @@ fn select(subsets: Option<&LbSubsetConfig>, wanted: &BTreeMap<String, String>, m
         _ => top_fallback(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::{
+        envoy::config::{
+            cluster::v3::cluster::lb_subset_config::LbSubsetSelector,
+            core::v3::{Address, SocketAddress},
+            endpoint::v3::{Endpoint, LbEndpoint, LocalityLbEndpoints},
+            listener::v3::{FilterChain, FilterChainMatch},
+        },
+        google::protobuf::Value,
+    };
+
+    use super::*;
+
+    fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    fn member(addr: &str, t: &[(&str, &str)]) -> Member {
+        Member { addr: addr.parse().expect("addr"), tags: tags(t) }
+    }
+
+    fn subsets(fallback: LbSubsetFallbackPolicy, selector_fallback: LbSubsetSelectorFallbackPolicy) -> LbSubsetConfig {
+        LbSubsetConfig {
+            fallback_policy: fallback as i32,
+            subset_selectors: vec![LbSubsetSelector {
+                keys: vec!["version".into()],
+                fallback_policy: selector_fallback as i32,
+                ..LbSubsetSelector::default()
+            }],
+            ..LbSubsetConfig::default()
+        }
+    }
+
+    fn addrs(v: &[SocketAddr]) -> Vec<String> {
+        v.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn subset_selection_follows_envoy() {
+        let members = [member("198.18.1.2:80", &[("version", "v1")]), member("198.18.2.2:80", &[("version", "v2")])];
+        let kuma = subsets(LbSubsetFallbackPolicy::AnyEndpoint, LbSubsetSelectorFallbackPolicy::NoFallback);
+        // A selector with exactly the match's keys: its members only.
+        assert_eq!(addrs(&select(Some(&kuma), &tags(&[("version", "v2")]), &members)), ["198.18.2.2:80"]);
+        // The selector matches no endpoint: NO_FALLBACK means none.
+        assert!(select(Some(&kuma), &tags(&[("version", "v3")]), &members).is_empty());
+        // No selector for these keys: the cluster's fallback (any endpoint).
+        assert_eq!(select(Some(&kuma), &tags(&[("region", "eu")]), &members).len(), 2);
+        let strict = subsets(LbSubsetFallbackPolicy::NoFallback, LbSubsetSelectorFallbackPolicy::NotDefined);
+        assert!(select(Some(&strict), &tags(&[("region", "eu")]), &members).is_empty());
+        // NOT_DEFINED inherits the cluster's policy.
+        assert!(select(Some(&strict), &tags(&[("version", "v3")]), &members).is_empty());
+        // Without subset rules or without a match: every endpoint.
+        assert_eq!(select(None, &tags(&[("version", "v2")]), &members).len(), 2);
+        assert_eq!(select(Some(&kuma), &BTreeMap::new(), &members).len(), 2);
+    }
+
+    fn endpoint(address: &str, port: u32, health: HealthStatus, t: &[(&str, &str)]) -> LbEndpoint {
+        let mut meta = HashMap::new();
+        meta.insert(
+            LB_NAMESPACE.to_owned(),
+            Struct {
+                fields: t
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), Value { kind: Some(Kind::StringValue((*v).to_owned())) }))
+                    .collect(),
+            },
+        );
+        LbEndpoint {
+            host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: address.to_owned(),
+                        port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+                        ..SocketAddress::default()
+                    })),
+                }),
+                ..Endpoint::default()
+            })),
+            health_status: health as i32,
+            metadata: Some(Metadata { filter_metadata: meta, ..Metadata::default() }),
+            ..LbEndpoint::default()
+        }
+    }
+
+    fn cla(endpoints: Vec<LbEndpoint>) -> ClusterLoadAssignment {
+        ClusterLoadAssignment {
+            cluster_name: "default:backend".into(),
+            endpoints: vec![LocalityLbEndpoints { lb_endpoints: endpoints, ..LocalityLbEndpoints::default() }],
+            ..ClusterLoadAssignment::default()
+        }
+    }
+
+    #[test]
+    fn assignments_keep_healthy_ip_endpoints_with_their_tags() {
+        let a = assignments(&[cla(vec![
+            endpoint("198.18.1.2", 8080, HealthStatus::Unknown, &[("version", "v1")]),
+            endpoint("2001:2:0:2::2", 8080, HealthStatus::Healthy, &[]),
+            endpoint("198.18.3.2", 8080, HealthStatus::Unhealthy, &[]),
+        ])])
+        .expect("valid");
+        let a = &a["default:backend"];
+        assert_eq!(a.total, 3);
+        assert_eq!(
+            a.members.iter().map(|m| m.addr.to_string()).collect::<Vec<_>>(),
+            ["198.18.1.2:8080", "[2001:2:0:2::2]:8080"]
+        );
+        assert_eq!(a.members[0].tags, tags(&[("version", "v1")]));
+    }
+
+    #[test]
+    fn endpoints_that_are_not_ip_and_port_are_refused() {
+        let e =
+            assignments(&[cla(vec![endpoint("backend.svc", 80, HealthStatus::Unknown, &[])])]).expect_err("hostname");
+        assert!(e.contains("not an IP address"), "{e}");
+        let e = assignments(&[cla(vec![endpoint("198.18.1.2", 0, HealthStatus::Unknown, &[])])]).expect_err("port 0");
+        assert!(e.contains("port 0"), "{e}");
+        let e = assignments(&[cla(vec![endpoint("198.18.1.2", 70000, HealthStatus::Unknown, &[])])]).expect_err("big");
+        assert!(e.contains("70000"), "{e}");
+    }
+
+    fn chain(snis: &[&str], filters: Vec<Filter>) -> FilterChain {
+        FilterChain {
+            filter_chain_match: (!snis.is_empty()).then(|| FilterChainMatch {
+                server_names: snis.iter().map(|s| (*s).to_owned()).collect(),
+                ..FilterChainMatch::default()
+            }),
+            filters,
+            ..FilterChain::default()
+        }
+    }
+
+    fn tcp_proxy(spec: ClusterSpecifier) -> Filter {
+        let proxy = TcpProxy { cluster_specifier: Some(spec), ..TcpProxy::default() };
+        Filter {
+            name: TCP_PROXY_NAME.into(),
+            config_type: Some(filter::ConfigType::TypedConfig(Any {
+                type_url: TCP_PROXY_TYPE.into(),
+                value: proxy.encode_to_vec(),
+            })),
+        }
+    }
+
+    #[test]
+    fn listeners_give_chains_and_refuse_what_cannot_be_served() {
+        let l = Listener {
+            name: "inbound:198.18.0.2:10001".into(),
+            filter_chains: vec![chain(
+                &["a{mesh=m}", "b{mesh=m}"],
+                vec![tcp_proxy(ClusterSpecifier::Cluster("m:a".into()))],
+            )],
+            ..Listener::default()
+        };
+        let got = listeners(&[l]).expect("valid");
+        assert_eq!(
+            got.chains,
+            [Chain {
+                snis: vec!["a{mesh=m}".into(), "b{mesh=m}".into()],
+                cluster: "m:a".into(),
+                tags: BTreeMap::new()
+            }]
+        );
+        let weighted = Listener {
+            filter_chains: vec![chain(&["a"], vec![tcp_proxy(ClusterSpecifier::WeightedClusters(Default::default()))])],
+            ..Listener::default()
+        };
+        assert!(listeners(&[weighted]).expect_err("weighted").contains("weighted clusters"));
+        let catch_all = Listener {
+            filter_chains: vec![chain(&[], vec![tcp_proxy(ClusterSpecifier::Cluster("m:a".into()))])],
+            ..Listener::default()
+        };
+        assert!(listeners(&[catch_all]).expect_err("no SNI").contains("without server_names"));
+        let no_filter = Listener { filter_chains: vec![chain(&["a"], vec![])], ..Listener::default() };
+        assert!(listeners(&[no_filter]).expect_err("nothing").contains("no tcp_proxy"));
+    }
+
+    #[test]
+    fn a_chain_to_a_missing_cluster_is_known_but_closed() {
+        let l = Listeners {
+            chains: vec![Chain { snis: vec!["x{mesh=m}".into()], cluster: "m:x".into(), tags: BTreeMap::new() }],
+            ..Listeners::default()
+        };
+        let (table, missing) = table("east", &l, &BTreeMap::new(), &BTreeMap::new());
+        assert_eq!(missing, [("x{mesh=m}".to_owned(), "m:x".to_owned())]);
+        assert_eq!(table.lookup("x{mesh=m}").map(|_| ()), Err(crate::routing::Reject::NoEndpoints));
+        assert_eq!(table.lookup("y{mesh=m}").map(|_| ()), Err(crate::routing::Reject::UnknownSni));
+    }
+}
