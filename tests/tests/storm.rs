@@ -1,7 +1,8 @@
 //! A connection storm: many clients in a loop, each connecting, sending a ClientHello with a
 //! Kuma SNI, reading the backend's 100-byte answer to its end, and closing, while the backend
-//! answers and closes at once. Every connection must complete, in both modes; a connection that
-//! does not is reported with what the kernel knows of it on every leg.
+//! answers and closes at once. Every connection must complete, in both modes, with clients that
+//! open connections in batches or one at a time; a connection that does not is reported with
+//! what the kernel knows of it on every leg.
 
 use std::{
     net::SocketAddr,
@@ -26,7 +27,7 @@ use zone_ingress_tests::{
 const SNI: &str = "backend{mesh=default,version=v1}";
 /// Client threads, each with its own runtime.
 const THREADS: usize = 16;
-/// Connections a thread opens at once.
+/// Connections a thread opens at once (batched storm; the sequential storm opens one).
 const BATCH: usize = 64;
 /// How long the storm lasts.
 const STORM: Duration = Duration::from_secs(5);
@@ -35,9 +36,9 @@ const PATIENCE: Duration = Duration::from_secs(5);
 /// The backend's answer.
 const ANSWER: usize = 100;
 
-fn storm(mode: &'static str) {
+fn storm(mode: &'static str, batch_size: usize) {
     let nofile = raw::raise_nofile();
-    assert!(nofile >= (2 * THREADS * BATCH) as u64 + 200, "RLIMIT_NOFILE hard limit {nofile} is too low");
+    assert!(nofile >= (2 * THREADS * batch_size) as u64 + 200, "RLIMIT_NOFILE hard limit {nofile} is too low");
     let topo = Topology::new(1);
     let daemon = Daemon::start(
         &topo.ingress,
@@ -88,7 +89,8 @@ fn storm(mode: &'static str) {
                     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
                     rt.block_on(async move {
                         while started.elapsed() < STORM {
-                            let sockets = raw::sockets(client, ingress, BATCH, SockOpts::nodelay()).expect("sockets");
+                            let sockets =
+                                raw::sockets(client, ingress, batch_size, SockOpts::nodelay()).expect("sockets");
                             let mut batch = JoinSet::new();
                             for sock in sockets {
                                 let hello = hello.clone();
@@ -200,10 +202,18 @@ fn storm(mode: &'static str) {
 
 #[test]
 fn storm_every_connection_completes_userspace() {
-    storm("userspace");
+    storm("userspace", BATCH);
 }
 
 #[test]
 fn storm_every_connection_completes_kernel() {
-    storm("kernel");
+    storm("kernel", BATCH);
+}
+
+/// One connection at a time per client, as a client in a loop opens them: each ClientHello
+/// lands on a connection the ingress has just accepted and is peeking, the moment where a lost
+/// readiness edge would leave the relay waiting for the client's FIN.
+#[test]
+fn storm_of_sequential_clients_completes_userspace() {
+    storm("userspace", 1);
 }

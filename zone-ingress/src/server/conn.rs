@@ -381,41 +381,45 @@ const PEEK_START: usize = 2048;
 
 /// Peeks (`MSG_PEEK`, never consuming) until the ClientHello is complete, invalid, or the
 /// client closes. Returns `Err` when the client closed or failed first.
+///
+/// Readiness: a peek leaves the bytes queued, so the socket would stay "readable" for ever; a
+/// peek that finds nothing new clears tokio's readiness, but only the readiness observed
+/// *before* that peek (`try_io`), so an edge from bytes that arrive during or after it is kept.
+/// Whoever reads the socket next (the userspace relay waits for readability before its first
+/// read) therefore never waits for an edge that already came.
 async fn peek_client_hello(stream: &TcpStream, max: usize) -> io::Result<Parsed> {
     // One byte more than the cap, so "too large" is distinguishable from "exactly at the cap".
     let mut buf = vec![0u8; PEEK_START.min(max + 1)];
     let mut have = 0usize;
-    let mut closed = false;
     loop {
-        let mut n = peek_now(stream, &mut buf)?;
-        while n == buf.len() && buf.len() < max + 1 {
-            buf.resize((buf.len() * 2).min(max + 1), 0);
-            n = peek_now(stream, &mut buf)?;
-        }
-        if n > have {
-            have = n;
-            match client_hello::parse(&buf[..have], max) {
-                Parsed::Incomplete { .. } if have <= max => {}
-                Parsed::Incomplete { .. } => return Ok(Parsed::Invalid(client_hello::Invalid::TooLarge)),
-                done => return Ok(done),
-            }
-            continue;
-        }
-        if closed {
-            if have == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            return Ok(Parsed::Incomplete { need_at_least: None });
-        }
-        // Nothing new. Clear tokio's readiness (a peek leaves the data, so the socket stays
-        // "readable"), re-check once to close the race with data that arrived meanwhile, then
-        // wait for the next edge.
-        let _ = stream.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
-        if peek_now(stream, &mut buf)? > have {
-            continue;
-        }
         let ready = stream.ready(Interest::READABLE).await?;
-        closed = ready.is_read_closed();
+        let peeked = stream.try_io(Interest::READABLE, || {
+            let mut n = peek_now(stream, &mut buf)?;
+            while n == buf.len() && buf.len() < max + 1 {
+                buf.resize((buf.len() * 2).min(max + 1), 0);
+                n = peek_now(stream, &mut buf)?;
+            }
+            if n > have { Ok(n) } else { Err(io::ErrorKind::WouldBlock.into()) }
+        });
+        match peeked {
+            Ok(n) => {
+                have = n;
+                match client_hello::parse(&buf[..have], max) {
+                    Parsed::Incomplete { .. } if have <= max => {}
+                    Parsed::Incomplete { .. } => return Ok(Parsed::Invalid(client_hello::Invalid::TooLarge)),
+                    done => return Ok(done),
+                }
+            }
+            // Nothing new, and the client has sent its FIN: nothing more will come.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && ready.is_read_closed() => {
+                if have == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                return Ok(Parsed::Incomplete { need_at_least: None });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
     }
 }
 
