@@ -210,6 +210,11 @@ impl ControlPlane {
         }
     }
 
+    /// The token accepted by the next start (a rotated token).
+    pub fn set_token(&mut self, token: &str) {
+        token.clone_into(&mut self.token);
+    }
+
     /// Starts again on new listeners, with the same configuration, token and record.
     pub fn restart(&mut self, bootstrap: TcpListener, ads: TcpListener, pki: &Pki) {
         self.stop();

@@ -347,6 +347,10 @@ fn routing_survives_a_control_plane_outage_and_reconnects() {
     });
     assert_eq!(get(&topo.ingress, admin_addr(ADMIN), "/ready").status, 200, "still ready: it routes");
 
+    // The token rotates while the control plane is away (as a Kubernetes service account
+    // token does): the reconnect reads the token file again.
+    cp.set_token("rotated-token");
+    std::fs::write(daemon.scratch.0.join("token"), "rotated-token\n").expect("rotate the token");
     let ns = &topo.dataplanes[2];
     cp.restart(ns.listen(dp(3, 5678)), ns.listen(dp(3, 5679)), &pki);
     assert!(
@@ -355,6 +359,7 @@ fn routing_survives_a_control_plane_outage_and_reconnects() {
         daemon.log_text()
     );
     assert!(wait_until(Duration::from_secs(10), || connected(&topo) == 1.0));
+    assert_eq!(cp.record.stream_tokens.lock().expect("lock").last().map(String::as_str), Some("rotated-token"));
     assert_eq!(cp.record.bootstraps.lock().expect("lock").len(), 1, "a reconnect does not bootstrap again");
     let versions: Vec<String> = cp.record.acks(LISTENER, false).iter().map(|a| a.version_info.clone()).collect();
     assert!(versions.len() >= 2, "the new stream is acknowledged too: {versions:?}");

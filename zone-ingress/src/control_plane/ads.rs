@@ -152,7 +152,7 @@ async fn run(
     }
     tx.send(request(state, LISTENER_TYPE, Vec::new(), String::new(), None)).await?;
     let mut call = tonic::Request::new(ReceiverStream::new(rx));
-    if let Some(token) = boot.authorization.as_deref().or(Some(settings.token.as_str())).filter(|t| !t.is_empty()) {
+    if let Some(token) = stream_token(settings, boot) {
         call.metadata_mut()
             .insert("authorization", token.parse().context("the dataplane token is not a valid header value")?);
     }
@@ -216,6 +216,20 @@ async fn run(
             install(state, ingress);
         }
     }
+}
+
+/// The token for a new stream: the token file read again (a rotated token, e.g. a Kubernetes
+/// service account token, is picked up at the next reconnect), else the bootstrap's
+/// `authorization`, else the token given at start.
+fn stream_token(settings: &Settings, boot: &Bootstrap) -> Option<String> {
+    let from_file = settings.token_path.as_ref().and_then(|p| match std::fs::read_to_string(p) {
+        Ok(t) => Some(t.trim().to_owned()),
+        Err(e) => {
+            warn!(file = %p.display(), error = %e, "cannot read the dataplane token file again; using the token read at start");
+            None
+        }
+    });
+    from_file.or_else(|| boot.authorization.clone()).or_else(|| Some(settings.token.clone())).filter(|t| !t.is_empty())
 }
 
 /// Checks one response and keeps what it holds.
