@@ -150,6 +150,17 @@ fn launch(topo: &Topology, tag: &str, token: Option<&str>, ca: &str, extra: &[&s
     Daemon::launch(&topo.ingress, scratch, &args, "info")
 }
 
+/// The backends, the control plane serving `config(2)`, and a daemon joined to it (its first
+/// configuration applied).
+fn joined(topo: &Topology, pki: &Pki, tag: &str, splice: &str) -> (ControlPlane, Daemon) {
+    start_backends(topo, pki);
+    let cp = start_cp(topo, pki, config(2));
+    let mut daemon = launch(topo, tag, Some(TOKEN), &pki.ca_pem, &["--splice", splice]);
+    daemon.expect_ready(Duration::from_secs(20));
+    assert!(applied(&daemon, 1), "no configuration applied:\n{}", daemon.log_text());
+    (cp, daemon)
+}
+
 fn connected(topo: &Topology) -> f64 {
     ops::scrape(&topo.ingress, admin_addr(ADMIN)).must("envoy_control_plane_connected_state", &[])
 }
@@ -164,11 +175,7 @@ fn joins_as_kuma_dp_and_routes_every_sni_the_control_plane_sends() {
     let pki = Pki::new();
     let rt = runtime();
     let _guard = rt.enter();
-    start_backends(&topo, &pki);
-    let cp = start_cp(&topo, &pki, config(2));
-    let mut daemon = launch(&topo, "cp-join", Some(TOKEN), &pki.ca_pem, &["--splice", "kernel"]);
-    daemon.expect_ready(Duration::from_secs(20));
-    assert!(applied(&daemon, 1), "no configuration applied:\n{}", daemon.log_text());
+    let (cp, mut daemon) = joined(&topo, &pki, "cp-join", "kernel");
 
     // Registration: the bootstrap carried the resource and the token; the stream the token.
     let boots = cp.record.bootstraps.lock().expect("lock").clone();
@@ -247,11 +254,7 @@ fn updates_follow_live_flows_stay_and_a_bad_update_is_refused() {
     let pki = Pki::new();
     let rt = runtime();
     let _guard = rt.enter();
-    start_backends(&topo, &pki);
-    let cp = start_cp(&topo, &pki, config(2));
-    let mut daemon = launch(&topo, "cp-update", Some(TOKEN), &pki.ca_pem, &["--splice", "auto"]);
-    daemon.expect_ready(Duration::from_secs(20));
-    assert!(applied(&daemon, 1), "{}", daemon.log_text());
+    let (cp, daemon) = joined(&topo, &pki, "cp-update", "auto");
 
     // A paced mTLS flow that outlives every update below.
     let client_leaf = pki.leaf("remote-client", &["client.test"]);
@@ -331,11 +334,7 @@ fn routing_survives_a_control_plane_outage_and_reconnects() {
     let pki = Pki::new();
     let rt = runtime();
     let _guard = rt.enter();
-    start_backends(&topo, &pki);
-    let mut cp = start_cp(&topo, &pki, config(2));
-    let mut daemon = launch(&topo, "cp-outage", Some(TOKEN), &pki.ca_pem, &["--splice", "userspace"]);
-    daemon.expect_ready(Duration::from_secs(20));
-    assert!(applied(&daemon, 1), "{}", daemon.log_text());
+    let (mut cp, daemon) = joined(&topo, &pki, "cp-outage", "userspace");
     assert_eq!(connected(&topo), 1.0);
 
     cp.stop();

@@ -143,27 +143,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // The parse trees are gone; their pages go back to the kernel (a large inventory's are
     // hundreds of MiB).
     crate::sys::trim_heap();
-    // Start: the kernel side first (a flag that insists on it fails before anything binds),
-    // from one eBPF object shared by the splice and the XDP guard.
-    let listen = inputs.zone_ingress.listen_addr();
-    let guard_plan = match xdp::plan(args.xdp, args.xdp_config.as_deref()) {
-        Ok(plan) => plan,
-        Err(xdp::StartError::Config(problems)) => {
-            report(&problems);
-            return Ok(ExitCode::from(EXIT_BAD_CONFIG));
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let object = load_object(args.splice, guard_plan.as_ref());
     let limits = args.limits();
-    let (reports_tx, reports_rx) = splice::report_channel();
-    let kernel = start_splice(args.splice, object.clone(), &limits, reports_tx)?;
-    raise_fd_limit();
-    let guard = match guard_plan {
-        Some(plan) => {
-            xdp::start(plan, object.unwrap_or_else(|| Err(Arc::new(ebpf::Error::NoObject))), listen)?.map(Arc::new)
-        }
-        None => None,
+    let kernel = match start_kernel_side(&args, &limits, inputs.zone_ingress.listen_addr())? {
+        Ok(k) => k,
+        Err(code) => return Ok(code),
     };
     let Inputs { zone_ingress: zi, inventory, .. } = inputs;
     let metrics = Arc::new(Metrics::default());
@@ -174,7 +157,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     {
         bail!("--plaintext-route {sni:?} does not match any route of the inventory");
     }
-    let kernel = KernelSide { splice: kernel, reports: reports_rx, guard };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let inputs = Loaded { sources, fingerprint: loaded, control_plane: None };
@@ -285,34 +267,18 @@ fn run_with_control_plane(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let settings = control_plane_settings(&args, &sources, &zi)?;
-    let listen = zi.listen_addr();
-    let guard_plan = match xdp::plan(args.xdp, args.xdp_config.as_deref()) {
-        Ok(plan) => plan,
-        Err(xdp::StartError::Config(problems)) => {
-            report(&problems);
-            return Ok(ExitCode::from(EXIT_BAD_CONFIG));
-        }
-        Err(e) => return Err(e.into()),
-    };
     if args.plaintext_route.is_some() {
         bail!("--plaintext-route is a file-mode extension; the control plane decides every route");
     }
-    let object = load_object(args.splice, guard_plan.as_ref());
     let limits = args.limits();
-    let (reports_tx, reports_rx) = splice::report_channel();
-    let kernel = start_splice(args.splice, object.clone(), &limits, reports_tx)?;
-    raise_fd_limit();
-    let guard = match guard_plan {
-        Some(plan) => {
-            xdp::start(plan, object.unwrap_or_else(|| Err(Arc::new(ebpf::Error::NoObject))), listen)?.map(Arc::new)
-        }
-        None => None,
+    let kernel = match start_kernel_side(&args, &limits, zi.listen_addr())? {
+        Ok(k) => k,
+        Err(code) => return Ok(code),
     };
     let metrics = Arc::new(Metrics::default());
     metrics.cp_mode.store(true, std::sync::atomic::Ordering::Relaxed);
     let empty = RouteTable::from_control_plane(&sources.zone, Vec::new(), None);
     let snapshot = Snapshot::from_table(&metrics, Some(zi.clone()), empty);
-    let kernel = KernelSide { splice: kernel, reports: reports_rx, guard };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let boot = control_plane::bootstrap(&settings).await?;
@@ -326,6 +292,35 @@ fn run_with_control_plane(args: RunArgs) -> anyhow::Result<ExitCode> {
     drop(runtime);
     info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Start: the kernel side first (a flag that insists on it fails before anything binds), from
+/// one eBPF object shared by the splice and the XDP guard in front of `listen`. `Ok(Err(code))`:
+/// the guard file is invalid (reported).
+fn start_kernel_side(
+    args: &RunArgs,
+    limits: &Limits,
+    listen: SocketAddr,
+) -> anyhow::Result<Result<KernelSide, ExitCode>> {
+    let guard_plan = match xdp::plan(args.xdp, args.xdp_config.as_deref()) {
+        Ok(plan) => plan,
+        Err(xdp::StartError::Config(problems)) => {
+            report(&problems);
+            return Ok(Err(ExitCode::from(EXIT_BAD_CONFIG)));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let object = load_object(args.splice, guard_plan.as_ref());
+    let (reports_tx, reports) = splice::report_channel();
+    let splice = start_splice(args.splice, object.clone(), limits, reports_tx)?;
+    raise_fd_limit();
+    let guard = match guard_plan {
+        Some(plan) => {
+            xdp::start(plan, object.unwrap_or_else(|| Err(Arc::new(ebpf::Error::NoObject))), listen)?.map(Arc::new)
+        }
+        None => None,
+    };
+    Ok(Ok(KernelSide { splice, reports, guard }))
 }
 
 /// The eBPF object, loaded once if the splice or the guard needs it (`None` if neither does).
