@@ -157,9 +157,30 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     {
         bail!("--plaintext-route {sni:?} does not match any route of the inventory");
     }
+    let started = Started { zi, metrics, snapshot, limits, kernel };
+    serve_until_stopped(args, started, async move { Ok(Loaded { sources, fingerprint: loaded, control_plane: None }) })
+}
+
+/// What `run` has built before the runtime starts.
+struct Started {
+    zi: ZoneIngress,
+    metrics: Arc<Metrics>,
+    snapshot: Snapshot,
+    limits: Limits,
+    kernel: KernelSide,
+}
+
+/// On a new runtime: `inputs` (which may talk to the control plane first), then start, serve
+/// and drain.
+fn serve_until_stopped(
+    args: RunArgs,
+    started: Started,
+    inputs: impl Future<Output = anyhow::Result<Loaded>>,
+) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let inputs = Loaded { sources, fingerprint: loaded, control_plane: None };
+        let Started { zi, metrics, snapshot, limits, kernel } = started;
+        let inputs = inputs.await?;
         let mut app = App::start(args, inputs, &zi, metrics, snapshot, limits, kernel)?;
         let drain_time = app.serve().await;
         app.drain(drain_time).await;
@@ -279,19 +300,12 @@ fn run_with_control_plane(args: RunArgs) -> anyhow::Result<ExitCode> {
     metrics.cp_mode.store(true, std::sync::atomic::Ordering::Relaxed);
     let empty = RouteTable::from_control_plane(&sources.zone, Vec::new(), None);
     let snapshot = Snapshot::from_table(&metrics, Some(zi.clone()), empty);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async move {
+    let started = Started { zi, metrics, snapshot, limits, kernel };
+    serve_until_stopped(args, started, async move {
         let boot = control_plane::bootstrap(&settings).await?;
-        let loaded = reload::Fingerprint::read(&sources);
-        let inputs = Loaded { sources, fingerprint: loaded, control_plane: Some((settings, boot)) };
-        let mut app = App::start(args, inputs, &zi, metrics, snapshot, limits, kernel)?;
-        let drain_time = app.serve().await;
-        app.drain(drain_time).await;
-        anyhow::Ok(())
-    })?;
-    drop(runtime);
-    info!("stopped");
-    Ok(ExitCode::SUCCESS)
+        let fingerprint = reload::Fingerprint::read(&sources);
+        Ok(Loaded { sources, fingerprint, control_plane: Some((settings, boot)) })
+    })
 }
 
 /// Start: the kernel side first (a flag that insists on it fails before anything binds), from
