@@ -524,6 +524,7 @@ pub fn assignment(cluster: &str, endpoints: &[(SocketAddr, BTreeMap<String, Stri
 /// transport, `tcp_proxy` with `metadata_match` for a subset), EDS clusters with an LB subset
 /// config (any endpoint when no selector matches; no fallback within a selector), and their
 /// assignments. No service: the default chain's `direct_response` with `{"proxy","zone"}`.
+/// Kuma's admin listener (HTTP) and its static clusters come with it, as they do from kuma-cp.
 #[must_use]
 pub fn kuma_ingress(listen: SocketAddr, services: &[Service], proxy: &str, zone: &str) -> Config {
     let any = |type_url: &str, value: Vec<u8>| Any { type_url: type_url.to_owned(), value };
@@ -607,6 +608,32 @@ pub fn kuma_ingress(listen: SocketAddr, services: &[Service], proxy: &str, zone:
             ..FilterChain::default()
         });
     }
+    // What Kuma's admin generator adds for every proxy with an admin port: Envoy's admin API
+    // as an HTTP listener on the ingress address and its two static clusters.
+    for (cluster, port) in [("kuma:envoy:admin", 9901), ("kuma:readiness", 9902)] {
+        let local = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), port);
+        clusters.push(Cluster {
+            name: cluster.to_owned(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+            load_assignment: Some(assignment(cluster, &[(local, BTreeMap::new())])),
+            ..Cluster::default()
+        });
+    }
+    let admin = Listener {
+        name: "kuma:envoy:admin".to_owned(),
+        address: Some(socket(SocketAddr::new(listen.ip(), 9901))),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".to_owned(),
+                config_type: Some(filter::ConfigType::TypedConfig(any(
+                    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    Vec::new(),
+                ))),
+            }],
+            ..FilterChain::default()
+        }],
+        ..Listener::default()
+    };
     let name = format!("inbound:{}:{}", listen.ip(), listen.port());
     let listener = Listener {
         name: name.clone(),
@@ -622,7 +649,7 @@ pub fn kuma_ingress(listen: SocketAddr, services: &[Service], proxy: &str, zone:
         }],
         ..Listener::default()
     };
-    Config { version: 1, listeners: vec![listener], clusters, assignments }
+    Config { version: 1, listeners: vec![listener, admin], clusters, assignments }
 }
 
 /// A plain TCP server that answers every connection with `name` once something arrived (the

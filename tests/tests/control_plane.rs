@@ -189,6 +189,8 @@ fn joins_as_kuma_dp_and_routes_every_sni_the_control_plane_sends() {
     assert_eq!(resource["type"], "ZoneIngress");
     assert_eq!(resource["networking"]["port"], 10001);
     assert!(b["caCert"].as_str().is_some_and(|c| c.contains("BEGIN CERTIFICATE")));
+    // kuma-cp refuses to generate anything for a proxy with an admin port but no readiness port.
+    assert_eq!(b["readinessPort"], 9902);
     assert_eq!(*cp.record.stream_tokens.lock().expect("lock"), vec![TOKEN.to_owned()]);
     assert_eq!(*cp.record.nodes.lock().expect("lock"), vec![".zi-test".to_owned()], "the bootstrap's node id");
     // Each resource type acknowledged at the served version.

@@ -87,7 +87,7 @@ impl State {
             .flat_map(BTreeMap::values)
             .filter_map(|c| match &c.endpoints {
                 translate::EndpointSource::Eds(name) => Some(name),
-                translate::EndpointSource::Static(_) => None,
+                translate::EndpointSource::Static(_) | translate::EndpointSource::Unusable(_) => None,
             })
             .collect();
         names.into_iter().cloned().collect()

@@ -17,6 +17,9 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+/// kuma-dp's default readiness reporter port (`dataplane.readinessPort`).
+pub const KUMA_DP_READINESS_PORT: u32 = 9902;
+
 /// kuma-dp's timeout for one bootstrap request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A bootstrap answer is a few KiB; anything past this is not one.
@@ -38,6 +41,11 @@ pub struct BootstrapRequest {
     pub version: Version,
     pub ca_cert: String,
     pub dynamic_metadata: std::collections::BTreeMap<String, String>,
+    /// kuma-dp's readiness reporter port: the control plane refuses to generate the
+    /// configuration of a proxy with an admin port and none (its admin listener routes `/ready`
+    /// there). Nothing of ours listens on it; the listener it feeds is left aside.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub readiness_port: u32,
     pub operating_system: String,
     pub features: Vec<String>,
     pub workdir: String,
@@ -66,11 +74,17 @@ impl BootstrapRequest {
             },
             ca_cert: settings.ca.as_ref().map(|c| String::from_utf8_lossy(c).into_owned()).unwrap_or_default(),
             dynamic_metadata: std::collections::BTreeMap::new(),
+            readiness_port: KUMA_DP_READINESS_PORT,
             operating_system: std::env::consts::OS.to_owned(),
             features: Vec::new(),
             workdir: String::new(),
         }
     }
+}
+
+#[expect(clippy::trivially_copy_pass_by_ref, reason = "serde's skip_serializing_if passes a reference")]
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// `version` of the request: ours as kuma-dp's, and no Envoy.
@@ -409,12 +423,22 @@ staticResources:
             },
             ca_cert: String::new(),
             dynamic_metadata: std::collections::BTreeMap::new(),
+            readiness_port: 9902,
             operating_system: "linux".into(),
             features: vec![],
             workdir: String::new(),
         };
         let v = serde_json::to_value(&r).unwrap_or_default();
-        for key in ["mesh", "name", "proxyType", "dataplaneToken", "dataplaneResource", "caCert", "operatingSystem"] {
+        for key in [
+            "mesh",
+            "name",
+            "proxyType",
+            "dataplaneToken",
+            "dataplaneResource",
+            "caCert",
+            "operatingSystem",
+            "readinessPort",
+        ] {
             assert!(v.get(key).is_some(), "{key} missing in {v}");
         }
         assert_eq!(v["version"]["kumaDp"]["version"], "1");

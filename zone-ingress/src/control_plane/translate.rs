@@ -95,6 +95,8 @@ pub enum EndpointSource {
     Eds(String),
     /// STATIC: inline.
     Static(Vec<Member>),
+    /// A cluster this data plane cannot use, and why.
+    Unusable(String),
 }
 
 /// One healthy endpoint and its `envoy.lb` tags.
@@ -119,28 +121,28 @@ pub fn clusters(list: &[XdsCluster]) -> Result<BTreeMap<String, ClusterSpec>, St
     let mut out = BTreeMap::new();
     for c in list {
         let kind = match c.cluster_discovery_type {
-            None => DiscoveryType::Static,
-            Some(ClusterDiscoveryType::Type(t)) => DiscoveryType::try_from(t).unwrap_or(DiscoveryType::Static),
-            Some(ClusterDiscoveryType::ClusterType(_)) => {
-                return Err(format!("cluster {:?}: custom cluster types are not supported", c.name));
-            }
+            None => Ok(DiscoveryType::Static),
+            Some(ClusterDiscoveryType::Type(t)) => Ok(DiscoveryType::try_from(t).unwrap_or(DiscoveryType::Static)),
+            Some(ClusterDiscoveryType::ClusterType(_)) => Err("a custom cluster type".to_owned()),
         };
+        // A cluster this data plane cannot use is kept as unusable rather than refused: the
+        // control plane also sends clusters no filter chain of the ingress listener names
+        // (Envoy's own admin and readiness clusters); a chain that names one closes its
+        // connections and says why.
         let endpoints = match kind {
-            DiscoveryType::Eds => {
+            Ok(DiscoveryType::Eds) => {
                 let service = c.eds_cluster_config.as_ref().map(|e| e.service_name.clone()).unwrap_or_default();
                 EndpointSource::Eds(if service.is_empty() { c.name.clone() } else { service })
             }
-            DiscoveryType::Static => {
-                let assignment = c.load_assignment.as_ref().map(assignment).transpose()?.unwrap_or_default();
-                EndpointSource::Static(assignment.members)
-            }
-            other => {
-                return Err(format!(
-                    "cluster {:?}: discovery type {} is not supported (EDS and STATIC are)",
-                    c.name,
-                    other.as_str_name()
-                ));
-            }
+            Ok(DiscoveryType::Static) => match c.load_assignment.as_ref().map(assignment).transpose() {
+                Ok(a) => EndpointSource::Static(a.unwrap_or_default().members),
+                Err(e) => EndpointSource::Unusable(e),
+            },
+            Ok(other) => EndpointSource::Unusable(format!(
+                "discovery type {} is not supported (EDS and STATIC are)",
+                other.as_str_name()
+            )),
+            Err(e) => EndpointSource::Unusable(format!("{e} is not supported")),
         };
         let stat_name = if c.alt_stat_name.is_empty() { c.name.replace(':', "_") } else { c.alt_stat_name.clone() };
         let spec = ClusterSpec { name: c.name.clone(), stat_name, endpoints, subsets: c.lb_subset_config.clone() };
@@ -226,6 +228,10 @@ pub struct Listeners {
     pub default_answer: Option<Vec<u8>>,
     /// The listeners' addresses (to compare with the one this data plane binds).
     pub addresses: Vec<SocketAddr>,
+    /// Listeners left aside: none of their chains proxies TCP or answers directly (Kuma's
+    /// `kuma:envoy:admin`, an HTTP listener for Envoy's own admin API, which the admin server
+    /// of this data plane replaces).
+    pub skipped: Vec<String>,
 }
 
 /// Checks the listeners of an LDS response.
@@ -235,6 +241,14 @@ pub struct Listeners {
 pub fn listeners(list: &[Listener]) -> Result<Listeners, String> {
     let mut out = Listeners::default();
     for l in list {
+        let serves = |f: &Filter| {
+            [TCP_PROXY_NAME, DIRECT_RESPONSE_NAME].contains(&f.name.as_str())
+                || type_of(f).is_some_and(|t| [TCP_PROXY_TYPE, DIRECT_RESPONSE_TYPE].contains(&t))
+        };
+        if !l.filter_chains.iter().chain(l.default_filter_chain.as_ref()).any(|c| c.filters.iter().any(serves)) {
+            out.skipped.push(l.name.clone());
+            continue;
+        }
         if let Some(address::Address::SocketAddress(sa)) = l.address.as_ref().and_then(|a| a.address.as_ref())
             && let (Ok(ip), Some(socket_address::PortSpecifier::PortValue(port))) =
                 (sa.address.parse::<IpAddr>(), sa.port_specifier.clone())
@@ -334,6 +348,7 @@ pub fn table(
         let (cluster, members) = shared.entry(spec.name.as_str()).or_insert_with(|| {
             let (members, total) = match &spec.endpoints {
                 EndpointSource::Static(m) => (m.clone(), m.len()),
+                EndpointSource::Unusable(_) => (Vec::new(), 0),
                 // An EDS cluster whose assignment has not come has no endpoint, as in Envoy.
                 EndpointSource::Eds(name) => {
                     assignments.get(name).map(|a| (a.members.clone(), a.total)).unwrap_or_default()
@@ -570,8 +585,39 @@ mod tests {
             ..Listener::default()
         };
         assert!(listeners(&[catch_all]).expect_err("no SNI").contains("without server_names"));
-        let no_filter = Listener { filter_chains: vec![chain(&["a"], vec![])], ..Listener::default() };
-        assert!(listeners(&[no_filter]).expect_err("nothing").contains("no tcp_proxy"));
+        let half = Listener {
+            filter_chains: vec![
+                chain(&["a"], vec![tcp_proxy(ClusterSpecifier::Cluster("m:a".into()))]),
+                chain(&["b"], vec![]),
+            ],
+            ..Listener::default()
+        };
+        assert!(listeners(&[half]).expect_err("a chain that serves nothing").contains("no tcp_proxy"));
+        // Envoy's admin listener (HTTP only) is left aside, not refused.
+        let admin = Listener {
+            name: "kuma:envoy:admin".into(),
+            filter_chains: vec![chain(
+                &[],
+                vec![Filter { name: "envoy.filters.network.http_connection_manager".into(), config_type: None }],
+            )],
+            ..Listener::default()
+        };
+        let got = listeners(&[admin]).expect("skipped");
+        assert_eq!(got.skipped, ["kuma:envoy:admin"]);
+        assert!(got.chains.is_empty());
+    }
+
+    #[test]
+    fn clusters_this_data_plane_cannot_use_are_kept_as_unusable() {
+        let dns = XdsCluster {
+            name: "kuma:readiness".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32)),
+            ..XdsCluster::default()
+        };
+        let got = clusters(&[dns]).expect("not refused");
+        assert!(
+            matches!(&got["kuma:readiness"].endpoints, EndpointSource::Unusable(why) if why.contains("STRICT_DNS"))
+        );
     }
 
     #[test]
