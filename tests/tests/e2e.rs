@@ -67,6 +67,12 @@ fn e2e(splice: &str, v6: bool) {
                 &[BACKEND_MS.to_owned()],
                 "SNI passed through untouched"
             );
+            // The dataplane counts a connection once it has read the client's EOF, which on the
+            // kernel path follows the drain check: it may come just after the client finished.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while s.completed.load(Ordering::Relaxed) < 1 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             assert_eq!(s.completed.load(Ordering::Relaxed), 1);
         }
     });
