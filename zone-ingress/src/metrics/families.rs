@@ -389,12 +389,6 @@ impl Metrics {
                 k.drain_stalls as f64,
             );
             f.counter(
-                "zone_ingress_splice_duplicate_aborts_total",
-                "Flows aborted because the kernel handed the verdict bytes it had already passed on.",
-                &[],
-                k.duplicate_aborts as f64,
-            );
-            f.counter(
                 "zone_ingress_splice_holds_total",
                 "Times a kernel-spliced direction was held for backpressure.",
                 &[],

@@ -55,7 +55,6 @@ pub struct KernelSample {
     pub memory_guard_aborts: u64,
     pub peer_missing_aborts: u64,
     pub drain_stalls: u64,
-    pub duplicate_aborts: u64,
     pub holds: u64,
     pub grant_holds: u64,
     pub relayed_bytes: u64,

@@ -57,7 +57,6 @@ impl Ingress {
                 memory_guard_aborts: load(&st.memory_guard_aborts),
                 peer_missing_aborts: load(&st.peer_missing_aborts),
                 drain_stalls: load(&st.drain_stalls),
-                duplicate_aborts: load(&st.duplicate_aborts),
                 holds: load(&st.holds),
                 grant_holds: at(abi::STAT_OVER_GRANT),
                 relayed_bytes: load(&st.relayed_bytes),

@@ -110,9 +110,6 @@ pub struct KernelStats {
     pub peer_missing_aborts: AtomicU64,
     /// Connections aborted because the drain check did not converge.
     pub drain_stalls: AtomicU64,
-    /// Connections aborted because the verdict saw more bytes than TCP received (the kernel
-    /// handed it bytes it had already passed on: docs/design.md#kernel-behaviour-the-code-relies-on).
-    pub duplicate_aborts: AtomicU64,
     /// Sum over connections of in-flight bytes at the last sample.
     pub in_flight_bytes: AtomicU64,
     /// Times a direction was held for backpressure (its bytes relayed by the monitor).

@@ -260,38 +260,33 @@ impl Shared {
                 continue;
             }
             let peer = 1 - side;
-            let (forwarded, seen) = match self.maps.pairs.get(&conn.cookies[side]) {
+            let forwarded = match self.maps.pairs.get(&conn.cookies[side]) {
                 Ok(p) => {
                     if p.peer_missing != 0 {
                         self.stats.peer_missing_aborts.fetch_add(1, Ordering::Relaxed);
                         self.abort(state, token, side, CloseReason::Internal);
                         return;
                     }
-                    (conn.moved(side, &p), p.bytes + p.held)
+                    conn.moved(side, &p)
                 }
                 Err(_) => {
                     self.abort(state, token, side, CloseReason::Internal);
                     return;
                 }
             };
-            let counts = (|| -> io::Result<(u64, u64, u64)> {
+            let counts = (|| -> io::Result<(u64, u64)> {
                 let x = sys::tcp_info(conn.fds[side].as_fd())?;
                 let y = sys::tcp_info(conn.fds[peer].as_fd())?;
                 let outq = u64::from(sys::outq(conn.fds[peer].as_fd())?);
-                let total = x.bytes_received.saturating_sub(conn.recv_base[side]);
                 // The FIN takes one sequence number, which tcpi_bytes_received counts.
-                let received = total.saturating_sub(1);
+                let received = x.bytes_received.saturating_sub(conn.recv_base[side]).saturating_sub(1);
                 let in_peer = (y.bytes_acked + outq).saturating_sub(conn.sent_base[peer]);
-                Ok((received, in_peer, total))
+                Ok((received, in_peer))
             })();
-            let Ok((received, in_peer, total)) = counts else {
+            let Ok((received, in_peer)) = counts else {
                 self.abort(state, token, side, CloseReason::Internal);
                 return;
             };
-            if seen > total {
-                self.duplicated(state, token, side, seen, total);
-                return;
-            }
             conn.bytes[side] = forwarded;
             // Every byte X received went through the verdict, and every forwarded byte is in Y's
             // TCP send queue (or acknowledged). `>=` rather than `==`: an overcount on either
@@ -369,7 +364,6 @@ impl Shared {
         let mut expired = Vec::new();
         let mut behind = Vec::new();
         let mut parked = Vec::new();
-        let mut duplicated = Vec::new();
         let mut total_in_flight = 0u64;
         {
             let maps = &self.maps;
@@ -380,12 +374,6 @@ impl Shared {
                     let Ok(p) = maps.pairs.get(&conn.cookies[side]) else { continue };
                     if p.peer_missing != 0 {
                         expired.push((*token, side, CloseReason::Internal));
-                    }
-                    if let Ok(x) = sys::tcp_info(conn.fds[side].as_fd()) {
-                        let total = x.bytes_received.saturating_sub(conn.recv_base[side]);
-                        if p.bytes + p.held > total {
-                            duplicated.push((*token, side, p.bytes + p.held, total));
-                        }
                     }
                     conn.bytes[side] = conn.moved(side, &p);
                     last = last.max(p.last_active_ns);
@@ -427,9 +415,6 @@ impl Shared {
         me.in_flight.store(total_in_flight, Ordering::Relaxed);
         let all: u64 = self.monitors.iter().map(|m| m.in_flight.load(Ordering::Relaxed)).sum();
         self.stats.in_flight_bytes.store(all, Ordering::Relaxed);
-        for (token, side, seen, total) in duplicated {
-            self.duplicated(state, token, side, seen, total);
-        }
         for (token, side, reason) in expired {
             match reason {
                 CloseReason::MemoryGuard => {
@@ -455,16 +440,6 @@ impl Shared {
         for (token, side) in parked {
             self.unpark(me, state, token, side);
         }
-    }
-
-    /// The verdict of `side` saw `seen` bytes where TCP received only `total`: the kernel handed it
-    /// bytes it had already passed on (a retransmitted segment that overlaps data already read,
-    /// docs/design.md#kernel-behaviour-the-code-relies-on), so the peer got some bytes twice.
-    /// The stream is broken: reset both sides rather than let it end like a good one.
-    fn duplicated(&self, state: &mut State, token: u64, side: usize, seen: u64, total: u64) {
-        self.stats.duplicate_aborts.fetch_add(1, Ordering::Relaxed);
-        warn!(token, side, seen, received = total, "the kernel passed received bytes on twice; resetting both sides");
-        self.abort(state, token, side, CloseReason::Internal);
     }
 
     /// Resets both sides (RST, via `SO_LINGER {1, 0}`) and forgets the connection.
