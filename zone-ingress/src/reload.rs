@@ -23,7 +23,7 @@ use std::{
     fmt, io,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, PoisonError, atomic::Ordering},
+    sync::{Arc, atomic::Ordering},
     time::SystemTime,
 };
 
@@ -36,7 +36,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{self, Diagnostic, Sources, load_inputs},
-    server::{self, ConfigStatus, Ingress, Snapshot, unix},
+    server::{self, Ingress, Snapshot},
 };
 
 /// Why a reload was not applied.
@@ -100,14 +100,7 @@ impl Reloader {
                     }
                 }
                 error!(trigger, "{e}; configuration rejected, the running configuration stays");
-                let m = &ingress.metrics;
-                m.reload_failure.fetch_add(1, Ordering::Relaxed);
-                m.count_update(false);
-                let mut status = ingress.config_status.lock().unwrap_or_else(PoisonError::into_inner);
-                status.ok = false;
-                status.last_attempt_unix = unix(SystemTime::now());
-                status.trigger = trigger.to_owned();
-                status.errors = errors;
+                ingress.record_update(trigger, Err(errors));
                 Err(e)
             }
         }
@@ -157,19 +150,7 @@ impl Reloader {
         } else if ingress.listener_drained() {
             ingress.set_listener_addr(new_addr);
         }
-        let m = &ingress.metrics;
-        m.reload_success.fetch_add(1, Ordering::Relaxed);
-        m.count_update(true);
-        let mut status = ingress.config_status.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = unix(SystemTime::now());
-        *status = ConfigStatus {
-            ok: true,
-            last_attempt_unix: now,
-            last_success_unix: now,
-            trigger: trigger.to_owned(),
-            errors: Vec::new(),
-            warnings: inputs.warnings.iter().map(ToString::to_string).collect(),
-        };
+        ingress.record_update(trigger, Ok(inputs.warnings.iter().map(ToString::to_string).collect()));
         Ok(Applied { version, admin_port })
     }
 }

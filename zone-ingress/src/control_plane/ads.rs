@@ -11,8 +11,8 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{Arc, PoisonError, atomic::Ordering},
-    time::{Duration, SystemTime},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use anyhow::{Context as _, anyhow};
@@ -38,13 +38,15 @@ use super::{
     bootstrap::Bootstrap,
     translate::{self, Assignment, CLUSTER_TYPE, ClusterSpec, ENDPOINT_TYPE, LISTENER_TYPE, Listeners},
 };
-use crate::server::{ConfigStatus, Ingress, Snapshot, unix};
+use crate::server::{Ingress, Snapshot};
 
 /// Reconnect backoff bounds.
 pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Time allowed to set up the connection to the ADS server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The trigger `/config_dump` shows for an update from the control plane.
+const TRIGGER: &str = "control plane";
 /// gRPC `INVALID_ARGUMENT`, the code Envoy puts in a NACK.
 const INVALID_ARGUMENT: i32 = 3;
 
@@ -190,9 +192,8 @@ async fn run(
                 if type_url == CLUSTER_TYPE {
                     let wanted = state.eds_names();
                     if wanted != eds_requested {
+                        eds_pending |= wanted.iter().any(|n| !state.assignments.contains_key(n));
                         eds_requested = wanted;
-                        let added = state.eds_names().iter().any(|n| !state.assignments.contains_key(n));
-                        eds_pending |= added;
                         tx.send(request(state, ENDPOINT_TYPE, eds_requested.clone(), String::new(), None)).await?;
                     }
                 }
@@ -204,9 +205,7 @@ async fn run(
                     reason,
                     "control plane: update refused (NACK); the previous configuration stays"
                 );
-                ingress.metrics.reload_failure.fetch_add(1, Ordering::Relaxed);
-                ingress.metrics.count_update(false);
-                record(ingress, false, vec![reason.clone()]);
+                ingress.record_update(TRIGGER, Err(vec![reason.clone()]));
                 let names = if type_url == ENDPOINT_TYPE { eds_requested.clone() } else { Vec::new() };
                 let detail = Status { code: INVALID_ARGUMENT, message: reason.clone(), details: Vec::new() };
                 tx.send(request(state, &type_url, names, response.nonce.clone(), Some(detail))).await?;
@@ -278,28 +277,12 @@ fn install(state: &mut State, ingress: &Arc<Ingress>) {
     let snapshot = Snapshot::from_table(&ingress.metrics, ingress.snapshot().zone_ingress.clone(), table);
     let routes = snapshot.table.len();
     let version = ingress.install(snapshot);
-    ingress.metrics.reload_success.fetch_add(1, Ordering::Relaxed);
-    ingress.metrics.count_update(true);
-    record(ingress, true, Vec::new());
+    ingress.record_update(TRIGGER, Ok(Vec::new()));
     info!(version, routes, clusters = clusters.len(), "control plane: configuration applied");
     state.installed = Some(current);
     if let Some(first) = state.first.take() {
         let _ = first.try_send(());
     }
-}
-
-/// Records the outcome for `/config_dump` and the metrics.
-fn record(ingress: &Ingress, ok: bool, errors: Vec<String>) {
-    let mut status = ingress.config_status.lock().unwrap_or_else(PoisonError::into_inner);
-    let now = unix(SystemTime::now());
-    *status = ConfigStatus {
-        ok,
-        last_attempt_unix: now,
-        last_success_unix: if ok { now } else { status.last_success_unix },
-        trigger: "control plane".to_owned(),
-        errors,
-        warnings: Vec::new(),
-    };
 }
 
 fn static_type(type_url: &str) -> Option<&'static str> {

@@ -151,15 +151,12 @@ impl Snapshot {
     #[must_use]
     pub fn build(metrics: &Metrics, zone_ingress: Option<ZoneIngress>, inventory: Inventory, zone: &str) -> Self {
         let table = RouteTable::build(&inventory, zone);
+        let available_services = table.available_services(&inventory);
         Self {
-            version: 1,
-            clusters: metrics.clusters_for(&table),
-            available_services: table.available_services(&inventory),
+            available_services,
             dataplanes: inventory.dataplanes.len(),
             inventory: Arc::new(inventory),
-            zone_ingress,
-            loaded_at: SystemTime::now(),
-            table: Arc::new(table),
+            ..Self::from_table(metrics, zone_ingress, table)
         }
     }
 }
@@ -259,6 +256,29 @@ impl Ingress {
         let version = snapshot.version;
         self.snapshot.store(Arc::new(snapshot));
         version
+    }
+
+    /// Records the outcome of a configuration update (a file reload or a control-plane
+    /// response) for the metrics and `/config_dump`: `Ok(warnings)` applied, `Err(errors)`
+    /// rejected (the running configuration, its last success and warnings stay).
+    pub fn record_update(&self, trigger: &str, outcome: Result<Vec<String>, Vec<String>>) {
+        let m = &self.metrics;
+        let applied = outcome.is_ok();
+        if applied { &m.reload_success } else { &m.reload_failure }.fetch_add(1, Ordering::Relaxed);
+        m.count_update(applied);
+        let mut status = self.config_status.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = unix(SystemTime::now());
+        status.ok = applied;
+        status.last_attempt_unix = now;
+        trigger.clone_into(&mut status.trigger);
+        match outcome {
+            Ok(warnings) => {
+                status.last_success_unix = now;
+                status.errors = Vec::new();
+                status.warnings = warnings;
+            }
+            Err(errors) => status.errors = errors,
+        }
     }
 
     /// Time since the ingress was created.
