@@ -282,16 +282,21 @@ impl RouteTable {
             }
         }
 
+        Self { services, subset_capacity: SUBSET_CACHE_CAPACITY, foreign, ..Self::with_routes(zone, routes) }
+    }
+
+    /// A table of exactly `routes`: no service for subset lookups, no subset cache.
+    fn with_routes(zone: &str, routes: HashMap<String, Arc<Route>>) -> Self {
         let mut ordered: Vec<Arc<Route>> = routes.values().cloned().collect();
         ordered.sort_by(|a, b| a.sni.cmp(&b.sni));
         Self {
             zone: zone.to_owned(),
             routes,
             ordered,
-            services,
+            services: HashMap::new(),
             subsets: Mutex::default(),
-            subset_capacity: SUBSET_CACHE_CAPACITY,
-            foreign,
+            subset_capacity: 0,
+            foreign: 0,
             no_endpoints: HashSet::new(),
             default_answer: None,
         }
@@ -327,19 +332,7 @@ impl RouteTable {
                 ),
             );
         }
-        let mut ordered: Vec<Arc<Route>> = routes.values().cloned().collect();
-        ordered.sort_by(|a, b| a.sni.cmp(&b.sni));
-        Self {
-            zone: zone.to_owned(),
-            routes,
-            ordered,
-            services: HashMap::new(),
-            subsets: Mutex::default(),
-            subset_capacity: 0,
-            foreign: 0,
-            no_endpoints,
-            default_answer,
-        }
+        Self { no_endpoints, default_answer, ..Self::with_routes(zone, routes) }
     }
 
     /// What to write to a connection while the table is empty, when the control plane said
