@@ -193,33 +193,13 @@ fn serve_until_stopped(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The ZoneIngress file alone (control-plane mode), with `--proxy-type` checked.
+/// The ZoneIngress file alone (control-plane mode), its warnings logged.
 fn load_zone_ingress_only(sources: &Sources) -> Result<ZoneIngress, Vec<Diagnostic>> {
-    let mut problems = Vec::new();
-    if sources.proxy_type != "ingress" {
-        problems.push(Diagnostic::error(
-            std::path::PathBuf::from("--proxy-type"),
-            "proxy-type",
-            format!("zone-ingress only serves --proxy-type=ingress, got {:?}", sources.proxy_type),
-        ));
+    let loaded = config::load_zone_ingress_input(sources)?;
+    for w in &loaded.warnings {
+        warn!("{w}");
     }
-    let vars = sources.dataplane_vars.iter().cloned().collect();
-    match config::load_zone_ingress(&sources.dataplane_file, &vars) {
-        Ok(loaded) if problems.is_empty() => {
-            for w in &loaded.warnings {
-                warn!("{w}");
-            }
-            Ok(loaded.value)
-        }
-        Ok(loaded) => {
-            problems.extend(loaded.warnings);
-            Err(problems)
-        }
-        Err(e) => {
-            problems.extend(e.diagnostics);
-            Err(problems)
-        }
-    }
+    Ok(loaded.value)
 }
 
 /// The control-plane settings of `args` for the checked ZoneIngress `zi`: the token and CA

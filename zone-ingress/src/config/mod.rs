@@ -95,22 +95,50 @@ fn take<T>(
     }
 }
 
+impl Sources {
+    /// `--dataplane-var` as the substitution map.
+    fn vars(&self) -> BTreeMap<String, String> {
+        self.dataplane_vars.iter().cloned().collect()
+    }
+}
+
+/// The `--proxy-type` problem, if any: only `ingress` is served.
+fn proxy_type_problems(sources: &Sources) -> Vec<Diagnostic> {
+    if sources.proxy_type == "ingress" {
+        return Vec::new();
+    }
+    vec![Diagnostic::error(
+        PathBuf::from("--proxy-type"),
+        "proxy-type",
+        format!("zone-ingress only serves --proxy-type=ingress, got {:?}", sources.proxy_type),
+    )]
+}
+
+/// The ZoneIngress input alone, as control-plane mode reads it (the routes come from the
+/// control plane), with `--proxy-type` checked.
+///
+/// # Errors
+/// Every diagnostic (errors and the warnings found with them) when anything is an error.
+pub fn load_zone_ingress_input(sources: &Sources) -> Result<Loaded<ZoneIngress>, Vec<Diagnostic>> {
+    let mut problems = proxy_type_problems(sources);
+    let mut warnings = Vec::new();
+    match take(load_zone_ingress(&sources.dataplane_file, &sources.vars()), &mut warnings, &mut problems) {
+        Some(value) if problems.is_empty() => Ok(Loaded { value, warnings }),
+        _ => {
+            problems.splice(0..0, warnings);
+            Err(problems)
+        }
+    }
+}
+
 /// Loads and validates both inputs, reporting every problem of both at once.
 ///
 /// # Errors
 /// Every diagnostic of both files (errors and the warnings found with them), and a wrong
 /// `proxy_type`, when anything is an error.
 pub fn load_inputs(sources: &Sources) -> Result<Inputs, Vec<Diagnostic>> {
-    let mut problems = Vec::new();
-    if sources.proxy_type != "ingress" {
-        problems.push(Diagnostic::error(
-            PathBuf::from("--proxy-type"),
-            "proxy-type",
-            format!("zone-ingress only serves --proxy-type=ingress, got {:?}", sources.proxy_type),
-        ));
-    }
-    let vars: BTreeMap<String, String> = sources.dataplane_vars.iter().cloned().collect();
-    let zi = load_zone_ingress(&sources.dataplane_file, &vars);
+    let mut problems = proxy_type_problems(sources);
+    let zi = load_zone_ingress(&sources.dataplane_file, &sources.vars());
     let inv = load_inventory(&sources.dataplanes);
     let mut warnings = Vec::new();
     let zi = take(zi, &mut warnings, &mut problems);
