@@ -241,10 +241,8 @@ pub struct Listeners {
 pub fn listeners(list: &[Listener]) -> Result<Listeners, String> {
     let mut out = Listeners::default();
     for l in list {
-        let serves = |f: &Filter| {
-            [TCP_PROXY_NAME, DIRECT_RESPONSE_NAME].contains(&f.name.as_str())
-                || type_of(f).is_some_and(|t| [TCP_PROXY_TYPE, DIRECT_RESPONSE_TYPE].contains(&t))
-        };
+        let serves =
+            |f: &Filter| is(f, TCP_PROXY_NAME, TCP_PROXY_TYPE) || is(f, DIRECT_RESPONSE_NAME, DIRECT_RESPONSE_TYPE);
         if !l.filter_chains.iter().chain(l.default_filter_chain.as_ref()).any(|c| c.filters.iter().any(serves)) {
             out.skipped.push(l.name.clone());
             continue;
@@ -259,9 +257,7 @@ pub fn listeners(list: &[Listener]) -> Result<Listeners, String> {
         for (i, chain) in l.filter_chains.iter().chain(l.default_filter_chain.as_ref()).enumerate() {
             let at = || format!("listener {:?}, filter chain {i}", l.name);
             let snis = chain.filter_chain_match.as_ref().map(|m| m.server_names.clone()).unwrap_or_default();
-            if let Some(f) =
-                chain.filters.iter().find(|f| f.name == TCP_PROXY_NAME || type_of(f) == Some(TCP_PROXY_TYPE))
-            {
+            if let Some(f) = chain.filters.iter().find(|f| is(f, TCP_PROXY_NAME, TCP_PROXY_TYPE)) {
                 let proxy: TcpProxy = typed(f).map_err(|e| format!("{}: {e}", at()))?;
                 let cluster = match proxy.cluster_specifier {
                     Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => c,
@@ -278,11 +274,7 @@ pub fn listeners(list: &[Listener]) -> Result<Listeners, String> {
                 }
                 let tags = proxy.metadata_match.as_ref().map(|m| lb_tags(Some(m))).unwrap_or_default();
                 out.chains.push(Chain { snis, cluster, tags });
-            } else if let Some(f) = chain
-                .filters
-                .iter()
-                .find(|f| f.name == DIRECT_RESPONSE_NAME || type_of(f) == Some(DIRECT_RESPONSE_TYPE))
-            {
+            } else if let Some(f) = chain.filters.iter().find(|f| is(f, DIRECT_RESPONSE_NAME, DIRECT_RESPONSE_TYPE)) {
                 let config: DirectResponse = typed(f).map_err(|e| format!("{}: {e}", at()))?;
                 let bytes = match config.response.and_then(|r| r.specifier) {
                     Some(data_source::Specifier::InlineBytes(b)) => b,
@@ -303,11 +295,9 @@ pub fn listeners(list: &[Listener]) -> Result<Listeners, String> {
     Ok(out)
 }
 
-fn type_of(f: &Filter) -> Option<&str> {
-    match &f.config_type {
-        Some(filter::ConfigType::TypedConfig(any)) => Some(any.type_url.as_str()),
-        _ => None,
-    }
+/// The filter is `name`, or its typed config is of `type_url`.
+fn is(f: &Filter, name: &str, type_url: &str) -> bool {
+    f.name == name || matches!(&f.config_type, Some(filter::ConfigType::TypedConfig(any)) if any.type_url == type_url)
 }
 
 fn typed<M: Message + Default>(f: &Filter) -> Result<M, String> {
