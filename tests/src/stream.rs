@@ -17,8 +17,23 @@ use std::{
 use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
 };
+
+/// The client's mTLS handshake with `sni` over `tcp` (through the ingress); panics when it does
+/// not complete within `timeout`.
+pub async fn mtls_handshake(
+    connector: &tokio_rustls::TlsConnector,
+    tcp: TcpStream,
+    sni: &str,
+    timeout: Duration,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).expect("dns name");
+    tokio::time::timeout(timeout, connector.connect(name, tcp))
+        .await
+        .expect("handshake timed out")
+        .expect("mTLS handshake through the ingress")
+}
 
 /// xorshift64* stream: fast and deterministic.
 pub struct Gen(u64);

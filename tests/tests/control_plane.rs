@@ -15,7 +15,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use zone_ingress_tests::{
     control_plane::{self as cp, CLUSTER, ControlPlane, ENDPOINTS, LISTENER, Service},
@@ -224,13 +223,7 @@ fn joins_as_kuma_dp_and_routes_every_sni_the_control_plane_sends() {
         let client_leaf = pki.leaf("remote-client", &["client.test"]);
         let connector = tokio_rustls::TlsConnector::from(pki.client_config(&client_leaf));
         let tcp = topo.client.connect(LISTEN.parse().expect("addr")).expect("connect");
-        let tls = tokio::time::timeout(
-            Duration::from_secs(10),
-            connector.connect(ServerName::try_from(BACKEND_MS).expect("dns name"), tcp),
-        )
-        .await
-        .expect("handshake timed out")
-        .expect("mTLS handshake through the ingress");
+        let tls = stream::mtls_handshake(&connector, tcp, BACKEND_MS, Duration::from_secs(10)).await;
         let out = tokio::time::timeout(Duration::from_secs(60), stream::client(tls, 8 << 20, 8 << 20))
             .await
             .expect("transfer timed out")
@@ -263,7 +256,7 @@ fn updates_follow_live_flows_stay_and_a_bad_update_is_refused() {
     let connector = tokio_rustls::TlsConnector::from(pki.client_config(&client_leaf));
     let tls = rt.block_on(async {
         let tcp = topo.client.connect(LISTEN.parse().expect("addr")).expect("connect");
-        connector.connect(ServerName::try_from(BACKEND_MS).expect("dns"), tcp).await.expect("handshake")
+        stream::mtls_handshake(&connector, tcp, BACKEND_MS, Duration::from_secs(10)).await
     });
     let long = rt.spawn(paced_client(tls, 16 << 20, 16 << 20, 256 << 10, Duration::from_millis(50)));
 

@@ -5,7 +5,6 @@
 
 use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
 
-use rustls::pki_types::ServerName;
 use zone_ingress_tests::{
     DP_NAMES,
     daemon::{Daemon, zone_ingress_yaml},
@@ -44,13 +43,7 @@ fn e2e(splice: &str, v6: bool) {
         // Two connections: round robin must send one to each backend dataplane.
         for _ in 0..2 {
             let tcp = topo.client.connect(ingress).expect("connect to the ingress");
-            let tls = tokio::time::timeout(
-                Duration::from_secs(10),
-                connector.connect(ServerName::try_from(BACKEND_MS).expect("dns name"), tcp),
-            )
-            .await
-            .expect("handshake timed out")
-            .expect("mTLS handshake through the ingress");
+            let tls = stream::mtls_handshake(&connector, tcp, BACKEND_MS, Duration::from_secs(10)).await;
             let out = tokio::time::timeout(Duration::from_secs(120), stream::client(tls, 64 * MIB, 64 * MIB))
                 .await
                 .expect("transfer timed out")

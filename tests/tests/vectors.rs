@@ -24,7 +24,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rustls::pki_types::ServerName;
 use tokio::{io::AsyncWriteExt, net::TcpListener, task::JoinHandle};
 use zone_ingress::client_hello::{self, Parsed};
 use zone_ingress_tests::{
@@ -395,11 +394,7 @@ fn meshservice_rustls(mode: &'static str) {
             let mut answered = BTreeMap::<String, usize>::new();
             for _ in 0..n {
                 let tcp = raw::connect(&topo.client, ingress_addr(), SockOpts::nodelay()).await.expect("connect");
-                let tls =
-                    tokio::time::timeout(STEP, connector.connect(ServerName::try_from(sni).expect("dns name"), tcp))
-                        .await
-                        .expect("handshake timed out")
-                        .expect("mTLS handshake through the ingress");
+                let tls = stream::mtls_handshake(&connector, tcp, sni, STEP).await;
                 let out = tokio::time::timeout(Duration::from_secs(30), stream::client(tls, 256 << 10, 256 << 10))
                     .await
                     .expect("transfer timed out")
