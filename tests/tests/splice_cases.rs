@@ -174,10 +174,14 @@ impl Drop for Env {
     }
 }
 
-/// `<case>::kernel` and `<case>::userspace`.
+/// `<case>::packet`, `<case>::kernel` and `<case>::userspace`.
 macro_rules! both_modes {
     ($($name:ident => $body:ident;)*) => {$(
         mod $name {
+            #[test]
+            fn packet() {
+                super::$body("packet");
+            }
             #[test]
             fn kernel() {
                 super::$body("kernel");
@@ -1111,6 +1115,17 @@ fn client_fin_before_handoff(mode: &'static str) {
         eprintln!("client_fin_before_handoff {mode} {variant}: carried by the {path} path");
         if mode == "userspace" {
             assert_eq!(path, "userspace", "{line}");
+        } else if mode == "packet" {
+            // The packet path cannot park a socket that has already received a FIN: it refuses
+            // the connection and says so, and the sockmap splice (or userspace) takes it.
+            let log = env.daemon.log_text();
+            let peer = client.to_string();
+            let refused = raw::lines_with(&log, &["packet splice refused this connection", &peer]);
+            match path.as_str() {
+                "packet" => assert!(refused.is_empty(), "carried at packet level, yet refused: {refused:?}\n{line}"),
+                "kernel" | "userspace" => assert_eq!(refused.len(), 1, "{path} without a refusal: {line}"),
+                other => panic!("{variant}: unknown path {other:?}: {line}"),
+            }
         } else {
             // The kernel takes the connection unless the client's FIN came before the handoff, in
             // which case it refuses it and says so: either way the path is accounted for.

@@ -286,3 +286,170 @@ pub mod prefilter {
     const _: () = assert!(core::mem::size_of::<SourceKey>() == 20);
     const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
 }
+
+/// The packet splice (docs/design.md#packet-splice): after the handoff, a tc ingress program
+/// rewrites every packet of the client leg into the backend leg and back (addresses, ports,
+/// sequence and acknowledgment numbers, SACK edges, timestamps, window scale, TTL, checksums)
+/// and redirects it out of the other leg's interface, like a router. A tc egress program keeps
+/// the ingress's own parked sockets silent. Both run as tcx links.
+pub mod packet {
+    /// Translation entries, two per flow (one per direction): [`Key`] as received → [`Xlate`].
+    pub const FLOWS: &str = "PKT_FLOWS";
+    /// Egress guard: the 4-tuple of a parked socket as it would send → packets dropped.
+    pub const QUIET: &str = "PKT_QUIET";
+    /// Handshakes seen on the attached interfaces: SYN and SYN-ACK, keyed as received, so that
+    /// the switch knows each peer's options, initial sequence number and timestamp clock.
+    pub const SYNS: &str = "PKT_SYNS";
+    /// Ring buffer of [`Key`]s: the first FIN or RST of a direction, so userspace learns of a
+    /// flow's end without polling.
+    pub const EVENTS: &str = "PKT_EVENTS";
+    /// Per-CPU array of global counters, indexed by the `STAT_*` constants.
+    pub const STATS: &str = "PKT_STATS";
+    /// The tc ingress program (translate and redirect; record handshakes).
+    pub const INGRESS_PROG: &str = "packet_ingress";
+    /// The tc egress program (guard).
+    pub const EGRESS_PROG: &str = "packet_egress";
+
+    /// Capacity of `FLOWS` and `QUIET`: two entries per flow.
+    pub const MAX_ENTRIES: u32 = 1 << 17;
+    /// Capacity of `SYNS` (an LRU: a SYN flood only evicts observations, and a flow whose
+    /// observation is gone uses the sockmap splice).
+    pub const MAX_SYNS: u32 = 1 << 16;
+    /// Size of `EVENTS` in bytes.
+    pub const EVENTS_BYTES: u32 = 1 << 16;
+    /// `skb->mark` of a translated packet between the ingress program and the egress program
+    /// of the interface it leaves by, which clears it: the guard must not drop it although it
+    /// carries a parked socket's 4-tuple. Raw sockets of the daemon that send on behalf of a
+    /// parked socket (resets) set it too.
+    pub const MARK: u32 = 0x7a69_5053;
+
+    pub const FAMILY_V4: u32 = 4;
+    pub const FAMILY_V6: u32 = 6;
+
+    /// [`Xlate::events`]: a FIN was translated in this direction.
+    pub const EV_FIN: u32 = 1;
+    /// [`Xlate::events`]: a RST was translated in this direction.
+    pub const EV_RST: u32 = 2;
+
+    /// [`Xlate::flags`]: translate the timestamp option (both legs negotiated it).
+    pub const XF_TS: u8 = 1;
+
+    /// Packets translated and redirected.
+    pub const STAT_TRANSLATED: u32 = 0;
+    /// Pure ACKs of a flow passed to its local socket (acknowledging what that socket sent
+    /// before the switch).
+    pub const STAT_LOCAL_ACK: u32 = 1;
+    /// Packets of a flow with a TCP option layout the program does not translate (dropped).
+    pub const STAT_BAD_OPTIONS: u32 = 2;
+    /// Packets of a flow whose TTL or hop limit ran out (dropped, as a router would).
+    pub const STAT_TTL: u32 = 3;
+    /// Packets from a parked socket dropped by the egress guard.
+    pub const STAT_GUARDED: u32 = 4;
+    /// SYN / SYN-ACK recorded in `SYNS`.
+    pub const STAT_SYN_SEEN: u32 = 5;
+    /// Packets of a flow whose headers could not be made linear (passed untranslated).
+    pub const STAT_PULL_FAILED: u32 = 6;
+    /// Redirects the kernel refused.
+    pub const STAT_REDIRECT_FAILED: u32 = 7;
+    /// Number of `STAT_*` slots.
+    pub const STAT_COUNT: u32 = 8;
+
+    /// A TCP 4-tuple as it appears in a packet: IPv4 addresses in word 0 (rest zero), ports in
+    /// network byte order, addresses as raw memory words.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct Key {
+        pub src: [u32; 4],
+        pub dst: [u32; 4],
+        pub sport: u16,
+        pub dport: u16,
+        pub family: u32,
+    }
+
+    #[cfg(feature = "user")]
+    // SAFETY: `repr(C)`, `Copy`, 40 bytes of integers without padding.
+    unsafe impl aya::Pod for Key {}
+
+    /// How to rewrite one direction of a flow, and what the program saw of it.
+    ///
+    /// Userspace writes the first block at the switch (sequence arithmetic is modulo 2^32);
+    /// only the program writes the counters afterwards.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Xlate {
+        /// The other leg's 4-tuple, as the packet must leave.
+        pub src: [u32; 4],
+        pub dst: [u32; 4],
+        pub sport: u16,
+        pub dport: u16,
+        /// Interface to leave by (`bpf_redirect_neigh`).
+        pub ifindex: u32,
+        /// Added to the sequence number.
+        pub seq_delta: u32,
+        /// Added to the acknowledgment number and to SACK edges.
+        pub ack_delta: u32,
+        /// Added to TSval / to a non-zero TSecr.
+        pub tsval_delta: u32,
+        pub tsecr_delta: u32,
+        /// While non-zero: a pure ACK (no payload, SYN, FIN or RST) whose acknowledgment number
+        /// (as received) is before this value acknowledges only bytes that the ingress's own
+        /// socket sent before the switch, and goes to that socket instead.
+        pub local_below: u32,
+        /// Window rescale: `win << shl >> shr` (the legs' window scales differ).
+        pub win_shl: u8,
+        pub win_shr: u8,
+        /// `XF_*`.
+        pub flags: u8,
+        pub _pad: u8,
+        /// Packets translated.
+        pub packets: u64,
+        /// Payload bytes translated (retransmissions included).
+        pub bytes: u64,
+        /// `bpf_ktime_get_ns()` of the last packet translated.
+        pub last_ns: u64,
+        /// Highest acknowledgment number seen (as received; what the sender has received).
+        pub max_ack: u32,
+        /// Highest sequence number past the payload seen (as received).
+        pub max_end: u32,
+        /// `EV_*` seen.
+        pub events: u32,
+        /// Sequence number just past the FIN (as received), once one was seen.
+        pub fin_end: u32,
+        /// `bpf_ktime_get_ns()` of the first FIN.
+        pub fin_ns: u64,
+    }
+
+    #[cfg(feature = "user")]
+    // SAFETY: `repr(C)`, `Copy`, integers laid out without padding (checked by a size test).
+    unsafe impl aya::Pod for Xlate {}
+
+    /// A SYN or SYN-ACK as received.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Syn {
+        pub seq: u32,
+        pub ack: u32,
+        /// `bpf_ktime_get_ns()` when it arrived.
+        pub ns: u64,
+        /// Interface it arrived on.
+        pub ifindex: u32,
+        /// Bytes of `options` that are valid.
+        pub options_len: u32,
+        /// The raw TCP options.
+        pub options: [u8; 40],
+    }
+
+    impl Default for Syn {
+        fn default() -> Self {
+            Self { seq: 0, ack: 0, ns: 0, ifindex: 0, options_len: 0, options: [0; 40] }
+        }
+    }
+
+    #[cfg(feature = "user")]
+    // SAFETY: `repr(C)`, `Copy`, integers and bytes without padding (64 bytes).
+    unsafe impl aya::Pod for Syn {}
+
+    const _: () = assert!(core::mem::size_of::<Key>() == 40);
+    const _: () = assert!(core::mem::size_of::<Xlate>() == 112);
+    const _: () = assert!(core::mem::size_of::<Syn>() == 64);
+}

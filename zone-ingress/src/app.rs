@@ -29,7 +29,7 @@ use crate::{
     routing::RouteTable,
     server::{self, Ingress, Options, Snapshot},
     signal::{Event, Signals},
-    splice::{self, Limits, ReportReceiver, SpliceMode, sockmap::KernelSplice},
+    splice::{self, Limits, ReportReceiver, SpliceMode, packet::PacketSplice, sockmap::KernelSplice},
     xdp,
 };
 
@@ -306,7 +306,7 @@ fn start_kernel_side(
     };
     let object = load_object(args.splice, guard_plan.as_ref());
     let (reports_tx, reports) = splice::report_channel();
-    let splice = start_splice(args.splice, object.clone(), limits, reports_tx)?;
+    let (splice, packet) = start_splices(args.splice, object.clone(), limits, reports_tx, listen)?;
     raise_fd_limit();
     let guard = match guard_plan {
         Some(plan) => {
@@ -314,7 +314,7 @@ fn start_kernel_side(
         }
         None => None,
     };
-    Ok(Ok(KernelSide { splice, reports, guard }))
+    Ok(Ok(KernelSide { splice, packet, reports, guard }))
 }
 
 /// The eBPF object, loaded once if the splice or the guard needs it (`None` if neither does).
@@ -327,41 +327,66 @@ fn load_object(splice: SpliceMode, guard: Option<&xdp::Plan>) -> Option<Result<A
     Some(ebpf::Object::load(ebpf::Users { splice: wants_splice, syn_buckets }).map(Arc::new).map_err(Arc::new))
 }
 
-/// Loads the kernel splice as `--splice` asks into `object`: `None` for the userspace relay.
-fn start_splice(
+/// Loads the splices `--splice` asks for into `object`: the packet splice (`packet`, `auto`)
+/// and the sockmap splice (`kernel`, `packet`, `auto`); `None` for a path not used.
+fn start_splices(
     mode: SpliceMode,
     object: Option<Result<Arc<ebpf::Object>, Arc<ebpf::Error>>>,
     limits: &Limits,
     reports: splice::ReportSender,
-) -> anyhow::Result<Option<KernelSplice>> {
-    let load = || -> anyhow::Result<KernelSplice> {
-        let object = object.context("no eBPF object")?.map_err(|e| anyhow::anyhow!(e))?;
-        Ok(KernelSplice::load(object, limits.clone(), reports)?)
+    listen: SocketAddr,
+) -> anyhow::Result<(Option<KernelSplice>, Option<PacketSplice>)> {
+    let object = || -> anyhow::Result<Arc<ebpf::Object>> {
+        object.clone().context("no eBPF object")?.map_err(|e| anyhow::anyhow!(e))
+    };
+    let load_kernel =
+        || -> anyhow::Result<KernelSplice> { Ok(KernelSplice::load(object()?, limits.clone(), reports.clone())?) };
+    let load_packet = || -> anyhow::Result<PacketSplice> {
+        Ok(PacketSplice::load(object()?, limits.clone(), reports.clone(), listen)?)
     };
     Ok(match mode {
         SpliceMode::Userspace => {
             info!(mode = "userspace", "splice mode: userspace (chosen by --splice userspace)");
-            None
+            (None, None)
         }
         SpliceMode::Kernel => {
-            let k = load().context("--splice kernel: loading the eBPF splice")?;
+            let k = load_kernel().context("--splice kernel: loading the eBPF splice")?;
             info!(mode = "kernel", "splice mode: kernel (sockhash + sk_skb verdict)");
-            Some(k)
+            (Some(k), None)
         }
-        SpliceMode::Auto => match load() {
-            Ok(k) => {
-                info!(mode = "kernel", "splice mode: kernel (auto: eBPF loaded)");
-                Some(k)
+        SpliceMode::Packet => {
+            let p = load_packet().context("--splice packet: loading the packet splice")?;
+            let k = load_kernel().context("--splice packet: loading the sockmap splice it falls back to")?;
+            info!(mode = "packet", "splice mode: packet (tc translation), sockmap and userspace for the rest");
+            (Some(k), Some(p))
+        }
+        SpliceMode::Auto => {
+            let packet = match load_packet() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    warn!(error = format!("{e:#}"), "auto: the packet splice could not load; not using it");
+                    None
+                }
+            };
+            match load_kernel() {
+                Ok(k) => {
+                    info!(
+                        mode = if packet.is_some() { "packet" } else { "kernel" },
+                        "splice mode: auto ({}sockmap, then userspace)",
+                        if packet.is_some() { "packet, then " } else { "" }
+                    );
+                    (Some(k), packet)
+                }
+                Err(e) => {
+                    warn!(
+                        mode = "userspace",
+                        error = format!("{e:#}"),
+                        "splice mode: userspace (auto: the eBPF splice could not load)"
+                    );
+                    (None, packet)
+                }
             }
-            Err(e) => {
-                warn!(
-                    mode = "userspace",
-                    error = format!("{e:#}"),
-                    "splice mode: userspace (auto: the eBPF splice could not load)"
-                );
-                None
-            }
-        },
+        }
     })
 }
 
@@ -369,6 +394,7 @@ fn start_splice(
 /// reports) and the XDP guard.
 struct KernelSide {
     splice: Option<KernelSplice>,
+    packet: Option<PacketSplice>,
     reports: ReportReceiver,
     guard: Option<Arc<xdp::Guard>>,
 }
@@ -429,8 +455,12 @@ impl App {
         // Our listeners share their port with SO_REUSEPORT, which would also let a second
         // instance started by mistake bind it and silently take half of the connections.
         server::check_port_free(listen).with_context(|| format!("binding the listener {listen}"))?;
-        let listeners =
-            server::bind(listen, n, limits.keepalive).with_context(|| format!("binding the listener {listen}"))?;
+        let listener_mss = kernel
+            .packet
+            .as_ref()
+            .and_then(|_| PacketSplice::listener_mss(!splice::packet::switch::unmap(listen.ip()).is_ipv4()));
+        let listeners = server::bind(listen, n, limits.keepalive, listener_mss)
+            .with_context(|| format!("binding the listener {listen}"))?;
         let options = Options {
             client_hello_timeout: args.client_hello_timeout.0,
             connect_timeout: args.connect_timeout.0,
@@ -442,10 +472,14 @@ impl App {
             zone: sources.zone.clone(),
             splice: args.splice,
             limits,
+            listener_mss,
             ..Options::default()
         };
-        let KernelSide { splice, reports, guard: xdp_guard } = kernel;
-        let ingress = Ingress::with_snapshot(options, metrics, snapshot, splice);
+        let KernelSide { splice, packet, reports, guard: xdp_guard } = kernel;
+        if let Some(p) = &packet {
+            p.follow_endpoints(snapshot.table.entries().flat_map(|r| r.endpoints.iter().map(SocketAddr::ip)));
+        }
+        let ingress = Ingress::with_snapshot(options, metrics, snapshot, splice, packet);
         tokio::spawn(server::close_reports(Arc::clone(&ingress), reports));
         let control_plane = match cp {
             None => {

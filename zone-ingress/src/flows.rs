@@ -56,17 +56,18 @@ pub struct Flow {
     pub permit: UpstreamPermit,
 }
 
-/// Reads a kernel flow's counters by its cookies: (client → backend, backend → client, last
+/// Reads a kernel flow's counters by its path and its `cookies` (the sockets' cookies of a
+/// sockmap flow, `[token, 0]` of a packet flow): (client → backend, backend → client, last
 /// activity in `sys::monotonic_ns()` time); `None` once the flow is gone from the maps.
-pub type KernelReader<'a> = &'a dyn Fn([u64; 2]) -> Option<(u64, u64, u64)>;
+pub type KernelReader<'a> = &'a dyn Fn(Path, [u64; 2]) -> Option<(u64, u64, u64)>;
 
 /// A flow's counters: (client → backend, backend → client, last activity). Kernel values are
 /// remembered in `progress` (monotonically), so a flow whose map entries are already gone but
 /// whose close is not yet recorded still shows its last value, never less.
 fn counters(mode: Path, progress: &Progress, cookies: Option<[u64; 2]>, kernel: KernelReader<'_>) -> (u64, u64, u64) {
-    if mode == Path::Kernel
+    if mode != Path::Userspace
         && let Some(c) = cookies
-        && let Some((c2b, b2c, last)) = kernel(c)
+        && let Some((c2b, b2c, last)) = kernel(mode, c)
     {
         progress.client_to_backend.fetch_max(c2b, Ordering::Relaxed);
         progress.backend_to_client.fetch_max(b2c, Ordering::Relaxed);
@@ -129,9 +130,9 @@ pub struct LiveTotals {
     /// By cluster name: (client → backend, backend → client).
     pub by_cluster: BTreeMap<String, (u64, u64)>,
     /// Open flows per path (kernel, userspace).
-    pub flows_by_mode: [usize; 2],
+    pub flows_by_mode: [usize; 3],
     /// Live bytes per path (kernel, userspace).
-    pub by_mode: [(u64, u64); 2],
+    pub by_mode: [(u64, u64); 3],
 }
 
 /// The registry of open flows.
@@ -161,13 +162,12 @@ impl Flows {
         id
     }
 
-    /// Records that a flow ended up on another path (the kernel refused it).
-    pub fn set_mode(&self, id: u64, mode: Path) {
+    /// Records the path a flow ended up on, with the keys of its counters (see
+    /// [`KernelReader`]).
+    pub fn set_mode(&self, id: u64, mode: Path, cookies: Option<[u64; 2]>) {
         if let Some(f) = self.lock().open.get_mut(&id) {
             f.mode = mode;
-            if mode == Path::Userspace {
-                f.cookies = None;
-            }
+            f.cookies = cookies;
         }
     }
 
@@ -228,7 +228,7 @@ impl Flows {
             let e = t.by_cluster.entry(cluster).or_default();
             e.0 += c2b;
             e.1 += b2c;
-            let m = usize::from(mode == Path::Userspace);
+            let m = mode.index();
             t.flows_by_mode[m] += 1;
             t.by_mode[m].0 += c2b;
             t.by_mode[m].1 += b2c;
@@ -333,7 +333,7 @@ mod tests {
         let mut seen = Vec::new();
         let mut after = None;
         loop {
-            let page = flows.page(after, 10, &|_| None);
+            let page = flows.page(after, 10, &|_, _| None);
             assert!(page.returned <= 10);
             assert_eq!(page.total, 25);
             seen.extend(page.connections.iter().map(|c| c.id));
@@ -343,7 +343,7 @@ mod tests {
             }
         }
         assert_eq!(seen, ids);
-        assert_eq!(flows.page(None, 0, &|_| None).returned, 1, "a limit of 0 is raised to 1");
+        assert_eq!(flows.page(None, 0, &|_, _| None).returned, 1, "a limit of 0 is raised to 1");
     }
 
     #[test]
@@ -355,7 +355,7 @@ mod tests {
         let cluster = Arc::clone(f.permit.cluster());
         let id = flows.open(f);
         progress.client_to_backend.store(100, Ordering::Relaxed);
-        let live = flows.live_totals(&|_| None, |t| t.by_cluster["default:backend"]);
+        let live = flows.live_totals(&|_, _| None, |t| t.by_cluster["default:backend"]);
         assert_eq!(live, (100, 0));
         let closed = Closed { reason: CloseReason::ClientFin, client_to_backend: 150, backend_to_client: 7 };
         assert!(flows.close(id, &closed, &m).is_some());

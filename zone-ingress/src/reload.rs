@@ -120,7 +120,7 @@ impl Reloader {
         // Bind before anything changes: a failure leaves everything as it was.
         let listeners = if rebind {
             Some(
-                server::bind(new_addr, self.listeners, ingress.options.limits.keepalive)
+                server::bind(new_addr, self.listeners, ingress.options.limits.keepalive, ingress.options.listener_mss)
                     .map_err(|source| ReloadError::Bind { addr: new_addr, source })?,
             )
         } else {

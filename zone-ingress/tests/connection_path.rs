@@ -84,8 +84,8 @@ fn start_ingress(inventory: &str, knobs: Knobs) -> Zi {
     };
     let metrics = Arc::new(Metrics::default());
     let snapshot = Snapshot::build(&metrics, None, inventory, ZONE);
-    let ingress = Ingress::with_snapshot(options, metrics, snapshot, None);
-    let listeners = server::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 1, Duration::from_secs(60))
+    let ingress = Ingress::with_snapshot(options, metrics, snapshot, None, None);
+    let listeners = server::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 1, Duration::from_secs(60), None)
         .expect("bind the ingress listener");
     ingress.start_listeners(listeners);
     let addr = ingress.listener_addr().expect("the listener has an address");

@@ -143,13 +143,10 @@ pub const CLOSE_REASONS: [CloseReason; 9] = [
     CloseReason::Internal,
 ];
 
-const MODES: [Path; 2] = [Path::Kernel, Path::Userspace];
+const MODES: [Path; 3] = Path::ALL;
 
 fn mode_index(p: Path) -> usize {
-    match p {
-        Path::Kernel => 0,
-        Path::Userspace => 1,
-    }
+    p.index()
 }
 
 /// Counters of one backend cluster, kept by name across reloads (a reload that keeps a cluster
@@ -293,12 +290,12 @@ pub struct Metrics {
     pub sni_not_found: AtomicU64,
     pub client_hello_too_large: AtomicU64,
     /// Connections handed to each path (index: kernel, userspace).
-    spliced: [AtomicU64; 2],
+    spliced: [AtomicU64; 3],
     /// Connections that `auto` meant to splice in the kernel but served in userspace.
     pub kernel_fallbacks: AtomicU64,
     /// Bytes of closed flows per path, client → backend and backend → client. Written only
     /// under the flow registry's lock (see [`ClusterStats::closed_client_to_backend`]).
-    closed_bytes: [[AtomicU64; 2]; 2],
+    closed_bytes: [[AtomicU64; 2]; 3],
     /// Accept → spliced latency.
     pub handoff: Histogram<HandoffBuckets>,
     /// Rejected connections by reason (slot: [`RejectReason::index`]).

@@ -74,8 +74,8 @@ pub struct Scrape {
     pub clusters: Vec<ClusterSample>,
     /// Open flows, and bytes of closed plus open flows (client → backend, backend → client),
     /// per path (kernel, userspace).
-    pub flows_by_mode: [usize; 2],
-    pub bytes_by_mode: [(u64, u64); 2],
+    pub flows_by_mode: [usize; 3],
+    pub bytes_by_mode: [(u64, u64); 3],
     pub max_cluster_connections: usize,
     pub uptime: Duration,
     pub memory: Memory,

@@ -33,6 +33,7 @@ use crate::{
     sni,
     splice::{
         CloseReason, Closed, Path,
+        packet::{Addrs, PacketSplice, Refused, Rejected as PacketRejected},
         sockmap::{KernelSplice, Rejected},
         userspace::{self, Progress},
     },
@@ -164,18 +165,22 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
         stats.upstream_cx_overflow.fetch_add(1, Ordering::Relaxed);
         return reject(ingress, &client, peer, Some(&sni), RejectReason::ClusterOverflow);
     };
-    let Some((backend, endpoint, connect_started)) = connect(ingress, &route, &stats).await else {
+    // The packet path forwards the backend's segments to the client as they are: the backend
+    // must not send larger ones than the client announced.
+    let mss = ingress.packet.as_ref().and_then(|p| p.client_mss(peer, client.local_addr().ok()?));
+    let Some((backend, endpoint, connect_started)) = connect(ingress, &route, &stats, mss).await else {
         return reject(ingress, &client, peer, Some(&sni), RejectReason::ConnectFailed);
     };
     debug!(sni, %endpoint, "routed");
 
     let progress = Arc::new(Progress::default());
-    let cookies = ingress.kernel.as_ref().and_then(|_| {
-        let c = sys::socket_cookie(client.as_fd()).ok()?;
-        let b = sys::socket_cookie(backend.as_fd()).ok()?;
-        Some([c, b])
-    });
-    let mode = if ingress.kernel.is_some() { Path::Kernel } else { Path::Userspace };
+    let mode = if ingress.packet.is_some() {
+        Path::Packet
+    } else if ingress.kernel.is_some() {
+        Path::Kernel
+    } else {
+        Path::Userspace
+    };
     let flow = ingress.flows.open(Flow {
         client: peer,
         sni,
@@ -186,21 +191,36 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
         started_ns: sys::monotonic_ns().saturating_sub(u64::try_from(accepted_at.elapsed().as_nanos()).unwrap_or(0)),
         upstream_since: connect_started,
         progress: Arc::clone(&progress),
-        cookies,
+        cookies: None,
         permit,
     });
-    let (client, backend) = match &ingress.kernel {
-        Some(kernel) => match hand_to_kernel(ingress, kernel, client, backend, flow, accepted_at) {
+    let (client, backend) = match &ingress.packet {
+        Some(packet) => match hand_to_packet(ingress, packet, client, backend, flow, accepted_at) {
             None => return,
             Some((client, backend, error)) => {
-                m.kernel_fallbacks.fetch_add(1, Ordering::Relaxed);
-                ingress.flows.set_mode(flow, Path::Userspace);
-                info!(%peer, flow, %error, "kernel splice refused this connection; relaying in userspace");
+                info!(%peer, flow, %error, "packet splice refused this connection; trying the next path");
                 (client, backend)
             }
         },
         None => (client, backend),
     };
+    let (client, backend) = match &ingress.kernel {
+        Some(kernel) => {
+            let cookies =
+                (|| Some([sys::socket_cookie(client.as_fd()).ok()?, sys::socket_cookie(backend.as_fd()).ok()?]))();
+            ingress.flows.set_mode(flow, Path::Kernel, cookies);
+            match hand_to_kernel(ingress, kernel, client, backend, flow, accepted_at) {
+                None => return,
+                Some((client, backend, error)) => {
+                    m.kernel_fallbacks.fetch_add(1, Ordering::Relaxed);
+                    info!(%peer, flow, %error, "kernel splice refused this connection; relaying in userspace");
+                    (client, backend)
+                }
+            }
+        }
+        None => (client, backend),
+    };
+    ingress.flows.set_mode(flow, Path::Userspace, None);
     relay(ingress, client, backend, flow, accepted_at, &progress).await;
 }
 
@@ -293,6 +313,57 @@ fn hand_to_kernel(
     }
 }
 
+/// Hands flow `flow` to the packet path. `None`: the packet path owns it now (or it was
+/// closed); `Some`: refused, both sockets come back untouched for the next path.
+fn hand_to_packet(
+    ingress: &Arc<Ingress>,
+    packet: &PacketSplice,
+    client: TcpStream,
+    backend: TcpStream,
+    flow: u64,
+    accepted_at: Instant,
+) -> Option<(TcpStream, TcpStream, Refused)> {
+    let internal = Closed { reason: CloseReason::Internal, client_to_backend: 0, backend_to_client: 0 };
+    let addrs = (|| {
+        Some(Addrs {
+            client_local: client.local_addr().ok()?,
+            client_peer: client.peer_addr().ok()?,
+            backend_local: backend.local_addr().ok()?,
+            backend_peer: backend.peer_addr().ok()?,
+        })
+    })();
+    let Some(addrs) = addrs else {
+        return Some((client, backend, Refused::Stale));
+    };
+    let to_owned = |s: TcpStream| -> io::Result<OwnedFd> { Ok(OwnedFd::from(s.into_std()?)) };
+    let (Ok(client_fd), Ok(backend_fd)) = (to_owned(client), to_owned(backend)) else {
+        ingress.close_flow(flow, internal);
+        return None;
+    };
+    // Counted before the handoff: the report may arrive before this function returns.
+    ingress.spliced_open.fetch_add(1, Ordering::AcqRel);
+    match packet.handoff(client_fd, backend_fd, addrs, flow) {
+        Ok(token) => {
+            ingress.flows.set_mode(flow, Path::Packet, Some([token, 0]));
+            ingress.metrics.spliced(Path::Packet);
+            ingress.metrics.handoff.observe(accepted_at.elapsed());
+            debug!(flow, token, "spliced at packet level");
+            None
+        }
+        Err(PacketRejected { client, backend, error }) => {
+            ingress.spliced_open.fetch_sub(1, Ordering::AcqRel);
+            let back = |fd: OwnedFd| TcpStream::from_std(std::net::TcpStream::from(fd));
+            match (back(client), back(backend)) {
+                (Ok(c), Ok(b)) => Some((c, b, error)),
+                _ => {
+                    ingress.close_flow(flow, internal);
+                    None
+                }
+            }
+        }
+    }
+}
+
 /// Relays flow `flow` in userspace until it ends, then closes it.
 async fn relay(
     ingress: &Arc<Ingress>,
@@ -315,13 +386,21 @@ async fn relay(
 
 /// Tries the route's endpoints in round-robin order, each with the connect timeout. Returns
 /// the connected socket, its endpoint and when its (successful) attempt started.
-async fn connect(ingress: &Ingress, route: &Route, stats: &ClusterStats) -> Option<(TcpStream, SocketAddr, Instant)> {
+async fn connect(
+    ingress: &Ingress,
+    route: &Route,
+    stats: &ClusterStats,
+    mss: Option<u16>,
+) -> Option<(TcpStream, SocketAddr, Instant)> {
     let opts = &ingress.options;
     for endpoint in route.candidates(opts.connect_attempts.max(1)) {
         stats.upstream_cx_total.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let attempt = async {
             let socket = if endpoint.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+            if let Some(mss) = mss {
+                sys::tcp::set_maxseg(socket.as_fd(), mss)?;
+            }
             socket.connect(endpoint).await
         };
         match tokio::time::timeout(opts.connect_timeout, attempt).await {

@@ -44,7 +44,7 @@ pub fn check_port_free(addr: SocketAddr) -> io::Result<()> {
 /// `TCP_NODELAY` and keepalive (after `keepalive` idle) are set on the listeners, which every
 /// accepted socket inherits: both paths need them on the client socket, which then gets them
 /// without five system calls per connection.
-pub fn bind(addr: SocketAddr, n: usize, keepalive: Duration) -> io::Result<Vec<TcpListener>> {
+pub fn bind(addr: SocketAddr, n: usize, keepalive: Duration, mss: Option<u16>) -> io::Result<Vec<TcpListener>> {
     let mut out = Vec::with_capacity(n);
     let mut addr = addr;
     for _ in 0..n.max(1) {
@@ -53,6 +53,9 @@ pub fn bind(addr: SocketAddr, n: usize, keepalive: Duration) -> io::Result<Vec<T
         socket.set_reuseport(true)?;
         sys::set_nodelay(socket.as_fd())?;
         sys::set_dead_peer_detection(socket.as_fd(), keepalive, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES)?;
+        if let Some(mss) = mss {
+            sys::tcp::set_maxseg(socket.as_fd(), mss)?;
+        }
         socket.bind(addr)?;
         // Port 0: the first bind picks it, the others must share it.
         addr = socket.local_addr()?;

@@ -47,7 +47,10 @@ use crate::{
     flows::Flows,
     metrics::{ClusterStats, Metrics},
     routing::{AvailableService, RouteTable},
-    splice::{CloseReason, CloseReport, Closed, Limits, ReportReceiver, SpliceMode, sockmap::KernelSplice},
+    splice::{
+        CloseReason, CloseReport, Closed, Limits, Path, ReportReceiver, SpliceMode, packet::PacketSplice,
+        sockmap::KernelSplice,
+    },
 };
 
 /// Per-connection knobs (Kuma's defaults in `Default`).
@@ -78,6 +81,8 @@ pub struct Options {
     pub splice: SpliceMode,
     /// Limits of spliced connections.
     pub limits: Limits,
+    /// `TCP_MAXSEG` of the listeners (the packet splice: see `PacketSplice::listener_mss`).
+    pub listener_mss: Option<u16>,
 }
 
 /// Defaults of [`Options`] (Kuma's and Envoy's), also the command line's.
@@ -102,6 +107,7 @@ impl Default for Options {
             max_client_hello: client_hello::DEFAULT_MAX_CLIENT_HELLO,
             max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES as usize,
             plaintext_route: None,
+            listener_mss: None,
             proxy_id: String::new(),
             zone: String::new(),
             splice: SpliceMode::Auto,
@@ -196,6 +202,8 @@ pub struct Ingress {
     pub flows: Flows,
     /// `Some` when the kernel splice is loaded and attached.
     pub kernel: Option<KernelSplice>,
+    /// `Some` when the packet splice's programs are loaded and attached.
+    pub packet: Option<PacketSplice>,
     /// Open connections still owned by a task (userspace relays and connections being routed).
     tasks: AtomicUsize,
     /// Connections handed to the kernel whose close report has not been processed yet.
@@ -225,6 +233,7 @@ impl Ingress {
         metrics: Arc<Metrics>,
         snapshot: Snapshot,
         kernel: Option<KernelSplice>,
+        packet: Option<PacketSplice>,
     ) -> Arc<Self> {
         Arc::new(Self {
             options,
@@ -232,6 +241,7 @@ impl Ingress {
             metrics,
             flows: Flows::default(),
             kernel,
+            packet,
             tasks: AtomicUsize::new(0),
             spliced_open: AtomicUsize::new(0),
             tasks_done: Notify::new(),
@@ -252,6 +262,9 @@ impl Ingress {
     /// Installs a new configuration atomically: connections accepted from now on route with
     /// it; established flows are not touched. Returns its version.
     pub fn install(&self, mut snapshot: Snapshot) -> u64 {
+        if let Some(p) = &self.packet {
+            p.follow_endpoints(snapshot.table.entries().flat_map(|r| r.endpoints.iter().map(SocketAddr::ip)));
+        }
         snapshot.version = self.next_version.fetch_add(1, Ordering::Relaxed);
         let version = snapshot.version;
         self.snapshot.store(Arc::new(snapshot));
@@ -383,6 +396,9 @@ impl Ingress {
         if self.options.splice == SpliceMode::Kernel && self.kernel.is_none() {
             return Readiness::NotReady("the eBPF splice is not attached");
         }
+        if self.options.splice == SpliceMode::Packet && self.packet.is_none() {
+            return Readiness::NotReady("the packet splice is not attached");
+        }
         if !self.listener_bound() {
             return Readiness::NotReady(if self.listener_drained() {
                 "listener drained"
@@ -399,6 +415,9 @@ impl Ingress {
         if let Some(k) = &self.kernel {
             k.abort_all(CloseReason::Shutdown);
         }
+        if let Some(p) = &self.packet {
+            p.abort_all(CloseReason::Shutdown);
+        }
         self.abort_relays.send_replace(true);
     }
 
@@ -412,7 +431,10 @@ impl Ingress {
     }
 
     /// Reads a kernel flow's counters by its cookies (see [`crate::flows::KernelReader`]).
-    pub fn kernel_counters(&self, cookies: [u64; 2]) -> Option<(u64, u64, u64)> {
+    pub fn kernel_counters(&self, path: Path, cookies: [u64; 2]) -> Option<(u64, u64, u64)> {
+        if path == Path::Packet {
+            return self.packet.as_ref()?.flow_counters(cookies[0]);
+        }
         let k = self.kernel.as_ref()?;
         let c = k.socket_counters(cookies[0])?;
         let b = k.socket_counters(cookies[1])?;

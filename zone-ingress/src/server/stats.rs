@@ -28,7 +28,7 @@ impl Ingress {
         let m = &ingress.metrics;
         let all = m.all_clusters();
         let (clusters, flows_by_mode, bytes_by_mode) =
-            ingress.flows.live_totals(&|c| ingress.kernel_counters(c), |t| {
+            ingress.flows.live_totals(&|p, c| ingress.kernel_counters(p, c), |t| {
                 let clusters: Vec<ClusterSample> = all
                     .iter()
                     .map(|st| {
@@ -40,9 +40,10 @@ impl Ingress {
                         }
                     })
                     .collect();
-                let (k, u) = (m.closed_bytes(Path::Kernel), m.closed_bytes(Path::Userspace));
-                let bytes =
-                    [(k.0 + t.by_mode[0].0, k.1 + t.by_mode[0].1), (u.0 + t.by_mode[1].0, u.1 + t.by_mode[1].1)];
+                let bytes = Path::ALL.map(|p| {
+                    let (c, live) = (m.closed_bytes(p), t.by_mode[p.index()]);
+                    (c.0 + live.0, c.1 + live.1)
+                });
                 (clusters, t.flows_by_mode, bytes)
             });
         let status = ingress.config_status.lock().unwrap_or_else(PoisonError::into_inner).clone();

@@ -1,5 +1,8 @@
 //! Moving bytes after routing: the contract every splice mode keeps, and the modes.
 //!
+//! - [`packet`] (`--splice packet`): after the ClientHello a tc program forwards each packet of
+//!   the flow to the other leg, rewritten (addresses, ports, sequence numbers, options), as a
+//!   router would; the ingress's own sockets are parked and silent;
 //! - [`sockmap`] (`--splice kernel`): a SOCKHASH with an sk_skb verdict redirects every skb to
 //!   the peer socket; monitor threads turn FIN/RST on one side into FIN/RST on the other;
 //! - [`userspace`]: a bounded copy loop with the same close semantics, without eBPF.
@@ -11,6 +14,7 @@
 //! returns it; a kernel mode, whose connections outlive the task that routed them, sends it as
 //! a [`CloseReport`] on the channel its owner gave it. A new mode gets its own module here.
 
+pub mod packet;
 pub mod sockmap;
 pub mod userspace;
 
@@ -20,9 +24,12 @@ use std::time::Duration;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SpliceMode {
-    /// Kernel splice when the eBPF programs load, userspace otherwise (and for any connection
-    /// whose insertion into the map fails).
+    /// Per connection, the first path that takes it: packet splice, then sockmap splice, then
+    /// userspace (a path whose programs cannot load is skipped for every connection).
     Auto,
+    /// Packet splice first; a connection it cannot carry uses the sockmap splice, then
+    /// userspace. The daemon refuses to start if the tc programs cannot load.
+    Packet,
     /// Kernel splice only: the daemon refuses to start if the programs cannot load.
     Kernel,
     /// Userspace copy loop only; no eBPF is loaded.
@@ -35,13 +42,27 @@ pub enum SpliceMode {
 pub enum Path {
     Kernel,
     Userspace,
+    Packet,
 }
 
 impl Path {
+    /// Every path, in [`Path::index`] order.
+    pub const ALL: [Self; 3] = [Self::Kernel, Self::Userspace, Self::Packet];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Kernel => "kernel",
             Self::Userspace => "userspace",
+            Self::Packet => "packet",
+        }
+    }
+
+    /// Position in per-path arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Self::Kernel => 0,
+            Self::Userspace => 1,
+            Self::Packet => 2,
         }
     }
 }

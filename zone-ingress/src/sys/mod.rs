@@ -4,6 +4,7 @@
 
 pub mod bpf;
 pub mod epoll;
+pub mod tcp;
 
 use std::{
     io,
@@ -18,7 +19,7 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
 }
 
-fn setsockopt<T>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+pub(crate) fn setsockopt<T>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
     // SAFETY: `value` is a live `T` and the length passed is its size.
     let ret = unsafe {
         libc::setsockopt(
@@ -32,7 +33,12 @@ fn setsockopt<T>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, valu
     check(ret).map(drop)
 }
 
-fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: &mut T) -> io::Result<usize> {
+pub(crate) fn getsockopt<T: Copy>(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &mut T,
+) -> io::Result<usize> {
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: `value` is writable for `len` bytes; the kernel writes at most `len`.
     let ret = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, std::ptr::from_mut(value).cast(), &raw mut len) };
@@ -67,6 +73,21 @@ impl TcpInfo {
     /// The TCP state (`TCP_ESTABLISHED` = 1, `TCP_CLOSE_WAIT` = 8, ...).
     pub fn state(&self) -> u8 {
         self.head[0]
+    }
+
+    /// `tcpi_options`: `TCPI_OPT_TIMESTAMPS` (1), `_SACK` (2), `_WSCALE` (4), `_ECN` (8).
+    pub fn options(&self) -> u8 {
+        self.head[5]
+    }
+
+    /// `tcpi_snd_wscale`: the scale the peer applies to the windows it advertises.
+    pub fn snd_wscale(&self) -> u8 {
+        self.head[6] & 0x0f
+    }
+
+    /// `tcpi_rcv_wscale`: the scale this socket applies to the windows it advertises.
+    pub fn rcv_wscale(&self) -> u8 {
+        self.head[6] >> 4
     }
 }
 

@@ -1,0 +1,531 @@
+//! The packet splice's tc programs (docs/design.md#packet-splice).
+//!
+//! `packet_ingress` runs on every packet that enters an attached interface:
+//! - a SYN or SYN-ACK is recorded in `PKT_SYNS` (sequence numbers, options, interface, time), so
+//!   the switch knows both peers of both legs;
+//! - a packet of a spliced flow (`PKT_FLOWS` has its 4-tuple) is rewritten into the other leg
+//!   (addresses, ports, sequence and acknowledgment numbers, SACK edges, timestamps, window
+//!   scale, TTL / hop limit, checksums) and redirected out of that leg's interface with
+//!   `bpf_redirect_neigh`, as a router forwards it. The one exception: a pure ACK that only
+//!   acknowledges bytes the ingress's own socket sent before the switch (`Xlate::local_below`)
+//!   goes to that socket, which still owns their retransmission;
+//! - everything else passes untouched.
+//!
+//! `packet_egress` drops what the ingress's parked sockets would send (`PKT_QUIET`): after the
+//! switch only translated packets speak for a flow. Translated packets carry `MARK` from the
+//! ingress program to the egress program of the interface they leave by, which clears it.
+//!
+//! Option layouts translated (the ones Linux, BSDs, macOS and Windows emit on established
+//! segments): none; `NOP NOP TS`; `NOP NOP TS NOP NOP SACK`; `NOP NOP SACK`. Anything else on a
+//! spliced flow is dropped and counted (`STAT_BAD_OPTIONS`): a generic option walk does not pass
+//! the verifier in reasonable time, and an untranslated timestamp or SACK edge would corrupt the
+//! other leg's state. Every TCP field rewritten sits at an even offset, so one ones'-complement
+//! difference covers all of them.
+
+use core::{mem::size_of, ptr};
+
+use aya_ebpf::{
+    bindings::{__sk_buff, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::generated::{
+        bpf_ktime_get_ns, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_redirect_neigh, bpf_skb_pull_data,
+    },
+    macros::{classifier, map},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TcContext,
+};
+use zone_ingress_ebpf::packet::{
+    EV_FIN, EV_RST, EVENTS_BYTES, FAMILY_V4, FAMILY_V6, Key, MARK, MAX_ENTRIES, MAX_SYNS, STAT_BAD_OPTIONS, STAT_COUNT,
+    STAT_GUARDED, STAT_LOCAL_ACK, STAT_PULL_FAILED, STAT_REDIRECT_FAILED, STAT_SYN_SEEN, STAT_TRANSLATED, STAT_TTL,
+    Syn, XF_TS, Xlate,
+};
+
+#[map(name = "PKT_FLOWS")]
+static PKT_FLOWS: HashMap<Key, Xlate> = HashMap::with_max_entries(MAX_ENTRIES, 0);
+
+#[map(name = "PKT_QUIET")]
+static PKT_QUIET: HashMap<Key, u64> = HashMap::with_max_entries(MAX_ENTRIES, 0);
+
+#[map(name = "PKT_SYNS")]
+static PKT_SYNS: LruHashMap<Key, Syn> = LruHashMap::with_max_entries(MAX_SYNS, 0);
+
+#[map(name = "PKT_EVENTS")]
+static PKT_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+#[map(name = "PKT_STATS")]
+static PKT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+const ETH_LEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+/// Offset of the checksum in the TCP header.
+const TCP_CHECK: usize = 16;
+/// Offset of the checksum in the IPv4 header.
+const IP_CHECK: usize = 10;
+/// No option at this offset.
+const NONE: usize = 0xff;
+
+#[repr(C)]
+struct EthHdr {
+    dst: [u8; 6],
+    src: [u8; 6],
+    proto: u16,
+}
+
+#[repr(C)]
+struct Ipv4Hdr {
+    version_ihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    protocol: u8,
+    check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+
+#[repr(C)]
+struct Ipv6Hdr {
+    version_class_flow: u32,
+    payload_len: u16,
+    next_header: u8,
+    hop_limit: u8,
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+}
+
+#[repr(C)]
+struct TcpHdr {
+    source: u16,
+    dest: u16,
+    seq: u32,
+    ack_seq: u32,
+    data_offset: u8,
+    flags: u8,
+    window: u16,
+    check: u16,
+    urg_ptr: u16,
+}
+
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(v) = PKT_STATS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot; tc runs do not nest on one CPU.
+        unsafe { *v += 1 };
+    }
+}
+
+/// A bounds-checked pointer to a `T` at `offset` into the linear part of the packet.
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + offset + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// Ones'-complement accumulator of 32-bit word changes, in raw memory order.
+#[inline(always)]
+fn csum_add(sum: u64, old: u32, new: u32) -> u64 {
+    sum + u64::from(!old) + u64::from(new)
+}
+
+#[inline(always)]
+fn csum_fold(mut sum: u64) -> u32 {
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum as u32
+}
+
+/// Where the headers of a TCP packet are.
+struct Headers {
+    family: u32,
+    /// Offset of the TCP header.
+    l4: usize,
+    /// TCP header length (data offset × 4).
+    doff: usize,
+    key: Key,
+}
+
+#[inline(always)]
+fn headers(ctx: &TcContext) -> Option<Headers> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let proto = u16::from_be(unsafe { (*eth).proto });
+    let mut key = Key::default();
+    let (family, l4) = if proto == ETH_P_IP {
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        let (vihl, protocol, frag, s, d) =
+            unsafe { ((*ip).version_ihl, (*ip).protocol, u16::from_be((*ip).frag_off), (*ip).saddr, (*ip).daddr) };
+        // Options in the IP header or fragments: not a packet this program rewrites.
+        if vihl != 0x45 || protocol != IPPROTO_TCP || frag & 0x3fff != 0 {
+            return None;
+        }
+        key.src[0] = s;
+        key.dst[0] = d;
+        (FAMILY_V4, ETH_LEN + size_of::<Ipv4Hdr>())
+    } else if proto == ETH_P_IPV6 {
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_LEN)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe {
+            // Extension headers: not a packet this program rewrites.
+            if (*ip).next_header != IPPROTO_TCP {
+                return None;
+            }
+            key.src = (*ip).saddr;
+            key.dst = (*ip).daddr;
+        }
+        (FAMILY_V6, ETH_LEN + size_of::<Ipv6Hdr>())
+    } else {
+        return None;
+    };
+    let th: *mut TcpHdr = ptr_at(ctx, l4)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let (sport, dport, off) = unsafe { ((*th).source, (*th).dest, (*th).data_offset) };
+    let doff = usize::from(off >> 4) * 4;
+    if doff < size_of::<TcpHdr>() {
+        return None;
+    }
+    key.sport = sport;
+    key.dport = dport;
+    key.family = family;
+    Some(Headers { family, l4, doff, key })
+}
+
+#[classifier]
+pub(crate) fn packet_ingress(ctx: TcContext) -> i32 {
+    ingress(&ctx)
+}
+
+#[inline(always)]
+fn ingress(ctx: &TcContext) -> i32 {
+    let Some(h) = headers(ctx) else {
+        return TC_ACT_OK;
+    };
+    let Some(th) = ptr_at::<TcpHdr>(ctx, h.l4) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: bounds checked by `ptr_at`.
+    let (flags, seq, ack) = unsafe { ((*th).flags, u32::from_be((*th).seq), u32::from_be((*th).ack_seq)) };
+    if flags & TCP_SYN != 0 {
+        observe(ctx, &h, seq, ack);
+        // A SYN on a spliced 4-tuple belongs to a new connection, never to the flow.
+        return TC_ACT_OK;
+    }
+    let Some(x) = PKT_FLOWS.get_ptr_mut(h.key) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: a map value pointer, valid for this run.
+    let x = unsafe { &mut *x };
+    let hdr_end = h.l4 + h.doff;
+    if ctx.data() + hdr_end > ctx.data_end() {
+        // SAFETY: the helper only touches this program's packet.
+        if unsafe { bpf_skb_pull_data(ctx.skb.skb, hdr_end as u32) } != 0 {
+            count(STAT_PULL_FAILED);
+            return TC_ACT_OK;
+        }
+    }
+    translate(ctx, &h, x, flags, seq, ack)
+}
+
+/// Records a SYN or SYN-ACK: its sequence numbers, its raw options, where and when it arrived.
+#[inline(always)]
+fn observe(ctx: &TcContext, h: &Headers, seq: u32, ack: u32) {
+    let skb: *mut __sk_buff = ctx.skb.skb;
+    // SAFETY: helpers and fields of this program's own context.
+    let (ns, ifindex) = unsafe { (bpf_ktime_get_ns(), (*skb).ingress_ifindex) };
+    let mut syn = Syn { seq, ack, ns, ifindex, ..Syn::default() };
+    // Byte by byte from the linear header (a length the verifier can bound: the helper that
+    // copies a variable length would need one it cannot prove here).
+    let len = h.doff - size_of::<TcpHdr>();
+    let base = h.l4 + size_of::<TcpHdr>();
+    let mut copied = 0u32;
+    for i in 0..40 {
+        if i >= len {
+            break;
+        }
+        let Some(b) = ptr_at::<u8>(ctx, base + i) else { break };
+        // SAFETY: bounds checked by `ptr_at`.
+        syn.options[i] = unsafe { *b };
+        copied += 1;
+    }
+    syn.options_len = copied;
+    let _ = PKT_SYNS.insert(h.key, syn, 0);
+    count(STAT_SYN_SEEN);
+}
+
+/// Offsets (from the TCP header) of the timestamp option's TSval and of the first SACK edge,
+/// and the number of SACK edges; `Err` for a layout this program does not translate.
+#[inline(always)]
+fn options(ctx: &TcContext, l4: usize, doff: usize) -> Result<(usize, usize, usize), ()> {
+    let olen = doff - size_of::<TcpHdr>();
+    if olen == 0 {
+        return Ok((NONE, NONE, 0));
+    }
+    let base = l4 + size_of::<TcpHdr>();
+    let Some(o) = ptr_at::<[u8; 4]>(ctx, base) else {
+        return Err(());
+    };
+    // SAFETY: bounds checked by `ptr_at`.
+    let o = unsafe { *o };
+    if o[0] == 1 && o[1] == 1 && o[2] == 8 && o[3] == 10 {
+        // NOP NOP TS [NOP NOP SACK]
+        if olen == 12 {
+            return Ok((size_of::<TcpHdr>() + 4, NONE, 0));
+        }
+        let Some(s) = ptr_at::<[u8; 4]>(ctx, base + 12) else {
+            return Err(());
+        };
+        // SAFETY: bounds checked by `ptr_at`.
+        let s = unsafe { *s };
+        let len = usize::from(s[3]);
+        if s[0] == 1 && s[1] == 1 && s[2] == 5 && (10..=26).contains(&len) && (len - 2) % 8 == 0 && 14 + len <= olen {
+            return Ok((size_of::<TcpHdr>() + 4, size_of::<TcpHdr>() + 16, (len - 2) / 4));
+        }
+        return Err(());
+    }
+    if o[0] == 1 && o[1] == 1 && o[2] == 5 {
+        // NOP NOP SACK
+        let len = usize::from(o[3]);
+        if (10..=34).contains(&len) && (len - 2) % 8 == 0 && 2 + len <= olen {
+            return Ok((NONE, size_of::<TcpHdr>() + 4, (len - 2) / 4));
+        }
+        return Err(());
+    }
+    Err(())
+}
+
+#[inline(always)]
+fn load32(p: *const u8) -> u32 {
+    // SAFETY: callers checked that 4 bytes at `p` are inside the packet.
+    unsafe { ptr::read_unaligned(p.cast::<u32>()) }
+}
+
+#[inline(always)]
+fn store32(p: *mut u8, v: u32) {
+    // SAFETY: callers checked that 4 bytes at `p` are inside the packet.
+    unsafe { ptr::write_unaligned(p.cast::<u32>(), v) }
+}
+
+/// A first FIN or RST of this direction goes to userspace.
+#[inline(always)]
+fn event(x: &mut Xlate, key: &Key, ev: u32) {
+    if x.events & ev == 0 {
+        x.events |= ev;
+        let _ = PKT_EVENTS.output::<Key>(key, 0);
+    }
+}
+
+#[inline(always)]
+#[expect(clippy::too_many_lines, reason = "one pass over the headers, in wire order")]
+fn translate(ctx: &TcContext, h: &Headers, x: &mut Xlate, flags: u8, seq: u32, ack: u32) -> i32 {
+    let skb: *mut __sk_buff = ctx.skb.skb;
+    // Pointers again: a pull above moved the packet.
+    let Some(th) = ptr_at::<TcpHdr>(ctx, h.l4) else {
+        return TC_ACT_OK;
+    };
+    let Ok((ts, sack, edges)) = options(ctx, h.l4, h.doff) else {
+        count(STAT_BAD_OPTIONS);
+        return TC_ACT_SHOT;
+    };
+    let payload = (ctx.len() as usize).saturating_sub(h.l4 + h.doff) as u32;
+    let fin = flags & TCP_FIN != 0;
+    let rst = flags & TCP_RST != 0;
+    let has_ack = flags & TCP_ACK != 0;
+
+    if has_ack && (ack.wrapping_sub(x.max_ack) as i32) > 0 {
+        x.max_ack = ack;
+    }
+    // Everything the local socket sent is acknowledged: from now on every ACK is the peer's.
+    if has_ack && x.local_below != 0 && (ack.wrapping_sub(x.local_below) as i32) >= 0 {
+        x.local_below = 0;
+    }
+    let end = seq.wrapping_add(payload).wrapping_add(u32::from(fin));
+    if (end.wrapping_sub(x.max_end) as i32) > 0 {
+        x.max_end = end;
+    }
+    if fin {
+        x.fin_end = end;
+        if x.events & EV_FIN == 0 {
+            // SAFETY: a helper without arguments.
+            x.fin_ns = unsafe { bpf_ktime_get_ns() };
+        }
+        event(x, &h.key, EV_FIN);
+    }
+    if rst {
+        event(x, &h.key, EV_RST);
+    }
+    if payload == 0 && !fin && !rst && has_ack && x.local_below != 0 && (ack.wrapping_sub(x.local_below) as i32) < 0 {
+        count(STAT_LOCAL_ACK);
+        return TC_ACT_OK;
+    }
+
+    // IP header: TTL / hop limit and addresses.
+    let mut pseudo: u64 = 0;
+    let mut l3sum: u64 = 0;
+    if h.family == FAMILY_V4 {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+            return TC_ACT_OK;
+        };
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe {
+            if (*ip).ttl <= 1 {
+                count(STAT_TTL);
+                return TC_ACT_SHOT;
+            }
+            let ttl_word = ip.cast::<u8>().add(8);
+            let old = u32::from(ptr::read_unaligned(ttl_word.cast::<u16>()));
+            (*ip).ttl -= 1;
+            let new = u32::from(ptr::read_unaligned(ttl_word.cast::<u16>()));
+            l3sum += u64::from(!old & 0xffff) + u64::from(new);
+            let (s, d) = ((*ip).saddr, (*ip).daddr);
+            (*ip).saddr = x.src[0];
+            (*ip).daddr = x.dst[0];
+            pseudo = csum_add(pseudo, s, x.src[0]);
+            pseudo = csum_add(pseudo, d, x.dst[0]);
+            l3sum = csum_add(l3sum, s, x.src[0]);
+            l3sum = csum_add(l3sum, d, x.dst[0]);
+        }
+    } else {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else {
+            return TC_ACT_OK;
+        };
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe {
+            if (*ip).hop_limit <= 1 {
+                count(STAT_TTL);
+                return TC_ACT_SHOT;
+            }
+            (*ip).hop_limit -= 1;
+            for i in 0..4 {
+                let (s, d) = ((*ip).saddr[i], (*ip).daddr[i]);
+                (*ip).saddr[i] = x.src[i];
+                (*ip).daddr[i] = x.dst[i];
+                pseudo = csum_add(pseudo, s, x.src[i]);
+                pseudo = csum_add(pseudo, d, x.dst[i]);
+            }
+        }
+    }
+
+    // TCP header: ports, sequence, acknowledgment, window.
+    let mut tcp: u64 = 0;
+    let t = th.cast::<u8>();
+    // SAFETY: `th` points at a whole TCP header (`ptr_at`), options checked by `options`.
+    unsafe {
+        let old = load32(t);
+        (*th).source = x.sport;
+        (*th).dest = x.dport;
+        tcp = csum_add(tcp, old, load32(t));
+        let old = (*th).seq;
+        let new = seq.wrapping_add(x.seq_delta).to_be();
+        (*th).seq = new;
+        tcp = csum_add(tcp, old, new);
+        if has_ack {
+            let old = (*th).ack_seq;
+            let new = ack.wrapping_add(x.ack_delta).to_be();
+            (*th).ack_seq = new;
+            tcp = csum_add(tcp, old, new);
+        }
+        if x.win_shl != x.win_shr {
+            let old = load32(t.add(12));
+            let win = u32::from(u16::from_be((*th).window));
+            let mut scaled = (win << (x.win_shl & 15)) >> (x.win_shr & 15);
+            if scaled > 0xffff {
+                scaled = 0xffff;
+            }
+            // Rounding a small window down to 0 would stall the sender.
+            if scaled == 0 && win != 0 {
+                scaled = 1;
+            }
+            (*th).window = (scaled as u16).to_be();
+            tcp = csum_add(tcp, old, load32(t.add(12)));
+        }
+    }
+    if ts != NONE && x.flags & XF_TS != 0 {
+        let Some(p) = ptr_at::<[u8; 8]>(ctx, h.l4 + ts) else {
+            return TC_ACT_SHOT;
+        };
+        let p = p.cast::<u8>();
+        let (old_val, old_ecr) = (load32(p), load32(p.wrapping_add(4)));
+        let new_val = u32::from_be(old_val).wrapping_add(x.tsval_delta).to_be();
+        let ecr = u32::from_be(old_ecr);
+        let new_ecr = if ecr == 0 { 0 } else { ecr.wrapping_add(x.tsecr_delta).to_be() };
+        store32(p, new_val);
+        store32(p.wrapping_add(4), new_ecr);
+        tcp = csum_add(tcp, old_val, new_val);
+        tcp = csum_add(tcp, old_ecr, new_ecr);
+    }
+    if sack != NONE {
+        // SACK edges are acknowledgment-space numbers.
+        for i in 0..8 {
+            if i >= edges {
+                break;
+            }
+            let Some(p) = ptr_at::<[u8; 4]>(ctx, h.l4 + sack + i * 4) else {
+                return TC_ACT_SHOT;
+            };
+            let p = p.cast::<u8>();
+            let old = load32(p);
+            let new = u32::from_be(old).wrapping_add(x.ack_delta).to_be();
+            store32(p, new);
+            tcp = csum_add(tcp, old, new);
+        }
+    }
+
+    // Counters before the helpers below (they invalidate packet pointers, not this entry).
+    // Plain additions (the BPF target has no atomic read-modify-write in `core`): one direction
+    // of a flow is nearly always carried by one CPU, and these two only inform `/connections`;
+    // the byte totals of the access log come from `max_end`.
+    x.packets += 1;
+    x.bytes += u64::from(payload);
+    // SAFETY: a helper without arguments.
+    x.last_ns = unsafe { bpf_ktime_get_ns() };
+    let l4_check = (h.l4 + TCP_CHECK) as u32;
+    // SAFETY: checksum helpers on this program's packet, at offsets inside the headers.
+    unsafe {
+        if h.family == FAMILY_V4 {
+            bpf_l3_csum_replace(skb, (ETH_LEN + IP_CHECK) as u32, 0, u64::from(csum_fold(l3sum)), 0);
+        }
+        bpf_l4_csum_replace(skb, l4_check, 0, u64::from(csum_fold(pseudo)), u64::from(BPF_F_PSEUDO_HDR));
+        bpf_l4_csum_replace(skb, l4_check, 0, u64::from(csum_fold(tcp)), 0);
+        (*skb).mark = MARK;
+        (*skb).tstamp = 0;
+    }
+    count(STAT_TRANSLATED);
+    // SAFETY: redirect of this program's packet.
+    let r = unsafe { bpf_redirect_neigh(x.ifindex, ptr::null_mut(), 0, 0) } as i32;
+    if r == TC_ACT_SHOT {
+        count(STAT_REDIRECT_FAILED);
+    }
+    r
+}
+
+#[classifier]
+pub(crate) fn packet_egress(ctx: TcContext) -> i32 {
+    let skb: *mut __sk_buff = ctx.skb.skb;
+    // SAFETY: a field of this program's own context.
+    unsafe {
+        if (*skb).mark == MARK {
+            (*skb).mark = 0;
+            return TC_ACT_OK;
+        }
+    }
+    let Some(h) = headers(&ctx) else {
+        return TC_ACT_OK;
+    };
+    if let Some(n) = PKT_QUIET.get_ptr_mut(h.key) {
+        // SAFETY: a map value pointer, valid for this run (a racy count is good enough).
+        unsafe { *n += 1 };
+        count(STAT_GUARDED);
+        return TC_ACT_SHOT;
+    }
+    TC_ACT_OK
+}

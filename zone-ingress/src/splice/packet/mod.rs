@@ -1,0 +1,571 @@
+//! The packet splice (`--splice packet`): after the ClientHello, a tc program forwards each
+//! packet of the flow from one leg to the other, rewritten like a NAT that also shifts sequence
+//! numbers, and redirects it out of the other interface; TCP is no longer terminated twice
+//! ([docs/design.md#packet-splice](../../../../docs/design.md#packet-splice)).
+//!
+//! - `switch`: the sequence, timestamp and window arithmetic of the two translation entries;
+//! - `monitor`: the thread that finishes each switch (parks the backend socket once its bytes
+//!   are acknowledged), learns of each flow's end from the kernel's FIN/RST events, reports it,
+//!   keeps translating through a linger period, then removes the entries and closes the parked
+//!   sockets silently; idle timeout and the drain's resets;
+//! - `reset`: RSTs sent on behalf of a parked socket (idle timeout, drain, failed switch).
+//!
+//! The handoff (this file), in order:
+//! 1. refuse, with both sockets untouched, a flow the programs cannot carry: legs of different
+//!    families, a handshake not observed (an interface without the programs), a backend that
+//!    spoke first, more queued from the client than a ClientHello;
+//! 2. read both sockets' sequence numbers and timestamp clocks;
+//! 3. guard the client socket (nothing it sends leaves any more), then read what it queued;
+//! 4. install both translation entries: from now on every packet of either leg is forwarded;
+//! 5. write what the client socket queued to the backend socket, which delivers it with its own
+//!    retransmissions (the backend's ACKs of it come back to it, `Xlate::local_below`);
+//! 6. park the client socket; the monitor parks the backend socket once its bytes are acked.
+//!
+//! Why no byte can be lost or duplicated in any interleaving: see `switch` (one numbering for
+//! both legs) and docs/design.md#packet-splice (the guard orders every ACK a socket sent before
+//! the bytes the daemon relays).
+
+mod monitor;
+mod reset;
+pub mod switch;
+
+use std::{
+    collections::HashMap as StdHashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+};
+
+use aya::{
+    maps::{HashMap, IterableMap as _, MapData, PerCpuArray, RingBuf},
+    programs::{SchedClassifier, TcAttachType},
+};
+use tracing::{info, warn};
+use zone_ingress_ebpf::packet::{self as abi, Key, Syn, Xlate};
+
+use self::{
+    monitor::{Monitor, PFlow},
+    switch::Leg,
+};
+use super::{CloseReason, Limits, ReportSender, sockmap::LoadError};
+use crate::{
+    ebpf::{self, Object},
+    sys::{self, BpfMap, tcp},
+};
+
+/// Most bytes the client may have queued at the switch: a ClientHello, and what a client sends
+/// without waiting for an answer (early data). The backend socket delivers them with its own
+/// retransmissions; beyond this the connection uses the sockmap splice.
+pub const MAX_RELAYED: usize = 1 << 20;
+
+/// Why one connection stays off the packet path (it then tries the sockmap splice; nothing
+/// was changed on either socket).
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("global cap of {0} packet-spliced connections reached")]
+    Full(usize),
+    #[error("the client leg is {client} and the backend leg {backend}: translating between families is not supported")]
+    Families { client: &'static str, backend: &'static str },
+    #[error("the {0} handshake was not seen by the tc program (its interface has no program attached)")]
+    NotObserved(&'static str),
+    #[error("the backend sent {0} bytes before the ClientHello")]
+    BackendSpoke(u64),
+    #[error("the client queued {0} bytes, more than a ClientHello")]
+    TooMuchQueued(u32),
+    #[error("the observed handshake does not match the socket (a stale observation)")]
+    Stale,
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What a refused handoff gives back: both sockets, untouched.
+pub struct Rejected {
+    pub client: OwnedFd,
+    pub backend: OwnedFd,
+    pub error: Refused,
+}
+
+/// The four addresses of a routed connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Addrs {
+    pub client_local: SocketAddr,
+    pub client_peer: SocketAddr,
+    pub backend_local: SocketAddr,
+    pub backend_peer: SocketAddr,
+}
+
+/// Global counters of the packet path.
+#[derive(Debug, Default)]
+pub struct PacketStats {
+    /// Flows currently translated (ended ones lingering included until their entries go).
+    pub active: AtomicUsize,
+    /// Flows switched since start.
+    pub total: AtomicU64,
+    /// Connections the packet path refused (they went to the next path).
+    pub refused: AtomicU64,
+    /// Switches that failed after the client socket was read (the flow was reset).
+    pub failed: AtomicU64,
+}
+
+/// The maps userspace uses, through plain `bpf(2)` (shared by threads without a lock).
+struct Maps {
+    flows: BpfMap<Key, Xlate>,
+    quiet: BpfMap<Key, u64>,
+    syns: BpfMap<Key, Syn>,
+}
+
+/// State shared by the handoff (runtime workers) and the monitor thread.
+struct Shared {
+    maps: Maps,
+    limits: Limits,
+    stats: Arc<PacketStats>,
+    reports: ReportSender,
+    stop: AtomicBool,
+    monitor: Monitor,
+    next_token: AtomicU64,
+}
+
+/// The loaded and attached programs, their maps and the monitor thread.
+pub struct PacketSplice {
+    shared: Arc<Shared>,
+    _object: Arc<Object>,
+    stats_map: Mutex<PerCpuArray<MapData, u64>>,
+    /// Interfaces with both programs, and their links (dropped with the object: detached).
+    attached: Mutex<Vec<String>>,
+}
+
+impl std::fmt::Debug for PacketSplice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PacketSplice").finish_non_exhaustive()
+    }
+}
+
+impl PacketSplice {
+    /// Loads both programs, attaches them (tcx) to the interfaces carrying `listen` (every
+    /// interface but loopback when it is unspecified), checks that this process may park
+    /// sockets, and starts the monitor thread.
+    ///
+    /// # Errors
+    /// No object, a program the kernel refused, no tcx (Linux < 6.6), no `CAP_NET_ADMIN`.
+    pub fn load(
+        object: Arc<Object>,
+        limits: Limits,
+        reports: ReportSender,
+        listen: SocketAddr,
+    ) -> Result<Self, LoadError> {
+        let io = |what| move |source| LoadError::Io { what, source };
+        check_repair().map_err(io("TCP_REPAIR (the packet splice parks sockets; it needs CAP_NET_ADMIN)"))?;
+        let flows: HashMap<MapData, Key, Xlate> = object.take_map(abi::FLOWS)?;
+        let quiet: HashMap<MapData, Key, u64> = object.take_map(abi::QUIET)?;
+        let syns: HashMap<MapData, Key, Syn> = object.take_map(abi::SYNS)?;
+        let events: RingBuf<MapData> = object.take_map(abi::EVENTS)?;
+        let stats_map: PerCpuArray<MapData, u64> = object.take_map(abi::STATS)?;
+        let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map_err(io("duplicating a map fd"));
+        let maps = Maps {
+            flows: BpfMap::new(dup(flows.map().fd().as_fd())?),
+            quiet: BpfMap::new(dup(quiet.map().fd().as_fd())?),
+            syns: BpfMap::new(dup(syns.map().fd().as_fd())?),
+        };
+        {
+            let mut ebpf = object.lock();
+            for name in [abi::INGRESS_PROG, abi::EGRESS_PROG] {
+                let program = |source| LoadError::Program { name, source };
+                let prog: &mut SchedClassifier =
+                    ebpf.program_mut(name).ok_or(ebpf::Error::Missing(name))?.try_into().map_err(program)?;
+                prog.load().map_err(program)?;
+            }
+        }
+        let monitor = Monitor::new(events).map_err(io("epoll of the packet monitor"))?;
+        let shared = Arc::new(Shared {
+            maps,
+            limits,
+            stats: Arc::new(PacketStats::default()),
+            reports,
+            stop: AtomicBool::new(false),
+            monitor,
+            next_token: AtomicU64::new(1),
+        });
+        let splice = Self { shared, _object: object, stats_map: Mutex::new(stats_map), attached: Mutex::default() };
+        let wanted = if listen.ip().is_unspecified() {
+            all_interfaces().map_err(io("listing the interfaces"))?
+        } else {
+            crate::xdp::interfaces_with(switch::unmap(listen.ip())).map_err(io("listing the interfaces"))?
+        };
+        for name in &wanted {
+            splice.attach(name).map_err(|source| LoadError::Program { name: abi::INGRESS_PROG, source })?;
+        }
+        let thread = Arc::clone(&splice.shared);
+        std::thread::Builder::new()
+            .name("packet-mon".into())
+            .spawn(move || monitor::run(&thread))
+            .map_err(io("spawning the packet monitor thread"))?;
+        info!(interfaces = ?wanted, "packet splice: tc programs attached (tcx ingress and egress)");
+        Ok(splice)
+    }
+
+    /// Attaches both programs to `name` unless they are there already.
+    fn attach(&self, name: &str) -> Result<(), aya::programs::ProgramError> {
+        let mut attached = self.attached.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if attached.iter().any(|a| a == name) {
+            return Ok(());
+        }
+        let mut ebpf = self._object.lock();
+        for (prog, at) in [(abi::INGRESS_PROG, TcAttachType::Ingress), (abi::EGRESS_PROG, TcAttachType::Egress)] {
+            let p: &mut SchedClassifier =
+                ebpf.program_mut(prog).ok_or(aya::programs::ProgramError::NotLoaded)?.try_into()?;
+            p.attach(name, at)?;
+        }
+        attached.push(name.to_owned());
+        Ok(())
+    }
+
+    /// Attaches to the interfaces that lead to `endpoints` (the routing table's choice for
+    /// each), so their SYN-ACKs are seen and their packets translated. Logged, never fatal: a
+    /// flow whose interface lacks the programs uses the sockmap splice.
+    pub fn follow_endpoints(&self, endpoints: impl IntoIterator<Item = IpAddr>) {
+        let mut seen = std::collections::BTreeSet::new();
+        for ip in endpoints {
+            let ip = switch::unmap(ip);
+            if !seen.insert(ip) {
+                continue;
+            }
+            match interfaces_toward(ip) {
+                Ok(names) => {
+                    for name in names {
+                        if let Err(e) = self.attach(&name) {
+                            warn!(interface = name, error = %e, "packet splice: cannot attach");
+                        } else {
+                            info!(interface = name, endpoint = %ip, "packet splice: programs on the interface toward an endpoint");
+                        }
+                    }
+                }
+                Err(e) => warn!(endpoint = %ip, error = %e, "packet splice: no route to an endpoint"),
+            }
+        }
+    }
+
+    /// Interfaces with the programs.
+    pub fn interfaces(&self) -> Vec<String> {
+        self.attached.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The MSS that the client announced in its SYN, to announce to the backend: neither leg
+    /// then sends segments the other cannot carry.
+    pub fn client_mss(&self, client_peer: SocketAddr, client_local: SocketAddr) -> Option<u16> {
+        let syn = self.shared.maps.syns.get(&switch::key(client_peer, client_local)).ok()?;
+        switch::parse_options(&syn.options[..(syn.options_len as usize).min(40)]).mss
+    }
+
+    /// Counters of the packet path.
+    pub fn stats(&self) -> Arc<PacketStats> {
+        Arc::clone(&self.shared.stats)
+    }
+
+    /// Global program counters (`STAT_*` slots), summed over CPUs.
+    pub fn program_counters(&self) -> [u64; abi::STAT_COUNT as usize] {
+        let mut out = [0; abi::STAT_COUNT as usize];
+        if let Ok(map) = self.stats_map.lock() {
+            for (slot, v) in out.iter_mut().enumerate() {
+                if let Ok(values) = map.get(&(slot as u32), 0) {
+                    *v = values.iter().sum();
+                }
+            }
+        }
+        out
+    }
+
+    /// A flow's counters by the token its handoff returned: (client → backend bytes, backend →
+    /// client bytes, last packet in `sys::monotonic_ns()` time); `None` once it is gone.
+    pub fn flow_counters(&self, token: u64) -> Option<(u64, u64, u64)> {
+        let flows = self.shared.monitor.flows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let f = flows.get(&token)?;
+        let (c, b) = self.shared.read_entries(f);
+        let (c, b) = (c?, b?);
+        Some((
+            switch::stream_bytes(&c, f.client_isn),
+            switch::stream_bytes(&b, f.backend_isn),
+            c.last_ns.max(b.last_ns),
+        ))
+    }
+
+    /// Resets every packet-spliced flow, both ways (the end of the drain time).
+    pub fn abort_all(&self, reason: CloseReason) {
+        self.shared.abort_all(reason);
+    }
+
+    /// Hands a routed connection to the packet path (module docs, steps 1–6). `Ok(token)`: the
+    /// flow is the monitor's, and its end is reported with `flow` on the report channel.
+    /// `Err`: both sockets come back untouched.
+    pub fn handoff(&self, client: OwnedFd, backend: OwnedFd, addrs: Addrs, flow: u64) -> Result<u64, Rejected> {
+        let cap = self.shared.limits.max_spliced;
+        let stats = &self.shared.stats;
+        if stats.active.fetch_add(1, Ordering::AcqRel) >= cap {
+            stats.active.fetch_sub(1, Ordering::AcqRel);
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Rejected { client, backend, error: Refused::Full(cap) });
+        }
+        let legs = match self.prepare(client.as_fd(), backend.as_fd(), &addrs) {
+            Ok(p) => p,
+            Err(error) => {
+                stats.active.fetch_sub(1, Ordering::AcqRel);
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(Rejected { client, backend, error });
+            }
+        };
+        let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
+        stats.total.fetch_add(1, Ordering::Relaxed);
+        self.shared.switch(token, flow, client, backend, &addrs, &legs);
+        Ok(token)
+    }
+
+    /// Steps 1–2: everything that can refuse without changing either socket.
+    fn prepare(&self, client: BorrowedFd<'_>, backend: BorrowedFd<'_>, a: &Addrs) -> Result<[Leg; 2], Refused> {
+        let io = |what| move |source| Refused::Io { what, source };
+        let fam = |s: SocketAddr| if switch::unmap(s.ip()).is_ipv4() { "IPv4" } else { "IPv6" };
+        if fam(a.client_peer) != fam(a.backend_peer) {
+            return Err(Refused::Families { client: fam(a.client_peer), backend: fam(a.backend_peer) });
+        }
+        let syns = &self.shared.maps.syns;
+        let syn_c =
+            syns.get(&switch::key(a.client_peer, a.client_local)).map_err(|_| Refused::NotObserved("client"))?;
+        let syn_b =
+            syns.get(&switch::key(a.backend_peer, a.backend_local)).map_err(|_| Refused::NotObserved("backend"))?;
+        let ic = sys::tcp_info(client).map_err(io("TCP_INFO of the client socket"))?;
+        let ib = sys::tcp_info(backend).map_err(io("TCP_INFO of the backend socket"))?;
+        if ib.bytes_received > 0 {
+            return Err(Refused::BackendSpoke(ib.bytes_received));
+        }
+        let queued = sys::inq(client).map_err(io("SIOCINQ of the client socket"))?;
+        if queued as usize > MAX_RELAYED {
+            return Err(Refused::TooMuchQueued(queued));
+        }
+        let sc = tcp::seqs(client).map_err(io("TCP_QUEUE_SEQ of the client socket"))?;
+        let sb = tcp::seqs(backend).map_err(io("TCP_QUEUE_SEQ of the backend socket"))?;
+        // The SYN-ACK acknowledged our SYN; the backend has sent nothing since its own SYN. A
+        // mismatch means the observation belongs to an earlier connection on the same 4-tuple.
+        if sb.write_seq != syn_b.ack || sb.rcv_nxt != syn_b.seq.wrapping_add(1) {
+            return Err(Refused::Stale);
+        }
+        // Bytes may arrive between the two reads, never 64 KiB of them before a ServerHello.
+        let offset = u64::from(sc.rcv_nxt.wrapping_sub(syn_c.seq.wrapping_add(1)));
+        if offset.wrapping_sub(ic.bytes_received) > 1 << 16 {
+            return Err(Refused::Stale);
+        }
+        let now = sys::monotonic_ns();
+        let peer_ts = |syn: &Syn| {
+            let o = switch::parse_options(&syn.options[..(syn.options_len as usize).min(40)]);
+            // The peer's clock now: its SYN's TSval plus the milliseconds since (RFC 7323
+            // clocks tick between 1 ms and 1 s; a slower one only makes ours run ahead).
+            o.ts.map_or(0, |(v, _)| v.wrapping_add(u32::try_from(now.saturating_sub(syn.ns) / 1_000_000).unwrap_or(0)))
+        };
+        let ts_on = |i: &sys::TcpInfo| i.options() & 1 != 0;
+        let client_leg = Leg {
+            local: a.client_local,
+            peer: a.client_peer,
+            peer_isn: syn_c.seq,
+            local_isn: sc.write_seq.wrapping_sub(1),
+            ts: ts_on(&ic),
+            peer_wscale: ic.snd_wscale(),
+            local_wscale: ic.rcv_wscale(),
+            local_ts_now: tcp::timestamp(client).map_err(io("TCP_TIMESTAMP of the client socket"))?,
+            peer_ts_now: peer_ts(&syn_c),
+            ifindex: syn_c.ifindex,
+        };
+        let backend_leg = Leg {
+            local: a.backend_local,
+            peer: a.backend_peer,
+            peer_isn: syn_b.seq,
+            local_isn: sb.write_seq.wrapping_sub(1),
+            ts: ts_on(&ib),
+            peer_wscale: ib.snd_wscale(),
+            local_wscale: ib.rcv_wscale(),
+            local_ts_now: tcp::timestamp(backend).map_err(io("TCP_TIMESTAMP of the backend socket"))?,
+            peer_ts_now: peer_ts(&syn_b),
+            ifindex: syn_b.ifindex,
+        };
+        Ok([client_leg, backend_leg])
+    }
+}
+
+impl Drop for PacketSplice {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Shared {
+    /// Steps 3–6. Past step 3 the ClientHello is consumed: a failure resets the flow.
+    fn switch(&self, token: u64, flow: u64, client: OwnedFd, backend: OwnedFd, a: &Addrs, legs: &[Leg; 2]) {
+        let quiet = [switch::key(a.client_local, a.client_peer), switch::key(a.backend_local, a.backend_peer)];
+        let mut pf = PFlow::new(flow, [client, backend], *a, legs, quiet);
+        let result = (|| -> io::Result<()> {
+            let c = pf.fds[0].as_fd();
+            // An ACK the client socket still owes goes out before the guard.
+            tcp::quickack(c)?;
+            self.maps.quiet.insert(&quiet[0], &0)?;
+            pf.guarded[0] = true;
+            // Everything the client socket acknowledged before the guard is queued now.
+            let queued = sys::inq(c)? as usize;
+            let mut buf = vec![0u8; queued + MAX_RELAYED];
+            let mut n = 0;
+            let mut fin = false;
+            loop {
+                match sys::recv_nonblocking(c, &mut buf[n..]) {
+                    Ok(0) => {
+                        // The client's FIN reached the socket: the backend socket relays it too.
+                        fin = true;
+                        break;
+                    }
+                    Ok(k) => {
+                        n += k;
+                        if n == buf.len() {
+                            return Err(io::Error::other("the client sent more than a ClientHello during the switch"));
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            let relayed = u32::try_from(n).unwrap_or(u32::MAX);
+            let ((kc, xc), (kb, xb)) = switch::entries(&legs[0], &legs[1], relayed, fin);
+            pf.keys = [kc, kb];
+            self.maps.flows.insert(&kb, &xb)?;
+            self.maps.flows.insert(&kc, &xc)?;
+            pf.installed = true;
+            write_all(pf.fds[1].as_fd(), &buf[..n])?;
+            if fin {
+                sys::shutdown_write(pf.fds[1].as_fd())?;
+                pf.client_fin = true;
+            }
+            pf.relayed = relayed;
+            // The client socket has nothing left to send: park it now.
+            tcp::park(c)?;
+            pf.parked[0] = true;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => self.monitor.add(token, pf),
+            Err(e) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                warn!(flow, error = %e, "packet splice: the switch failed; resetting the connection");
+                self.monitor.add(token, pf);
+                self.abort(token, CloseReason::Internal);
+            }
+        }
+    }
+
+    /// Both translation entries of `f` as the program last left them.
+    fn read_entries(&self, f: &PFlow) -> (Option<Xlate>, Option<Xlate>) {
+        if !f.installed {
+            return (None, None);
+        }
+        (self.maps.flows.get(&f.keys[0]).ok(), self.maps.flows.get(&f.keys[1]).ok())
+    }
+}
+
+/// Writes all of `buf` to a non-blocking socket (a ClientHello: it fits the send buffer).
+fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !buf.is_empty() {
+        match sys::send_nonblocking(fd, buf) {
+            Ok(k) => buf = &buf[k..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Repair mode is available to this process (`CAP_NET_ADMIN`): tried on a fresh socket.
+fn check_repair() -> io::Result<()> {
+    // SAFETY: plain socket(2); the fd is owned at once.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    tcp::park(fd.as_fd())
+}
+
+/// Every interface with an address, but loopback.
+fn all_interfaces() -> io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list freed below.
+    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: a node of the list, not yet freed.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_name.is_null()
+            || ifa.ifa_flags & libc::IFF_LOOPBACK as u32 != 0
+            || ifa.ifa_flags & libc::IFF_UP as u32 == 0
+        {
+            continue;
+        }
+        // SAFETY: a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+/// The interfaces carrying the source address the routing table picks toward `ip` (a UDP
+/// socket's connect asks the table and sends nothing).
+fn interfaces_toward(ip: IpAddr) -> io::Result<Vec<String>> {
+    let bind: SocketAddr =
+        if ip.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }.map_err(|_| io::ErrorKind::InvalidInput)?;
+    let s = std::net::UdpSocket::bind(bind)?;
+    s.connect(SocketAddr::new(ip, 9))?;
+    let src = s.local_addr()?.ip();
+    let names = crate::xdp::interfaces_with(src)?;
+    Ok(names.into_iter().filter(|n| n != "lo").collect())
+}
+
+impl PacketSplice {
+    /// The MSS to announce on the listener: a client's segments are forwarded as they are, so
+    /// they must fit every interface a backend may be behind (the smallest MTU of the
+    /// namespace's interfaces but loopback, less the IP and TCP headers).
+    pub fn listener_mss(v6: bool) -> Option<u16> {
+        listener_mss(&all_interfaces().ok()?, v6)
+    }
+}
+
+/// The smallest MTU of `interfaces` less the IP and TCP headers.
+fn listener_mss(interfaces: &[String], v6: bool) -> Option<u16> {
+    let mtu = interfaces
+        .iter()
+        .filter_map(|name| std::fs::read_to_string(format!("/sys/class/net/{name}/mtu")).ok())
+        .filter_map(|s| s.trim().parse::<u32>().ok())
+        .min()?;
+    u16::try_from(mtu.saturating_sub(if v6 { 60 } else { 40 })).ok()
+}
+
+/// Token → flow, for the event handler.
+type Index = StdHashMap<Key, u64>;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mss_from_mtu() {
+        assert_eq!(super::listener_mss(&["does-not-exist".into()], false), None);
+    }
+}

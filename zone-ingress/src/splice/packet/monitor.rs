@@ -1,0 +1,358 @@
+//! The packet monitor thread: finishes switches, ends flows, lingers, cleans up.
+//!
+//! - **Settle**: the backend socket keeps sending (and retransmitting) what it relayed until the
+//!   backend acknowledges all of it; the program then clears `Xlate::local_below`. The monitor
+//!   polls that every millisecond while a switch is unsettled, then guards and parks the socket.
+//! - **End**: the program reports the first FIN and the first RST of each direction on
+//!   `PKT_EVENTS`. A RST either way, or a FIN both ways, ends the flow: its close report goes to
+//!   the owner at once, with the exact byte counts (the FIN's sequence number marks the end).
+//! - **Linger**: the entries keep translating for [`LINGER`] (retransmitted FINs, final ACKs);
+//!   then they are removed, the parked sockets closed (silently: repair mode) and the guard
+//!   entries removed, in that order. The parked backend socket holds its 4-tuple until then, so
+//!   the kernel cannot reuse that source port while packets of the flow may still arrive.
+//! - **Idle**: once a second, flows whose last packet is older than the idle timeout are reset
+//!   both ways (the entries' `last_ns`), which also catches an event lost to a full ring.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    io,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    sync::{Mutex, PoisonError, atomic::Ordering},
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use tracing::{debug, warn};
+use zone_ingress_ebpf::packet::{EV_FIN, EV_RST, Key, Xlate};
+
+use super::{Addrs, Index, Shared, reset, switch::Leg};
+use crate::{
+    splice::{CloseReason, CloseReport, Closed},
+    sys::{self, epoll, tcp},
+};
+
+/// How long an ended flow's entries keep translating: the peer that closed last retransmits its
+/// FIN until it is acknowledged (200 ms, 400 ms, ... after the loss of a final ACK), and its
+/// 4-tuple must not be reused meanwhile. Below 15 s, so a flow's sockets are gone by then.
+pub(super) const LINGER: Duration = Duration::from_secs(10);
+/// A switch whose relayed bytes the backend has not acknowledged by then is reset.
+const SETTLE_LIMIT: Duration = Duration::from_secs(60);
+/// How often idle flows are looked for.
+const IDLE_SCAN: Duration = Duration::from_secs(1);
+
+/// One packet-spliced flow.
+pub(super) struct PFlow {
+    /// The owner's id, carried by the close report.
+    pub(super) flow: u64,
+    /// The parked client and backend sockets.
+    pub(super) fds: [OwnedFd; 2],
+    pub(super) addrs: Addrs,
+    /// Keys of packets from the client and from the backend.
+    pub(super) keys: [Key; 2],
+    /// Keys of what the client and backend sockets would send (the guard).
+    pub(super) quiet: [Key; 2],
+    pub(super) client_isn: u32,
+    pub(super) backend_isn: u32,
+    pub(super) guarded: [bool; 2],
+    pub(super) parked: [bool; 2],
+    pub(super) installed: bool,
+    pub(super) relayed: u32,
+    /// The client's FIN reached its socket before the switch (the backend socket relayed it,
+    /// so the program never sees it).
+    pub(super) client_fin: bool,
+    switched_ns: u64,
+    /// Set once the flow ended (`sys::monotonic_ns()`), with its report sent.
+    ended_ns: Option<u64>,
+}
+
+impl PFlow {
+    pub(super) fn new(flow: u64, fds: [OwnedFd; 2], addrs: Addrs, legs: &[Leg; 2], quiet: [Key; 2]) -> Self {
+        Self {
+            flow,
+            fds,
+            addrs,
+            keys: [Key::default(); 2],
+            quiet,
+            client_isn: legs[0].peer_isn,
+            backend_isn: legs[1].peer_isn,
+            guarded: [false; 2],
+            parked: [false; 2],
+            installed: false,
+            relayed: 0,
+            client_fin: false,
+            switched_ns: sys::monotonic_ns(),
+            ended_ns: None,
+        }
+    }
+}
+
+/// The monitor's state.
+pub(super) struct Monitor {
+    pub(super) flows: Mutex<StdHashMap<u64, PFlow>>,
+    index: Mutex<Index>,
+    events: Mutex<RingBuf<MapData>>,
+    epoll: OwnedFd,
+}
+
+impl Monitor {
+    pub(super) fn new(events: RingBuf<MapData>) -> io::Result<Self> {
+        let epoll = epoll::create()?;
+        epoll::add(epoll.as_fd(), events.as_raw_fd(), libc::EPOLLIN as u32, 0)?;
+        Ok(Self { flows: Mutex::default(), index: Mutex::default(), events: Mutex::new(events), epoll })
+    }
+
+    pub(super) fn add(&self, token: u64, f: PFlow) {
+        if f.installed {
+            let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+            index.insert(f.keys[0], token);
+            index.insert(f.keys[1], token);
+        }
+        self.flows.lock().unwrap_or_else(PoisonError::into_inner).insert(token, f);
+    }
+}
+
+/// The thread's body.
+pub(super) fn run(shared: &Shared) {
+    let mut last_scan = sys::monotonic_ns();
+    let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 4];
+    while !shared.stop.load(Ordering::Relaxed) {
+        let settling = shared
+            .monitor
+            .flows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .any(|f| f.ended_ns.is_none() && !f.parked[1]);
+        let timeout = Duration::from_millis(if settling { 1 } else { 100 });
+        let _ = epoll::wait(shared.monitor.epoll.as_fd(), &mut ready, timeout);
+        let keys: Vec<Key> = {
+            let mut ring = shared.monitor.events.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut keys = Vec::new();
+            while let Some(item) = ring.next() {
+                if item.len() >= std::mem::size_of::<Key>() {
+                    // SAFETY: the program writes whole `Key`s; read unaligned from the ring.
+                    keys.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Key>()) });
+                }
+            }
+            keys
+        };
+        for key in keys {
+            let token = shared.monitor.index.lock().unwrap_or_else(PoisonError::into_inner).get(&key).copied();
+            if let Some(token) = token {
+                shared.check_end(token);
+            }
+        }
+        let now = sys::monotonic_ns();
+        let tokens: Vec<(u64, bool, Option<u64>)> = shared
+            .monitor
+            .flows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(t, f)| (*t, f.parked[1], f.ended_ns))
+            .collect();
+        let scan = now.saturating_sub(last_scan) >= IDLE_SCAN.as_nanos() as u64;
+        if scan {
+            last_scan = now;
+        }
+        for (token, settled, ended) in tokens {
+            match ended {
+                Some(at) if now.saturating_sub(at) >= LINGER.as_nanos() as u64 => shared.cleanup(token),
+                Some(_) => {}
+                None => {
+                    if !settled {
+                        shared.settle(token);
+                    }
+                    if scan {
+                        shared.check_end(token);
+                        shared.check_idle(token, now);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Guards and parks the backend socket once the backend acknowledged what it relayed.
+    fn settle(&self, token: u64) {
+        let mut flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(f) = flows.get_mut(&token) else { return };
+        let Ok(b) = self.maps.flows.get(&f.keys[1]) else { return };
+        if b.local_below != 0 {
+            if sys::monotonic_ns().saturating_sub(f.switched_ns) > SETTLE_LIMIT.as_nanos() as u64 {
+                drop(flows);
+                warn!(token, "packet splice: the backend never acknowledged the ClientHello; resetting");
+                self.abort(token, CloseReason::Internal);
+            }
+            return;
+        }
+        let fd = f.fds[1].as_fd();
+        let result = (|| -> io::Result<u64> {
+            self.maps.quiet.insert(&f.quiet[1], &0)?;
+            f.guarded[1] = true;
+            // Anything that reached the socket before the guard was acknowledged to the backend
+            // by it, and only the daemon could forward it: the backend never sends before it
+            // has the ClientHello, which left after the entries were in place.
+            let received = sys::tcp_info(fd)?.bytes_received;
+            tcp::park(fd)?;
+            f.parked[1] = true;
+            Ok(received)
+        })();
+        match result {
+            Ok(0) => debug!(token, flow = f.flow, "packet splice: switch settled"),
+            Ok(n) => {
+                let flow = f.flow;
+                drop(flows);
+                warn!(
+                    flow,
+                    bytes = n,
+                    "packet splice: the backend socket received bytes outside the switch; resetting"
+                );
+                self.abort(token, CloseReason::Internal);
+            }
+            Err(e) => {
+                let flow = f.flow;
+                drop(flows);
+                warn!(flow, error = %e, "packet splice: parking the backend socket failed; resetting");
+                self.abort(token, CloseReason::Internal);
+            }
+        }
+    }
+
+    /// Ends the flow if the program saw a RST either way or a FIN both ways.
+    fn check_end(&self, token: u64) {
+        let mut flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(f) = flows.get_mut(&token) else { return };
+        if f.ended_ns.is_some() {
+            return;
+        }
+        let (Some(mut c), Some(b)) = self.read_entries(f) else { return };
+        if f.client_fin && c.events & EV_FIN == 0 {
+            c.events |= EV_FIN;
+            c.fin_ns = f.switched_ns;
+            // The FIN's sequence number is in `max_end` once a later ACK of the client carried
+            // it; count it either way.
+            let fin_end = f.client_isn.wrapping_add(2).wrapping_add(f.relayed);
+            if (fin_end.wrapping_sub(c.max_end) as i32) > 0 {
+                c.max_end = fin_end;
+            }
+        }
+        let reason = if c.events & EV_RST != 0 {
+            CloseReason::ClientReset
+        } else if b.events & EV_RST != 0 {
+            CloseReason::BackendReset
+        } else if c.events & b.events & EV_FIN != 0 {
+            // Whoever's FIN came first.
+            if c.fin_ns <= b.fin_ns { CloseReason::ClientFin } else { CloseReason::BackendFin }
+        } else {
+            return;
+        };
+        f.ended_ns = Some(sys::monotonic_ns());
+        self.report(f, reason, &c, &b);
+    }
+
+    /// Resets flows idle for longer than the idle timeout.
+    fn check_idle(&self, token: u64, now: u64) {
+        let idle = {
+            let flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(f) = flows.get(&token) else { return };
+            let (c, b) = self.read_entries(f);
+            let last = [c.map_or(0, |x| x.last_ns), b.map_or(0, |x| x.last_ns), f.switched_ns].into_iter().max();
+            now.saturating_sub(last.unwrap_or(now)) > self.limits.idle_timeout.as_nanos() as u64
+        };
+        if idle {
+            self.abort(token, CloseReason::IdleTimeout);
+        }
+    }
+
+    fn report(&self, f: &PFlow, reason: CloseReason, c: &Xlate, b: &Xlate) {
+        let closed = Closed {
+            reason,
+            client_to_backend: super::switch::stream_bytes(c, f.client_isn),
+            backend_to_client: super::switch::stream_bytes(b, f.backend_isn),
+        };
+        let _ = self.reports.send(CloseReport { flow: f.flow, closed });
+    }
+
+    /// Resets both ends of `token` now, reports it (unless it ended already), and cleans up
+    /// after a short linger (RSTs are not retransmitted; the entries only absorb stragglers).
+    pub(super) fn abort(&self, token: u64, reason: CloseReason) {
+        let mut flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(f) = flows.get_mut(&token) else { return };
+        let (c, b) = self.read_entries(f);
+        if let (Some(c), Some(b)) = (c, b) {
+            let a = f.addrs;
+            // The peer's next expected number: its last ACK, or the end of what was sent to it.
+            let to_client = [c.max_ack, b.max_end.wrapping_add(b.seq_delta)];
+            let to_backend = [b.max_ack, c.max_end.wrapping_add(c.seq_delta)];
+            for (from, to, seqs) in
+                [(a.client_local, a.client_peer, to_client), (a.backend_local, a.backend_peer, to_backend)]
+            {
+                if let Err(e) = reset::send(from, to, &seqs) {
+                    warn!(flow = f.flow, %to, error = %e, "packet splice: sending a RST failed");
+                }
+            }
+        }
+        if f.ended_ns.is_none() {
+            self.report(f, reason, &c.unwrap_or_default(), &b.unwrap_or_default());
+        }
+        // Ended: cleaned up at the next pass after the linger (here: at once, see below).
+        f.ended_ns = Some(sys::monotonic_ns().saturating_sub(LINGER.as_nanos() as u64));
+        if !f.installed {
+            // Nothing was translated: the sockets' own RSTs are right. Lift the guard first.
+            for (i, q) in f.quiet.iter().enumerate() {
+                if f.guarded[i] {
+                    let _ = self.maps.quiet.remove(q);
+                    f.guarded[i] = false;
+                }
+            }
+            for fd in &f.fds {
+                let _ = sys::set_linger_zero(fd.as_fd());
+            }
+        }
+    }
+
+    /// Removes a flow: entries, then sockets (silently), then guard entries.
+    fn cleanup(&self, token: u64) {
+        let Some(f) = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner).remove(&token) else {
+            return;
+        };
+        if f.installed {
+            let mut index = self.monitor.index.lock().unwrap_or_else(PoisonError::into_inner);
+            for k in &f.keys {
+                index.remove(k);
+                let _ = self.maps.flows.remove(k);
+            }
+        }
+        let PFlow { fds, quiet, guarded, parked, flow, .. } = f;
+        for (i, fd) in fds.into_iter().enumerate() {
+            if !parked[i] {
+                // A socket not parked closes with a RST (the guard drops it) rather than a FIN.
+                let _ = sys::set_linger_zero(fd.as_fd());
+            }
+            drop(fd);
+        }
+        for (i, q) in quiet.iter().enumerate() {
+            if guarded[i] {
+                let _ = self.maps.quiet.remove(q);
+            }
+        }
+        self.stats.active.fetch_sub(1, Ordering::AcqRel);
+        debug!(flow, "packet splice: flow removed");
+    }
+
+    /// Resets every flow and removes it (the end of the drain time).
+    pub(super) fn abort_all(&self, reason: CloseReason) {
+        let tokens: Vec<u64> =
+            self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner).keys().copied().collect();
+        for t in tokens {
+            let ended =
+                self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner).get(&t).and_then(|f| f.ended_ns);
+            if ended.is_none() {
+                self.abort(t, reason);
+            }
+            self.cleanup(t);
+        }
+    }
+}
