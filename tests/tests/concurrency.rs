@@ -1,8 +1,9 @@
 //! 1,000 concurrent connections through the live ingress: opened and held first (all 1,000
 //! confirmed spliced), then 256 KiB each way on every one at once with per-connection SHA-256
-//! checks, then closed; afterwards the daemon must hold exactly the fds it held before, the BPF
-//! pairing map `PAIRS` must be empty, and the access log must have 1,000 `connection closed`
-//! lines.
+//! checks, then closed; afterwards the daemon must hold exactly the fds it held before, its BPF
+//! flow maps must be empty (`PAIRS` of the sockmap splice; `PKT_FLOWS` and the guard's
+//! `PKT_QUIET` of the packet splice, whose parked sockets must be gone from `ss` too), and the
+//! access log must have 1,000 `connection closed` lines.
 //!
 //! Every connection carries its own index right after the ClientHello and its own seeds, so a
 //! cross-wired pair of sockets fails the digest comparison as surely as a lost byte does.
@@ -82,10 +83,15 @@ fn concurrent(mode: &'static str) {
         &["--splice", mode, "--drain-time", "1s", "--max-connections-per-cluster", "4096"],
     );
     let pid = daemon.pid();
-    let kernel = mode == "kernel";
-    let pairs = kernel.then(|| raw::daemon_map_id(pid, "PAIRS").unwrap_or_else(|e| panic!("{e}")));
-    if let Some(id) = pairs {
-        assert_eq!(raw::map_entries(id), Ok(0), "PAIRS before the test");
+    let names: &[&str] = match mode {
+        "kernel" => &["PAIRS"],
+        "packet" => &["PKT_FLOWS", "PKT_QUIET"],
+        _ => &[],
+    };
+    let maps: Vec<(&str, u32)> =
+        names.iter().map(|n| (*n, raw::daemon_map_id(pid, n).unwrap_or_else(|e| panic!("{e}")))).collect();
+    for (name, id) in &maps {
+        assert_eq!(raw::map_entries(*id), Ok(0), "{name} before the test");
     }
     let fd_base = raw::fd_count(pid);
     let ingress = SocketAddr::new(Topology::ingress_v4().into(), 10001);
@@ -163,15 +169,24 @@ fn concurrent(mode: &'static str) {
         fds_held <= fd_base + 2 * N + 16,
         "daemon fds: {fd_base} before, {fds_held} with {N} open: more than two per connection"
     );
-    if let Some(id) = pairs {
-        assert_eq!(raw::map_entries(id), Ok(2 * N), "PAIRS entries with {N} spliced connections");
+    for (name, id) in &maps {
+        // Two per connection in each: one per socket, or one per direction and one per parked
+        // socket.
+        let mut got = Ok(0);
+        let all = wait_until(Duration::from_secs(10), || {
+            got = raw::map_entries(*id);
+            got == Ok(2 * N)
+        });
+        assert!(all, "{name} entries with {N} spliced connections: {got:?}");
     }
     let log = daemon.log_text();
-    assert!(
-        raw::lines_with(&log, &["kernel splice refused"]).is_empty(),
-        "some connections fell back to userspace:\n{}",
-        raw::lines_with(&log, &["kernel splice refused"]).join("\n")
-    );
+    for refusal in ["kernel splice refused", "packet splice refused"] {
+        assert!(
+            raw::lines_with(&log, &[refusal]).is_empty(),
+            "some connections took another path:\n{}",
+            raw::lines_with(&log, &[refusal]).join("\n")
+        );
+    }
     eprintln!("{mode}: {N} connections open and spliced after {opened:?}; daemon fds {fd_base} → {fds_held}");
 
     // Transfers on all of them at once.
@@ -222,14 +237,19 @@ fn concurrent(mode: &'static str) {
     });
     assert!(released, "daemon fds: {fd_base} before, {fds_now} 20 s after all {N} connections closed");
     assert_eq!(fds_now, fd_base, "daemon fds after close");
-    if let Some(id) = pairs {
+    for (name, id) in &maps {
         let mut left = Ok(usize::MAX);
         let empty = wait_until(Duration::from_secs(10), || {
-            left = raw::map_entries(id);
+            left = raw::map_entries(*id);
             left == Ok(0)
         });
-        assert!(empty, "PAIRS still has {left:?} entries after all connections closed");
+        assert!(empty, "{name} still has {left:?} entries after all connections closed");
     }
+    // Nothing of the flows is left in the ingress's TCP tables (the listener aside).
+    let ss = raw::ss(&topo.ingress);
+    let left: Vec<&str> =
+        ss.lines().filter(|l| l.contains("198.18.") && (l.contains("ESTAB") || l.contains("CLOSE-WAIT"))).collect();
+    assert!(left.is_empty(), "sockets left in the ingress namespace:\n{}", left.join("\n"));
     assert!(
         daemon.wait_log_count("connection closed", N, Duration::from_secs(10)),
         "{} `connection closed` lines for {N} connections",
@@ -243,6 +263,11 @@ fn concurrent(mode: &'static str) {
     assert_eq!(log.matches(&want_bytes).count(), N, "every access line counts exactly the bytes moved ({want_bytes})");
     eprintln!("{mode}: total {:?}", t0.elapsed());
     assert!(t0.elapsed() < Duration::from_secs(90), "took {:?}", t0.elapsed());
+}
+
+#[test]
+fn packet_1000_concurrent_spliced_connections() {
+    concurrent("packet");
 }
 
 #[test]

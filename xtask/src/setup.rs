@@ -22,10 +22,11 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use xtask::{BPF_LINKER_VERSION, CARGO_DENY_VERSION, KUBERNETES_VALIDATE_VERSION, NIGHTLY, exec, output};
 
-/// Debian packages for the privileged tests and the demo (`ip`, `bpftool`, iperf3, openssl), and
+/// Debian packages for the privileged tests and the demo (`ip`, `bpftool`, iperf3, openssl, `nft` for
+/// packet loss in the packet-splice tests), and
 /// for the deployment checks (`systemd-analyze`, the virtualenv of kubernetes-validate).
 pub(crate) const TEST_PACKAGES: &[&str] =
-    &["iproute2", "bpftool", "iperf3", "openssl", "procps", "systemd", "python3-venv"];
+    &["iproute2", "bpftool", "iperf3", "openssl", "procps", "systemd", "python3-venv", "nftables"];
 
 #[derive(Debug, Parser, Default)]
 pub(crate) struct Options {

@@ -429,6 +429,49 @@ impl Metrics {
                 );
             }
         }
+        if let Some(p) = &s.packet {
+            f.gauge(
+                "zone_ingress_packet_spliced_active",
+                "Flows forwarded at packet level now (lingering ones included).",
+                &[],
+                p.active as f64,
+            );
+            f.counter("zone_ingress_packet_spliced_total", "Flows switched to packet forwarding.", &[], p.total as f64);
+            f.counter(
+                "zone_ingress_packet_refused_total",
+                "Connections the packet path refused (they took the next path).",
+                &[],
+                p.refused as f64,
+            );
+            f.counter(
+                "zone_ingress_packet_switch_failures_total",
+                "Switches that failed after the ClientHello was read (the connection was reset).",
+                &[],
+                p.failed as f64,
+            );
+            for (what, v) in &p.program {
+                f.counter(
+                    "zone_ingress_packet_program_packets_total",
+                    "Packets seen by the packet splice's tc programs, by outcome.",
+                    &[("result", what)],
+                    *v as f64,
+                );
+            }
+            for m in &p.maps {
+                f.gauge(
+                    "zone_ingress_bpf_map_entries",
+                    "Entries in each BPF map.",
+                    &[("map", m.name)],
+                    m.entries as f64,
+                );
+                f.gauge(
+                    "zone_ingress_bpf_map_max_entries",
+                    "Capacity of each BPF map.",
+                    &[("map", m.name)],
+                    f64::from(m.max_entries),
+                );
+            }
+        }
         if let Some(x) = &s.xdp {
             for (reason, v) in &x.packets {
                 f.counter(

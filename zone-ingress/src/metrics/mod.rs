@@ -35,7 +35,7 @@ use std::{
 
 pub use self::{
     render::{PROMETHEUS_CONTENT_TYPE, render_envoy_stats, render_envoy_stats_json, render_prometheus},
-    scrape::{ClusterSample, KernelSample, MapSample, Memory, Scrape, XdpSample},
+    scrape::{ClusterSample, KernelSample, MapSample, Memory, PacketSample, Scrape, XdpSample},
 };
 use crate::{
     reject::RejectReason,

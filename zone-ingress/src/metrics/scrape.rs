@@ -47,6 +47,19 @@ pub struct MapSample {
     pub max_entries: u32,
 }
 
+/// The packet path's state in a scrape.
+#[derive(Debug, Default)]
+pub struct PacketSample {
+    /// Flows translated now (lingering ones included).
+    pub active: usize,
+    pub total: u64,
+    pub refused: u64,
+    pub failed: u64,
+    /// Program counters by name.
+    pub program: Vec<(&'static str, u64)>,
+    pub maps: Vec<MapSample>,
+}
+
 /// The kernel path's state in a scrape.
 #[derive(Debug, Default)]
 pub struct KernelSample {
@@ -88,6 +101,7 @@ pub struct Scrape {
     pub routes: usize,
     pub subset_routes: usize,
     pub kernel: Option<KernelSample>,
+    pub packet: Option<PacketSample>,
     /// The XDP guard, when attached.
     pub xdp: Option<XdpSample>,
 }

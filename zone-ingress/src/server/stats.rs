@@ -13,7 +13,7 @@ use zone_ingress_ebpf::splice as abi;
 
 use super::{Ingress, Readiness};
 use crate::{
-    metrics::{self, ClusterSample, KernelSample, MapSample, Memory, Scrape},
+    metrics::{self, ClusterSample, KernelSample, MapSample, Memory, PacketSample, Scrape},
     splice::Path,
     sys::bpf,
 };
@@ -79,6 +79,33 @@ impl Ingress {
                     .collect(),
             }
         });
+        let packet = ingress.packet.as_ref().map(|p| {
+            use zone_ingress_ebpf::packet as pabi;
+            let st = p.stats();
+            let v = p.program_counters();
+            let at = |slot: u32| v.get(slot as usize).copied().unwrap_or(0);
+            PacketSample {
+                active: st.active.load(Ordering::Relaxed),
+                total: st.total.load(Ordering::Relaxed),
+                refused: st.refused.load(Ordering::Relaxed),
+                failed: st.failed.load(Ordering::Relaxed),
+                program: vec![
+                    ("translated", at(pabi::STAT_TRANSLATED)),
+                    ("local_ack", at(pabi::STAT_LOCAL_ACK)),
+                    ("bad_options", at(pabi::STAT_BAD_OPTIONS)),
+                    ("ttl_expired", at(pabi::STAT_TTL)),
+                    ("guarded", at(pabi::STAT_GUARDED)),
+                    ("syn_seen", at(pabi::STAT_SYN_SEEN)),
+                    ("pull_failed", at(pabi::STAT_PULL_FAILED)),
+                    ("redirect_failed", at(pabi::STAT_REDIRECT_FAILED)),
+                ],
+                maps: p
+                    .map_entries()
+                    .into_iter()
+                    .map(|(name, entries, max_entries)| MapSample { name, entries, max_entries })
+                    .collect(),
+            }
+        });
         Scrape {
             listener_address: ingress.listener_addr().map(metrics::listener_label).unwrap_or_default(),
             listener_bound: ingress.listener_bound(),
@@ -97,6 +124,7 @@ impl Ingress {
             routes: snap.table.len(),
             subset_routes: snap.table.cached_subsets(),
             kernel,
+            packet,
             // Filled by `stats`, which holds the guard.
             xdp: None,
         }

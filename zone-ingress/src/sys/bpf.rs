@@ -137,9 +137,17 @@ pub fn max_entries(fd: BorrowedFd<'_>) -> io::Result<u32> {
 /// # Errors
 /// The first `bpf(2)` call failed for another reason than an empty map.
 pub fn count_u64_keys(fd: BorrowedFd<'_>, cap: u64) -> io::Result<u64> {
+    count_keys::<u64>(fd, cap)
+}
+
+/// [`count_u64_keys`] for a map whose keys are `K` (plain data of the map's key size).
+///
+/// # Errors
+/// The first `bpf(2)` call failed for another reason than an empty map.
+pub fn count_keys<K: Copy + Default>(fd: BorrowedFd<'_>, cap: u64) -> io::Result<u64> {
     let fd = map_fd(fd)?;
-    let mut key = 0u64;
-    let mut next = 0u64;
+    let mut key = K::default();
+    let mut next = K::default();
     let mut count = 0u64;
     let mut first = true;
     while count < cap {

@@ -282,6 +282,18 @@ impl PacketSplice {
         out
     }
 
+    /// Entries and capacity of the flow and guard maps.
+    pub fn map_entries(&self) -> Vec<(&'static str, u64, u32)> {
+        let m = &self.shared.maps;
+        [(abi::FLOWS, m.flows.fd()), (abi::QUIET, m.quiet.fd())]
+            .into_iter()
+            .map(|(name, fd)| {
+                let max = sys::bpf::max_entries(fd).unwrap_or(abi::MAX_ENTRIES);
+                (name, sys::bpf::count_keys::<Key>(fd, u64::from(max)).unwrap_or(0), max)
+            })
+            .collect()
+    }
+
     /// A flow's counters by the token its handoff returned: (client → backend bytes, backend →
     /// client bytes, last packet in `sys::monotonic_ns()` time); `None` once it is gone.
     pub fn flow_counters(&self, token: u64) -> Option<(u64, u64, u64)> {
