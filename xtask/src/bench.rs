@@ -60,6 +60,7 @@ pub(crate) struct Options {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum System {
     Direct,
+    ZiPacket,
     ZiKernel,
     ZiUserspace,
     Haproxy,
@@ -68,12 +69,20 @@ enum System {
 }
 
 impl System {
-    const ALL: [Self; 6] =
-        [Self::Direct, Self::ZiKernel, Self::ZiUserspace, Self::Haproxy, Self::HaproxySplice, Self::Nginx];
+    const ALL: [Self; 7] = [
+        Self::Direct,
+        Self::ZiPacket,
+        Self::ZiKernel,
+        Self::ZiUserspace,
+        Self::Haproxy,
+        Self::HaproxySplice,
+        Self::Nginx,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
+            Self::ZiPacket => "zone-ingress packet",
             Self::ZiKernel => "zone-ingress kernel",
             Self::ZiUserspace => "zone-ingress userspace",
             Self::Haproxy => "haproxy",
@@ -85,6 +94,7 @@ impl System {
     fn key(self) -> &'static str {
         match self {
             Self::Direct => "direct",
+            Self::ZiPacket => "zi-packet",
             Self::ZiKernel => "zi-kernel",
             Self::ZiUserspace => "zi-userspace",
             Self::Haproxy => "haproxy",
@@ -147,7 +157,7 @@ fn start_system(guard: &mut Guard, ctx: &Ctx, system: System, phase: Phase) -> a
     let backend = format!("{DP}:{}", phase.plaintext_port());
     let pids = match system {
         System::Direct => Vec::new(),
-        System::ZiKernel | System::ZiUserspace => {
+        System::ZiPacket | System::ZiKernel | System::ZiUserspace => {
             let args = zi_args(ctx, system, phase);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             vec![spawn(guard, NET.ingress, &args, &log)?]
@@ -181,7 +191,11 @@ fn log_tail(ctx: &Ctx, system: System) -> String {
 
 /// The daemon's command line for `system` (one of the zone-ingress modes) in `phase`.
 fn zi_args(ctx: &Ctx, system: System, phase: Phase) -> Vec<String> {
-    let mode = if system == System::ZiKernel { "kernel" } else { "userspace" };
+    let mode = match system {
+        System::ZiPacket => "packet",
+        System::ZiKernel => "kernel",
+        _ => "userspace",
+    };
     let dir = |f: &str| ctx.dir.join(f).display().to_string();
     let mut args = vec![
         ctx.daemon.display().to_string(),
@@ -207,7 +221,9 @@ fn configurations(ctx: &Ctx, systems: &[System]) -> Vec<(&'static str, String)> 
         .iter()
         .filter_map(|&s| match s {
             System::Direct => None,
-            System::ZiKernel | System::ZiUserspace => Some((s.name(), zi_args(ctx, s, Phase::Iperf).join(" "))),
+            System::ZiPacket | System::ZiKernel | System::ZiUserspace => {
+                Some((s.name(), zi_args(ctx, s, Phase::Iperf).join(" ")))
+            }
             System::Haproxy | System::HaproxySplice => {
                 Some((s.name(), haproxy_config(s == System::HaproxySplice, &backend)))
             }
@@ -712,7 +728,7 @@ pub(crate) fn bench(opts: &Options) -> anyhow::Result<()> {
 
 /// The handoff-latency histogram from the daemon's admin endpoint, if it serves one.
 fn handoff_histogram(system: System, _pids: &[u32]) -> Option<Value> {
-    if !matches!(system, System::ZiKernel | System::ZiUserspace) {
+    if !matches!(system, System::ZiPacket | System::ZiKernel | System::ZiUserspace) {
         return None;
     }
     let body = zi_metrics()?;

@@ -136,7 +136,7 @@ struct Shared {
 /// The loaded and attached programs, their maps and the monitor thread.
 pub struct PacketSplice {
     shared: Arc<Shared>,
-    _object: Arc<Object>,
+    object: Arc<Object>,
     stats_map: Mutex<PerCpuArray<MapData, u64>>,
     /// Interfaces with both programs, and their links (dropped with the object: detached).
     attached: Mutex<Vec<String>>,
@@ -193,7 +193,7 @@ impl PacketSplice {
             monitor,
             next_token: AtomicU64::new(1),
         });
-        let splice = Self { shared, _object: object, stats_map: Mutex::new(stats_map), attached: Mutex::default() };
+        let splice = Self { shared, object, stats_map: Mutex::new(stats_map), attached: Mutex::default() };
         let wanted = if listen.ip().is_unspecified() {
             all_interfaces().map_err(io("listing the interfaces"))?
         } else {
@@ -217,7 +217,7 @@ impl PacketSplice {
         if attached.iter().any(|a| a == name) {
             return Ok(());
         }
-        let mut ebpf = self._object.lock();
+        let mut ebpf = self.object.lock();
         for (prog, at) in [(abi::INGRESS_PROG, TcAttachType::Ingress), (abi::EGRESS_PROG, TcAttachType::Egress)] {
             let p: &mut SchedClassifier =
                 ebpf.program_mut(prog).ok_or(aya::programs::ProgramError::NotLoaded)?.try_into()?;
