@@ -188,3 +188,111 @@ fn ipv6_64mib_each_way() {
 fn ipv6_with_loss_on_backend_leg() {
     transfer(Impair::Loss { client_leg: false }, true, 64 * MIB);
 }
+
+/// A packet-level flow idle for longer than `--idle-timeout` is reset both ways by RSTs the
+/// daemon sends for its parked sockets (the peers accept them: RFC 5961's exact sequence
+/// number), and the access log says `idle_timeout`.
+#[test]
+fn idle_flow_is_reset_both_ways() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let topo = Topology::new(1);
+    let daemon = Daemon::start(
+        &topo.ingress,
+        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
+        &section5_inventory(false),
+        &["--splice", "packet", "--idle-timeout", "2s", "--drain-time", "1s"],
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
+        let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
+        let mut c = topo.client.connect(SocketAddr::new(Topology::ingress_v4().into(), 10001)).expect("connect");
+        c.write_all(&hello).await.expect("hello");
+        let (mut b, _) =
+            tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
+        let mut got = vec![0u8; hello.len()];
+        b.read_exact(&mut got).await.expect("hello at the backend");
+        assert_eq!(got, hello);
+        // Some bytes each way, then silence.
+        b.write_all(b"pong").await.expect("backend write");
+        let mut pong = [0u8; 4];
+        c.read_exact(&mut pong).await.expect("client read");
+        assert_eq!(&pong, b"pong");
+        let (mut one, mut other) = ([0u8; 1], [0u8; 1]);
+        let (rc, rb) = tokio::join!(
+            tokio::time::timeout(Duration::from_secs(8), c.read(&mut one)),
+            tokio::time::timeout(Duration::from_secs(8), b.read(&mut other)),
+        );
+        for (who, r) in [("client", rc), ("backend", rb)] {
+            match r {
+                Ok(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{who}: {e}"),
+                other => panic!("{who}: expected a reset after the idle timeout, got {other:?}"),
+            }
+        }
+    });
+    assert!(daemon.wait_log_count("reason=\"idle_timeout\"", 1, Duration::from_secs(5)), "{}", daemon.log_text());
+    let log = daemon.log_text();
+    assert_eq!(log.matches("mode=\"packet\" bytes").count(), 1, "{log}");
+}
+
+/// A client that reuses its 4-tuple at once (it reset the last connection, so it keeps no
+/// TIME_WAIT) gets a new, working connection each time, while the previous flow's entries still
+/// linger: the new SYN is not taken for the old flow.
+#[test]
+fn client_reusing_its_port_at_once() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let topo = Topology::new(1);
+    let daemon = Daemon::start(
+        &topo.ingress,
+        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
+        &section5_inventory(false),
+        &["--splice", "packet", "--drain-time", "1s"],
+    );
+    let rt = runtime();
+    const ROUNDS: usize = 20;
+    rt.block_on(async {
+        let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
+        let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
+        let server = tokio::spawn(async move {
+            for _ in 0..ROUNDS {
+                let (mut b, _) =
+                    tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
+                let mut got = vec![0u8; 37 + 1];
+                let _ = b.read_exact(&mut got[..1]).await;
+                b.write_all(b"ok").await.expect("reply");
+                // Read until the client's reset.
+                let mut rest = [0u8; 4096];
+                while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), b.read(&mut rest)).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+        });
+        let ingress = SocketAddr::new(Topology::ingress_v4().into(), 10001);
+        for round in 0..ROUNDS {
+            let sock = topo.client.run(tokio::net::TcpSocket::new_v4).expect("socket");
+            sock.set_reuseaddr(true).expect("SO_REUSEADDR");
+            sock.bind(SocketAddr::new(std::net::Ipv4Addr::new(198, 18, 0, 1).into(), 47000))
+                .expect("bind the same port");
+            let mut c = tokio::time::timeout(Duration::from_secs(3), sock.connect(ingress))
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: connect timed out"))
+                .unwrap_or_else(|e| panic!("round {round}: connect: {e}"));
+            c.write_all(&hello).await.expect("hello");
+            let mut ok = [0u8; 2];
+            tokio::time::timeout(Duration::from_secs(3), c.read_exact(&mut ok))
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: no reply"))
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(&ok, b"ok");
+            zone_ingress_tests::raw::set_linger_zero(&c).expect("SO_LINGER 0");
+            drop(c);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server.await.expect("server");
+    });
+    assert!(daemon.wait_log_count("connection closed", ROUNDS, Duration::from_secs(10)), "{}", daemon.log_text());
+    let log = daemon.log_text();
+    assert_eq!(log.matches("mode=\"packet\" bytes").count(), ROUNDS, "every round at packet level:\n{log}");
+}

@@ -9,8 +9,8 @@ use xtask::{ENV_ZONE_INGRESS_BIN, exec, workspace_root};
 
 #[derive(Debug, Parser)]
 pub(crate) struct Options {
-    /// Splice mode for the demo's ingress.
-    #[arg(long, default_value = "kernel")]
+    /// Splice mode for the demo's ingress (`auto`: packet level, else sockmap, else userspace).
+    #[arg(long, default_value = "auto")]
     pub splice: String,
     /// Take the routes from a control plane speaking Kuma's protocols (bootstrap + ADS) instead
     /// of an inventory file.

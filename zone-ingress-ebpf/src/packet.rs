@@ -217,7 +217,11 @@ fn ingress(ctx: &TcContext) -> i32 {
     let (flags, seq, ack) = unsafe { ((*th).flags, u32::from_be((*th).seq), u32::from_be((*th).ack_seq)) };
     if flags & TCP_SYN != 0 {
         observe(ctx, &h, seq, ack);
-        // A SYN on a spliced 4-tuple belongs to a new connection, never to the flow.
+        if flags & TCP_ACK == 0 {
+            // A client reuses this 4-tuple for a new connection: the flow that had it is over on
+            // the client's side, and the new connection's packets must reach the listener.
+            let _ = PKT_FLOWS.remove(h.key);
+        }
         return TC_ACT_OK;
     }
     let Some(x) = PKT_FLOWS.get_ptr_mut(h.key) else {

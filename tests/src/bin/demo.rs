@@ -19,7 +19,7 @@ use zone_ingress_tests::{
 
 #[expect(clippy::print_stdout, reason = "the demo's output is its purpose")]
 fn main() {
-    let splice = std::env::args().skip_while(|a| a != "--splice").nth(1).unwrap_or_else(|| "kernel".into());
+    let splice = std::env::args().skip_while(|a| a != "--splice").nth(1).unwrap_or_else(|| "auto".into());
     let with_cp = std::env::args().any(|a| a == "--control-plane");
     println!("== zone-ingress demo (splice mode: {splice})");
     println!("   namespaces: client 198.18.0.1 → ingress 198.18.0.2:10001 → dataplanes 198.18.{{1,2,3}}.2");
@@ -166,8 +166,14 @@ fn main() {
     for line in daemon.log_text().lines().filter(|l| l.contains("connection closed") || l.contains("rejected")) {
         println!("   {line}");
     }
-    let spliced = daemon.log_text().matches("mode=\"kernel\" bytes").count();
-    println!("\n   {spliced} connection(s) were spliced in the kernel");
+    let log = daemon.log_text();
+    let on = |path: &str| log.matches(&format!("mode=\"{path}\" bytes")).count();
+    println!(
+        "\n   {} connection(s) forwarded at packet level, {} spliced by sockmap, {} relayed in userspace",
+        on("packet"),
+        on("kernel"),
+        on("userspace")
+    );
     println!("\n== admin API of the ingress (127.0.0.1:9901 inside its namespace)");
     let get = |path: &str| -> String {
         topo.ingress.run(|| {

@@ -419,7 +419,7 @@ impl Shared {
         let quiet = [switch::key(a.client_local, a.client_peer), switch::key(a.backend_local, a.backend_peer)];
         let mut pf = PFlow::new(flow, [client, backend], *a, legs, quiet);
         let result = (|| -> io::Result<()> {
-            let c = pf.fds[0].as_fd();
+            let c = pf.fds[0].as_ref().map(AsFd::as_fd).ok_or(io::ErrorKind::NotConnected)?;
             // An ACK the client socket still owes goes out before the guard.
             tcp::quickack(c)?;
             self.maps.quiet.insert(&quiet[0], &0)?;
@@ -449,12 +449,15 @@ impl Shared {
             let relayed = u32::try_from(n).unwrap_or(u32::MAX);
             let ((kc, xc), (kb, xb)) = switch::entries(&legs[0], &legs[1], relayed, fin);
             pf.keys = [kc, kb];
-            self.maps.flows.insert(&kb, &xb)?;
-            self.maps.flows.insert(&kc, &xc)?;
+            self.monitor.install(token, &pf.keys, || {
+                self.maps.flows.insert(&kb, &xb)?;
+                self.maps.flows.insert(&kc, &xc)
+            })?;
             pf.installed = true;
-            write_all(pf.fds[1].as_fd(), &buf[..n])?;
+            let b = pf.fds[1].as_ref().map(AsFd::as_fd).ok_or(io::ErrorKind::NotConnected)?;
+            write_all(b, &buf[..n])?;
             if fin {
-                sys::shutdown_write(pf.fds[1].as_fd())?;
+                sys::shutdown_write(b)?;
                 pf.client_fin = true;
             }
             pf.relayed = relayed;
@@ -464,7 +467,12 @@ impl Shared {
             Ok(())
         })();
         match result {
-            Ok(()) => self.monitor.add(token, pf),
+            Ok(()) => {
+                self.monitor.add(token, pf);
+                // A FIN or RST the program reported before the flow was registered found no
+                // token: look at the entries once now.
+                self.check_end(token);
+            }
             Err(e) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 warn!(flow, error = %e, "packet splice: the switch failed; resetting the connection");

@@ -44,8 +44,8 @@ const IDLE_SCAN: Duration = Duration::from_secs(1);
 pub(super) struct PFlow {
     /// The owner's id, carried by the close report.
     pub(super) flow: u64,
-    /// The parked client and backend sockets.
-    pub(super) fds: [OwnedFd; 2],
+    /// The parked client and backend sockets (the client's goes at the flow's end).
+    pub(super) fds: [Option<OwnedFd>; 2],
     pub(super) addrs: Addrs,
     /// Keys of packets from the client and from the backend.
     pub(super) keys: [Key; 2],
@@ -67,9 +67,10 @@ pub(super) struct PFlow {
 
 impl PFlow {
     pub(super) fn new(flow: u64, fds: [OwnedFd; 2], addrs: Addrs, legs: &[Leg; 2], quiet: [Key; 2]) -> Self {
+        let [c, b] = fds;
         Self {
             flow,
-            fds,
+            fds: [Some(c), Some(b)],
             addrs,
             keys: [Key::default(); 2],
             quiet,
@@ -101,12 +102,17 @@ impl Monitor {
         Ok(Self { flows: Mutex::default(), index: Mutex::default(), events: Mutex::new(events), epoll })
     }
 
+    /// Installs a flow's entries with `put`, its keys pointing at `token` in the index, under
+    /// the index's lock: the cleanup of an earlier flow whose client 4-tuple the new one reuses
+    /// removes an entry only while the index still gives it to that earlier flow.
+    pub(super) fn install(&self, token: u64, keys: &[Key; 2], put: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+        index.insert(keys[0], token);
+        index.insert(keys[1], token);
+        put()
+    }
+
     pub(super) fn add(&self, token: u64, f: PFlow) {
-        if f.installed {
-            let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
-            index.insert(f.keys[0], token);
-            index.insert(f.keys[1], token);
-        }
         self.flows.lock().unwrap_or_else(PoisonError::into_inner).insert(token, f);
     }
 }
@@ -187,7 +193,7 @@ impl Shared {
             }
             return;
         }
-        let fd = f.fds[1].as_fd();
+        let Some(fd) = f.fds[1].as_ref().map(AsFd::as_fd) else { return };
         let result = (|| -> io::Result<u64> {
             self.maps.quiet.insert(&f.quiet[1], &0)?;
             f.guarded[1] = true;
@@ -221,7 +227,7 @@ impl Shared {
     }
 
     /// Ends the flow if the program saw a RST either way or a FIN both ways.
-    fn check_end(&self, token: u64) {
+    pub(super) fn check_end(&self, token: u64) {
         let mut flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(f) = flows.get_mut(&token) else { return };
         if f.ended_ns.is_some() {
@@ -250,6 +256,24 @@ impl Shared {
         };
         f.ended_ns = Some(sys::monotonic_ns());
         self.report(f, reason, &c, &b);
+        self.release_client(f);
+    }
+
+    /// Closes the parked client socket of an ended flow (silently) and lifts its guard: the
+    /// client may reuse its 4-tuple at once (it leaves no TIME_WAIT when it closed last, or
+    /// reset), and the socket would catch the new connection's SYN. The translation entries
+    /// stay for the linger; the program drops the client's one at a new SYN.
+    fn release_client(&self, f: &mut PFlow) {
+        if !f.parked[0] {
+            return;
+        }
+        if let Some(fd) = f.fds[0].take() {
+            drop(fd);
+        }
+        if f.guarded[0] {
+            let _ = self.maps.quiet.remove(&f.quiet[0]);
+            f.guarded[0] = false;
+        }
     }
 
     /// Resets flows idle for longer than the idle timeout.
@@ -307,7 +331,7 @@ impl Shared {
                     f.guarded[i] = false;
                 }
             }
-            for fd in &f.fds {
+            for fd in f.fds.iter().flatten() {
                 let _ = sys::set_linger_zero(fd.as_fd());
             }
         }
@@ -321,12 +345,16 @@ impl Shared {
         if f.installed {
             let mut index = self.monitor.index.lock().unwrap_or_else(PoisonError::into_inner);
             for k in &f.keys {
-                index.remove(k);
-                let _ = self.maps.flows.remove(k);
+                // A newer flow on the same client 4-tuple owns the key now.
+                if index.get(k) == Some(&token) {
+                    index.remove(k);
+                    let _ = self.maps.flows.remove(k);
+                }
             }
         }
         let PFlow { fds, quiet, guarded, parked, flow, .. } = f;
         for (i, fd) in fds.into_iter().enumerate() {
+            let Some(fd) = fd else { continue };
             if !parked[i] {
                 // A socket not parked closes with a RST (the guard drops it) rather than a FIN.
                 let _ = sys::set_linger_zero(fd.as_fd());
