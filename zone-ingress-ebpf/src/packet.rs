@@ -39,6 +39,8 @@ use zone_ingress_ebpf::packet::{
     Syn, XF_TS, Xlate,
 };
 
+use crate::headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr};
+
 #[map(name = "PKT_FLOWS")]
 static PKT_FLOWS: HashMap<Key, Xlate> = HashMap::with_max_entries(MAX_ENTRIES, 0);
 
@@ -68,50 +70,6 @@ const TCP_CHECK: usize = 16;
 const IP_CHECK: usize = 10;
 /// No option at this offset.
 const NONE: usize = 0xff;
-
-#[repr(C)]
-struct EthHdr {
-    dst: [u8; 6],
-    src: [u8; 6],
-    proto: u16,
-}
-
-#[repr(C)]
-struct Ipv4Hdr {
-    version_ihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    protocol: u8,
-    check: u16,
-    saddr: u32,
-    daddr: u32,
-}
-
-#[repr(C)]
-struct Ipv6Hdr {
-    version_class_flow: u32,
-    payload_len: u16,
-    next_header: u8,
-    hop_limit: u8,
-    saddr: [u32; 4],
-    daddr: [u32; 4],
-}
-
-#[repr(C)]
-struct TcpHdr {
-    source: u16,
-    dest: u16,
-    seq: u32,
-    ack_seq: u32,
-    data_offset: u8,
-    flags: u8,
-    window: u16,
-    check: u16,
-    urg_ptr: u16,
-}
 
 #[inline(always)]
 fn count(slot: u32) {

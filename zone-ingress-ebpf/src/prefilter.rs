@@ -42,6 +42,8 @@ use zone_ingress_ebpf::prefilter::{
     STAT_NOT_ALLOWED, STAT_PASSED, STAT_SYN_RATE, STAT_SYN_UNTRACKED, STAT_URGENT, SourceKey, UNITS_PER_TOKEN,
 };
 
+use crate::headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr};
+
 #[map(name = "XDP_CONFIG")]
 static XDP_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
@@ -87,40 +89,9 @@ const IPV6_HLEN: usize = 40;
 const TCP_HLEN: usize = 20;
 
 #[repr(C)]
-struct EthHdr {
-    dst: [u8; 6],
-    src: [u8; 6],
-    proto: u16,
-}
-
-#[repr(C)]
 struct VlanHdr {
     tci: u16,
     proto: u16,
-}
-
-#[repr(C)]
-struct Ipv4Hdr {
-    version_ihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    protocol: u8,
-    check: u16,
-    saddr: u32,
-    daddr: u32,
-}
-
-#[repr(C)]
-struct Ipv6Hdr {
-    version_class_flow: u32,
-    payload_len: u16,
-    next_header: u8,
-    hop_limit: u8,
-    saddr: [u32; 4],
-    daddr: [u32; 4],
 }
 
 /// The two bytes every IPv6 extension header starts with (RFC 8200 §4).
@@ -136,19 +107,6 @@ struct FragHdr {
     reserved: u8,
     frag_off: u16,
     ident: u32,
-}
-
-#[repr(C)]
-struct TcpHdr {
-    source: u16,
-    dest: u16,
-    seq: u32,
-    ack_seq: u32,
-    data_offset: u8,
-    flags: u8,
-    window: u16,
-    check: u16,
-    urg_ptr: u16,
 }
 
 /// The headers ended before the packet could be recognised as one for the listener: not ours

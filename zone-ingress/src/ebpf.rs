@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Map, MapError},
+    maps::{Map, MapData, MapError, PerCpuArray},
 };
 use zone_ingress_ebpf::{prefilter, splice};
 
@@ -94,4 +94,16 @@ impl Object {
     pub fn lock(&self) -> MutexGuard<'_, Ebpf> {
         self.ebpf.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// The first `N` slots of a per-CPU counter array, each summed over CPUs (0 where unreadable).
+pub fn per_cpu_sums<const N: usize>(map: &Mutex<PerCpuArray<MapData, u64>>) -> [u64; N] {
+    let mut out = [0; N];
+    let map = map.lock().unwrap_or_else(PoisonError::into_inner);
+    for (slot, v) in out.iter_mut().enumerate() {
+        if let Ok(values) = map.get(&(slot as u32), 0) {
+            *v = values.iter().sum();
+        }
+    }
+    out
 }

@@ -414,20 +414,7 @@ impl Metrics {
                     *v as f64,
                 );
             }
-            for m in &k.maps {
-                f.gauge(
-                    "zone_ingress_bpf_map_entries",
-                    "Entries in each BPF map.",
-                    &[("map", m.name)],
-                    m.entries as f64,
-                );
-                f.gauge(
-                    "zone_ingress_bpf_map_max_entries",
-                    "Capacity of each BPF map.",
-                    &[("map", m.name)],
-                    f64::from(m.max_entries),
-                );
-            }
+            f.maps(&k.maps);
         }
         if let Some(p) = &s.packet {
             f.gauge(
@@ -457,20 +444,7 @@ impl Metrics {
                     *v as f64,
                 );
             }
-            for m in &p.maps {
-                f.gauge(
-                    "zone_ingress_bpf_map_entries",
-                    "Entries in each BPF map.",
-                    &[("map", m.name)],
-                    m.entries as f64,
-                );
-                f.gauge(
-                    "zone_ingress_bpf_map_max_entries",
-                    "Capacity of each BPF map.",
-                    &[("map", m.name)],
-                    f64::from(m.max_entries),
-                );
-            }
+            f.maps(&p.maps);
         }
         if let Some(x) = &s.xdp {
             for (reason, v) in &x.packets {
@@ -542,6 +516,24 @@ impl Families {
             c.set_value(v);
             m.set_counter(c);
         });
+    }
+
+    /// Occupancy and capacity of BPF maps.
+    fn maps(&mut self, maps: &[super::MapSample]) {
+        for m in maps {
+            self.gauge(
+                "zone_ingress_bpf_map_entries",
+                "Entries in each BPF map.",
+                &[("map", m.name)],
+                m.entries as f64,
+            );
+            self.gauge(
+                "zone_ingress_bpf_map_max_entries",
+                "Capacity of each BPF map.",
+                &[("map", m.name)],
+                f64::from(m.max_entries),
+            );
+        }
     }
 
     fn gauge(&mut self, name: &str, help: &str, labels: &[(&str, &str)], v: f64) {

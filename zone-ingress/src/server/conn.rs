@@ -301,14 +301,21 @@ fn hand_to_kernel(
         }
         Err(Rejected { client, backend, error }) => {
             ingress.spliced_open.fetch_sub(1, Ordering::AcqRel);
-            let back = |fd: OwnedFd| TcpStream::from_std(std::net::TcpStream::from(fd));
-            match (back(client), back(backend)) {
-                (Ok(c), Ok(b)) => Some((c, b, error)),
-                _ => {
-                    ingress.close_flow(flow, internal);
-                    None
-                }
-            }
+            take_back(ingress, flow, client, backend).map(|(c, b)| (c, b, error))
+        }
+    }
+}
+
+/// Both sockets of a refused handoff, back in the runtime; `None` (the flow closed) if that
+/// fails.
+fn take_back(ingress: &Ingress, flow: u64, client: OwnedFd, backend: OwnedFd) -> Option<(TcpStream, TcpStream)> {
+    let back = |fd: OwnedFd| TcpStream::from_std(std::net::TcpStream::from(fd));
+    match (back(client), back(backend)) {
+        (Ok(c), Ok(b)) => Some((c, b)),
+        _ => {
+            let internal = Closed { reason: CloseReason::Internal, client_to_backend: 0, backend_to_client: 0 };
+            ingress.close_flow(flow, internal);
+            None
         }
     }
 }
@@ -352,14 +359,7 @@ fn hand_to_packet(
         }
         Err(PacketRejected { client, backend, error }) => {
             ingress.spliced_open.fetch_sub(1, Ordering::AcqRel);
-            let back = |fd: OwnedFd| TcpStream::from_std(std::net::TcpStream::from(fd));
-            match (back(client), back(backend)) {
-                (Ok(c), Ok(b)) => Some((c, b, error)),
-                _ => {
-                    ingress.close_flow(flow, internal);
-                    None
-                }
-            }
+            take_back(ingress, flow, client, backend).map(|(c, b)| (c, b, error))
         }
     }
 }

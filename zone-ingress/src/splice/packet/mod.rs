@@ -271,15 +271,7 @@ impl PacketSplice {
 
     /// Global program counters (`STAT_*` slots), summed over CPUs.
     pub fn program_counters(&self) -> [u64; abi::STAT_COUNT as usize] {
-        let mut out = [0; abi::STAT_COUNT as usize];
-        if let Ok(map) = self.stats_map.lock() {
-            for (slot, v) in out.iter_mut().enumerate() {
-                if let Ok(values) = map.get(&(slot as u32), 0) {
-                    *v = values.iter().sum();
-                }
-            }
-        }
-        out
+        ebpf::per_cpu_sums(&self.stats_map)
     }
 
     /// Entries and capacity of the flow and guard maps.
@@ -378,31 +370,26 @@ impl PacketSplice {
             // clocks tick between 1 ms and 1 s; a slower one only makes ours run ahead).
             o.ts.map_or(0, |(v, _)| v.wrapping_add(u32::try_from(now.saturating_sub(syn.ns) / 1_000_000).unwrap_or(0)))
         };
-        let ts_on = |i: &sys::TcpInfo| i.options() & 1 != 0;
-        let client_leg = Leg {
-            local: a.client_local,
-            peer: a.client_peer,
-            peer_isn: syn_c.seq,
-            local_isn: sc.write_seq.wrapping_sub(1),
-            ts: ts_on(&ic),
-            peer_wscale: ic.snd_wscale(),
-            local_wscale: ic.rcv_wscale(),
-            local_ts_now: tcp::timestamp(client).map_err(io("TCP_TIMESTAMP of the client socket"))?,
-            peer_ts_now: peer_ts(&syn_c),
-            ifindex: syn_c.ifindex,
-        };
-        let backend_leg = Leg {
-            local: a.backend_local,
-            peer: a.backend_peer,
-            peer_isn: syn_b.seq,
-            local_isn: sb.write_seq.wrapping_sub(1),
-            ts: ts_on(&ib),
-            peer_wscale: ib.snd_wscale(),
-            local_wscale: ib.rcv_wscale(),
-            local_ts_now: tcp::timestamp(backend).map_err(io("TCP_TIMESTAMP of the backend socket"))?,
-            peer_ts_now: peer_ts(&syn_b),
-            ifindex: syn_b.ifindex,
-        };
+        let leg =
+            |(local, peer): (SocketAddr, SocketAddr), syn: &Syn, seqs: tcp::Seqs, info: &sys::TcpInfo, fd, what| {
+                Ok::<_, Refused>(Leg {
+                    local,
+                    peer,
+                    peer_isn: syn.seq,
+                    // Nothing was written to the socket yet: its next byte follows its SYN.
+                    local_isn: seqs.write_seq.wrapping_sub(1),
+                    ts: info.options() & 1 != 0,
+                    peer_wscale: info.snd_wscale(),
+                    local_wscale: info.rcv_wscale(),
+                    local_ts_now: tcp::timestamp(fd).map_err(io(what))?,
+                    peer_ts_now: peer_ts(syn),
+                    ifindex: syn.ifindex,
+                })
+            };
+        let client_leg =
+            leg((a.client_local, a.client_peer), &syn_c, sc, &ic, client, "TCP_TIMESTAMP of the client socket")?;
+        let backend_leg =
+            leg((a.backend_local, a.backend_peer), &syn_b, sb, &ib, backend, "TCP_TIMESTAMP of the backend socket")?;
         Ok([client_leg, backend_leg])
     }
 }

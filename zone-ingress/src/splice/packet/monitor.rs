@@ -14,7 +14,7 @@
 //!   both ways (the entries' `last_ns`), which also catches an event lost to a full ring.
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{BTreeSet, HashMap as StdHashMap, VecDeque},
     io,
     os::fd::{AsFd, AsRawFd, OwnedFd},
     sync::{Mutex, PoisonError, atomic::Ordering},
@@ -93,13 +93,25 @@ pub(super) struct Monitor {
     index: Mutex<Index>,
     events: Mutex<RingBuf<MapData>>,
     epoll: OwnedFd,
+    /// Flows whose backend socket is not parked yet (polled every millisecond).
+    settling: Mutex<BTreeSet<u64>>,
+    /// Ended flows in the order they ended, with when (`sys::monotonic_ns()`): each is removed
+    /// once its linger is over. Neither poll walks every flow.
+    ended: Mutex<VecDeque<(u64, u64)>>,
 }
 
 impl Monitor {
     pub(super) fn new(events: RingBuf<MapData>) -> io::Result<Self> {
         let epoll = epoll::create()?;
         epoll::add(epoll.as_fd(), events.as_raw_fd(), libc::EPOLLIN as u32, 0)?;
-        Ok(Self { flows: Mutex::default(), index: Mutex::default(), events: Mutex::new(events), epoll })
+        Ok(Self {
+            flows: Mutex::default(),
+            index: Mutex::default(),
+            events: Mutex::new(events),
+            epoll,
+            settling: Mutex::default(),
+            ended: Mutex::default(),
+        })
     }
 
     /// Installs a flow's entries with `put`, its keys pointing at `token` in the index, under
@@ -113,7 +125,22 @@ impl Monitor {
     }
 
     pub(super) fn add(&self, token: u64, f: PFlow) {
+        if !f.parked[1] {
+            self.settling.lock().unwrap_or_else(PoisonError::into_inner).insert(token);
+        }
         self.flows.lock().unwrap_or_else(PoisonError::into_inner).insert(token, f);
+    }
+
+    /// Records that `token` ended now: its cleanup follows `LINGER` later, or at the next pass
+    /// if `at_once` (a reset flow: RSTs are not retransmitted).
+    fn ended(&self, token: u64, at_once: bool) {
+        self.settling.lock().unwrap_or_else(PoisonError::into_inner).remove(&token);
+        let mut ended = self.ended.lock().unwrap_or_else(PoisonError::into_inner);
+        if at_once {
+            ended.push_front((0, token));
+        } else {
+            ended.push_back((sys::monotonic_ns(), token));
+        }
     }
 }
 
@@ -122,14 +149,9 @@ pub(super) fn run(shared: &Shared) {
     let mut last_scan = sys::monotonic_ns();
     let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 4];
     while !shared.stop.load(Ordering::Relaxed) {
-        let settling = shared
-            .monitor
-            .flows
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .any(|f| f.ended_ns.is_none() && !f.parked[1]);
-        let timeout = Duration::from_millis(if settling { 1 } else { 100 });
+        let settling: Vec<u64> =
+            shared.monitor.settling.lock().unwrap_or_else(PoisonError::into_inner).iter().copied().collect();
+        let timeout = Duration::from_millis(if settling.is_empty() { 100 } else { 1 });
         let _ = epoll::wait(shared.monitor.epoll.as_fd(), &mut ready, timeout);
         let keys: Vec<Key> = {
             let mut ring = shared.monitor.events.lock().unwrap_or_else(PoisonError::into_inner);
@@ -148,32 +170,39 @@ pub(super) fn run(shared: &Shared) {
                 shared.check_end(token);
             }
         }
-        let now = sys::monotonic_ns();
-        let tokens: Vec<(u64, bool, Option<u64>)> = shared
-            .monitor
-            .flows
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(t, f)| (*t, f.parked[1], f.ended_ns))
-            .collect();
-        let scan = now.saturating_sub(last_scan) >= IDLE_SCAN.as_nanos() as u64;
-        if scan {
-            last_scan = now;
+        for token in settling {
+            shared.settle(token);
         }
-        for (token, settled, ended) in tokens {
-            match ended {
-                Some(at) if now.saturating_sub(at) >= LINGER.as_nanos() as u64 => shared.cleanup(token),
-                Some(_) => {}
-                None => {
-                    if !settled {
-                        shared.settle(token);
+        let now = sys::monotonic_ns();
+        // Lingering flows whose time is up, oldest first.
+        loop {
+            let due = {
+                let mut ended = shared.monitor.ended.lock().unwrap_or_else(PoisonError::into_inner);
+                match ended.front() {
+                    Some(&(at, token)) if now.saturating_sub(at) >= LINGER.as_nanos() as u64 => {
+                        ended.pop_front();
+                        Some(token)
                     }
-                    if scan {
-                        shared.check_end(token);
-                        shared.check_idle(token, now);
-                    }
+                    _ => None,
                 }
+            };
+            let Some(token) = due else { break };
+            shared.cleanup(token);
+        }
+        if now.saturating_sub(last_scan) >= IDLE_SCAN.as_nanos() as u64 {
+            last_scan = now;
+            let open: Vec<u64> = shared
+                .monitor
+                .flows
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .filter(|(_, f)| f.ended_ns.is_none())
+                .map(|(t, _)| *t)
+                .collect();
+            for token in open {
+                shared.check_end(token);
+                shared.check_idle(token, now);
             }
         }
     }
@@ -205,6 +234,7 @@ impl Shared {
             f.parked[1] = true;
             Ok(received)
         })();
+        self.monitor.settling.lock().unwrap_or_else(PoisonError::into_inner).remove(&token);
         match result {
             Ok(0) => debug!(token, flow = f.flow, "packet splice: switch settled"),
             Ok(n) => {
@@ -255,6 +285,7 @@ impl Shared {
             return;
         };
         f.ended_ns = Some(sys::monotonic_ns());
+        self.monitor.ended(token, false);
         self.report(f, reason, &c, &b);
         self.release_client(f);
     }
@@ -321,8 +352,10 @@ impl Shared {
         if f.ended_ns.is_none() {
             self.report(f, reason, &c.unwrap_or_default(), &b.unwrap_or_default());
         }
-        // Ended: cleaned up at the next pass after the linger (here: at once, see below).
-        f.ended_ns = Some(sys::monotonic_ns().saturating_sub(LINGER.as_nanos() as u64));
+        if f.ended_ns.is_none() {
+            f.ended_ns = Some(sys::monotonic_ns());
+            self.monitor.ended(token, true);
+        }
         if !f.installed {
             // Nothing was translated: the sockets' own RSTs are right. Lift the guard first.
             for (i, q) in f.quiet.iter().enumerate() {

@@ -128,48 +128,36 @@ pub fn entries(client: &Leg, backend: &Leg, relayed: u32, fin: bool) -> ((Key, X
     // Client TSval → backend leg, and back; each TSecr is the inverse of the other direction.
     let ts_c2b = backend.local_ts_now.wrapping_sub(client.peer_ts_now).wrapping_add(TS_MARGIN);
     let ts_b2c = client.local_ts_now.wrapping_sub(backend.peer_ts_now).wrapping_add(TS_MARGIN);
-    let (bsrc, _) = words(backend.local.ip());
-    let (bdst, _) = words(backend.peer.ip());
-    let (csrc, _) = words(client.local.ip());
-    let (cdst, _) = words(client.peer.ip());
-    let from_client = Xlate {
-        src: bsrc,
-        dst: bdst,
-        sport: backend.local.port().to_be(),
-        dport: backend.peer.port().to_be(),
-        ifindex: backend.ifindex,
-        seq_delta: backend.local_isn.wrapping_sub(client.peer_isn),
-        ack_delta: backend.peer_isn.wrapping_sub(client.local_isn),
-        tsval_delta: ts_c2b,
-        tsecr_delta: ts_b2c.wrapping_neg(),
-        local_below: 0,
-        win_shl: client.peer_wscale,
-        win_shr: backend.local_wscale,
-        flags: if ts { XF_TS } else { 0 },
-        max_ack: client.local_isn.wrapping_add(1),
-        max_end: client.peer_isn.wrapping_add(1).wrapping_add(relayed),
-        ..Xlate::default()
-    };
-    let from_backend = Xlate {
-        src: csrc,
-        dst: cdst,
-        sport: client.local.port().to_be(),
-        dport: client.peer.port().to_be(),
-        ifindex: client.ifindex,
-        seq_delta: client.local_isn.wrapping_sub(backend.peer_isn),
-        ack_delta: client.peer_isn.wrapping_sub(backend.local_isn),
-        tsval_delta: ts_b2c,
-        tsecr_delta: ts_c2b.wrapping_neg(),
-        // The relayed bytes are the backend socket's to deliver: ACKs of part of them go to it.
-        local_below: if owed == 0 { 0 } else { backend.local_isn.wrapping_add(1).wrapping_add(owed) },
-        win_shl: backend.peer_wscale,
-        win_shr: client.local_wscale,
-        flags: if ts { XF_TS } else { 0 },
-        max_ack: backend.local_isn.wrapping_add(1),
-        max_end: backend.peer_isn.wrapping_add(1),
-        ..Xlate::default()
-    };
+    let mut from_client = direction(client, backend, ts, ts_c2b, ts_b2c);
+    from_client.max_end = from_client.max_end.wrapping_add(relayed);
+    let mut from_backend = direction(backend, client, ts, ts_b2c, ts_c2b);
+    // The relayed bytes are the backend socket's to deliver: ACKs of part of them go to it.
+    if owed != 0 {
+        from_backend.local_below = backend.local_isn.wrapping_add(1).wrapping_add(owed);
+    }
     ((key(client.peer, client.local), from_client), (key(backend.peer, backend.local), from_backend))
+}
+
+/// The entry of packets that arrive on leg `from` and leave on leg `to`: `tsval` is this
+/// direction's timestamp delta, `back` the other's (whose inverse translates the echoes).
+fn direction(from: &Leg, to: &Leg, ts: bool, tsval: u32, back: u32) -> Xlate {
+    Xlate {
+        src: words(to.local.ip()).0,
+        dst: words(to.peer.ip()).0,
+        sport: to.local.port().to_be(),
+        dport: to.peer.port().to_be(),
+        ifindex: to.ifindex,
+        seq_delta: to.local_isn.wrapping_sub(from.peer_isn),
+        ack_delta: to.peer_isn.wrapping_sub(from.local_isn),
+        tsval_delta: tsval,
+        tsecr_delta: back.wrapping_neg(),
+        win_shl: from.peer_wscale,
+        win_shr: to.local_wscale,
+        flags: if ts { XF_TS } else { 0 },
+        max_ack: from.local_isn.wrapping_add(1),
+        max_end: from.peer_isn.wrapping_add(1),
+        ..Xlate::default()
+    }
 }
 
 /// Stream bytes one direction carried: from the first byte after the SYN up to the highest

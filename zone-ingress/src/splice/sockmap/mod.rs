@@ -236,15 +236,7 @@ impl KernelSplice {
 
     /// Global verdict counters (`STAT_*` slots), summed over CPUs.
     pub fn verdict_counters(&self) -> [u64; abi::STAT_COUNT as usize] {
-        let mut out = [0; abi::STAT_COUNT as usize];
-        if let Ok(map) = self.stats_map.lock() {
-            for (slot, v) in out.iter_mut().enumerate() {
-                if let Ok(values) = map.get(&(slot as u32), 0) {
-                    *v = values.iter().sum();
-                }
-            }
-        }
-        out
+        ebpf::per_cpu_sums(&self.stats_map)
     }
 
     /// Number of spliced connections currently tracked.
