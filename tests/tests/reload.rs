@@ -169,7 +169,9 @@ fn listener_rebind_keeps_flows() {
         Scratch::new("rebind-daemon"),
         &zi,
         &dps,
-        &["--plaintext-route", PLAIN_ROUTE],
+        // The sockmap splice: at packet level one run in four saw a flow reset across the
+        // rebind (docs/design.md#packet-splice, "Not yet").
+        &["--plaintext-route", PLAIN_ROUTE, "--splice", "kernel"],
     );
     let admin = admin_addr(ADMIN_PORT);
     let long = rt.block_on(async {
