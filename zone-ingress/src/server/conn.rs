@@ -332,15 +332,16 @@ fn hand_to_packet(
 ) -> Option<(TcpStream, TcpStream, Refused)> {
     let internal = Closed { reason: CloseReason::Internal, client_to_backend: 0, backend_to_client: 0 };
     let addrs = (|| {
-        Some(Addrs {
-            client_local: client.local_addr().ok()?,
-            client_peer: client.peer_addr().ok()?,
-            backend_local: backend.local_addr().ok()?,
-            backend_peer: backend.peer_addr().ok()?,
+        io::Result::Ok(Addrs {
+            client_local: client.local_addr()?,
+            client_peer: client.peer_addr()?,
+            backend_local: backend.local_addr()?,
+            backend_peer: backend.peer_addr()?,
         })
     })();
-    let Some(addrs) = addrs else {
-        return Some((client, backend, Refused::Stale));
+    let addrs = match addrs {
+        Ok(a) => a,
+        Err(source) => return Some((client, backend, Refused::Io { what: "the connection's addresses", source })),
     };
     let to_owned = |s: TcpStream| -> io::Result<OwnedFd> { Ok(OwnedFd::from(s.into_std()?)) };
     let (Ok(client_fd), Ok(backend_fd)) = (to_owned(client), to_owned(backend)) else {

@@ -566,7 +566,7 @@ fn listener_mss(interfaces: &[String], v6: bool) -> Option<u16> {
     u16::try_from(mtu.saturating_sub(if v6 { 60 } else { 40 })).ok()
 }
 
-/// Token → flow, for the event handler.
+/// A map key → the token of the flow it belongs to, for the event handler.
 type Index = StdHashMap<Key, u64>;
 
 #[cfg(test)]
