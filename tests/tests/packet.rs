@@ -6,7 +6,8 @@
 //! timestamps off at one end, SACK off at one end, MTU 9000 on one leg and 1500 on the other,
 //! and IPv6. Each case checks that the flow was carried at packet level (`mode="packet"`), with
 //! exact byte totals in the access log, and that the translation saw no option layout it could
-//! not translate.
+//! not translate. Then restarts: the daemon SIGKILLed mid-transfer, and a SIGQUIT handover, each
+//! followed by a new daemon on the same pins that adopts the flows.
 
 use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
 
@@ -296,4 +297,256 @@ fn client_reusing_its_port_at_once() {
     assert!(daemon.wait_log_count("connection closed", ROUNDS, Duration::from_secs(10)), "{}", daemon.log_text());
     let log = daemon.log_text();
     assert_eq!(log.matches("mode=\"packet\" bytes").count(), ROUNDS, "every round at packet level:\n{log}");
+}
+
+/// A bpffs of the test's own, mounted where the daemons' namespaces see it (`ip netns exec`
+/// mounts a fresh /sys, without /sys/fs/bpf): unmounted, with whatever is pinned in it, on drop.
+struct BpfFs(std::path::PathBuf);
+
+impl BpfFs {
+    fn mount() -> Self {
+        let dir = std::env::temp_dir().join(format!("zi-bpffs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mount point");
+        let out = std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir).output().expect("mount");
+        assert!(out.status.success(), "mount -t bpf: {}", String::from_utf8_lossy(&out.stderr));
+        Self(dir)
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).output();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Reads exactly `n` bytes, or panics saying `what`.
+async fn read_n(s: &mut tokio::net::TcpStream, n: usize, what: &str) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = vec![0u8; n];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: timed out"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    buf
+}
+
+/// The daemon is SIGKILLed while packet-level flows run: its pinned programs and maps keep
+/// translating them, so a 256 MiB mTLS transfer each way completes byte-exact and an open flow
+/// keeps carrying bytes with no daemon at all. A new daemon started with the same pin directory
+/// adopts all three flows (the finished one, the open one, an idle one): lists them in
+/// `/connections`, counts them, logs each close with exact byte totals, resets the idle one
+/// after its idle timeout, and removes every entry after the linger. Its graceful exit removes
+/// the pins.
+#[test]
+fn daemon_killed_mid_transfer_flows_survive_and_are_adopted() {
+    use tokio::io::AsyncWriteExt as _;
+    let topo = Topology::new(1);
+    let bpffs = BpfFs::mount();
+    let pins = bpffs.0.join("zone-ingress");
+    let pin_arg = pins.to_str().expect("utf-8").to_owned();
+    let pki = Pki::new();
+    let rt = runtime();
+    let admin: SocketAddr = "127.0.0.1:9901".parse().expect("addr");
+    let ingress = SocketAddr::new(Topology::ingress_v4().into(), 10001);
+    let mut first = Daemon::start(
+        &topo.ingress,
+        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
+        &section5_inventory(false),
+        &["--splice", "packet", "--bpf-pin-dir", &pin_arg, "--drain-time", "1s"],
+    );
+    assert!(pins.join("PKT_FLOWS").exists(), "maps pinned in {}:\n{}", pins.display(), first.log_text());
+    assert!(pins.join("link-ingress-i0").exists(), "links pinned in {}:\n{}", pins.display(), first.log_text());
+    let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
+    let size = 256 * MIB;
+    let (second, open_up, open_down) = rt.block_on(async {
+        let addr = SocketAddr::new(Topology::dataplane_addr(1, false), 8080);
+        // Two plain flows first, accepted here; then the listener serves the mTLS protocol.
+        let raw_backend = topo.dataplanes[0].listen(addr);
+        let mut open = topo.client.connect(ingress).expect("connect");
+        open.write_all(&hello).await.expect("hello");
+        let mut idle = topo.client.connect(ingress).expect("connect");
+        idle.write_all(&hello).await.expect("hello");
+        let (mut open_b, _) =
+            tokio::time::timeout(Duration::from_secs(5), raw_backend.accept()).await.expect("accept").expect("accept");
+        let (mut idle_b, _) =
+            tokio::time::timeout(Duration::from_secs(5), raw_backend.accept()).await.expect("accept").expect("accept");
+        // Either accepted connection may be either flow: tell them apart by a first message.
+        assert_eq!(read_n(&mut open_b, hello.len(), "hello").await, hello);
+        assert_eq!(read_n(&mut idle_b, hello.len(), "hello").await, hello);
+        open.write_all(b"open").await.expect("tag");
+        idle.write_all(b"idle").await.expect("tag");
+        let tag = read_n(&mut open_b, 4, "tag").await;
+        let _ = read_n(&mut idle_b, 4, "tag").await;
+        if tag != b"open" {
+            std::mem::swap(&mut open_b, &mut idle_b);
+        }
+        let (mut up, mut down) = (hello.len() + 4, 0usize);
+        let exchange = |n: usize, seed: u64| zone_ingress_tests::raw::pattern(seed, n);
+        // Some bytes each way with the first daemon.
+        open.write_all(&exchange(1000, 1)).await.expect("write");
+        assert_eq!(read_n(&mut open_b, 1000, "before the kill").await, exchange(1000, 1));
+        open_b.write_all(&exchange(500, 2)).await.expect("write");
+        assert_eq!(read_n(&mut open, 500, "before the kill").await, exchange(500, 2));
+        (up, down) = (up + 1000, down + 500);
+        idle_b.write_all(b"ok").await.expect("write");
+        assert_eq!(read_n(&mut idle, 2, "idle flow").await, b"ok");
+        // The bulk mTLS flow; the daemon dies while it runs.
+        let leaf = pki.leaf("backend-1", &[BACKEND_MS]);
+        let stats = spawn_dataplane(raw_backend, "backend-1", Some(pki.server_config(&leaf)));
+        let connector =
+            tokio_rustls::TlsConnector::from(pki.client_config(&pki.leaf("remote-client", &["client.test"])));
+        let tcp = topo.client.connect(ingress).expect("connect to the ingress");
+        let tls = stream::mtls_handshake(&connector, tcp, BACKEND_MS, Duration::from_secs(10)).await;
+        let bulk = tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(120), stream::client(tls, size, size)).await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!bulk.is_finished(), "the transfer ended before the kill: nothing was tested");
+        first.signal(libc::SIGKILL);
+        assert!(first.wait_exit(Duration::from_secs(5)).is_some(), "the daemon did not die");
+        // No daemon now: the bulk transfer completes and the open flow carries bytes.
+        let out = bulk.await.expect("join").expect("transfer timed out").expect("transfer");
+        assert!(out.up_ok && out.down_ok, "SHA-256 mismatch across the kill: {out:?}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while stats.completed.load(Ordering::Relaxed) < 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(stats.completed.load(Ordering::Relaxed), 1, "errors: {:?}", stats.errors.lock().expect("lock"));
+        open.write_all(&exchange(2000, 3)).await.expect("write");
+        assert_eq!(read_n(&mut open_b, 2000, "with no daemon").await, exchange(2000, 3));
+        open_b.write_all(&exchange(700, 4)).await.expect("write");
+        assert_eq!(read_n(&mut open, 700, "with no daemon").await, exchange(700, 4));
+        (up, down) = (up + 2000, down + 700);
+        // A new daemon on the same pins adopts the three flows.
+        let second = Daemon::start(
+            &topo.ingress,
+            &zone_ingress_yaml("198.18.0.2", 10001, 9901),
+            &section5_inventory(false),
+            &["--splice", "packet", "--bpf-pin-dir", &pin_arg, "--drain-time", "1s", "--idle-timeout", "4s"],
+        );
+        assert!(
+            second.wait_log("adopted the flows an earlier daemon left running flows=3", Duration::from_secs(5)),
+            "{}",
+            second.log_text()
+        );
+        let listed = ops::get(&topo.ingress, admin, "/connections").json();
+        let conns = listed["connections"].as_array().expect("connections").clone();
+        let mine = conns
+            .iter()
+            .find(|c| c["client"] == open.local_addr().expect("addr").to_string())
+            .unwrap_or_else(|| panic!("the open flow is not listed: {listed}"));
+        assert_eq!(mine["mode"], "packet", "{mine}");
+        assert_eq!(mine["bytesClientToBackend"], up as u64, "{mine}");
+        assert_eq!(mine["bytesBackendToClient"], down as u64, "{mine}");
+        assert_eq!(mine["sni"], "backend{mesh=default,version=v1}", "{mine}");
+        // The adopted flow keeps working, then ends with FINs both ways.
+        open.write_all(&exchange(3000, 5)).await.expect("write");
+        assert_eq!(read_n(&mut open_b, 3000, "after the adoption").await, exchange(3000, 5));
+        open_b.write_all(&exchange(900, 6)).await.expect("write");
+        assert_eq!(read_n(&mut open, 900, "after the adoption").await, exchange(900, 6));
+        (up, down) = (up + 3000, down + 900);
+        open.shutdown().await.expect("client FIN");
+        let mut rest = Vec::new();
+        use tokio::io::AsyncReadExt as _;
+        tokio::time::timeout(Duration::from_secs(5), open_b.read_to_end(&mut rest))
+            .await
+            .expect("backend EOF")
+            .expect("read");
+        assert!(rest.is_empty());
+        open_b.shutdown().await.expect("backend FIN");
+        tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut rest))
+            .await
+            .expect("client EOF")
+            .expect("read");
+        // The idle flow is reset both ways by the new daemon's idle timeout.
+        let (mut one, mut other) = ([0u8; 1], [0u8; 1]);
+        let (rc, rb) = tokio::join!(
+            tokio::time::timeout(Duration::from_secs(10), idle.read(&mut one)),
+            tokio::time::timeout(Duration::from_secs(10), idle_b.read(&mut other)),
+        );
+        for (who, r) in [("client", rc), ("backend", rb)] {
+            match r {
+                Ok(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{who}: {e}"),
+                other => panic!("idle {who}: expected a reset after the idle timeout, got {other:?}"),
+            }
+        }
+        (second, up, down)
+    });
+    let mut second = second;
+    assert!(second.wait_log_count("connection closed", 3, Duration::from_secs(5)), "{}", second.log_text());
+    let log = second.log_text();
+    assert_eq!(log.matches("mode=\"packet\" bytes").count(), 3, "{log}");
+    assert!(
+        log.contains(&format!("bytes_client_to_backend={open_up} bytes_backend_to_client={open_down}")),
+        "the open flow's exact totals ({open_up}, {open_down}):\n{log}"
+    );
+    assert!(log.contains("reason=\"idle_timeout\""), "{log}");
+    let scrape = ops::scrape(&topo.ingress, admin);
+    assert_eq!(scrape.must("zone_ingress_packet_adopted_total", &[]), 3.0);
+    // Entries removed after the linger; no parked socket left.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = ops::scrape(&topo.ingress, admin);
+        let left = s.must("zone_ingress_bpf_map_entries", &[("map", "PKT_FLOWS")])
+            + s.must("zone_ingress_bpf_map_entries", &[("map", "PKT_QUIET")])
+            + s.must("zone_ingress_bpf_map_entries", &[("map", "PKT_META")]);
+        if left == 0.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "map entries left 15 s after the ends: {}", s.text);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let ss = topo.ingress.command("ss").args(["-tanH"]).output().expect("ss");
+    let ss = String::from_utf8_lossy(&ss.stdout).into_owned();
+    assert!(!ss.lines().any(|l| l.contains(":8080")), "sockets left:\n{ss}");
+    assert!(second.stop(Duration::from_secs(10)).is_some_and(|s| s.success()), "{}", second.log_text());
+    assert!(!pins.exists(), "a graceful exit removes the pins");
+}
+
+/// SIGQUIT hands over: the daemon stops accepting and exits 0 at once, its packet-level flow
+/// keeps running, and the next daemon adopts it and logs its close (the first one never does).
+#[test]
+fn sigquit_hands_flows_over_to_the_next_daemon() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let topo = Topology::new(1);
+    let bpffs = BpfFs::mount();
+    let pins = bpffs.0.join("zone-ingress");
+    let pin_arg = pins.to_str().expect("utf-8").to_owned();
+    let args = ["--splice", "packet", "--bpf-pin-dir", &pin_arg, "--drain-time", "1s"];
+    let zi = zone_ingress_yaml("198.18.0.2", 10001, 9901);
+    let mut first = Daemon::start(&topo.ingress, &zi, &section5_inventory(false), &args);
+    let rt = runtime();
+    let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
+    let (second, up, down) = rt.block_on(async {
+        let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
+        let mut c = topo.client.connect(SocketAddr::new(Topology::ingress_v4().into(), 10001)).expect("connect");
+        c.write_all(&hello).await.expect("hello");
+        let (mut b, _) =
+            tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
+        assert_eq!(read_n(&mut b, hello.len(), "hello").await, hello);
+        b.write_all(b"pong").await.expect("write");
+        assert_eq!(read_n(&mut c, 4, "pong").await, b"pong");
+        first.signal(libc::SIGQUIT);
+        let status = first.wait_exit(Duration::from_secs(5)).expect("the daemon exits at once on SIGQUIT");
+        assert!(status.success(), "{status:?}\n{}", first.log_text());
+        c.write_all(b"while no daemon runs").await.expect("write");
+        assert_eq!(read_n(&mut b, 20, "no daemon").await, b"while no daemon runs");
+        let second = Daemon::start(&topo.ingress, &zi, &section5_inventory(false), &args);
+        assert!(second.wait_log("flows=1", Duration::from_secs(5)), "{}", second.log_text());
+        c.shutdown().await.expect("FIN");
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), b.read_to_end(&mut rest)).await.expect("EOF").expect("read");
+        b.shutdown().await.expect("FIN");
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await.expect("EOF").expect("read");
+        (second, hello.len() + 20, 4)
+    });
+    assert!(second.wait_log("connection closed", Duration::from_secs(5)), "{}", second.log_text());
+    let log = second.log_text();
+    assert!(
+        log.contains(&format!("mode=\"packet\" bytes_client_to_backend={up} bytes_backend_to_client={down}")),
+        "{log}"
+    );
+    assert!(!first.log_text().contains("connection closed"), "the first daemon logged a close:\n{}", first.log_text());
+    assert!(pins.join("PKT_FLOWS").exists(), "the second daemon holds the pins");
 }

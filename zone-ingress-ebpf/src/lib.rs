@@ -305,6 +305,11 @@ pub mod packet {
     pub const EVENTS: &str = "PKT_EVENTS";
     /// Per-CPU array of global counters, indexed by the `STAT_*` constants.
     pub const STATS: &str = "PKT_STATS";
+    /// What a restarted daemon needs to adopt a flow, by the flow's client [`Key`] ([`Meta`]).
+    /// Only userspace reads and writes it; it is pinned with the others.
+    pub const META: &str = "PKT_META";
+    /// The maps pinned under the pin directory, so flows outlive the daemon.
+    pub const PINNED: [&str; 6] = [FLOWS, QUIET, SYNS, EVENTS, STATS, META];
     /// The tc ingress program (translate and redirect; record handshakes).
     pub const INGRESS_PROG: &str = "packet_ingress";
     /// The tc egress program (guard).
@@ -449,6 +454,57 @@ pub mod packet {
     // SAFETY: `repr(C)`, `Copy`, integers and bytes without padding (64 bytes).
     unsafe impl aya::Pod for Syn {}
 
+    /// [`Meta::flags`]: the client's FIN reached its socket before the switch (the backend
+    /// socket relayed it; the program never saw it).
+    pub const META_CLIENT_FIN: u32 = 1;
+    /// [`Meta::flags`]: the flow's end was reported (a later daemon does not report it again).
+    pub const META_REPORTED: u32 = 2;
+    /// Longest server name kept in [`Meta`].
+    pub const META_SNI: usize = 256;
+
+    /// One flow as its switch set it up: what the entries alone do not say.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Meta {
+        /// The client's and the backend's initial sequence numbers (byte counts are relative).
+        pub client_isn: u32,
+        pub backend_isn: u32,
+        /// Bytes the backend socket relayed at the switch.
+        pub relayed: u32,
+        /// `META_*`.
+        pub flags: u32,
+        /// Unix time of the accept, milliseconds.
+        pub started_unix_ms: u64,
+        /// The key of the backend's packets (the flow's other entry).
+        pub backend_key: Key,
+        /// Bytes of `sni` that are valid.
+        pub sni_len: u32,
+        pub _pad: u32,
+        /// The server name the flow was routed by.
+        pub sni: [u8; META_SNI],
+    }
+
+    impl Default for Meta {
+        fn default() -> Self {
+            Self {
+                client_isn: 0,
+                backend_isn: 0,
+                relayed: 0,
+                flags: 0,
+                started_unix_ms: 0,
+                backend_key: Key::default(),
+                sni_len: 0,
+                _pad: 0,
+                sni: [0; META_SNI],
+            }
+        }
+    }
+
+    #[cfg(feature = "user")]
+    // SAFETY: `repr(C)`, `Copy`, integers and bytes laid out without padding (checked below).
+    unsafe impl aya::Pod for Meta {}
+
+    const _: () = assert!(core::mem::size_of::<Meta>() == 24 + 40 + 8 + META_SNI);
     const _: () = assert!(core::mem::size_of::<Key>() == 40);
     const _: () = assert!(core::mem::size_of::<Xlate>() == 112);
     const _: () = assert!(core::mem::size_of::<Syn>() == 64);

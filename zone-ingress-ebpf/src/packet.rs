@@ -25,7 +25,7 @@
 use core::{mem::size_of, ptr};
 
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{__sk_buff, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
     helpers::generated::{
         bpf_ktime_get_ns, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_redirect_neigh, bpf_skb_pull_data,
     },
@@ -34,9 +34,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use zone_ingress_ebpf::packet::{
-    EV_FIN, EV_RST, EVENTS_BYTES, FAMILY_V4, FAMILY_V6, Key, MARK, MAX_ENTRIES, MAX_SYNS, STAT_BAD_OPTIONS, STAT_COUNT,
-    STAT_GUARDED, STAT_LOCAL_ACK, STAT_PULL_FAILED, STAT_REDIRECT_FAILED, STAT_SYN_SEEN, STAT_TRANSLATED, STAT_TTL,
-    Syn, XF_TS, Xlate,
+    EV_FIN, EV_RST, EVENTS_BYTES, FAMILY_V4, FAMILY_V6, Key, MARK, MAX_ENTRIES, MAX_SYNS, Meta, STAT_BAD_OPTIONS,
+    STAT_COUNT, STAT_GUARDED, STAT_LOCAL_ACK, STAT_PULL_FAILED, STAT_REDIRECT_FAILED, STAT_SYN_SEEN, STAT_TRANSLATED,
+    STAT_TTL, Syn, XF_TS, Xlate,
 };
 
 use crate::headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr};
@@ -55,6 +55,10 @@ static PKT_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 #[map(name = "PKT_STATS")]
 static PKT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// Written and read by userspace only; allocated per entry (`BPF_F_NO_PREALLOC`).
+#[map(name = "PKT_META")]
+static PKT_META: HashMap<Key, Meta> = HashMap::with_max_entries(MAX_ENTRIES / 2, BPF_F_NO_PREALLOC);
 
 const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;

@@ -182,12 +182,14 @@ fn serve_until_stopped(
         let Started { zi, metrics, snapshot, limits, kernel } = started;
         let inputs = inputs.await?;
         let mut app = App::start(args, inputs, &zi, metrics, snapshot, limits, kernel)?;
-        let drain_time = app.serve().await;
-        app.drain(drain_time).await;
+        match app.serve().await {
+            Stop::Drain(drain_time) => app.drain(drain_time).await,
+            Stop::Handover => app.handover().await,
+        }
         anyhow::Ok(())
     })?;
     // Dropping the runtime dropped the last handles: the verdict program is detached and no
-    // map or program of ours remains (nothing is pinned).
+    // map or program of ours remains, but the packet splice's pins after a handover.
     drop(runtime);
     info!("stopped");
     Ok(ExitCode::SUCCESS)
@@ -304,9 +306,10 @@ fn start_kernel_side(
         }
         Err(e) => return Err(e.into()),
     };
-    let object = load_object(args.splice, guard_plan.as_ref());
+    let pins = packet_pins(args, listen);
+    let object = load_object(args.splice, guard_plan.as_ref(), pins.clone());
     let (reports_tx, reports) = splice::report_channel();
-    let (splice, packet) = start_splices(args.splice, object.clone(), limits, reports_tx, listen)?;
+    let (splice, packet) = start_splices(args.splice, object.clone(), limits, reports_tx, listen, pins)?;
     raise_fd_limit();
     let guard = match guard_plan {
         Some(plan) => {
@@ -317,14 +320,49 @@ fn start_kernel_side(
     Ok(Ok(KernelSide { splice, packet, reports, guard }))
 }
 
+/// The packet splice's pin directory (`--bpf-pin-dir`), created; `None` when the packet splice
+/// is not wanted, pinning is off, or the directory is unusable (logged: flows then end with the
+/// process).
+fn packet_pins(args: &RunArgs, listen: SocketAddr) -> Option<std::path::PathBuf> {
+    if !matches!(args.splice, SpliceMode::Packet | SpliceMode::Auto) {
+        return None;
+    }
+    let dir = match args.bpf_pin_dir.as_deref() {
+        Some("off") => return None,
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => match splice::packet::pins::default_dir(listen) {
+            Ok(dir) => dir,
+            Err(e) => {
+                warn!(error = %e, "packet splice: no pin directory; its flows end with this process");
+                return None;
+            }
+        },
+    };
+    match splice::packet::pins::prepare(&dir) {
+        Ok(()) => Some(dir),
+        Err(e) => {
+            warn!(dir = %dir.display(), error = %e, "packet splice: cannot pin there; its flows end with this process");
+            None
+        }
+    }
+}
+
 /// The eBPF object, loaded once if the splice or the guard needs it (`None` if neither does).
-fn load_object(splice: SpliceMode, guard: Option<&xdp::Plan>) -> Option<Result<Arc<ebpf::Object>, Arc<ebpf::Error>>> {
+fn load_object(
+    splice: SpliceMode,
+    guard: Option<&xdp::Plan>,
+    packet_pins: Option<std::path::PathBuf>,
+) -> Option<Result<Arc<ebpf::Object>, Arc<ebpf::Error>>> {
     let wants_splice = splice != SpliceMode::Userspace;
     if !wants_splice && guard.is_none() {
         return None;
     }
     let syn_buckets = guard.map_or(zone_ingress_ebpf::prefilter::DEFAULT_TRACKED_SOURCES, xdp::Plan::tracked_sources);
-    Some(ebpf::Object::load(ebpf::Users { splice: wants_splice, syn_buckets }).map(Arc::new).map_err(Arc::new))
+    Some(
+        ebpf::Object::load(ebpf::Users { splice: wants_splice, syn_buckets, packet_pins })
+            .map(Arc::new)
+            .map_err(Arc::new),
+    )
 }
 
 /// Loads the splices `--splice` asks for into `object`: the packet splice (`packet`, `auto`)
@@ -335,6 +373,7 @@ fn start_splices(
     limits: &Limits,
     reports: splice::ReportSender,
     listen: SocketAddr,
+    pins: Option<std::path::PathBuf>,
 ) -> anyhow::Result<(Option<KernelSplice>, Option<PacketSplice>)> {
     let object = || -> anyhow::Result<Arc<ebpf::Object>> {
         object.clone().context("no eBPF object")?.map_err(|e| anyhow::anyhow!(e))
@@ -342,7 +381,7 @@ fn start_splices(
     let load_kernel =
         || -> anyhow::Result<KernelSplice> { Ok(KernelSplice::load(object()?, limits.clone(), reports.clone())?) };
     let load_packet = || -> anyhow::Result<PacketSplice> {
-        Ok(PacketSplice::load(object()?, limits.clone(), reports.clone(), listen)?)
+        Ok(PacketSplice::load(object()?, limits.clone(), reports.clone(), listen, pins.clone())?)
     };
     Ok(match mode {
         SpliceMode::Userspace => {
@@ -483,6 +522,7 @@ impl App {
         tokio::spawn(server::close_reports(Arc::clone(&ingress), reports));
         let control_plane = match cp {
             None => {
+                adopt(&ingress);
                 ingress.start_listeners(listeners);
                 None
             }
@@ -541,12 +581,13 @@ impl App {
         })
     }
 
-    /// Serves until a shutdown is asked for; returns how long established flows may drain.
-    async fn serve(&mut self) -> Duration {
+    /// Serves until a shutdown is asked for; returns how.
+    async fn serve(&mut self) -> Stop {
         loop {
             let trigger = tokio::select! {
                 event = self.signals.next() => match event {
-                    Event::Shutdown(_) => return self.args.drain_time.0,
+                    Event::Shutdown(_) => return Stop::Drain(self.args.drain_time.0),
+                    Event::Handover => return Stop::Handover,
                     Event::Reload => "SIGHUP",
                     Event::DrainListeners => {
                         self.ingress.stop_listeners().await;
@@ -556,7 +597,7 @@ impl App {
                 Some(command) = self.commands_rx.recv() => match command {
                     admin::Command::Quit => {
                         info!("POST /quitquitquit: exiting now");
-                        return Duration::ZERO;
+                        return Stop::Drain(Duration::ZERO);
                     }
                     admin::Command::DrainListeners => {
                         info!("POST /drain_listeners: draining the listener");
@@ -573,6 +614,8 @@ impl App {
                     if let Some(listeners) = self.control_plane.as_mut().and_then(|cp| cp.pending.take())
                         && !self.ingress.listener_drained()
                     {
+                        // Adopted flows are registered under the routes of this configuration.
+                        adopt(&self.ingress);
                         self.ingress.start_listeners(listeners);
                     }
                     continue;
@@ -621,6 +664,28 @@ impl App {
         }
     }
 
+    /// SIGQUIT: not ready, stop accepting, leave the ADS stream, and return without touching
+    /// the packet-level flows: their entries and links stay pinned for the next daemon.
+    async fn handover(mut self) {
+        let ingress = &self.ingress;
+        ingress.begin_termination();
+        ingress.stop_listeners().await;
+        if let Some(cp) = self.control_plane.take() {
+            let _ = cp.shutdown.send(true);
+            let _ = cp.task.await;
+        }
+        // A switch not settled yet needs its backend socket, which dies with the process: wait
+        // for it (a round trip to the backend), within bounds.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while ingress.packet.as_ref().is_some_and(|p| p.unsettled() > 0) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let left = ingress.packet.as_ref().map_or(0, |p| p.stats().active.load(std::sync::atomic::Ordering::Relaxed));
+        info!(packet_flows = left, "handing over: packet-level flows stay pinned for the next daemon");
+        drop(self.admin);
+        drop(self.read_only_admin);
+    }
+
     /// kuma-dp semantics: not ready, stop accepting, let established flows finish for
     /// `drain_time`, then close the rest.
     async fn drain(mut self, drain_time: Duration) {
@@ -645,8 +710,29 @@ impl App {
         } else {
             info!("all flows finished");
         }
+        // Every packet-level flow ended or was reset: nothing is left for a later daemon.
+        if let Some(p) = &ingress.packet {
+            p.unpin();
+        }
         drop(self.admin);
         drop(self.read_only_admin);
+    }
+}
+
+/// How the daemon stops.
+enum Stop {
+    /// Drain established flows for this long, reset the rest, remove the pins.
+    Drain(Duration),
+    /// Stop accepting and exit now; packet-level flows keep running, pinned, for the next daemon
+    /// (other flows end with the process's sockets).
+    Handover,
+}
+
+/// Takes over the packet-level flows an earlier daemon left pinned; logs how many.
+fn adopt(ingress: &Ingress) {
+    let n = ingress.adopt_packet_flows();
+    if n > 0 {
+        info!(flows = n, "packet splice: adopted the flows an earlier daemon left running");
     }
 }
 

@@ -143,6 +143,12 @@ pub struct RunArgs {
     /// Which path moves bytes after routing.
     #[arg(long, value_enum, default_value_t = SpliceMode::Auto)]
     pub splice: SpliceMode,
+    /// Packet splice: the bpffs directory where its maps and tc links are pinned, so its flows
+    /// keep running while the daemon is stopped, killed or upgraded, and the next daemon with the
+    /// same directory adopts them. Default: one per network namespace and listener port under
+    /// /sys/fs/bpf/zone-ingress; `off` pins nothing (the flows end with the process).
+    #[arg(long, value_name = "DIR|off")]
+    pub bpf_pin_dir: Option<String>,
     /// How long established flows may keep running after SIGTERM/SIGINT.
     #[arg(long, env = "KUMA_DATAPLANE_DRAIN_TIME", default_value_t = HumanDuration(DEFAULT_DRAIN_TIME))]
     pub drain_time: HumanDuration,

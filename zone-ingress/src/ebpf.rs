@@ -1,16 +1,20 @@
 //! The kernel programs' object (built from `zone-ingress-ebpf` by `build.rs` and embedded),
 //! loaded once per process and shared by the sockmap splice and the XDP guard: each takes its
 //! own maps out of it and loads and attaches its own program in it. The programs and maps stay
-//! as long as an [`Object`] handle does; nothing is pinned, so the kernel drops them all when
-//! the process ends.
+//! as long as an [`Object`] handle does, except the packet splice's maps when a pin directory is
+//! given: those are pinned there (or taken from there, left by an earlier daemon), so the flows
+//! they carry outlive the process (docs/design.md#restarts-and-adoption).
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::{
+    path::PathBuf,
+    sync::{Mutex, MutexGuard, PoisonError},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData, MapError, PerCpuArray},
 };
-use zone_ingress_ebpf::{prefilter, splice};
+use zone_ingress_ebpf::{packet, prefilter, splice};
 
 /// The object built by `build.rs` (empty with `AYA_BUILD_SKIP=1`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zone-ingress-ebpf"));
@@ -33,12 +37,14 @@ pub enum Error {
 }
 
 /// What the object is loaded for: maps a user does not need are created at their smallest.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Users {
     /// The sockmap splice (its socket maps are large).
     pub splice: bool,
     /// Sources the XDP guard's SYN limit tracks (its bucket map is sized at load).
     pub syn_buckets: u32,
+    /// Where the packet splice's maps are pinned (created there, or reused when present).
+    pub packet_pins: Option<PathBuf>,
 }
 
 /// The loaded object.
@@ -75,6 +81,11 @@ impl Object {
             loader.map_max_entries(splice::EVENTS, page_size());
         }
         loader.map_max_entries(prefilter::SYN_BUCKETS, users.syn_buckets);
+        let pins: Vec<(&str, PathBuf)> =
+            users.packet_pins.iter().flat_map(|dir| packet::PINNED.map(|name| (name, dir.join(name)))).collect();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
         Ok(Self { ebpf: Mutex::new(loader.load(OBJECT)?) })
     }
 

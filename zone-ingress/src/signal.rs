@@ -3,7 +3,9 @@
 //! - SIGTERM, SIGINT: shut down: report `TERMINATING`, stop accepting, let established flows
 //!   run for the drain time, then close the rest and exit 0;
 //! - SIGHUP: reload the configuration files;
-//! - SIGUSR2: drain the listener (stop accepting) and keep running.
+//! - SIGUSR2: drain the listener (stop accepting) and keep running;
+//! - SIGQUIT: hand over: stop accepting and exit at once, leaving the packet-level flows
+//!   running in the kernel for the next daemon to adopt (docs/operations.md#restarts-and-upgrades).
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::info;
@@ -17,6 +19,8 @@ pub enum Event {
     Reload,
     /// SIGUSR2.
     DrainListeners,
+    /// SIGQUIT.
+    Handover,
 }
 
 /// The handled signals. Creating it installs the handlers, so the default actions (terminate)
@@ -27,6 +31,7 @@ pub struct Signals {
     int: Signal,
     hup: Signal,
     usr2: Signal,
+    quit: Signal,
 }
 
 impl Signals {
@@ -40,6 +45,7 @@ impl Signals {
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
             usr2: signal(SignalKind::user_defined2())?,
+            quit: signal(SignalKind::quit())?,
         })
     }
 
@@ -50,11 +56,15 @@ impl Signals {
             _ = self.int.recv() => Event::Shutdown("SIGINT"),
             _ = self.hup.recv() => Event::Reload,
             _ = self.usr2.recv() => Event::DrainListeners,
+            _ = self.quit.recv() => Event::Handover,
         };
         match event {
             Event::Shutdown(signal) => info!(signal, "shutting down"),
             Event::Reload => info!(signal = "SIGHUP", "reloading the configuration"),
             Event::DrainListeners => info!(signal = "SIGUSR2", "draining the listener"),
+            Event::Handover => {
+                info!(signal = "SIGQUIT", "exiting now; packet-level flows stay for the next daemon");
+            }
         }
         event
     }

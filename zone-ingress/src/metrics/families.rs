@@ -436,6 +436,12 @@ impl Metrics {
                 &[],
                 p.failed as f64,
             );
+            f.counter(
+                "zone_ingress_packet_adopted_total",
+                "Flows an earlier daemon left in the pinned maps, taken over at start.",
+                &[],
+                p.adopted as f64,
+            );
             for (what, v) in &p.program {
                 f.counter(
                     "zone_ingress_packet_program_packets_total",

@@ -55,6 +55,8 @@ pub struct PacketSample {
     pub total: u64,
     pub refused: u64,
     pub failed: u64,
+    /// Flows taken over from an earlier daemon at start.
+    pub adopted: u64,
     /// Program counters by name.
     pub program: Vec<(&'static str, u64)>,
     pub maps: Vec<MapSample>,

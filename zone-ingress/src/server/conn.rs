@@ -181,6 +181,8 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
     } else {
         Path::Userspace
     };
+    // What the packet path records for a later daemon to adopt the flow.
+    let origin = ingress.packet.as_ref().map(|_| (sni.clone(), started));
     let flow = ingress.flows.open(Flow {
         client: peer,
         sni,
@@ -195,7 +197,7 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
         permit,
     });
     let (client, backend) = match &ingress.packet {
-        Some(packet) => match hand_to_packet(ingress, packet, client, backend, flow, accepted_at) {
+        Some(packet) => match hand_to_packet(ingress, packet, client, backend, flow, accepted_at, origin) {
             None => return,
             Some((client, backend, error)) => {
                 info!(%peer, flow, %error, "packet splice refused this connection; trying the next path");
@@ -329,6 +331,7 @@ fn hand_to_packet(
     backend: TcpStream,
     flow: u64,
     accepted_at: Instant,
+    origin: Option<(String, SystemTime)>,
 ) -> Option<(TcpStream, TcpStream, Refused)> {
     let internal = Closed { reason: CloseReason::Internal, client_to_backend: 0, backend_to_client: 0 };
     let addrs = (|| {
@@ -350,7 +353,8 @@ fn hand_to_packet(
     };
     // Counted before the handoff: the report may arrive before this function returns.
     ingress.spliced_open.fetch_add(1, Ordering::AcqRel);
-    match packet.handoff(client_fd, backend_fd, addrs, flow) {
+    let (sni, started) = origin.unwrap_or_else(|| (String::new(), SystemTime::now()));
+    match packet.handoff(client_fd, backend_fd, addrs, flow, (&sni, started)) {
         Ok(token) => {
             ingress.flows.set_mode(flow, Path::Packet, Some([token, 0]));
             ingress.metrics.spliced(Path::Packet);

@@ -38,13 +38,13 @@ use tokio::{
     sync::{Notify, watch},
     task::JoinSet,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 pub use self::listener::{bind, check_port_free};
 use crate::{
     client_hello,
     config::{Inventory, ZoneIngress},
-    flows::Flows,
+    flows::{Flow, Flows},
     metrics::{ClusterStats, Metrics},
     routing::{AvailableService, RouteTable},
     splice::{
@@ -428,6 +428,43 @@ impl Ingress {
         let Some(flow) = self.flows.close(id, &closed, &self.metrics) else { return };
         self.metrics.destroyed.fetch_add(1, Ordering::Relaxed);
         conn::log_close(id, &flow, &closed);
+    }
+
+    /// Takes over the packet-level flows an earlier daemon left pinned (once a configuration is
+    /// installed): each is registered under the route its server name has now, so
+    /// `/connections`, the metrics, the idle timeout, the drain and the access log treat it as
+    /// any other. Returns how many were adopted.
+    pub fn adopt_packet_flows(&self) -> usize {
+        let Some(packet) = &self.packet else { return 0 };
+        let snap = self.snapshot();
+        packet.adopt(|a, token| {
+            // Every adopted flow ends with one close report, registered or not.
+            self.spliced_open.fetch_add(1, Ordering::AcqRel);
+            let route = match snap.table.lookup(&a.sni) {
+                Ok(route) => route,
+                Err(reason) => {
+                    warn!(sni = a.sni, client = %a.client, ?reason, "adopted flow: its server name does not route now; carried unlisted");
+                    return 0;
+                }
+            };
+            let Some(permit) = snap.clusters.get(&route.cluster.name).and_then(|c| c.try_acquire(usize::MAX)) else {
+                return 0;
+            };
+            let age = SystemTime::now().duration_since(a.started).unwrap_or_default();
+            self.flows.open(Flow {
+                client: a.client,
+                sni: a.sni.clone(),
+                route,
+                endpoint: a.endpoint,
+                mode: Path::Packet,
+                started: a.started,
+                started_ns: crate::sys::monotonic_ns().saturating_sub(u64::try_from(age.as_nanos()).unwrap_or(0)),
+                upstream_since: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+                progress: Arc::default(),
+                cookies: Some([token, 0]),
+                permit,
+            })
+        })
     }
 
     /// Reads a kernel flow's counters by its cookies (see [`crate::flows::KernelReader`]).

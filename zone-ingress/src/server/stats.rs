@@ -89,6 +89,7 @@ impl Ingress {
                 total: st.total.load(Ordering::Relaxed),
                 refused: st.refused.load(Ordering::Relaxed),
                 failed: st.failed.load(Ordering::Relaxed),
+                adopted: st.adopted.load(Ordering::Relaxed),
                 program: vec![
                     ("translated", at(pabi::STAT_TRANSLATED)),
                     ("local_ack", at(pabi::STAT_LOCAL_ACK)),

@@ -145,6 +145,17 @@ pub fn count_u64_keys(fd: BorrowedFd<'_>, cap: u64) -> io::Result<u64> {
 /// # Errors
 /// The first `bpf(2)` call failed for another reason than an empty map.
 pub fn count_keys<K: Copy + Default>(fd: BorrowedFd<'_>, cap: u64) -> io::Result<u64> {
+    let mut count = 0u64;
+    for_each_key::<K>(fd, cap, |_| count += 1)?;
+    Ok(count)
+}
+
+/// Calls `f` with each key of a map whose keys are `K`, at most `cap` of them (a map that
+/// changes under the walk may show a key twice or not at all, as [`count_u64_keys`] says).
+///
+/// # Errors
+/// The first `bpf(2)` call failed for another reason than an empty map.
+pub fn for_each_key<K: Copy + Default>(fd: BorrowedFd<'_>, cap: u64, mut f: impl FnMut(K)) -> io::Result<()> {
     let fd = map_fd(fd)?;
     let mut key = K::default();
     let mut next = K::default();
@@ -167,6 +178,7 @@ pub fn count_keys<K: Copy + Default>(fd: BorrowedFd<'_>, cap: u64) -> io::Result
         first = false;
         key = next;
         count += 1;
+        f(key);
     }
-    Ok(count)
+    Ok(())
 }

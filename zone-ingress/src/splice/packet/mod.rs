@@ -8,7 +8,9 @@
 //!   are acknowledged), learns of each flow's end from the kernel's FIN/RST events, reports it,
 //!   keeps translating through a linger period, then removes the entries and closes the parked
 //!   sockets silently; idle timeout and the drain's resets;
-//! - `reset`: RSTs sent on behalf of a parked socket (idle timeout, drain, failed switch).
+//! - `reset`: RSTs sent on behalf of a parked socket (idle timeout, drain, failed switch);
+//! - `pins`: the bpffs directory where maps and links are pinned, so flows outlive the daemon
+//!   and the next one adopts them ([`PacketSplice::adopt`]).
 //!
 //! The handoff (this file), in order:
 //! 1. refuse, with both sockets untouched, a flow the programs cannot carry: legs of different
@@ -26,6 +28,7 @@
 //! the bytes the daemon relays).
 
 mod monitor;
+pub mod pins;
 mod reset;
 pub mod switch;
 
@@ -34,18 +37,24 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd, BorrowedFd, OwnedFd},
+    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
+    time::{Duration, SystemTime},
 };
 
 use aya::{
     maps::{HashMap, IterableMap as _, MapData, PerCpuArray, RingBuf},
-    programs::{SchedClassifier, TcAttachType},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
 };
-use tracing::{info, warn};
-use zone_ingress_ebpf::packet::{self as abi, Key, Syn, Xlate};
+use tracing::{debug, info, warn};
+use zone_ingress_ebpf::packet::{self as abi, Key, Meta, Syn, Xlate};
 
 use self::{
     monitor::{Monitor, PFlow},
@@ -113,6 +122,20 @@ pub struct PacketStats {
     pub refused: AtomicU64,
     /// Switches that failed after the client socket was read (the flow was reset).
     pub failed: AtomicU64,
+    /// Flows an earlier daemon left in the pinned maps, taken over at start.
+    pub adopted: AtomicU64,
+}
+
+/// A flow an earlier daemon left in the pinned maps, as [`PacketSplice::adopt`] hands it to the
+/// owner of the flows.
+#[derive(Debug, Clone)]
+pub struct Adopted {
+    pub client: SocketAddr,
+    pub endpoint: SocketAddr,
+    /// The server name it was routed by.
+    pub sni: String,
+    /// When it was accepted.
+    pub started: SystemTime,
 }
 
 /// The maps userspace uses, through plain `bpf(2)` (shared by threads without a lock).
@@ -120,6 +143,7 @@ struct Maps {
     flows: BpfMap<Key, Xlate>,
     quiet: BpfMap<Key, u64>,
     syns: BpfMap<Key, Syn>,
+    meta: BpfMap<Key, Meta>,
 }
 
 /// State shared by the handoff (runtime workers) and the monitor thread.
@@ -138,8 +162,12 @@ pub struct PacketSplice {
     shared: Arc<Shared>,
     object: Arc<Object>,
     stats_map: Mutex<PerCpuArray<MapData, u64>>,
-    /// Interfaces with both programs, and their links (dropped with the object: detached).
+    /// Interfaces with both programs. Unpinned, their links belong to the object (dropped with
+    /// it: detached); pinned, they are in `links`.
     attached: Mutex<Vec<String>>,
+    /// The pin directory (`None`: nothing is pinned and the flows end with the process).
+    pins: Option<PathBuf>,
+    links: Mutex<Vec<PinnedLink>>,
 }
 
 impl std::fmt::Debug for PacketSplice {
@@ -150,8 +178,10 @@ impl std::fmt::Debug for PacketSplice {
 
 impl PacketSplice {
     /// Loads both programs, attaches them (tcx) to the interfaces carrying `listen` (every
-    /// interface but loopback when it is unspecified), checks that this process may park
-    /// sockets, and starts the monitor thread.
+    /// interface but loopback when it is unspecified) and to those an earlier daemon pinned in
+    /// `pins`, checks that this process may park sockets, and starts the monitor thread.
+    /// With `pins`, the object's maps were pinned there (`ebpf::Users::packet_pins`) and the
+    /// links are pinned there too: atomically replacing an earlier daemon's programs.
     ///
     /// # Errors
     /// No object, a program the kernel refused, no tcx (Linux < 6.6), no `CAP_NET_ADMIN`.
@@ -160,12 +190,14 @@ impl PacketSplice {
         limits: Limits,
         reports: ReportSender,
         listen: SocketAddr,
+        pins: Option<PathBuf>,
     ) -> Result<Self, LoadError> {
         let io = |what| move |source| LoadError::Io { what, source };
         check_repair().map_err(io("TCP_REPAIR (the packet splice parks sockets; it needs CAP_NET_ADMIN)"))?;
         let flows: HashMap<MapData, Key, Xlate> = object.take_map(abi::FLOWS)?;
         let quiet: HashMap<MapData, Key, u64> = object.take_map(abi::QUIET)?;
         let syns: HashMap<MapData, Key, Syn> = object.take_map(abi::SYNS)?;
+        let meta: HashMap<MapData, Key, Meta> = object.take_map(abi::META)?;
         let events: RingBuf<MapData> = object.take_map(abi::EVENTS)?;
         let stats_map: PerCpuArray<MapData, u64> = object.take_map(abi::STATS)?;
         let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map_err(io("duplicating a map fd"));
@@ -173,6 +205,7 @@ impl PacketSplice {
             flows: BpfMap::new(dup(flows.map().fd().as_fd())?),
             quiet: BpfMap::new(dup(quiet.map().fd().as_fd())?),
             syns: BpfMap::new(dup(syns.map().fd().as_fd())?),
+            meta: BpfMap::new(dup(meta.map().fd().as_fd())?),
         };
         {
             let mut ebpf = object.lock();
@@ -193,8 +226,15 @@ impl PacketSplice {
             monitor,
             next_token: AtomicU64::new(1),
         });
-        let splice = Self { shared, object, stats_map: Mutex::new(stats_map), attached: Mutex::default() };
-        let wanted = if listen.ip().is_unspecified() {
+        let splice = Self {
+            shared,
+            object,
+            stats_map: Mutex::new(stats_map),
+            attached: Mutex::default(),
+            pins,
+            links: Mutex::default(),
+        };
+        let mut wanted = if listen.ip().is_unspecified() {
             all_interfaces().map_err(io("listing the interfaces"))?
         } else {
             crate::xdp::interfaces_with(switch::unmap(listen.ip())).map_err(io("listing the interfaces"))?
@@ -202,29 +242,140 @@ impl PacketSplice {
         for name in &wanted {
             splice.attach(name).map_err(|source| LoadError::Program { name: abi::INGRESS_PROG, source })?;
         }
+        // Interfaces an earlier daemon attached to (toward endpoints it had): its flows there
+        // keep being translated, by these programs now.
+        for name in splice.pins.as_deref().map(pins::pinned_interfaces).unwrap_or_default() {
+            if wanted.contains(&name) {
+                continue;
+            }
+            match splice.attach(&name) {
+                Ok(()) => wanted.push(name),
+                Err(e) => {
+                    warn!(interface = name, error = %e, "packet splice: a pinned interface is gone; unpinning it")
+                }
+            }
+        }
         let thread = Arc::clone(&splice.shared);
         std::thread::Builder::new()
             .name("packet-mon".into())
             .spawn(move || monitor::run(&thread))
             .map_err(io("spawning the packet monitor thread"))?;
-        info!(interfaces = ?wanted, "packet splice: tc programs attached (tcx ingress and egress)");
+        let pinned = splice.pins.as_ref().map(|d| d.display().to_string());
+        info!(interfaces = ?wanted, pins = pinned, "packet splice: tc programs attached (tcx ingress and egress)");
         Ok(splice)
     }
 
-    /// Attaches both programs to `name` unless they are there already.
+    /// Attaches both programs to `name` unless they are there already. With a pin directory,
+    /// a link pinned there is taken over (its program replaced atomically: no packet sees
+    /// neither program), else a new one is made; either is pinned there.
     fn attach(&self, name: &str) -> Result<(), aya::programs::ProgramError> {
         let mut attached = self.attached.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if attached.iter().any(|a| a == name) {
             return Ok(());
         }
         let mut ebpf = self.object.lock();
-        for (prog, at) in [(abi::INGRESS_PROG, TcAttachType::Ingress), (abi::EGRESS_PROG, TcAttachType::Egress)] {
+        for (prog, at, dir) in
+            [(abi::INGRESS_PROG, TcAttachType::Ingress, "ingress"), (abi::EGRESS_PROG, TcAttachType::Egress, "egress")]
+        {
             let p: &mut SchedClassifier =
                 ebpf.program_mut(prog).ok_or(aya::programs::ProgramError::NotLoaded)?.try_into()?;
-            p.attach(name, at)?;
+            let Some(pins) = &self.pins else {
+                p.attach(name, at)?;
+                continue;
+            };
+            let path = pins::link_path(pins, dir, name);
+            let id = match take_pinned(&path) {
+                Some(old) => match p.attach_to_link(old) {
+                    Ok(id) => {
+                        debug!(interface = name, direction = dir, "packet splice: took over a pinned link");
+                        id
+                    }
+                    Err(e) => {
+                        warn!(interface = name, direction = dir, error = %e, "packet splice: a pinned link could not be taken over; attaching anew");
+                        p.attach_with_options(name, at, TcAttachOptions::TcxOrder(LinkOrder::default()))?
+                    }
+                },
+                None => p.attach_with_options(name, at, TcAttachOptions::TcxOrder(LinkOrder::default()))?,
+            };
+            let link = FdLink::try_from(p.take_link(id)?)
+                .map_err(|e| aya::programs::ProgramError::IOError(io::Error::other(e)))?;
+            let pinned = link.pin(&path).map_err(|e| aya::programs::ProgramError::IOError(io::Error::other(e)))?;
+            self.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(pinned);
         }
         attached.push(name.to_owned());
         Ok(())
+    }
+
+    /// The graceful exit: removes the pins (maps, links, directory), so that the programs detach
+    /// and the maps are freed with the process. Called once every flow has ended or was reset.
+    pub fn unpin(&self) {
+        let Some(dir) = &self.pins else { return };
+        let links = std::mem::take(&mut *self.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for link in links {
+            // Unpinned and dropped: detached.
+            let _ = link.unpin();
+        }
+        pins::remove(dir);
+        info!(dir = %dir.display(), "packet splice: pins removed");
+    }
+
+    /// Takes over the flows an earlier daemon left in the pinned maps: rebuilds each one's state
+    /// from its entries and its `PKT_META` record, recreates its parked backend socket (which
+    /// holds the source port), and registers it with the monitor, which handles its end, idle
+    /// timeout and drain as any other. `register` gives each one (with its token, the key of its
+    /// counters) to the owner of the flows and returns the id its close report carries (0: not
+    /// registered; its end is then only logged here). A flow whose end the earlier daemon
+    /// reported only lingers and is not given. Returns how many were adopted.
+    pub fn adopt(&self, mut register: impl FnMut(&Adopted, u64) -> u64) -> usize {
+        let m = &self.shared.maps;
+        let mut clients = Vec::new();
+        let _ = sys::bpf::for_each_key::<Key>(m.meta.fd(), u64::from(abi::MAX_ENTRIES), |k| clients.push(k));
+        let mut adopted = 0;
+        for kc in clients {
+            let Ok(meta) = m.meta.get(&kc) else { continue };
+            let kb = meta.backend_key;
+            let (Ok(_), Ok(xb)) = (m.flows.get(&kc), m.flows.get(&kb)) else {
+                // Its entries are gone (a client reused the 4-tuple and the program dropped it).
+                let _ = m.meta.remove(&kc);
+                continue;
+            };
+            let (client_peer, client_local) = switch::addrs(&kc);
+            let (backend_peer, backend_local) = switch::addrs(&kb);
+            let addrs = Addrs { client_local, client_peer, backend_local, backend_peer };
+            let quiet = [switch::key(client_local, client_peer), switch::key(backend_local, backend_peer)];
+            let backend = tcp::parked_socket(backend_local, backend_peer)
+                .map_err(|e| warn!(%backend_peer, %backend_local, error = %e, "packet splice: cannot hold an adopted flow's backend port"))
+                .ok();
+            let sni = String::from_utf8_lossy(&meta.sni[..(meta.sni_len as usize).min(abi::META_SNI)]).into_owned();
+            let started = SystemTime::UNIX_EPOCH + Duration::from_millis(meta.started_unix_ms);
+            let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.active.fetch_add(1, Ordering::AcqRel);
+            let guarded = quiet.map(|q| m.quiet.get(&q).is_ok());
+            if meta.flags & abi::META_REPORTED != 0 {
+                // Ended and reported by the earlier daemon: linger, then clean up.
+                let pf = PFlow::adopted(0, backend, addrs, [kc, kb], quiet, guarded, &meta);
+                let _ = self.shared.monitor.install(token, &pf.keys, || Ok(()));
+                self.shared.monitor.add(token, pf);
+                self.shared.monitor.ended(token, false);
+                continue;
+            }
+            self.shared.stats.adopted.fetch_add(1, Ordering::Relaxed);
+            let flow = register(&Adopted { client: client_peer, endpoint: backend_peer, sni, started }, token);
+            let pf = PFlow::adopted(flow, backend, addrs, [kc, kb], quiet, guarded, &meta);
+            let _ = self.shared.monitor.install(token, &pf.keys, || Ok(()));
+            self.shared.monitor.add(token, pf);
+            info!(flow, client = %client_peer, endpoint = %backend_peer, "packet splice: adopted a flow from an earlier daemon");
+            if xb.local_below != 0 {
+                // The earlier daemon stopped before the backend acknowledged the ClientHello its
+                // socket was delivering: that socket is gone, nobody will retransmit it.
+                warn!(flow, "packet splice: an adopted flow's switch never settled; resetting");
+                self.shared.abort(token, CloseReason::Internal);
+            } else {
+                self.shared.check_end(token);
+            }
+            adopted += 1;
+        }
+        adopted
     }
 
     /// Attaches to the interfaces that lead to `endpoints` (the routing table's choice for
@@ -274,10 +425,10 @@ impl PacketSplice {
         ebpf::per_cpu_sums(&self.stats_map)
     }
 
-    /// Entries and capacity of the flow and guard maps.
+    /// Entries and capacity of the flow, guard and adoption-record maps.
     pub fn map_entries(&self) -> Vec<(&'static str, u64, u32)> {
         let m = &self.shared.maps;
-        [(abi::FLOWS, m.flows.fd()), (abi::QUIET, m.quiet.fd())]
+        [(abi::FLOWS, m.flows.fd()), (abi::QUIET, m.quiet.fd()), (abi::META, m.meta.fd())]
             .into_iter()
             .map(|(name, fd)| {
                 let max = sys::bpf::max_entries(fd).unwrap_or(abi::MAX_ENTRIES);
@@ -300,6 +451,12 @@ impl PacketSplice {
         ))
     }
 
+    /// Switches whose backend socket is not parked yet: it still owns the ClientHello's
+    /// retransmission, so the flow needs this process until it settles (one round trip).
+    pub fn unsettled(&self) -> usize {
+        self.shared.monitor.unsettled()
+    }
+
     /// Resets every packet-spliced flow, both ways (the end of the drain time).
     pub fn abort_all(&self, reason: CloseReason) {
         self.shared.abort_all(reason);
@@ -308,7 +465,14 @@ impl PacketSplice {
     /// Hands a routed connection to the packet path (module docs, steps 1–6). `Ok(token)`: the
     /// flow is the monitor's, and its end is reported with `flow` on the report channel.
     /// `Err`: both sockets come back untouched.
-    pub fn handoff(&self, client: OwnedFd, backend: OwnedFd, addrs: Addrs, flow: u64) -> Result<u64, Rejected> {
+    pub fn handoff(
+        &self,
+        client: OwnedFd,
+        backend: OwnedFd,
+        addrs: Addrs,
+        flow: u64,
+        origin: (&str, SystemTime),
+    ) -> Result<u64, Rejected> {
         let cap = self.shared.limits.max_spliced;
         let stats = &self.shared.stats;
         if stats.active.fetch_add(1, Ordering::AcqRel) >= cap {
@@ -326,7 +490,7 @@ impl PacketSplice {
         };
         let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
         stats.total.fetch_add(1, Ordering::Relaxed);
-        self.shared.switch(token, flow, client, backend, &addrs, &legs);
+        self.shared.switch(token, flow, client, backend, &addrs, &legs, origin);
         Ok(token)
     }
 
@@ -402,7 +566,20 @@ impl Drop for PacketSplice {
 
 impl Shared {
     /// Steps 3–6. Past step 3 the ClientHello is consumed: a failure resets the flow.
-    fn switch(&self, token: u64, flow: u64, client: OwnedFd, backend: OwnedFd, a: &Addrs, legs: &[Leg; 2]) {
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the switch's inputs, each used once; a struct would only rename them"
+    )]
+    fn switch(
+        &self,
+        token: u64,
+        flow: u64,
+        client: OwnedFd,
+        backend: OwnedFd,
+        a: &Addrs,
+        legs: &[Leg; 2],
+        (sni, started): (&str, SystemTime),
+    ) {
         let quiet = [switch::key(a.client_local, a.client_peer), switch::key(a.backend_local, a.backend_peer)];
         let mut pf = PFlow::new(flow, [client, backend], *a, legs, quiet);
         let result = (|| -> io::Result<()> {
@@ -448,6 +625,23 @@ impl Shared {
                 pf.client_fin = true;
             }
             pf.relayed = relayed;
+            // What a later daemon needs to adopt the flow (not fatal: the flow runs without).
+            let mut meta = Meta {
+                client_isn: legs[0].peer_isn,
+                backend_isn: legs[1].peer_isn,
+                relayed,
+                flags: if fin { abi::META_CLIENT_FIN } else { 0 },
+                started_unix_ms: started
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0)),
+                backend_key: kb,
+                sni_len: u32::try_from(sni.len().min(abi::META_SNI)).unwrap_or(0),
+                ..Meta::default()
+            };
+            meta.sni[..meta.sni_len as usize].copy_from_slice(&sni.as_bytes()[..meta.sni_len as usize]);
+            if let Err(e) = self.maps.meta.insert(&kc, &meta) {
+                debug!(flow, error = %e, "packet splice: no adoption record for this flow");
+            }
             // The client socket has nothing left to send: park it now.
             tcp::park(c)?;
             pf.parked[0] = true;
@@ -491,6 +685,14 @@ fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The link pinned at `path`, unpinned and ready to be taken over (`None`: there is none).
+fn take_pinned(path: &std::path::Path) -> Option<SchedClassifierLink> {
+    let old = PinnedLink::from_pin(path).ok()?;
+    // The pin goes; the link stays while this fd holds it.
+    let fd = old.unpin().ok()?;
+    SchedClassifierLink::try_from(fd).ok()
 }
 
 /// Repair mode is available to this process (`CAP_NET_ADMIN`): tried on a fresh socket.

@@ -22,8 +22,8 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use tracing::{debug, warn};
-use zone_ingress_ebpf::packet::{EV_FIN, EV_RST, Key, Xlate};
+use tracing::{debug, info, warn};
+use zone_ingress_ebpf::packet::{EV_FIN, EV_RST, Key, META_CLIENT_FIN, META_REPORTED, Meta, Xlate};
 
 use super::{Addrs, Index, Shared, reset, switch::Leg};
 use crate::{
@@ -85,6 +85,37 @@ impl PFlow {
             ended_ns: None,
         }
     }
+
+    /// A flow an earlier daemon switched, rebuilt from its entries' keys and its record: both
+    /// sockets parked (the client's is gone, the backend's recreated when it could be).
+    pub(super) fn adopted(
+        flow: u64,
+        backend: Option<OwnedFd>,
+        addrs: Addrs,
+        keys: [Key; 2],
+        quiet: [Key; 2],
+        guarded: [bool; 2],
+        meta: &Meta,
+    ) -> Self {
+        Self {
+            flow,
+            fds: [None, backend],
+            addrs,
+            keys,
+            quiet,
+            client_isn: meta.client_isn,
+            backend_isn: meta.backend_isn,
+            guarded,
+            parked: [true, true],
+            installed: true,
+            relayed: meta.relayed,
+            client_fin: meta.flags & META_CLIENT_FIN != 0,
+            // Idleness counts from the entries' last packet alone.
+            switched_ns: 0,
+            // Ended and reported by the earlier daemon: only its linger is left.
+            ended_ns: (meta.flags & META_REPORTED != 0).then(sys::monotonic_ns),
+        }
+    }
 }
 
 /// The monitor's state.
@@ -124,6 +155,10 @@ impl Monitor {
         put()
     }
 
+    pub(super) fn unsettled(&self) -> usize {
+        self.settling.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
     pub(super) fn add(&self, token: u64, f: PFlow) {
         if !f.parked[1] {
             self.settling.lock().unwrap_or_else(PoisonError::into_inner).insert(token);
@@ -133,7 +168,7 @@ impl Monitor {
 
     /// Records that `token` ended now: its cleanup follows `LINGER` later, or at the next pass
     /// if `at_once` (a reset flow: RSTs are not retransmitted).
-    fn ended(&self, token: u64, at_once: bool) {
+    pub(super) fn ended(&self, token: u64, at_once: bool) {
         self.settling.lock().unwrap_or_else(PoisonError::into_inner).remove(&token);
         let mut ended = self.ended.lock().unwrap_or_else(PoisonError::into_inner);
         if at_once {
@@ -327,6 +362,24 @@ impl Shared {
             client_to_backend: super::switch::stream_bytes(c, f.client_isn),
             backend_to_client: super::switch::stream_bytes(b, f.backend_isn),
         };
+        if f.installed
+            && let Ok(mut meta) = self.maps.meta.get(&f.keys[0])
+        {
+            // A daemon that adopts the flow during its linger does not report it again.
+            meta.flags |= META_REPORTED;
+            let _ = self.maps.meta.insert(&f.keys[0], &meta);
+        }
+        if f.flow == 0 {
+            // An adopted flow its owner could not register (its server name routes nowhere now).
+            info!(
+                client = %f.addrs.client_peer,
+                endpoint = %f.addrs.backend_peer,
+                bytes_client_to_backend = closed.client_to_backend,
+                bytes_backend_to_client = closed.backend_to_client,
+                reason = reason.as_str(),
+                "packet splice: an adopted, unregistered flow ended"
+            );
+        }
         let _ = self.reports.send(CloseReport { flow: f.flow, closed });
     }
 
@@ -382,6 +435,9 @@ impl Shared {
                 if index.get(k) == Some(&token) {
                     index.remove(k);
                     let _ = self.maps.flows.remove(k);
+                    if *k == f.keys[0] {
+                        let _ = self.maps.meta.remove(k);
+                    }
                 }
             }
         }

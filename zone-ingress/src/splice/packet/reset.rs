@@ -81,7 +81,7 @@ pub(super) fn send(from: SocketAddr, to: SocketAddr, seqs: &[u32]) -> io::Result
     // SAFETY: a fresh fd we own.
     let sock = unsafe { OwnedFd::from_raw_fd(raw) };
     crate::sys::setsockopt(std::os::fd::AsFd::as_fd(&sock), libc::SOL_SOCKET, libc::SO_MARK, &MARK)?;
-    let (bind, dest) = (sockaddr(SocketAddr::new(src, 0)), sockaddr(SocketAddr::new(dst, 0)));
+    let (bind, dest) = (crate::sys::sockaddr(SocketAddr::new(src, 0)), crate::sys::sockaddr(SocketAddr::new(dst, 0)));
     // SAFETY: `bind` is a valid sockaddr of the length passed.
     if unsafe { libc::bind(sock.as_raw_fd(), bind.0.as_ptr().cast(), bind.1) } != 0 {
         return Err(io::Error::last_os_error());
@@ -97,36 +97,6 @@ pub(super) fn send(from: SocketAddr, to: SocketAddr, seqs: &[u32]) -> io::Result
         }
     }
     Ok(())
-}
-
-/// A socket address as raw `sockaddr_in`/`sockaddr_in6` bytes and its length.
-fn sockaddr(a: SocketAddr) -> ([u8; 28], libc::socklen_t) {
-    let mut out = [0u8; 28];
-    match a {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: 0,
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_in is 16 plain bytes, within the 28-byte buffer.
-            unsafe { std::ptr::write_unaligned(out.as_mut_ptr().cast(), sin) };
-            (out, std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: 0,
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
-                sin6_scope_id: v6.scope_id(),
-            };
-            // SAFETY: sockaddr_in6 is 28 plain bytes, the buffer's size.
-            unsafe { std::ptr::write_unaligned(out.as_mut_ptr().cast(), sin6) };
-            (out, std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
-        }
-    }
 }
 
 #[cfg(test)]

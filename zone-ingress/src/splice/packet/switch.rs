@@ -68,6 +68,23 @@ pub fn key(from: SocketAddr, to: SocketAddr) -> Key {
     Key { src, dst, sport: from.port().to_be(), dport: to.port().to_be(), family }
 }
 
+/// The (from, to) addresses of a key: the inverse of [`key`] (IPv4 addresses come back plain).
+#[must_use]
+pub fn addrs(k: &Key) -> (SocketAddr, SocketAddr) {
+    let ip = |w: [u32; 4]| -> IpAddr {
+        if k.family == FAMILY_V4 {
+            IpAddr::V4(std::net::Ipv4Addr::from(w[0].to_ne_bytes()))
+        } else {
+            let mut o = [0u8; 16];
+            for (i, word) in w.iter().enumerate() {
+                o[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+            IpAddr::V6(std::net::Ipv6Addr::from(o))
+        }
+    };
+    (SocketAddr::new(ip(k.src), u16::from_be(k.sport)), SocketAddr::new(ip(k.dst), u16::from_be(k.dport)))
+}
+
 /// An address as the map's raw words, and its family on the wire.
 fn words(ip: IpAddr) -> ([u32; 4], u32) {
     match unmap(ip) {
@@ -171,6 +188,18 @@ pub fn stream_bytes(x: &Xlate, peer_isn: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_addresses_round_trip() {
+        for (from, to) in [("198.18.0.1:40000", "198.18.0.2:10001"), ("[2001:2::1]:40000", "[2001:2:0:1::2]:8080")] {
+            let (from, to): (SocketAddr, SocketAddr) = (from.parse().expect("addr"), to.parse().expect("addr"));
+            assert_eq!(addrs(&key(from, to)), (from, to));
+        }
+        // A dual-stack listener's IPv4-mapped view comes back as the IPv4 packet it is.
+        let mapped: SocketAddr = "[::ffff:198.18.0.1]:40000".parse().expect("addr");
+        let to: SocketAddr = "198.18.0.2:10001".parse().expect("addr");
+        assert_eq!(addrs(&key(mapped, to)).0, "198.18.0.1:40000".parse::<SocketAddr>().expect("addr"));
+    }
 
     #[test]
     fn linux_syn_layouts() {

@@ -1,0 +1,131 @@
+//! The pin directory of the packet splice (docs/design.md#restarts-and-adoption): its maps and
+//! tcx links are pinned in a bpffs directory, so the kernel keeps translating the flows while no
+//! daemon runs, and the next daemon started with the same directory takes them over.
+//!
+//! Layout: one file per map (`PKT_FLOWS`, ...), one per link (`link-ingress-<interface>`,
+//! `link-egress-<interface>`). The directory's name carries [`ABI`]: a daemon whose map layouts
+//! differ never opens another's maps.
+
+use std::{
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+/// Version of the pinned maps' layouts (`zone_ingress_ebpf::packet`), part of the default
+/// directory's name: bumped whenever a key or value layout changes.
+pub const ABI: u32 = 1;
+/// Where bpffs is mounted on a usual host.
+const BPFFS: &str = "/sys/fs/bpf";
+/// `statfs` magic of bpffs (include/uapi/linux/magic.h).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The directory a daemon uses when none is given: one per network namespace and listener port,
+/// so daemons in other namespaces (pods, tests) or on other ports never share one, while the
+/// same daemon restarted finds its own. The namespace is named by its cookie, which the kernel
+/// never gives to another namespace until reboot (an inode number can come back).
+///
+/// # Errors
+/// The network namespace's cookie cannot be read (Linux < 5.14).
+pub fn default_dir(listen: SocketAddr) -> io::Result<PathBuf> {
+    let ns = netns_cookie()?;
+    Ok(Path::new(BPFFS).join("zone-ingress").join(format!("v{ABI}-netns{ns}-port{}", listen.port())))
+}
+
+/// `SO_NETNS_COOKIE` of this process's network namespace.
+fn netns_cookie() -> io::Result<u64> {
+    /// include/uapi/asm-generic/socket.h.
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: plain socket(2); the fd is owned at once.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let s = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    let mut cookie: u64 = 0;
+    crate::sys::getsockopt(std::os::fd::AsFd::as_fd(&s), libc::SOL_SOCKET, SO_NETNS_COOKIE, &mut cookie)?;
+    Ok(cookie)
+}
+
+/// Creates `dir` and checks that it is on bpffs (a pin elsewhere fails, or would not survive).
+///
+/// # Errors
+/// The directory cannot be created, or is not on bpffs (mount one: `mount -t bpf bpf /sys/fs/bpf`).
+pub fn prepare(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(path.as_ptr(), &raw mut fs) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if fs.f_type != BPF_FS_MAGIC {
+        return Err(io::Error::other(format!("{} is not on a bpf filesystem", dir.display())));
+    }
+    Ok(())
+}
+
+/// The pin of a link: `link-<direction>-<interface>`.
+pub fn link_path(dir: &Path, direction: &str, interface: &str) -> PathBuf {
+    dir.join(format!("link-{direction}-{interface}"))
+}
+
+/// Interfaces with a pinned link in `dir` (left by an earlier daemon).
+pub fn pinned_interfaces(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut out: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let rest = name.strip_prefix("link-ingress-").or_else(|| name.strip_prefix("link-egress-"))?;
+            Some(rest.to_owned())
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Removes every pin in `dir`, then `dir`: the maps and links are freed once no process holds
+/// them (the links detach then).
+pub fn remove(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.filter_map(Result::ok) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    // The default directories' parent, once the last of them is gone.
+    if let Some(parent) = dir.parent().filter(|p| p.file_name().is_some_and(|n| n == "zone-ingress")) {
+        let _ = std::fs::remove_dir(parent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_dir_names_namespace_and_port() {
+        let d = default_dir("198.18.0.2:10001".parse().expect("addr")).expect("netns");
+        let name = d.file_name().and_then(|n| n.to_str()).expect("name").to_owned();
+        assert!(name.starts_with(&format!("v{ABI}-netns")), "{name}");
+        assert!(name.ends_with("-port10001"), "{name}");
+        assert!(d.starts_with("/sys/fs/bpf/zone-ingress"));
+    }
+
+    #[test]
+    fn pinned_interfaces_parse_names_with_dashes() {
+        let dir = std::env::temp_dir().join(format!("zi-pins-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        for f in ["link-ingress-veth-a", "link-egress-veth-a", "link-egress-eth0", "PKT_FLOWS"] {
+            std::fs::write(dir.join(f), "").expect("file");
+        }
+        assert_eq!(pinned_interfaces(&dir), ["eth0", "veth-a"]);
+        assert!(prepare(&dir).is_err(), "a directory outside bpffs is refused");
+        remove(&dir);
+        assert!(!dir.exists());
+    }
+}
