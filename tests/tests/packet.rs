@@ -550,3 +550,78 @@ fn sigquit_hands_flows_over_to_the_next_daemon() {
     assert!(!first.log_text().contains("connection closed"), "the first daemon logged a close:\n{}", first.log_text());
     assert!(pins.join("PKT_FLOWS").exists(), "the second daemon holds the pins");
 }
+
+/// The client sends its hello with 512 KiB of early data in one write, so the backend socket
+/// relays a lot at the switch, and the backend answers 1 MiB at once, before it acknowledged all
+/// of it and without reading on. Three things must hold, or a direction stalls (each failed
+/// this test before it was fixed): the backend's ACKs, whose sequence numbers are far past what
+/// the ingress's backend socket received (the answer went to the client), still reach that
+/// socket as ACKs; that socket's segments, whose acknowledgment is far behind what the backend
+/// sent, are not taken for a blind injection (RFC 5961); and the client's pure ACKs, numbered
+/// past the backend's shut window (the client saw the ingress socket's wider one), are not
+/// dropped unread.
+#[test]
+fn backend_answers_at_length_while_early_data_is_relayed() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let topo = Topology::new(1);
+    let daemon = Daemon::start(
+        &topo.ingress,
+        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
+        &section5_inventory(false),
+        &["--splice", "packet", "--bpf-pin-dir", "off", "--drain-time", "1s"],
+    );
+    let rt = runtime();
+    const EARLY: usize = 512 << 10;
+    const ANSWER: usize = 1 << 20;
+    rt.block_on(async {
+        let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
+        let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
+        let mut first = hello.clone();
+        first.extend_from_slice(&zone_ingress_tests::raw::pattern(7, EARLY));
+        let mut c = topo.client.connect(SocketAddr::new(Topology::ingress_v4().into(), 10001)).expect("connect");
+        let (mut cr, mut cw) = c.split();
+        let mut down = vec![0u8; ANSWER];
+        let (sent, (mut b, answer), ()) = tokio::join!(
+            async {
+                cw.write_all(&first).await.expect("hello and early data");
+                first.len()
+            },
+            async {
+                let (mut b, _) =
+                    tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
+                // The hello only, then the whole answer before reading on.
+                let mut got = vec![0u8; hello.len()];
+                b.read_exact(&mut got).await.expect("hello");
+                let answer = zone_ingress_tests::raw::pattern(8, ANSWER);
+                b.write_all(&answer).await.expect("answer");
+                (b, answer)
+            },
+            async {
+                tokio::time::timeout(Duration::from_secs(10), cr.read_exact(&mut down))
+                    .await
+                    .expect("the answer in time")
+                    .expect("answer");
+            }
+        );
+        assert!(down == answer, "answer corrupted");
+        let mut rest = vec![0u8; EARLY];
+        tokio::time::timeout(Duration::from_secs(10), b.read_exact(&mut rest))
+            .await
+            .expect("the early data reached the backend in time (the flow stalled)")
+            .expect("early data");
+        assert!(rest == first[hello.len()..sent], "early data corrupted");
+        // The flow settled and keeps working both ways.
+        cw.write_all(b"after").await.expect("write");
+        let mut after = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(5), b.read_exact(&mut after)).await.expect("in time").expect("read");
+        assert_eq!(&after, b"after");
+        b.write_all(b"bye").await.expect("write");
+        let mut bye = [0u8; 3];
+        tokio::time::timeout(Duration::from_secs(5), cr.read_exact(&mut bye)).await.expect("in time").expect("read");
+        assert_eq!(&bye, b"bye");
+    });
+    let log = daemon.log_text();
+    assert!(!log.contains("never acknowledged"), "{log}");
+    let scrape = ops::scrape(&topo.ingress, "127.0.0.1:9901".parse().expect("addr"));
+    assert_eq!(scrape.must("zone_ingress_packet_spliced_total", &[]), 1.0, "carried at packet level:\n{log}");
+}

@@ -406,6 +406,11 @@ pub mod packet {
         /// `XF_*`.
         pub flags: u8,
         pub _pad: u8,
+        /// With `local_below`: the sequence number the local socket expects next (the peer's
+        /// SYN + 1: it received nothing since). An ACK passed to it gets this number, which the
+        /// peer's own has left behind once it sent to the other leg.
+        pub local_seq: u32,
+        pub _pad2: u32,
         /// Packets translated.
         pub packets: u64,
         /// Payload bytes translated (retransmissions included).
@@ -506,6 +511,6 @@ pub mod packet {
 
     const _: () = assert!(core::mem::size_of::<Meta>() == 24 + 40 + 8 + META_SNI);
     const _: () = assert!(core::mem::size_of::<Key>() == 40);
-    const _: () = assert!(core::mem::size_of::<Xlate>() == 112);
+    const _: () = assert!(core::mem::size_of::<Xlate>() == 120);
     const _: () = assert!(core::mem::size_of::<Syn>() == 64);
 }

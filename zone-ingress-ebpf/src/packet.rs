@@ -330,6 +330,20 @@ fn translate(ctx: &TcContext, h: &Headers, x: &mut Xlate, flags: u8, seq: u32, a
         event(x, &h.key, EV_RST);
     }
     if payload == 0 && !fin && !rst && has_ack && x.local_below != 0 && (ack.wrapping_sub(x.local_below) as i32) < 0 {
+        // The local socket received nothing from this peer since its SYN, while the peer's
+        // sequence number moves on with what it sends to the other leg: once that passes the
+        // socket's receive window, TCP would drop the ACK unprocessed (and the socket would
+        // retransmit the relayed bytes forever). The ACK gets the number the socket expects.
+        if seq != x.local_seq {
+            let new = x.local_seq.to_be();
+            // SAFETY: `th` was bounds-checked above and no helper has run since.
+            let old = unsafe { (*th).seq };
+            // SAFETY: as above.
+            unsafe { (*th).seq = new };
+            let sum = csum_fold(csum_add(0, old, new));
+            // SAFETY: checksum helper on this program's packet, at an offset inside the header.
+            unsafe { bpf_l4_csum_replace(skb, (h.l4 + TCP_CHECK) as u32, 0, u64::from(sum), 0) };
+        }
         count(STAT_LOCAL_ACK);
         return TC_ACT_OK;
     }
@@ -381,6 +395,25 @@ fn translate(ctx: &TcContext, h: &Headers, x: &mut Xlate, flags: u8, seq: u32, a
         }
     }
 
+    let mut out_seq = seq.wrapping_add(x.seq_delta);
+    if payload == 0 && !fin && !rst && flags & TCP_SYN == 0 {
+        // A pure ACK says nothing with its sequence number, but a receiver drops one numbered
+        // past its window without looking at the acknowledgment. A sender can be past the
+        // other leg's window through no fault of its own: before the switch it saw the
+        // ingress socket's window, whose right edge may lie beyond the other leg's. Such an
+        // ACK gets the number its receiver acknowledged last (`max_ack` of the other
+        // direction: every ACK the receiver sent since the switch went through here), which
+        // the receiver always accepts. Without it, a receiver whose window stays shut never
+        // sees the ACKs of what it sends, and both directions stall.
+        let back = Key { src: x.dst, dst: x.src, sport: x.dport, dport: x.sport, family: h.key.family };
+        // SAFETY: a lookup in a map of plain values; the value is only read.
+        if let Some(r) = unsafe { PKT_FLOWS.get(&back) }
+            && (out_seq.wrapping_sub(r.max_ack) as i32) > 0
+        {
+            out_seq = r.max_ack;
+        }
+    }
+
     // TCP header: ports, sequence, acknowledgment, window.
     let mut tcp: u64 = 0;
     let t = th.cast::<u8>();
@@ -391,7 +424,7 @@ fn translate(ctx: &TcContext, h: &Headers, x: &mut Xlate, flags: u8, seq: u32, a
         (*th).dest = x.dport;
         tcp = csum_add(tcp, old, load32(t));
         let old = (*th).seq;
-        let new = seq.wrapping_add(x.seq_delta).to_be();
+        let new = out_seq.to_be();
         (*th).seq = new;
         tcp = csum_add(tcp, old, new);
         if has_ack {
@@ -493,5 +526,45 @@ pub(crate) fn packet_egress(ctx: TcContext) -> i32 {
         count(STAT_GUARDED);
         return TC_ACT_SHOT;
     }
+    local_ack_fixup(&ctx, &h);
     TC_ACT_OK
+}
+
+/// A backend socket still delivering what it relayed at the switch (its flow's backend entry
+/// has `local_below`) acknowledges only the backend's SYN: everything the backend sent since went
+/// to the client. Once the backend has sent more than a window, that acknowledgment is so far
+/// behind that the backend takes the segment for a blind injection (RFC 5961 §5.2), drops it
+/// with its data and answers a challenge ACK: the relayed bytes would never arrive. The
+/// segment gets the acknowledgment the client last gave instead, which the backend has seen
+/// already (it went through the ingress program).
+#[inline(always)]
+fn local_ack_fixup(ctx: &TcContext, h: &Headers) {
+    let back = Key { src: h.key.dst, dst: h.key.src, sport: h.key.dport, dport: h.key.sport, family: h.key.family };
+    // SAFETY: lookups in a map of plain values; the values are only read.
+    let Some(x) = (unsafe { PKT_FLOWS.get(&back) }) else {
+        return;
+    };
+    if x.local_below == 0 {
+        return;
+    }
+    let client = Key { src: x.dst, dst: x.src, sport: x.dport, dport: x.sport, family: h.key.family };
+    // SAFETY: as above.
+    let Some(y) = (unsafe { PKT_FLOWS.get(&client) }) else {
+        return;
+    };
+    let acked = y.max_ack.wrapping_add(y.ack_delta);
+    let Some(th) = ptr_at::<TcpHdr>(ctx, h.l4) else {
+        return;
+    };
+    // SAFETY: bounds checked by `ptr_at`.
+    let (flags, old) = unsafe { ((*th).flags, (*th).ack_seq) };
+    if flags & TCP_ACK == 0 || (acked.wrapping_sub(u32::from_be(old)) as i32) <= 0 {
+        return;
+    }
+    let new = acked.to_be();
+    // SAFETY: as above.
+    unsafe { (*th).ack_seq = new };
+    let sum = csum_fold(csum_add(0, old, new));
+    // SAFETY: checksum helper on this program's packet, at an offset inside the header.
+    unsafe { bpf_l4_csum_replace(ctx.skb.skb, (h.l4 + TCP_CHECK) as u32, 0, u64::from(sum), 0) };
 }

@@ -98,6 +98,20 @@ pub fn timestamp(fd: BorrowedFd<'_>) -> io::Result<u32> {
     Ok(v)
 }
 
+/// Moves the socket's timestamp clock `ticks` forward (`TCP_TIMESTAMP` in a moment of repair
+/// mode, left without a window probe). The low bit of the value stays as read: it says whether
+/// the clock counts microseconds (Linux ≥ 6.7) and `ticks` is even.
+///
+/// # Errors
+/// No `CAP_NET_ADMIN`, or the socket is neither established nor closed.
+pub fn advance_timestamp(fd: BorrowedFd<'_>, ticks: u32) -> io::Result<()> {
+    debug_assert!(ticks % 2 == 0, "an odd step would flip the clock's unit bit");
+    setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, &TCP_REPAIR_ON)?;
+    let set = timestamp(fd).and_then(|now| setsockopt(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP, &now.wrapping_add(ticks)));
+    setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP)?;
+    set
+}
+
 /// `TCP_MAXSEG` before connect or listen: the MSS advertised in the SYN (and the most this
 /// socket sends).
 ///

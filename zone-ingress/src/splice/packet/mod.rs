@@ -619,6 +619,10 @@ impl Shared {
             })?;
             pf.installed = true;
             let b = pf.fds[1].as_ref().map(AsFd::as_fd).ok_or(io::ErrorKind::NotConnected)?;
+            if legs[1].ts {
+                // The backend socket's clock on the translation's basis (`switch::TS_MARGIN`).
+                tcp::advance_timestamp(b, switch::TS_MARGIN)?;
+            }
             write_all(b, &buf[..n])?;
             if fin {
                 sys::shutdown_write(b)?;

@@ -131,7 +131,10 @@ pub struct Leg {
 
 /// Timestamp ticks added to every translated TSval beyond the receiver's last one seen: PAWS
 /// (RFC 7323 §5) drops a segment whose TSval went back, and the clocks are only estimated to
-/// the millisecond.
+/// the millisecond. The backend socket, which keeps sending the relayed bytes for a while, has
+/// its own clock moved forward by as much at the switch: the backend then sees TSvals from it
+/// and translated ones from the client within one tick of each other, both ways, which PAWS
+/// accepts. Even (the low bit of a `TCP_TIMESTAMP` value is its unit).
 pub const TS_MARGIN: u32 = 2;
 
 /// The two entries of a flow: (key of packets from the client, its entry), (key of packets from
@@ -151,6 +154,7 @@ pub fn entries(client: &Leg, backend: &Leg, relayed: u32, fin: bool) -> ((Key, X
     // The relayed bytes are the backend socket's to deliver: ACKs of part of them go to it.
     if owed != 0 {
         from_backend.local_below = backend.local_isn.wrapping_add(1).wrapping_add(owed);
+        from_backend.local_seq = backend.peer_isn.wrapping_add(1);
     }
     ((key(client.peer, client.local), from_client), (key(backend.peer, backend.local), from_backend))
 }
