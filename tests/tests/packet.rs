@@ -1,10 +1,9 @@
 //! The packet splice under conditions that make the two legs differ: real rustls mTLS end to end
 //! (client and dataplane certificates from a test CA the ingress never sees), SHA-256 of every
 //! byte each way, and on each leg in turn: 1 % loss both ways (nftables `numgen` drops in the
-//! leg's far namespace: this kernel has neither netem nor a queueing discipline that could
-//! reorder), window scales that differ,
-//! timestamps off at one end, SACK off at one end, MTU 9000 on one leg and 1500 on the other,
-//! and IPv6. Each case checks that the flow was carried at packet level (`mode="packet"`), with
+//! leg's far namespace: this kernel has no netem), reordering on both legs (nftables sends 2 %
+//! of the packets through a slow HTB class), window scales that differ, timestamps off at one
+//! end, SACK off at one end, MTU 9000 on one leg and 1500 on the other, and IPv6. Each case checks that the flow was carried at packet level (`mode="packet"`), with
 //! exact byte totals in the access log, and that the translation saw no option layout it could
 //! not translate. Then restarts: the daemon SIGKILLed mid-transfer, and a SIGQUIT handover, each
 //! followed by a new daemon on the same pins that adopts the flows.
@@ -39,6 +38,8 @@ enum Impair {
     NoSackBackend,
     /// MTU 9000 on the client leg, 1500 on the dataplane leg.
     Jumbo,
+    /// 2 % of the TCP packets the client and the dataplane send overtaken by the rest.
+    Reorder,
 }
 
 fn sysctl(ns: &Netns, kv: &str) {
@@ -70,6 +71,40 @@ fn loss(ns: &Netns, percent: u32) {
     );
 }
 
+/// Reorders what `ns` sends on `ifname`: nftables gives `percent` of its TCP packets the
+/// priority of a slow HTB class (HTB takes a priority naming one of its classes as the class),
+/// which at 200 Mbit/s holds each for up to 3 ms while the others pass at full speed (this
+/// kernel has no netem).
+fn reorder(ns: &Netns, ifname: &str, percent: u32) {
+    nft(
+        ns,
+        &format!(
+            "table inet zi_reorder {{\n  chain out {{ type filter hook output priority 0; meta l4proto tcp numgen random mod 100 < {percent} counter meta priority set 0x10020; }}\n}}\n"
+        ),
+    );
+    let tc = |args: &str| {
+        let out = ns.command("tc").args(args.split_whitespace()).output().expect("tc");
+        assert!(out.status.success(), "tc {args}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    tc(&format!("qdisc add dev {ifname} root handle 1: htb default 10"));
+    tc(&format!("class add dev {ifname} parent 1: classid 1:10 htb rate 40gbit"));
+    tc(&format!("class add dev {ifname} parent 1: classid 1:20 htb rate 200mbit ceil 200mbit"));
+}
+
+/// Segments that TCP in `ns` received out of order (`TcpExtTCPOFOQueue`).
+fn out_of_order(ns: &Netns) -> u64 {
+    let out = ns.command("nstat").args(["-az", "TcpExtTCPOFOQueue"]).output().expect("nstat");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().find_map(|l| l.strip_prefix("TcpExtTCPOFOQueue")?.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
+/// Packets the reorder rules of `ns` sent through the slow class.
+fn reordered(ns: &Netns) -> u64 {
+    let out = ns.command("nft").args(["list", "table", "inet", "zi_reorder"]).output().expect("nft list");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("packets ").skip(1).filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok()).sum()
+}
+
 /// Packets the loss rules of `ns` dropped.
 fn dropped(ns: &Netns) -> u64 {
     let out = ns.command("nft").args(["list", "table", "inet", "zi_loss"]).output().expect("nft list");
@@ -89,6 +124,10 @@ fn impair(topo: &Topology, how: Impair) {
         Impair::Jumbo => {
             topo.client.ip(&["link", "set", "c0", "mtu", "9000"]);
             topo.ingress.ip(&["link", "set", "i0", "mtu", "9000"]);
+        }
+        Impair::Reorder => {
+            reorder(client, "c0", 2);
+            reorder(dp, "d0", 2);
         }
     }
 }
@@ -142,6 +181,16 @@ fn transfer(how: Impair, v6: bool, size: u64) {
         assert!(n > 20, "the loss rules dropped only {n} packets");
         eprintln!("loss on the {} leg: {n} packets dropped", if client_leg { "client" } else { "backend" });
     }
+    if let Impair::Reorder = how {
+        let (c, d) = (reordered(&topo.client), reordered(&topo.dataplanes[0]));
+        assert!(c > 20 && d > 20, "the reorder rules held back only {c} (client) and {d} (dataplane) packets");
+        // The receivers saw the reordering: segments queued out of order at both ends.
+        let (oc, od) = (out_of_order(&topo.client), out_of_order(&topo.dataplanes[0]));
+        assert!(oc > 0 && od > 0, "out-of-order segments: {oc} at the client, {od} at the dataplane");
+        eprintln!(
+            "reordering: {c} packets held back at the client, {d} at the dataplane; {oc} and {od} queued out of order"
+        );
+    }
     let scrape = ops::get(&topo.ingress, "127.0.0.1:9901".parse().expect("addr"), "/stats/prometheus").body;
     let bad = scrape
         .lines()
@@ -158,6 +207,11 @@ fn loss_1pct_on_client_leg_256mib_each_way() {
 #[test]
 fn loss_1pct_on_backend_leg_256mib_each_way() {
     transfer(Impair::Loss { client_leg: false }, false, 256 * MIB);
+}
+
+#[test]
+fn reordering_on_both_legs_64mib_each_way() {
+    transfer(Impair::Reorder, false, 64 * MIB);
 }
 
 #[test]

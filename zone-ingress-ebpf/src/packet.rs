@@ -407,7 +407,7 @@ fn translate(ctx: &TcContext, h: &Headers, x: &mut Xlate, flags: u8, seq: u32, a
         // sees the ACKs of what it sends, and both directions stall.
         let back = Key { src: x.dst, dst: x.src, sport: x.dport, dport: x.sport, family: h.key.family };
         // SAFETY: a lookup in a map of plain values; the value is only read.
-        if let Some(r) = unsafe { PKT_FLOWS.get(&back) }
+        if let Some(r) = unsafe { PKT_FLOWS.get(back) }
             && (out_seq.wrapping_sub(r.max_ack) as i32) > 0
         {
             out_seq = r.max_ack;
@@ -541,7 +541,7 @@ pub(crate) fn packet_egress(ctx: TcContext) -> i32 {
 fn local_ack_fixup(ctx: &TcContext, h: &Headers) {
     let back = Key { src: h.key.dst, dst: h.key.src, sport: h.key.dport, dport: h.key.sport, family: h.key.family };
     // SAFETY: lookups in a map of plain values; the values are only read.
-    let Some(x) = (unsafe { PKT_FLOWS.get(&back) }) else {
+    let Some(x) = (unsafe { PKT_FLOWS.get(back) }) else {
         return;
     };
     if x.local_below == 0 {
@@ -549,7 +549,7 @@ fn local_ack_fixup(ctx: &TcContext, h: &Headers) {
     }
     let client = Key { src: x.dst, dst: x.src, sport: x.dport, dport: x.sport, family: h.key.family };
     // SAFETY: as above.
-    let Some(y) = (unsafe { PKT_FLOWS.get(&client) }) else {
+    let Some(y) = (unsafe { PKT_FLOWS.get(client) }) else {
         return;
     };
     let acked = y.max_ack.wrapping_add(y.ack_delta);

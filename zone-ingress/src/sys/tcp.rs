@@ -105,7 +105,7 @@ pub fn timestamp(fd: BorrowedFd<'_>) -> io::Result<u32> {
 /// # Errors
 /// No `CAP_NET_ADMIN`, or the socket is neither established nor closed.
 pub fn advance_timestamp(fd: BorrowedFd<'_>, ticks: u32) -> io::Result<()> {
-    debug_assert!(ticks % 2 == 0, "an odd step would flip the clock's unit bit");
+    debug_assert!(ticks.is_multiple_of(2), "an odd step would flip the clock's unit bit");
     setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, &TCP_REPAIR_ON)?;
     let set = timestamp(fd).and_then(|now| setsockopt(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP, &now.wrapping_add(ticks)));
     setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP)?;
