@@ -309,7 +309,15 @@ fn start_kernel_side(
     let pins = packet_pins(args, listen);
     let object = load_object(args.splice, guard_plan.as_ref(), pins.clone());
     let (reports_tx, reports) = splice::report_channel();
-    let (splice, packet) = start_splices(args.splice, object.clone(), limits, reports_tx, listen, pins)?;
+    let (splice, packet) = start_splices(args.splice, object.clone(), limits, reports_tx, listen, pins.clone())?;
+    if packet.is_none()
+        && let Some(dir) = &pins
+        && splice::packet::pins::pinned_interfaces(dir).is_empty()
+    {
+        // `auto` without the packet splice: the maps pinned at load serve nobody (a directory
+        // with links holds an earlier daemon's flows and stays).
+        splice::packet::pins::remove(dir);
+    }
     raise_fd_limit();
     let guard = match guard_plan {
         Some(plan) => {
