@@ -672,16 +672,24 @@ impl App {
         }
     }
 
-    /// SIGQUIT: not ready, stop accepting, leave the ADS stream, and return without touching
-    /// the packet-level flows: their entries and links stay pinned for the next daemon.
-    async fn handover(mut self) {
-        let ingress = &self.ingress;
-        ingress.begin_termination();
-        ingress.stop_listeners().await;
+    /// The start of every stop: `/ready` says `TERMINATING`, the listeners close, and the ADS
+    /// stream closes, which is how the control plane learns the proxy is leaving (it then stops
+    /// offering this ingress to other zones); the installed table keeps serving the established
+    /// flows.
+    async fn leave(&mut self) {
+        self.ingress.begin_termination();
+        self.ingress.stop_listeners().await;
         if let Some(cp) = self.control_plane.take() {
             let _ = cp.shutdown.send(true);
             let _ = cp.task.await;
         }
+    }
+
+    /// SIGQUIT: not ready, stop accepting, leave the ADS stream, and return without touching
+    /// the packet-level flows: their entries and links stay pinned for the next daemon.
+    async fn handover(mut self) {
+        self.leave().await;
+        let ingress = &self.ingress;
         // A switch not settled yet needs its backend socket, which dies with the process: wait
         // for it (a round trip to the backend), within bounds.
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -697,16 +705,8 @@ impl App {
     /// kuma-dp semantics: not ready, stop accepting, let established flows finish for
     /// `drain_time`, then close the rest.
     async fn drain(mut self, drain_time: Duration) {
+        self.leave().await;
         let ingress = &self.ingress;
-        ingress.begin_termination();
-        ingress.stop_listeners().await;
-        // Closing the ADS stream is how the control plane learns the proxy is leaving (it then
-        // stops offering this ingress to other zones); the installed table keeps serving the
-        // established flows.
-        if let Some(cp) = self.control_plane.take() {
-            let _ = cp.shutdown.send(true);
-            let _ = cp.task.await;
-        }
         let deadline = Instant::now() + drain_time;
         info!(drain_time = %humantime::format_duration(drain_time), open = ingress.open_connections(), "draining");
         let left = ingress.wait_idle(deadline).await;
