@@ -100,16 +100,19 @@ fn out_of_order(ns: &Netns) -> u64 {
 
 /// Packets the reorder rules of `ns` sent through the slow class.
 fn reordered(ns: &Netns) -> u64 {
-    let out = ns.command("nft").args(["list", "table", "inet", "zi_reorder"]).output().expect("nft list");
+    counted(ns, "zi_reorder")
+}
+
+/// Packets the counters of nftables table `inet <table>` in `ns` counted.
+fn counted(ns: &Netns, table: &str) -> u64 {
+    let out = ns.command("nft").args(["list", "table", "inet", table]).output().expect("nft list");
     let text = String::from_utf8_lossy(&out.stdout);
     text.split("packets ").skip(1).filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok()).sum()
 }
 
 /// Packets the loss rules of `ns` dropped.
 fn dropped(ns: &Netns) -> u64 {
-    let out = ns.command("nft").args(["list", "table", "inet", "zi_loss"]).output().expect("nft list");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split("packets ").skip(1).filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok()).sum()
+    counted(ns, "zi_loss")
 }
 
 fn impair(topo: &Topology, how: Impair) {

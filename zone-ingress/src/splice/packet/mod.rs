@@ -351,19 +351,21 @@ impl PacketSplice {
             let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
             self.shared.stats.active.fetch_add(1, Ordering::AcqRel);
             let guarded = quiet.map(|q| m.quiet.get(&q).is_ok());
-            if meta.flags & abi::META_REPORTED != 0 {
-                // Ended and reported by the earlier daemon: linger, then clean up.
-                let pf = PFlow::adopted(0, backend, addrs, [kc, kb], quiet, guarded, &meta);
-                let _ = self.shared.monitor.install(token, &pf.keys, || Ok(()));
-                self.shared.monitor.add(token, pf);
-                self.shared.monitor.ended(token, false);
-                continue;
-            }
-            self.shared.stats.adopted.fetch_add(1, Ordering::Relaxed);
-            let flow = register(&Adopted { client: client_peer, endpoint: backend_peer, sni, started }, token);
+            // Ended and reported by the earlier daemon: it only lingers, then is cleaned up.
+            let reported = meta.flags & abi::META_REPORTED != 0;
+            let flow = if reported {
+                0
+            } else {
+                self.shared.stats.adopted.fetch_add(1, Ordering::Relaxed);
+                register(&Adopted { client: client_peer, endpoint: backend_peer, sni, started }, token)
+            };
             let pf = PFlow::adopted(flow, backend, addrs, [kc, kb], quiet, guarded, &meta);
             let _ = self.shared.monitor.install(token, &pf.keys, || Ok(()));
             self.shared.monitor.add(token, pf);
+            if reported {
+                self.shared.monitor.ended(token, false);
+                continue;
+            }
             info!(flow, client = %client_peer, endpoint = %backend_peer, "packet splice: adopted a flow from an earlier daemon");
             if xb.local_below != 0 {
                 // The earlier daemon stopped before the backend acknowledged the ClientHello its
