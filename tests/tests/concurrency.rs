@@ -2,8 +2,13 @@
 //! confirmed spliced), then 256 KiB each way on every one at once with per-connection SHA-256
 //! checks, then closed; afterwards the daemon must hold exactly the fds it held before, its BPF
 //! flow maps must be empty (`PAIRS` of the sockmap splice; `PKT_FLOWS` and the guard's
-//! `PKT_QUIET` of the packet splice, whose parked sockets must be gone from `ss` too), and the
-//! access log must have 1,000 `connection closed` lines.
+//! `PKT_QUIET` of the packet splice), nothing of the flows may be left in `ss`, and the access
+//! log must have 1,000 `connection closed` lines.
+//!
+//! The packet splice keeps no socket once a flow is switched: with all 1,000 open, the daemon
+//! holds no fd for them, the ingress namespace has none of their sockets, every backend leg's
+//! source port comes from the packet splice's own range, and the daemon's held ports return to
+//! 0 after the linger.
 //!
 //! Every connection carries its own index right after the ClientHello and its own seeds, so a
 //! cross-wired pair of sockets fails the digest comparison as surely as a lost byte does.
@@ -17,6 +22,7 @@ use tokio::{io::AsyncWriteExt, net::TcpStream, task::JoinSet};
 use zone_ingress_tests::{
     daemon::{Daemon, zone_ingress_yaml},
     netns::Topology,
+    ops,
     raw::{self, SockOpts},
     runtime, section5_inventory, stream,
 };
@@ -69,6 +75,15 @@ async fn transfer(s: TcpStream, send_seed: u64) -> Result<([u8; 32], [u8; 32]), 
     // Both halves dropped here: the socket closes.
     drop((r, w));
     Ok(res)
+}
+
+/// Connection sockets of the test's flows in `ns` (established or waiting for a close).
+fn flow_sockets(ns: &zone_ingress_tests::netns::Netns) -> Vec<String> {
+    raw::ss(ns)
+        .lines()
+        .filter(|l| l.contains("198.18.") && (l.contains("ESTAB") || l.contains("CLOSE-WAIT")))
+        .map(str::to_owned)
+        .collect()
 }
 
 fn concurrent(mode: &'static str) {
@@ -157,18 +172,44 @@ fn concurrent(mode: &'static str) {
     let opened = t0.elapsed();
     assert_eq!(backends.len(), N);
 
-    // All N held open: the daemon holds two sockets per connection, and (kernel) every socket is
-    // in the pairing map.
     let mut fds_held = 0;
-    let all_held = wait_until(Duration::from_secs(10), || {
-        fds_held = raw::fd_count(pid);
-        fds_held >= fd_base + 2 * N
-    });
-    assert!(all_held, "daemon fds: {fd_base} before, {fds_held} with {N} connections open (want +{})", 2 * N);
-    assert!(
-        fds_held <= fd_base + 2 * N + 16,
-        "daemon fds: {fd_base} before, {fds_held} with {N} open: more than two per connection"
-    );
+    if mode == "packet" {
+        // Switched and settled: map entries only. The daemon holds no fd for the flows, and the
+        // ingress namespace has none of their sockets.
+        let mut estab = Vec::new();
+        let gone = wait_until(Duration::from_secs(10), || {
+            fds_held = raw::fd_count(pid);
+            estab = flow_sockets(&topo.ingress);
+            fds_held <= fd_base + 8 && estab.is_empty()
+        });
+        assert!(
+            gone,
+            "with {N} packet-level flows open: daemon fds {fd_base} before, {fds_held} now; {} sockets in the ingress namespace:\n{}",
+            estab.len(),
+            estab.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+        );
+        // The kernel never picks those ports by itself (above ip_local_port_range).
+        let outside: Vec<u16> = backends
+            .iter()
+            .map(|b| b.peer_addr().expect("peer").port())
+            .filter(|p| !(61000..=65535).contains(p))
+            .collect();
+        assert!(outside.is_empty(), "backend legs with a source port outside 61000-65535: {outside:?}");
+        let scrape = ops::scrape(&topo.ingress, ops::admin_addr(9901));
+        assert_eq!(scrape.must("zone_ingress_packet_source_ports_held", &[]), N as f64, "held source ports");
+    } else {
+        // All N held open: the daemon holds two sockets per connection, and (kernel) every
+        // socket is in the pairing map.
+        let all_held = wait_until(Duration::from_secs(10), || {
+            fds_held = raw::fd_count(pid);
+            fds_held >= fd_base + 2 * N
+        });
+        assert!(all_held, "daemon fds: {fd_base} before, {fds_held} with {N} connections open (want +{})", 2 * N);
+        assert!(
+            fds_held <= fd_base + 2 * N + 16,
+            "daemon fds: {fd_base} before, {fds_held} with {N} open: more than two per connection"
+        );
+    }
     for (name, id) in &maps {
         // Two per connection in each: one per socket, or one per direction and one per parked
         // socket.
@@ -247,10 +288,16 @@ fn concurrent(mode: &'static str) {
         assert!(empty, "{name} still has {left:?} entries after all connections closed");
     }
     // Nothing of the flows is left in the ingress's TCP tables (the listener aside).
-    let ss = raw::ss(&topo.ingress);
-    let left: Vec<&str> =
-        ss.lines().filter(|l| l.contains("198.18.") && (l.contains("ESTAB") || l.contains("CLOSE-WAIT"))).collect();
+    let left = flow_sockets(&topo.ingress);
     assert!(left.is_empty(), "sockets left in the ingress namespace:\n{}", left.join("\n"));
+    if mode == "packet" {
+        let mut held = f64::NAN;
+        let released = wait_until(Duration::from_secs(5), || {
+            held = ops::scrape(&topo.ingress, ops::admin_addr(9901)).must("zone_ingress_packet_source_ports_held", &[]);
+            held == 0.0
+        });
+        assert!(released, "{held} source ports still held after every flow was removed");
+    }
     assert!(
         daemon.wait_log_count("connection closed", N, Duration::from_secs(10)),
         "{} `connection closed` lines for {N} connections",

@@ -682,3 +682,141 @@ fn backend_answers_at_length_while_early_data_is_relayed() {
     let scrape = ops::scrape(&topo.ingress, "127.0.0.1:9901".parse().expect("addr"));
     assert_eq!(scrape.must("zone_ingress_packet_spliced_total", &[]), 1.0, "carried at packet level:\n{log}");
 }
+
+/// `--packet-ports`: a range the kernel may pick from is refused with a message that says what
+/// to change (`--splice packet` exits; `auto` runs without the packet splice), and the same
+/// range once listed in `net.ipv4.ip_local_reserved_ports` is used: the backend leg's source
+/// port comes from it.
+#[test]
+fn source_port_range_must_be_one_the_kernel_never_picks() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let topo = Topology::new(1);
+    let zi = zone_ingress_yaml("198.18.0.2", 10001, 9901);
+    let inv = section5_inventory(false);
+    let scratch = zone_ingress_tests::daemon::Scratch::new("ports");
+    let (zi_path, inv_path) = (scratch.write("zi.yaml", &zi), scratch.write("dps.yaml", &inv));
+    let args = |splice: &str| -> Vec<std::ffi::OsString> {
+        ["--dataplane-file", zi_path.to_str().unwrap(), "--dataplanes", inv_path.to_str().unwrap()]
+            .into_iter()
+            .chain(["--splice", splice, "--packet-ports", "40000-40999", "--bpf-pin-dir", "off"])
+            .map(Into::into)
+            .collect()
+    };
+    let mut refused =
+        Daemon::launch(&topo.ingress, zone_ingress_tests::daemon::Scratch::new("ports"), &args("packet"), "info");
+    let status = refused.wait_exit(Duration::from_secs(20)).expect("`--splice packet` with a clashing range exits");
+    assert!(!status.success(), "exit status {status}");
+    let log = refused.log_text();
+    assert!(
+        log.contains("--packet-ports 40000-40999: port 40000 is in the kernel's ephemeral range 32768-60999")
+            && log.contains("ip_local_reserved_ports"),
+        "{log}"
+    );
+    let mut auto =
+        Daemon::launch(&topo.ingress, zone_ingress_tests::daemon::Scratch::new("ports"), &args("auto"), "info");
+    auto.expect_ready(Duration::from_secs(20));
+    let log = auto.log_text();
+    assert!(log.contains("the packet splice could not load") && log.contains("port 40000"), "{log}");
+    assert!(log.contains("splice mode: auto (sockmap, then userspace)"), "{log}");
+    auto.stop(Duration::from_secs(10));
+
+    sysctl(&topo.ingress, "net.ipv4.ip_local_reserved_ports=40000-40999");
+    let mut daemon =
+        Daemon::launch(&topo.ingress, zone_ingress_tests::daemon::Scratch::new("ports"), &args("packet"), "info");
+    daemon.expect_ready(Duration::from_secs(20));
+    let rt = runtime();
+    let port = rt.block_on(async {
+        let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
+        let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
+        let mut c = topo.client.connect(SocketAddr::new(Topology::ingress_v4().into(), 10001)).expect("connect");
+        c.write_all(&hello).await.expect("hello");
+        let (mut b, peer) =
+            tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
+        let got = read_n(&mut b, hello.len(), "the ClientHello").await;
+        assert_eq!(got, hello);
+        b.write_all(b"pong").await.expect("backend write");
+        let mut pong = [0u8; 4];
+        c.read_exact(&mut pong).await.expect("client read");
+        assert_eq!(&pong, b"pong");
+        drop(c);
+        drop(b);
+        peer.port()
+    });
+    assert!((40000..=40999).contains(&port), "backend leg from port {port}");
+    assert!(daemon.wait_log_count("connection closed", 1, Duration::from_secs(10)), "{}", daemon.log_text());
+    assert_eq!(daemon.log_text().matches("mode=\"packet\" bytes").count(), 1, "{}", daemon.log_text());
+    daemon.stop(Duration::from_secs(10));
+}
+
+/// More flows toward one endpoint than the source port range has ports: the first 64 are carried
+/// at packet level, the rest by the sockmap splice (the kernel picked their port), every one
+/// byte-exact; once all have ended and lingered, no port is held.
+#[test]
+fn source_port_range_exhausted_flows_take_the_sockmap_splice() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const RANGE: usize = 64;
+    const FLOWS: usize = RANGE + 16;
+    let topo = Topology::new(1);
+    let daemon = Daemon::start(
+        &topo.ingress,
+        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
+        &section5_inventory(false),
+        &["--splice", "packet", "--packet-ports", "61000-61063", "--bpf-pin-dir", "off", "--drain-time", "1s"],
+    );
+    let admin = ops::admin_addr(9901);
+    let rt = runtime();
+    let ports = rt.block_on(async {
+        let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
+        let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
+        let ingress = SocketAddr::new(Topology::ingress_v4().into(), 10001);
+        let mut open = Vec::new();
+        // One at a time, so the order of the splices is the order of the connects.
+        for i in 0..FLOWS {
+            let mut c = topo.client.connect(ingress).expect("connect");
+            c.write_all(&hello).await.expect("hello");
+            let (mut b, peer) =
+                tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
+            assert_eq!(read_n(&mut b, hello.len(), "the ClientHello").await, hello);
+            let msg = format!("flow {i:04} down");
+            b.write_all(msg.as_bytes()).await.expect("backend write");
+            assert_eq!(read_n(&mut c, msg.len(), "the backend's bytes").await, msg.as_bytes());
+            open.push((c, b, peer.port()));
+        }
+        // Every flow open at once carries bytes up too.
+        for (i, (c, b, _)) in open.iter_mut().enumerate() {
+            let msg = format!("flow {i:04} up");
+            c.write_all(msg.as_bytes()).await.expect("client write");
+            assert_eq!(read_n(b, msg.len(), "the client's bytes").await, msg.as_bytes());
+        }
+        let s = ops::scrape(&topo.ingress, admin);
+        assert_eq!(s.must("zone_ingress_packet_source_ports_held", &[]), RANGE as f64);
+        assert_eq!(s.must("zone_ingress_packet_spliced_total", &[]), RANGE as f64);
+        assert_eq!(s.must("zone_ingress_packet_refused_total", &[]), (FLOWS - RANGE) as f64);
+        let ports: Vec<u16> = open.iter().map(|(_, _, p)| *p).collect();
+        for (mut c, mut b, _) in open {
+            c.shutdown().await.expect("client FIN");
+            b.shutdown().await.expect("backend FIN");
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), b.read_to_end(&mut rest)).await;
+            assert!(rest.is_empty(), "bytes after the FIN: {rest:?}");
+        }
+        ports
+    });
+    let (inside, outside): (Vec<u16>, Vec<u16>) = ports.iter().partition(|p| (61000..=61063).contains(*p));
+    assert_eq!(inside.len(), RANGE, "ports {ports:?}");
+    assert!(ports[..RANGE].iter().all(|p| (61000..=61063).contains(p)), "the first {RANGE} from the range: {ports:?}");
+    assert!(outside.iter().all(|p| (32768..=60999).contains(p)), "the rest from the kernel's range: {outside:?}");
+    assert!(daemon.wait_log_count("connection closed", FLOWS, Duration::from_secs(10)), "{}", daemon.log_text());
+    let log = daemon.log_text();
+    assert_eq!(log.matches("mode=\"packet\" bytes").count(), RANGE, "{log}");
+    assert_eq!(log.matches("mode=\"kernel\" bytes").count(), FLOWS - RANGE, "{log}");
+    assert_eq!(log.matches("was chosen by the kernel").count(), FLOWS - RANGE, "{log}");
+    // After the linger (10 s) every entry is gone and no port is held.
+    let mut held = f64::NAN;
+    let released = ops::wait_until(Duration::from_secs(15), || {
+        held = ops::scrape(&topo.ingress, admin).must("zone_ingress_packet_source_ports_held", &[]);
+        held == 0.0
+    });
+    assert!(released, "{held} ports still held 15 s after the flows ended");
+}

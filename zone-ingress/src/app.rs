@@ -309,7 +309,8 @@ fn start_kernel_side(
     let pins = packet_pins(args, listen);
     let object = load_object(args.splice, guard_plan.as_ref(), pins.clone());
     let (reports_tx, reports) = splice::report_channel();
-    let (splice, packet) = start_splices(args.splice, object.clone(), limits, reports_tx, listen, pins.clone())?;
+    let (splice, packet) =
+        start_splices(args.splice, object.clone(), limits, reports_tx, listen, pins.clone(), args.packet_ports)?;
     if packet.is_none()
         && let Some(dir) = &pins
         && splice::packet::pins::pinned_interfaces(dir).is_empty()
@@ -382,6 +383,7 @@ fn start_splices(
     reports: splice::ReportSender,
     listen: SocketAddr,
     pins: Option<std::path::PathBuf>,
+    ports: Option<splice::packet::ports::Range>,
 ) -> anyhow::Result<(Option<KernelSplice>, Option<PacketSplice>)> {
     let object = || -> anyhow::Result<Arc<ebpf::Object>> {
         object.clone().context("no eBPF object")?.map_err(|e| anyhow::anyhow!(e))
@@ -389,7 +391,9 @@ fn start_splices(
     let load_kernel =
         || -> anyhow::Result<KernelSplice> { Ok(KernelSplice::load(object()?, limits.clone(), reports.clone())?) };
     let load_packet = || -> anyhow::Result<PacketSplice> {
-        Ok(PacketSplice::load(object()?, limits.clone(), reports.clone(), listen, pins.clone())?)
+        let ephemeral = splice::packet::ports::Ephemeral::read().context("reading the kernel's ephemeral ports")?;
+        let ports = ephemeral.choose(ports).map_err(|e| anyhow::anyhow!(e))?;
+        Ok(PacketSplice::load(object()?, limits.clone(), reports.clone(), listen, pins.clone(), ports)?)
     };
     Ok(match mode {
         SpliceMode::Userspace => {

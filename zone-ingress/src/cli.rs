@@ -149,6 +149,13 @@ pub struct RunArgs {
     /// /sys/fs/bpf/zone-ingress; `off` pins nothing (the flows end with the process).
     #[arg(long, value_name = "DIR|off")]
     pub bpf_pin_dir: Option<String>,
+    /// Packet splice: the source ports of its backend connections, which it picks and holds
+    /// itself (a switched flow keeps no socket). The kernel must never pick them for a connect:
+    /// above net.ipv4.ip_local_port_range, or listed in net.ipv4.ip_local_reserved_ports.
+    /// Default: every port above net.ipv4.ip_local_port_range (61000-65535 with Linux's
+    /// defaults). Flows toward an endpoint beyond the range's size at once use the sockmap splice.
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub packet_ports: Option<splice::packet::ports::Range>,
     /// How long established flows may keep running after SIGTERM/SIGINT.
     #[arg(long, env = "KUMA_DATAPLANE_DRAIN_TIME", default_value_t = HumanDuration(DEFAULT_DRAIN_TIME))]
     pub drain_time: HumanDuration,

@@ -25,7 +25,7 @@ use serde::Serialize;
 use crate::{
     metrics::{Metrics, UpstreamPermit},
     routing::Route,
-    splice::{CloseReason, Closed, Path, userspace::Progress},
+    splice::{CloseReason, Closed, Path, packet::ports::Lease, userspace::Progress},
     sys,
 };
 
@@ -54,6 +54,9 @@ pub struct Flow {
     /// The flow's slot under its cluster's cap (and so its cluster's counters), released when the
     /// flow leaves the registry.
     pub permit: UpstreamPermit,
+    /// The packet splice's hold on the backend socket's source port (`ports`), released when
+    /// the flow leaves the registry (a switched flow's entries hold it on their own).
+    pub source_port: Option<Lease>,
 }
 
 /// Reads a kernel flow's counters by its path and its `cookies` (the sockets' cookies of a
@@ -315,6 +318,7 @@ mod tests {
             sni: route.sni.clone(),
             endpoint: route.endpoints[0],
             permit: clusters[&route.cluster.name].try_acquire(usize::MAX).expect("no cap"),
+            source_port: None,
             route,
             mode: Path::Kernel,
             started: SystemTime::now(),

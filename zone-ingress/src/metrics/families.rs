@@ -442,6 +442,12 @@ impl Metrics {
                 &[],
                 p.adopted as f64,
             );
+            f.gauge(
+                "zone_ingress_packet_source_ports_held",
+                "(endpoint, source port) pairs the packet splice holds: connects in progress and flows not yet removed.",
+                &[],
+                p.ports_held as f64,
+            );
             for (what, v) in &p.program {
                 f.counter(
                     "zone_ingress_packet_program_packets_total",

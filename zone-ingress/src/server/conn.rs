@@ -33,7 +33,7 @@ use crate::{
     sni,
     splice::{
         CloseReason, Closed, Path,
-        packet::{Addrs, PacketSplice, Refused, Rejected as PacketRejected},
+        packet::{Addrs, PacketSplice, Refused, Rejected as PacketRejected, ports::Lease},
         sockmap::{KernelSplice, Rejected},
         userspace::{self, Progress},
     },
@@ -168,7 +168,7 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
     // The packet path forwards the backend's segments to the client as they are: the backend
     // must not send larger ones than the client announced.
     let mss = ingress.packet.as_ref().and_then(|p| p.client_mss(peer, client.local_addr().ok()?));
-    let Some((backend, endpoint, connect_started)) = connect(ingress, &route, &stats, mss).await else {
+    let Some((backend, endpoint, connect_started, source_port)) = connect(ingress, &route, &stats, mss).await else {
         return reject(ingress, &client, peer, Some(&sni), RejectReason::ConnectFailed);
     };
     debug!(sni, %endpoint, "routed");
@@ -195,6 +195,7 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
         progress: Arc::clone(&progress),
         cookies: None,
         permit,
+        source_port,
     });
     let (client, backend) = match &ingress.packet {
         Some(packet) => match hand_to_packet(ingress, packet, client, backend, flow, accepted_at, origin) {
@@ -390,28 +391,44 @@ async fn relay(
 }
 
 /// Tries the route's endpoints in round-robin order, each with the connect timeout. Returns
-/// the connected socket, its endpoint and when its (successful) attempt started.
+/// the connected socket, its endpoint, when its (successful) attempt started, and the packet
+/// splice's hold on its source port.
 async fn connect(
     ingress: &Ingress,
     route: &Route,
     stats: &ClusterStats,
     mss: Option<u16>,
-) -> Option<(TcpStream, SocketAddr, Instant)> {
+) -> Option<(TcpStream, SocketAddr, Instant, Option<Lease>)> {
     let opts = &ingress.options;
     for endpoint in route.candidates(opts.connect_attempts.max(1)) {
         stats.upstream_cx_total.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let attempt = async {
-            let socket = if endpoint.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-            if let Some(mss) = mss {
-                sys::tcp::set_maxseg(socket.as_fd(), mss)?;
+            // A 4-tuple our bind makes that the kernel still has (a TIME_WAIT left by a flow on
+            // another path) fails the connect at once: the next port of the range is tried,
+            // and after a few a port of the kernel's choice.
+            for tries_left in (0..=PORT_TRIES).rev() {
+                let socket = if endpoint.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                if let Some(mss) = mss {
+                    sys::tcp::set_maxseg(socket.as_fd(), mss)?;
+                }
+                let lease = match &ingress.packet {
+                    Some(packet) if tries_left > 0 => bind_source_port(&socket, packet, endpoint),
+                    _ => None,
+                };
+                match socket.connect(endpoint).await {
+                    Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable && lease.is_some() => {
+                        debug!(%endpoint, port = lease.as_ref().map(Lease::port), "source port still in use toward the endpoint; trying the next");
+                    }
+                    result => return result.map(|s| (s, lease)),
+                }
             }
-            socket.connect(endpoint).await
+            Err(io::Error::from(io::ErrorKind::AddrNotAvailable))
         };
         match tokio::time::timeout(opts.connect_timeout, attempt).await {
-            Ok(Ok(stream)) => {
+            Ok(Ok((stream, lease))) => {
                 stats.upstream_cx_connect_ms.observe(started.elapsed());
-                return Some((stream, endpoint, started));
+                return Some((stream, endpoint, started, lease));
             }
             Ok(Err(e)) => debug!(%endpoint, error = %e, "connect failed"),
             Err(_) => {
@@ -420,6 +437,37 @@ async fn connect(
             }
         }
         stats.upstream_cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+    }
+    None
+}
+
+/// Connects (and binds) tried per endpoint before a port of the packet splice's range is given
+/// up for a kernel-chosen one.
+const PORT_TRIES: usize = 4;
+
+/// Binds `socket` to a source port of the packet splice's range (docs/design.md#source-ports),
+/// held toward `endpoint` by the lease returned. `None`: the range is exhausted toward it, or
+/// the ports tried are bound by other sockets; the kernel then picks the port at connect, and
+/// the flow takes the sockmap splice.
+fn bind_source_port(socket: &TcpSocket, packet: &PacketSplice, endpoint: SocketAddr) -> Option<Lease> {
+    let any: std::net::IpAddr = if endpoint.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    // Shared with the daemon's other connects to other endpoints from the same port.
+    socket.set_reuseaddr(true).ok()?;
+    for _ in 0..PORT_TRIES {
+        let lease = packet.lease_port(endpoint)?;
+        match socket.bind(SocketAddr::new(any, lease.port())) {
+            Ok(()) => return Some(lease),
+            // A listener (of any process) on that port.
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
+            Err(e) => {
+                debug!(%endpoint, error = %e, "binding a source port of the packet splice failed");
+                return None;
+            }
+        }
     }
     None
 }

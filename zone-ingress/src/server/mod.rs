@@ -463,6 +463,7 @@ impl Ingress {
                 progress: Arc::default(),
                 cookies: Some([token, 0]),
                 permit,
+                source_port: None,
             })
         })
     }

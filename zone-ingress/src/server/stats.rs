@@ -90,6 +90,7 @@ impl Ingress {
                 refused: st.refused.load(Ordering::Relaxed),
                 failed: st.failed.load(Ordering::Relaxed),
                 adopted: st.adopted.load(Ordering::Relaxed),
+                ports_held: p.ports_held(),
                 program: vec![
                     ("translated", at(pabi::STAT_TRANSLATED)),
                     ("local_ack", at(pabi::STAT_LOCAL_ACK)),

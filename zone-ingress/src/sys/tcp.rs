@@ -57,37 +57,6 @@ pub fn park(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, &TCP_REPAIR_ON)
 }
 
-/// A parked socket made from nothing: created in repair mode, bound to `local` and connected to
-/// `peer` without a packet (repair mode's connect goes straight to ESTABLISHED, and its bind
-/// may share a port with a listener). It holds the 4-tuple, so the kernel cannot give that
-/// source port to another connection toward `peer`; closing it is silent.
-///
-/// # Errors
-/// No `CAP_NET_ADMIN`, or the 4-tuple is taken.
-pub fn parked_socket(local: std::net::SocketAddr, peer: std::net::SocketAddr) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _};
-    let family = if local.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
-    // SAFETY: plain socket(2); the fd is owned at once.
-    let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd nobody else owns.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
-    park(fd.as_fd())?;
-    let (l, llen) = super::sockaddr(local);
-    // SAFETY: `l` is a valid sockaddr of the length passed.
-    if unsafe { libc::bind(fd.as_raw_fd(), l.as_ptr().cast(), llen) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let (p, plen) = super::sockaddr(peer);
-    // SAFETY: `p` is a valid sockaddr of the length passed.
-    if unsafe { libc::connect(fd.as_raw_fd(), p.as_ptr().cast(), plen) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
-}
-
 /// `TCP_TIMESTAMP`: the socket's timestamp clock now (the TSval it would send).
 ///
 /// # Errors

@@ -8,9 +8,11 @@
 //!   are acknowledged), learns of each flow's end from the kernel's FIN/RST events, reports it,
 //!   keeps translating through a linger period, then removes the entries and closes the parked
 //!   sockets silently; idle timeout and the drain's resets;
-//! - `reset`: RSTs sent on behalf of a parked socket (idle timeout, drain, failed switch);
+//! - `reset`: RSTs sent on a flow's behalf (idle timeout, drain, failed switch);
 //! - `pins`: the bpffs directory where maps and links are pinned, so flows outlive the daemon
-//!   and the next one adopts them ([`PacketSplice::adopt`]).
+//!   and the next one adopts them ([`PacketSplice::adopt`]);
+//! - `ports`: the backend leg's source ports, which the daemon picks and holds itself, since a
+//!   switched flow has no socket left to hold its 4-tuple.
 //!
 //! The handoff (this file), in order:
 //! 1. refuse, with both sockets untouched, a flow the programs cannot carry: legs of different
@@ -21,7 +23,8 @@
 //! 4. install both translation entries: from now on every packet of either leg is forwarded;
 //! 5. write what the client socket queued to the backend socket, which delivers it with its own
 //!    retransmissions (the backend's ACKs of it come back to it, `Xlate::local_below`);
-//! 6. park the client socket; the monitor parks the backend socket once its bytes are acked.
+//! 6. park and close the client socket (silently: repair mode); the monitor does the same with
+//!    the backend socket once its bytes are acked. A settled flow is map entries only.
 //!
 //! Why no byte can be lost or duplicated in any interleaving: see `switch` (one numbering for
 //! both legs) and docs/design.md#packet-splice (the guard orders every ACK a socket sent before
@@ -29,6 +32,7 @@
 
 mod monitor;
 pub mod pins;
+pub mod ports;
 mod reset;
 pub mod switch;
 
@@ -58,6 +62,7 @@ use zone_ingress_ebpf::packet::{self as abi, Key, Meta, Syn, Xlate};
 
 use self::{
     monitor::{Monitor, PFlow},
+    ports::{Lease, Ports, Range},
     switch::Leg,
 };
 use super::{CloseReason, Limits, ReportSender, sockmap::LoadError};
@@ -87,6 +92,10 @@ pub enum Refused {
     TooMuchQueued(u32),
     #[error("the observed handshake does not match the socket (a stale observation)")]
     Stale,
+    #[error(
+        "the backend leg's source port {0} was chosen by the kernel (every port of the packet splice's range is held toward that endpoint)"
+    )]
+    KernelPort(u16),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -126,6 +135,14 @@ pub struct PacketStats {
     pub adopted: AtomicU64,
 }
 
+impl PacketStats {
+    /// Counts a refused connection.
+    fn refuse(&self) {
+        self.active.fetch_sub(1, Ordering::AcqRel);
+        self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// A flow an earlier daemon left in the pinned maps, as [`PacketSplice::adopt`] hands it to the
 /// owner of the flows.
 #[derive(Debug, Clone)]
@@ -155,6 +172,7 @@ struct Shared {
     stop: AtomicBool,
     monitor: Monitor,
     next_token: AtomicU64,
+    ports: Arc<Ports>,
 }
 
 /// The loaded and attached programs, their maps and the monitor thread.
@@ -191,6 +209,7 @@ impl PacketSplice {
         reports: ReportSender,
         listen: SocketAddr,
         pins: Option<PathBuf>,
+        ports: Range,
     ) -> Result<Self, LoadError> {
         let io = |what| move |source| LoadError::Io { what, source };
         check_repair().map_err(io("TCP_REPAIR (the packet splice parks sockets; it needs CAP_NET_ADMIN)"))?;
@@ -225,6 +244,7 @@ impl PacketSplice {
             stop: AtomicBool::new(false),
             monitor,
             next_token: AtomicU64::new(1),
+            ports: Arc::new(Ports::new(ports)),
         });
         let splice = Self {
             shared,
@@ -261,7 +281,7 @@ impl PacketSplice {
             .spawn(move || monitor::run(&thread))
             .map_err(io("spawning the packet monitor thread"))?;
         let pinned = splice.pins.as_ref().map(|d| d.display().to_string());
-        info!(interfaces = ?wanted, pins = pinned, "packet splice: tc programs attached (tcx ingress and egress)");
+        info!(interfaces = ?wanted, pins = pinned, source_ports = %ports, "packet splice: tc programs attached (tcx ingress and egress)");
         Ok(splice)
     }
 
@@ -320,8 +340,8 @@ impl PacketSplice {
     }
 
     /// Takes over the flows an earlier daemon left in the pinned maps: rebuilds each one's state
-    /// from its entries and its `PKT_META` record, recreates its parked backend socket (which
-    /// holds the source port), and registers it with the monitor, which handles its end, idle
+    /// from its entries and its `PKT_META` record, holds its backend source port, and registers
+    /// it with the monitor, which handles its end, idle
     /// timeout and drain as any other. `register` gives each one (with its token, the key of its
     /// counters) to the owner of the flows and returns the id its close report carries (0: not
     /// registered; its end is then only logged here). A flow whose end the earlier daemon
@@ -343,9 +363,6 @@ impl PacketSplice {
             let (backend_peer, backend_local) = switch::addrs(&kb);
             let addrs = Addrs { client_local, client_peer, backend_local, backend_peer };
             let quiet = [switch::key(client_local, client_peer), switch::key(backend_local, backend_peer)];
-            let backend = tcp::parked_socket(backend_local, backend_peer)
-                .map_err(|e| warn!(%backend_peer, %backend_local, error = %e, "packet splice: cannot hold an adopted flow's backend port"))
-                .ok();
             let sni = String::from_utf8_lossy(&meta.sni[..(meta.sni_len as usize).min(abi::META_SNI)]).into_owned();
             let started = SystemTime::UNIX_EPOCH + Duration::from_millis(meta.started_unix_ms);
             let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
@@ -359,7 +376,8 @@ impl PacketSplice {
                 self.shared.stats.adopted.fetch_add(1, Ordering::Relaxed);
                 register(&Adopted { client: client_peer, endpoint: backend_peer, sni, started }, token)
             };
-            let pf = PFlow::adopted(flow, backend, addrs, [kc, kb], quiet, guarded, &meta);
+            let port = self.shared.ports.hold(backend_peer, backend_local.port());
+            let pf = PFlow::adopted(flow, port, addrs, [kc, kb], quiet, guarded, &meta);
             let _ = self.shared.monitor.install(token, &pf.keys, || Ok(()));
             self.shared.monitor.add(token, pf);
             if reported {
@@ -415,6 +433,17 @@ impl PacketSplice {
     pub fn client_mss(&self, client_peer: SocketAddr, client_local: SocketAddr) -> Option<u16> {
         let syn = self.shared.maps.syns.get(&switch::key(client_peer, client_local)).ok()?;
         switch::parse_options(&syn.options[..(syn.options_len as usize).min(40)]).mss
+    }
+
+    /// A source port of the packet splice's range for a connect toward `endpoint`, held until
+    /// the lease drops (`None`: every port is held toward it).
+    pub fn lease_port(&self, endpoint: SocketAddr) -> Option<Lease> {
+        self.shared.ports.lease(endpoint)
+    }
+
+    /// (endpoint, source port) pairs held now: connects in progress, flows not yet removed.
+    pub fn ports_held(&self) -> usize {
+        self.shared.ports.held()
     }
 
     /// Counters of the packet path.
@@ -478,15 +507,13 @@ impl PacketSplice {
         let cap = self.shared.limits.max_spliced;
         let stats = &self.shared.stats;
         if stats.active.fetch_add(1, Ordering::AcqRel) >= cap {
-            stats.active.fetch_sub(1, Ordering::AcqRel);
-            stats.refused.fetch_add(1, Ordering::Relaxed);
+            stats.refuse();
             return Err(Rejected { client, backend, error: Refused::Full(cap) });
         }
         let legs = match self.prepare(client.as_fd(), backend.as_fd(), &addrs) {
             Ok(p) => p,
             Err(error) => {
-                stats.active.fetch_sub(1, Ordering::AcqRel);
-                stats.refused.fetch_add(1, Ordering::Relaxed);
+                stats.refuse();
                 return Err(Rejected { client, backend, error });
             }
         };
@@ -502,6 +529,11 @@ impl PacketSplice {
         let fam = |s: SocketAddr| if switch::unmap(s.ip()).is_ipv4() { "IPv4" } else { "IPv6" };
         if fam(a.client_peer) != fam(a.backend_peer) {
             return Err(Refused::Families { client: fam(a.client_peer), backend: fam(a.backend_peer) });
+        }
+        // Once switched, no socket holds the backend leg's port: it must be one the kernel
+        // never gives out by itself.
+        if !self.shared.ports.contains(a.backend_local.port()) {
+            return Err(Refused::KernelPort(a.backend_local.port()));
         }
         let syns = &self.shared.maps.syns;
         let syn_c =
@@ -583,7 +615,8 @@ impl Shared {
         (sni, started): (&str, SystemTime),
     ) {
         let quiet = [switch::key(a.client_local, a.client_peer), switch::key(a.backend_local, a.backend_peer)];
-        let mut pf = PFlow::new(flow, [client, backend], *a, legs, quiet);
+        let port = self.ports.hold(a.backend_peer, a.backend_local.port());
+        let mut pf = PFlow::new(flow, [client, backend], port, *a, legs, quiet);
         let result = (|| -> io::Result<()> {
             let c = pf.fds[0].as_ref().map(AsFd::as_fd).ok_or(io::ErrorKind::NotConnected)?;
             // An ACK the client socket still owes goes out before the guard.
@@ -648,9 +681,12 @@ impl Shared {
             if let Err(e) = self.maps.meta.insert(&kc, &meta) {
                 debug!(flow, error = %e, "packet splice: no adoption record for this flow");
             }
-            // The client socket has nothing left to send: park it now.
+            // The client socket has nothing left to send: park it and close it (silently). Its
+            // guard stays until the flow ends: what the stack would answer to a packet of the
+            // flow that is not translated (a RST: no socket has the 4-tuple now) never leaves.
             tcp::park(c)?;
             pf.parked[0] = true;
+            pf.fds[0] = None;
             Ok(())
         })();
         match result {

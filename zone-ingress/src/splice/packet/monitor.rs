@@ -2,14 +2,15 @@
 //!
 //! - **Settle**: the backend socket keeps sending (and retransmitting) what it relayed until the
 //!   backend acknowledges all of it; the program then clears `Xlate::local_below`. The monitor
-//!   polls that every millisecond while a switch is unsettled, then guards and parks the socket.
+//!   polls that every millisecond while a switch is unsettled, then guards, parks and closes the
+//!   socket (silently): the flow is map entries only from then on.
 //! - **End**: the program reports the first FIN and the first RST of each direction on
 //!   `PKT_EVENTS`. A RST either way, or a FIN both ways, ends the flow: its close report goes to
 //!   the owner at once, with the exact byte counts (the FIN's sequence number marks the end).
 //! - **Linger**: the entries keep translating for [`LINGER`] (retransmitted FINs, final ACKs);
-//!   then they are removed, the parked sockets closed (silently: repair mode) and the guard
-//!   entries removed, in that order. The parked backend socket holds its 4-tuple until then, so
-//!   the kernel cannot reuse that source port while packets of the flow may still arrive.
+//!   then they are removed, then the guard entries, and the flow's hold on its backend source
+//!   port is released (`ports`): no connection of the daemon reuses that 4-tuple while packets
+//!   of the flow may still arrive.
 //! - **Idle**: once a second, flows whose last packet is older than the idle timeout are reset
 //!   both ways (the entries' `last_ns`), which also catches an event lost to a full ring.
 
@@ -25,7 +26,7 @@ use aya::maps::{MapData, RingBuf};
 use tracing::{debug, info, warn};
 use zone_ingress_ebpf::packet::{EV_FIN, EV_RST, Key, META_CLIENT_FIN, META_REPORTED, Meta, Xlate};
 
-use super::{Addrs, Index, Shared, reset, switch::Leg};
+use super::{Addrs, Index, Shared, ports::Lease, reset, switch::Leg};
 use crate::{
     splice::{CloseReason, CloseReport, Closed},
     sys::{self, epoll, tcp},
@@ -44,8 +45,11 @@ const IDLE_SCAN: Duration = Duration::from_secs(1);
 pub(super) struct PFlow {
     /// The owner's id, carried by the close report.
     pub(super) flow: u64,
-    /// The parked client and backend sockets (the client's goes at the flow's end).
+    /// The client and backend sockets until each is parked and closed (the client's at the
+    /// switch, the backend's once the switch settles).
     pub(super) fds: [Option<OwnedFd>; 2],
+    /// The hold on the backend leg's source port, released with the entries.
+    _port: Lease,
     pub(super) addrs: Addrs,
     /// Keys of packets from the client and from the backend.
     pub(super) keys: [Key; 2],
@@ -66,11 +70,19 @@ pub(super) struct PFlow {
 }
 
 impl PFlow {
-    pub(super) fn new(flow: u64, fds: [OwnedFd; 2], addrs: Addrs, legs: &[Leg; 2], quiet: [Key; 2]) -> Self {
+    pub(super) fn new(
+        flow: u64,
+        fds: [OwnedFd; 2],
+        port: Lease,
+        addrs: Addrs,
+        legs: &[Leg; 2],
+        quiet: [Key; 2],
+    ) -> Self {
         let [c, b] = fds;
         Self {
             flow,
             fds: [Some(c), Some(b)],
+            _port: port,
             addrs,
             keys: [Key::default(); 2],
             quiet,
@@ -86,11 +98,11 @@ impl PFlow {
         }
     }
 
-    /// A flow an earlier daemon switched, rebuilt from its entries' keys and its record: both
-    /// sockets parked (the client's is gone, the backend's recreated when it could be).
+    /// A flow an earlier daemon switched, rebuilt from its entries' keys and its record (its
+    /// sockets went with that daemon, closed silently in repair mode).
     pub(super) fn adopted(
         flow: u64,
-        backend: Option<OwnedFd>,
+        port: Lease,
         addrs: Addrs,
         keys: [Key; 2],
         quiet: [Key; 2],
@@ -99,7 +111,8 @@ impl PFlow {
     ) -> Self {
         Self {
             flow,
-            fds: [None, backend],
+            fds: [None, None],
+            _port: port,
             addrs,
             keys,
             quiet,
@@ -266,9 +279,13 @@ impl Shared {
             // has the ClientHello, which left after the entries were in place.
             let received = sys::tcp_info(fd)?.bytes_received;
             tcp::park(fd)?;
-            f.parked[1] = true;
             Ok(received)
         })();
+        if result.is_ok() {
+            f.parked[1] = true;
+            // Closed in repair mode: silently. The flow's port hold and guard stay.
+            f.fds[1] = None;
+        }
         self.monitor.settling.lock().unwrap_or_else(PoisonError::into_inner).remove(&token);
         match result {
             Ok(0) => debug!(token, flow = f.flow, "packet splice: switch settled"),
@@ -325,9 +342,9 @@ impl Shared {
         self.release_client(f);
     }
 
-    /// Closes the parked client socket of an ended flow (silently) and lifts its guard: the
-    /// client may reuse its 4-tuple at once (it leaves no TIME_WAIT when it closed last, or
-    /// reset), and the socket would catch the new connection's SYN. The translation entries
+    /// Lifts the client leg's guard of an ended flow (and closes its socket if the switch had
+    /// not): the client may reuse its 4-tuple at once (it leaves no TIME_WAIT when it closed
+    /// last, or reset), and the listener's SYN-ACK to it must leave. The translation entries
     /// stay for the linger; the program drops the client's one at a new SYN.
     fn release_client(&self, f: &mut PFlow) {
         if !f.parked[0] {

@@ -1,5 +1,5 @@
-//! RSTs on behalf of a parked socket (idle timeout, the drain's end, a failed switch): a raw
-//! TCP segment with the parked socket's 4-tuple and a sequence number the peer accepts, marked
+//! RSTs on a flow's behalf (idle timeout, the drain's end, a failed switch): a raw TCP segment
+//! with the ingress side's 4-tuple of a leg and a sequence number the peer accepts, marked
 //! so that the egress guard lets it out (`abi::MARK`).
 //!
 //! Since RFC 5961 a peer accepts a RST only at exactly its next expected sequence number (one
