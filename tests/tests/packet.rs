@@ -820,3 +820,58 @@ fn source_port_range_exhausted_flows_take_the_sockmap_splice() {
     });
     assert!(released, "{held} ports still held 15 s after the flows ended");
 }
+
+/// A segment whose options the translation does not know (nftables replaces the client's
+/// timestamp option by NOPs) is dropped, counted, and reported in the daemon's log by the tc
+/// program itself (aya-log, target `kernel`); the client's retransmission, once it carries a
+/// layout the program knows again, delivers the bytes: none is lost.
+#[test]
+fn untranslated_option_layout_is_dropped_and_logged_by_the_program() {
+    use tokio::io::AsyncWriteExt as _;
+    let topo = Topology::new(1);
+    let daemon = Daemon::start(
+        &topo.ingress,
+        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
+        &section5_inventory(false),
+        &["--splice", "packet", "--bpf-pin-dir", "off", "--drain-time", "1s"],
+    );
+    let admin = ops::admin_addr(9901);
+    let rt = runtime();
+    rt.block_on(async {
+        let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
+        let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
+        let mut c = topo.client.connect(SocketAddr::new(Topology::ingress_v4().into(), 10001)).expect("connect");
+        c.write_all(&hello).await.expect("hello");
+        let (mut b, _) =
+            tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
+        assert_eq!(read_n(&mut b, hello.len(), "the ClientHello").await, hello);
+        b.write_all(b"pong").await.expect("backend write");
+        assert_eq!(read_n(&mut c, 4, "pong").await, b"pong");
+        nft(
+            &topo.client,
+            "table inet zi_opts {\n  chain out { type filter hook output priority 0; tcp dport 10001 tcp flags & syn == 0 counter reset tcp option timestamp; }\n}\n",
+        );
+        c.write_all(b"ping").await.expect("client write");
+        assert!(
+            daemon.wait_log("a TCP option layout it does not translate", Duration::from_secs(5)),
+            "no kernel log line:\n{}",
+            daemon.log_text()
+        );
+        let bad = ops::scrape(&topo.ingress, admin)
+            .must("zone_ingress_packet_program_packets_total", &[("result", "bad_options")]);
+        assert!(bad >= 1.0, "bad_options {bad}");
+        nft(&topo.client, "delete table inet zi_opts\n");
+        // The retransmission (RTO backoff: within a few seconds) carries the timestamps again.
+        let got = tokio::time::timeout(Duration::from_secs(15), read_n(&mut b, 4, "ping"))
+            .await
+            .expect("the retransmitted bytes arrive");
+        assert_eq!(got, b"ping");
+    });
+    let log = daemon.log_text();
+    let line = log.lines().find(|l| l.contains("a TCP option layout it does not translate")).expect("line");
+    assert!(
+        line.contains("WARN") && line.contains("kernel") && line.contains("zone_ingress_ebpf::packet"),
+        "level, target and program of the kernel's line: {line}"
+    );
+    assert!(line.contains("to 10001") && line.contains("12 option bytes starting 1010101"), "{line}");
+}

@@ -9,6 +9,8 @@ mod packet;
 #[cfg(target_arch = "bpf")]
 mod prefilter;
 #[cfg(target_arch = "bpf")]
+mod rare;
+#[cfg(target_arch = "bpf")]
 mod splice;
 
 #[cfg(not(target_arch = "bpf"))]

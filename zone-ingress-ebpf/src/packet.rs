@@ -33,13 +33,17 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
+use aya_log_ebpf::warn;
 use zone_ingress_ebpf::packet::{
     EV_FIN, EV_RST, EVENTS_BYTES, FAMILY_V4, FAMILY_V6, Key, MARK, MAX_ENTRIES, MAX_SYNS, Meta, STAT_BAD_OPTIONS,
     STAT_COUNT, STAT_GUARDED, STAT_LOCAL_ACK, STAT_PULL_FAILED, STAT_REDIRECT_FAILED, STAT_SYN_SEEN, STAT_TRANSLATED,
     STAT_TTL, Syn, XF_TS, Xlate,
 };
 
-use crate::headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr};
+use crate::{
+    headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr},
+    rare,
+};
 
 #[map(name = "PKT_FLOWS")]
 static PKT_FLOWS: HashMap<Key, Xlate> = HashMap::with_max_entries(MAX_ENTRIES, 0);
@@ -196,6 +200,14 @@ fn ingress(ctx: &TcContext) -> i32 {
         // SAFETY: the helper only touches this program's packet.
         if unsafe { bpf_skb_pull_data(ctx.skb.skb, hdr_end as u32) } != 0 {
             count(STAT_PULL_FAILED);
+            if rare::due(rare::PACKET_PULL_FAILED) {
+                warn!(
+                    ctx,
+                    "packet splice: the headers of a spliced flow's packet could not be made linear (port {} to {}); passed untranslated",
+                    u16::from_be(h.key.sport),
+                    u16::from_be(h.key.dport)
+                );
+            }
             return TC_ACT_OK;
         }
     }
@@ -283,10 +295,17 @@ fn store32(p: *mut u8, v: u32) {
 
 /// A first FIN or RST of this direction goes to userspace.
 #[inline(always)]
-fn event(x: &mut Xlate, key: &Key, ev: u32) {
+fn event(ctx: &TcContext, x: &mut Xlate, key: &Key, ev: u32) {
     if x.events & ev == 0 {
         x.events |= ev;
-        let _ = PKT_EVENTS.output::<Key>(key, 0);
+        if PKT_EVENTS.output::<Key>(key, 0).is_err() && rare::due(rare::PACKET_EVENT_LOST) {
+            warn!(
+                ctx,
+                "packet splice: the event ring is full; a FIN or RST (port {} to {}) waits for the daemon's next scan",
+                u16::from_be(key.sport),
+                u16::from_be(key.dport)
+            );
+        }
     }
 }
 
@@ -300,6 +319,19 @@ fn translate(ctx: &TcContext, h: &Headers, x: &mut Xlate, flags: u8, seq: u32, a
     };
     let Ok((ts, sack, edges)) = options(ctx, h.l4, h.doff) else {
         count(STAT_BAD_OPTIONS);
+        if rare::due(rare::BAD_OPTIONS) {
+            let first = ptr_at::<[u8; 4]>(ctx, h.l4 + size_of::<TcpHdr>())
+                // SAFETY: bounds checked by `ptr_at`.
+                .map_or(0, |p| u32::from_be_bytes(unsafe { *p }));
+            warn!(
+                ctx,
+                "packet splice: a TCP option layout it does not translate (port {} to {}, {} option bytes starting {:x}); packet dropped",
+                u16::from_be(h.key.sport),
+                u16::from_be(h.key.dport),
+                h.doff - size_of::<TcpHdr>(),
+                first
+            );
+        }
         return TC_ACT_SHOT;
     };
     let payload = (ctx.len() as usize).saturating_sub(h.l4 + h.doff) as u32;
@@ -324,10 +356,10 @@ fn translate(ctx: &TcContext, h: &Headers, x: &mut Xlate, flags: u8, seq: u32, a
             // SAFETY: a helper without arguments.
             x.fin_ns = unsafe { bpf_ktime_get_ns() };
         }
-        event(x, &h.key, EV_FIN);
+        event(ctx, x, &h.key, EV_FIN);
     }
     if rst {
-        event(x, &h.key, EV_RST);
+        event(ctx, x, &h.key, EV_RST);
     }
     if payload == 0 && !fin && !rst && has_ack && x.local_below != 0 && (ack.wrapping_sub(x.local_below) as i32) < 0 {
         // The local socket received nothing from this peer since its SYN, while the peer's
@@ -503,6 +535,12 @@ fn translate(ctx: &TcContext, h: &Headers, x: &mut Xlate, flags: u8, seq: u32, a
     let r = unsafe { bpf_redirect_neigh(x.ifindex, ptr::null_mut(), 0, 0) } as i32;
     if r == TC_ACT_SHOT {
         count(STAT_REDIRECT_FAILED);
+        if rare::due(rare::PACKET_REDIRECT_FAILED) {
+            warn!(
+                ctx,
+                "packet splice: the kernel refused to redirect a translated packet to interface {}; dropped", x.ifindex
+            );
+        }
     }
     r
 }

@@ -35,6 +35,7 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruPerCpuHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
+use aya_log_ebpf::warn;
 use zone_ingress_ebpf::prefilter::{
     ACTION_ALLOW, ACTION_DENY, Bucket, CONFIG_VERSION, Config, DEFAULT_TRACKED_SOURCES, FAMILY_V4, FAMILY_V6,
     FLAG_DEFAULT_DENY, FLAG_LISTENER_V4, FLAG_LISTENER_V6, FLAG_SYN_LIMIT, MAX_CIDRS, MAX_EXT_HEADERS, MAX_SYN_BURST,
@@ -42,7 +43,10 @@ use zone_ingress_ebpf::prefilter::{
     STAT_NOT_ALLOWED, STAT_PASSED, STAT_SYN_RATE, STAT_SYN_UNTRACKED, STAT_URGENT, SourceKey, UNITS_PER_TOKEN,
 };
 
-use crate::headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr};
+use crate::{
+    headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr},
+    rare,
+};
 
 #[map(name = "XDP_CONFIG")]
 static XDP_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -380,7 +384,7 @@ fn tcp(ctx: &XdpContext, cfg: &Config, l4: usize, l4_len: usize, src: Source) ->
     if flags & TCP_URG != 0 {
         return Verdict::Drop(STAT_URGENT);
     }
-    if syn && flags & TCP_ACK == 0 && cfg.flags & FLAG_SYN_LIMIT != 0 && !take_syn_token(cfg, src) {
+    if syn && flags & TCP_ACK == 0 && cfg.flags & FLAG_SYN_LIMIT != 0 && !take_syn_token(ctx, cfg, src) {
         return Verdict::Drop(STAT_SYN_RATE);
     }
     Verdict::Pass
@@ -402,7 +406,7 @@ fn source_action(src: Source) -> Option<u32> {
 /// takes the bucket is simply full, so the product stays below `burst × UNITS_PER_TOKEN`
 /// (≤ 10^15) and never overflows, whatever values a concurrent reload leaves in `cfg`.
 #[inline(always)]
-fn take_syn_token(cfg: &Config, src: Source) -> bool {
+fn take_syn_token(ctx: &XdpContext, cfg: &Config, src: Source) -> bool {
     let rate = cfg.syn_rate.min(MAX_SYN_RATE);
     let burst = cfg.syn_burst.min(MAX_SYN_BURST);
     if rate == 0 || burst == 0 {
@@ -430,6 +434,9 @@ fn take_syn_token(cfg: &Config, src: Source) -> bool {
         let fresh = Bucket { tokens: cap - UNITS_PER_TOKEN, last_ns: now };
         if XDP_SYN_BUCKETS.insert(key, fresh, 0).is_err() {
             count(STAT_SYN_UNTRACKED);
+            if rare::due(rare::SYN_UNTRACKED) {
+                warn!(ctx, "xdp guard: the SYN rate table could not store a new source; its SYN passes unlimited");
+            }
         }
         return true;
     };

@@ -23,10 +23,13 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
 };
+use aya_log_ebpf::warn;
 use zone_ingress_ebpf::splice::{
     EVENTS_BYTES, Hold, MAX_SOCKETS, Pair, REDIRECT_WINDOW, REPORT_EVERY, STAT_COUNT, STAT_EMPTY, STAT_HELD,
     STAT_NO_PAIR, STAT_OVER_GRANT, STAT_PEER_MISSING, STAT_REDIRECTED,
 };
+
+use crate::rare;
 
 #[map(name = "SOCKS")]
 static SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
@@ -100,7 +103,13 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
                 // Held by the grant alone: userspace does not know yet. Best effort, like every
                 // report: its once-a-second sample finds a hold the ring could not deliver.
                 count(STAT_OVER_GRANT);
-                let _ = EVENTS.output::<u64>(&cookie, 0);
+                if EVENTS.output::<u64>(&cookie, 0).is_err() && rare::due(rare::SPLICE_REPORT_LOST) {
+                    warn!(
+                        ctx,
+                        "sockmap splice: the event ring is full; a hold of socket {} waits for the daemon's next sample",
+                        cookie
+                    );
+                }
             }
             (*pair).holding = 1;
             (*pair).held += u64::from(len);
@@ -116,6 +125,12 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
         // SAFETY: as above; only this socket's verdict writes its entry.
         unsafe { (*pair).peer_missing += 1 };
         count(STAT_PEER_MISSING);
+        if rare::due(rare::SPLICE_PEER_MISSING) {
+            warn!(
+                ctx,
+                "sockmap splice: socket {}'s peer is not in the socket map; its bytes stay on the socket", cookie
+            );
+        }
         return SK_PASS;
     }
     // SAFETY: as above.

@@ -308,6 +308,9 @@ fn start_kernel_side(
     };
     let pins = packet_pins(args, listen);
     let object = load_object(args.splice, guard_plan.as_ref(), pins.clone());
+    if let Some(Ok(object)) = &object {
+        crate::ebpf_log::start(object);
+    }
     let (reports_tx, reports) = splice::report_channel();
     let (splice, packet) =
         start_splices(args.splice, object.clone(), limits, reports_tx, listen, pins.clone(), args.packet_ports)?;

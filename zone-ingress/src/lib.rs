@@ -61,6 +61,7 @@ pub mod client_hello;
 pub mod config;
 pub mod control_plane;
 pub mod ebpf;
+pub mod ebpf_log;
 pub mod flows;
 pub mod metrics;
 pub mod reject;
