@@ -461,8 +461,21 @@ fn conn_rate(ctx: &Ctx, system: System, pids: &[u32], opts: &Options) -> anyhow:
     if ok <= 0.0 {
         bail!("no TLS connection succeeded via {}", system.name());
     }
+    // The handshake's duration without queueing: one connection at a time, for a second.
+    let one = output(nsexec(NET.client).args([
+        ctx.benchtool.to_str().context("path")?,
+        "conn-rate",
+        &format!("{host}:{port}"),
+        &tls_sni(),
+        "1",
+        "1",
+        "--pki",
+        pki.to_str().context("path")?,
+    ]))?;
+    let one: Value = serde_json::from_str(one.lines().last().unwrap_or("")).context("conn-rate output")?;
     Ok(json!({"conn_per_s": ok / v["seconds"].as_f64().unwrap_or(1.0), "errors": v["errors"],
-              "proxy_cpu_us_per_conn": (own1 - own0) / ok * 1e6, "kworker_cpu_us_per_conn": (kw1 - kw0).max(0.0) / ok * 1e6}))
+              "proxy_cpu_us_per_conn": (own1 - own0) / ok * 1e6, "kworker_cpu_us_per_conn": (kw1 - kw0).max(0.0) / ok * 1e6,
+              "handshake_p50_us": one["p50_us"], "handshake_p99_us": one["p99_us"]}))
 }
 
 fn meminfo_kb(field: &str) -> u64 {
@@ -512,14 +525,12 @@ fn idle_flows(guard: &mut Guard, ctx: &Ctx, system: System, pids: &[u32], n: usi
     }
     let rss0: u64 = pids.iter().map(|p| tree_rss_kb(*p)).sum();
     let slab0 = meminfo_kb("Slab:");
+    // Direct routing: the client holds its flows to the dataplane itself (the forwarded path),
+    // which gives the Slab of the client's and the dataplane's sockets alone.
+    let target =
+        if system == System::Direct { format!("{DP}:{HOLD_PORT}") } else { format!("{INGRESS}:{LISTEN_PORT}") };
     let mut child = nsexec(NET.client)
-        .args([
-            ctx.benchtool.to_str().context("path")?,
-            "hold-client",
-            &format!("{INGRESS}:{LISTEN_PORT}"),
-            &n.to_string(),
-            "hold{mesh=default}",
-        ])
+        .args([ctx.benchtool.to_str().context("path")?, "hold-client", &target, &n.to_string(), "hold{mesh=default}"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
@@ -691,9 +702,6 @@ pub(crate) fn bench(opts: &Options) -> anyhow::Result<()> {
     }
     let flows = if opts.quick { 200 } else { opts.flows };
     for &system in &systems {
-        if system == System::Direct {
-            continue;
-        }
         guard.check()?;
         let pids = start_system(&mut guard, &ctx, system, Phase::Hold)?;
         samples.entry((system, "idle_flows")).or_default().push(idle_flows(&mut guard, &ctx, system, &pids, flows)?);
@@ -798,7 +806,7 @@ fn report(
         }
     );
     let direct = |metric: &str, field: &str| stat(samples, System::Direct, metric, field).map(|m| m.0);
-    md.push_str("| system | 1 stream Gbit/s | 1 stream rev | 4 streams | 4 streams rev | Gbit/s per busy core | CPU s per GB | proxy process CPU s | kernel workers CPU s | relayed share | RTT p50 µs (added) | RTT p99 µs | new TLS conn/s | conn errors | proxy CPU µs per conn | kernel workers µs per conn | handoff µs | RSS B/flow | Slab B/flow |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| system | 1 stream Gbit/s | 1 stream rev | 4 streams | 4 streams rev | Gbit/s per busy core | CPU s per GB | proxy process CPU s | kernel workers CPU s | relayed share | RTT p50 µs (added) | RTT p99 µs | new TLS conn/s | conn errors | TLS handshake p50 µs (one at a time) | proxy CPU µs per conn | kernel workers µs per conn | handoff µs | RSS B/flow | Slab B/flow (beyond direct) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for &s in systems {
         let cell = |metric: &str, field: &str, ratio_to_direct: bool| -> String {
             match stat(samples, s, metric, field) {
@@ -818,9 +826,16 @@ fn report(
             (Some((m, lo, hi)), _) => format!("{m:.1} ({lo:.1}–{hi:.1})"),
             _ => "–".into(),
         };
+        // The proxy's own kernel memory per flow: the client's and the dataplane's sockets are
+        // in direct routing's figure too.
+        let slab = match (stat(samples, s, "idle_flows", "slab_per_flow_b"), direct("idle_flows", "slab_per_flow_b")) {
+            (Some((m, lo, hi)), Some(d)) if s != System::Direct => format!("{m:.0} ({lo:.0}–{hi:.0}) +{:.0}", m - d),
+            (Some((m, lo, hi)), _) => format!("{m:.0} ({lo:.0}–{hi:.0})"),
+            _ => "–".into(),
+        };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {added} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {added} | {} | {} | {} | {} | {} | {} | {} | {} | {slab} |",
             s.name(),
             cell("bulk_1_fwd", "gbps", true),
             cell("bulk_1_rev", "gbps", true),
@@ -834,11 +849,11 @@ fn report(
             cell("latency", "rtt_p99_us", false),
             cell("conn_rate", "conn_per_s", true),
             cell("conn_rate", "errors", false),
+            cell("conn_rate", "handshake_p50_us", false),
             cell("conn_rate", "proxy_cpu_us_per_conn", false),
             cell("conn_rate", "kworker_cpu_us_per_conn", false),
             cell("handoff", "handoff_mean_us", false),
             cell("idle_flows", "rss_per_flow_b", false),
-            cell("idle_flows", "slab_per_flow_b", false),
         );
         let per: serde_json::Map<String, Value> = samples
             .iter()
@@ -849,7 +864,7 @@ fn report(
     }
     let _ = writeln!(
         md,
-        "\nBulk: iperf3 through the plaintext route (`--plaintext-route`, HAProxy/nginx default backend). CPU: busy core-seconds of the whole machine (softirq and kernel workers included) during the 1-stream run; proxy process CPU: user+system seconds of the proxy's own processes in that run (for zone-ingress the daemon; the kernel's splice work is in the machine column); kernel workers CPU: the same for every `kworker` and `ksoftirqd` thread (a sockmap splice's psock workers run there; softirq work done inside a process's system call counts to that process); relayed share: the part of the 1-stream bytes that zone-ingress kernel relayed itself while a direction was held (backpressure), the rest went through the sk_skb redirect. Per-connection logging: none for any system (the HAProxy and nginx configurations have no access log; zone-ingress runs with `--access-log off`). Latency: sockperf ping-pong, 64 B, full RTT. Connections: rustls clients (16 concurrent), full mTLS handshake with a MeshService SNI and a 2-byte reply; proxy CPU per conn: the proxy's own user+system CPU over the run divided by the connections it carried, kernel workers the same for `kworker`/`ksoftirqd` (for direct routing: the forwarding's softirq work where it lands there). Idle flows: {} per system.",
+        "\nBulk: iperf3 through the plaintext route (`--plaintext-route`, HAProxy/nginx default backend). CPU: busy core-seconds of the whole machine (softirq and kernel workers included) during the 1-stream run; proxy process CPU: user+system seconds of the proxy's own processes in that run (for zone-ingress the daemon; the kernel's splice work is in the machine column); kernel workers CPU: the same for every `kworker` and `ksoftirqd` thread (a sockmap splice's psock workers run there; softirq work done inside a process's system call counts to that process); relayed share: the part of the 1-stream bytes that zone-ingress kernel relayed itself while a direction was held (backpressure), the rest went through the sk_skb redirect. Per-connection logging: none for any system (the HAProxy and nginx configurations have no access log; zone-ingress runs with `--access-log off`). Latency: sockperf ping-pong, 64 B, full RTT. Connections: rustls clients (16 concurrent), full mTLS handshake with a MeshService SNI and a 2-byte reply; TLS handshake p50: the same, one connection at a time for 1 s, connect to reply; proxy CPU per conn: the proxy's own user+system CPU over the run divided by the connections it carried, kernel workers the same for `kworker`/`ksoftirqd` (for direct routing: the forwarding's softirq work where it lands there). Idle flows: {} per system; Slab beyond direct: less the client's and the dataplane's sockets (direct routing holds the same flows without a proxy).",
         if opts.quick { 200 } else { opts.flows }
     );
     (md, Value::Object(js))

@@ -343,8 +343,12 @@ fn translate(ctx: &TcContext, h: &Headers, x: &mut Xlate, flags: u8, seq: u32, a
         x.max_ack = ack;
     }
     // Everything the local socket sent is acknowledged: from now on every ACK is the peer's.
+    // Userspace learns it from the event ring (the switch has settled: the socket can go).
     if has_ack && x.local_below != 0 && (ack.wrapping_sub(x.local_below) as i32) >= 0 {
         x.local_below = 0;
+        if PKT_EVENTS.output::<Key>(&h.key, 0).is_err() && rare::due(rare::PACKET_EVENT_LOST) {
+            warn!(ctx, "packet splice: the event ring is full; a settled switch waits for the daemon's next poll");
+        }
     }
     let end = seq.wrapping_add(payload).wrapping_add(u32::from(fin));
     if (end.wrapping_sub(x.max_end) as i32) > 0 {

@@ -2,7 +2,8 @@
 //!
 //! - `tls-server ADDR`: rustls server (test CA) answering `ok` after each handshake;
 //! - `conn-rate ADDR SNI SECONDS CONCURRENCY`: new TLS connections per second, each a full
-//!   handshake with a Kuma SNI and a 2-byte reply; prints JSON `{ok, errors, seconds}`;
+//!   handshake with a Kuma SNI and a 2-byte reply; prints JSON `{ok, errors, seconds, p50_us,
+//!   p99_us}` (the percentiles of connect → reply per connection);
 //! - `hash-server ADDR` / `hash-client ADDR BYTES`: the tests' integrity protocol (SHA-256 of
 //!   BYTES each way), proving a path moves bytes unchanged;
 //! - `hold-server ADDR` / `hold-client ADDR N SNI`: N idle connections (the client sends a probe
@@ -120,7 +121,10 @@ fn main() {
                 for _ in 0..conc {
                     let (c, ok, errors, sni) = (connector.clone(), Arc::clone(&ok), Arc::clone(&errors), sni.clone());
                     tasks.push(tokio::spawn(async move {
+                        // Connect → reply of each successful connection, µs.
+                        let mut took: Vec<u64> = Vec::new();
                         while Instant::now() < end {
+                            let t0 = Instant::now();
                             let one = async {
                                 let tcp = tokio::net::TcpStream::connect(addr).await?;
                                 // RST on close: no TIME_WAIT pile-up in a tight connect loop.
@@ -144,17 +148,28 @@ fn main() {
                                 std::io::Result::Ok(())
                             };
                             match tokio::time::timeout(Duration::from_secs(5), one).await {
-                                Ok(Ok(())) => ok.fetch_add(1, Ordering::Relaxed),
+                                Ok(Ok(())) => {
+                                    took.push(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX));
+                                    ok.fetch_add(1, Ordering::Relaxed)
+                                }
                                 _ => errors.fetch_add(1, Ordering::Relaxed),
                             };
                         }
+                        took
                     }));
                 }
+                let mut took = Vec::new();
                 for t in tasks {
-                    let _ = t.await;
+                    took.extend(t.await.unwrap_or_default());
                 }
+                took.sort_unstable();
+                let pct = |p: usize| took.get((took.len() * p / 100).min(took.len().saturating_sub(1))).copied();
                 let seconds = start.elapsed().as_secs_f64();
-                println!("{}", serde_json::json!({"ok": ok.load(Ordering::Relaxed), "errors": errors.load(Ordering::Relaxed), "seconds": seconds}));
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": ok.load(Ordering::Relaxed), "errors": errors.load(Ordering::Relaxed), "seconds": seconds,
+                                       "p50_us": pct(50), "p99_us": pct(99)})
+                );
             }
             "hold-server" => {
                 let addr: SocketAddr = arg(&args, 1, "addr").parse().expect("addr");

@@ -625,22 +625,25 @@ impl Shared {
             pf.guarded[0] = true;
             // Everything the client socket acknowledged before the guard is queued now.
             let queued = sys::inq(c)? as usize;
-            let mut buf = vec![0u8; queued + MAX_RELAYED];
+            // What is queued, and room for what arrives meanwhile (grown on demand, up to
+            // `MAX_RELAYED` more).
+            let mut buf = vec![0u8; queued + 4096];
             let mut n = 0;
             let mut fin = false;
             loop {
+                if n == buf.len() {
+                    if buf.len() >= queued + MAX_RELAYED {
+                        return Err(io::Error::other("the client sent more than a ClientHello during the switch"));
+                    }
+                    buf.resize((buf.len() * 2).min(queued + MAX_RELAYED), 0);
+                }
                 match sys::recv_nonblocking(c, &mut buf[n..]) {
                     Ok(0) => {
                         // The client's FIN reached the socket: the backend socket relays it too.
                         fin = true;
                         break;
                     }
-                    Ok(k) => {
-                        n += k;
-                        if n == buf.len() {
-                            return Err(io::Error::other("the client sent more than a ClientHello during the switch"));
-                        }
-                    }
+                    Ok(k) => n += k,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => return Err(e),
                 }

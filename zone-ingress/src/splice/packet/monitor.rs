@@ -1,9 +1,9 @@
 //! The packet monitor thread: finishes switches, ends flows, lingers, cleans up.
 //!
 //! - **Settle**: the backend socket keeps sending (and retransmitting) what it relayed until the
-//!   backend acknowledges all of it; the program then clears `Xlate::local_below`. The monitor
-//!   polls that every millisecond while a switch is unsettled, then guards, parks and closes the
-//!   socket (silently): the flow is map entries only from then on.
+//!   backend acknowledges all of it; the program then clears `Xlate::local_below` and says so on
+//!   `PKT_EVENTS` (polled every [`SETTLE_POLL`] too, in case the ring was full). The monitor then
+//!   guards, parks and closes the socket (silently): the flow is map entries only from then on.
 //! - **End**: the program reports the first FIN and the first RST of each direction on
 //!   `PKT_EVENTS`. A RST either way, or a FIN both ways, ends the flow: its close report goes to
 //!   the owner at once, with the exact byte counts (the FIN's sequence number marks the end).
@@ -38,6 +38,8 @@ use crate::{
 pub(super) const LINGER: Duration = Duration::from_secs(10);
 /// A switch whose relayed bytes the backend has not acknowledged by then is reset.
 const SETTLE_LIMIT: Duration = Duration::from_secs(60);
+/// How often unsettled switches are looked at without an event.
+const SETTLE_POLL: Duration = Duration::from_millis(20);
 /// How often idle flows are looked for.
 const IDLE_SCAN: Duration = Duration::from_secs(1);
 
@@ -137,7 +139,7 @@ pub(super) struct Monitor {
     index: Mutex<Index>,
     events: Mutex<RingBuf<MapData>>,
     epoll: OwnedFd,
-    /// Flows whose backend socket is not parked yet (polled every millisecond).
+    /// Flows whose backend socket is not parked yet (looked at on each event, and every `SETTLE_POLL`).
     settling: Mutex<BTreeSet<u64>>,
     /// Ended flows in the order they ended, with when (`sys::monotonic_ns()`): each is removed
     /// once its linger is over. Neither poll walks every flow.
@@ -197,9 +199,8 @@ pub(super) fn run(shared: &Shared) {
     let mut last_scan = sys::monotonic_ns();
     let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 4];
     while !shared.stop.load(Ordering::Relaxed) {
-        let settling: Vec<u64> =
-            shared.monitor.settling.lock().unwrap_or_else(PoisonError::into_inner).iter().copied().collect();
-        let timeout = Duration::from_millis(if settling.is_empty() { 100 } else { 1 });
+        let unsettled = shared.monitor.unsettled() > 0;
+        let timeout = if unsettled { SETTLE_POLL } else { Duration::from_millis(100) };
         let _ = epoll::wait(shared.monitor.epoll.as_fd(), &mut ready, timeout);
         let keys: Vec<Key> = {
             let mut ring = shared.monitor.events.lock().unwrap_or_else(PoisonError::into_inner);
@@ -218,6 +219,9 @@ pub(super) fn run(shared: &Shared) {
                 shared.check_end(token);
             }
         }
+        // Events or not (a full ring), every unsettled switch is looked at once per pass.
+        let settling: Vec<u64> =
+            shared.monitor.settling.lock().unwrap_or_else(PoisonError::into_inner).iter().copied().collect();
         for token in settling {
             shared.settle(token);
         }
