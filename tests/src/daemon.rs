@@ -97,13 +97,21 @@ impl Daemon {
     /// Starts `zone-ingress run ARGS` in `ns` as given (no input flags added) and returns at
     /// once, without waiting for "ready".
     pub fn launch(ns: &Netns, scratch: Scratch, args: &[OsString], log_filter: &str) -> Self {
+        let bin = binary();
+        assert!(bin.exists(), "daemon binary {} missing: run through `cargo xtask test`", bin.display());
+        Self::launch_under(ns, scratch, &[bin.to_str().expect("utf-8 path")], args, log_filter)
+    }
+
+    /// [`Daemon::launch`] with a command line of its own before `run ARGS`: a wrapper and the
+    /// daemon's path (`setpriv ... /path/to/zone-ingress`).
+    pub fn launch_under(ns: &Netns, scratch: Scratch, argv: &[&str], args: &[OsString], log_filter: &str) -> Self {
         let log = scratch.0.join("daemon.log");
         let out = File::create(&log).expect("log file");
         let err = out.try_clone().expect("log fd");
-        let bin = binary();
-        assert!(bin.exists(), "daemon binary {} missing: run through `cargo xtask test`", bin.display());
+        let (program, rest) = argv.split_first().expect("a program");
         let child = ns
-            .command(bin.to_str().expect("utf-8 path"))
+            .command(program)
+            .args(rest)
             .arg("run")
             .args(args)
             .env("RUST_LOG", std::env::var("ZI_TEST_LOG").unwrap_or_else(|_| log_filter.to_owned()))

@@ -332,11 +332,11 @@ fn pod_is_an_ingress_with_probes_metrics_and_capabilities_on_the_configured_port
     }
     let ports: BTreeSet<u64> = seq_at(c, "ports").iter().map(|p| u64_at(p, "containerPort")).collect();
     assert_eq!(ports, BTreeSet::from([listener, admin]));
-    // docs/operations.md#privileges: uid 0 with BPF and NET_ADMIN, everything else dropped.
+    // docs/operations.md#privileges: uid 0 with the packet splice's four, everything else dropped.
     let caps = |list: &str| -> BTreeSet<&str> {
         seq_at(c, &format!("securityContext.capabilities.{list}")).iter().map(|v| v.as_str().expect("cap")).collect()
     };
-    assert!(caps("add").is_superset(&BTreeSet::from(["BPF", "NET_ADMIN"])), "capabilities.add: {:?}", caps("add"));
+    assert_eq!(caps("add"), BTreeSet::from(["BPF", "NET_ADMIN", "NET_RAW", "PERFMON"]), "capabilities.add");
     assert_eq!(caps("drop"), BTreeSet::from(["ALL"]));
     let uid = at(c, "securityContext.runAsUser").or_else(|| at(pod, "spec.securityContext.runAsUser"));
     assert_eq!(uid.and_then(Value::as_u64), Some(0), "added capabilities reach uid 0 only");
@@ -425,13 +425,13 @@ fn systemd_unit_starts_the_daemon_with_flags_it_accepts_and_verifies() {
     for required in ["--proxy-type", "--cp-address", "--dataplane-token-file", "--dataplane-file"] {
         assert!(!flag_values(&exec, required).is_empty(), "ExecStart does not pass {required}");
     }
-    // docs/operations.md#privileges: a user of its own with CAP_BPF and CAP_NET_ADMIN.
+    // docs/operations.md#privileges: a user of its own with the packet splice's four capabilities.
     let user = one("User");
     assert!(!user.is_empty() && user != "root" && user != "0", "User={user}");
-    let want: BTreeSet<&str> = BTreeSet::from(["CAP_BPF", "CAP_NET_ADMIN"]);
+    let want: BTreeSet<&str> = BTreeSet::from(["CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_PERFMON"]);
     for k in ["AmbientCapabilities", "CapabilityBoundingSet"] {
         let caps: BTreeSet<&str> = one(k).split_whitespace().collect();
-        assert!(caps.is_superset(&want), "{k}={caps:?}");
+        assert_eq!(caps, want, "{k}");
     }
     assert!(!s.contains_key("PrivateNetwork"), "the listener is on the host's network");
     assert_eq!(one("KillSignal"), "SIGTERM");

@@ -875,3 +875,95 @@ fn untranslated_option_layout_is_dropped_and_logged_by_the_program() {
     );
     assert!(line.contains("to 10001") && line.contains("12 option bytes starting 1010101"), "{line}");
 }
+
+/// The packet splice's privileges (docs/operations.md#privileges), as the deployment files give
+/// them: an unprivileged user with `CAP_BPF`, `CAP_NET_ADMIN`, `CAP_NET_RAW` and `CAP_PERFMON`
+/// carries a flow at packet level, and its idle timeout resets both ends (the RSTs need the raw
+/// socket). Without `CAP_PERFMON` (the verifier refuses the programs' packet pointer arithmetic)
+/// `--splice packet` exits saying so; without `CAP_NET_RAW` too, `auto` takes the sockmap splice,
+/// which loads with `CAP_BPF` and `CAP_NET_ADMIN` alone (its rare-event log lines included).
+#[test]
+fn packet_splice_runs_as_a_user_with_bpf_net_admin_net_raw_and_perfmon() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let topo = Topology::new(1);
+    // The daemon and its files where `nobody` can read them.
+    let files = zone_ingress_tests::daemon::Scratch::new("caps");
+    let bin = files.0.join("zone-ingress");
+    std::fs::copy(zone_ingress_tests::daemon::binary(), &bin).expect("copy the daemon");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let zi = files.write("zi.yaml", &zone_ingress_yaml("198.18.0.2", 10001, 9901));
+    let inv = files.write("dps.yaml", &section5_inventory(false));
+    let start = |caps: &str, splice: &str| {
+        let scratch = zone_ingress_tests::daemon::Scratch::new("caps");
+        std::fs::set_permissions(&scratch.0, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let (inh, amb) = (format!("--inh-caps=-all,{caps}"), format!("--ambient-caps=-all,{caps}"));
+        let argv =
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", &inh, &amb, bin.to_str().unwrap()];
+        let args: Vec<std::ffi::OsString> = [
+            "--dataplane-file",
+            zi.to_str().unwrap(),
+            "--dataplanes",
+            inv.to_str().unwrap(),
+            "--splice",
+            splice,
+            "--bpf-pin-dir",
+            "off",
+            "--idle-timeout",
+            "2s",
+            "--drain-time",
+            "1s",
+        ]
+        .into_iter()
+        .map(Into::into)
+        .collect();
+        Daemon::launch_under(&topo.ingress, scratch, &argv, &args, "info")
+    };
+
+    let mut no_perfmon = start("+bpf,+net_admin,+net_raw", "packet");
+    let status = no_perfmon.wait_exit(Duration::from_secs(20)).expect("`--splice packet` without CAP_PERFMON exits");
+    assert!(!status.success());
+    let log = no_perfmon.log_text();
+    assert!(log.contains("--splice packet: loading the packet splice: CAP_PERFMON"), "{log}");
+    let mut auto = start("+bpf,+net_admin", "auto");
+    auto.expect_ready(Duration::from_secs(20));
+    let log = auto.log_text();
+    assert!(
+        log.contains("it needs CAP_NET_RAW") && log.contains("splice mode: auto (sockmap, then userspace)"),
+        "{log}"
+    );
+    auto.stop(Duration::from_secs(10));
+
+    let mut daemon = start("+bpf,+net_admin,+net_raw,+perfmon", "packet");
+    daemon.expect_ready(Duration::from_secs(20));
+    let rt = runtime();
+    rt.block_on(async {
+        let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
+        let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
+        let mut c = topo.client.connect(SocketAddr::new(Topology::ingress_v4().into(), 10001)).expect("connect");
+        c.write_all(&hello).await.expect("hello");
+        let (mut b, _) =
+            tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
+        assert_eq!(read_n(&mut b, hello.len(), "the ClientHello").await, hello);
+        b.write_all(b"pong").await.expect("backend write");
+        assert_eq!(read_n(&mut c, 4, "pong").await, b"pong");
+        // Silence: the idle timeout resets both ends with the raw socket's RSTs.
+        let (mut one, mut other) = ([0u8; 1], [0u8; 1]);
+        let (rc, rb) = tokio::join!(
+            tokio::time::timeout(Duration::from_secs(8), c.read(&mut one)),
+            tokio::time::timeout(Duration::from_secs(8), b.read(&mut other)),
+        );
+        for (who, r) in [("client", rc), ("backend", rb)] {
+            match r {
+                Ok(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{who}: {e}"),
+                other => panic!("{who}: expected a reset after the idle timeout, got {other:?}"),
+            }
+        }
+    });
+    assert!(daemon.wait_log_count("reason=\"idle_timeout\"", 1, Duration::from_secs(5)), "{}", daemon.log_text());
+    let log = daemon.log_text();
+    assert_eq!(log.matches("mode=\"packet\" bytes").count(), 1, "{log}");
+    assert!(!log.contains("sending a RST failed"), "{log}");
+    daemon.stop(Duration::from_secs(10));
+}

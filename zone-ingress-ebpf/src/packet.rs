@@ -200,14 +200,7 @@ fn ingress(ctx: &TcContext) -> i32 {
         // SAFETY: the helper only touches this program's packet.
         if unsafe { bpf_skb_pull_data(ctx.skb.skb, hdr_end as u32) } != 0 {
             count(STAT_PULL_FAILED);
-            if rare::due(rare::PACKET_PULL_FAILED) {
-                warn!(
-                    ctx,
-                    "packet splice: the headers of a spliced flow's packet could not be made linear (port {} to {}); passed untranslated",
-                    u16::from_be(h.key.sport),
-                    u16::from_be(h.key.dport)
-                );
-            }
+            log_pull_failed(ctx, u16::from_be(h.key.sport), u16::from_be(h.key.dport));
             return TC_ACT_OK;
         }
     }
@@ -298,13 +291,8 @@ fn store32(p: *mut u8, v: u32) {
 fn event(ctx: &TcContext, x: &mut Xlate, key: &Key, ev: u32) {
     if x.events & ev == 0 {
         x.events |= ev;
-        if PKT_EVENTS.output::<Key>(key, 0).is_err() && rare::due(rare::PACKET_EVENT_LOST) {
-            warn!(
-                ctx,
-                "packet splice: the event ring is full; a FIN or RST (port {} to {}) waits for the daemon's next scan",
-                u16::from_be(key.sport),
-                u16::from_be(key.dport)
-            );
+        if PKT_EVENTS.output::<Key>(key, 0).is_err() {
+            log_event_lost(ctx, u16::from_be(key.sport), u16::from_be(key.dport));
         }
     }
 }
@@ -319,19 +307,11 @@ fn translate(ctx: &TcContext, h: &Headers, x: &mut Xlate, flags: u8, seq: u32, a
     };
     let Ok((ts, sack, edges)) = options(ctx, h.l4, h.doff) else {
         count(STAT_BAD_OPTIONS);
-        if rare::due(rare::BAD_OPTIONS) {
-            let first = ptr_at::<[u8; 4]>(ctx, h.l4 + size_of::<TcpHdr>())
-                // SAFETY: bounds checked by `ptr_at`.
-                .map_or(0, |p| u32::from_be_bytes(unsafe { *p }));
-            warn!(
-                ctx,
-                "packet splice: a TCP option layout it does not translate (port {} to {}, {} option bytes starting {:x}); packet dropped",
-                u16::from_be(h.key.sport),
-                u16::from_be(h.key.dport),
-                h.doff - size_of::<TcpHdr>(),
-                first
-            );
-        }
+        let first = ptr_at::<[u8; 4]>(ctx, h.l4 + size_of::<TcpHdr>())
+            // SAFETY: bounds checked by `ptr_at`.
+            .map_or(0, |p| u32::from_be_bytes(unsafe { *p }));
+        let ports = (u32::from(u16::from_be(h.key.sport)) << 16) | u32::from(u16::from_be(h.key.dport));
+        log_bad_options(ctx, ports, (h.doff - size_of::<TcpHdr>()) as u32, first);
         return TC_ACT_SHOT;
     };
     let payload = (ctx.len() as usize).saturating_sub(h.l4 + h.doff) as u32;
@@ -346,8 +326,8 @@ fn translate(ctx: &TcContext, h: &Headers, x: &mut Xlate, flags: u8, seq: u32, a
     // Userspace learns it from the event ring (the switch has settled: the socket can go).
     if has_ack && x.local_below != 0 && (ack.wrapping_sub(x.local_below) as i32) >= 0 {
         x.local_below = 0;
-        if PKT_EVENTS.output::<Key>(&h.key, 0).is_err() && rare::due(rare::PACKET_EVENT_LOST) {
-            warn!(ctx, "packet splice: the event ring is full; a settled switch waits for the daemon's next poll");
+        if PKT_EVENTS.output::<Key>(&h.key, 0).is_err() {
+            log_event_lost(ctx, u16::from_be(h.key.sport), u16::from_be(h.key.dport));
         }
     }
     let end = seq.wrapping_add(payload).wrapping_add(u32::from(fin));
@@ -539,14 +519,62 @@ fn translate(ctx: &TcContext, h: &Headers, x: &mut Xlate, flags: u8, seq: u32, a
     let r = unsafe { bpf_redirect_neigh(x.ifindex, ptr::null_mut(), 0, 0) } as i32;
     if r == TC_ACT_SHOT {
         count(STAT_REDIRECT_FAILED);
-        if rare::due(rare::PACKET_REDIRECT_FAILED) {
-            warn!(
-                ctx,
-                "packet splice: the kernel refused to redirect a translated packet to interface {}; dropped", x.ifindex
-            );
-        }
+        log_redirect_failed(ctx, x.ifindex);
     }
     r
+}
+
+// The rare events' log lines (`rare`), each a BPF subprogram of its own (`inline(never)`): the
+// log record's ring pointer then never shares a stack slot with the caller's values, which the
+// verifier requires of a loader without CAP_PERFMON (it may not overwrite a spilled pointer).
+
+#[inline(never)]
+fn log_pull_failed(ctx: &TcContext, sport: u16, dport: u16) {
+    if rare::due(rare::PACKET_PULL_FAILED) {
+        warn!(
+            ctx,
+            "packet splice: the headers of a spliced flow's packet could not be made linear (port {} to {}); passed untranslated",
+            sport,
+            dport
+        );
+    }
+}
+
+#[inline(never)]
+fn log_event_lost(ctx: &TcContext, sport: u16, dport: u16) {
+    if rare::due(rare::PACKET_EVENT_LOST) {
+        warn!(
+            ctx,
+            "packet splice: the event ring is full; a FIN, RST or settled switch (port {} to {}) waits for the daemon's next scan",
+            sport,
+            dport
+        );
+    }
+}
+
+/// `ports`: source port << 16 | destination port (a subprogram takes at most five arguments).
+#[inline(never)]
+fn log_bad_options(ctx: &TcContext, ports: u32, len: u32, first: u32) {
+    if rare::due(rare::BAD_OPTIONS) {
+        warn!(
+            ctx,
+            "packet splice: a TCP option layout it does not translate (port {} to {}, {} option bytes starting {:x}); packet dropped",
+            ports >> 16,
+            ports & 0xffff,
+            len,
+            first
+        );
+    }
+}
+
+#[inline(never)]
+fn log_redirect_failed(ctx: &TcContext, ifindex: u32) {
+    if rare::due(rare::PACKET_REDIRECT_FAILED) {
+        warn!(
+            ctx,
+            "packet splice: the kernel refused to redirect a translated packet to interface {}; dropped", ifindex
+        );
+    }
 }
 
 #[classifier]

@@ -103,12 +103,8 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
                 // Held by the grant alone: userspace does not know yet. Best effort, like every
                 // report: its once-a-second sample finds a hold the ring could not deliver.
                 count(STAT_OVER_GRANT);
-                if EVENTS.output::<u64>(&cookie, 0).is_err() && rare::due(rare::SPLICE_REPORT_LOST) {
-                    warn!(
-                        ctx,
-                        "sockmap splice: the event ring is full; a hold of socket {} waits for the daemon's next sample",
-                        cookie
-                    );
+                if EVENTS.output::<u64>(&cookie, 0).is_err() {
+                    log_report_lost(ctx, cookie);
                 }
             }
             (*pair).holding = 1;
@@ -125,12 +121,7 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
         // SAFETY: as above; only this socket's verdict writes its entry.
         unsafe { (*pair).peer_missing += 1 };
         count(STAT_PEER_MISSING);
-        if rare::due(rare::SPLICE_PEER_MISSING) {
-            warn!(
-                ctx,
-                "sockmap splice: socket {}'s peer is not in the socket map; its bytes stay on the socket", cookie
-            );
-        }
+        log_peer_missing(ctx, cookie);
         return SK_PASS;
     }
     // SAFETY: as above.
@@ -149,4 +140,25 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
     }
     count(STAT_REDIRECTED);
     SK_PASS
+}
+
+// The rare events' log lines (`rare`), each a BPF subprogram of its own: the log record's ring
+// pointer then never shares a stack slot with the verdict's values, which the verifier requires
+// of a loader without CAP_PERFMON (it may not overwrite a spilled pointer).
+
+#[inline(never)]
+fn log_report_lost(ctx: &SkBuffContext, cookie: u64) {
+    if rare::due(rare::SPLICE_REPORT_LOST) {
+        warn!(
+            ctx,
+            "sockmap splice: the event ring is full; a hold of socket {} waits for the daemon's next sample", cookie
+        );
+    }
+}
+
+#[inline(never)]
+fn log_peer_missing(ctx: &SkBuffContext, cookie: u64) {
+    if rare::due(rare::SPLICE_PEER_MISSING) {
+        warn!(ctx, "sockmap splice: socket {}'s peer is not in the socket map; its bytes stay on the socket", cookie);
+    }
 }

@@ -253,3 +253,35 @@ pub fn sockaddr(a: std::net::SocketAddr) -> ([u8; 28], libc::socklen_t) {
         }
     }
 }
+
+/// `CAP_PERFMON` (include/uapi/linux/capability.h).
+pub const CAP_PERFMON: u32 = 38;
+
+/// Whether capability `cap` is in this thread's effective set (`capget`).
+///
+/// # Errors
+/// `capget` failed.
+pub fn has_capability(cap: u32) -> io::Result<bool> {
+    /// `_LINUX_CAPABILITY_VERSION_3`: two 32-bit words per set.
+    const VERSION_3: u32 = 0x2008_0522;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header { version: VERSION_3, pid: 0 };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget fills `data` (two entries for version 3) and reads `header`.
+    if unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let word = data.get((cap / 32) as usize).map_or(0, |d| d.effective);
+    Ok(word & (1 << (cap % 32)) != 0)
+}

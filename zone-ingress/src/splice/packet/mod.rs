@@ -213,6 +213,15 @@ impl PacketSplice {
     ) -> Result<Self, LoadError> {
         let io = |what| move |source| LoadError::Io { what, source };
         check_repair().map_err(io("TCP_REPAIR (the packet splice parks sockets; it needs CAP_NET_ADMIN)"))?;
+        reset::check().map_err(io("a raw TCP socket (the packet splice sends RSTs on its flows' behalf: idle timeout, drain; it needs CAP_NET_RAW)"))?;
+        // The verifier allows the programs' packet pointer arithmetic only with CAP_PERFMON: say
+        // so rather than show its log.
+        if !sys::has_capability(sys::CAP_PERFMON).unwrap_or(true) {
+            return Err(LoadError::Io {
+                what: "CAP_PERFMON (the kernel verifies the packet splice's tc programs as privileged ones; without it their packet pointer arithmetic is refused)",
+                source: io::Error::from(io::ErrorKind::PermissionDenied),
+            });
+        }
         let flows: HashMap<MapData, Key, Xlate> = object.take_map(abi::FLOWS)?;
         let quiet: HashMap<MapData, Key, u64> = object.take_map(abi::QUIET)?;
         let syns: HashMap<MapData, Key, Syn> = object.take_map(abi::SYNS)?;

@@ -66,6 +66,22 @@ pub(super) fn segment(from: SocketAddr, to: SocketAddr, seq: u32) -> [u8; 20] {
     h
 }
 
+/// A raw TCP socket can be made (`CAP_NET_RAW`), as [`send`] does: checked once at load, so a
+/// packet splice that could not reset its flows never starts.
+///
+/// # Errors
+/// No `CAP_NET_RAW`.
+pub(super) fn check() -> io::Result<()> {
+    // SAFETY: plain socket(2); the fd is owned (and closed) at once.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_TCP) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    drop(unsafe { OwnedFd::from_raw_fd(raw) });
+    Ok(())
+}
+
 /// Sends one RST per sequence number in `seqs` from `from` to `to`.
 ///
 /// # Errors
