@@ -6,7 +6,10 @@
 //! end, SACK off at one end, MTU 9000 on one leg and 1500 on the other, and IPv6. Each case checks that the flow was carried at packet level (`mode="packet"`), with
 //! exact byte totals in the access log, and that the translation saw no option layout it could
 //! not translate. Then restarts: the daemon SIGKILLed mid-transfer, and a SIGQUIT handover, each
-//! followed by a new daemon on the same pins that adopts the flows.
+//! followed by a new daemon on the same pins that adopts the flows. Then the backend leg's source
+//! ports (the range's check at start, its exhaustion), an option layout the programs do not
+//! translate (dropped, logged by the program, recovered by the retransmission), and the
+//! capabilities the packet splice runs with as an unprivileged user.
 
 use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
 
@@ -252,7 +255,6 @@ fn ipv6_with_loss_on_backend_leg() {
 /// number), and the access log says `idle_timeout`.
 #[test]
 fn idle_flow_is_reset_both_ways() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let topo = Topology::new(1);
     let daemon = Daemon::start(
         &topo.ingress,
@@ -263,30 +265,9 @@ fn idle_flow_is_reset_both_ways() {
     let rt = runtime();
     rt.block_on(async {
         let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
-        let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
-        let mut c = topo.client.connect(SocketAddr::new(Topology::ingress_v4().into(), 10001)).expect("connect");
-        c.write_all(&hello).await.expect("hello");
-        let (mut b, _) =
-            tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
-        let mut got = vec![0u8; hello.len()];
-        b.read_exact(&mut got).await.expect("hello at the backend");
-        assert_eq!(got, hello);
         // Some bytes each way, then silence.
-        b.write_all(b"pong").await.expect("backend write");
-        let mut pong = [0u8; 4];
-        c.read_exact(&mut pong).await.expect("client read");
-        assert_eq!(&pong, b"pong");
-        let (mut one, mut other) = ([0u8; 1], [0u8; 1]);
-        let (rc, rb) = tokio::join!(
-            tokio::time::timeout(Duration::from_secs(8), c.read(&mut one)),
-            tokio::time::timeout(Duration::from_secs(8), b.read(&mut other)),
-        );
-        for (who, r) in [("client", rc), ("backend", rb)] {
-            match r {
-                Ok(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{who}: {e}"),
-                other => panic!("{who}: expected a reset after the idle timeout, got {other:?}"),
-            }
-        }
+        let (mut c, mut b, _) = open_flow(&topo, &l).await;
+        expect_reset_both_ways(&mut c, &mut b).await;
     });
     assert!(daemon.wait_log_count("reason=\"idle_timeout\"", 1, Duration::from_secs(5)), "{}", daemon.log_text());
     let log = daemon.log_text();
@@ -386,6 +367,41 @@ async fn read_n(s: &mut tokio::net::TcpStream, n: usize, what: &str) -> Vec<u8> 
         .unwrap_or_else(|_| panic!("{what}: timed out"))
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     buf
+}
+
+/// A plain flow through the ingress on port 10001 to the dataplane's listener `l`: the probe
+/// ClientHello reaches the dataplane whole, and 4 bytes come back to the client. Returns the
+/// client's socket, the dataplane's, and the backend leg's source port.
+async fn open_flow(
+    topo: &Topology,
+    l: &tokio::net::TcpListener,
+) -> (tokio::net::TcpStream, tokio::net::TcpStream, u16) {
+    use tokio::io::AsyncWriteExt as _;
+    let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
+    let mut c = topo.client.connect(SocketAddr::new(Topology::ingress_v4().into(), 10001)).expect("connect");
+    c.write_all(&hello).await.expect("hello");
+    let (mut b, peer) =
+        tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
+    assert_eq!(read_n(&mut b, hello.len(), "the ClientHello").await, hello);
+    b.write_all(b"pong").await.expect("backend write");
+    assert_eq!(read_n(&mut c, 4, "pong").await, b"pong");
+    (c, b, peer.port())
+}
+
+/// Both ends of an idle flow see a reset within 8 s (the idle timeout's RSTs).
+async fn expect_reset_both_ways(c: &mut tokio::net::TcpStream, b: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt as _;
+    let (mut one, mut other) = ([0u8; 1], [0u8; 1]);
+    let (rc, rb) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(8), c.read(&mut one)),
+        tokio::time::timeout(Duration::from_secs(8), b.read(&mut other)),
+    );
+    for (who, r) in [("client", rc), ("backend", rb)] {
+        match r {
+            Ok(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{who}: {e}"),
+            other => panic!("{who}: expected a reset after the idle timeout, got {other:?}"),
+        }
+    }
 }
 
 /// The daemon is SIGKILLed while packet-level flows run: its pinned programs and maps keep
@@ -689,7 +705,6 @@ fn backend_answers_at_length_while_early_data_is_relayed() {
 /// port comes from it.
 #[test]
 fn source_port_range_must_be_one_the_kernel_never_picks() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let topo = Topology::new(1);
     let zi = zone_ingress_yaml("198.18.0.2", 10001, 9901);
     let inv = section5_inventory(false);
@@ -727,20 +742,9 @@ fn source_port_range_must_be_one_the_kernel_never_picks() {
     let rt = runtime();
     let port = rt.block_on(async {
         let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
-        let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
-        let mut c = topo.client.connect(SocketAddr::new(Topology::ingress_v4().into(), 10001)).expect("connect");
-        c.write_all(&hello).await.expect("hello");
-        let (mut b, peer) =
-            tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
-        let got = read_n(&mut b, hello.len(), "the ClientHello").await;
-        assert_eq!(got, hello);
-        b.write_all(b"pong").await.expect("backend write");
-        let mut pong = [0u8; 4];
-        c.read_exact(&mut pong).await.expect("client read");
-        assert_eq!(&pong, b"pong");
-        drop(c);
-        drop(b);
-        peer.port()
+        let (c, b, port) = open_flow(&topo, &l).await;
+        drop((c, b));
+        port
     });
     assert!((40000..=40999).contains(&port), "backend leg from port {port}");
     assert!(daemon.wait_log_count("connection closed", 1, Duration::from_secs(10)), "{}", daemon.log_text());
@@ -839,14 +843,7 @@ fn untranslated_option_layout_is_dropped_and_logged_by_the_program() {
     let rt = runtime();
     rt.block_on(async {
         let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
-        let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
-        let mut c = topo.client.connect(SocketAddr::new(Topology::ingress_v4().into(), 10001)).expect("connect");
-        c.write_all(&hello).await.expect("hello");
-        let (mut b, _) =
-            tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
-        assert_eq!(read_n(&mut b, hello.len(), "the ClientHello").await, hello);
-        b.write_all(b"pong").await.expect("backend write");
-        assert_eq!(read_n(&mut c, 4, "pong").await, b"pong");
+        let (mut c, mut b, _) = open_flow(&topo, &l).await;
         nft(
             &topo.client,
             "table inet zi_opts {\n  chain out { type filter hook output priority 0; tcp dport 10001 tcp flags & syn == 0 counter reset tcp option timestamp; }\n}\n",
@@ -886,7 +883,6 @@ fn untranslated_option_layout_is_dropped_and_logged_by_the_program() {
 fn packet_splice_runs_as_a_user_with_bpf_net_admin_net_raw_and_perfmon() {
     use std::os::unix::fs::PermissionsExt as _;
 
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let topo = Topology::new(1);
     // The daemon and its files where `nobody` can read them.
     let files = zone_ingress_tests::daemon::Scratch::new("caps");
@@ -940,26 +936,9 @@ fn packet_splice_runs_as_a_user_with_bpf_net_admin_net_raw_and_perfmon() {
     let rt = runtime();
     rt.block_on(async {
         let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
-        let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
-        let mut c = topo.client.connect(SocketAddr::new(Topology::ingress_v4().into(), 10001)).expect("connect");
-        c.write_all(&hello).await.expect("hello");
-        let (mut b, _) =
-            tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
-        assert_eq!(read_n(&mut b, hello.len(), "the ClientHello").await, hello);
-        b.write_all(b"pong").await.expect("backend write");
-        assert_eq!(read_n(&mut c, 4, "pong").await, b"pong");
+        let (mut c, mut b, _) = open_flow(&topo, &l).await;
         // Silence: the idle timeout resets both ends with the raw socket's RSTs.
-        let (mut one, mut other) = ([0u8; 1], [0u8; 1]);
-        let (rc, rb) = tokio::join!(
-            tokio::time::timeout(Duration::from_secs(8), c.read(&mut one)),
-            tokio::time::timeout(Duration::from_secs(8), b.read(&mut other)),
-        );
-        for (who, r) in [("client", rc), ("backend", rb)] {
-            match r {
-                Ok(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{who}: {e}"),
-                other => panic!("{who}: expected a reset after the idle timeout, got {other:?}"),
-            }
-        }
+        expect_reset_both_ways(&mut c, &mut b).await;
     });
     assert!(daemon.wait_log_count("reason=\"idle_timeout\"", 1, Duration::from_secs(5)), "{}", daemon.log_text());
     let log = daemon.log_text();
