@@ -193,6 +193,14 @@ pub struct CloseReport {
 /// Where a kernel mode sends its close reports. Unbounded, yet bounded in practice: one report
 /// per connection the mode owns, and each is sent once.
 pub type ReportSender = tokio::sync::mpsc::UnboundedSender<CloseReport>;
+
+/// What a path that refuses a connection gives back: both sockets, untouched (nothing was read
+/// from or written to either), for the next path, and why it refused.
+pub struct Rejected<E> {
+    pub client: std::os::fd::OwnedFd,
+    pub backend: std::os::fd::OwnedFd,
+    pub error: E,
+}
 /// The owner's end of a [`ReportSender`].
 pub type ReportReceiver = tokio::sync::mpsc::UnboundedReceiver<CloseReport>;
 

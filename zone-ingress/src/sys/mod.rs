@@ -4,6 +4,7 @@
 
 pub mod bpf;
 pub mod epoll;
+pub mod net;
 pub mod tcp;
 
 use std::{

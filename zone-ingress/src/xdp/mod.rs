@@ -52,7 +52,6 @@ mod attach;
 mod guard_file;
 
 use attach::Attachment;
-pub use attach::interfaces_with;
 pub use guard_file::{
     Cidr, DEFAULT_V4_PREFIX, DEFAULT_V6_PREFIX, GuardConfig, MAX_TRACKED_SOURCES, MIN_TRACKED_SOURCES, SynLimit,
     load_config, parse_config,

@@ -104,12 +104,8 @@ pub enum Refused {
     },
 }
 
-/// What a refused handoff gives back: both sockets, untouched.
-pub struct Rejected {
-    pub client: OwnedFd,
-    pub backend: OwnedFd,
-    pub error: Refused,
-}
+/// What a refused handoff gives back: both sockets, untouched, for the sockmap splice.
+pub type Rejected = super::Rejected<Refused>;
 
 /// The four addresses of a routed connection.
 #[derive(Debug, Clone, Copy)]
@@ -264,9 +260,9 @@ impl PacketSplice {
             links: Mutex::default(),
         };
         let mut wanted = if listen.ip().is_unspecified() {
-            all_interfaces().map_err(io("listing the interfaces"))?
+            sys::net::all_interfaces().map_err(io("listing the interfaces"))?
         } else {
-            crate::xdp::interfaces_with(switch::unmap(listen.ip())).map_err(io("listing the interfaces"))?
+            sys::net::interfaces_with(switch::unmap(listen.ip())).map_err(io("listing the interfaces"))?
         };
         for name in &wanted {
             splice.attach(name).map_err(|source| LoadError::Program { name: abi::INGRESS_PROG, source })?;
@@ -417,7 +413,7 @@ impl PacketSplice {
             if !seen.insert(ip) {
                 continue;
             }
-            match interfaces_toward(ip) {
+            match sys::net::interfaces_toward(ip) {
                 Ok(names) => {
                     for name in names {
                         if let Err(e) = self.attach(&name) {
@@ -761,54 +757,12 @@ fn check_repair() -> io::Result<()> {
     tcp::park(fd.as_fd())
 }
 
-/// Every interface with an address, but loopback.
-fn all_interfaces() -> io::Result<Vec<String>> {
-    let mut out = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list freed below.
-    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: a node of the list, not yet freed.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_name.is_null()
-            || ifa.ifa_flags & libc::IFF_LOOPBACK as u32 != 0
-            || ifa.ifa_flags & libc::IFF_UP as u32 == 0
-        {
-            continue;
-        }
-        // SAFETY: a NUL-terminated string owned by the list.
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
-        if !out.contains(&name) {
-            out.push(name);
-        }
-    }
-    // SAFETY: `head` came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
-    Ok(out)
-}
-
-/// The interfaces carrying the source address the routing table picks toward `ip` (a UDP
-/// socket's connect asks the table and sends nothing).
-fn interfaces_toward(ip: IpAddr) -> io::Result<Vec<String>> {
-    let bind: SocketAddr =
-        if ip.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }.map_err(|_| io::ErrorKind::InvalidInput)?;
-    let s = std::net::UdpSocket::bind(bind)?;
-    s.connect(SocketAddr::new(ip, 9))?;
-    let src = s.local_addr()?.ip();
-    let names = crate::xdp::interfaces_with(src)?;
-    Ok(names.into_iter().filter(|n| n != "lo").collect())
-}
-
 impl PacketSplice {
     /// The MSS to announce on the listener: a client's segments are forwarded as they are, so
     /// they must fit every interface a backend may be behind (the smallest MTU of the
     /// namespace's interfaces but loopback, less the IP and TCP headers).
     pub fn listener_mss(v6: bool) -> Option<u16> {
-        listener_mss(&all_interfaces().ok()?, v6)
+        listener_mss(&sys::net::all_interfaces().ok()?, v6)
     }
 }
 

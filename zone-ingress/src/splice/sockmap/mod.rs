@@ -82,11 +82,7 @@ pub enum HandoffError {
 }
 
 /// What a failed handoff gives back: both sockets, untouched, for the userspace path.
-pub struct Rejected {
-    pub client: OwnedFd,
-    pub backend: OwnedFd,
-    pub error: HandoffError,
-}
+pub type Rejected = super::Rejected<HandoffError>;
 
 /// The maps userspace writes, used without a lock (`sys::BpfMap`): handoffs on the runtime's
 /// workers and the monitors' drain checks, holds and closes run in parallel.
