@@ -340,6 +340,19 @@ fn pod_is_an_ingress_with_probes_metrics_and_capabilities_on_the_configured_port
     assert_eq!(caps("drop"), BTreeSet::from(["ALL"]));
     let uid = at(c, "securityContext.runAsUser").or_else(|| at(pod, "spec.securityContext.runAsUser"));
     assert_eq!(uid.and_then(Value::as_u64), Some(0), "added capabilities reach uid 0 only");
+    // docs/design.md#source-ports: the pod's kernel range leaves the packet splice 16,384 source
+    // ports above it (its default range), and the daemon is not given another.
+    let range = seq_at(pod, "spec.securityContext.sysctls")
+        .iter()
+        .find(|s| str_at(s, "name") == "net.ipv4.ip_local_port_range")
+        .map(|s| str_at(s, "value"))
+        .expect("the pod sets net.ipv4.ip_local_port_range");
+    let top: u32 = range.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("FIRST LAST");
+    assert!(65535 - top >= 16384, "ip_local_port_range {range:?} leaves {} ports above it", 65535 - top);
+    assert!(
+        flag_values(&container_args(deployment), "--packet-ports").is_empty(),
+        "the default range is the one above"
+    );
     // The Service reaches the listener of the pods it selects.
     let service = the(&docs, "Service");
     assert!(matches!(str_at(service, "spec.type"), "LoadBalancer" | "NodePort"), "Kuma reads LoadBalancer/NodePort");

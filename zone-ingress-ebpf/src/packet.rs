@@ -201,7 +201,9 @@ fn ingress(ctx: &TcContext) -> i32 {
         if unsafe { bpf_skb_pull_data(ctx.skb.skb, hdr_end as u32) } != 0 {
             count(STAT_PULL_FAILED);
             log_pull_failed(ctx, u16::from_be(h.key.sport), u16::from_be(h.key.dport));
-            return TC_ACT_OK;
+            // Not to the stack: no socket has the flow's 4-tuple (or, during the switch, one that
+            // must not see the peer's bytes). Its sender retransmits it.
+            return TC_ACT_SHOT;
         }
     }
     translate(ctx, &h, x, flags, seq, ack)
@@ -533,7 +535,7 @@ fn log_pull_failed(ctx: &TcContext, sport: u16, dport: u16) {
     if rare::due(rare::PACKET_PULL_FAILED) {
         warn!(
             ctx,
-            "packet splice: the headers of a spliced flow's packet could not be made linear (port {} to {}); passed untranslated",
+            "packet splice: the headers of a spliced flow's packet could not be made linear (port {} to {}); packet dropped",
             sport,
             dport
         );
