@@ -590,18 +590,7 @@ pub(crate) fn bench(opts: &Options) -> anyhow::Result<()> {
     };
     crate::setup::setup(&pkgs)?;
     let root = workspace_root();
-    exec(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "zone-ingress",
-        "-p",
-        "zone-ingress-tests",
-        "--bin",
-        "zone-ingress",
-        "--bin",
-        "benchtool",
-    ]))?;
+    exec(Command::new("cargo").current_dir(&root).args(xtask::BUILD_RELEASE))?;
     let dir = xtask::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
     let ctx = Ctx {

@@ -21,7 +21,7 @@ pub(crate) struct Options {
 pub(crate) fn demo(opts: &Options) -> anyhow::Result<()> {
     crate::setup::setup(&crate::setup::Options::default())?;
     let root = workspace_root();
-    exec(Command::new("cargo").current_dir(&root).args(["build", "--release", "-p", "zone-ingress"]))?;
+    exec(Command::new("cargo").current_dir(&root).args(xtask::BUILD_RELEASE))?;
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root)
         .args(["run", "--release", "-q", "-p", "zone-ingress-tests", "--bin", "demo", "--", "--splice", &opts.splice])

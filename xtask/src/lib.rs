@@ -19,6 +19,13 @@ pub const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 /// Overrides where the daemon binary is looked up by the privileged tests and the demo.
 pub const ENV_ZONE_INGRESS_BIN: &str = "ZONE_INGRESS_BIN";
 
+/// `cargo build` arguments for the release daemon and the test harness's binaries (benchtool,
+/// demo), selected together: cargo unifies features across the packages of one invocation, and
+/// the harness enables some of tokio's and tonic's that the daemon alone does not. Building
+/// the daemon alone would give its library and their dependents another hash, compiled once for
+/// the binary and again for the tests, the demo and the bench.
+pub const BUILD_RELEASE: &[&str] = &["build", "--release", "-p", "zone-ingress", "-p", "zone-ingress-tests"];
+
 /// The workspace root (the parent of `xtask/`).
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()

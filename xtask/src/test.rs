@@ -90,7 +90,7 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
         }
     }
     // The daemon binary the integration tests and the demo run (built with its eBPF object).
-    let built = status(Command::new("cargo").current_dir(&root).args(["build", "--release", "-p", "zone-ingress"]))?;
+    let built = status(Command::new("cargo").current_dir(&root).args(xtask::BUILD_RELEASE))?;
     if !built.success() {
         anyhow::bail!("building the daemon failed");
     }
