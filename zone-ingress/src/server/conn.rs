@@ -33,7 +33,7 @@ use crate::{
     sni,
     splice::{
         CloseReason, Closed, Path,
-        packet::{Addrs, PacketSplice, Refused, Rejected as PacketRejected, ports::Lease},
+        packet::{Addrs, PacketSplice, Refused, Rejected as PacketRejected, Syn, ports::Lease},
         sockmap::{KernelSplice, Rejected},
         userspace::{self, Progress},
     },
@@ -167,7 +167,9 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
     };
     // The packet path forwards the backend's segments to the client as they are: the backend
     // must not send larger ones than the client announced.
-    let mss = ingress.packet.as_ref().and_then(|p| p.client_mss(peer, client.local_addr().ok()?));
+    let client_local = client.local_addr();
+    let client_syn = ingress.packet.as_ref().and_then(|p| p.client_syn(peer, *client_local.as_ref().ok()?));
+    let mss = client_syn.as_ref().and_then(crate::splice::packet::syn_mss);
     let Some((backend, endpoint, connect_started, source_port)) = connect(ingress, &route, &stats, mss).await else {
         return reject(ingress, &client, peer, Some(&sni), RejectReason::ConnectFailed);
     };
@@ -198,7 +200,15 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
         source_port,
     });
     let (client, backend) = match &ingress.packet {
-        Some(packet) => match hand_to_packet(ingress, packet, client, backend, flow, accepted_at, origin) {
+        Some(packet) => match hand_to_packet(
+            ingress,
+            packet,
+            [client, backend],
+            HandoffAddrs { client_local, client_peer: peer, backend_peer: endpoint, client_syn },
+            flow,
+            accepted_at,
+            origin,
+        ) {
             None => return,
             Some((client, backend, error)) => {
                 info!(%peer, flow, %error, "packet splice refused this connection; trying the next path");
@@ -323,13 +333,22 @@ fn take_back(ingress: &Ingress, flow: u64, client: OwnedFd, backend: OwnedFd) ->
     }
 }
 
+/// What the connection's task already knows of the packet path's inputs: the addresses it
+/// accepted and connected with, and the client's SYN as the program saw it.
+struct HandoffAddrs {
+    client_local: io::Result<SocketAddr>,
+    client_peer: SocketAddr,
+    backend_peer: SocketAddr,
+    client_syn: Option<Syn>,
+}
+
 /// Hands flow `flow` to the packet path. `None`: the packet path owns it now (or it was
 /// closed); `Some`: refused, both sockets come back untouched for the next path.
 fn hand_to_packet(
     ingress: &Arc<Ingress>,
     packet: &PacketSplice,
-    client: TcpStream,
-    backend: TcpStream,
+    [client, backend]: [TcpStream; 2],
+    known: HandoffAddrs,
     flow: u64,
     accepted_at: Instant,
     origin: Option<(String, SystemTime)>,
@@ -337,10 +356,11 @@ fn hand_to_packet(
     let internal = Closed { reason: CloseReason::Internal, client_to_backend: 0, backend_to_client: 0 };
     let addrs = (|| {
         io::Result::Ok(Addrs {
-            client_local: client.local_addr()?,
-            client_peer: client.peer_addr()?,
+            client_local: known.client_local?,
+            client_peer: known.client_peer,
+            // The only address not known yet: the kernel picked the source address at connect.
             backend_local: backend.local_addr()?,
-            backend_peer: backend.peer_addr()?,
+            backend_peer: known.backend_peer,
         })
     })();
     let addrs = match addrs {
@@ -355,7 +375,7 @@ fn hand_to_packet(
     // Counted before the handoff: the report may arrive before this function returns.
     ingress.spliced_open.fetch_add(1, Ordering::AcqRel);
     let (sni, started) = origin.unwrap_or_else(|| (String::new(), SystemTime::now()));
-    match packet.handoff(client_fd, backend_fd, addrs, flow, (&sni, started)) {
+    match packet.handoff(client_fd, backend_fd, addrs, known.client_syn, flow, (&sni, started)) {
         Ok(token) => {
             ingress.flows.set_mode(flow, Path::Packet, Some([token, 0]));
             ingress.metrics.spliced(Path::Packet);

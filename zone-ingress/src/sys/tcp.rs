@@ -14,7 +14,6 @@ const TCP_TIMESTAMP: libc::c_int = 24;
 const TCP_REPAIR_ON: libc::c_int = 1;
 /// Leave repair mode without the window probe `TCP_REPAIR_OFF` (0) sends.
 const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
-const TCP_NO_QUEUE: libc::c_int = 0;
 const TCP_RECV_QUEUE: libc::c_int = 1;
 const TCP_SEND_QUEUE: libc::c_int = 2;
 
@@ -26,22 +25,38 @@ pub struct Seqs {
     pub rcv_nxt: u32,
 }
 
-/// Reads [`Seqs`] in a moment of repair mode, left without a window probe: the socket sends
-/// nothing because of it and keeps working.
+/// What the switch reads of a socket in one moment of repair mode: its [`Seqs`] and its
+/// timestamp clock (`TCP_TIMESTAMP`, the TSval it would send now).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub seqs: Seqs,
+    pub ts_now: u32,
+}
+
+/// Reads a [`Snapshot`] in a moment of repair mode, left without a window probe: the socket
+/// sends nothing because of it and keeps working. With `advance` > 0 the socket's timestamp
+/// clock is then moved that many ticks forward (`ts_now` is the value before); the low bit of
+/// the value stays as read (it says whether the clock counts microseconds, Linux ≥ 6.7), so
+/// `advance` is even. The repair queue selected here needs no reset: the kernel looks at it only
+/// in repair mode, and entering repair mode clears it.
 ///
 /// # Errors
 /// No `CAP_NET_ADMIN`, or the socket is neither established nor closed.
-pub fn seqs(fd: BorrowedFd<'_>) -> io::Result<Seqs> {
+pub fn snapshot(fd: BorrowedFd<'_>, advance: u32) -> io::Result<Snapshot> {
+    debug_assert!(advance.is_multiple_of(2), "an odd step would flip the clock's unit bit");
     setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, &TCP_REPAIR_ON)?;
-    let read = || -> io::Result<Seqs> {
+    let read = || -> io::Result<Snapshot> {
         let mut write_seq: u32 = 0;
         let mut rcv_nxt: u32 = 0;
         setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, &TCP_SEND_QUEUE)?;
         getsockopt(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ, &mut write_seq)?;
         setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, &TCP_RECV_QUEUE)?;
         getsockopt(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ, &mut rcv_nxt)?;
-        setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, &TCP_NO_QUEUE)?;
-        Ok(Seqs { write_seq, rcv_nxt })
+        let ts_now = timestamp(fd)?;
+        if advance != 0 {
+            setsockopt(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP, &ts_now.wrapping_add(advance))?;
+        }
+        Ok(Snapshot { seqs: Seqs { write_seq, rcv_nxt }, ts_now })
     };
     let out = read();
     setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP)?;
@@ -61,24 +76,10 @@ pub fn park(fd: BorrowedFd<'_>) -> io::Result<()> {
 ///
 /// # Errors
 /// Not a TCP socket.
-pub fn timestamp(fd: BorrowedFd<'_>) -> io::Result<u32> {
+fn timestamp(fd: BorrowedFd<'_>) -> io::Result<u32> {
     let mut v: u32 = 0;
     getsockopt(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP, &mut v)?;
     Ok(v)
-}
-
-/// Moves the socket's timestamp clock `ticks` forward (`TCP_TIMESTAMP` in a moment of repair
-/// mode, left without a window probe). The low bit of the value stays as read: it says whether
-/// the clock counts microseconds (Linux ≥ 6.7) and `ticks` is even.
-///
-/// # Errors
-/// No `CAP_NET_ADMIN`, or the socket is neither established nor closed.
-pub fn advance_timestamp(fd: BorrowedFd<'_>, ticks: u32) -> io::Result<()> {
-    debug_assert!(ticks.is_multiple_of(2), "an odd step would flip the clock's unit bit");
-    setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, &TCP_REPAIR_ON)?;
-    let set = timestamp(fd).and_then(|now| setsockopt(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP, &now.wrapping_add(ticks)));
-    setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP)?;
-    set
 }
 
 /// `TCP_MAXSEG` before connect or listen: the MSS advertised in the SYN (and the most this

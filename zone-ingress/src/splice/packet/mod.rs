@@ -18,7 +18,8 @@
 //! 1. refuse, with both sockets untouched, a flow the programs cannot carry: legs of different
 //!    families, a handshake not observed (an interface without the programs), a backend that
 //!    spoke first, more queued from the client than a ClientHello;
-//! 2. read both sockets' sequence numbers and timestamp clocks;
+//! 2. read both sockets' sequence numbers and timestamp clocks, and move the backend socket's
+//!    clock `switch::TS_MARGIN` ticks ahead (unseen if the flow then takes another path);
 //! 3. guard the client socket (nothing it sends leaves any more), then read what it queued;
 //! 4. install both translation entries: from now on every packet of either leg is forwarded;
 //! 5. write what the client socket queued to the backend socket, which delivers it with its own
@@ -58,7 +59,8 @@ use aya::{
     },
 };
 use tracing::{debug, info, warn};
-use zone_ingress_ebpf::packet::{self as abi, Key, Meta, Syn, Xlate};
+pub use zone_ingress_ebpf::packet::Syn;
+use zone_ingress_ebpf::packet::{self as abi, Key, Meta, Xlate};
 
 use self::{
     monitor::{Monitor, PFlow},
@@ -433,11 +435,11 @@ impl PacketSplice {
         self.attached.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    /// The MSS that the client announced in its SYN, to announce to the backend: neither leg
-    /// then sends segments the other cannot carry.
-    pub fn client_mss(&self, client_peer: SocketAddr, client_local: SocketAddr) -> Option<u16> {
-        let syn = self.shared.maps.syns.get(&switch::key(client_peer, client_local)).ok()?;
-        switch::parse_options(&syn.options[..(syn.options_len as usize).min(40)]).mss
+    /// The client's SYN as the ingress program saw it (`None`: it did not, and the flow will
+    /// take another path). Read once per connection: its MSS is announced to the backend
+    /// ([`syn_mss`]) and the handoff takes it back.
+    pub fn client_syn(&self, client_peer: SocketAddr, client_local: SocketAddr) -> Option<Syn> {
+        self.shared.maps.syns.get(&switch::key(client_peer, client_local)).ok()
     }
 
     /// A source port of the packet splice's range for a connect toward `endpoint`, held until
@@ -506,6 +508,7 @@ impl PacketSplice {
         client: OwnedFd,
         backend: OwnedFd,
         addrs: Addrs,
+        client_syn: Option<Syn>,
         flow: u64,
         origin: (&str, SystemTime),
     ) -> Result<u64, Rejected> {
@@ -515,7 +518,7 @@ impl PacketSplice {
             stats.refuse();
             return Err(Rejected { client, backend, error: Refused::Full(cap) });
         }
-        let legs = match self.prepare(client.as_fd(), backend.as_fd(), &addrs) {
+        let legs = match self.prepare(client.as_fd(), backend.as_fd(), &addrs, client_syn) {
             Ok(p) => p,
             Err(error) => {
                 stats.refuse();
@@ -528,8 +531,15 @@ impl PacketSplice {
         Ok(token)
     }
 
-    /// Steps 1–2: everything that can refuse without changing either socket.
-    fn prepare(&self, client: BorrowedFd<'_>, backend: BorrowedFd<'_>, a: &Addrs) -> Result<[Leg; 2], Refused> {
+    /// Steps 1–2: everything that can refuse, changing nothing on either socket but the backend
+    /// socket's timestamp clock (a few ticks ahead: a peer sees only a faster clock).
+    fn prepare(
+        &self,
+        client: BorrowedFd<'_>,
+        backend: BorrowedFd<'_>,
+        a: &Addrs,
+        syn_c: Option<Syn>,
+    ) -> Result<[Leg; 2], Refused> {
         let io = |what| move |source| Refused::Io { what, source };
         let fam = |s: SocketAddr| if switch::unmap(s.ip()).is_ipv4() { "IPv4" } else { "IPv6" };
         if fam(a.client_peer) != fam(a.backend_peer) {
@@ -541,8 +551,7 @@ impl PacketSplice {
             return Err(Refused::KernelPort(a.backend_local.port()));
         }
         let syns = &self.shared.maps.syns;
-        let syn_c =
-            syns.get(&switch::key(a.client_peer, a.client_local)).map_err(|_| Refused::NotObserved("client"))?;
+        let syn_c = syn_c.ok_or(Refused::NotObserved("client"))?;
         let syn_b =
             syns.get(&switch::key(a.backend_peer, a.backend_local)).map_err(|_| Refused::NotObserved("backend"))?;
         let ic = sys::tcp_info(client).map_err(io("TCP_INFO of the client socket"))?;
@@ -554,8 +563,13 @@ impl PacketSplice {
         if queued as usize > MAX_RELAYED {
             return Err(Refused::TooMuchQueued(queued));
         }
-        let sc = tcp::seqs(client).map_err(io("TCP_QUEUE_SEQ of the client socket"))?;
-        let sb = tcp::seqs(backend).map_err(io("TCP_QUEUE_SEQ of the backend socket"))?;
+        // The backend socket's timestamp clock moves `TS_MARGIN` forward in the same moment of
+        // repair mode (`switch::TS_MARGIN`; harmless if the flow then takes another path).
+        let ts_b = ib.options() & 1 != 0;
+        let sc = tcp::snapshot(client, 0).map_err(io("TCP_QUEUE_SEQ of the client socket"))?;
+        let sb = tcp::snapshot(backend, if ts_b { switch::TS_MARGIN } else { 0 })
+            .map_err(io("TCP_QUEUE_SEQ of the backend socket"))?;
+        let (sc, sb, ts_c_now, ts_b_now) = (sc.seqs, sb.seqs, sc.ts_now, sb.ts_now);
         // The SYN-ACK acknowledged our SYN; the backend has sent nothing since its own SYN. A
         // mismatch means the observation belongs to an earlier connection on the same 4-tuple.
         if sb.write_seq != syn_b.ack || sb.rcv_nxt != syn_b.seq.wrapping_add(1) {
@@ -574,26 +588,23 @@ impl PacketSplice {
             o.ts.map_or(0, |(v, _)| v.wrapping_add(u32::try_from(now.saturating_sub(syn.ns) / 1_000_000).unwrap_or(0)))
         };
         let leg =
-            |(local, peer): (SocketAddr, SocketAddr), syn: &Syn, seqs: tcp::Seqs, info: &sys::TcpInfo, fd, what| {
-                Ok::<_, Refused>(Leg {
-                    local,
-                    peer,
-                    peer_isn: syn.seq,
-                    // Nothing was written to the socket yet: its next byte follows its SYN.
-                    local_isn: seqs.write_seq.wrapping_sub(1),
-                    ts: info.options() & 1 != 0,
-                    peer_wscale: info.snd_wscale(),
-                    local_wscale: info.rcv_wscale(),
-                    local_ts_now: tcp::timestamp(fd).map_err(io(what))?,
-                    peer_ts_now: peer_ts(syn),
-                    ifindex: syn.ifindex,
-                })
+            |(local, peer): (SocketAddr, SocketAddr), syn: &Syn, seqs: tcp::Seqs, info: &sys::TcpInfo, ts_now| Leg {
+                local,
+                peer,
+                peer_isn: syn.seq,
+                // Nothing was written to the socket yet: its next byte follows its SYN.
+                local_isn: seqs.write_seq.wrapping_sub(1),
+                ts: info.options() & 1 != 0,
+                peer_wscale: info.snd_wscale(),
+                local_wscale: info.rcv_wscale(),
+                local_ts_now: ts_now,
+                peer_ts_now: peer_ts(syn),
+                ifindex: syn.ifindex,
             };
-        let client_leg =
-            leg((a.client_local, a.client_peer), &syn_c, sc, &ic, client, "TCP_TIMESTAMP of the client socket")?;
-        let backend_leg =
-            leg((a.backend_local, a.backend_peer), &syn_b, sb, &ib, backend, "TCP_TIMESTAMP of the backend socket")?;
-        Ok([client_leg, backend_leg])
+        Ok([
+            leg((a.client_local, a.client_peer), &syn_c, sc, &ic, ts_c_now),
+            leg((a.backend_local, a.backend_peer), &syn_b, sb, &ib, ts_b_now),
+        ])
     }
 }
 
@@ -662,10 +673,6 @@ impl Shared {
             })?;
             pf.installed = true;
             let b = pf.fds[1].as_ref().map(AsFd::as_fd).ok_or(io::ErrorKind::NotConnected)?;
-            if legs[1].ts {
-                // The backend socket's clock on the translation's basis (`switch::TS_MARGIN`).
-                tcp::advance_timestamp(b, switch::TS_MARGIN)?;
-            }
             write_all(b, &buf[..n])?;
             if fin {
                 sys::shutdown_write(b)?;
@@ -774,6 +781,13 @@ fn listener_mss(interfaces: &[String], v6: bool) -> Option<u16> {
         .filter_map(|s| s.trim().parse::<u32>().ok())
         .min()?;
     u16::try_from(mtu.saturating_sub(if v6 { 60 } else { 40 })).ok()
+}
+
+/// The MSS a SYN announced: the client's is announced to the backend, so neither leg sends
+/// segments the other cannot carry.
+#[must_use]
+pub fn syn_mss(syn: &Syn) -> Option<u16> {
+    switch::parse_options(&syn.options[..(syn.options_len as usize).min(40)]).mss
 }
 
 /// A map key → the token of the flow it belongs to, for the event handler.
