@@ -10,7 +10,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -51,6 +51,10 @@ pub(crate) struct Options {
     /// Only these systems (comma-separated names).
     #[arg(long, value_delimiter = ',')]
     pub systems: Vec<String>,
+    /// Only these measurements (comma-separated: integrity, bulk, latency, conn, idle); the
+    /// others' columns show "–". For a quick look at one figure; a published table has them all.
+    #[arg(long, value_delimiter = ',', value_parser = ["integrity", "bulk", "latency", "conn", "idle"])]
+    pub phases: Vec<String>,
     /// Instead: the XDP guard's drop rate against nftables, and its cost on passing traffic
     /// (`bench_xdp.rs`).
     #[arg(long)]
@@ -590,7 +594,7 @@ pub(crate) fn bench(opts: &Options) -> anyhow::Result<()> {
     };
     crate::setup::setup(&pkgs)?;
     let root = workspace_root();
-    exec(Command::new("cargo").current_dir(&root).args(xtask::BUILD_RELEASE))?;
+    exec(xtask::cargo().current_dir(&root).args(xtask::BUILD_RELEASE))?;
     let dir = xtask::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
     let ctx = Ctx {
@@ -654,6 +658,7 @@ pub(crate) fn bench(opts: &Options) -> anyhow::Result<()> {
         .filter(|s| opts.systems.is_empty() || opts.systems.iter().any(|n| n == s.key()))
         .collect();
     let rounds = if opts.quick { 1 } else { opts.rounds.max(1) };
+    let phase = |name: &str| opts.phases.is_empty() || opts.phases.iter().any(|p| p == name);
     let mut samples: BTreeMap<(System, &'static str), Vec<Value>> = BTreeMap::new();
     let bulk = [("bulk_1_fwd", 1, false), ("bulk_1_rev", 1, true), ("bulk_4_fwd", 4, false), ("bulk_4_rev", 4, true)];
     for round in 0..rounds {
@@ -663,34 +668,41 @@ pub(crate) fn bench(opts: &Options) -> anyhow::Result<()> {
         order.rotate_left(shift);
         for &system in &order {
             eprintln!("bench: round {}/{rounds}: {}", round + 1, system.name());
-            if round == 0 {
+            if round == 0 && phase("integrity") {
                 let pids = start_system(&mut guard, &ctx, system, Phase::Hash)?;
                 guard.check()?;
                 samples.entry((system, "integrity")).or_default().push(integrity(&ctx, system)?);
                 pids.iter().for_each(|p| stop(&mut guard, *p));
             }
-            let pids = start_system(&mut guard, &ctx, system, Phase::Iperf)?;
-            for (name, streams, rev) in bulk {
+            if phase("bulk") {
+                let pids = start_system(&mut guard, &ctx, system, Phase::Iperf)?;
+                for (name, streams, rev) in bulk {
+                    guard.check()?;
+                    let sample =
+                        iperf(system, &pids, streams, rev, opts).map_err(|e| e.context(log_tail(&ctx, system)))?;
+                    samples.entry((system, name)).or_default().push(sample);
+                }
+                pids.iter().for_each(|p| stop(&mut guard, *p));
+            }
+            if phase("latency") {
+                let pids = start_system(&mut guard, &ctx, system, Phase::Sockperf)?;
                 guard.check()?;
-                let sample = iperf(system, &pids, streams, rev, opts).map_err(|e| e.context(log_tail(&ctx, system)))?;
-                samples.entry((system, name)).or_default().push(sample);
+                samples.entry((system, "latency")).or_default().push(sockperf(system, opts)?);
+                pids.iter().for_each(|p| stop(&mut guard, *p));
             }
-            pids.iter().for_each(|p| stop(&mut guard, *p));
-            let pids = start_system(&mut guard, &ctx, system, Phase::Sockperf)?;
-            guard.check()?;
-            samples.entry((system, "latency")).or_default().push(sockperf(system, opts)?);
-            pids.iter().for_each(|p| stop(&mut guard, *p));
-            let pids = start_system(&mut guard, &ctx, system, Phase::Tls)?;
-            guard.check()?;
-            samples.entry((system, "conn_rate")).or_default().push(conn_rate(&ctx, system, &pids, opts)?);
-            if let Some(h) = handoff_histogram(system, &pids) {
-                samples.entry((system, "handoff")).or_default().push(h);
+            if phase("conn") {
+                let pids = start_system(&mut guard, &ctx, system, Phase::Tls)?;
+                guard.check()?;
+                samples.entry((system, "conn_rate")).or_default().push(conn_rate(&ctx, system, &pids, opts)?);
+                if let Some(h) = handoff_histogram(system, &pids) {
+                    samples.entry((system, "handoff")).or_default().push(h);
+                }
+                pids.iter().for_each(|p| stop(&mut guard, *p));
             }
-            pids.iter().for_each(|p| stop(&mut guard, *p));
         }
     }
     let flows = if opts.quick { 200 } else { opts.flows };
-    for &system in &systems {
+    for &system in systems.iter().filter(|_| phase("idle")) {
         guard.check()?;
         let pids = start_system(&mut guard, &ctx, system, Phase::Hold)?;
         samples.entry((system, "idle_flows")).or_default().push(idle_flows(&mut guard, &ctx, system, &pids, flows)?);

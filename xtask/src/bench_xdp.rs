@@ -367,7 +367,7 @@ pub(crate) fn bench(opts: &Options) -> anyhow::Result<()> {
         packages: vec!["iperf3".to_owned(), "nftables".to_owned()],
         ..Default::default()
     })?;
-    exec(Command::new("cargo").current_dir(workspace_root()).args(xtask::BUILD_RELEASE))?;
+    exec(xtask::cargo().current_dir(workspace_root()).args(xtask::BUILD_RELEASE))?;
     let dir = xtask::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
     let ctx = Ctx { dir: dir.clone(), daemon: xtask::target_dir().join("release/zone-ingress") };

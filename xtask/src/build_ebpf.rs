@@ -1,8 +1,6 @@
 //! `cargo xtask build-ebpf`: builds the kernel object through the daemon's build script (the
 //! one build path) and prints where it is.
 
-use std::process::Command;
-
 use clap::Parser;
 use xtask::{exec, workspace_root};
 
@@ -15,7 +13,7 @@ pub(crate) struct Options {
 
 pub(crate) fn build_ebpf(opts: &Options) -> anyhow::Result<()> {
     crate::setup::setup(&crate::setup::Options::default())?;
-    let mut cmd = Command::new("cargo");
+    let mut cmd = xtask::cargo();
     cmd.current_dir(workspace_root()).args(["build", "--package", "zone-ingress"]);
     if opts.release {
         cmd.arg("--release");

@@ -2,8 +2,6 @@
 //! (`tests/src/bin/demo.rs`), which builds the topology, routes real mTLS connections by SNI
 //! through the spliced path, prints what happened, and cleans up.
 
-use std::process::Command;
-
 use clap::Parser;
 use xtask::{ENV_ZONE_INGRESS_BIN, exec, workspace_root};
 
@@ -21,8 +19,8 @@ pub(crate) struct Options {
 pub(crate) fn demo(opts: &Options) -> anyhow::Result<()> {
     crate::setup::setup(&crate::setup::Options::default())?;
     let root = workspace_root();
-    exec(Command::new("cargo").current_dir(&root).args(xtask::BUILD_RELEASE))?;
-    let mut cmd = Command::new("cargo");
+    exec(xtask::cargo().current_dir(&root).args(xtask::BUILD_RELEASE))?;
+    let mut cmd = xtask::cargo();
     cmd.current_dir(&root)
         .args(["run", "--release", "-q", "-p", "zone-ingress-tests", "--bin", "demo", "--", "--splice", &opts.splice])
         .env(ENV_ZONE_INGRESS_BIN, xtask::target_dir().join("release/zone-ingress"));

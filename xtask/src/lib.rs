@@ -26,6 +26,34 @@ pub const ENV_ZONE_INGRESS_BIN: &str = "ZONE_INGRESS_BIN";
 /// the binary and again for the tests, the demo and the bench.
 pub const BUILD_RELEASE: &[&str] = &["build", "--release", "-p", "zone-ingress", "-p", "zone-ingress-tests"];
 
+/// `cargo`, in the workspace root, without the variables `cargo run` gave this process
+/// (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...). Some build scripts (ring's) ask to rerun when
+/// these change, so a nested build that inherited xtask's values would rebuild them and all
+/// that depends on them (rustls, tonic, the daemon) once more than a plain `cargo build` does,
+/// and again at the next plain one.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root());
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_PKG_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "OUT_DIR"
+            )
+        {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 /// The workspace root (the parent of `xtask/`).
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()

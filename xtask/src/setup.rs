@@ -110,7 +110,7 @@ fn bpf_linker() -> anyhow::Result<()> {
     }
     eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against {} (about 80 s)", libllvm.display());
     exec(
-        Command::new("cargo")
+        xtask::cargo()
             .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION, "--no-default-features"])
             .args(["--features", &format!("llvm-{major}")])
             .env("LLVM_PREFIX", &prefix),
@@ -118,7 +118,7 @@ fn bpf_linker() -> anyhow::Result<()> {
     .or_else(|_| {
         // `--locked` can fail if the published lockfile pins something yanked; retry without.
         exec(
-            Command::new("cargo")
+            xtask::cargo()
                 .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features"])
                 .args(["--features", &format!("llvm-{major}")])
                 .env("LLVM_PREFIX", &prefix),
@@ -131,7 +131,7 @@ fn cargo_deny() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("setup: building cargo-deny {CARGO_DENY_VERSION} (about 3 min)");
-    exec(Command::new("cargo").args(["install", "cargo-deny", "--locked", "--version", CARGO_DENY_VERSION]))
+    exec(xtask::cargo().args(["install", "cargo-deny", "--locked", "--version", CARGO_DENY_VERSION]))
 }
 
 /// The `kubernetes-validate` command, in its virtualenv under `$CARGO_HOME/zone-ingress/`.

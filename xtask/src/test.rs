@@ -28,12 +28,11 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
 
     // Format and lints first (a run with a filter is a developer's loop: skipped there).
     if opts.filter.is_none() {
-        let fmt =
-            status(Command::new("cargo").current_dir(&root).args([&format!("+{NIGHTLY}"), "fmt", "--all", "--check"]))?;
+        let fmt = status(xtask::cargo().current_dir(&root).args([&format!("+{NIGHTLY}"), "fmt", "--all", "--check"]))?;
         if !fmt.success() {
             failures.push("cargo +nightly fmt --check (run `cargo +nightly fmt --all`)");
         }
-        let clippy = status(Command::new("cargo").current_dir(&root).args([
+        let clippy = status(xtask::cargo().current_dir(&root).args([
             "clippy",
             "--release",
             "--workspace",
@@ -49,7 +48,7 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
         }
         // The kernel programs, for their own target (the host build of that crate is a stub).
         let clippy_ebpf = status(
-            Command::new("cargo")
+            xtask::cargo()
                 .current_dir(root.join("zone-ingress-ebpf"))
                 .args([
                     &format!("+{NIGHTLY}"),
@@ -69,11 +68,11 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
         // Dependencies: licences, bans, sources (the advisories check needs the network). The
         // check reads the metadata of every platform's dependencies, which a build on this one
         // never downloads: fetch them first (from the registry, as the build does).
-        let fetched = status(Command::new("cargo").current_dir(&root).args(["fetch", "--locked"]))?;
+        let fetched = status(xtask::cargo().current_dir(&root).args(["fetch", "--locked"]))?;
         if !fetched.success() {
             failures.push("cargo fetch --locked (the dependencies of every platform, for cargo deny)");
         }
-        let deny = status(Command::new("cargo").current_dir(&root).args([
+        let deny = status(xtask::cargo().current_dir(&root).args([
             "deny",
             "--offline",
             "check",
@@ -90,7 +89,7 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
         }
     }
     // The daemon binary the integration tests and the demo run (built with its eBPF object).
-    let built = status(Command::new("cargo").current_dir(&root).args(xtask::BUILD_RELEASE))?;
+    let built = status(xtask::cargo().current_dir(&root).args(xtask::BUILD_RELEASE))?;
     if !built.success() {
         anyhow::bail!("building the daemon failed");
     }
@@ -102,7 +101,7 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
     // against the Kubernetes API schemas.
     if opts.filter.is_none() {
         let s = status(
-            Command::new("cargo")
+            xtask::cargo()
                 .current_dir(&root)
                 .args(["test", "--release", "-p", "zone-ingress-tests", "--test", "deploy"])
                 .env(ENV_ZONE_INGRESS_BIN, &bin),
@@ -125,7 +124,7 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
     }
     if !opts.skip_unit {
         let s = status(
-            Command::new("cargo")
+            xtask::cargo()
                 .current_dir(&root)
                 .args([
                     "test",
@@ -144,7 +143,7 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
     }
     // Privileged tests: one at a time (they create namespaces and load programs).
     let s = status(
-        Command::new("cargo")
+        xtask::cargo()
             .current_dir(&root)
             .args(["test", "--release", "--no-fail-fast", "-p", "zone-ingress-tests", "--"])
             .args(&filter)
@@ -158,7 +157,7 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
     // The benchmark's quick mode: every system once, briefly; it asserts that bytes flowed and
     // matched (SHA-256 through each path), never a speed.
     if opts.filter.is_none() {
-        let s = status(Command::new("cargo").current_dir(&root).args(["xtask", "bench", "--quick"]))?;
+        let s = status(xtask::cargo().current_dir(&root).args(["xtask", "bench", "--quick"]))?;
         if !s.success() {
             failures.push("bench --quick");
         }

@@ -91,7 +91,7 @@ pub enum Refused {
     #[error("the backend sent {0} bytes before the ClientHello")]
     BackendSpoke(u64),
     #[error("the client queued {0} bytes, more than a ClientHello")]
-    TooMuchQueued(u32),
+    TooMuchQueued(u64),
     #[error("the observed handshake does not match the socket (a stale observation)")]
     Stale,
     #[error(
@@ -518,7 +518,7 @@ impl PacketSplice {
             stats.refuse();
             return Err(Rejected { client, backend, error: Refused::Full(cap) });
         }
-        let legs = match self.prepare(client.as_fd(), backend.as_fd(), &addrs, client_syn) {
+        let (legs, queued) = match self.prepare(client.as_fd(), backend.as_fd(), &addrs, client_syn) {
             Ok(p) => p,
             Err(error) => {
                 stats.refuse();
@@ -527,7 +527,7 @@ impl PacketSplice {
         };
         let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
         stats.total.fetch_add(1, Ordering::Relaxed);
-        self.shared.switch(token, flow, client, backend, &addrs, &legs, origin);
+        self.shared.switch(token, flow, [client, backend], &addrs, (&legs, queued), origin);
         Ok(token)
     }
 
@@ -539,7 +539,7 @@ impl PacketSplice {
         backend: BorrowedFd<'_>,
         a: &Addrs,
         syn_c: Option<Syn>,
-    ) -> Result<[Leg; 2], Refused> {
+    ) -> Result<([Leg; 2], u64), Refused> {
         let io = |what| move |source| Refused::Io { what, source };
         let fam = |s: SocketAddr| if switch::unmap(s.ip()).is_ipv4() { "IPv4" } else { "IPv6" };
         if fam(a.client_peer) != fam(a.backend_peer) {
@@ -559,8 +559,9 @@ impl PacketSplice {
         if ib.bytes_received > 0 {
             return Err(Refused::BackendSpoke(ib.bytes_received));
         }
-        let queued = sys::inq(client).map_err(io("SIOCINQ of the client socket"))?;
-        if queued as usize > MAX_RELAYED {
+        // The connection's task only peeked: all the client sent is queued.
+        let queued = ic.bytes_received;
+        if queued > MAX_RELAYED as u64 {
             return Err(Refused::TooMuchQueued(queued));
         }
         // The backend socket's timestamp clock moves `TS_MARGIN` forward in the same moment of
@@ -601,10 +602,13 @@ impl PacketSplice {
                 peer_ts_now: peer_ts(syn),
                 ifindex: syn.ifindex,
             };
-        Ok([
-            leg((a.client_local, a.client_peer), &syn_c, sc, &ic, ts_c_now),
-            leg((a.backend_local, a.backend_peer), &syn_b, sb, &ib, ts_b_now),
-        ])
+        Ok((
+            [
+                leg((a.client_local, a.client_peer), &syn_c, sc, &ic, ts_c_now),
+                leg((a.backend_local, a.backend_peer), &syn_b, sb, &ib, ts_b_now),
+            ],
+            queued,
+        ))
     }
 }
 
@@ -616,18 +620,13 @@ impl Drop for PacketSplice {
 
 impl Shared {
     /// Steps 3–6. Past step 3 the ClientHello is consumed: a failure resets the flow.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "the switch's inputs, each used once; a struct would only rename them"
-    )]
     fn switch(
         &self,
         token: u64,
         flow: u64,
-        client: OwnedFd,
-        backend: OwnedFd,
+        [client, backend]: [OwnedFd; 2],
         a: &Addrs,
-        legs: &[Leg; 2],
+        (legs, queued): (&[Leg; 2], u64),
         (sni, started): (&str, SystemTime),
     ) {
         let quiet = [switch::key(a.client_local, a.client_peer), switch::key(a.backend_local, a.backend_peer)];
@@ -639,9 +638,10 @@ impl Shared {
             tcp::quickack(c)?;
             self.maps.quiet.insert(&quiet[0], &0)?;
             pf.guarded[0] = true;
-            // Everything the client socket acknowledged before the guard is queued now.
-            let queued = sys::inq(c)? as usize;
-            // What is queued, and room for what arrives meanwhile (grown on demand, up to
+            // Everything the client socket acknowledged before the guard is queued now: what
+            // `prepare` saw queued and what arrived since.
+            let queued = usize::try_from(queued).unwrap_or(MAX_RELAYED);
+            // What was queued, and room for what arrived since (grown on demand, up to
             // `MAX_RELAYED` more).
             let mut buf = vec![0u8; queued + 4096];
             let mut n = 0;
@@ -706,10 +706,11 @@ impl Shared {
         })();
         match result {
             Ok(()) => {
-                self.monitor.add(token, pf);
                 // A FIN or RST the program reported before the flow was registered found no
-                // token: look at the entries once now.
-                self.check_end(token);
+                // flow: look at the entries once now.
+                if self.monitor.add(token, pf) {
+                    self.check_end(token);
+                }
             }
             Err(e) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);

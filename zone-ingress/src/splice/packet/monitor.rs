@@ -15,7 +15,7 @@
 //!   both ways (the entries' `last_ns`), which also catches an event lost to a full ring.
 
 use std::{
-    collections::{BTreeSet, HashMap as StdHashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
     io,
     os::fd::{AsFd, AsRawFd, OwnedFd},
     sync::{Mutex, PoisonError, atomic::Ordering},
@@ -47,6 +47,8 @@ const IDLE_SCAN: Duration = Duration::from_secs(1);
 /// all that is pending. A flow's end is then seen at most this much later, and a settled
 /// switch parks its backend socket as much later (nothing waits for that).
 const MIN_PASS_GAP: Duration = Duration::from_millis(2);
+/// How long an event's token waits for its flow's registration (microseconds after the install).
+const EARLY_KEEP: Duration = Duration::from_secs(1);
 
 /// One packet-spliced flow.
 pub(super) struct PFlow {
@@ -149,6 +151,10 @@ pub(super) struct Monitor {
     /// Ended flows in the order they ended, with when (`sys::monotonic_ns()`): each is removed
     /// once its linger is over. Neither poll walks every flow.
     ended: Mutex<VecDeque<(u64, u64)>>,
+    /// Tokens with an event that came between their entries' install and their registration
+    /// (`add`), with when, written under the `flows` lock: `add` says so, and its caller looks
+    /// again. Forgotten after [`EARLY_KEEP`] (the token of a flow already removed).
+    early: Mutex<BTreeMap<u64, u64>>,
 }
 
 impl Monitor {
@@ -162,6 +168,7 @@ impl Monitor {
             epoll,
             settling: Mutex::default(),
             ended: Mutex::default(),
+            early: Mutex::default(),
         })
     }
 
@@ -179,11 +186,14 @@ impl Monitor {
         self.settling.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 
-    pub(super) fn add(&self, token: u64, f: PFlow) {
+    /// Registers a flow. `true`: an event of its came before (see `early`); look at its entries.
+    pub(super) fn add(&self, token: u64, f: PFlow) -> bool {
         if !f.parked[1] {
             self.settling.lock().unwrap_or_else(PoisonError::into_inner).insert(token);
         }
-        self.flows.lock().unwrap_or_else(PoisonError::into_inner).insert(token, f);
+        let mut flows = self.flows.lock().unwrap_or_else(PoisonError::into_inner);
+        flows.insert(token, f);
+        self.early.lock().unwrap_or_else(PoisonError::into_inner).remove(&token).is_some()
     }
 
     /// Records that `token` ended now: its cleanup follows `LINGER` later, or at the next pass
@@ -237,6 +247,12 @@ pub(super) fn run(shared: &Shared) {
             shared.settle(token);
         }
         let now = sys::monotonic_ns();
+        shared
+            .monitor
+            .early
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, at| now.saturating_sub(*at) < EARLY_KEEP.as_nanos() as u64);
         // Lingering flows whose time is up, oldest first.
         loop {
             let due = {
@@ -332,7 +348,11 @@ impl Shared {
     /// (the entries' `last_ns`).
     fn examine(&self, token: u64, now: Option<u64>) {
         let mut flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(f) = flows.get_mut(&token) else { return };
+        let Some(f) = flows.get_mut(&token) else {
+            // Installed, not registered yet: `add` tells its caller to look.
+            self.monitor.early.lock().unwrap_or_else(PoisonError::into_inner).insert(token, sys::monotonic_ns());
+            return;
+        };
         if f.ended_ns.is_some() {
             return;
         }
