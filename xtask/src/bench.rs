@@ -448,6 +448,7 @@ fn conn_rate(ctx: &Ctx, system: System, pids: &[u32], opts: &Options) -> anyhow:
     let pki = ctx.dir.join("pki");
     let own0: f64 = pids.iter().map(|p| tree_cpu_s(*p)).sum();
     let kw0 = kernel_workers_cpu_s();
+    let (busy0, _) = cpu_jiffies();
     let out = output(nsexec(NET.client).args([
         ctx.benchtool.to_str().context("path")?,
         "conn-rate",
@@ -460,6 +461,7 @@ fn conn_rate(ctx: &Ctx, system: System, pids: &[u32], opts: &Options) -> anyhow:
     ]))?;
     let kw1 = kernel_workers_cpu_s();
     let own1: f64 = pids.iter().map(|p| tree_cpu_s(*p)).sum();
+    let (busy1, _) = cpu_jiffies();
     let v: Value = serde_json::from_str(out.lines().last().unwrap_or("")).context("conn-rate output")?;
     let ok = v["ok"].as_f64().unwrap_or(0.0);
     if ok <= 0.0 {
@@ -479,6 +481,7 @@ fn conn_rate(ctx: &Ctx, system: System, pids: &[u32], opts: &Options) -> anyhow:
     let one: Value = serde_json::from_str(one.lines().last().unwrap_or("")).context("conn-rate output")?;
     Ok(json!({"conn_per_s": ok / v["seconds"].as_f64().unwrap_or(1.0), "errors": v["errors"],
               "proxy_cpu_us_per_conn": (own1 - own0) / ok * 1e6, "kworker_cpu_us_per_conn": (kw1 - kw0).max(0.0) / ok * 1e6,
+              "machine_cpu_us_per_conn": (busy1 - busy0) as f64 / user_hz() / ok * 1e6,
               "handshake_p50_us": one["p50_us"], "handshake_p99_us": one["p99_us"]}))
 }
 
@@ -807,7 +810,7 @@ fn report(
         }
     );
     let direct = |metric: &str, field: &str| stat(samples, System::Direct, metric, field).map(|m| m.0);
-    md.push_str("| system | 1 stream Gbit/s | 1 stream rev | 4 streams | 4 streams rev | Gbit/s per busy core | CPU s per GB | proxy process CPU s | kernel workers CPU s | relayed share | RTT p50 µs (added) | RTT p99 µs | new TLS conn/s | conn errors | TLS handshake p50 µs (one at a time) | proxy CPU µs per conn | kernel workers µs per conn | handoff µs | RSS B/flow | Slab B/flow (beyond direct) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| system | 1 stream Gbit/s | 1 stream rev | 4 streams | 4 streams rev | Gbit/s per busy core | CPU s per GB | proxy process CPU s | kernel workers CPU s | relayed share | RTT p50 µs (added) | RTT p99 µs | new TLS conn/s | conn errors | TLS handshake p50 µs (one at a time) | proxy CPU µs per conn | kernel workers µs per conn | machine CPU µs per conn | handoff µs | RSS B/flow | Slab B/flow (beyond direct) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for &s in systems {
         let cell = |metric: &str, field: &str, ratio_to_direct: bool| -> String {
             match stat(samples, s, metric, field) {
@@ -836,7 +839,7 @@ fn report(
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {added} | {} | {} | {} | {} | {} | {} | {} | {} | {slab} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {added} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {slab} |",
             s.name(),
             cell("bulk_1_fwd", "gbps", true),
             cell("bulk_1_rev", "gbps", true),
@@ -853,6 +856,7 @@ fn report(
             cell("conn_rate", "handshake_p50_us", false),
             cell("conn_rate", "proxy_cpu_us_per_conn", false),
             cell("conn_rate", "kworker_cpu_us_per_conn", false),
+            cell("conn_rate", "machine_cpu_us_per_conn", false),
             cell("handoff", "handoff_mean_us", false),
             cell("idle_flows", "rss_per_flow_b", false),
         );
@@ -865,7 +869,7 @@ fn report(
     }
     let _ = writeln!(
         md,
-        "\nBulk: iperf3 through the plaintext route (`--plaintext-route`, HAProxy/nginx default backend). CPU: busy core-seconds of the whole machine (softirq and kernel workers included) during the 1-stream run; proxy process CPU: user+system seconds of the proxy's own processes in that run (for zone-ingress the daemon; the kernel's splice work is in the machine column); kernel workers CPU: the same for every `kworker` and `ksoftirqd` thread (a sockmap splice's psock workers run there; softirq work done inside a process's system call counts to that process); relayed share: the part of the 1-stream bytes that zone-ingress kernel relayed itself while a direction was held (backpressure), the rest went through the sk_skb redirect. Per-connection logging: none for any system (the HAProxy and nginx configurations have no access log; zone-ingress runs with `--access-log off`). Latency: sockperf ping-pong, 64 B, full RTT. Connections: rustls clients (16 concurrent), full mTLS handshake with a MeshService SNI and a 2-byte reply; TLS handshake p50: the same, one connection at a time for 1 s, connect to reply; proxy CPU per conn: the proxy's own user+system CPU over the run divided by the connections it carried, kernel workers the same for `kworker`/`ksoftirqd` (for direct routing: the forwarding's softirq work where it lands there). Idle flows: {} per system; Slab beyond direct: less the client's and the dataplane's sockets (direct routing holds the same flows without a proxy).",
+        "\nBulk: iperf3 through the plaintext route (`--plaintext-route`, HAProxy/nginx default backend). CPU: busy core-seconds of the whole machine (softirq and kernel workers included) during the 1-stream run; proxy process CPU: user+system seconds of the proxy's own processes in that run (for zone-ingress the daemon; the kernel's splice work is in the machine column); kernel workers CPU: the same for every `kworker` and `ksoftirqd` thread (a sockmap splice's psock workers run there; softirq work done inside a process's system call counts to that process); relayed share: the part of the 1-stream bytes that zone-ingress kernel relayed itself while a direction was held (backpressure), the rest went through the sk_skb redirect. Per-connection logging: none for any system (the HAProxy and nginx configurations have no access log; zone-ingress runs with `--access-log off`). Latency: sockperf ping-pong, 64 B, full RTT. Connections: rustls clients (16 concurrent), full mTLS handshake with a MeshService SNI and a 2-byte reply; TLS handshake p50: the same, one connection at a time for 1 s, connect to reply; proxy CPU per conn: the proxy's own user+system CPU over the run divided by the connections it carried, kernel workers the same for `kworker`/`ksoftirqd` (for direct routing: the forwarding's softirq work where it lands there); machine CPU per conn: busy core-time of the whole machine over the run (clients, dataplane, proxy, softirq) divided by the connections. Idle flows: {} per system; Slab beyond direct: less the client's and the dataplane's sockets (direct routing holds the same flows without a proxy).",
         if opts.quick { 200 } else { opts.flows }
     );
     (md, Value::Object(js))
