@@ -273,7 +273,7 @@ fn concurrent(mode: &'static str) {
     // Closed: no fd, no map entry left, one access line each.
     let closed_at = Instant::now();
     let mut fds_now = 0;
-    // Within 15 s of the end on every path (the packet path lingers 10 s, docs/design.md).
+    // Within 15 s of the end on every path (the packet path lingers at most 10 s, docs/design.md).
     let released = wait_until(Duration::from_secs(15), || {
         fds_now = raw::fd_count(pid);
         fds_now <= fd_base
@@ -282,7 +282,7 @@ fn concurrent(mode: &'static str) {
     assert_eq!(fds_now, fd_base, "daemon fds after close");
     for (name, id) in &maps {
         let mut left = Ok(usize::MAX);
-        // The same bound: a packet-level flow's entries linger 10 s after its end (and, with no
+        // The same bound: a packet-level flow's entries linger at most 10 s after its end (and, with no
         // socket to wait for, this wait starts as soon as the transfers are done).
         let empty = wait_until((closed_at + Duration::from_secs(15)).saturating_duration_since(Instant::now()), || {
             left = raw::map_entries(*id);

@@ -392,6 +392,14 @@ async fn open_flow(
     (c, b, peer.port())
 }
 
+/// The peer's FIN arrives within 5 s, with nothing before it.
+async fn expect_eof(s: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt as _;
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(matches!(n, Ok(Ok(0))), "expected the peer's FIN and nothing else: {n:?} {rest:?}");
+}
+
 /// Both ends of an idle flow see a reset within `within` (the idle timeout's RSTs).
 async fn expect_reset_both_ways(c: &mut tokio::net::TcpStream, b: &mut tokio::net::TcpStream, within: Duration) {
     use tokio::io::AsyncReadExt as _;
@@ -815,6 +823,70 @@ fn source_port_range_exhausted_flows_take_the_sockmap_splice() {
         held == 0.0
     });
     assert!(released, "{held} ports still held 15 s after the flows ended");
+}
+
+/// A flow closed both ways, each FIN acknowledged, gives its backend source port back about 2 s
+/// after its end (docs/design.md#packet-splice: the linger of a cleanly closed flow); one whose
+/// last FIN was never acknowledged (nftables drops the client's ACKs) keeps its entries and its
+/// port for the full 10 s linger, then gives them back too.
+#[test]
+fn closed_flow_gives_its_port_back_after_2s_an_unacknowledged_fin_after_10s() {
+    use tokio::io::AsyncWriteExt as _;
+    let topo = Topology::new(1);
+    let daemon = Daemon::start(
+        &topo.ingress,
+        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
+        &section5_inventory(false),
+        &["--splice", "packet", "--bpf-pin-dir", "off", "--drain-time", "1s"],
+    );
+    let admin = ops::admin_addr(9901);
+    let held = || ops::scrape(&topo.ingress, admin).must("zone_ingress_packet_source_ports_held", &[]);
+    runtime().block_on(async {
+        let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
+        // Closed cleanly: both FINs acknowledged.
+        let (mut c, mut b, _) = open_flow(&topo, &l).await;
+        c.shutdown().await.expect("client FIN");
+        expect_eof(&mut b).await;
+        b.shutdown().await.expect("backend FIN");
+        expect_eof(&mut c).await;
+        let ended = std::time::Instant::now();
+        assert_eq!(held(), 1.0, "the port is held while the flow lingers");
+        let mut n = f64::NAN;
+        assert!(
+            ops::wait_until(Duration::from_secs(5), || {
+                n = held();
+                n == 0.0
+            }),
+            "{n} ports still held 5 s after a clean close\n{}",
+            daemon.log_text()
+        );
+        let after = ended.elapsed();
+        assert!(after >= Duration::from_millis(1500), "released {after:?} after the end, before the 2 s linger");
+        // The client's ACK of the backend's FIN never leaves its namespace.
+        let (mut c, mut b, _) = open_flow(&topo, &l).await;
+        c.shutdown().await.expect("client FIN");
+        expect_eof(&mut b).await;
+        nft(
+            &topo.client,
+            "table inet zi_ack {\n  chain out { type filter hook output priority 0; tcp dport 10001 counter drop; }\n}\n",
+        );
+        b.shutdown().await.expect("backend FIN");
+        expect_eof(&mut c).await;
+        let ended = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(counted(&topo.client, "zi_ack") >= 1, "the client's ACK was not dropped");
+        assert_eq!(held(), 1.0, "5 s after an end whose last FIN was not acknowledged, the port is still held");
+        assert!(
+            ops::wait_until(Duration::from_secs(10), || {
+                n = held();
+                n == 0.0
+            }),
+            "{n} ports still held {:?} after the end",
+            ended.elapsed()
+        );
+        drop((c, b));
+    });
+    assert!(daemon.wait_log_count("connection closed", 2, Duration::from_secs(5)), "{}", daemon.log_text());
 }
 
 /// A segment whose options the translation does not know (nftables replaces the client's

@@ -7,10 +7,11 @@
 //! - **End**: the program reports the first FIN and the first RST of each direction on
 //!   `PKT_EVENTS`. A RST either way, or a FIN both ways, ends the flow: its close report goes to
 //!   the owner at once, with the exact byte counts (the FIN's sequence number marks the end).
-//! - **Linger**: the entries keep translating for [`LINGER`] (retransmitted FINs, final ACKs);
-//!   then they are removed, then the guard entries, and the flow's hold on its backend source
-//!   port is released (`ports`): no connection of the daemon reuses that 4-tuple while packets
-//!   of the flow may still arrive.
+//! - **Linger**: the entries keep translating for [`CLOSED_LINGER`] if both FINs were
+//!   acknowledged by then, else for [`LINGER`] (retransmitted FINs, final ACKs); then they are
+//!   removed, then the guard entries, and the flow's hold on its backend source port is
+//!   released (`ports`): no connection of the daemon reuses that 4-tuple while packets of the
+//!   flow may still arrive.
 //! - **Idle**: once a second, flows whose last packet is older than the idle timeout are reset
 //!   both ways (the entries' `last_ns`), which also catches an event lost to a full ring.
 
@@ -36,6 +37,12 @@ use crate::{
 /// FIN until it is acknowledged (200 ms, 400 ms, ... after the loss of a final ACK), and its
 /// 4-tuple must not be reused meanwhile. Below 15 s, so a flow's sockets are gone by then.
 pub(super) const LINGER: Duration = Duration::from_secs(10);
+/// The linger of a flow both of whose FINs were acknowledged, as the program saw: only
+/// stragglers are left. A FIN retransmitted after it (its ACK lost beyond the ingress) meets
+/// the ingress's stack and a RST, which ends a peer that has had every byte acknowledged; a late
+/// duplicate meets a new connection's sequence and timestamp checks, as a TIME_WAIT 4-tuple
+/// reused after 1 s does (`tcp_tw_reuse`). Five times the flows per source port than `LINGER`.
+pub(super) const CLOSED_LINGER: Duration = Duration::from_secs(2);
 /// A switch whose relayed bytes the backend has not acknowledged by then is reset.
 const SETTLE_LIMIT: Duration = Duration::from_secs(60);
 /// How often unsettled switches are looked at without an event.
@@ -148,9 +155,12 @@ pub(super) struct Monitor {
     epoll: OwnedFd,
     /// Flows whose backend socket is not parked yet (looked at on each event, and every `SETTLE_POLL`).
     settling: Mutex<BTreeSet<u64>>,
-    /// Ended flows in the order they ended, with when (`sys::monotonic_ns()`): each is removed
-    /// once its linger is over. Neither poll walks every flow.
+    /// Ended flows in the order they ended, with when (`sys::monotonic_ns()`; 0: reset, removed
+    /// at the next pass): after `CLOSED_LINGER` each is removed if both its FINs were
+    /// acknowledged, else moved to `lingering`. Neither poll walks every flow.
     ended: Mutex<VecDeque<(u64, u64)>>,
+    /// Ended flows waiting for the rest of `LINGER`, in the same order.
+    lingering: Mutex<VecDeque<(u64, u64)>>,
     /// Tokens with an event that came between their entries' install and their registration
     /// (`add`), with when, written under the `flows` lock: `add` says so, and its caller looks
     /// again. Forgotten after [`EARLY_KEEP`] (the token of a flow already removed).
@@ -168,6 +178,7 @@ impl Monitor {
             epoll,
             settling: Mutex::default(),
             ended: Mutex::default(),
+            lingering: Mutex::default(),
             early: Mutex::default(),
         })
     }
@@ -196,8 +207,8 @@ impl Monitor {
         self.early.lock().unwrap_or_else(PoisonError::into_inner).remove(&token).is_some()
     }
 
-    /// Records that `token` ended now: its cleanup follows `LINGER` later, or at the next pass
-    /// if `at_once` (a reset flow: RSTs are not retransmitted).
+    /// Records that `token` ended now: its cleanup follows `CLOSED_LINGER` or `LINGER` later,
+    /// or at the next pass if `at_once` (a reset flow: RSTs are not retransmitted).
     pub(super) fn ended(&self, token: u64, at_once: bool) {
         self.settling.lock().unwrap_or_else(PoisonError::into_inner).remove(&token);
         let mut ended = self.ended.lock().unwrap_or_else(PoisonError::into_inner);
@@ -253,19 +264,26 @@ pub(super) fn run(shared: &Shared) {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|_, at| now.saturating_sub(*at) < EARLY_KEEP.as_nanos() as u64);
-        // Lingering flows whose time is up, oldest first.
-        loop {
-            let due = {
-                let mut ended = shared.monitor.ended.lock().unwrap_or_else(PoisonError::into_inner);
-                match ended.front() {
-                    Some(&(at, token)) if now.saturating_sub(at) >= LINGER.as_nanos() as u64 => {
-                        ended.pop_front();
-                        Some(token)
-                    }
-                    _ => None,
+        // Ended flows whose first linger is up, oldest first: removed if both FINs were
+        // acknowledged (or reset), else left to linger the rest of `LINGER`.
+        let due = |queue: &Mutex<VecDeque<(u64, u64)>>, after: Duration| {
+            let mut q = queue.lock().unwrap_or_else(PoisonError::into_inner);
+            match q.front() {
+                Some(&(at, token)) if now.saturating_sub(at) >= after.as_nanos() as u64 => {
+                    q.pop_front();
+                    Some((at, token))
                 }
-            };
-            let Some(token) = due else { break };
+                _ => None,
+            }
+        };
+        while let Some((at, token)) = due(&shared.monitor.ended, CLOSED_LINGER) {
+            if at == 0 || shared.fins_acknowledged(token) {
+                shared.cleanup(token);
+            } else {
+                shared.monitor.lingering.lock().unwrap_or_else(PoisonError::into_inner).push_back((at, token));
+            }
+        }
+        while let Some((_, token)) = due(&shared.monitor.lingering, LINGER) {
             shared.cleanup(token);
         }
         if now.saturating_sub(last_scan) >= IDLE_SCAN.as_nanos() as u64 {
@@ -392,6 +410,28 @@ impl Shared {
         self.monitor.ended(token, false);
         self.report(f, reason, &c, &b);
         self.release_client(f);
+    }
+
+    /// Both FINs of an ended flow were acknowledged, as the program saw: the backend's last
+    /// acknowledgment covers the client's FIN, and the client's covers the backend's.
+    fn fins_acknowledged(&self, token: u64) -> bool {
+        let flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(f) = flows.get(&token) else { return false };
+        let (Some(c), Some(b)) = self.read_entries(f) else { return false };
+        // A FIN that reached the client socket before the switch: the backend socket relayed it.
+        let client_fin_end = if f.client_fin && c.events & EV_FIN == 0 {
+            f.client_isn.wrapping_add(2).wrapping_add(f.relayed)
+        } else if c.events & EV_FIN != 0 {
+            c.fin_end
+        } else {
+            return false;
+        };
+        if b.events & EV_FIN == 0 {
+            return false;
+        }
+        let covers = |ack: u32, end: u32| ack.wrapping_sub(end) as i32 >= 0;
+        covers(b.max_ack, client_fin_end.wrapping_add(c.seq_delta))
+            && covers(c.max_ack, b.fin_end.wrapping_add(b.seq_delta))
     }
 
     /// Lifts the client leg's guard of an ended flow (and closes its socket if the switch had
