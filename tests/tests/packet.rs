@@ -256,12 +256,7 @@ fn ipv6_with_loss_on_backend_leg() {
 #[test]
 fn idle_flow_is_reset_both_ways() {
     let topo = Topology::new(1);
-    let daemon = Daemon::start(
-        &topo.ingress,
-        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
-        &section5_inventory(false),
-        &["--splice", "packet", "--idle-timeout", "2s", "--drain-time", "1s"],
-    );
+    let daemon = packet_daemon(&topo, &["--idle-timeout", "2s"]);
     idle_flow_is_reset(&topo, &daemon);
 }
 
@@ -285,12 +280,7 @@ fn idle_flow_is_reset(topo: &Topology, daemon: &Daemon) {
 fn client_reusing_its_port_at_once() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let topo = Topology::new(1);
-    let daemon = Daemon::start(
-        &topo.ingress,
-        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
-        &section5_inventory(false),
-        &["--splice", "packet", "--drain-time", "1s"],
-    );
+    let daemon = packet_daemon(&topo, &[]);
     let rt = runtime();
     const ROUNDS: usize = 20;
     rt.block_on(async {
@@ -373,6 +363,14 @@ async fn read_n(s: &mut tokio::net::TcpStream, n: usize, what: &str) -> Vec<u8> 
     buf
 }
 
+/// The daemon of most tests here: listener 198.18.0.2:10001, admin port 9901, the section 5
+/// inventory, `--splice packet --drain-time 1s`, then `extra`.
+fn packet_daemon(topo: &Topology, extra: &[&str]) -> Daemon {
+    let mut args = vec!["--splice", "packet", "--drain-time", "1s"];
+    args.extend_from_slice(extra);
+    Daemon::start(&topo.ingress, &zone_ingress_yaml("198.18.0.2", 10001, 9901), &section5_inventory(false), &args)
+}
+
 /// A plain flow through the ingress on port 10001 to the dataplane's listener `l`: the probe
 /// ClientHello reaches the dataplane whole, and 4 bytes come back to the client. Returns the
 /// client's socket, the dataplane's, and the backend leg's source port.
@@ -432,12 +430,7 @@ fn daemon_killed_mid_transfer_flows_survive_and_are_adopted() {
     let rt = runtime();
     let admin: SocketAddr = "127.0.0.1:9901".parse().expect("addr");
     let ingress = SocketAddr::new(Topology::ingress_v4().into(), 10001);
-    let mut first = Daemon::start(
-        &topo.ingress,
-        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
-        &section5_inventory(false),
-        &["--splice", "packet", "--bpf-pin-dir", &pin_arg, "--drain-time", "1s"],
-    );
+    let mut first = packet_daemon(&topo, &["--bpf-pin-dir", &pin_arg]);
     assert!(pins.join("PKT_FLOWS").exists(), "maps pinned in {}:\n{}", pins.display(), first.log_text());
     assert!(pins.join("link-ingress-i0").exists(), "links pinned in {}:\n{}", pins.display(), first.log_text());
     let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
@@ -502,12 +495,7 @@ fn daemon_killed_mid_transfer_flows_survive_and_are_adopted() {
         assert_eq!(read_n(&mut open, 700, "with no daemon").await, exchange(700, 4));
         (up, down) = (up + 2000, down + 700);
         // A new daemon on the same pins adopts the three flows.
-        let second = Daemon::start(
-            &topo.ingress,
-            &zone_ingress_yaml("198.18.0.2", 10001, 9901),
-            &section5_inventory(false),
-            &["--splice", "packet", "--bpf-pin-dir", &pin_arg, "--drain-time", "1s", "--idle-timeout", "4s"],
-        );
+        let second = packet_daemon(&topo, &["--bpf-pin-dir", &pin_arg, "--idle-timeout", "4s"]);
         assert!(
             second.wait_log("adopted the flows an earlier daemon left running flows=3", Duration::from_secs(5)),
             "{}",
@@ -637,12 +625,7 @@ fn sigquit_hands_flows_over_to_the_next_daemon() {
 fn backend_answers_at_length_while_early_data_is_relayed() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let topo = Topology::new(1);
-    let daemon = Daemon::start(
-        &topo.ingress,
-        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
-        &section5_inventory(false),
-        &["--splice", "packet", "--bpf-pin-dir", "off", "--drain-time", "1s"],
-    );
+    let daemon = packet_daemon(&topo, &["--bpf-pin-dir", "off"]);
     let rt = runtime();
     const EARLY: usize = 512 << 10;
     const ANSWER: usize = 1 << 20;
@@ -761,12 +744,7 @@ fn source_port_range_exhausted_flows_take_the_sockmap_splice() {
     const RANGE: usize = 64;
     const FLOWS: usize = RANGE + 16;
     let topo = Topology::new(1);
-    let daemon = Daemon::start(
-        &topo.ingress,
-        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
-        &section5_inventory(false),
-        &["--splice", "packet", "--packet-ports", "61000-61063", "--bpf-pin-dir", "off", "--drain-time", "1s"],
-    );
+    let daemon = packet_daemon(&topo, &["--packet-ports", "61000-61063", "--bpf-pin-dir", "off"]);
     let admin = ops::admin_addr(9901);
     let rt = runtime();
     let ports = rt.block_on(async {
@@ -833,12 +811,7 @@ fn source_port_range_exhausted_flows_take_the_sockmap_splice() {
 fn closed_flow_gives_its_port_back_after_2s_an_unacknowledged_fin_after_10s() {
     use tokio::io::AsyncWriteExt as _;
     let topo = Topology::new(1);
-    let daemon = Daemon::start(
-        &topo.ingress,
-        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
-        &section5_inventory(false),
-        &["--splice", "packet", "--bpf-pin-dir", "off", "--drain-time", "1s"],
-    );
+    let daemon = packet_daemon(&topo, &["--bpf-pin-dir", "off"]);
     let admin = ops::admin_addr(9901);
     let held = || ops::scrape(&topo.ingress, admin).must("zone_ingress_packet_source_ports_held", &[]);
     runtime().block_on(async {
@@ -897,12 +870,7 @@ fn closed_flow_gives_its_port_back_after_2s_an_unacknowledged_fin_after_10s() {
 fn untranslated_option_layout_is_dropped_and_logged_by_the_program() {
     use tokio::io::AsyncWriteExt as _;
     let topo = Topology::new(1);
-    let daemon = Daemon::start(
-        &topo.ingress,
-        &zone_ingress_yaml("198.18.0.2", 10001, 9901),
-        &section5_inventory(false),
-        &["--splice", "packet", "--bpf-pin-dir", "off", "--drain-time", "1s"],
-    );
+    let daemon = packet_daemon(&topo, &["--bpf-pin-dir", "off"]);
     let admin = ops::admin_addr(9901);
     let rt = runtime();
     rt.block_on(async {
