@@ -366,15 +366,14 @@ impl PacketSplice {
                 let _ = m.meta.remove(&kc);
                 continue;
             };
-            let (client_peer, client_local) = switch::addrs(&kc);
+            let (client_peer, _) = switch::addrs(&kc);
             let (backend_peer, backend_local) = switch::addrs(&kb);
-            let addrs = Addrs { client_local, client_peer, backend_local, backend_peer };
-            let quiet = [switch::key(client_local, client_peer), switch::key(backend_local, backend_peer)];
             let sni = String::from_utf8_lossy(&meta.sni[..(meta.sni_len as usize).min(abi::META_SNI)]).into_owned();
             let started = SystemTime::UNIX_EPOCH + Duration::from_millis(meta.started_unix_ms);
             let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
             self.shared.stats.active.fetch_add(1, Ordering::AcqRel);
-            let guarded = quiet.map(|q| m.quiet.get(&q).is_ok());
+            let mut pf = PFlow::adopted(self.shared.ports.hold(backend_peer, backend_local.port()), [kc, kb], &meta);
+            pf.guarded = pf.quiet().map(|q| m.quiet.get(&q).is_ok());
             // Ended and reported by the earlier daemon: it only lingers, then is cleaned up.
             let reported = meta.flags & abi::META_REPORTED != 0;
             let flow = if reported {
@@ -383,8 +382,7 @@ impl PacketSplice {
                 self.shared.stats.adopted.fetch_add(1, Ordering::Relaxed);
                 register(&Adopted { client: client_peer, endpoint: backend_peer, sni, started }, token)
             };
-            let port = self.shared.ports.hold(backend_peer, backend_local.port());
-            let pf = PFlow::adopted(flow, port, addrs, [kc, kb], quiet, guarded, &meta);
+            pf.flow = flow;
             let _ = self.shared.monitor.install(token, &pf.keys, || Ok(()));
             self.shared.monitor.add(token, pf);
             if reported {
@@ -629,9 +627,9 @@ impl Shared {
         (legs, queued): (&[Leg; 2], u64),
         (sni, started): (&str, SystemTime),
     ) {
-        let quiet = [switch::key(a.client_local, a.client_peer), switch::key(a.backend_local, a.backend_peer)];
         let port = self.ports.hold(a.backend_peer, a.backend_local.port());
-        let mut pf = PFlow::new(flow, [client, backend], port, *a, legs, quiet);
+        let mut pf = PFlow::new(flow, [client, backend], port, a, legs);
+        let quiet = pf.quiet();
         let result = (|| -> io::Result<()> {
             let c = pf.fds[0].as_ref().map(AsFd::as_fd).ok_or(io::ErrorKind::NotConnected)?;
             // An ACK the client socket still owes goes out before the guard.

@@ -27,7 +27,12 @@ use aya::maps::{MapData, RingBuf};
 use tracing::{debug, info, warn};
 use zone_ingress_ebpf::packet::{EV_FIN, EV_RST, Key, META_CLIENT_FIN, META_REPORTED, Meta, Xlate};
 
-use super::{Addrs, Index, Shared, ports::Lease, reset, switch::Leg};
+use super::{
+    Addrs, Index, Shared,
+    ports::Lease,
+    reset,
+    switch::{self, Leg},
+};
 use crate::{
     splice::{CloseReason, CloseReport, Closed},
     sys::{self, epoll, tcp},
@@ -66,11 +71,9 @@ pub(super) struct PFlow {
     pub(super) fds: [Option<OwnedFd>; 2],
     /// The hold on the backend leg's source port, released with the entries.
     _port: Lease,
-    pub(super) addrs: Addrs,
-    /// Keys of packets from the client and from the backend.
+    /// Keys of packets from the client and from the backend (the flow's addresses: `addrs`;
+    /// the guard's keys: `quiet`).
     pub(super) keys: [Key; 2],
-    /// Keys of what the client and backend sockets would send (the guard).
-    pub(super) quiet: [Key; 2],
     pub(super) client_isn: u32,
     pub(super) backend_isn: u32,
     pub(super) guarded: [bool; 2],
@@ -86,22 +89,13 @@ pub(super) struct PFlow {
 }
 
 impl PFlow {
-    pub(super) fn new(
-        flow: u64,
-        fds: [OwnedFd; 2],
-        port: Lease,
-        addrs: Addrs,
-        legs: &[Leg; 2],
-        quiet: [Key; 2],
-    ) -> Self {
+    pub(super) fn new(flow: u64, fds: [OwnedFd; 2], port: Lease, a: &Addrs, legs: &[Leg; 2]) -> Self {
         let [c, b] = fds;
         Self {
             flow,
             fds: [Some(c), Some(b)],
             _port: port,
-            addrs,
-            keys: [Key::default(); 2],
-            quiet,
+            keys: [switch::key(a.client_peer, a.client_local), switch::key(a.backend_peer, a.backend_local)],
             client_isn: legs[0].peer_isn,
             backend_isn: legs[1].peer_isn,
             guarded: [false; 2],
@@ -116,25 +110,16 @@ impl PFlow {
 
     /// A flow an earlier daemon switched, rebuilt from its entries' keys and its record (its
     /// sockets went with that daemon, closed silently in repair mode).
-    pub(super) fn adopted(
-        flow: u64,
-        port: Lease,
-        addrs: Addrs,
-        keys: [Key; 2],
-        quiet: [Key; 2],
-        guarded: [bool; 2],
-        meta: &Meta,
-    ) -> Self {
+    /// Its owner's id (`flow`) and its guard entries (`guarded`) are the caller's to fill in.
+    pub(super) fn adopted(port: Lease, keys: [Key; 2], meta: &Meta) -> Self {
         Self {
-            flow,
+            flow: 0,
             fds: [None, None],
             _port: port,
-            addrs,
             keys,
-            quiet,
             client_isn: meta.client_isn,
             backend_isn: meta.backend_isn,
-            guarded,
+            guarded: [false; 2],
             parked: [true, true],
             installed: true,
             relayed: meta.relayed,
@@ -144,6 +129,23 @@ impl PFlow {
             // Ended and reported by the earlier daemon: only its linger is left.
             ended_ns: (meta.flags & META_REPORTED != 0).then(sys::monotonic_ns),
         }
+    }
+}
+
+impl PFlow {
+    /// The flow's four addresses, from its keys (IPv4 ones plain).
+    pub(super) fn addrs(&self) -> Addrs {
+        let (client_peer, client_local) = switch::addrs(&self.keys[0]);
+        let (backend_peer, backend_local) = switch::addrs(&self.keys[1]);
+        Addrs { client_local, client_peer, backend_local, backend_peer }
+    }
+
+    /// Keys of what the client and backend sockets would send (the guard): the keys reversed.
+    pub(super) fn quiet(&self) -> [Key; 2] {
+        self.keys.map(|k| {
+            let (from, to) = switch::addrs(&k);
+            switch::key(to, from)
+        })
     }
 }
 
@@ -318,9 +320,10 @@ impl Shared {
             }
             return;
         }
+        let quiet = f.quiet()[1];
         let Some(fd) = f.fds[1].as_ref().map(AsFd::as_fd) else { return };
         let result = (|| -> io::Result<u64> {
-            self.maps.quiet.insert(&f.quiet[1], &0)?;
+            self.maps.quiet.insert(&quiet, &0)?;
             f.guarded[1] = true;
             // Anything that reached the socket before the guard was acknowledged to the backend
             // by it, and only the daemon could forward it: the backend never sends before it
@@ -446,7 +449,7 @@ impl Shared {
             drop(fd);
         }
         if f.guarded[0] {
-            let _ = self.maps.quiet.remove(&f.quiet[0]);
+            let _ = self.maps.quiet.remove(&f.quiet()[0]);
             f.guarded[0] = false;
         }
     }
@@ -467,8 +470,8 @@ impl Shared {
         if f.flow == 0 {
             // An adopted flow its owner could not register (its server name routes nowhere now).
             info!(
-                client = %f.addrs.client_peer,
-                endpoint = %f.addrs.backend_peer,
+                client = %f.addrs().client_peer,
+                endpoint = %f.addrs().backend_peer,
                 bytes_client_to_backend = closed.client_to_backend,
                 bytes_backend_to_client = closed.backend_to_client,
                 reason = reason.as_str(),
@@ -485,7 +488,7 @@ impl Shared {
         let Some(f) = flows.get_mut(&token) else { return };
         let (c, b) = self.read_entries(f);
         if let (Some(c), Some(b)) = (c, b) {
-            let a = f.addrs;
+            let a = f.addrs();
             // The peer's next expected number: its last ACK, or the end of what was sent to it.
             let to_client = [c.max_ack, b.max_end.wrapping_add(b.seq_delta)];
             let to_backend = [b.max_ack, c.max_end.wrapping_add(c.seq_delta)];
@@ -506,7 +509,7 @@ impl Shared {
         }
         if !f.installed {
             // Nothing was translated: the sockets' own RSTs are right. Lift the guard first.
-            for (i, q) in f.quiet.iter().enumerate() {
+            for (i, q) in f.quiet().iter().enumerate() {
                 if f.guarded[i] {
                     let _ = self.maps.quiet.remove(q);
                     f.guarded[i] = false;
@@ -536,7 +539,8 @@ impl Shared {
                 }
             }
         }
-        let PFlow { fds, quiet, guarded, parked, flow, .. } = f;
+        let quiet = f.quiet();
+        let PFlow { fds, guarded, parked, flow, .. } = f;
         for (i, fd) in fds.into_iter().enumerate() {
             let Some(fd) = fd else { continue };
             if !parked[i] {
