@@ -167,9 +167,14 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
     };
     // The packet path forwards the backend's segments to the client as they are: the backend
     // must not send larger ones than the client announced.
-    let client_local = client.local_addr();
-    let client_syn = ingress.packet.as_ref().and_then(|p| p.client_syn(peer, *client_local.as_ref().ok()?));
-    let mss = client_syn.as_ref().and_then(crate::splice::packet::syn_mss);
+    // With the packet splice only: the listener's address and, by it, the client's SYN as the
+    // program saw it, read once for the MSS here and for the handoff.
+    let seen = ingress.packet.as_ref().map(|p| {
+        let local = client.local_addr();
+        let syn = local.as_ref().ok().and_then(|l| p.client_syn(peer, *l));
+        (local, syn)
+    });
+    let mss = seen.as_ref().and_then(|(_, syn)| syn.as_ref()).and_then(crate::splice::packet::syn_mss);
     let Some((backend, endpoint, connect_started, source_port)) = connect(ingress, &route, &stats, mss).await else {
         return reject(ingress, &client, peer, Some(&sni), RejectReason::ConnectFailed);
     };
@@ -199,8 +204,8 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
         permit,
         source_port,
     });
-    let (client, backend) = match &ingress.packet {
-        Some(packet) => match hand_to_packet(
+    let (client, backend) = match (&ingress.packet, seen) {
+        (Some(packet), Some((client_local, client_syn))) => match hand_to_packet(
             ingress,
             packet,
             [client, backend],
@@ -215,7 +220,7 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
                 (client, backend)
             }
         },
-        None => (client, backend),
+        _ => (client, backend),
     };
     let (client, backend) = match &ingress.kernel {
         Some(kernel) => {

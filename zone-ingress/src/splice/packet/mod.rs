@@ -568,14 +568,13 @@ impl PacketSplice {
         let sc = tcp::snapshot(client, 0).map_err(io("TCP_QUEUE_SEQ of the client socket"))?;
         let sb = tcp::snapshot(backend, if ts_b { switch::TS_MARGIN } else { 0 })
             .map_err(io("TCP_QUEUE_SEQ of the backend socket"))?;
-        let (sc, sb, ts_c_now, ts_b_now) = (sc.seqs, sb.seqs, sc.ts_now, sb.ts_now);
         // The SYN-ACK acknowledged our SYN; the backend has sent nothing since its own SYN. A
         // mismatch means the observation belongs to an earlier connection on the same 4-tuple.
-        if sb.write_seq != syn_b.ack || sb.rcv_nxt != syn_b.seq.wrapping_add(1) {
+        if sb.seqs.write_seq != syn_b.ack || sb.seqs.rcv_nxt != syn_b.seq.wrapping_add(1) {
             return Err(Refused::Stale);
         }
         // Bytes may arrive between the two reads, never 64 KiB of them before a ServerHello.
-        let offset = u64::from(sc.rcv_nxt.wrapping_sub(syn_c.seq.wrapping_add(1)));
+        let offset = u64::from(sc.seqs.rcv_nxt.wrapping_sub(syn_c.seq.wrapping_add(1)));
         if offset.wrapping_sub(ic.bytes_received) > 1 << 16 {
             return Err(Refused::Stale);
         }
@@ -586,24 +585,23 @@ impl PacketSplice {
             // clocks tick between 1 ms and 1 s; a slower one only makes ours run ahead).
             o.ts.map_or(0, |(v, _)| v.wrapping_add(u32::try_from(now.saturating_sub(syn.ns) / 1_000_000).unwrap_or(0)))
         };
-        let leg =
-            |(local, peer): (SocketAddr, SocketAddr), syn: &Syn, seqs: tcp::Seqs, info: &sys::TcpInfo, ts_now| Leg {
-                local,
-                peer,
-                peer_isn: syn.seq,
-                // Nothing was written to the socket yet: its next byte follows its SYN.
-                local_isn: seqs.write_seq.wrapping_sub(1),
-                ts: info.options() & 1 != 0,
-                peer_wscale: info.snd_wscale(),
-                local_wscale: info.rcv_wscale(),
-                local_ts_now: ts_now,
-                peer_ts_now: peer_ts(syn),
-                ifindex: syn.ifindex,
-            };
+        let leg = |(local, peer): (SocketAddr, SocketAddr), syn: &Syn, snap: tcp::Snapshot, info: &sys::TcpInfo| Leg {
+            local,
+            peer,
+            peer_isn: syn.seq,
+            // Nothing was written to the socket yet: its next byte follows its SYN.
+            local_isn: snap.seqs.write_seq.wrapping_sub(1),
+            ts: info.options() & 1 != 0,
+            peer_wscale: info.snd_wscale(),
+            local_wscale: info.rcv_wscale(),
+            local_ts_now: snap.ts_now,
+            peer_ts_now: peer_ts(syn),
+            ifindex: syn.ifindex,
+        };
         Ok((
             [
-                leg((a.client_local, a.client_peer), &syn_c, sc, &ic, ts_c_now),
-                leg((a.backend_local, a.backend_peer), &syn_b, sb, &ib, ts_b_now),
+                leg((a.client_local, a.client_peer), &syn_c, sc, &ic),
+                leg((a.backend_local, a.backend_peer), &syn_b, sb, &ib),
             ],
             queued,
         ))

@@ -130,9 +130,7 @@ impl PFlow {
             ended_ns: (meta.flags & META_REPORTED != 0).then(sys::monotonic_ns),
         }
     }
-}
 
-impl PFlow {
     /// The flow's four addresses, from its keys (IPv4 ones plain).
     pub(super) fn addrs(&self) -> Addrs {
         let (client_peer, client_local) = switch::addrs(&self.keys[0]);
@@ -146,6 +144,22 @@ impl PFlow {
             let (from, to) = switch::addrs(&k);
             switch::key(to, from)
         })
+    }
+
+    /// The client's entry as the flow's end reads it: a FIN that reached the client socket
+    /// before the switch (the backend socket relayed it, so the program never saw it) counts as
+    /// seen at the switch, ending at `client_isn + 2 + relayed`. Its sequence number is in
+    /// `max_end` once a later ACK of the client carried it; it counts either way.
+    fn with_relayed_fin(&self, mut c: Xlate) -> Xlate {
+        if self.client_fin && c.events & EV_FIN == 0 {
+            c.events |= EV_FIN;
+            c.fin_ns = self.switched_ns;
+            c.fin_end = self.client_isn.wrapping_add(2).wrapping_add(self.relayed);
+            if (c.fin_end.wrapping_sub(c.max_end) as i32) > 0 {
+                c.max_end = c.fin_end;
+            }
+        }
+        c
     }
 }
 
@@ -250,7 +264,7 @@ pub(super) fn run(shared: &Shared) {
         for key in keys {
             let token = shared.monitor.index.lock().unwrap_or_else(PoisonError::into_inner).get(&key).copied();
             if let Some(token) = token {
-                shared.check_end(token);
+                shared.on_event(token);
             }
         }
         // Events or not (a full ring), every unsettled switch is looked at once per pass.
@@ -369,50 +383,51 @@ impl Shared {
     /// (the entries' `last_ns`).
     fn examine(&self, token: u64, now: Option<u64>) {
         let mut flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(f) = flows.get_mut(&token) else {
-            // Installed, not registered yet: `add` tells its caller to look.
-            self.monitor.early.lock().unwrap_or_else(PoisonError::into_inner).insert(token, sys::monotonic_ns());
-            return;
-        };
+        let Some(f) = flows.get_mut(&token) else { return };
         if f.ended_ns.is_some() {
             return;
         }
-        let entries = self.read_entries(f);
-        let idle = now.is_some_and(|now| {
-            let last = [entries.0.map_or(0, |x| x.last_ns), entries.1.map_or(0, |x| x.last_ns), f.switched_ns];
-            now.saturating_sub(last.into_iter().max().unwrap_or(now)) > self.limits.idle_timeout.as_nanos() as u64
-        });
-        let idle_reset = |flows: std::sync::MutexGuard<'_, _>| {
-            if idle {
-                drop(flows);
-                self.abort(token, CloseReason::IdleTimeout);
-            }
-        };
-        let (Some(mut c), Some(b)) = entries else { return idle_reset(flows) };
-        if f.client_fin && c.events & EV_FIN == 0 {
-            c.events |= EV_FIN;
-            c.fin_ns = f.switched_ns;
-            // The FIN's sequence number is in `max_end` once a later ACK of the client carried
-            // it; count it either way.
-            let fin_end = f.client_isn.wrapping_add(2).wrapping_add(f.relayed);
-            if (fin_end.wrapping_sub(c.max_end) as i32) > 0 {
-                c.max_end = fin_end;
+        let (c, b) = self.read_entries(f);
+        if let (Some(c), Some(b)) = (c, b) {
+            let c = f.with_relayed_fin(c);
+            let reason = if c.events & EV_RST != 0 {
+                Some(CloseReason::ClientReset)
+            } else if b.events & EV_RST != 0 {
+                Some(CloseReason::BackendReset)
+            } else if c.events & b.events & EV_FIN != 0 {
+                // Whoever's FIN came first.
+                Some(if c.fin_ns <= b.fin_ns { CloseReason::ClientFin } else { CloseReason::BackendFin })
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                f.ended_ns = Some(sys::monotonic_ns());
+                self.monitor.ended(token, false);
+                self.report(f, reason, &c, &b);
+                self.release_client(f);
+                return;
             }
         }
-        let reason = if c.events & EV_RST != 0 {
-            CloseReason::ClientReset
-        } else if b.events & EV_RST != 0 {
-            CloseReason::BackendReset
-        } else if c.events & b.events & EV_FIN != 0 {
-            // Whoever's FIN came first.
-            if c.fin_ns <= b.fin_ns { CloseReason::ClientFin } else { CloseReason::BackendFin }
-        } else {
-            return idle_reset(flows);
-        };
-        f.ended_ns = Some(sys::monotonic_ns());
-        self.monitor.ended(token, false);
-        self.report(f, reason, &c, &b);
-        self.release_client(f);
+        let Some(now) = now else { return };
+        let last = [c.map_or(0, |x| x.last_ns), b.map_or(0, |x| x.last_ns), f.switched_ns].into_iter().max();
+        if now.saturating_sub(last.unwrap_or(now)) > self.limits.idle_timeout.as_nanos() as u64 {
+            drop(flows);
+            self.abort(token, CloseReason::IdleTimeout);
+        }
+    }
+
+    /// An event for `token`: its entries are looked at, or, if the switch has installed them but
+    /// not registered the flow yet, word is left for `add` (under the `flows` lock, which `add`
+    /// holds too: one of the two sees the other).
+    fn on_event(&self, token: u64) {
+        {
+            let flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
+            if !flows.contains_key(&token) {
+                self.monitor.early.lock().unwrap_or_else(PoisonError::into_inner).insert(token, sys::monotonic_ns());
+                return;
+            }
+        }
+        self.check_end(token);
     }
 
     /// Both FINs of an ended flow were acknowledged, as the program saw: the backend's last
@@ -421,20 +436,12 @@ impl Shared {
         let flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(f) = flows.get(&token) else { return false };
         let (Some(c), Some(b)) = self.read_entries(f) else { return false };
-        // A FIN that reached the client socket before the switch: the backend socket relayed it.
-        let client_fin_end = if f.client_fin && c.events & EV_FIN == 0 {
-            f.client_isn.wrapping_add(2).wrapping_add(f.relayed)
-        } else if c.events & EV_FIN != 0 {
-            c.fin_end
-        } else {
-            return false;
-        };
-        if b.events & EV_FIN == 0 {
+        let c = f.with_relayed_fin(c);
+        if c.events & b.events & EV_FIN == 0 {
             return false;
         }
         let covers = |ack: u32, end: u32| ack.wrapping_sub(end) as i32 >= 0;
-        covers(b.max_ack, client_fin_end.wrapping_add(c.seq_delta))
-            && covers(c.max_ack, b.fin_end.wrapping_add(b.seq_delta))
+        covers(b.max_ack, c.fin_end.wrapping_add(c.seq_delta)) && covers(c.max_ack, b.fin_end.wrapping_add(b.seq_delta))
     }
 
     /// Lifts the client leg's guard of an ended flow (and closes its socket if the switch had
@@ -469,9 +476,10 @@ impl Shared {
         }
         if f.flow == 0 {
             // An adopted flow its owner could not register (its server name routes nowhere now).
+            let a = f.addrs();
             info!(
-                client = %f.addrs().client_peer,
-                endpoint = %f.addrs().backend_peer,
+                client = %a.client_peer,
+                endpoint = %a.backend_peer,
                 bytes_client_to_backend = closed.client_to_backend,
                 bytes_backend_to_client = closed.backend_to_client,
                 reason = reason.as_str(),
