@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use serde_json::{Value, json};
-use xtask::{exec, output, workspace_root};
+use xtask::{exec, output};
 
 use crate::netns::{DP, Guard, INGRESS, Topology, median, nsexec, spawn, stop, wait_port};
 
@@ -596,8 +596,7 @@ pub(crate) fn bench(opts: &Options) -> anyhow::Result<()> {
         ..Default::default()
     };
     crate::setup::setup(&pkgs)?;
-    let root = workspace_root();
-    exec(xtask::cargo().current_dir(&root).args(xtask::BUILD_RELEASE))?;
+    exec(xtask::cargo().args(xtask::BUILD_RELEASE))?;
     let dir = xtask::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
     let ctx = Ctx {

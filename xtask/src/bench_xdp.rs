@@ -41,7 +41,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
-use xtask::{exec, output, workspace_root};
+use xtask::{exec, output};
 
 use crate::{
     bench::Options,
@@ -367,7 +367,7 @@ pub(crate) fn bench(opts: &Options) -> anyhow::Result<()> {
         packages: vec!["iperf3".to_owned(), "nftables".to_owned()],
         ..Default::default()
     })?;
-    exec(xtask::cargo().current_dir(workspace_root()).args(xtask::BUILD_RELEASE))?;
+    exec(xtask::cargo().args(xtask::BUILD_RELEASE))?;
     let dir = xtask::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
     let ctx = Ctx { dir: dir.clone(), daemon: xtask::target_dir().join("release/zone-ingress") };

@@ -2,7 +2,7 @@
 //! one build path) and prints where it is.
 
 use clap::Parser;
-use xtask::{exec, workspace_root};
+use xtask::exec;
 
 #[derive(Debug, Parser)]
 pub(crate) struct Options {
@@ -14,7 +14,7 @@ pub(crate) struct Options {
 pub(crate) fn build_ebpf(opts: &Options) -> anyhow::Result<()> {
     crate::setup::setup(&crate::setup::Options::default())?;
     let mut cmd = xtask::cargo();
-    cmd.current_dir(workspace_root()).args(["build", "--package", "zone-ingress"]);
+    cmd.args(["build", "--package", "zone-ingress"]);
     if opts.release {
         cmd.arg("--release");
     }

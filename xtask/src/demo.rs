@@ -3,7 +3,7 @@
 //! through the spliced path, prints what happened, and cleans up.
 
 use clap::Parser;
-use xtask::{ENV_ZONE_INGRESS_BIN, exec, workspace_root};
+use xtask::{ENV_ZONE_INGRESS_BIN, exec};
 
 #[derive(Debug, Parser)]
 pub(crate) struct Options {
@@ -18,11 +18,9 @@ pub(crate) struct Options {
 
 pub(crate) fn demo(opts: &Options) -> anyhow::Result<()> {
     crate::setup::setup(&crate::setup::Options::default())?;
-    let root = workspace_root();
-    exec(xtask::cargo().current_dir(&root).args(xtask::BUILD_RELEASE))?;
+    exec(xtask::cargo().args(xtask::BUILD_RELEASE))?;
     let mut cmd = xtask::cargo();
-    cmd.current_dir(&root)
-        .args(["run", "--release", "-q", "-p", "zone-ingress-tests", "--bin", "demo", "--", "--splice", &opts.splice])
+    cmd.args(["run", "--release", "-q", "-p", "zone-ingress-tests", "--bin", "demo", "--", "--splice", &opts.splice])
         .env(ENV_ZONE_INGRESS_BIN, xtask::target_dir().join("release/zone-ingress"));
     if opts.control_plane {
         cmd.arg("--control-plane");

@@ -28,11 +28,11 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
 
     // Format and lints first (a run with a filter is a developer's loop: skipped there).
     if opts.filter.is_none() {
-        let fmt = status(xtask::cargo().current_dir(&root).args([&format!("+{NIGHTLY}"), "fmt", "--all", "--check"]))?;
+        let fmt = status(xtask::cargo().args([&format!("+{NIGHTLY}"), "fmt", "--all", "--check"]))?;
         if !fmt.success() {
             failures.push("cargo +nightly fmt --check (run `cargo +nightly fmt --all`)");
         }
-        let clippy = status(xtask::cargo().current_dir(&root).args([
+        let clippy = status(xtask::cargo().args([
             "clippy",
             "--release",
             "--workspace",
@@ -68,18 +68,11 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
         // Dependencies: licences, bans, sources (the advisories check needs the network). The
         // check reads the metadata of every platform's dependencies, which a build on this one
         // never downloads: fetch them first (from the registry, as the build does).
-        let fetched = status(xtask::cargo().current_dir(&root).args(["fetch", "--locked"]))?;
+        let fetched = status(xtask::cargo().args(["fetch", "--locked"]))?;
         if !fetched.success() {
             failures.push("cargo fetch --locked (the dependencies of every platform, for cargo deny)");
         }
-        let deny = status(xtask::cargo().current_dir(&root).args([
-            "deny",
-            "--offline",
-            "check",
-            "licenses",
-            "bans",
-            "sources",
-        ]))?;
+        let deny = status(xtask::cargo().args(["deny", "--offline", "check", "licenses", "bans", "sources"]))?;
         if !deny.success() {
             failures.push("cargo deny check licenses bans sources");
         }
@@ -89,7 +82,7 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
         }
     }
     // The daemon binary the integration tests and the demo run (built with its eBPF object).
-    let built = status(xtask::cargo().current_dir(&root).args(xtask::BUILD_RELEASE))?;
+    let built = status(xtask::cargo().args(xtask::BUILD_RELEASE))?;
     if !built.success() {
         anyhow::bail!("building the daemon failed");
     }
@@ -102,7 +95,6 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
     if opts.filter.is_none() {
         let s = status(
             xtask::cargo()
-                .current_dir(&root)
                 .args(["test", "--release", "-p", "zone-ingress-tests", "--test", "deploy"])
                 .env(ENV_ZONE_INGRESS_BIN, &bin),
         )?;
@@ -125,7 +117,6 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
     if !opts.skip_unit {
         let s = status(
             xtask::cargo()
-                .current_dir(&root)
                 .args([
                     "test",
                     "--workspace",
@@ -144,7 +135,6 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
     // Privileged tests: one at a time (they create namespaces and load programs).
     let s = status(
         xtask::cargo()
-            .current_dir(&root)
             .args(["test", "--release", "--no-fail-fast", "-p", "zone-ingress-tests", "--"])
             .args(&filter)
             .args(["--test-threads=1"])
@@ -157,7 +147,7 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
     // The benchmark's quick mode: every system once, briefly; it asserts that bytes flowed and
     // matched (SHA-256 through each path), never a speed.
     if opts.filter.is_none() {
-        let s = status(xtask::cargo().current_dir(&root).args(["xtask", "bench", "--quick"]))?;
+        let s = status(xtask::cargo().args(["xtask", "bench", "--quick"]))?;
         if !s.success() {
             failures.push("bench --quick");
         }
