@@ -581,13 +581,7 @@ fn sigquit_hands_flows_over_to_the_next_daemon() {
     let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
     let (second, up, down) = rt.block_on(async {
         let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
-        let mut c = topo.client.connect(SocketAddr::new(Topology::ingress_v4().into(), 10001)).expect("connect");
-        c.write_all(&hello).await.expect("hello");
-        let (mut b, _) =
-            tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
-        assert_eq!(read_n(&mut b, hello.len(), "hello").await, hello);
-        b.write_all(b"pong").await.expect("write");
-        assert_eq!(read_n(&mut c, 4, "pong").await, b"pong");
+        let (mut c, mut b, _) = open_flow(&topo, &l).await;
         first.signal(libc::SIGQUIT);
         let status = first.wait_exit(Duration::from_secs(5)).expect("the daemon exits at once on SIGQUIT");
         assert!(status.success(), "{status:?}\n{}", first.log_text());
