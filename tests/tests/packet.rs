@@ -273,6 +273,90 @@ fn idle_flow_is_reset(topo: &Topology, daemon: &Daemon) {
     assert_eq!(log.matches("mode=\"packet\" bytes").count(), 1, "{log}");
 }
 
+/// An idle flow goes dormant: the daemon keeps nothing of it but the map entries, yet
+/// `/connections` lists it with its route and exact bytes, the cluster's counters and cap count
+/// it, it carries bytes both ways while dormant, and its end wakes it: one access log line with
+/// the exact totals, its cap slot and source port given back. A second dormant flow is reset
+/// both ways by the idle timeout.
+#[test]
+fn idle_flow_goes_dormant_and_wakes_at_its_end() {
+    use tokio::io::AsyncWriteExt as _;
+    let topo = Topology::new(1);
+    let daemon = packet_daemon(&topo, &["--bpf-pin-dir", "off", "--idle-timeout", "7s"]);
+    let admin = ops::admin_addr(9901);
+    let scrape = || ops::scrape(&topo.ingress, admin);
+    let dormant = || scrape().must("zone_ingress_packet_dormant_flows", &[]);
+    let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}").len() as u64;
+    runtime().block_on(async {
+        let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
+        let (mut c, mut b, _) = open_flow(&topo, &l).await;
+        let client = c.local_addr().expect("addr").to_string();
+        assert_eq!(dormant(), 0.0, "a flow that just switched is awake");
+        assert!(ops::wait_until(Duration::from_secs(6), || dormant() == 1.0), "{}", daemon.log_text());
+        let listed = |up: u64, down: u64| {
+            let page = ops::get(&topo.ingress, admin, "/connections").json();
+            assert_eq!(page["total"], 1, "{page}");
+            let f = &page["connections"][0];
+            assert_eq!(f["client"], client.as_str(), "{page}");
+            assert_eq!(f["mode"], "packet", "{page}");
+            assert_eq!(f["sni"], "backend{mesh=default,version=v1}", "{page}");
+            assert_eq!(f["route"]["service"], "backend", "{page}");
+            assert_eq!(f["bytesClientToBackend"], up, "{page}");
+            assert_eq!(f["bytesBackendToClient"], down, "{page}");
+            let s = scrape();
+            assert_eq!(s.sum("envoy_cluster_upstream_cx_active"), 1.0, "the dormant flow keeps its cap slot");
+            assert_eq!(s.sum("envoy_cluster_upstream_cx_tx_bytes_total"), up as f64, "{}", s.text);
+            assert_eq!(s.sum("envoy_cluster_upstream_cx_rx_bytes_total"), down as f64, "{}", s.text);
+        };
+        listed(hello, 4);
+        // Bytes both ways while dormant: forwarded, counted, and the flow stays dormant.
+        c.write_all(&zone_ingress_tests::raw::pattern(7, 1500)).await.expect("write");
+        assert_eq!(read_n(&mut b, 1500, "while dormant").await, zone_ingress_tests::raw::pattern(7, 1500));
+        b.write_all(&zone_ingress_tests::raw::pattern(8, 600)).await.expect("write");
+        assert_eq!(read_n(&mut c, 600, "while dormant").await, zone_ingress_tests::raw::pattern(8, 600));
+        listed(hello + 1500, 604);
+        assert_eq!(dormant(), 1.0);
+        // Its end wakes it.
+        c.shutdown().await.expect("client FIN");
+        expect_eof(&mut b).await;
+        b.shutdown().await.expect("backend FIN");
+        expect_eof(&mut c).await;
+        assert!(daemon.wait_log_count("connection closed", 1, Duration::from_secs(5)), "{}", daemon.log_text());
+        let log = daemon.log_text();
+        assert!(
+            log.contains(&format!("bytes_client_to_backend={} bytes_backend_to_client=604", hello + 1500)),
+            "{log}"
+        );
+        assert_eq!(log.matches("connection closed").count(), 1, "{log}");
+        let s = scrape();
+        assert_eq!(s.must("zone_ingress_packet_dormant_flows", &[]), 0.0);
+        assert_eq!(s.sum("envoy_cluster_upstream_cx_active"), 0.0, "{}", s.text);
+        assert_eq!(s.sum("envoy_cluster_upstream_cx_tx_bytes_total"), (hello + 1500) as f64, "{}", s.text);
+        assert_eq!(ops::get(&topo.ingress, admin, "/connections").json()["total"], 0);
+        assert!(
+            ops::wait_until(Duration::from_secs(5), || scrape().must("zone_ingress_packet_source_ports_held", &[])
+                == 0.0),
+            "the port is given back after the linger"
+        );
+        // A dormant flow past the idle timeout is reset both ways.
+        let (mut c, mut b, _) = open_flow(&topo, &l).await;
+        assert!(ops::wait_until(Duration::from_secs(6), || dormant() == 1.0), "{}", daemon.log_text());
+        expect_reset_both_ways(&mut c, &mut b, Duration::from_secs(10)).await;
+        assert!(daemon.wait_log_count("reason=\"idle_timeout\"", 1, Duration::from_secs(5)), "{}", daemon.log_text());
+        assert_eq!(dormant(), 0.0);
+        // The end of the drain resets a dormant flow too.
+        let (mut c, mut b, _) = open_flow(&topo, &l).await;
+        assert!(ops::wait_until(Duration::from_secs(6), || dormant() == 1.0), "{}", daemon.log_text());
+        daemon.signal(libc::SIGTERM);
+        expect_reset_both_ways(&mut c, &mut b, Duration::from_secs(5)).await;
+    });
+    let mut daemon = daemon;
+    assert!(daemon.stop(Duration::from_secs(10)).is_some_and(|s| s.success()), "{}", daemon.log_text());
+    let log = daemon.log_text();
+    assert!(log.contains("reason=\"shutdown\""), "{log}");
+    assert_eq!(log.matches("connection closed").count(), 3, "{log}");
+}
+
 /// A client that reuses its 4-tuple at once (it reset the last connection, so it keeps no
 /// TIME_WAIT) gets a new, working connection each time, while the previous flow's entries still
 /// linger: the new SYN is not taken for the old flow.

@@ -524,6 +524,9 @@ fn tree_rss_kb(pid: u32) -> u64 {
     total
 }
 
+/// How long the idle flows stay idle before memory is read.
+const IDLE_BEFORE_READING: Duration = Duration::from_secs(4);
+
 /// RSS and Slab growth with `n` idle flows through `system`.
 fn idle_flows(guard: &mut Guard, ctx: &Ctx, system: System, pids: &[u32], n: usize) -> anyhow::Result<Value> {
     let before = established(NET.dataplane, HOLD_PORT);
@@ -558,7 +561,9 @@ fn idle_flows(guard: &mut Guard, ctx: &Ctx, system: System, pids: &[u32], n: usi
         std::thread::sleep(Duration::from_millis(200));
         flows = established(NET.dataplane, HOLD_PORT);
     }
-    std::thread::sleep(Duration::from_secs(1));
+    // Idle flows: read once they have been idle a while (the packet splice's go dormant after
+    // 2 s without a packet), the same wait for every system.
+    std::thread::sleep(IDLE_BEFORE_READING);
     let rss1: u64 = pids.iter().map(|p| tree_rss_kb(*p)).sum();
     let slab1 = meminfo_kb("Slab:");
     drop(child.stdin.take());
@@ -571,10 +576,8 @@ fn idle_flows(guard: &mut Guard, ctx: &Ctx, system: System, pids: &[u32], n: usi
     while established(NET.dataplane, HOLD_PORT) > 0 && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(200));
     }
-    Ok(
-        json!({"flows": flows, "rss_kb": rss1, "rss_per_flow_b": (rss1.saturating_sub(rss0) * 1024) as f64 / flows as f64,
-              "slab_per_flow_b": (slab1.saturating_sub(slab0) * 1024) as f64 / flows as f64}),
-    )
+    Ok(json!({"flows": flows, "rss_kb": rss1, "rss_per_flow_b": (rss1 as f64 - rss0 as f64) * 1024.0 / flows as f64,
+              "slab_per_flow_b": (slab1.saturating_sub(slab0) * 1024) as f64 / flows as f64}))
 }
 
 /// Established TCP connections in `ns` whose local port is `port`.

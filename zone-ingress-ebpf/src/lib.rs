@@ -464,6 +464,10 @@ pub mod packet {
     pub const META_CLIENT_FIN: u32 = 1;
     /// [`Meta::flags`]: the flow's end was reported (a later daemon does not report it again).
     pub const META_REPORTED: u32 = 2;
+    /// [`Meta::flags`]: the daemon keeps nothing of this flow but its `group`'s count: it was
+    /// idle, and the entries and this record are all there is of it until it wakes (its end,
+    /// its idle timeout, the drain). A later daemon's adoption clears it.
+    pub const META_DORMANT: u32 = 4;
     /// Longest server name kept in [`Meta`].
     pub const META_SNI: usize = 256;
 
@@ -484,9 +488,13 @@ pub mod packet {
         pub backend_key: Key,
         /// Bytes of `sni` that are valid.
         pub sni_len: u32,
-        pub _pad: u32,
+        /// With `META_DORMANT`: the daemon's group of dormant flows (route and cluster) it
+        /// counts in.
+        pub group: u32,
         /// The server name the flow was routed by.
         pub sni: [u8; META_SNI],
+        /// The daemon's id of the flow (`/connections`, the access log), with `META_DORMANT`.
+        pub flow: u64,
     }
 
     impl Default for Meta {
@@ -499,8 +507,9 @@ pub mod packet {
                 started_unix_ms: 0,
                 backend_key: Key::default(),
                 sni_len: 0,
-                _pad: 0,
+                group: 0,
                 sni: [0; META_SNI],
+                flow: 0,
             }
         }
     }
@@ -509,7 +518,7 @@ pub mod packet {
     // SAFETY: `repr(C)`, `Copy`, integers and bytes laid out without padding (checked below).
     unsafe impl aya::Pod for Meta {}
 
-    const _: () = assert!(core::mem::size_of::<Meta>() == 24 + 40 + 8 + META_SNI);
+    const _: () = assert!(core::mem::size_of::<Meta>() == 24 + 40 + 8 + META_SNI + 8);
     const _: () = assert!(core::mem::size_of::<Key>() == 40);
     const _: () = assert!(core::mem::size_of::<Xlate>() == 120);
     const _: () = assert!(core::mem::size_of::<Syn>() == 64);

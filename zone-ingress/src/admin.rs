@@ -475,7 +475,7 @@ async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, req: Request<Incoming>) -> Resp
                 Some(Err(_)) => return text(StatusCode::BAD_REQUEST, "after must be a flow id\n"),
             };
             let ingress = &ctx.ingress;
-            let page = ingress.flows.page(after, limit, &|p, c| ingress.kernel_counters(p, c));
+            let page = ingress.flows.page(after, limit, ingress.as_ref());
             match serde_json::to_value(&page) {
                 Ok(v) => json_response(&v),
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding JSON: {e}\n")),

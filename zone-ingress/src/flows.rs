@@ -12,9 +12,15 @@
 //! lock. A scrape reads the live counters outside the lock, then, under it, keeps only the flows
 //! still open and reads the closed totals: every flow counts once, either with a live value or
 //! with its final one (which is never smaller), so the exported counters never go backwards.
+//!
+//! Dormant flows (docs/design.md#dormant-flows): an idle packet-spliced flow leaves the registry
+//! for its group (its route and cluster, counted once per group, not per flow) and lives on as
+//! the packet splice's map entries, which `/connections` and the scrape read; it comes back
+//! under its id when it wakes (its end, idle timeout or the drain). Going dormant and waking
+//! count as changes: a scrape that saw one meanwhile reads again, so no flow counts twice.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::Ordering},
     time::{Duration, Instant, SystemTime},
@@ -23,9 +29,13 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    metrics::{Metrics, UpstreamPermit},
+    metrics::{ClusterStats, Metrics, UpstreamPermit},
     routing::Route,
-    splice::{CloseReason, Closed, Path, packet::ports::Lease, userspace::Progress},
+    splice::{
+        CloseReason, Closed, Path,
+        packet::{Dormant, Owner, Woken, ports::Lease},
+        userspace::Progress,
+    },
     sys,
 };
 
@@ -59,10 +69,29 @@ pub struct Flow {
     pub source_port: Option<Lease>,
 }
 
-/// Reads a kernel flow's counters by its path and its `cookies` (the sockets' cookies of a
-/// sockmap flow, `[token, 0]` of a packet flow): (client → backend, backend → client, last
-/// activity in `sys::monotonic_ns()` time); `None` once the flow is gone from the maps.
-pub type KernelReader<'a> = &'a dyn Fn(Path, [u64; 2]) -> Option<(u64, u64, u64)>;
+/// What the registry reads of the kernel's flows.
+pub trait KernelFlows {
+    /// A kernel flow's counters by its path and its `cookies` (the sockets' cookies of a sockmap
+    /// flow, `[token, 0]` of a packet flow): (client → backend, backend → client, last activity
+    /// in `sys::monotonic_ns()` time); `None` once the flow is gone from the maps.
+    fn counters(&self, mode: Path, cookies: [u64; 2]) -> Option<(u64, u64, u64)>;
+    /// Calls `f` with each dormant flow.
+    fn dormant(&self, f: &mut dyn FnMut(&Dormant));
+}
+
+/// No kernel splice.
+#[derive(Debug)]
+pub struct NoKernel;
+
+impl KernelFlows for NoKernel {
+    fn counters(&self, _: Path, _: [u64; 2]) -> Option<(u64, u64, u64)> {
+        None
+    }
+
+    fn dormant(&self, _: &mut dyn FnMut(&Dormant)) {}
+}
+
+type KernelReader<'a> = &'a dyn KernelFlows;
 
 /// A flow's counters: (client → backend, backend → client, last activity). Kernel values are
 /// remembered in `progress` (monotonically), so a flow whose map entries are already gone but
@@ -70,7 +99,7 @@ pub type KernelReader<'a> = &'a dyn Fn(Path, [u64; 2]) -> Option<(u64, u64, u64)
 fn counters(mode: Path, progress: &Progress, cookies: Option<[u64; 2]>, kernel: KernelReader<'_>) -> (u64, u64, u64) {
     if mode != Path::Userspace
         && let Some(c) = cookies
-        && let Some((c2b, b2c, last)) = kernel(mode, c)
+        && let Some((c2b, b2c, last)) = kernel.counters(mode, c)
     {
         progress.client_to_backend.fetch_max(c2b, Ordering::Relaxed);
         progress.backend_to_client.fetch_max(b2c, Ordering::Relaxed);
@@ -148,6 +177,29 @@ pub struct Flows {
 struct Inner {
     next_id: u64,
     open: BTreeMap<u64, Flow>,
+    /// Groups of dormant flows by slot (the slot is in each flow's map record); `None`: free.
+    groups: Vec<Option<Group>>,
+    /// A group's slot by its route's and cluster's addresses.
+    group_of: HashMap<(usize, usize), u32>,
+    /// Dormant flows.
+    dormant: usize,
+    /// Flows that went dormant or woke, since start.
+    changes: u64,
+}
+
+/// The dormant flows of one route and cluster: what their `Flow`s shared.
+#[derive(Debug)]
+struct Group {
+    route: Arc<Route>,
+    /// Their slots under the cluster's cap stay counted (`UpstreamPermit::keep_counted`).
+    cluster: Arc<ClusterStats>,
+    flows: usize,
+}
+
+impl Group {
+    fn key(route: &Arc<Route>, cluster: &Arc<ClusterStats>) -> (usize, usize) {
+        (Arc::as_ptr(route) as usize, Arc::as_ptr(cluster) as usize)
+    }
 }
 
 impl Flows {
@@ -192,10 +244,17 @@ impl Flows {
         Some(flow)
     }
 
-    /// Open flows.
+    /// Open flows (dormant ones included).
     #[must_use]
     pub fn len(&self) -> usize {
-        self.lock().open.len()
+        let inner = self.lock();
+        inner.open.len() + inner.dormant
+    }
+
+    /// Dormant flows.
+    #[must_use]
+    pub fn dormant(&self) -> usize {
+        self.lock().dormant
     }
 
     /// No open flow.
@@ -208,52 +267,91 @@ impl Flows {
     /// held, so that `f` reads closed totals consistent with them (module docs).
     pub fn live_totals<R>(&self, kernel: KernelReader<'_>, f: impl FnOnce(&LiveTotals) -> R) -> R {
         type Entry = (u64, Path, Arc<Progress>, Option<[u64; 2]>, String);
-        let open: Vec<Entry> = self
-            .lock()
-            .open
-            .iter()
-            .map(|(id, f)| (*id, f.mode, Arc::clone(&f.progress), f.cookies, f.permit.cluster().name.clone()))
-            .collect();
-        let live: Vec<(u64, Path, String, u64, u64)> = open
-            .into_iter()
-            .map(|(id, mode, progress, cookies, cluster)| {
-                let (c2b, b2c, _) = counters(mode, &progress, cookies, kernel);
-                (id, mode, cluster, c2b, b2c)
-            })
-            .collect();
-        let inner = self.lock();
-        let mut t = LiveTotals::default();
-        for (id, mode, cluster, c2b, b2c) in live {
-            // Closed meanwhile: its final bytes are in the closed totals already.
-            if !inner.open.contains_key(&id) {
+        // A flow that went dormant or woke while the counters were read may be in both reads
+        // or in neither: read again (a few times at most; they come in bursts once a second).
+        for attempt in 0..4 {
+            let (changes, open): (u64, Vec<Entry>) = {
+                let inner = self.lock();
+                let open = inner
+                    .open
+                    .iter()
+                    .map(|(id, f)| (*id, f.mode, Arc::clone(&f.progress), f.cookies, f.permit.cluster().name.clone()))
+                    .collect();
+                (inner.changes, open)
+            };
+            let live: Vec<(u64, Path, String, u64, u64)> = open
+                .into_iter()
+                .map(|(id, mode, progress, cookies, cluster)| {
+                    let (c2b, b2c, _) = counters(mode, &progress, cookies, kernel);
+                    (id, mode, cluster, c2b, b2c)
+                })
+                .collect();
+            let mut dormant: Vec<(u32, u64, u64)> = Vec::new();
+            kernel.dormant(&mut |d| dormant.push((d.group, d.client_to_backend, d.backend_to_client)));
+            let inner = self.lock();
+            if inner.changes != changes && attempt < 3 {
                 continue;
             }
-            let e = t.by_cluster.entry(cluster).or_default();
-            e.0 += c2b;
-            e.1 += b2c;
-            let m = mode.index();
-            t.flows_by_mode[m] += 1;
-            t.by_mode[m].0 += c2b;
-            t.by_mode[m].1 += b2c;
+            let mut t = LiveTotals::default();
+            let mut add = |cluster: &str, mode: Path, c2b: u64, b2c: u64| {
+                let e = t.by_cluster.entry(cluster.to_owned()).or_default();
+                e.0 += c2b;
+                e.1 += b2c;
+                let m = mode.index();
+                t.flows_by_mode[m] += 1;
+                t.by_mode[m].0 += c2b;
+                t.by_mode[m].1 += b2c;
+            };
+            for (id, mode, cluster, c2b, b2c) in live {
+                // Closed meanwhile: its final bytes are in the closed totals already.
+                if inner.open.contains_key(&id) {
+                    add(&cluster, mode, c2b, b2c);
+                }
+            }
+            for (group, c2b, b2c) in dormant {
+                if let Some(Some(g)) = inner.groups.get(group as usize) {
+                    add(&g.cluster.name, Path::Packet, c2b, b2c);
+                }
+            }
+            return f(&t);
         }
-        f(&t)
+        unreachable!("the last attempt returns")
     }
 
-    /// Up to `limit` (at most [`MAX_PAGE`]) flows with an id greater than `after`, oldest first.
+    /// Up to `limit` (at most [`MAX_PAGE`]) flows with an id greater than `after`, oldest first
+    /// (dormant ones included).
     #[must_use]
     pub fn page(&self, after: Option<u64>, limit: usize, kernel: KernelReader<'_>) -> Page {
         let limit = limit.clamp(1, MAX_PAGE);
-        let inner = self.lock();
         let start = after.map_or(0, |a| a.saturating_add(1));
-        type Picked = (u64, FlowView, Arc<Progress>, Option<[u64; 2]>);
+        let mut asleep: Vec<Dormant> = Vec::new();
+        kernel.dormant(&mut |d| {
+            if d.flow >= start {
+                asleep.push(d.clone());
+            }
+        });
+        asleep.sort_unstable_by_key(|d| d.flow);
+        asleep.truncate(limit + 1);
+        let inner = self.lock();
+        type Picked = (u64, FlowView, Option<(Arc<Progress>, Option<[u64; 2]>)>);
         let mut picked: Vec<Picked> = inner
             .open
             .range(start..)
             .take(limit + 1)
-            .map(|(id, f)| (*id, view(*id, f), Arc::clone(&f.progress), f.cookies))
+            .map(|(id, f)| (*id, view(*id, f), Some((Arc::clone(&f.progress), f.cookies))))
             .collect();
-        let total = inner.open.len();
+        for d in asleep {
+            // Woken meanwhile: listed as open.
+            if inner.open.contains_key(&d.flow) {
+                continue;
+            }
+            if let Some(Some(g)) = inner.groups.get(d.group as usize) {
+                picked.push((d.flow, dormant_view(&d, &g.route), None));
+            }
+        }
+        let total = inner.open.len() + inner.dormant;
         drop(inner);
+        picked.sort_unstable_by_key(|p| p.0);
         let next_after = if picked.len() > limit {
             picked.truncate(limit);
             picked.last().map(|p| p.0)
@@ -263,15 +361,122 @@ impl Flows {
         let now_ns = sys::monotonic_ns();
         let connections: Vec<FlowView> = picked
             .into_iter()
-            .map(|(_, mut v, progress, cookies)| {
-                let (c2b, b2c, last) = counters(v.mode, &progress, cookies, kernel);
-                v.bytes_client_to_backend = c2b;
-                v.bytes_backend_to_client = b2c;
-                v.idle_ms = now_ns.saturating_sub(last.max(v.started_ns)) / 1_000_000;
+            .map(|(_, mut v, open)| {
+                if let Some((progress, cookies)) = open {
+                    let (c2b, b2c, last) = counters(v.mode, &progress, cookies, kernel);
+                    v.bytes_client_to_backend = c2b;
+                    v.bytes_backend_to_client = b2c;
+                    v.idle_ms = now_ns.saturating_sub(last.max(v.started_ns)) / 1_000_000;
+                }
                 v
             })
             .collect();
         Page { total, returned: connections.len(), next_after, connections }
+    }
+}
+
+impl Owner for Flows {
+    fn sleep(&self, id: u64) -> Option<u32> {
+        let mut inner = self.lock();
+        if inner.open.get(&id)?.mode != Path::Packet {
+            return None;
+        }
+        let flow = inner.open.remove(&id)?;
+        let key = Group::key(&flow.route, flow.permit.cluster());
+        let slot = match inner.group_of.get(&key) {
+            Some(&slot) => slot,
+            None => {
+                let group =
+                    Group { route: Arc::clone(&flow.route), cluster: Arc::clone(flow.permit.cluster()), flows: 0 };
+                let slot = match inner.groups.iter().position(Option::is_none) {
+                    Some(i) => {
+                        inner.groups[i] = Some(group);
+                        i
+                    }
+                    None => {
+                        inner.groups.push(Some(group));
+                        inner.groups.len() - 1
+                    }
+                };
+                let slot = u32::try_from(slot).ok()?;
+                inner.group_of.insert(key, slot);
+                slot
+            }
+        };
+        if let Some(Some(g)) = inner.groups.get_mut(slot as usize) {
+            g.flows += 1;
+        }
+        inner.dormant += 1;
+        inner.changes += 1;
+        flow.permit.keep_counted();
+        Some(slot)
+    }
+
+    fn wake(&self, w: &Woken) -> bool {
+        let mut inner = self.lock();
+        let Some(Some(g)) = inner.groups.get_mut(w.group as usize) else { return false };
+        g.flows -= 1;
+        let (route, cluster) = (Arc::clone(&g.route), Arc::clone(&g.cluster));
+        if g.flows == 0 {
+            inner.group_of.remove(&Group::key(&route, &cluster));
+            inner.groups[w.group as usize] = None;
+        }
+        inner.dormant -= 1;
+        inner.changes += 1;
+        let age = SystemTime::now().duration_since(w.started).unwrap_or_default();
+        inner.open.insert(
+            w.flow,
+            Flow {
+                client: w.client,
+                sni: w.sni.clone(),
+                route,
+                endpoint: w.endpoint,
+                mode: Path::Packet,
+                started: w.started,
+                started_ns: sys::monotonic_ns().saturating_sub(u64::try_from(age.as_nanos()).unwrap_or(0)),
+                upstream_since: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+                progress: Arc::default(),
+                cookies: Some([w.token, 0]),
+                permit: cluster.resume_permit(),
+                source_port: None,
+            },
+        );
+        true
+    }
+
+    fn shrink(&self) {
+        // The ordered map gives its nodes back as it empties; the group index may have grown.
+        self.lock().group_of.shrink_to_fit();
+    }
+}
+
+/// What `/connections` shows of a dormant flow.
+fn dormant_view(d: &Dormant, route: &Route) -> FlowView {
+    let started = SystemTime::UNIX_EPOCH + Duration::from_millis(d.started_unix_ms);
+    let age = SystemTime::now().duration_since(started).unwrap_or(Duration::ZERO);
+    let now_ns = sys::monotonic_ns();
+    FlowView {
+        id: d.flow,
+        client: d.client.to_string(),
+        sni: d.sni.clone(),
+        route: route_view(route),
+        endpoint: d.endpoint.to_string(),
+        mode: Path::Packet,
+        bytes_client_to_backend: d.client_to_backend,
+        bytes_backend_to_client: d.backend_to_client,
+        started_unix: started.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |t| t.as_secs_f64()),
+        started_ns: 0,
+        age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+        idle_ms: now_ns.saturating_sub(d.last_ns) / 1_000_000,
+    }
+}
+
+fn route_view(r: &Route) -> RouteView {
+    RouteView {
+        service: r.service.clone(),
+        mesh: r.mesh.clone(),
+        tags: r.tags.clone(),
+        cluster: r.cluster.name.clone(),
     }
 }
 
@@ -281,12 +486,7 @@ fn view(id: u64, f: &Flow) -> FlowView {
         id,
         client: f.client.to_string(),
         sni: f.sni.clone(),
-        route: RouteView {
-            service: f.route.service.clone(),
-            mesh: f.route.mesh.clone(),
-            tags: f.route.tags.clone(),
-            cluster: f.route.cluster.name.clone(),
-        },
+        route: route_view(&f.route),
         endpoint: f.endpoint.to_string(),
         mode: f.mode,
         bytes_client_to_backend: 0,
@@ -337,7 +537,7 @@ mod tests {
         let mut seen = Vec::new();
         let mut after = None;
         loop {
-            let page = flows.page(after, 10, &|_, _| None);
+            let page = flows.page(after, 10, &NoKernel);
             assert!(page.returned <= 10);
             assert_eq!(page.total, 25);
             seen.extend(page.connections.iter().map(|c| c.id));
@@ -347,7 +547,7 @@ mod tests {
             }
         }
         assert_eq!(seen, ids);
-        assert_eq!(flows.page(None, 0, &|_, _| None).returned, 1, "a limit of 0 is raised to 1");
+        assert_eq!(flows.page(None, 0, &NoKernel).returned, 1, "a limit of 0 is raised to 1");
     }
 
     #[test]
@@ -359,7 +559,7 @@ mod tests {
         let cluster = Arc::clone(f.permit.cluster());
         let id = flows.open(f);
         progress.client_to_backend.store(100, Ordering::Relaxed);
-        let live = flows.live_totals(&|_, _| None, |t| t.by_cluster["default:backend"]);
+        let live = flows.live_totals(&NoKernel, |t| t.by_cluster["default:backend"]);
         assert_eq!(live, (100, 0));
         let closed = Closed { reason: CloseReason::ClientFin, client_to_backend: 150, backend_to_client: 7 };
         assert!(flows.close(id, &closed, &m).is_some());

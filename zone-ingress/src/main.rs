@@ -6,6 +6,7 @@ use clap::Parser as _;
 use zone_ingress::cli::{Cli, Command};
 
 fn main() -> ExitCode {
+    zone_ingress::sys::tune_allocator();
     let cli = Cli::parse();
     zone_ingress::cli::init_tracing(&cli);
     let result = match cli.command {

@@ -443,6 +443,12 @@ impl Metrics {
                 p.adopted as f64,
             );
             f.gauge(
+                "zone_ingress_packet_dormant_flows",
+                "Idle packet-level flows the daemon keeps nothing of but their map entries (they wake at their end).",
+                &[],
+                p.dormant as f64,
+            );
+            f.gauge(
                 "zone_ingress_packet_source_ports_held",
                 "(endpoint, source port) pairs the packet splice holds: connects in progress and flows not yet removed.",
                 &[],

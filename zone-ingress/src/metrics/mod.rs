@@ -230,6 +230,13 @@ impl ClusterStats {
             .map(|_| UpstreamPermit(Arc::clone(self)))
     }
 
+    /// A permit for a connection that is still counted (its earlier permit was kept counted
+    /// by [`UpstreamPermit::keep_counted`]).
+    #[must_use]
+    pub fn resume_permit(self: &Arc<Self>) -> UpstreamPermit {
+        UpstreamPermit(Arc::clone(self))
+    }
+
     /// Connections currently counted against the cap.
     #[must_use]
     pub fn active(&self) -> usize {
@@ -246,6 +253,14 @@ impl UpstreamPermit {
     #[must_use]
     pub fn cluster(&self) -> &Arc<ClusterStats> {
         &self.0
+    }
+
+    /// Lets go of the permit while the connection stays counted (a dormant flow, whose group
+    /// holds the cluster); [`ClusterStats::resume_permit`] takes it back.
+    pub fn keep_counted(self) {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: the Arc is read out once and dropped; `this` is never dropped or used again.
+        drop(unsafe { std::ptr::read(&raw const this.0) });
     }
 }
 

@@ -57,6 +57,8 @@ pub struct PacketSample {
     pub failed: u64,
     /// Flows taken over from an earlier daemon at start.
     pub adopted: u64,
+    /// Flows kept as map entries only.
+    pub dormant: usize,
     /// (endpoint, source port) pairs the packet splice holds.
     pub ports_held: usize,
     /// Program counters by name.

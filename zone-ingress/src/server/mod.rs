@@ -44,11 +44,12 @@ pub use self::listener::{bind, check_port_free};
 use crate::{
     client_hello,
     config::{Inventory, ZoneIngress},
-    flows::{Flow, Flows},
+    flows::{Flow, Flows, KernelFlows},
     metrics::{ClusterStats, Metrics},
     routing::{AvailableService, RouteTable},
     splice::{
-        CloseReason, CloseReport, Closed, Limits, Path, ReportReceiver, SpliceMode, packet::PacketSplice,
+        CloseReason, CloseReport, Closed, Limits, Path, ReportReceiver, SpliceMode,
+        packet::{self, Dormant, PacketSplice},
         sockmap::KernelSplice,
     },
 };
@@ -199,7 +200,7 @@ pub struct Ingress {
     snapshot: ArcSwap<Snapshot>,
     pub metrics: Arc<Metrics>,
     /// The open flows (`/connections`).
-    pub flows: Flows,
+    pub flows: Arc<Flows>,
     /// `Some` when the kernel splice is loaded and attached.
     pub kernel: Option<KernelSplice>,
     /// `Some` when the packet splice's programs are loaded and attached.
@@ -235,11 +236,15 @@ impl Ingress {
         kernel: Option<KernelSplice>,
         packet: Option<PacketSplice>,
     ) -> Arc<Self> {
+        let flows = Arc::new(Flows::default());
+        if let Some(p) = &packet {
+            p.set_owner(Arc::clone(&flows) as Arc<dyn packet::Owner>);
+        }
         Arc::new(Self {
             options,
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
-            flows: Flows::default(),
+            flows,
             kernel,
             packet,
             tasks: AtomicUsize::new(0),
@@ -467,9 +472,10 @@ impl Ingress {
             })
         })
     }
+}
 
-    /// Reads a kernel flow's counters by its cookies (see [`crate::flows::KernelReader`]).
-    pub fn kernel_counters(&self, path: Path, cookies: [u64; 2]) -> Option<(u64, u64, u64)> {
+impl KernelFlows for Ingress {
+    fn counters(&self, path: Path, cookies: [u64; 2]) -> Option<(u64, u64, u64)> {
         if path == Path::Packet {
             return self.packet.as_ref()?.flow_counters(cookies[0]);
         }
@@ -477,6 +483,12 @@ impl Ingress {
         let c = k.socket_counters(cookies[0])?;
         let b = k.socket_counters(cookies[1])?;
         Some((c.bytes, b.bytes, c.last_active_ns.max(b.last_active_ns)))
+    }
+
+    fn dormant(&self, f: &mut dyn FnMut(&Dormant)) {
+        if let Some(p) = &self.packet {
+            p.dormant_flows(f);
+        }
     }
 }
 

@@ -27,25 +27,24 @@ impl Ingress {
         let snap = ingress.snapshot();
         let m = &ingress.metrics;
         let all = m.all_clusters();
-        let (clusters, flows_by_mode, bytes_by_mode) =
-            ingress.flows.live_totals(&|p, c| ingress.kernel_counters(p, c), |t| {
-                let clusters: Vec<ClusterSample> = all
-                    .iter()
-                    .map(|st| {
-                        let (c2b, b2c) = t.by_cluster.get(&st.name).copied().unwrap_or_default();
-                        ClusterSample {
-                            stats: Arc::clone(st),
-                            client_to_backend: st.closed_client_to_backend.load(Ordering::Relaxed) + c2b,
-                            backend_to_client: st.closed_backend_to_client.load(Ordering::Relaxed) + b2c,
-                        }
-                    })
-                    .collect();
-                let bytes = Path::ALL.map(|p| {
-                    let (c, live) = (m.closed_bytes(p), t.by_mode[p.index()]);
-                    (c.0 + live.0, c.1 + live.1)
-                });
-                (clusters, t.flows_by_mode, bytes)
+        let (clusters, flows_by_mode, bytes_by_mode) = ingress.flows.live_totals(ingress, |t| {
+            let clusters: Vec<ClusterSample> = all
+                .iter()
+                .map(|st| {
+                    let (c2b, b2c) = t.by_cluster.get(&st.name).copied().unwrap_or_default();
+                    ClusterSample {
+                        stats: Arc::clone(st),
+                        client_to_backend: st.closed_client_to_backend.load(Ordering::Relaxed) + c2b,
+                        backend_to_client: st.closed_backend_to_client.load(Ordering::Relaxed) + b2c,
+                    }
+                })
+                .collect();
+            let bytes = Path::ALL.map(|p| {
+                let (c, live) = (m.closed_bytes(p), t.by_mode[p.index()]);
+                (c.0 + live.0, c.1 + live.1)
             });
+            (clusters, t.flows_by_mode, bytes)
+        });
         let status = ingress.config_status.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let kernel = ingress.kernel.as_ref().map(|k| {
             let st = k.stats();
@@ -90,6 +89,7 @@ impl Ingress {
                 refused: st.refused.load(Ordering::Relaxed),
                 failed: st.failed.load(Ordering::Relaxed),
                 adopted: st.adopted.load(Ordering::Relaxed),
+                dormant: st.dormant.load(Ordering::Relaxed),
                 ports_held: p.ports_held(),
                 program: vec![
                     ("translated", at(pabi::STAT_TRANSLATED)),

@@ -14,6 +14,7 @@ const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// One `bpf(2)` call with `attr`, a valid, initialised `bpf_attr` prefix of its own size.
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
@@ -31,6 +32,21 @@ struct ElemAttr {
     _pad: u32,
     key: u64,
     value: u64,
+    flags: u64,
+}
+
+/// `bpf_attr` of the batch commands (`in_batch`, `out_batch`, `keys`, `values`, `count`,
+/// `map_fd`, `elem_flags`, `flags`).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
     flags: u64,
 }
 
@@ -93,6 +109,56 @@ impl<K: Copy, V: Copy> BpfMap<K, V> {
         self.fd.as_fd()
     }
 }
+
+impl<K: Copy + Default, V: Copy + Default> BpfMap<K, V> {
+    /// Calls `f` with each element of a hash map, read [`BATCH`] at a time with
+    /// `BPF_MAP_LOOKUP_BATCH` (a few system calls for thousands of elements, where a walk takes
+    /// two per element), at most about `cap` of them. Elements added or removed meanwhile may
+    /// be seen or not, none twice (the kernel walks bucket by bucket).
+    ///
+    /// # Errors
+    /// A `bpf(2)` call failed for another reason than the end of the map.
+    pub fn for_each(&self, cap: usize, mut f: impl FnMut(&K, &V)) -> io::Result<()> {
+        let mut keys = vec![K::default(); BATCH];
+        let mut values = vec![V::default(); BATCH];
+        // A hash map's position is a bucket number.
+        let (mut at, mut next) = (0u32, 0u32);
+        let mut first = true;
+        let mut seen = 0;
+        while seen < cap {
+            let mut attr = BatchAttr {
+                in_batch: if first { 0 } else { std::ptr::from_ref(&at) as u64 },
+                out_batch: std::ptr::from_mut(&mut next) as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count: u32::try_from(BATCH).unwrap_or(u32::MAX),
+                map_fd: map_fd(self.fd.as_fd())?,
+                ..BatchAttr::default()
+            };
+            // `keys` and `values` hold `BATCH` elements of the map's key and value sizes (the
+            // type's contract); the kernel writes `count` of each, and one `u32` at `next`.
+            let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+            let n = (attr.count as usize).min(BATCH);
+            for i in 0..n {
+                f(&keys[i], &values[i]);
+            }
+            seen += n;
+            match r {
+                Ok(()) => {}
+                // The end of the map: the last elements came with it.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            at = next;
+            first = false;
+        }
+        Ok(())
+    }
+}
+
+/// Elements per `BPF_MAP_LOOKUP_BATCH` call: more than one hash bucket ever holds (the call
+/// fails with `ENOSPC` below a bucket's size).
+const BATCH: usize = 1024;
 
 /// `bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
 #[repr(C)]

@@ -217,6 +217,30 @@ pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     check(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) }).map(drop)
 }
 
+/// Fixes glibc's thresholds, which it otherwise raises as large blocks are freed: after the
+/// tables of many flows were freed, a thread arena kept up to twice the largest of them resident
+/// at its top, which `malloc_trim` does not give back outside the main arena
+/// (docs/design.md#dormant-flows). Blocks from 256 KiB are mapped on their own, and an arena
+/// gives back its top beyond 1 MiB. Nothing with another libc.
+pub fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt(3) has no preconditions.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
+    }
+}
+
+/// Gives the allocator's free pages back to the system (glibc's `malloc_trim`; nothing with
+/// another libc).
+pub fn malloc_trim() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim(3) has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns()` stamps with.
 pub fn monotonic_ns() -> u64 {
     // SAFETY: `ts` is a valid out-pointer.

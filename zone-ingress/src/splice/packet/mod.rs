@@ -131,6 +131,8 @@ pub struct PacketStats {
     pub failed: AtomicU64,
     /// Flows an earlier daemon left in the pinned maps, taken over at start.
     pub adopted: AtomicU64,
+    /// Flows kept as map entries only (docs/design.md#dormant-flows).
+    pub dormant: AtomicUsize,
 }
 
 impl PacketStats {
@@ -153,6 +155,45 @@ pub struct Adopted {
     pub started: SystemTime,
 }
 
+/// The owner of the flows (the registry) as dormancy needs it (docs/design.md#dormant-flows).
+pub trait Owner: Send + Sync {
+    /// Flow `flow` goes dormant: keep nothing of it but a count in a group, and say which
+    /// (`None`: it stays awake, e.g. it is not registered).
+    fn sleep(&self, flow: u64) -> Option<u32>;
+    /// A dormant flow wakes: register it again under its id (`false`: its group is unknown).
+    fn wake(&self, w: &Woken) -> bool;
+    /// Gives back room that dormant flows left behind.
+    fn shrink(&self);
+}
+
+/// A dormant flow waking, as its owner registers it again.
+#[derive(Debug, Clone)]
+pub struct Woken {
+    pub flow: u64,
+    pub group: u32,
+    /// The key of its counters ([`PacketSplice::flow_counters`]).
+    pub token: u64,
+    pub client: SocketAddr,
+    pub endpoint: SocketAddr,
+    pub sni: String,
+    pub started: SystemTime,
+}
+
+/// A dormant flow as the maps give it (`/connections`, the scrape).
+#[derive(Debug, Clone)]
+pub struct Dormant {
+    pub flow: u64,
+    pub group: u32,
+    pub client: SocketAddr,
+    pub endpoint: SocketAddr,
+    pub sni: String,
+    pub started_unix_ms: u64,
+    pub client_to_backend: u64,
+    pub backend_to_client: u64,
+    /// The last packet either way, `sys::monotonic_ns()` time.
+    pub last_ns: u64,
+}
+
 /// The maps userspace uses, through plain `bpf(2)` (shared by threads without a lock).
 struct Maps {
     flows: BpfMap<Key, Xlate>,
@@ -171,6 +212,10 @@ struct Shared {
     monitor: Monitor,
     next_token: AtomicU64,
     ports: Arc<Ports>,
+    /// The registry, told when a flow goes dormant and when it wakes; none: no flow sleeps.
+    owner: std::sync::OnceLock<Arc<dyn Owner>>,
+    /// Set at the end of the drain: no flow goes dormant any more (each is about to be reset).
+    no_sleep: AtomicBool,
 }
 
 /// The loaded and attached programs, their maps and the monitor thread.
@@ -252,6 +297,8 @@ impl PacketSplice {
             monitor,
             next_token: AtomicU64::new(1),
             ports: Arc::new(Ports::new(ports)),
+            owner: std::sync::OnceLock::new(),
+            no_sleep: AtomicBool::new(false),
         });
         let splice = Self {
             shared,
@@ -368,7 +415,13 @@ impl PacketSplice {
             };
             let (client_peer, _) = switch::addrs(&kc);
             let (backend_peer, backend_local) = switch::addrs(&kb);
-            let sni = String::from_utf8_lossy(&meta.sni[..(meta.sni_len as usize).min(abi::META_SNI)]).into_owned();
+            let sni = sni_of(&meta);
+            if meta.flags & abi::META_DORMANT != 0 {
+                // The earlier daemon's groups went with it: this one registers the flow anew.
+                let mut m2 = meta;
+                m2.flags &= !abi::META_DORMANT;
+                let _ = m.meta.insert(&kc, &m2);
+            }
             let started = SystemTime::UNIX_EPOCH + Duration::from_millis(meta.started_unix_ms);
             let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
             self.shared.stats.active.fetch_add(1, Ordering::AcqRel);
@@ -383,7 +436,7 @@ impl PacketSplice {
                 register(&Adopted { client: client_peer, endpoint: backend_peer, sni, started }, token)
             };
             pf.flow = flow;
-            let _ = self.shared.monitor.install(token, &pf.keys, || Ok(()));
+            let _ = self.shared.monitor.install(token, &pf.keys, |_| {}, || Ok(()));
             self.shared.monitor.add(token, pf);
             if reported {
                 self.shared.monitor.ended(token, false);
@@ -426,6 +479,30 @@ impl PacketSplice {
                 Err(e) => warn!(endpoint = %ip, error = %e, "packet splice: no route to an endpoint"),
             }
         }
+    }
+
+    /// Gives the splice the owner of its flows: idle flows then go dormant (once).
+    pub fn set_owner(&self, owner: Arc<dyn Owner>) {
+        let _ = self.shared.owner.set(owner);
+    }
+
+    /// Calls `f` with each dormant flow, read from the maps.
+    pub fn dormant_flows(&self, f: &mut dyn FnMut(&Dormant)) {
+        self.shared.for_each_dormant(|kc, meta, c, b| {
+            let (client, _) = switch::addrs(&kc);
+            let (endpoint, _) = switch::addrs(&meta.backend_key);
+            f(&Dormant {
+                flow: meta.flow,
+                group: meta.group,
+                client,
+                endpoint,
+                sni: sni_of(meta),
+                started_unix_ms: meta.started_unix_ms,
+                client_to_backend: c.map_or(0, |c| switch::stream_bytes(c, meta.client_isn)),
+                backend_to_client: b.map_or(0, |b| switch::stream_bytes(b, meta.backend_isn)),
+                last_ns: c.map_or(0, |c| c.last_ns).max(b.map_or(0, |b| b.last_ns)),
+            });
+        });
     }
 
     /// Interfaces with the programs.
@@ -663,10 +740,19 @@ impl Shared {
             let relayed = u32::try_from(n).unwrap_or(u32::MAX);
             let ((kc, xc), (kb, xb)) = switch::entries(&legs[0], &legs[1], relayed, fin);
             pf.keys = [kc, kb];
-            self.monitor.install(token, &pf.keys, || {
-                self.maps.flows.insert(&kb, &xb)?;
-                self.maps.flows.insert(&kc, &xc)
-            })?;
+            // A dormant flow on the same client 4-tuple (its client gave up on it unseen) wakes
+            // first, keeping its own keys: the new flow's install takes the client key over.
+            self.monitor.install(
+                token,
+                &pf.keys,
+                |index| {
+                    self.wake_locked(index, &kc);
+                },
+                || {
+                    self.maps.flows.insert(&kb, &xb)?;
+                    self.maps.flows.insert(&kc, &xc)
+                },
+            )?;
             pf.installed = true;
             let b = pf.fds[1].as_ref().map(AsFd::as_fd).ok_or(io::ErrorKind::NotConnected)?;
             write_all(b, &buf[..n])?;
@@ -724,6 +810,11 @@ impl Shared {
         }
         (self.maps.flows.get(&f.keys[0]).ok(), self.maps.flows.get(&f.keys[1]).ok())
     }
+}
+
+/// The server name a flow's record keeps.
+fn sni_of(meta: &Meta) -> String {
+    String::from_utf8_lossy(&meta.sni[..(meta.sni_len as usize).min(abi::META_SNI)]).into_owned()
 }
 
 /// Writes all of `buf` to a non-blocking socket (a ClientHello: it fits the send buffer).

@@ -14,6 +14,13 @@
 //!   flow may still arrive.
 //! - **Idle**: once a second, flows whose last packet is older than the idle timeout are reset
 //!   both ways (the entries' `last_ns`), which also catches an event lost to a full ring.
+//! - **Dormant** (docs/design.md#dormant-flows): a settled flow without a packet for
+//!   [`DORMANT_AFTER`] leaves the daemon's memory: its owner keeps a count in a group, its port
+//!   hold becomes a bit, and its `PKT_META` record gets its id, its group and `META_DORMANT`.
+//!   A scan every eighth of the idle timeout (1 to 10 s) reads dormant flows from the maps; an
+//!   event of theirs, an idle timeout, the drain, or a new connection on the same client
+//!   4-tuple wakes one: it is rebuilt from its record and registered again, then handled as
+//!   any other.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
@@ -25,10 +32,12 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use tracing::{debug, info, warn};
-use zone_ingress_ebpf::packet::{EV_FIN, EV_RST, Key, META_CLIENT_FIN, META_REPORTED, Meta, Xlate};
+use zone_ingress_ebpf::packet::{
+    EV_FIN, EV_RST, Key, MAX_ENTRIES, META_CLIENT_FIN, META_DORMANT, META_REPORTED, Meta, Xlate,
+};
 
 use super::{
-    Addrs, Index, Shared,
+    Addrs, Index, Shared, Woken,
     ports::Lease,
     reset,
     switch::{self, Leg},
@@ -54,6 +63,8 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(60);
 const SETTLE_POLL: Duration = Duration::from_millis(20);
 /// How often idle flows are looked for.
 const IDLE_SCAN: Duration = Duration::from_secs(1);
+/// The longest interval between two scans of the dormant flows (`Shared::dormant_scan_every`).
+const DORMANT_SCAN_MAX: Duration = Duration::from_secs(10);
 /// Passes are at least this far apart. Under load the ring has an event for nearly every
 /// settle and FIN, and waking for each (three per flow) cost more than the work; a pass handles
 /// all that is pending. A flow's end is then seen at most this much later, and a settled
@@ -61,6 +72,11 @@ const IDLE_SCAN: Duration = Duration::from_secs(1);
 const MIN_PASS_GAP: Duration = Duration::from_millis(2);
 /// How long an event's token waits for its flow's registration (microseconds after the install).
 const EARLY_KEEP: Duration = Duration::from_secs(1);
+/// A settled flow without a packet either way for this long goes dormant at the next scan.
+pub(super) const DORMANT_AFTER: Duration = Duration::from_secs(2);
+/// A scan that put at least this many flows to sleep gives the room they left back to the
+/// system (maps shrunk, `malloc_trim`).
+const SHRINK_AFTER: usize = 256;
 
 /// One packet-spliced flow.
 pub(super) struct PFlow {
@@ -70,7 +86,7 @@ pub(super) struct PFlow {
     /// switch, the backend's once the switch settles).
     pub(super) fds: [Option<OwnedFd>; 2],
     /// The hold on the backend leg's source port, released with the entries.
-    _port: Lease,
+    port: Lease,
     /// Keys of packets from the client and from the backend (the flow's addresses: `addrs`;
     /// the guard's keys: `quiet`).
     pub(super) keys: [Key; 2],
@@ -94,7 +110,7 @@ impl PFlow {
         Self {
             flow,
             fds: [Some(c), Some(b)],
-            _port: port,
+            port,
             keys: [switch::key(a.client_peer, a.client_local), switch::key(a.backend_peer, a.backend_local)],
             client_isn: legs[0].peer_isn,
             backend_isn: legs[1].peer_isn,
@@ -115,7 +131,7 @@ impl PFlow {
         Self {
             flow: 0,
             fds: [None, None],
-            _port: port,
+            port,
             keys,
             client_isn: meta.client_isn,
             backend_isn: meta.backend_isn,
@@ -202,8 +218,15 @@ impl Monitor {
     /// Installs a flow's entries with `put`, its keys pointing at `token` in the index, under
     /// the index's lock: the cleanup of an earlier flow whose client 4-tuple the new one reuses
     /// removes an entry only while the index still gives it to that earlier flow.
-    pub(super) fn install(&self, token: u64, keys: &[Key; 2], put: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+    pub(super) fn install(
+        &self,
+        token: u64,
+        keys: &[Key; 2],
+        before: impl FnOnce(&mut Index),
+        put: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
         let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+        before(&mut index);
         index.insert(keys[0], token);
         index.insert(keys[1], token);
         put()
@@ -239,6 +262,7 @@ impl Monitor {
 /// The thread's body.
 pub(super) fn run(shared: &Shared) {
     let mut last_scan = sys::monotonic_ns();
+    let mut last_dormant_scan = last_scan;
     let mut last_pass = 0;
     let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 4];
     while !shared.stop.load(Ordering::Relaxed) {
@@ -263,7 +287,8 @@ pub(super) fn run(shared: &Shared) {
         };
         for key in keys {
             let token = shared.monitor.index.lock().unwrap_or_else(PoisonError::into_inner).get(&key).copied();
-            if let Some(token) = token {
+            // Not indexed: a dormant flow's (woken now), or one already removed.
+            if let Some(token) = token.or_else(|| shared.wake_by_key(&key)) {
                 shared.on_event(token);
             }
         }
@@ -313,8 +338,18 @@ pub(super) fn run(shared: &Shared) {
                 .filter(|(_, f)| f.ended_ns.is_none())
                 .map(|(t, _)| *t)
                 .collect();
+            let mut slept = 0;
             for token in open {
-                shared.examine(token, Some(now));
+                if shared.examine(token, Some(now)) && shared.sleep(token, now) {
+                    slept += 1;
+                }
+            }
+            if now.saturating_sub(last_dormant_scan) >= shared.dormant_scan_every().as_nanos() as u64 {
+                last_dormant_scan = now;
+                shared.scan_dormant(now);
+            }
+            if slept >= SHRINK_AFTER {
+                shared.shrink();
             }
         }
     }
@@ -375,17 +410,17 @@ impl Shared {
 
     /// Ends the flow if the program saw a RST either way or a FIN both ways.
     pub(super) fn check_end(&self, token: u64) {
-        self.examine(token, None);
+        let _ = self.examine(token, None);
     }
 
     /// Reads the flow's entries once: ends it if the program saw a RST either way or a FIN
     /// both ways; else, given `now`, resets it if it has been idle longer than the idle timeout
-    /// (the entries' `last_ns`).
-    fn examine(&self, token: u64, now: Option<u64>) {
+    /// (the entries' `last_ns`). `true`: it is open and has been idle for `DORMANT_AFTER`.
+    fn examine(&self, token: u64, now: Option<u64>) -> bool {
         let mut flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(f) = flows.get_mut(&token) else { return };
+        let Some(f) = flows.get_mut(&token) else { return false };
         if f.ended_ns.is_some() {
-            return;
+            return false;
         }
         let (c, b) = self.read_entries(f);
         if let (Some(c), Some(b)) = (c, b) {
@@ -405,15 +440,18 @@ impl Shared {
                 self.monitor.ended(token, false);
                 self.report(f, reason, &c, &b);
                 self.release_client(f);
-                return;
+                return false;
             }
         }
-        let Some(now) = now else { return };
+        let Some(now) = now else { return false };
         let last = [c.map_or(0, |x| x.last_ns), b.map_or(0, |x| x.last_ns), f.switched_ns].into_iter().max();
-        if now.saturating_sub(last.unwrap_or(now)) > self.limits.idle_timeout.as_nanos() as u64 {
+        let idle = now.saturating_sub(last.unwrap_or(now));
+        if idle > self.limits.idle_timeout.as_nanos() as u64 {
             drop(flows);
             self.abort(token, CloseReason::IdleTimeout);
+            return false;
         }
+        idle >= DORMANT_AFTER.as_nanos() as u64
     }
 
     /// An event for `token`: its entries are looked at, or, if the switch has installed them but
@@ -568,6 +606,18 @@ impl Shared {
 
     /// Resets every flow and removes it (the end of the drain time).
     pub(super) fn abort_all(&self, reason: CloseReason) {
+        // Under the index's lock, which `sleep` holds throughout: from here on no flow goes
+        // dormant, so the list below is complete.
+        drop({
+            let index = self.monitor.index.lock().unwrap_or_else(PoisonError::into_inner);
+            self.no_sleep.store(true, Ordering::Release);
+            index
+        });
+        let mut dormant = Vec::new();
+        self.for_each_dormant(|kc, _, _, _| dormant.push(kc));
+        for kc in dormant {
+            self.wake(&kc);
+        }
         let tokens: Vec<u64> =
             self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner).keys().copied().collect();
         for t in tokens {
@@ -578,5 +628,207 @@ impl Shared {
             }
             self.cleanup(t);
         }
+    }
+
+    /// Puts an open, settled flow that has been idle for `DORMANT_AFTER` to sleep (module docs):
+    /// `true` if it went dormant. Needs an owner.
+    fn sleep(&self, token: u64, now: u64) -> bool {
+        let Some(owner) = self.owner.get() else { return false };
+        let mut index = self.monitor.index.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.no_sleep.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(f) = flows.get(&token) else { return false };
+        let settled =
+            f.installed && f.parked == [true; 2] && f.guarded == [true; 2] && f.fds.iter().all(Option::is_none);
+        // Half-closed flows stay awake: their end is near. So do flows whose keys a newer flow
+        // took over, and those whose port no bit can hold (an adopted flow's, outside the range).
+        if f.ended_ns.is_some()
+            || !settled
+            || f.flow == 0
+            || f.client_fin
+            || f.keys.iter().any(|k| index.get(k) != Some(&token))
+            || !self.ports.contains(f.port.port())
+        {
+            return false;
+        }
+        let (Some(c), Some(b)) = self.read_entries(f) else { return false };
+        if c.events | b.events != 0 || now.saturating_sub(c.last_ns.max(b.last_ns)) < DORMANT_AFTER.as_nanos() as u64 {
+            return false;
+        }
+        let Ok(mut meta) = self.maps.meta.get(&f.keys[0]) else { return false };
+        let Some(group) = owner.sleep(f.flow) else { return false };
+        meta.flow = f.flow;
+        meta.group = group;
+        meta.flags |= META_DORMANT;
+        if let Err(e) = self.maps.meta.insert(&f.keys[0], &meta) {
+            debug!(flow = f.flow, error = %e, "packet splice: a flow stays awake (its record could not be written)");
+            owner.wake(&woken(&f.keys[0], &meta, token));
+            return false;
+        }
+        // Counted under the index's lock, as `wake` uncounts it: a reader that finds none dormant
+        // skips the maps.
+        self.stats.dormant.fetch_add(1, Ordering::Relaxed);
+        let Some(f) = flows.remove(&token) else { return false };
+        for k in &f.keys {
+            index.remove(k);
+        }
+        drop(flows);
+        drop(index);
+        if let Err(lease) = self.ports.sleep(f.port) {
+            // Checked above; keep the hold rather than lose it.
+            std::mem::forget(lease);
+        }
+        true
+    }
+
+    /// Wakes the dormant flow with client key `kc`, if it is one: its new token.
+    pub(super) fn wake(&self, kc: &Key) -> Option<u64> {
+        let mut index = self.monitor.index.lock().unwrap_or_else(PoisonError::into_inner);
+        self.wake_locked(&mut index, kc)
+    }
+
+    /// [`Self::wake`] under the index's lock (held by the caller: an install on the same client
+    /// 4-tuple wakes the flow before it takes the key over).
+    pub(super) fn wake_locked(&self, index: &mut Index, kc: &Key) -> Option<u64> {
+        let mut meta = self.maps.meta.get(kc).ok()?;
+        if meta.flags & META_DORMANT == 0 {
+            return None;
+        }
+        meta.flags &= !META_DORMANT;
+        let _ = self.maps.meta.insert(kc, &meta);
+        let kb = meta.backend_key;
+        let (endpoint, local) = super::switch::addrs(&kb);
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let mut pf = PFlow::adopted(self.ports.wake(endpoint, local.port()), [*kc, kb], &meta);
+        pf.guarded = [true; 2];
+        let registered = self.owner.get().is_some_and(|o| o.wake(&woken(kc, &meta, token)));
+        pf.flow = if registered { meta.flow } else { 0 };
+        self.stats.dormant.fetch_sub(1, Ordering::Relaxed);
+        index.insert(*kc, token);
+        index.insert(kb, token);
+        self.monitor.add(token, pf);
+        debug!(flow = meta.flow, token, "packet splice: a dormant flow woke");
+        Some(token)
+    }
+
+    /// Wakes the dormant flow an event's key belongs to (either of its keys), if any.
+    fn wake_by_key(&self, key: &Key) -> Option<u64> {
+        if self.maps.meta.get(key).is_ok() {
+            return self.wake(key);
+        }
+        // A backend key: its entry leads to the client leg's 4-tuple, whose reverse is the
+        // client key.
+        let x = self.maps.flows.get(key).ok()?;
+        let kc = Key { src: x.dst, dst: x.src, sport: x.dport, dport: x.sport, family: key.family };
+        let meta = self.maps.meta.get(&kc).ok()?;
+        (meta.backend_key == *key).then(|| self.wake(&kc)).flatten()
+    }
+
+    /// Calls `f` with each dormant flow's client key, record and entries. Both maps are read in
+    /// batches (a few system calls whatever the number of flows), and only if a flow is dormant.
+    pub(super) fn for_each_dormant(&self, mut f: impl FnMut(Key, &Meta, Option<&Xlate>, Option<&Xlate>)) {
+        if self.stats.dormant.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let cap = MAX_ENTRIES as usize;
+        let mut dormant: Vec<(Key, Meta)> = Vec::new();
+        let read = self.maps.meta.for_each(cap, |k, m| {
+            if m.flags & META_DORMANT != 0 {
+                dormant.push((*k, *m));
+            }
+        });
+        let mut wanted: StdHashMap<Key, Option<Xlate>> = StdHashMap::with_capacity(dormant.len() * 2);
+        for (kc, m) in &dormant {
+            wanted.insert(*kc, None);
+            wanted.insert(m.backend_key, None);
+        }
+        let read = read.and_then(|()| {
+            self.maps.flows.for_each(cap, |k, x| {
+                if let Some(slot) = wanted.get_mut(k) {
+                    *slot = Some(*x);
+                }
+            })
+        });
+        if let Err(e) = read {
+            warn!(error = %e, "packet splice: reading the dormant flows failed");
+            return;
+        }
+        for (kc, meta) in &dormant {
+            let c = wanted.get(kc).copied().flatten();
+            let b = wanted.get(&meta.backend_key).copied().flatten();
+            f(*kc, meta, c.as_ref(), b.as_ref());
+        }
+    }
+
+    /// How often dormant flows are scanned: an eighth of the idle timeout, between 1 s and
+    /// `DORMANT_SCAN_MAX`. Reading them costs about 3 µs per flow (both maps are walked bucket by
+    /// bucket), so 10,000 dormant flows cost 0.3 % of a core at the longest interval.
+    fn dormant_scan_every(&self) -> Duration {
+        (self.limits.idle_timeout / 8).clamp(IDLE_SCAN, DORMANT_SCAN_MAX)
+    }
+
+    /// The scan of dormant flows: one whose entries show an end, or are gone, wakes and is
+    /// looked at (an event lost to a full ring, or to the moment it went dormant); one idle
+    /// longer than the idle timeout wakes and is reset.
+    fn scan_dormant(&self, now: u64) {
+        let mut due = Vec::new();
+        self.for_each_dormant(|kc, _, c, b| match (c, b) {
+            (Some(c), Some(b)) if c.events | b.events == 0 => {
+                if now.saturating_sub(c.last_ns.max(b.last_ns)) > self.limits.idle_timeout.as_nanos() as u64 {
+                    due.push((kc, Some(CloseReason::IdleTimeout)));
+                }
+            }
+            (Some(_), Some(_)) => due.push((kc, None)),
+            _ => due.push((kc, Some(CloseReason::Internal))),
+        });
+        for (kc, reason) in due {
+            let Some(token) = self.wake(&kc) else { continue };
+            match reason {
+                None => self.check_end(token),
+                Some(r) => self.abort(token, r),
+            }
+        }
+    }
+
+    /// Gives back the room flows that went dormant left: the monitor's and the owner's tables,
+    /// and the allocator's free pages.
+    fn shrink(&self) {
+        self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner).shrink_to_fit();
+        self.monitor.index.lock().unwrap_or_else(PoisonError::into_inner).shrink_to_fit();
+        self.ports.shrink();
+        if let Some(o) = self.owner.get() {
+            o.shrink();
+        }
+        let rss_kb = || {
+            std::fs::read_to_string("/proc/self/statm")
+                .ok()
+                .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+                .map_or(0, |pages| pages * 4)
+        };
+        let before = rss_kb();
+        sys::malloc_trim();
+        debug!(
+            dormant = self.stats.dormant.load(Ordering::Relaxed),
+            rss_kb_before = before,
+            rss_kb_after = rss_kb(),
+            "packet splice: room left by dormant flows given back"
+        );
+    }
+}
+
+/// What the owner of a dormant flow registers when it wakes.
+fn woken(kc: &Key, meta: &Meta, token: u64) -> Woken {
+    let (client, _) = super::switch::addrs(kc);
+    let (endpoint, _) = super::switch::addrs(&meta.backend_key);
+    Woken {
+        flow: meta.flow,
+        group: meta.group,
+        token,
+        client,
+        endpoint,
+        sni: super::sni_of(meta),
+        started: std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(meta.started_unix_ms),
     }
 }

@@ -14,7 +14,7 @@ use std::{
 
 /// Version of the pinned maps' layouts (`zone_ingress_ebpf::packet`), part of the default
 /// directory's name: bumped whenever a key or value layout changes.
-pub const ABI: u32 = 1;
+pub const ABI: u32 = 2;
 /// Where bpffs is mounted on a usual host.
 const BPFFS: &str = "/sys/fs/bpf";
 /// `statfs` magic of bpffs (include/uapi/linux/magic.h).

@@ -14,6 +14,8 @@
 //!   the range allows; the same port serves any number of endpoints at once.
 //! - A range with every port held toward an endpoint: the connect takes a kernel-chosen port,
 //!   and that flow stays on the sockmap splice.
+//! - A dormant flow (docs/design.md#dormant-flows) keeps its hold as one bit in a bitmap of the
+//!   range per endpoint: no memory per flow.
 
 use std::{
     collections::HashMap,
@@ -138,11 +140,63 @@ pub struct Ports {
     range: Range,
     cursor: AtomicU32,
     held: Mutex<HashMap<(SocketAddr, u16), u32>>,
+    /// Holds of dormant flows: per endpoint, one bit per port of the range, and how many are set.
+    dormant: Mutex<HashMap<SocketAddr, (Vec<u64>, usize)>>,
 }
 
 impl Ports {
     pub fn new(range: Range) -> Self {
-        Self { range, cursor: AtomicU32::new(0), held: Mutex::default() }
+        Self { range, cursor: AtomicU32::new(0), held: Mutex::default(), dormant: Mutex::default() }
+    }
+
+    /// Where `port`'s bit is in an endpoint's bitmap (`None`: outside the range).
+    fn bit(&self, port: u16) -> Option<(usize, u64)> {
+        let i = usize::from(port.checked_sub(self.range.first)?);
+        self.contains(port).then_some((i / 64, 1 << (i % 64)))
+    }
+
+    /// Turns `lease` into a dormant flow's hold: a bit (`false`, the lease kept: the port is
+    /// outside today's range, an adopted flow's).
+    pub fn sleep(&self, lease: Lease) -> Result<(), Lease> {
+        let Some((word, bit)) = self.bit(lease.port) else { return Err(lease) };
+        let words = (self.range.len() as usize).div_ceil(64);
+        let mut dormant = self.dormant.lock().unwrap_or_else(PoisonError::into_inner);
+        let (map, n) = dormant.entry(lease.endpoint).or_insert_with(|| (vec![0; words], 0));
+        if map[word] & bit == 0 {
+            map[word] |= bit;
+            *n += 1;
+        }
+        // The bit is set before the lease goes: `lease` never sees the pair free.
+        drop(dormant);
+        drop(lease);
+        Ok(())
+    }
+
+    /// A dormant flow's hold back as a lease.
+    pub fn wake(self: &Arc<Self>, endpoint: SocketAddr, port: u16) -> Lease {
+        let lease = self.hold(endpoint, port);
+        if let Some((word, bit)) = self.bit(port) {
+            let mut dormant = self.dormant.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((map, n)) = dormant.get_mut(&endpoint)
+                && map[word] & bit != 0
+            {
+                map[word] &= !bit;
+                *n -= 1;
+                if *n == 0 {
+                    dormant.remove(&endpoint);
+                }
+            }
+        }
+        lease
+    }
+
+    fn is_dormant(&self, endpoint: SocketAddr, port: u16) -> bool {
+        let Some((word, bit)) = self.bit(port) else { return false };
+        self.dormant
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&endpoint)
+            .is_some_and(|(map, _)| map[word] & bit != 0)
     }
 
     pub fn range(&self) -> Range {
@@ -162,6 +216,9 @@ impl Ports {
         for _ in 0..len {
             let i = self.cursor.fetch_add(1, Ordering::Relaxed) % len;
             let port = u16::try_from(u32::from(self.range.first) + i).unwrap_or(u16::MAX);
+            if self.is_dormant(endpoint, port) {
+                continue;
+            }
             if let std::collections::hash_map::Entry::Vacant(v) = held.entry((endpoint, port)) {
                 v.insert(1);
                 return Some(Lease { ports: Arc::clone(self), endpoint, port });
@@ -177,9 +234,15 @@ impl Ports {
         Lease { ports: Arc::clone(self), endpoint, port }
     }
 
-    /// (endpoint, port) pairs held now.
+    /// (endpoint, port) pairs held now (a pair both leased and dormant counts twice).
     pub fn held(&self) -> usize {
-        self.held.lock().unwrap_or_else(PoisonError::into_inner).len()
+        let dormant: usize = self.dormant.lock().unwrap_or_else(PoisonError::into_inner).values().map(|(_, n)| n).sum();
+        self.held.lock().unwrap_or_else(PoisonError::into_inner).len() + dormant
+    }
+
+    /// Frees the table's room left by flows gone dormant.
+    pub fn shrink(&self) {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner).shrink_to_fit();
     }
 
     fn release(&self, endpoint: SocketAddr, port: u16) {
@@ -266,6 +329,27 @@ mod tests {
         assert_eq!(ports.lease(a).map(|l| l.port()), Some(port));
         drop(to_a);
         drop(to_b);
+        assert_eq!(ports.held(), 0);
+    }
+
+    #[test]
+    fn a_dormant_hold_is_a_bit_and_comes_back_as_a_lease() {
+        let ports = Arc::new(Ports::new(Range { first: 61000, last: 61063 }));
+        let a = "198.18.0.1:443".parse().unwrap();
+        let first = ports.lease(a).unwrap();
+        let port = first.port();
+        assert!(ports.sleep(first).is_ok());
+        assert_eq!(ports.held(), 1);
+        let others: Vec<_> = (0..63).map(|_| ports.lease(a).unwrap()).collect();
+        assert!(others.iter().all(|l| l.port() != port), "a dormant port is not leased");
+        assert!(ports.lease(a).is_none());
+        let back = ports.wake(a, port);
+        assert_eq!(ports.held(), 64);
+        drop(others);
+        drop(back);
+        assert_eq!(ports.held(), 0);
+        // Outside the range (an adopted flow's port): kept as a lease.
+        assert!(ports.sleep(ports.hold(a, 40000)).is_err());
         assert_eq!(ports.held(), 0);
     }
 }
