@@ -115,20 +115,16 @@ pub(crate) fn test(opts: &Options) -> anyhow::Result<()> {
         }
     }
     if !opts.skip_unit {
-        let s = status(
+        // The daemon's unit tests in release, with the packages of `BUILD_RELEASE`: the same
+        // feature set, so they reuse its dependencies rather than build them all again in debug.
+        // xtask's own in debug, like the xtask binary running this.
+        let daemon = status(
             xtask::cargo()
-                .args([
-                    "test",
-                    "--workspace",
-                    "--exclude",
-                    "zone-ingress-tests",
-                    "--exclude",
-                    "zone-ingress-ebpf",
-                    "--",
-                ])
+                .args(["test", "--release", "-p", "zone-ingress", "-p", "zone-ingress-tests", "--lib", "--"])
                 .args(&filter),
         )?;
-        if !s.success() {
+        let tools = status(xtask::cargo().args(["test", "-p", "xtask", "--"]).args(&filter))?;
+        if !daemon.success() || !tools.success() {
             failures.push("unit tests");
         }
     }
