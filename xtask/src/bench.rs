@@ -524,11 +524,20 @@ fn tree_rss_kb(pid: u32) -> u64 {
     total
 }
 
-/// How long the idle flows stay idle before memory is read.
-const IDLE_BEFORE_READING: Duration = Duration::from_secs(4);
+/// How long the idle flows stay idle before memory is read: long enough for the packet splice's
+/// to go dormant (2 s without a packet) and for the kernel to free what their records' rewrite
+/// left to an RCU grace period; shorter in a quick run, which checks behaviour only.
+const IDLE_BEFORE_READING: Duration = Duration::from_secs(10);
+const IDLE_BEFORE_READING_QUICK: Duration = Duration::from_secs(4);
 
 /// RSS and Slab growth with `n` idle flows through `system`.
-fn idle_flows(guard: &mut Guard, ctx: &Ctx, system: System, pids: &[u32], n: usize) -> anyhow::Result<Value> {
+fn idle_flows(
+    guard: &mut Guard,
+    ctx: &Ctx,
+    system: System,
+    pids: &[u32],
+    (n, idle): (usize, Duration),
+) -> anyhow::Result<Value> {
     let before = established(NET.dataplane, HOLD_PORT);
     if before > 0 {
         bail!("{before} idle flows of the previous system are still open at the dataplane");
@@ -563,7 +572,7 @@ fn idle_flows(guard: &mut Guard, ctx: &Ctx, system: System, pids: &[u32], n: usi
     }
     // Idle flows: read once they have been idle a while (the packet splice's go dormant after
     // 2 s without a packet), the same wait for every system.
-    std::thread::sleep(IDLE_BEFORE_READING);
+    std::thread::sleep(idle);
     let rss1: u64 = pids.iter().map(|p| tree_rss_kb(*p)).sum();
     let slab1 = meminfo_kb("Slab:");
     drop(child.stdin.take());
@@ -706,11 +715,17 @@ pub(crate) fn bench(opts: &Options) -> anyhow::Result<()> {
             }
         }
     }
-    let flows = if opts.quick { 200 } else { opts.flows };
+    let (flows, idle) = if opts.quick { (200, IDLE_BEFORE_READING_QUICK) } else { (opts.flows, IDLE_BEFORE_READING) };
     for &system in systems.iter().filter(|_| phase("idle")) {
         guard.check()?;
         let pids = start_system(&mut guard, &ctx, system, Phase::Hold)?;
-        samples.entry((system, "idle_flows")).or_default().push(idle_flows(&mut guard, &ctx, system, &pids, flows)?);
+        samples.entry((system, "idle_flows")).or_default().push(idle_flows(
+            &mut guard,
+            &ctx,
+            system,
+            &pids,
+            (flows, idle),
+        )?);
         pids.iter().for_each(|p| stop(&mut guard, *p));
     }
     let mut report = report(&systems, &samples, opts);

@@ -692,6 +692,10 @@ impl Shared {
     /// [`Self::wake`] under the index's lock (held by the caller: an install on the same client
     /// 4-tuple wakes the flow before it takes the key over).
     pub(super) fn wake_locked(&self, index: &mut Index, kc: &Key) -> Option<u64> {
+        // Counted under this lock: with none dormant, no map is read (every switch comes here).
+        if self.stats.dormant.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
         let mut meta = self.maps.meta.get(kc).ok()?;
         if meta.flags & META_DORMANT == 0 {
             return None;
@@ -715,6 +719,9 @@ impl Shared {
 
     /// Wakes the dormant flow an event's key belongs to (either of its keys), if any.
     fn wake_by_key(&self, key: &Key) -> Option<u64> {
+        if self.stats.dormant.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
         if self.maps.meta.get(key).is_ok() {
             return self.wake(key);
         }
