@@ -651,6 +651,7 @@ fn daemon_killed_mid_transfer_flows_survive_and_are_adopted() {
 
 /// SIGQUIT hands over: the daemon stops accepting and exits 0 at once, its packet-level flow
 /// keeps running, and the next daemon adopts it and logs its close (the first one never does).
+/// The flow is dormant when handed over, and goes dormant again in the next daemon.
 #[test]
 fn sigquit_hands_flows_over_to_the_next_daemon() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -666,6 +667,10 @@ fn sigquit_hands_flows_over_to_the_next_daemon() {
     let (second, up, down) = rt.block_on(async {
         let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
         let (mut c, mut b, _) = open_flow(&topo, &l).await;
+        // Handed over while dormant: its record says so, and the next daemon adopts it anyway.
+        let admin = ops::admin_addr(9901);
+        let dormant = || ops::scrape(&topo.ingress, admin).must("zone_ingress_packet_dormant_flows", &[]);
+        assert!(ops::wait_until(Duration::from_secs(6), || dormant() == 1.0), "{}", first.log_text());
         first.signal(libc::SIGQUIT);
         let status = first.wait_exit(Duration::from_secs(5)).expect("the daemon exits at once on SIGQUIT");
         assert!(status.success(), "{status:?}\n{}", first.log_text());
@@ -673,6 +678,10 @@ fn sigquit_hands_flows_over_to_the_next_daemon() {
         assert_eq!(read_n(&mut b, 20, "no daemon").await, b"while no daemon runs");
         let second = Daemon::start(&topo.ingress, &zi, &section5_inventory(false), &args);
         assert!(second.wait_log("flows=1", Duration::from_secs(5)), "{}", second.log_text());
+        let page = ops::get(&topo.ingress, admin, "/connections").json();
+        assert_eq!(page["connections"][0]["bytesClientToBackend"], hello.len() + 20, "{page}");
+        // Idle again: dormant in this daemon too, and its end wakes it here.
+        assert!(ops::wait_until(Duration::from_secs(6), || dormant() == 1.0), "{}", second.log_text());
         c.shutdown().await.expect("FIN");
         let mut rest = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), b.read_to_end(&mut rest)).await.expect("EOF").expect("read");
