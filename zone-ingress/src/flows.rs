@@ -16,8 +16,10 @@
 //! Dormant flows (docs/design.md#dormant-flows): an idle packet-spliced flow leaves the registry
 //! for its group (its route and cluster, counted once per group, not per flow) and lives on as
 //! the packet splice's map entries, which `/connections` and the scrape read; it comes back
-//! under its id when it wakes (its end, idle timeout or the drain). Going dormant and waking
-//! count as changes: a scrape that saw one meanwhile reads again, so no flow counts twice.
+//! under its id when it wakes (its end, idle timeout or the drain). The splice orders each move
+//! so that the flow is always in the registry or in the maps (a record whose flow is still
+//! registered is skipped), and moves count as changes: a scrape that saw one meanwhile reads
+//! again, so every flow counts once.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -38,6 +40,9 @@ use crate::{
     },
     sys,
 };
+
+/// Reads of the live counters a scrape makes at most while flows go dormant or wake under it.
+const LIVE_READS: usize = 8;
 
 /// Most flows one `/connections` page returns.
 pub const MAX_PAGE: usize = 1000;
@@ -196,6 +201,19 @@ struct Group {
     flows: usize,
 }
 
+impl Inner {
+    /// One flow fewer in `group`; the group goes with its last.
+    fn leave(&mut self, group: u32) {
+        let Some(Some(g)) = self.groups.get_mut(group as usize) else { return };
+        g.flows = g.flows.saturating_sub(1);
+        if g.flows == 0 {
+            let key = Group::key(&g.route, &g.cluster);
+            self.group_of.remove(&key);
+            self.groups[group as usize] = None;
+        }
+    }
+}
+
 impl Group {
     fn key(route: &Arc<Route>, cluster: &Arc<ClusterStats>) -> (usize, usize) {
         (Arc::as_ptr(route) as usize, Arc::as_ptr(cluster) as usize)
@@ -269,7 +287,7 @@ impl Flows {
         type Entry = (u64, Path, Arc<Progress>, Option<[u64; 2]>, String);
         // A flow that went dormant or woke while the counters were read may be in both reads
         // or in neither: read again (a few times at most; they come in bursts once a second).
-        for attempt in 0..4 {
+        for attempt in 0..LIVE_READS {
             let (changes, open): (u64, Vec<Entry>) = {
                 let inner = self.lock();
                 let open = inner
@@ -286,10 +304,10 @@ impl Flows {
                     (id, mode, cluster, c2b, b2c)
                 })
                 .collect();
-            let mut dormant: Vec<(u32, u64, u64)> = Vec::new();
-            kernel.dormant(&mut |d| dormant.push((d.group, d.client_to_backend, d.backend_to_client)));
+            let mut dormant: Vec<(u64, u32, u64, u64)> = Vec::new();
+            kernel.dormant(&mut |d| dormant.push((d.flow, d.group, d.client_to_backend, d.backend_to_client)));
             let inner = self.lock();
-            if inner.changes != changes && attempt < 3 {
+            if inner.changes != changes && attempt + 1 < LIVE_READS {
                 continue;
             }
             let mut t = LiveTotals::default();
@@ -308,7 +326,12 @@ impl Flows {
                     add(&cluster, mode, c2b, b2c);
                 }
             }
-            for (group, c2b, b2c) in dormant {
+            for (id, group, c2b, b2c) in dormant {
+                // Registered (going dormant or waking right now): counted above, or in the closed
+                // totals.
+                if inner.open.contains_key(&id) {
+                    continue;
+                }
                 if let Some(Some(g)) = inner.groups.get(group as usize) {
                     add(&g.cluster.name, Path::Packet, c2b, b2c);
                 }
@@ -376,29 +399,25 @@ impl Flows {
 }
 
 impl Owner for Flows {
-    fn sleep(&self, id: u64) -> Option<u32> {
+    fn group(&self, id: u64) -> Option<u32> {
         let mut inner = self.lock();
-        if inner.open.get(&id)?.mode != Path::Packet {
+        let flow = inner.open.get(&id)?;
+        if flow.mode != Path::Packet {
             return None;
         }
-        let flow = inner.open.remove(&id)?;
         let key = Group::key(&flow.route, flow.permit.cluster());
         let slot = match inner.group_of.get(&key) {
             Some(&slot) => slot,
             None => {
                 let group =
                     Group { route: Arc::clone(&flow.route), cluster: Arc::clone(flow.permit.cluster()), flows: 0 };
-                let slot = match inner.groups.iter().position(Option::is_none) {
-                    Some(i) => {
-                        inner.groups[i] = Some(group);
-                        i
-                    }
-                    None => {
-                        inner.groups.push(Some(group));
-                        inner.groups.len() - 1
-                    }
-                };
-                let slot = u32::try_from(slot).ok()?;
+                let i = inner.groups.iter().position(Option::is_none).unwrap_or(inner.groups.len());
+                let slot = u32::try_from(i).ok()?;
+                if i == inner.groups.len() {
+                    inner.groups.push(Some(group));
+                } else {
+                    inner.groups[i] = Some(group);
+                }
                 inner.group_of.insert(key, slot);
                 slot
             }
@@ -406,22 +425,35 @@ impl Owner for Flows {
         if let Some(Some(g)) = inner.groups.get_mut(slot as usize) {
             g.flows += 1;
         }
+        Some(slot)
+    }
+
+    fn leave_group(&self, group: u32) {
+        self.lock().leave(group);
+    }
+
+    fn sleep(&self, id: u64, group: u32) -> bool {
+        let mut inner = self.lock();
+        if !matches!(inner.groups.get(group as usize), Some(Some(_))) {
+            return false;
+        }
+        let Some(flow) = inner.open.remove(&id) else { return false };
         inner.dormant += 1;
         inner.changes += 1;
         flow.permit.keep_counted();
-        Some(slot)
+        true
     }
 
     fn wake(&self, w: &Woken) -> bool {
         let mut inner = self.lock();
-        let Some(Some(g)) = inner.groups.get_mut(w.group as usize) else { return false };
-        g.flows -= 1;
-        let (route, cluster) = (Arc::clone(&g.route), Arc::clone(&g.cluster));
-        if g.flows == 0 {
-            inner.group_of.remove(&Group::key(&route, &cluster));
-            inner.groups[w.group as usize] = None;
+        if inner.open.contains_key(&w.flow) {
+            // Registered already (not expected: the splice wakes a flow once).
+            return true;
         }
-        inner.dormant -= 1;
+        let Some(Some(g)) = inner.groups.get(w.group as usize) else { return false };
+        let (route, cluster) = (Arc::clone(&g.route), Arc::clone(&g.cluster));
+        inner.leave(w.group);
+        inner.dormant = inner.dormant.saturating_sub(1);
         inner.changes += 1;
         let age = SystemTime::now().duration_since(w.started).unwrap_or_default();
         inner.open.insert(

@@ -138,16 +138,19 @@ impl<K: Copy + Default, V: Copy + Default> BpfMap<K, V> {
             // `keys` and `values` hold `BATCH` elements of the map's key and value sizes (the
             // type's contract); the kernel writes `count` of each, and one `u32` at `next`.
             let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+            // The end of the map comes with its last elements; another error, with none.
+            let end = match r {
+                Ok(()) => false,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+                Err(e) => return Err(e),
+            };
             let n = (attr.count as usize).min(BATCH);
             for i in 0..n {
                 f(&keys[i], &values[i]);
             }
             seen += n;
-            match r {
-                Ok(()) => {}
-                // The end of the map: the last elements came with it.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-                Err(e) => return Err(e),
+            if end {
+                return Ok(());
             }
             at = next;
             first = false;

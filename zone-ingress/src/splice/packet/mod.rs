@@ -157,10 +157,16 @@ pub struct Adopted {
 
 /// The owner of the flows (the registry) as dormancy needs it (docs/design.md#dormant-flows).
 pub trait Owner: Send + Sync {
-    /// Flow `flow` goes dormant: keep nothing of it but a count in a group, and say which
-    /// (`None`: it stays awake, e.g. it is not registered).
-    fn sleep(&self, flow: u64) -> Option<u32>;
-    /// A dormant flow wakes: register it again under its id (`false`: its group is unknown).
+    /// A place for flow `flow` in the group of its route and cluster, about to go dormant: the
+    /// group's number (`None`: it stays awake, e.g. it is not registered).
+    fn group(&self, flow: u64) -> Option<u32>;
+    /// Gives back a place [`Owner::group`] gave, for a flow that stays awake after all.
+    fn leave_group(&self, group: u32);
+    /// Flow `flow`, with a place in `group`, goes dormant: keep nothing else of it (`false`: it
+    /// is not registered; it stays awake).
+    fn sleep(&self, flow: u64, group: u32) -> bool;
+    /// A dormant flow wakes: register it again under its id, and give back its place in its
+    /// group (`false`: its group is unknown; it is carried unregistered).
     fn wake(&self, w: &Woken) -> bool;
     /// Gives back room that dormant flows left behind.
     fn shrink(&self);

@@ -438,7 +438,7 @@ impl Shared {
             if let Some(reason) = reason {
                 f.ended_ns = Some(sys::monotonic_ns());
                 self.monitor.ended(token, false);
-                self.report(f, reason, &c, &b);
+                self.report(f, reason, Some(&c), Some(&b));
                 self.release_client(f);
                 return false;
             }
@@ -499,14 +499,18 @@ impl Shared {
         }
     }
 
-    fn report(&self, f: &PFlow, reason: CloseReason, c: &Xlate, b: &Xlate) {
+    /// Sends the flow's close report. An entry that is gone (never installed, or dropped by the
+    /// program for a new connection on the client's 4-tuple) counts no byte.
+    fn report(&self, f: &PFlow, reason: CloseReason, c: Option<&Xlate>, b: Option<&Xlate>) {
         let closed = Closed {
             reason,
-            client_to_backend: super::switch::stream_bytes(c, f.client_isn),
-            backend_to_client: super::switch::stream_bytes(b, f.backend_isn),
+            client_to_backend: c.map_or(0, |c| super::switch::stream_bytes(c, f.client_isn)),
+            backend_to_client: b.map_or(0, |b| super::switch::stream_bytes(b, f.backend_isn)),
         };
+        // The record under the client key may be a newer flow's (the client reused its 4-tuple).
         if f.installed
             && let Ok(mut meta) = self.maps.meta.get(&f.keys[0])
+            && meta.backend_key == f.keys[1]
         {
             // A daemon that adopts the flow during its linger does not report it again.
             meta.flags |= META_REPORTED;
@@ -533,21 +537,22 @@ impl Shared {
         let mut flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(f) = flows.get_mut(&token) else { return };
         let (c, b) = self.read_entries(f);
-        if let (Some(c), Some(b)) = (c, b) {
-            let a = f.addrs();
-            // The peer's next expected number: its last ACK, or the end of what was sent to it.
-            let to_client = [c.max_ack, b.max_end.wrapping_add(b.seq_delta)];
-            let to_backend = [b.max_ack, c.max_end.wrapping_add(c.seq_delta)];
-            for (from, to, seqs) in
-                [(a.client_local, a.client_peer, to_client), (a.backend_local, a.backend_peer, to_backend)]
-            {
-                if let Err(e) = reset::send(from, to, &seqs) {
-                    warn!(flow = f.flow, %to, error = %e, "packet splice: sending a RST failed");
-                }
+        let a = f.addrs();
+        // The peer's next expected number: its last ACK, or the end of what was sent to it. A
+        // leg whose own entry is gone gets the first alone (its peer left: a new connection
+        // took the client's 4-tuple).
+        let to_client = c.map(|c| [c.max_ack, b.map_or(c.max_ack, |b| b.max_end.wrapping_add(b.seq_delta))]);
+        let to_backend = b.map(|b| [b.max_ack, c.map_or(b.max_ack, |c| c.max_end.wrapping_add(c.seq_delta))]);
+        for (from, to, seqs) in
+            [(a.client_local, a.client_peer, to_client), (a.backend_local, a.backend_peer, to_backend)]
+        {
+            let Some(seqs) = seqs.filter(|_| f.installed) else { continue };
+            if let Err(e) = reset::send(from, to, &seqs) {
+                warn!(flow = f.flow, %to, error = %e, "packet splice: sending a RST failed");
             }
         }
         if f.ended_ns.is_none() {
-            self.report(f, reason, &c.unwrap_or_default(), &b.unwrap_or_default());
+            self.report(f, reason, c.as_ref(), b.as_ref());
         }
         if f.ended_ns.is_none() {
             f.ended_ns = Some(sys::monotonic_ns());
@@ -658,18 +663,28 @@ impl Shared {
             return false;
         }
         let Ok(mut meta) = self.maps.meta.get(&f.keys[0]) else { return false };
-        let Some(group) = owner.sleep(f.flow) else { return false };
+        // In this order, so that a scrape finds the flow in the registry or in the maps at every
+        // moment (it skips a record whose flow is still registered): a place in a group, the
+        // record, then the registry lets go.
+        let Some(group) = owner.group(f.flow) else { return false };
+        let awake = meta;
         meta.flow = f.flow;
         meta.group = group;
         meta.flags |= META_DORMANT;
         if let Err(e) = self.maps.meta.insert(&f.keys[0], &meta) {
             debug!(flow = f.flow, error = %e, "packet splice: a flow stays awake (its record could not be written)");
-            owner.wake(&woken(&f.keys[0], &meta, token));
+            owner.leave_group(group);
             return false;
         }
         // Counted under the index's lock, as `wake` uncounts it: a reader that finds none dormant
         // skips the maps.
         self.stats.dormant.fetch_add(1, Ordering::Relaxed);
+        if !owner.sleep(f.flow, group) {
+            let _ = self.maps.meta.insert(&f.keys[0], &awake);
+            self.stats.dormant.fetch_sub(1, Ordering::Relaxed);
+            owner.leave_group(group);
+            return false;
+        }
         let Some(f) = flows.remove(&token) else { return false };
         for k in &f.keys {
             index.remove(k);
@@ -701,18 +716,30 @@ impl Shared {
             return None;
         }
         meta.flags &= !META_DORMANT;
-        let _ = self.maps.meta.insert(kc, &meta);
+        if index.contains_key(kc) {
+            // Awake already: a flag whose clearing failed at its wake.
+            let _ = self.maps.meta.insert(kc, &meta);
+            return None;
+        }
         let kb = meta.backend_key;
         let (endpoint, local) = super::switch::addrs(&kb);
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let mut pf = PFlow::adopted(self.ports.wake(endpoint, local.port()), [*kc, kb], &meta);
         pf.guarded = [true; 2];
-        let registered = self.owner.get().is_some_and(|o| o.wake(&woken(kc, &meta, token)));
-        pf.flow = if registered { meta.flow } else { 0 };
-        self.stats.dormant.fetch_sub(1, Ordering::Relaxed);
+        pf.flow = meta.flow;
         index.insert(*kc, token);
         index.insert(kb, token);
+        // In this order, so that a scrape finds the flow at every moment: the monitor has it
+        // (its counters), the registry takes it back, then the record's flag goes.
         self.monitor.add(token, pf);
+        let registered = self.owner.get().is_some_and(|o| o.wake(&woken(kc, &meta, token)));
+        if !registered
+            && let Some(f) = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner).get_mut(&token)
+        {
+            f.flow = 0;
+        }
+        self.stats.dormant.fetch_sub(1, Ordering::Relaxed);
+        let _ = self.maps.meta.insert(kc, &meta);
         debug!(flow = meta.flow, token, "packet splice: a dormant flow woke");
         Some(token)
     }
@@ -759,7 +786,18 @@ impl Shared {
             })
         });
         if let Err(e) = read {
-            warn!(error = %e, "packet splice: reading the dormant flows failed");
+            // Not expected (Linux has had batch reads of hash maps since 5.6); walk the maps.
+            warn!(error = %e, "packet splice: a batch read of the maps failed; walking them");
+            let mut keys = Vec::new();
+            let _ = sys::bpf::for_each_key::<Key>(self.maps.meta.fd(), u64::from(MAX_ENTRIES), |k| keys.push(k));
+            for kc in keys {
+                let Ok(meta) = self.maps.meta.get(&kc) else { continue };
+                if meta.flags & META_DORMANT != 0 {
+                    let c = self.maps.flows.get(&kc).ok();
+                    let b = self.maps.flows.get(&meta.backend_key).ok();
+                    f(kc, &meta, c.as_ref(), b.as_ref());
+                }
+            }
             return;
         }
         for (kc, meta) in &dormant {
