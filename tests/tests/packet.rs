@@ -357,6 +357,77 @@ fn idle_flow_goes_dormant_and_wakes_at_its_end() {
     assert_eq!(log.matches("connection closed").count(), 3, "{log}");
 }
 
+/// A client gives up on a dormant flow without a word (its socket closed in repair mode: no FIN,
+/// no RST) and connects again from the same port. The program drops the old flow's client entry
+/// at the SYN; the scan of dormant flows finds it gone and resets the backend leg; once the old
+/// flow is removed, its guard no longer holds the listener's SYN-ACK, and the new connection
+/// completes and works. The old flow is logged once, `internal_error`, with no byte counted for the
+/// direction whose entry is gone.
+#[test]
+fn client_abandoning_a_dormant_flow_then_reusing_its_port() {
+    use std::os::fd::AsRawFd as _;
+
+    use tokio::io::AsyncWriteExt as _;
+    let topo = Topology::new(1);
+    let daemon = packet_daemon(&topo, &["--bpf-pin-dir", "off", "--idle-timeout", "8s"]);
+    let admin = ops::admin_addr(9901);
+    let dormant = || ops::scrape(&topo.ingress, admin).must("zone_ingress_packet_dormant_flows", &[]);
+    let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
+    runtime().block_on(async {
+        let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
+        let ingress = SocketAddr::new(Topology::ingress_v4().into(), 10001);
+        let connect = || async {
+            let sock = topo.client.run(tokio::net::TcpSocket::new_v4).expect("socket");
+            sock.set_reuseaddr(true).expect("SO_REUSEADDR");
+            sock.bind(SocketAddr::new(std::net::Ipv4Addr::new(198, 18, 0, 1).into(), 47100)).expect("bind");
+            tokio::time::timeout(Duration::from_secs(15), sock.connect(ingress))
+                .await
+                .expect("connect timed out")
+                .expect("connect")
+        };
+        let mut c = connect().await;
+        c.write_all(&hello).await.expect("hello");
+        let (mut b, _) =
+            tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
+        assert_eq!(read_n(&mut b, hello.len(), "the ClientHello").await, hello);
+        b.write_all(b"pong").await.expect("pong");
+        assert_eq!(read_n(&mut c, 4, "pong").await, b"pong");
+        assert!(ops::wait_until(Duration::from_secs(6), || dormant() == 1.0), "{}", daemon.log_text());
+        // Gone without a word: in repair mode, closing sends nothing.
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt on a live fd with a c_int option value.
+        let r = unsafe {
+            libc::setsockopt(
+                c.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_REPAIR,
+                std::ptr::from_ref(&on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "TCP_REPAIR: {}", std::io::Error::last_os_error());
+        drop(c);
+        let mut c = connect().await;
+        c.write_all(&hello).await.expect("hello");
+        let (mut b2, _) =
+            tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
+        assert_eq!(read_n(&mut b2, hello.len(), "the new ClientHello").await, hello);
+        b2.write_all(b"again").await.expect("write");
+        assert_eq!(read_n(&mut c, 5, "the new connection's answer").await, b"again");
+        // The old backend leg was reset.
+        let mut one = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut b, &mut one)).await;
+        assert!(
+            matches!(&r, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the old backend leg: {r:?}"
+        );
+    });
+    assert!(daemon.wait_log_count("connection closed", 1, Duration::from_secs(5)), "{}", daemon.log_text());
+    let log = daemon.log_text();
+    assert!(log.contains("reason=\"internal_error\""), "{log}");
+    assert!(log.contains("bytes_client_to_backend=0 bytes_backend_to_client=4"), "{log}");
+}
+
 /// A client that reuses its 4-tuple at once (it reset the last connection, so it keeps no
 /// TIME_WAIT) gets a new, working connection each time, while the previous flow's entries still
 /// linger: the new SYN is not taken for the old flow.
