@@ -346,3 +346,25 @@ pub fn bpf_prog_exists(id: u32) -> bool {
         .status
         .success()
 }
+
+/// Loads an nftables script into `ns` (nft is installed by `cargo xtask setup`).
+pub fn nft(ns: &Netns, script: &str) {
+    use std::io::Write as _;
+    let mut child = ns
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft (installed by `cargo xtask setup`)");
+    child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("nft script");
+    let out = child.wait_with_output().expect("nft");
+    assert!(out.status.success(), "nft: {}\n{script}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Packets counted by the `counter` rules of table `inet TABLE` in `ns`.
+pub fn nft_counted(ns: &Netns, table: &str) -> u64 {
+    let out = ns.command("nft").args(["list", "table", "inet", table]).output().expect("nft list");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("packets ").skip(1).filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok()).sum()
+}

@@ -50,23 +50,9 @@ fn sysctl(ns: &Netns, kv: &str) {
     assert!(out.status.success(), "sysctl {kv}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-fn nft(ns: &Netns, script: &str) {
-    use std::io::Write as _;
-    let mut child = ns
-        .command("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("nft (installed by `cargo xtask setup`)");
-    child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("nft script");
-    let out = child.wait_with_output().expect("nft");
-    assert!(out.status.success(), "nft: {}\n{script}", String::from_utf8_lossy(&out.stderr));
-}
-
 /// Drops `percent` of the TCP packets entering and leaving `ns`.
 fn loss(ns: &Netns, percent: u32) {
-    nft(
+    ops::nft(
         ns,
         &format!(
             "table inet zi_loss {{\n  chain in {{ type filter hook input priority 0; meta l4proto tcp numgen random mod 100 < {percent} counter drop; }}\n  chain out {{ type filter hook output priority 0; meta l4proto tcp numgen random mod 100 < {percent} counter drop; }}\n}}\n"
@@ -79,7 +65,7 @@ fn loss(ns: &Netns, percent: u32) {
 /// which at 200 Mbit/s holds each for up to 3 ms while the others pass at full speed (this
 /// kernel has no netem).
 fn reorder(ns: &Netns, ifname: &str, percent: u32) {
-    nft(
+    ops::nft(
         ns,
         &format!(
             "table inet zi_reorder {{\n  chain out {{ type filter hook output priority 0; meta l4proto tcp numgen random mod 100 < {percent} counter meta priority set 0x10020; }}\n}}\n"
@@ -103,19 +89,12 @@ fn out_of_order(ns: &Netns) -> u64 {
 
 /// Packets the reorder rules of `ns` sent through the slow class.
 fn reordered(ns: &Netns) -> u64 {
-    counted(ns, "zi_reorder")
-}
-
-/// Packets the counters of nftables table `inet <table>` in `ns` counted.
-fn counted(ns: &Netns, table: &str) -> u64 {
-    let out = ns.command("nft").args(["list", "table", "inet", table]).output().expect("nft list");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split("packets ").skip(1).filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok()).sum()
+    ops::nft_counted(ns, "zi_reorder")
 }
 
 /// Packets the loss rules of `ns` dropped.
 fn dropped(ns: &Netns) -> u64 {
-    counted(ns, "zi_loss")
+    ops::nft_counted(ns, "zi_loss")
 }
 
 fn impair(topo: &Topology, how: Impair) {
@@ -997,7 +976,7 @@ fn closed_flow_gives_its_port_back_after_2s_an_unacknowledged_fin_after_10s() {
         let (mut c, mut b, _) = open_flow(&topo, &l).await;
         c.shutdown().await.expect("client FIN");
         expect_eof(&mut b).await;
-        nft(
+        ops::nft(
             &topo.client,
             "table inet zi_ack {\n  chain out { type filter hook output priority 0; tcp dport 10001 counter drop; }\n}\n",
         );
@@ -1005,7 +984,7 @@ fn closed_flow_gives_its_port_back_after_2s_an_unacknowledged_fin_after_10s() {
         expect_eof(&mut c).await;
         let ended = std::time::Instant::now();
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert!(counted(&topo.client, "zi_ack") >= 1, "the client's ACK was not dropped");
+        assert!(ops::nft_counted(&topo.client, "zi_ack") >= 1, "the client's ACK was not dropped");
         assert_eq!(held(), 1.0, "5 s after an end whose last FIN was not acknowledged, the port is still held");
         assert!(
             ops::wait_until(Duration::from_secs(10), || {
@@ -1034,7 +1013,7 @@ fn untranslated_option_layout_is_dropped_and_logged_by_the_program() {
     rt.block_on(async {
         let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
         let (mut c, mut b, _) = open_flow(&topo, &l).await;
-        nft(
+        ops::nft(
             &topo.client,
             "table inet zi_opts {\n  chain out { type filter hook output priority 0; tcp dport 10001 tcp flags & syn == 0 counter reset tcp option timestamp; }\n}\n",
         );
@@ -1047,7 +1026,7 @@ fn untranslated_option_layout_is_dropped_and_logged_by_the_program() {
         let bad = ops::scrape(&topo.ingress, admin)
             .must("zone_ingress_packet_program_packets_total", &[("result", "bad_options")]);
         assert!(bad >= 1.0, "bad_options {bad}");
-        nft(&topo.client, "delete table inet zi_opts\n");
+        ops::nft(&topo.client, "delete table inet zi_opts\n");
         // The retransmission (RTO backoff: within a few seconds) carries the timestamps again.
         let got = tokio::time::timeout(Duration::from_secs(15), read_n(&mut b, 4, "ping"))
             .await
