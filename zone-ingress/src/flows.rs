@@ -74,6 +74,37 @@ pub struct Flow {
     pub source_port: Option<Lease>,
 }
 
+impl Flow {
+    /// A packet-level flow this process did not route itself, registered from what the maps
+    /// keep of it (an adopted or a woken one): `(client, endpoint)`, the server name, the accept
+    /// time and the key of its counters. Its connect time is taken as the accept time.
+    #[must_use]
+    pub fn packet(
+        (client, endpoint): (SocketAddr, SocketAddr),
+        sni: &str,
+        started: SystemTime,
+        token: u64,
+        route: Arc<Route>,
+        permit: UpstreamPermit,
+    ) -> Self {
+        let age = SystemTime::now().duration_since(started).unwrap_or_default();
+        Self {
+            client,
+            sni: sni.to_owned(),
+            route,
+            endpoint,
+            mode: Path::Packet,
+            started,
+            started_ns: sys::monotonic_ns().saturating_sub(u64::try_from(age.as_nanos()).unwrap_or(0)),
+            upstream_since: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+            progress: Arc::default(),
+            cookies: Some([token, 0]),
+            permit,
+            source_port: None,
+        }
+    }
+}
+
 /// What the registry reads of the kernel's flows.
 pub trait KernelFlows {
     /// A kernel flow's counters by its path and its `cookies` (the sockets' cookies of a sockmap
@@ -455,30 +486,9 @@ impl Owner for Flows {
         inner.leave(w.group);
         inner.dormant = inner.dormant.saturating_sub(1);
         inner.changes += 1;
-        let age = SystemTime::now().duration_since(w.started).unwrap_or_default();
-        inner.open.insert(
-            w.flow,
-            Flow {
-                client: w.client,
-                sni: w.sni.clone(),
-                route,
-                endpoint: w.endpoint,
-                mode: Path::Packet,
-                started: w.started,
-                started_ns: sys::monotonic_ns().saturating_sub(u64::try_from(age.as_nanos()).unwrap_or(0)),
-                upstream_since: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
-                progress: Arc::default(),
-                cookies: Some([w.token, 0]),
-                permit: cluster.resume_permit(),
-                source_port: None,
-            },
-        );
+        let flow = Flow::packet((w.client, w.endpoint), &w.sni, w.started, w.token, route, cluster.resume_permit());
+        inner.open.insert(w.flow, flow);
         true
-    }
-
-    fn shrink(&self) {
-        // The ordered map gives its nodes back as it empties; the group index may have grown.
-        self.lock().group_of.shrink_to_fit();
     }
 }
 

@@ -455,21 +455,7 @@ impl Ingress {
             let Some(permit) = snap.clusters.get(&route.cluster.name).and_then(|c| c.try_acquire(usize::MAX)) else {
                 return 0;
             };
-            let age = SystemTime::now().duration_since(a.started).unwrap_or_default();
-            self.flows.open(Flow {
-                client: a.client,
-                sni: a.sni.clone(),
-                route,
-                endpoint: a.endpoint,
-                mode: Path::Packet,
-                started: a.started,
-                started_ns: crate::sys::monotonic_ns().saturating_sub(u64::try_from(age.as_nanos()).unwrap_or(0)),
-                upstream_since: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
-                progress: Arc::default(),
-                cookies: Some([token, 0]),
-                permit,
-                source_port: None,
-            })
+            self.flows.open(Flow::packet((a.client, a.endpoint), &a.sni, a.started, token, route, permit))
         })
     }
 }

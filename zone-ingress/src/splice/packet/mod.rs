@@ -168,8 +168,6 @@ pub trait Owner: Send + Sync {
     /// A dormant flow wakes: register it again under its id, and give back its place in its
     /// group (`false`: its group is unknown; it is carried unregistered).
     fn wake(&self, w: &Woken) -> bool;
-    /// Gives back room that dormant flows left behind.
-    fn shrink(&self);
 }
 
 /// A dormant flow waking, as its owner registers it again.
@@ -442,7 +440,7 @@ impl PacketSplice {
                 register(&Adopted { client: client_peer, endpoint: backend_peer, sni, started }, token)
             };
             pf.flow = flow;
-            let _ = self.shared.monitor.install(token, &pf.keys, |_| {}, || Ok(()));
+            let _ = self.shared.monitor.install(token, &pf.keys, || Ok(()));
             self.shared.monitor.add(token, pf);
             if reported {
                 self.shared.monitor.ended(token, false);
@@ -746,19 +744,10 @@ impl Shared {
             let relayed = u32::try_from(n).unwrap_or(u32::MAX);
             let ((kc, xc), (kb, xb)) = switch::entries(&legs[0], &legs[1], relayed, fin);
             pf.keys = [kc, kb];
-            // A dormant flow on the same client 4-tuple (its client gave up on it unseen) wakes
-            // first, keeping its own keys: the new flow's install takes the client key over.
-            self.monitor.install(
-                token,
-                &pf.keys,
-                |index| {
-                    self.wake_locked(index, &kc);
-                },
-                || {
-                    self.maps.flows.insert(&kb, &xb)?;
-                    self.maps.flows.insert(&kc, &xc)
-                },
-            )?;
+            self.monitor.install(token, &pf.keys, || {
+                self.maps.flows.insert(&kb, &xb)?;
+                self.maps.flows.insert(&kc, &xc)
+            })?;
             pf.installed = true;
             let b = pf.fds[1].as_ref().map(AsFd::as_fd).ok_or(io::ErrorKind::NotConnected)?;
             write_all(b, &buf[..n])?;

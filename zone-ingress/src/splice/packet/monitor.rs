@@ -18,9 +18,9 @@
 //!   [`DORMANT_AFTER`] leaves the daemon's memory: its owner keeps a count in a group, its port
 //!   hold becomes a bit, and its `PKT_META` record gets its id, its group and `META_DORMANT`.
 //!   A scan every eighth of the idle timeout (1 to 10 s) reads dormant flows from the maps; an
-//!   event of theirs, an idle timeout, the drain, or a new connection on the same client
-//!   4-tuple wakes one: it is rebuilt from its record and registered again, then handled as
-//!   any other.
+//!   event of theirs, an idle timeout (or entries a new connection on its client 4-tuple
+//!   dropped), or the drain wakes one: it is rebuilt from its record and registered again, then
+//!   handled as any other.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
@@ -218,15 +218,8 @@ impl Monitor {
     /// Installs a flow's entries with `put`, its keys pointing at `token` in the index, under
     /// the index's lock: the cleanup of an earlier flow whose client 4-tuple the new one reuses
     /// removes an entry only while the index still gives it to that earlier flow.
-    pub(super) fn install(
-        &self,
-        token: u64,
-        keys: &[Key; 2],
-        before: impl FnOnce(&mut Index),
-        put: impl FnOnce() -> io::Result<()>,
-    ) -> io::Result<()> {
+    pub(super) fn install(&self, token: u64, keys: &[Key; 2], put: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
         let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
-        before(&mut index);
         index.insert(keys[0], token);
         index.insert(keys[1], token);
         put()
@@ -546,7 +539,8 @@ impl Shared {
         for (from, to, seqs) in
             [(a.client_local, a.client_peer, to_client), (a.backend_local, a.backend_peer, to_backend)]
         {
-            let Some(seqs) = seqs.filter(|_| f.installed) else { continue };
+            // No entry, no RST: a flow never installed, whose sockets' own RSTs are right.
+            let Some(seqs) = seqs else { continue };
             if let Err(e) = reset::send(from, to, &seqs) {
                 warn!(flow = f.flow, %to, error = %e, "packet splice: sending a RST failed");
             }
@@ -701,16 +695,6 @@ impl Shared {
     /// Wakes the dormant flow with client key `kc`, if it is one: its new token.
     pub(super) fn wake(&self, kc: &Key) -> Option<u64> {
         let mut index = self.monitor.index.lock().unwrap_or_else(PoisonError::into_inner);
-        self.wake_locked(&mut index, kc)
-    }
-
-    /// [`Self::wake`] under the index's lock (held by the caller: an install on the same client
-    /// 4-tuple wakes the flow before it takes the key over).
-    pub(super) fn wake_locked(&self, index: &mut Index, kc: &Key) -> Option<u64> {
-        // Counted under this lock: with none dormant, no map is read (every switch comes here).
-        if self.stats.dormant.load(Ordering::Relaxed) == 0 {
-            return None;
-        }
         let mut meta = self.maps.meta.get(kc).ok()?;
         if meta.flags & META_DORMANT == 0 {
             return None;
@@ -837,15 +821,12 @@ impl Shared {
         }
     }
 
-    /// Gives back the room flows that went dormant left: the monitor's and the owner's tables,
-    /// and the allocator's free pages.
+    /// Gives back the room flows that went dormant left: the monitor's tables and the
+    /// allocator's free pages (the owner's registry is an ordered map, which shrinks by itself).
     fn shrink(&self) {
         self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner).shrink_to_fit();
         self.monitor.index.lock().unwrap_or_else(PoisonError::into_inner).shrink_to_fit();
         self.ports.shrink();
-        if let Some(o) = self.owner.get() {
-            o.shrink();
-        }
         let rss_kb = || {
             std::fs::read_to_string("/proc/self/statm")
                 .ok()
