@@ -225,6 +225,8 @@ pub struct ServerStats {
     /// SNIs seen by the TLS server, in order.
     pub snis: Mutex<Vec<String>>,
     pub errors: Mutex<Vec<String>>,
+    /// `tcpi_options` of each accepted connection, in order (`TCPI_OPT_*` bits).
+    pub tcp_options: Mutex<Vec<u8>>,
 }
 
 /// A dataplane: mTLS (client certificate required) or plain TCP, running the protocol.
@@ -237,6 +239,9 @@ pub fn spawn_dataplane(listener: TcpListener, name: &str, tls: Option<Arc<rustls
         loop {
             let Ok((sock, _)) = listener.accept().await else { continue };
             st.accepted.fetch_add(1, Ordering::Relaxed);
+            if let Ok(info) = zone_ingress::sys::tcp_info(std::os::fd::AsFd::as_fd(&sock)) {
+                st.tcp_options.lock().expect("lock").push(info.options());
+            }
             let st = Arc::clone(&st);
             let name = name.clone();
             let acceptor = acceptor.clone();

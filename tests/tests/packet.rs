@@ -3,9 +3,10 @@
 //! byte each way, and on each leg in turn: 1 % loss both ways (nftables `numgen` drops in the
 //! leg's far namespace: this kernel has no netem), reordering on both legs (nftables sends 2 %
 //! of the packets through a slow HTB class), window scales that differ, timestamps off at one
-//! end, SACK off at one end, MTU 9000 on one leg and 1500 on the other, and IPv6. Each case checks that the flow was carried at packet level (`mode="packet"`), with
-//! exact byte totals in the access log, and that the translation saw no option layout it could
-//! not translate. Then restarts: the daemon SIGKILLed mid-transfer, and a SIGQUIT handover, each
+//! end, SACK off at one end, MTU 9000 on one leg and 1500 on the other, ECN on both legs (and on
+//! one only, which takes the sockmap splice), and IPv6. Each case checks that the flow was
+//! carried at packet level (`mode="packet"`), with exact byte totals in the access log, and that
+//! the translation saw no option layout it could not translate. Then restarts: the daemon SIGKILLed mid-transfer, and a SIGQUIT handover, each
 //! followed by a new daemon on the same pins that adopts the flows. Then the backend leg's source
 //! ports (the range's check at start, its exhaustion), an option layout the programs do not
 //! translate (dropped, logged by the program, recovered by the retransmission), and the
@@ -43,6 +44,10 @@ enum Impair {
     Jumbo,
     /// 2 % of the TCP packets the client and the dataplane send overtaken by the rest.
     Reorder,
+    /// The client and the ingress's host ask for ECN on their connections: both legs have it.
+    EcnBothLegs,
+    /// The client asks for ECN, the ingress's host does not: the client leg alone has it.
+    EcnClientLegOnly,
 }
 
 fn sysctl(ns: &Netns, kv: &str) {
@@ -114,11 +119,27 @@ fn impair(topo: &Topology, how: Impair) {
             reorder(client, "c0", 2);
             reorder(dp, "d0", 2);
         }
+        Impair::EcnBothLegs => {
+            sysctl(client, "net.ipv4.tcp_ecn=1");
+            sysctl(&topo.ingress, "net.ipv4.tcp_ecn=1");
+        }
+        Impair::EcnClientLegOnly => sysctl(client, "net.ipv4.tcp_ecn=1"),
     }
+}
+
+/// Whether `sock` negotiated ECN (`TCPI_OPT_ECN`).
+fn ecn_negotiated(sock: &tokio::net::TcpStream) -> bool {
+    let info = zone_ingress::sys::tcp_info(std::os::fd::AsFd::as_fd(sock)).expect("TCP_INFO");
+    info.options() & zone_ingress::sys::TCPI_OPT_ECN != 0
 }
 
 /// One mTLS connection through the packet path, `size` each way, under `how`.
 fn transfer(how: Impair, v6: bool, size: u64) {
+    transfer_by(how, v6, size, "packet");
+}
+
+/// One mTLS connection, `size` each way, under `how`, carried by the splice `mode` names.
+fn transfer_by(how: Impair, v6: bool, size: u64, mode: &str) {
     let topo = Topology::new(3);
     impair(&topo, how);
     let pki = Pki::new();
@@ -138,7 +159,14 @@ fn transfer(how: Impair, v6: bool, size: u64) {
         let connector = tokio_rustls::TlsConnector::from(pki.client_config(&client_leaf));
         let ingress = SocketAddr::new(listen.parse().expect("ip"), 10001);
         let tcp = topo.client.connect(ingress).expect("connect to the ingress");
+        let client_ecn = ecn_negotiated(&tcp);
         let tls = stream::mtls_handshake(&connector, tcp, BACKEND_MS, Duration::from_secs(10)).await;
+        if let Impair::EcnBothLegs | Impair::EcnClientLegOnly = how {
+            let both = matches!(how, Impair::EcnBothLegs);
+            assert!(client_ecn, "ECN on the client leg");
+            let backend = stats.tcp_options.lock().expect("lock").first().copied().expect("the dataplane accepted");
+            assert_eq!(backend & zone_ingress::sys::TCPI_OPT_ECN != 0, both, "ECN on the backend leg");
+        }
         let out = tokio::time::timeout(Duration::from_secs(240), stream::client(tls, size, size))
             .await
             .expect("transfer timed out")
@@ -158,7 +186,10 @@ fn transfer(how: Impair, v6: bool, size: u64) {
         daemon.log_text()
     );
     let log = daemon.log_text();
-    assert_eq!(log.matches("mode=\"packet\" bytes").count(), 1, "carried at packet level:\n{log}");
+    assert_eq!(log.matches(&format!("mode=\"{mode}\" bytes")).count(), 1, "carried by the {mode} splice:\n{log}");
+    if let Impair::EcnClientLegOnly = how {
+        assert!(log.contains("ECN was negotiated on the client leg only"), "the refusal's reason:\n{log}");
+    }
     if let Impair::Loss { client_leg } = how {
         let n = dropped(if client_leg { &topo.client } else { &topo.dataplanes[0] });
         // 1 % of the packets as the stack handles them: a dropped GSO packet takes up to 45
@@ -217,6 +248,20 @@ fn sack_off_at_the_backend() {
 #[test]
 fn mtu_9000_client_leg_1500_backend_leg() {
     transfer(Impair::Jumbo, false, 64 * MIB);
+}
+
+/// ECN on both legs: the program passes the codepoints and the ECE/CWR flags through, which
+/// end to end is right.
+#[test]
+fn ecn_on_both_legs() {
+    transfer(Impair::EcnBothLegs, false, 64 * MIB);
+}
+
+/// ECN on the client leg alone: marks on one leg would never reach the other leg's sender, so
+/// the flow takes the sockmap splice.
+#[test]
+fn ecn_on_one_leg_takes_the_sockmap_splice() {
+    transfer_by(Impair::EcnClientLegOnly, false, 16 * MIB, "kernel");
 }
 
 #[test]

@@ -53,6 +53,9 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// `TCPI_OPT_ECN` of [`TcpInfo::options`]: the connection negotiated ECN (RFC 3168).
+pub const TCPI_OPT_ECN: u8 = 8;
+
 /// The prefix of `struct tcp_info` (include/uapi/linux/tcp.h) up to `tcpi_bytes_received`,
 /// which every kernel since 4.2 fills. glibc's older definition stops before these fields.
 #[repr(C)]

@@ -95,6 +95,10 @@ pub enum Refused {
     #[error("the observed handshake does not match the socket (a stale observation)")]
     Stale,
     #[error(
+        "ECN was negotiated on the {0} leg only: congestion marks on one leg would never reach the other leg's sender"
+    )]
+    EcnOneLeg(&'static str),
+    #[error(
         "the backend leg's source port {0} was chosen by the kernel (every port of the packet splice's range is held toward that endpoint)"
     )]
     KernelPort(u16),
@@ -637,6 +641,13 @@ impl PacketSplice {
         let ib = sys::tcp_info(backend).map_err(io("TCP_INFO of the backend socket"))?;
         if ib.bytes_received > 0 {
             return Err(Refused::BackendSpoke(ib.bytes_received));
+        }
+        // The program passes the IP header's ECN field and the ECE/CWR flags through: end to end
+        // that is right when both legs negotiated ECN, or neither (docs/design.md#ecn).
+        match (ic.options() & sys::TCPI_OPT_ECN != 0, ib.options() & sys::TCPI_OPT_ECN != 0) {
+            (true, false) => return Err(Refused::EcnOneLeg("client")),
+            (false, true) => return Err(Refused::EcnOneLeg("backend")),
+            _ => {}
         }
         // The connection's task only peeked: all the client sent is queued.
         let queued = ic.bytes_received;
