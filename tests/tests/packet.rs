@@ -986,7 +986,8 @@ fn source_port_range_exhausted_flows_take_the_sockmap_splice() {
 }
 
 /// A flow closed both ways, each FIN acknowledged, gives its backend source port back about 2 s
-/// after its end (docs/design.md#packet-splice: the linger of a cleanly closed flow); one whose
+/// after its end (docs/design.md#packet-splice: the linger of a cleanly closed flow), and so does
+/// one the client reset; one whose
 /// last FIN was never acknowledged (nftables drops the client's ACKs) keeps its entries and its
 /// port for the full 10 s linger, then gives them back too.
 #[test]
@@ -1017,6 +1018,28 @@ fn closed_flow_gives_its_port_back_after_2s_an_unacknowledged_fin_after_10s() {
         );
         let after = ended.elapsed();
         assert!(after >= Duration::from_millis(1500), "released {after:?} after the end, before the 2 s linger");
+        // Ended by the client's RST: nothing follows a RST, so the short linger too.
+        let (c, mut b, _) = open_flow(&topo, &l).await;
+        zone_ingress_tests::raw::set_linger_zero(&c).expect("SO_LINGER 0");
+        drop(c);
+        let mut buf = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut b, &mut buf)).await;
+        assert!(
+            matches!(&r, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the backend got {r:?}, not the client's RST"
+        );
+        let ended = std::time::Instant::now();
+        assert_eq!(held(), 1.0, "the port is held while the reset flow lingers");
+        assert!(
+            ops::wait_until(Duration::from_secs(5), || {
+                n = held();
+                n == 0.0
+            }),
+            "{n} ports still held 5 s after a RST\n{}",
+            daemon.log_text()
+        );
+        let after = ended.elapsed();
+        assert!(after >= Duration::from_millis(1500), "released {after:?} after the RST, before the 2 s linger");
         // The client's ACK of the backend's FIN never leaves its namespace.
         let (mut c, mut b, _) = open_flow(&topo, &l).await;
         c.shutdown().await.expect("client FIN");
@@ -1041,7 +1064,7 @@ fn closed_flow_gives_its_port_back_after_2s_an_unacknowledged_fin_after_10s() {
         );
         drop((c, b));
     });
-    assert!(daemon.wait_log_count("connection closed", 2, Duration::from_secs(5)), "{}", daemon.log_text());
+    assert!(daemon.wait_log_count("connection closed", 3, Duration::from_secs(5)), "{}", daemon.log_text());
 }
 
 /// A segment whose options the translation does not know (nftables replaces the client's

@@ -2,13 +2,15 @@
 //!
 //! - **Settle**: the backend socket keeps sending (and retransmitting) what it relayed until the
 //!   backend acknowledges all of it; the program then clears `Xlate::local_below` and says so on
-//!   `PKT_EVENTS` (polled every [`SETTLE_POLL`] too, in case the ring was full). The monitor then
-//!   guards, parks and closes the socket (silently): the flow is map entries only from then on.
+//!   `PKT_EVENTS` (unsettled switches are also looked at every [`SETTLE_POLL`], in case the ring
+//!   was full). The monitor then guards, parks and closes the socket (silently): the flow is map
+//!   entries only from then on.
 //! - **End**: the program reports the first FIN and the first RST of each direction on
 //!   `PKT_EVENTS`. A RST either way, or a FIN both ways, ends the flow: its close report goes to
 //!   the owner at once, with the exact byte counts (the FIN's sequence number marks the end).
-//! - **Linger**: the entries keep translating for [`CLOSED_LINGER`] if both FINs were
-//!   acknowledged by then, else for [`LINGER`] (retransmitted FINs, final ACKs); then they are
+//! - **Linger**: the entries keep translating for [`CLOSED_LINGER`] if a RST ended the flow or
+//!   both FINs were acknowledged by then, else for [`LINGER`] (retransmitted FINs, final ACKs);
+//!   then they are
 //!   removed, then the guard entries, and the flow's hold on its backend source port is
 //!   released (`ports`): no connection of the daemon reuses that 4-tuple while packets of the
 //!   flow may still arrive.
@@ -26,7 +28,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
     io,
     os::fd::{AsFd, AsRawFd, OwnedFd},
-    sync::{Mutex, PoisonError, atomic::Ordering},
+    sync::{Mutex, MutexGuard, PoisonError, atomic::Ordering},
     time::Duration,
 };
 
@@ -51,8 +53,9 @@ use crate::{
 /// FIN until it is acknowledged (200 ms, 400 ms, ... after the loss of a final ACK), and its
 /// 4-tuple must not be reused meanwhile. Below 15 s, so a flow's sockets are gone by then.
 pub(super) const LINGER: Duration = Duration::from_secs(10);
-/// The linger of a flow both of whose FINs were acknowledged, as the program saw: only
-/// stragglers are left. A FIN retransmitted after it (its ACK lost beyond the ingress) meets
+/// The linger of a flow a RST ended, or both of whose FINs were acknowledged, as the program
+/// saw: only stragglers are left (nothing is retransmitted after a RST, and neither peer keeps
+/// the connection). A FIN retransmitted after it (its ACK lost beyond the ingress) meets
 /// the ingress's stack and a RST, which ends a peer that has had every byte acknowledged; a late
 /// duplicate meets a new connection's sequence and timestamp checks, as a TIME_WAIT 4-tuple
 /// reused after 1 s does (`tcp_tw_reuse`). Five times the flows per source port than `LINGER`.
@@ -257,6 +260,7 @@ pub(super) fn run(shared: &Shared) {
     let mut last_scan = sys::monotonic_ns();
     let mut last_dormant_scan = last_scan;
     let mut last_pass = 0;
+    let mut last_sweep = 0;
     let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 4];
     while !shared.stop.load(Ordering::Relaxed) {
         let since = Duration::from_nanos(sys::monotonic_ns().saturating_sub(last_pass));
@@ -285,13 +289,17 @@ pub(super) fn run(shared: &Shared) {
                 shared.on_event(token);
             }
         }
-        // Events or not (a full ring), every unsettled switch is looked at once per pass.
-        let settling: Vec<u64> =
-            shared.monitor.settling.lock().unwrap_or_else(PoisonError::into_inner).iter().copied().collect();
-        for token in settling {
-            shared.settle(token);
-        }
+        // An event settles its flow (`examine`). In case the ring was full, every unsettled
+        // switch is also looked at every `SETTLE_POLL`.
         let now = sys::monotonic_ns();
+        if now.saturating_sub(last_sweep) >= SETTLE_POLL.as_nanos() as u64 {
+            last_sweep = now;
+            let settling: Vec<u64> =
+                shared.monitor.settling.lock().unwrap_or_else(PoisonError::into_inner).iter().copied().collect();
+            for token in settling {
+                shared.settle(token);
+            }
+        }
         shared
             .monitor
             .early
@@ -311,7 +319,7 @@ pub(super) fn run(shared: &Shared) {
             }
         };
         while let Some((at, token)) = due(&shared.monitor.ended, CLOSED_LINGER) {
-            if at == 0 || shared.fins_acknowledged(token) {
+            if at == 0 || shared.closed_for_good(token) {
                 shared.cleanup(token);
             } else {
                 shared.monitor.lingering.lock().unwrap_or_else(PoisonError::into_inner).push_back((at, token));
@@ -351,9 +359,15 @@ pub(super) fn run(shared: &Shared) {
 impl Shared {
     /// Guards and parks the backend socket once the backend acknowledged what it relayed.
     fn settle(&self, token: u64) {
-        let mut flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(f) = flows.get_mut(&token) else { return };
+        let flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(f) = flows.get(&token) else { return };
         let Ok(b) = self.maps.flows.get(&f.keys[1]) else { return };
+        self.settle_with(flows, token, &b);
+    }
+
+    /// [`Self::settle`] with the flow's backend entry as just read.
+    fn settle_with(&self, mut flows: MutexGuard<'_, StdHashMap<u64, PFlow>>, token: u64, b: &Xlate) {
+        let Some(f) = flows.get_mut(&token) else { return };
         if b.local_below != 0 {
             if sys::monotonic_ns().saturating_sub(f.switched_ns) > SETTLE_LIMIT.as_nanos() as u64 {
                 drop(flows);
@@ -436,7 +450,16 @@ impl Shared {
                 return false;
             }
         }
-        let Some(now) = now else { return false };
+        let Some(now) = now else {
+            // An event: it may say that the backend acknowledged what the switch relayed.
+            if let Some(b) = b
+                && f.fds[1].is_some()
+                && !f.parked[1]
+            {
+                self.settle_with(flows, token, &b);
+            }
+            return false;
+        };
         let last = [c.map_or(0, |x| x.last_ns), b.map_or(0, |x| x.last_ns), f.switched_ns].into_iter().max();
         let idle = now.saturating_sub(last.unwrap_or(now));
         if idle > self.limits.idle_timeout.as_nanos() as u64 {
@@ -461,12 +484,17 @@ impl Shared {
         self.check_end(token);
     }
 
-    /// Both FINs of an ended flow were acknowledged, as the program saw: the backend's last
-    /// acknowledgment covers the client's FIN, and the client's covers the backend's.
-    fn fins_acknowledged(&self, token: u64) -> bool {
+    /// An ended flow needs no more than the short linger: a RST ended it (RSTs are not
+    /// retransmitted, and neither peer keeps the connection after one), or both its FINs were
+    /// acknowledged, as the program saw: the backend's last acknowledgment covers the client's
+    /// FIN, and the client's covers the backend's.
+    fn closed_for_good(&self, token: u64) -> bool {
         let flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(f) = flows.get(&token) else { return false };
         let (Some(c), Some(b)) = self.read_entries(f) else { return false };
+        if (c.events | b.events) & EV_RST != 0 {
+            return true;
+        }
         let c = f.with_relayed_fin(c);
         if c.events & b.events & EV_FIN == 0 {
             return false;
