@@ -15,6 +15,7 @@ const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// One `bpf(2)` call with `attr`, a valid, initialised `bpf_attr` prefix of its own size.
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
@@ -102,6 +103,40 @@ impl<K: Copy, V: Copy> BpfMap<K, V> {
     /// Removes `key` (`ENOENT` if absent).
     pub fn remove(&self, key: &K) -> io::Result<()> {
         self.call(BPF_MAP_DELETE_ELEM, key, 0)
+    }
+
+    /// Removes every key of `keys` that is in the map, with `BPF_MAP_DELETE_BATCH`: one system
+    /// call for all of them, plus one per absent key (the kernel stops at one; it is skipped).
+    /// Where the kernel has no batch deletion for the map, one call per key. Returns how many
+    /// were removed.
+    pub fn remove_batch(&self, keys: &[K]) -> usize {
+        let Ok(fd) = map_fd(self.fd.as_fd()) else { return 0 };
+        let (mut at, mut removed) = (0, 0);
+        while at < keys.len() {
+            let rest = &keys[at..];
+            let mut attr = BatchAttr {
+                keys: rest.as_ptr() as u64,
+                count: u32::try_from(rest.len()).unwrap_or(u32::MAX),
+                map_fd: fd,
+                ..BatchAttr::default()
+            };
+            // `keys` holds `count` keys of the map's key size (the type's contract); the kernel
+            // reads them and writes back in `count` how many it removed.
+            let r = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+            let n = (attr.count as usize).min(rest.len());
+            removed += n;
+            at += n;
+            match r {
+                Ok(()) => break,
+                // The key at `at` is not in the map.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => at += 1,
+                Err(_) => {
+                    removed += keys[at..].iter().filter(|k| self.remove(k).is_ok()).count();
+                    break;
+                }
+            }
+        }
+        removed
     }
 
     /// The map's fd.
@@ -250,4 +285,55 @@ pub fn for_each_key<K: Copy + Default>(fd: BorrowedFd<'_>, cap: u64, mut f: impl
         f(key);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::FromRawFd;
+
+    use super::*;
+
+    /// A hash map of `u64` keys and values (needs `CAP_BPF`: the tests run as root).
+    fn hash_map(max_entries: u32) -> BpfMap<u64, u64> {
+        /// `bpf_attr` of `BPF_MAP_CREATE`, up to `map_flags`.
+        #[repr(C)]
+        struct CreateAttr {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+            map_flags: u32,
+        }
+        const BPF_MAP_CREATE: libc::c_long = 0;
+        const BPF_MAP_TYPE_HASH: u32 = 1;
+        let mut attr =
+            CreateAttr { map_type: BPF_MAP_TYPE_HASH, key_size: 8, value_size: 8, max_entries, map_flags: 0 };
+        // SAFETY: a valid `bpf_attr` prefix of its own size.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, &raw mut attr, size_of::<CreateAttr>()) };
+        assert!(fd >= 0, "BPF_MAP_CREATE: {}", io::Error::last_os_error());
+        // SAFETY: a new descriptor this test owns.
+        BpfMap::new(unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).expect("fd")) })
+    }
+
+    #[test]
+    fn remove_batch_skips_absent_keys_and_removes_the_rest() {
+        let m = hash_map(64);
+        for k in 0..10u64 {
+            m.insert(&k, &(k * 10)).expect("insert");
+        }
+        // Absent keys first, in the middle and last; one present key twice.
+        let keys = [100, 1, 2, 101, 3, 3, 9, 102];
+        assert_eq!(m.remove_batch(&keys), 4);
+        let mut left: Vec<u64> = Vec::new();
+        m.for_each(64, |k, v| {
+            assert_eq!(*v, k * 10);
+            left.push(*k);
+        })
+        .expect("walk");
+        left.sort_unstable();
+        assert_eq!(left, [0, 4, 5, 6, 7, 8]);
+        assert_eq!(m.remove_batch(&[]), 0);
+        assert_eq!(m.remove_batch(&[0, 4, 5, 6, 7, 8]), 6);
+        assert!(matches!(m.get(&0), Err(e) if e.raw_os_error() == Some(libc::ENOENT)));
+    }
 }

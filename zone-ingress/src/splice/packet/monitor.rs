@@ -105,6 +105,8 @@ pub(super) struct PFlow {
     switched_ns: u64,
     /// Set once the flow ended (`sys::monotonic_ns()`), with its report sent.
     ended_ns: Option<u64>,
+    /// A peer's RST ended it.
+    reset: bool,
 }
 
 impl PFlow {
@@ -124,6 +126,7 @@ impl PFlow {
             client_fin: false,
             switched_ns: sys::monotonic_ns(),
             ended_ns: None,
+            reset: false,
         }
     }
 
@@ -147,6 +150,7 @@ impl PFlow {
             switched_ns: 0,
             // Ended and reported by the earlier daemon: only its linger is left.
             ended_ns: (meta.flags & META_REPORTED != 0).then(sys::monotonic_ns),
+            reset: false,
         }
     }
 
@@ -318,16 +322,18 @@ pub(super) fn run(shared: &Shared) {
                 _ => None,
             }
         };
+        let mut gone = Vec::new();
         while let Some((at, token)) = due(&shared.monitor.ended, CLOSED_LINGER) {
             if at == 0 || shared.closed_for_good(token) {
-                shared.cleanup(token);
+                gone.push(token);
             } else {
                 shared.monitor.lingering.lock().unwrap_or_else(PoisonError::into_inner).push_back((at, token));
             }
         }
         while let Some((_, token)) = due(&shared.monitor.lingering, LINGER) {
-            shared.cleanup(token);
+            gone.push(token);
         }
+        shared.cleanup(&gone);
         if now.saturating_sub(last_scan) >= IDLE_SCAN.as_nanos() as u64 {
             last_scan = now;
             let open: Vec<u64> = shared
@@ -444,6 +450,7 @@ impl Shared {
             };
             if let Some(reason) = reason {
                 f.ended_ns = Some(sys::monotonic_ns());
+                f.reset = matches!(reason, CloseReason::ClientReset | CloseReason::BackendReset);
                 self.monitor.ended(token, false);
                 self.report(f, reason, Some(&c), Some(&b));
                 self.release_client(f);
@@ -491,6 +498,9 @@ impl Shared {
     fn closed_for_good(&self, token: u64) -> bool {
         let flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(f) = flows.get(&token) else { return false };
+        if f.reset {
+            return true;
+        }
         let (Some(c), Some(b)) = self.read_entries(f) else { return false };
         if (c.events | b.events) & EV_RST != 0 {
             return true;
@@ -594,41 +604,56 @@ impl Shared {
         }
     }
 
-    /// Removes a flow: entries, then sockets (silently), then guard entries.
-    fn cleanup(&self, token: u64) {
-        let Some(f) = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner).remove(&token) else {
+    /// Removes flows: entries, then sockets (silently), then guard entries. Each map's keys go
+    /// in one batch (a pass under load has several flows to remove).
+    fn cleanup(&self, tokens: &[u64]) {
+        if tokens.is_empty() {
             return;
+        }
+        let gone: Vec<(u64, PFlow)> = {
+            let mut flows = self.monitor.flows.lock().unwrap_or_else(PoisonError::into_inner);
+            tokens.iter().filter_map(|t| Some((*t, flows.remove(t)?))).collect()
         };
-        if f.installed {
+        {
+            let (mut entries, mut records) = (Vec::new(), Vec::new());
             let mut index = self.monitor.index.lock().unwrap_or_else(PoisonError::into_inner);
-            for k in &f.keys {
-                // A newer flow on the same client 4-tuple owns the key now.
-                if index.get(k) == Some(&token) {
-                    index.remove(k);
-                    let _ = self.maps.flows.remove(k);
-                    if *k == f.keys[0] {
-                        let _ = self.maps.meta.remove(k);
+            for (token, f) in gone.iter().filter(|(_, f)| f.installed) {
+                for k in &f.keys {
+                    // A newer flow on the same client 4-tuple owns the key now.
+                    if index.get(k) == Some(token) {
+                        index.remove(k);
+                        entries.push(*k);
+                        if *k == f.keys[0] {
+                            records.push(*k);
+                        }
                     }
                 }
             }
+            // Under the index's lock: a newer flow cannot install a key removed here meanwhile.
+            self.maps.flows.remove_batch(&entries);
+            self.maps.meta.remove_batch(&records);
         }
-        let quiet = f.quiet();
-        let PFlow { fds, guarded, parked, flow, .. } = f;
-        for (i, fd) in fds.into_iter().enumerate() {
-            let Some(fd) = fd else { continue };
-            if !parked[i] {
-                // A socket not parked closes with a RST (the guard drops it) rather than a FIN.
-                let _ = sys::set_linger_zero(fd.as_fd());
+        let mut guards = Vec::new();
+        for (_, f) in &gone {
+            let quiet = f.quiet();
+            for (i, fd) in f.fds.iter().enumerate() {
+                let Some(fd) = fd else { continue };
+                if !f.parked[i] {
+                    // A socket not parked closes with a RST (the guard drops it) rather than a FIN.
+                    let _ = sys::set_linger_zero(fd.as_fd());
+                }
             }
-            drop(fd);
+            guards.extend(quiet.iter().zip(f.guarded).filter(|(_, g)| *g).map(|(q, _)| *q));
         }
-        for (i, q) in quiet.iter().enumerate() {
-            if guarded[i] {
-                let _ = self.maps.quiet.remove(q);
-            }
+        let n = gone.len();
+        let flows: Vec<u64> = gone.iter().map(|(_, f)| f.flow).collect();
+        // The sockets close here, before their guards go.
+        drop(gone);
+        self.maps.quiet.remove_batch(&guards);
+        self.stats.active.fetch_sub(n, Ordering::AcqRel);
+        for flow in flows {
+            debug!(flow, "packet splice: flow removed");
         }
-        self.stats.active.fetch_sub(1, Ordering::AcqRel);
-        debug!(flow, "packet splice: flow removed");
     }
 
     /// Resets every flow and removes it (the end of the drain time).
@@ -653,7 +678,7 @@ impl Shared {
             if ended.is_none() {
                 self.abort(t, reason);
             }
-            self.cleanup(t);
+            self.cleanup(&[t]);
         }
     }
 
