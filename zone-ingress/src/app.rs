@@ -343,7 +343,17 @@ fn packet_pins(args: &RunArgs, listen: SocketAddr) -> Option<std::path::PathBuf>
         Some("off") => return None,
         Some(dir) => std::path::PathBuf::from(dir),
         None => match splice::packet::pins::default_dir(listen) {
-            Ok(dir) => dir,
+            Ok(dir) => {
+                for old in splice::packet::pins::other_versions(&dir) {
+                    warn!(
+                        dir = %old.display(),
+                        "packet splice: a daemon of another version left its pins for this namespace and port; \
+                         its programs stay attached and its flows run until the directory is removed \
+                         (rm -r it once they ended: docs/operations.md#restarts-and-upgrades)"
+                    );
+                }
+                dir
+            }
             Err(e) => {
                 warn!(error = %e, "packet splice: no pin directory; its flows end with this process");
                 return None;

@@ -32,6 +32,35 @@ pub fn default_dir(listen: SocketAddr) -> io::Result<PathBuf> {
     Ok(Path::new(BPFFS).join("zone-ingress").join(format!("v{ABI}-netns{ns}-port{}", listen.port())))
 }
 
+/// Directories next to `dir` (a default one, [`default_dir`]) that daemons of other versions
+/// left for the same namespace and port: a daemon stopped without its drain (SIGKILL, SIGQUIT)
+/// before an upgrade. Their programs stay attached and their flows keep running until an
+/// operator removes them; this daemon never opens their maps.
+pub fn other_versions(dir: &Path) -> Vec<PathBuf> {
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name().and_then(|n| n.to_str())) else {
+        return Vec::new();
+    };
+    // `v<ABI>-<rest>`: the same rest under another version.
+    let Some(rest) = name.strip_prefix('v').and_then(|n| n.split_once('-')).map(|(_, rest)| rest) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else { return Vec::new() };
+    let mut out: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let n = e.file_name();
+            let Some(n) = n.to_str() else { return false };
+            n != name
+                && n.strip_prefix('v')
+                    .and_then(|n| n.split_once('-'))
+                    .is_some_and(|(v, r)| r == rest && !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    out
+}
+
 /// `SO_NETNS_COOKIE` of this process's network namespace.
 fn netns_cookie() -> io::Result<u64> {
     /// include/uapi/asm-generic/socket.h.
@@ -114,6 +143,26 @@ mod tests {
         assert!(name.starts_with(&format!("v{ABI}-netns")), "{name}");
         assert!(name.ends_with("-port10001"), "{name}");
         assert!(d.starts_with("/sys/fs/bpf/zone-ingress"));
+    }
+
+    #[test]
+    fn other_versions_are_the_same_namespace_and_port_under_another_version() {
+        let root = std::env::temp_dir().join(format!("zi-pin-versions-{}", std::process::id()));
+        let ours = root.join(format!("v{ABI}-netns7-port10001"));
+        for d in [
+            ours.clone(),
+            root.join("v1-netns7-port10001"),
+            root.join("v12-netns7-port10001"),
+            root.join("v1-netns8-port10001"),
+            root.join("v1-netns7-port10002"),
+            root.join("vx-netns7-port10001"),
+            root.join("custom"),
+        ] {
+            std::fs::create_dir_all(&d).expect("dir");
+        }
+        assert_eq!(other_versions(&ours), [root.join("v1-netns7-port10001"), root.join("v12-netns7-port10001")]);
+        assert!(other_versions(&root.join("custom")).is_empty(), "a directory of another shape has none");
+        std::fs::remove_dir_all(&root).expect("cleanup");
     }
 
     #[test]
