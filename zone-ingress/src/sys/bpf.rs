@@ -15,7 +15,12 @@ const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// The kernel's `ENOTSUPP` (include/linux/errno.h), which `bpf(2)` returns for a batch command
+/// the map type lacks.
+const ENOTSUPP: i32 = 524;
 
 /// One `bpf(2)` call with `attr`, a valid, initialised `bpf_attr` prefix of its own size.
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
@@ -103,6 +108,34 @@ impl<K: Copy, V: Copy> BpfMap<K, V> {
     /// Removes `key` (`ENOENT` if absent).
     pub fn remove(&self, key: &K) -> io::Result<()> {
         self.call(BPF_MAP_DELETE_ELEM, key, 0)
+    }
+
+    /// Inserts or replaces each of `entries` in order (`BPF_ANY`), with one
+    /// `BPF_MAP_UPDATE_BATCH`: as one call of [`Self::insert`] per entry would, it stops at the
+    /// first that fails, leaving those before it in place.
+    ///
+    /// # Errors
+    /// The first entry that failed, as `insert` would have failed.
+    pub fn insert_all<const N: usize>(&self, entries: [(K, V); N]) -> io::Result<()> {
+        let keys: [K; N] = entries.map(|(k, _)| k);
+        let values: [V; N] = entries.map(|(_, v)| v);
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: u32::try_from(N).unwrap_or(u32::MAX),
+            map_fd: map_fd(self.fd.as_fd())?,
+            ..BatchAttr::default()
+        };
+        // `keys` and `values` hold `count` keys and values of the map's sizes (the type's
+        // contract); the kernel reads them and writes back in `count` how many it stored.
+        match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+            Ok(()) => Ok(()),
+            // A kernel without batch updates for this map: one call per entry.
+            Err(e) if attr.count == 0 && matches!(e.raw_os_error(), Some(libc::EINVAL | ENOTSUPP)) => {
+                keys.iter().zip(&values).try_for_each(|(k, v)| self.insert(k, v))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Removes every key of `keys` that is in the map, with `BPF_MAP_DELETE_BATCH`: one system
@@ -335,5 +368,19 @@ mod tests {
         assert_eq!(m.remove_batch(&[]), 0);
         assert_eq!(m.remove_batch(&[0, 4, 5, 6, 7, 8]), 6);
         assert!(matches!(m.get(&0), Err(e) if e.raw_os_error() == Some(libc::ENOENT)));
+    }
+
+    #[test]
+    fn insert_all_stores_every_entry_and_stops_at_the_first_that_fails() {
+        let m = hash_map(3);
+        m.insert_all([(1, 10), (2, 20)]).expect("two entries");
+        assert_eq!((m.get(&1).expect("1"), m.get(&2).expect("2")), (10, 20));
+        m.insert_all([(1, 11)]).expect("a replacement");
+        assert_eq!(m.get(&1).expect("1"), 11);
+        // Room for one more: the second new key does not fit, the third is never tried.
+        let e = m.insert_all([(3, 30), (4, 40), (5, 50)]).expect_err("the map is full");
+        assert_eq!(e.raw_os_error(), Some(libc::E2BIG), "{e}");
+        assert_eq!(m.get(&3).expect("3"), 30);
+        assert!(m.get(&4).is_err() && m.get(&5).is_err());
     }
 }

@@ -755,10 +755,8 @@ impl Shared {
             let relayed = u32::try_from(n).unwrap_or(u32::MAX);
             let ((kc, xc), (kb, xb)) = switch::entries(&legs[0], &legs[1], relayed, fin);
             pf.keys = [kc, kb];
-            self.monitor.install(token, &pf.keys, || {
-                self.maps.flows.insert(&kb, &xb)?;
-                self.maps.flows.insert(&kc, &xc)
-            })?;
+            // The backend's entry first; both in one system call.
+            self.monitor.install(token, &pf.keys, || self.maps.flows.insert_all([(kb, xb), (kc, xc)]))?;
             pf.installed = true;
             let b = pf.fds[1].as_ref().map(AsFd::as_fd).ok_or(io::ErrorKind::NotConnected)?;
             write_all(b, &buf[..n])?;
