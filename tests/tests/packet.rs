@@ -997,6 +997,21 @@ fn closed_flow_gives_its_port_back_after_2s_an_unacknowledged_fin_after_10s() {
     let daemon = packet_daemon(&topo, &["--bpf-pin-dir", "off"]);
     let admin = ops::admin_addr(9901);
     let held = || ops::scrape(&topo.ingress, admin).must("zone_ingress_packet_source_ports_held", &[]);
+    // The flow's port is held at its end, and given back 1.5 to 5 s later.
+    let released_after_the_short_linger = |ended: std::time::Instant, what: &str| {
+        assert_eq!(held(), 1.0, "the port is held while the flow lingers after {what}");
+        let mut n = f64::NAN;
+        assert!(
+            ops::wait_until(Duration::from_secs(5), || {
+                n = held();
+                n == 0.0
+            }),
+            "{n} ports still held 5 s after {what}\n{}",
+            daemon.log_text()
+        );
+        let after = ended.elapsed();
+        assert!(after >= Duration::from_millis(1500), "released {after:?} after {what}, before the 2 s linger");
+    };
     runtime().block_on(async {
         let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
         // Closed cleanly: both FINs acknowledged.
@@ -1005,19 +1020,7 @@ fn closed_flow_gives_its_port_back_after_2s_an_unacknowledged_fin_after_10s() {
         expect_eof(&mut b).await;
         b.shutdown().await.expect("backend FIN");
         expect_eof(&mut c).await;
-        let ended = std::time::Instant::now();
-        assert_eq!(held(), 1.0, "the port is held while the flow lingers");
-        let mut n = f64::NAN;
-        assert!(
-            ops::wait_until(Duration::from_secs(5), || {
-                n = held();
-                n == 0.0
-            }),
-            "{n} ports still held 5 s after a clean close\n{}",
-            daemon.log_text()
-        );
-        let after = ended.elapsed();
-        assert!(after >= Duration::from_millis(1500), "released {after:?} after the end, before the 2 s linger");
+        released_after_the_short_linger(std::time::Instant::now(), "a clean close");
         // Ended by the client's RST: nothing follows a RST, so the short linger too.
         let (c, mut b, _) = open_flow(&topo, &l).await;
         zone_ingress_tests::raw::set_linger_zero(&c).expect("SO_LINGER 0");
@@ -1028,18 +1031,7 @@ fn closed_flow_gives_its_port_back_after_2s_an_unacknowledged_fin_after_10s() {
             matches!(&r, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset),
             "the backend got {r:?}, not the client's RST"
         );
-        let ended = std::time::Instant::now();
-        assert_eq!(held(), 1.0, "the port is held while the reset flow lingers");
-        assert!(
-            ops::wait_until(Duration::from_secs(5), || {
-                n = held();
-                n == 0.0
-            }),
-            "{n} ports still held 5 s after a RST\n{}",
-            daemon.log_text()
-        );
-        let after = ended.elapsed();
-        assert!(after >= Duration::from_millis(1500), "released {after:?} after the RST, before the 2 s linger");
+        released_after_the_short_linger(std::time::Instant::now(), "a RST");
         // The client's ACK of the backend's FIN never leaves its namespace.
         let (mut c, mut b, _) = open_flow(&topo, &l).await;
         c.shutdown().await.expect("client FIN");
@@ -1054,6 +1046,7 @@ fn closed_flow_gives_its_port_back_after_2s_an_unacknowledged_fin_after_10s() {
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(ops::nft_counted(&topo.client, "zi_ack") >= 1, "the client's ACK was not dropped");
         assert_eq!(held(), 1.0, "5 s after an end whose last FIN was not acknowledged, the port is still held");
+        let mut n = f64::NAN;
         assert!(
             ops::wait_until(Duration::from_secs(10), || {
                 n = held();
