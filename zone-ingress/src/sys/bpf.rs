@@ -130,8 +130,9 @@ impl<K: Copy, V: Copy> BpfMap<K, V> {
         // contract); the kernel reads them and writes back in `count` how many it stored.
         match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
             Ok(()) => Ok(()),
-            // A kernel without batch updates for this map: one call per entry.
-            Err(e) if attr.count == 0 && matches!(e.raw_os_error(), Some(libc::EINVAL | ENOTSUPP)) => {
+            // A kernel without batch updates for this map refuses before storing anything (and
+            // leaves `count` as it was): one call per entry.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | ENOTSUPP)) => {
                 keys.iter().zip(&values).try_for_each(|(k, v)| self.insert(k, v))
             }
             Err(e) => Err(e),
@@ -157,14 +158,21 @@ impl<K: Copy, V: Copy> BpfMap<K, V> {
             // reads them and writes back in `count` how many it removed.
             let r = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
             let n = (attr.count as usize).min(rest.len());
-            removed += n;
-            at += n;
             match r {
-                Ok(()) => break,
-                // The key at `at` is not in the map.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => at += 1,
+                Ok(()) => {
+                    removed += n;
+                    break;
+                }
+                // The key after the `n` removed is not in the map.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    removed += n;
+                    at += n + 1;
+                }
+                // Refused before or during the work (`count` then says nothing reliable, e.g.
+                // a kernel without batch deletion for this map): one call per key; a key
+                // already removed answers `ENOENT`.
                 Err(_) => {
-                    removed += keys[at..].iter().filter(|k| self.remove(k).is_ok()).count();
+                    removed += rest.iter().filter(|k| self.remove(k).is_ok()).count();
                     break;
                 }
             }

@@ -755,8 +755,13 @@ impl Shared {
             let relayed = u32::try_from(n).unwrap_or(u32::MAX);
             let ((kc, xc), (kb, xb)) = switch::entries(&legs[0], &legs[1], relayed, fin);
             pf.keys = [kc, kb];
-            // The backend's entry first; both in one system call.
-            self.monitor.install(token, &pf.keys, || self.maps.flows.insert_all([(kb, xb), (kc, xc)]))?;
+            // The backend's entry first; both in one system call. A failure may leave the
+            // backend's alone: it goes too, as the flow is not installed.
+            self.monitor.install(token, &pf.keys, || {
+                self.maps.flows.insert_all([(kb, xb), (kc, xc)]).inspect_err(|_| {
+                    let _ = self.maps.flows.remove(&kb);
+                })
+            })?;
             pf.installed = true;
             let b = pf.fds[1].as_ref().map(AsFd::as_fd).ok_or(io::ErrorKind::NotConnected)?;
             write_all(b, &buf[..n])?;

@@ -229,7 +229,16 @@ impl Monitor {
         let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
         index.insert(keys[0], token);
         index.insert(keys[1], token);
-        put()
+        let result = put();
+        if result.is_err() {
+            // Not installed: `put` took back what it had put, and the keys are nobody's.
+            for k in keys {
+                if index.get(k) == Some(&token) {
+                    index.remove(k);
+                }
+            }
+        }
+        result
     }
 
     pub(super) fn unsettled(&self) -> usize {
@@ -646,10 +655,18 @@ impl Shared {
             guards.extend(quiet.iter().zip(f.guarded).filter(|(_, g)| *g).map(|(q, _)| *q));
         }
         let n = gone.len();
-        let flows: Vec<u64> = gone.iter().map(|(_, f)| f.flow).collect();
-        // The sockets close here, before their guards go.
-        drop(gone);
+        let mut leases = Vec::with_capacity(n);
+        let mut flows = Vec::with_capacity(n);
+        for (_, f) in gone {
+            let PFlow { fds, port, flow, .. } = f;
+            // The sockets close here, before their guards go.
+            drop(fds);
+            leases.push(port);
+            flows.push(flow);
+        }
         self.maps.quiet.remove_batch(&guards);
+        // The ports last: a connect that takes one must not meet a guard of its 4-tuple.
+        drop(leases);
         self.stats.active.fetch_sub(n, Ordering::AcqRel);
         for flow in flows {
             debug!(flow, "packet splice: flow removed");
