@@ -468,9 +468,9 @@ impl Shared {
         }
         let Some(now) = now else {
             // An event: it may say that the backend acknowledged what the switch relayed.
+            // (Its backend socket is still open: the switch has not settled.)
             if let Some(b) = b
                 && f.fds[1].is_some()
-                && !f.parked[1]
             {
                 self.settle_with(flows, token, &b);
             }
@@ -642,25 +642,20 @@ impl Shared {
             self.maps.flows.remove_batch(&entries);
             self.maps.meta.remove_batch(&records);
         }
-        let mut guards = Vec::new();
-        for (_, f) in &gone {
-            let quiet = f.quiet();
-            for (i, fd) in f.fds.iter().enumerate() {
-                let Some(fd) = fd else { continue };
-                if !f.parked[i] {
+        let n = gone.len();
+        let (mut guards, mut leases, mut flows) = (Vec::new(), Vec::with_capacity(n), Vec::with_capacity(n));
+        for (_, f) in gone {
+            guards.extend(f.quiet().into_iter().zip(f.guarded).filter(|(_, g)| *g).map(|(q, _)| q));
+            let PFlow { fds, parked, port, flow, .. } = f;
+            // The sockets close here, before their guards go.
+            for (fd, parked) in fds.into_iter().zip(parked) {
+                if let Some(fd) = fd
+                    && !parked
+                {
                     // A socket not parked closes with a RST (the guard drops it) rather than a FIN.
                     let _ = sys::set_linger_zero(fd.as_fd());
                 }
             }
-            guards.extend(quiet.iter().zip(f.guarded).filter(|(_, g)| *g).map(|(q, _)| *q));
-        }
-        let n = gone.len();
-        let mut leases = Vec::with_capacity(n);
-        let mut flows = Vec::with_capacity(n);
-        for (_, f) in gone {
-            let PFlow { fds, port, flow, .. } = f;
-            // The sockets close here, before their guards go.
-            drop(fds);
             leases.push(port);
             flows.push(flow);
         }

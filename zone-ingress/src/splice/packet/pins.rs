@@ -37,24 +37,18 @@ pub fn default_dir(listen: SocketAddr) -> io::Result<PathBuf> {
 /// before an upgrade. Their programs stay attached and their flows keep running until an
 /// operator removes them; this daemon never opens their maps.
 pub fn other_versions(dir: &Path) -> Vec<PathBuf> {
-    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name().and_then(|n| n.to_str())) else {
+    /// `v<version>-<rest>`: the version's digits and the rest.
+    fn split(name: &str) -> Option<(&str, &str)> {
+        let (v, rest) = name.strip_prefix('v')?.split_once('-')?;
+        (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())).then_some((v, rest))
+    }
+    let Some((ours, rest)) = dir.file_name().and_then(|n| n.to_str()).and_then(split) else {
         return Vec::new();
     };
-    // `v<ABI>-<rest>`: the same rest under another version.
-    let Some(rest) = name.strip_prefix('v').and_then(|n| n.split_once('-')).map(|(_, rest)| rest) else {
-        return Vec::new();
-    };
-    let Ok(entries) = std::fs::read_dir(parent) else { return Vec::new() };
+    let Some(Ok(entries)) = dir.parent().map(std::fs::read_dir) else { return Vec::new() };
     let mut out: Vec<PathBuf> = entries
         .filter_map(Result::ok)
-        .filter(|e| {
-            let n = e.file_name();
-            let Some(n) = n.to_str() else { return false };
-            n != name
-                && n.strip_prefix('v')
-                    .and_then(|n| n.split_once('-'))
-                    .is_some_and(|(v, r)| r == rest && !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-        })
+        .filter(|e| e.file_name().to_str().and_then(split).is_some_and(|(v, r)| r == rest && v != ours))
         .map(|e| e.path())
         .collect();
     out.sort();
