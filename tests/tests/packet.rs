@@ -309,7 +309,7 @@ fn idle_flow_goes_dormant_and_wakes_at_its_end() {
     let daemon = packet_daemon(&topo, &["--bpf-pin-dir", "off", "--idle-timeout", "7s"]);
     let admin = ops::admin_addr(9901);
     let scrape = || ops::scrape(&topo.ingress, admin);
-    let dormant = || scrape().must("zone_ingress_packet_dormant_flows", &[]);
+    let dormant = || dormant_flows(&topo);
     let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}").len() as u64;
     runtime().block_on(async {
         let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
@@ -390,12 +390,9 @@ fn idle_flow_goes_dormant_and_wakes_at_its_end() {
 #[test]
 fn client_abandoning_a_dormant_flow_then_reusing_its_port() {
     use std::os::fd::AsRawFd as _;
-
-    use tokio::io::AsyncWriteExt as _;
     let topo = Topology::new(1);
     let daemon = packet_daemon(&topo, &["--bpf-pin-dir", "off", "--idle-timeout", "8s"]);
-    let admin = ops::admin_addr(9901);
-    let dormant = || ops::scrape(&topo.ingress, admin).must("zone_ingress_packet_dormant_flows", &[]);
+    let dormant = || dormant_flows(&topo);
     let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
     runtime().block_on(async {
         let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
@@ -410,12 +407,7 @@ fn client_abandoning_a_dormant_flow_then_reusing_its_port() {
                 .expect("connect")
         };
         let mut c = connect().await;
-        c.write_all(&hello).await.expect("hello");
-        let (mut b, _) =
-            tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
-        assert_eq!(read_n(&mut b, hello.len(), "the ClientHello").await, hello);
-        b.write_all(b"pong").await.expect("pong");
-        assert_eq!(read_n(&mut c, 4, "pong").await, b"pong");
+        let (mut b, _) = exchange(&mut c, &l, &hello, b"pong").await;
         assert!(ops::wait_until(Duration::from_secs(6), || dormant() == 1.0), "{}", daemon.log_text());
         // Gone without a word: in repair mode, closing sends nothing.
         let on: libc::c_int = 1;
@@ -432,12 +424,8 @@ fn client_abandoning_a_dormant_flow_then_reusing_its_port() {
         assert_eq!(r, 0, "TCP_REPAIR: {}", std::io::Error::last_os_error());
         drop(c);
         let mut c = connect().await;
-        c.write_all(&hello).await.expect("hello");
-        let (mut b2, _) =
-            tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
-        assert_eq!(read_n(&mut b2, hello.len(), "the new ClientHello").await, hello);
-        b2.write_all(b"again").await.expect("write");
-        assert_eq!(read_n(&mut c, 5, "the new connection's answer").await, b"again");
+        // The new connection's dataplane socket stays open to the end of the test.
+        let (_b2, _) = exchange(&mut c, &l, &hello, b"again").await;
         // The old backend leg was reset.
         let mut one = [0u8; 1];
         let r = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut b, &mut one)).await;
@@ -544,6 +532,11 @@ async fn read_n(s: &mut tokio::net::TcpStream, n: usize, what: &str) -> Vec<u8> 
 
 /// The daemon of most tests here: listener 198.18.0.2:10001, admin port 9901, the section 5
 /// inventory, `--splice packet --drain-time 1s`, then `extra`.
+/// Flows the daemon in `topo`'s ingress holds dormant (`zone_ingress_packet_dormant_flows`).
+fn dormant_flows(topo: &Topology) -> f64 {
+    ops::scrape(&topo.ingress, ops::admin_addr(9901)).must("zone_ingress_packet_dormant_flows", &[])
+}
+
 fn packet_daemon(topo: &Topology, extra: &[&str]) -> Daemon {
     let mut args = vec!["--splice", "packet", "--drain-time", "1s"];
     args.extend_from_slice(extra);
@@ -557,16 +550,28 @@ async fn open_flow(
     topo: &Topology,
     l: &tokio::net::TcpListener,
 ) -> (tokio::net::TcpStream, tokio::net::TcpStream, u16) {
-    use tokio::io::AsyncWriteExt as _;
     let hello = zone_ingress_tests::raw::probe("backend{mesh=default,version=v1}");
     let mut c = topo.client.connect(SocketAddr::new(Topology::ingress_v4().into(), 10001)).expect("connect");
-    c.write_all(&hello).await.expect("hello");
+    let (b, peer) = exchange(&mut c, l, &hello, b"pong").await;
+    (c, b, peer.port())
+}
+
+/// The client `c` sends `hello`; the dataplane accepts on `l`, receives it whole and answers
+/// `answer`, which the client receives whole. Returns the dataplane's socket and its peer.
+async fn exchange(
+    c: &mut tokio::net::TcpStream,
+    l: &tokio::net::TcpListener,
+    hello: &[u8],
+    answer: &[u8],
+) -> (tokio::net::TcpStream, SocketAddr) {
+    use tokio::io::AsyncWriteExt as _;
+    c.write_all(hello).await.expect("hello");
     let (mut b, peer) =
         tokio::time::timeout(Duration::from_secs(5), l.accept()).await.expect("accept").expect("accept");
     assert_eq!(read_n(&mut b, hello.len(), "the ClientHello").await, hello);
-    b.write_all(b"pong").await.expect("backend write");
-    assert_eq!(read_n(&mut c, 4, "pong").await, b"pong");
-    (c, b, peer.port())
+    b.write_all(answer).await.expect("backend write");
+    assert_eq!(read_n(c, answer.len(), "the answer").await, answer);
+    (b, peer)
 }
 
 /// The peer's FIN arrives within 5 s, with nothing before it.
@@ -764,7 +769,7 @@ fn sigquit_hands_flows_over_to_the_next_daemon() {
         let (mut c, mut b, _) = open_flow(&topo, &l).await;
         // Handed over while dormant: its record says so, and the next daemon adopts it anyway.
         let admin = ops::admin_addr(9901);
-        let dormant = || ops::scrape(&topo.ingress, admin).must("zone_ingress_packet_dormant_flows", &[]);
+        let dormant = || dormant_flows(&topo);
         assert!(ops::wait_until(Duration::from_secs(6), || dormant() == 1.0), "{}", first.log_text());
         first.signal(libc::SIGQUIT);
         let status = first.wait_exit(Duration::from_secs(5)).expect("the daemon exits at once on SIGQUIT");
