@@ -362,6 +362,13 @@ pub fn nft(ns: &Netns, script: &str) {
     assert!(out.status.success(), "nft: {}\n{script}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// The network namespace's SNMP counter `name` (`nstat -az`, e.g. `TcpExtTCPSynRetrans`).
+pub fn nstat(ns: &Netns, name: &str) -> u64 {
+    let out = ns.command("nstat").args(["-az", name]).output().expect("nstat");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().find_map(|l| l.strip_prefix(name)?.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
 /// Packets counted by the `counter` rules of table `inet TABLE` in `ns`.
 pub fn nft_counted(ns: &Netns, table: &str) -> u64 {
     let out = ns.command("nft").args(["list", "table", "inet", table]).output().expect("nft list");

@@ -87,9 +87,7 @@ fn reorder(ns: &Netns, ifname: &str, percent: u32) {
 
 /// Segments that TCP in `ns` received out of order (`TcpExtTCPOFOQueue`).
 fn out_of_order(ns: &Netns) -> u64 {
-    let out = ns.command("nstat").args(["-az", "TcpExtTCPOFOQueue"]).output().expect("nstat");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines().find_map(|l| l.strip_prefix("TcpExtTCPOFOQueue")?.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+    ops::nstat(ns, "TcpExtTCPOFOQueue")
 }
 
 /// Packets the reorder rules of `ns` sent through the slow class.
