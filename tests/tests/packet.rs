@@ -441,6 +441,48 @@ fn client_abandoning_a_dormant_flow_then_reusing_its_port() {
 /// A client that reuses its 4-tuple at once (it reset the last connection, so it keeps no
 /// TIME_WAIT) gets a new, working connection each time, while the previous flow's entries still
 /// linger: the new SYN is not taken for the old flow.
+/// Flows that end at once, both ways, before the monitor has looked at them: nothing of the
+/// ingress's own sockets reaches either end afterwards. (An ended flow's backend socket was
+/// left open until the linger's end; the backend's acknowledgment of the ClientHello had gone
+/// to the client with its answer, so the socket sent the ClientHello again at its
+/// retransmission timeout, and the client, closed by then, answered the backend's duplicate
+/// acknowledgment with a RST.)
+#[test]
+fn flows_ending_at_once_leave_no_packet_behind() {
+    let topo = Topology::new(1);
+    let daemon = packet_daemon(&topo, &[]);
+    let rt = runtime();
+    const FLOWS: usize = 12;
+    rt.block_on(async {
+        let l = topo.dataplanes[0].listen(SocketAddr::new(Topology::dataplane_addr(1, false), 8080));
+        let counts = || {
+            [
+                ops::nstat(&topo.ingress, "TcpRetransSegs"),
+                ops::nstat(&topo.client, "TcpOutRsts"),
+                ops::nstat(&topo.dataplanes[0], "TcpOutRsts"),
+            ]
+        };
+        let before = counts();
+        for _ in 0..FLOWS {
+            let (c, b, _) = open_flow(&topo, &l).await;
+            // The dataplane closes first, the client at once after.
+            drop(b);
+            drop(c);
+        }
+        // Past a retransmission timeout and its first backoff (200 ms, then 400 ms).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let after = counts();
+        assert_eq!(
+            [after[0] - before[0], after[1] - before[1], after[2] - before[2]],
+            [0; 3],
+            "segments the ingress's namespace retransmitted, RSTs the client and the dataplane sent:\n{}",
+            daemon.log_text()
+        );
+    });
+    let log = daemon.log_text();
+    assert_eq!(log.matches("mode=\"packet\" bytes").count(), FLOWS, "every flow at packet level:\n{log}");
+}
+
 #[test]
 fn client_reusing_its_port_at_once() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

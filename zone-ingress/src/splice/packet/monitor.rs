@@ -391,23 +391,10 @@ impl Shared {
             }
             return;
         }
-        let quiet = f.quiet()[1];
-        let Some(fd) = f.fds[1].as_ref().map(AsFd::as_fd) else { return };
-        let result = (|| -> io::Result<u64> {
-            self.maps.quiet.insert(&quiet, &0)?;
-            f.guarded[1] = true;
-            // Anything that reached the socket before the guard was acknowledged to the backend
-            // by it, and only the daemon could forward it: the backend never sends before it
-            // has the ClientHello, which left after the entries were in place.
-            let received = sys::tcp_info(fd)?.bytes_received;
-            tcp::park(fd)?;
-            Ok(received)
-        })();
-        if result.is_ok() {
-            f.parked[1] = true;
-            // Closed in repair mode: silently. The flow's port hold and guard stay.
-            f.fds[1] = None;
+        if f.fds[1].is_none() {
+            return;
         }
+        let result = self.park_backend(f);
         self.monitor.settling.lock().unwrap_or_else(PoisonError::into_inner).remove(&token);
         match result {
             Ok(0) => debug!(token, flow = f.flow, "packet splice: switch settled"),
@@ -428,6 +415,23 @@ impl Shared {
                 self.abort(token, CloseReason::Internal);
             }
         }
+    }
+
+    /// Guards the backend socket's 4-tuple, then parks and closes the socket: silently (repair
+    /// mode). The flow's port hold and guard stay. Returns the bytes the socket received: any
+    /// reached it before the guard and was acknowledged to the backend by it.
+    fn park_backend(&self, f: &mut PFlow) -> io::Result<u64> {
+        let quiet = f.quiet()[1];
+        let Some(fd) = f.fds[1].as_ref().map(AsFd::as_fd) else { return Ok(0) };
+        self.maps.quiet.insert(&quiet, &0)?;
+        f.guarded[1] = true;
+        // Only the daemon could forward what reached the socket: the backend never sends
+        // before it has the ClientHello, which left after the entries were in place.
+        let received = sys::tcp_info(fd)?.bytes_received;
+        tcp::park(fd)?;
+        f.parked[1] = true;
+        f.fds[1] = None;
+        Ok(received)
     }
 
     /// Ends the flow if the program saw a RST either way or a FIN both ways.
@@ -463,6 +467,15 @@ impl Shared {
                 self.monitor.ended(token, false);
                 self.report(f, reason, Some(&c), Some(&b));
                 self.release_client(f);
+                // A switch that had not settled (a flow that ended within its first event):
+                // its backend socket, which never saw the backend's acknowledgment of the
+                // ClientHello (it went to the client with the backend's answer), goes silent
+                // now, before its retransmission timer sends the ClientHello again.
+                if f.fds[1].is_some()
+                    && let Err(e) = self.park_backend(f)
+                {
+                    debug!(token, flow = f.flow, error = %e, "packet splice: parking an ended flow's backend socket failed");
+                }
                 return false;
             }
         }
