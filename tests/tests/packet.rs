@@ -46,8 +46,25 @@ enum Impair {
     Reorder,
     /// The client and the ingress's host ask for ECN on their connections: both legs have it.
     EcnBothLegs,
-    /// The client asks for ECN, the ingress's host does not: the client leg alone has it.
+    /// The client asks for ECN, the ingress's host does not (Linux's default): the ingress
+    /// asks the backend because the client leg has it, so both legs have it.
+    EcnAskedByClient,
+    /// The client asks for ECN, the dataplane's host refuses it: the client leg alone has it.
     EcnClientLegOnly,
+    /// The ingress's host asks for ECN, the client does not: the backend leg alone has it.
+    EcnBackendLegOnly,
+}
+
+impl Impair {
+    /// ECN on the (client, backend) legs, for the cases about ECN.
+    fn ecn_legs(self) -> Option<(bool, bool)> {
+        match self {
+            Impair::EcnBothLegs | Impair::EcnAskedByClient => Some((true, true)),
+            Impair::EcnClientLegOnly => Some((true, false)),
+            Impair::EcnBackendLegOnly => Some((false, true)),
+            _ => None,
+        }
+    }
 }
 
 fn sysctl(ns: &Netns, kv: &str) {
@@ -121,7 +138,12 @@ fn impair(topo: &Topology, how: Impair) {
             sysctl(client, "net.ipv4.tcp_ecn=1");
             sysctl(&topo.ingress, "net.ipv4.tcp_ecn=1");
         }
-        Impair::EcnClientLegOnly => sysctl(client, "net.ipv4.tcp_ecn=1"),
+        Impair::EcnAskedByClient => sysctl(client, "net.ipv4.tcp_ecn=1"),
+        Impair::EcnClientLegOnly => {
+            sysctl(client, "net.ipv4.tcp_ecn=1");
+            sysctl(dp, "net.ipv4.tcp_ecn=0");
+        }
+        Impair::EcnBackendLegOnly => sysctl(&topo.ingress, "net.ipv4.tcp_ecn=1"),
     }
 }
 
@@ -159,11 +181,15 @@ fn transfer_by(how: Impair, v6: bool, size: u64, mode: &str) {
         let tcp = topo.client.connect(ingress).expect("connect to the ingress");
         let client_ecn = ecn_negotiated(&tcp);
         let tls = stream::mtls_handshake(&connector, tcp, BACKEND_MS, Duration::from_secs(10)).await;
-        if let Impair::EcnBothLegs | Impair::EcnClientLegOnly = how {
-            let both = matches!(how, Impair::EcnBothLegs);
-            assert!(client_ecn, "ECN on the client leg");
+        if let Some((client_leg, backend_leg)) = how.ecn_legs() {
+            assert_eq!(client_ecn, client_leg, "ECN on the client leg");
             let backend = stats.tcp_options.lock().expect("lock").first().copied().expect("the dataplane accepted");
-            assert_eq!(backend & zone_ingress::sys::TCPI_OPT_ECN != 0, both, "ECN on the backend leg");
+            assert_eq!(
+                backend & zone_ingress::sys::TCPI_OPT_ECN != 0,
+                backend_leg,
+                "ECN on the backend leg:\n{}",
+                daemon.log_text()
+            );
         }
         let out = tokio::time::timeout(Duration::from_secs(240), stream::client(tls, size, size))
             .await
@@ -185,8 +211,12 @@ fn transfer_by(how: Impair, v6: bool, size: u64, mode: &str) {
     );
     let log = daemon.log_text();
     assert_eq!(log.matches(&format!("mode=\"{mode}\" bytes")).count(), 1, "carried by the {mode} splice:\n{log}");
-    if let Impair::EcnClientLegOnly = how {
-        assert!(log.contains("ECN was negotiated on the client leg only"), "the refusal's reason:\n{log}");
+    if let Some((client_leg, backend_leg)) = how.ecn_legs()
+        && client_leg != backend_leg
+    {
+        let leg = if client_leg { "client" } else { "backend" };
+        let reason = format!("ECN was negotiated on the {leg} leg only");
+        assert!(log.contains(&reason), "the refusal's reason ({reason}):\n{log}");
     }
     if let Impair::Loss { client_leg } = how {
         let n = dropped(if client_leg { &topo.client } else { &topo.dataplanes[0] });
@@ -255,11 +285,27 @@ fn ecn_on_both_legs() {
     transfer(Impair::EcnBothLegs, false, 64 * MIB);
 }
 
-/// ECN on the client leg alone: marks on one leg would never reach the other leg's sender, so
-/// the flow takes the sockmap splice.
+/// A client that asks for ECN, through an ingress whose host does not: the backend's connect
+/// asks for it too, and the flow is forwarded at packet level with ECN end to end (over IPv6;
+/// `ecn_on_both_legs` asks over IPv4). The dataplane accepting ECN also shows that the SYN left
+/// without ECT: Linux refuses ECN to an ECN-capable SYN.
 #[test]
-fn ecn_on_one_leg_takes_the_sockmap_splice() {
+fn ecn_asked_by_the_client_is_asked_of_the_backend() {
+    transfer(Impair::EcnAskedByClient, true, 64 * MIB);
+}
+
+/// ECN on the client leg alone (the dataplane refuses it): marks on one leg would never reach
+/// the other leg's sender, so the flow takes the sockmap splice.
+#[test]
+fn ecn_on_the_client_leg_only_takes_the_sockmap_splice() {
     transfer_by(Impair::EcnClientLegOnly, false, 16 * MIB, "kernel");
+}
+
+/// ECN on the backend leg alone (the ingress's host asks, the client does not): the sockmap
+/// splice too.
+#[test]
+fn ecn_on_the_backend_leg_only_takes_the_sockmap_splice() {
+    transfer_by(Impair::EcnBackendLegOnly, false, 16 * MIB, "kernel");
 }
 
 #[test]

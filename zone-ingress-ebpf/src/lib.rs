@@ -314,6 +314,13 @@ pub mod packet {
     pub const INGRESS_PROG: &str = "packet_ingress";
     /// The tc egress program (guard).
     pub const EGRESS_PROG: &str = "packet_egress";
+    /// Socket cookies of backend connects that ask for ECN (docs/design.md#ecn) → 1. Written
+    /// by userspace around a connect; not pinned (it matters only while a connect runs).
+    pub const ECN_ASK: &str = "PKT_ECN_ASK";
+    /// The sock_ops program (cgroup) that makes the connects in `ECN_ASK` ask for ECN.
+    pub const ECN_PROG: &str = "packet_ecn";
+    /// Capacity of `ECN_ASK` (an LRU: an entry a crash left behind is evicted in time).
+    pub const MAX_ECN_ASKS: u32 = 4096;
 
     /// Capacity of `FLOWS` and `QUIET`: two entries per flow.
     pub const MAX_ENTRIES: u32 = 1 << 17;

@@ -11,6 +11,10 @@
 //!   goes to that socket, which still owns their retransmission;
 //! - everything else passes untouched.
 //!
+//! `packet_ecn`, a sock_ops program on the daemon's cgroup, makes a backend connect ask for
+//! ECN when userspace listed its socket in `PKT_ECN_ASK`: the client leg has ECN, and the
+//! legs must agree for the flow to be forwarded at packet level (docs/design.md#ecn).
+//!
 //! `packet_egress` drops what the ingress's parked sockets would send (`PKT_QUIET`): after the
 //! switch only translated packets speak for a flow. Translated packets carry `MARK` from the
 //! ingress program to the egress program of the interface they leave by, which clears it.
@@ -25,19 +29,21 @@
 use core::{mem::size_of, ptr};
 
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    EbpfContext,
+    bindings::{__sk_buff, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, BPF_SOCK_OPS_NEEDS_ECN, TC_ACT_OK, TC_ACT_SHOT},
     helpers::generated::{
-        bpf_ktime_get_ns, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_redirect_neigh, bpf_skb_pull_data,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_redirect_neigh,
+        bpf_skb_pull_data,
     },
-    macros::{classifier, map},
+    macros::{classifier, map, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TcContext,
+    programs::{SockOpsContext, TcContext},
 };
 use aya_log_ebpf::warn;
 use zone_ingress_ebpf::packet::{
-    EV_FIN, EV_RST, EVENTS_BYTES, FAMILY_V4, FAMILY_V6, Key, MARK, MAX_ENTRIES, MAX_SYNS, Meta, STAT_BAD_OPTIONS,
-    STAT_COUNT, STAT_GUARDED, STAT_LOCAL_ACK, STAT_PULL_FAILED, STAT_REDIRECT_FAILED, STAT_SYN_SEEN, STAT_TRANSLATED,
-    STAT_TTL, Syn, XF_TS, Xlate,
+    EV_FIN, EV_RST, EVENTS_BYTES, FAMILY_V4, FAMILY_V6, Key, MARK, MAX_ECN_ASKS, MAX_ENTRIES, MAX_SYNS, Meta,
+    STAT_BAD_OPTIONS, STAT_COUNT, STAT_GUARDED, STAT_LOCAL_ACK, STAT_PULL_FAILED, STAT_REDIRECT_FAILED, STAT_SYN_SEEN,
+    STAT_TRANSLATED, STAT_TTL, Syn, XF_TS, Xlate,
 };
 
 use crate::{
@@ -63,6 +69,9 @@ static PKT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0
 /// Written and read by userspace only; allocated per entry (`BPF_F_NO_PREALLOC`).
 #[map(name = "PKT_META")]
 static PKT_META: HashMap<Key, Meta> = HashMap::with_max_entries(MAX_ENTRIES / 2, BPF_F_NO_PREALLOC);
+
+#[map(name = "PKT_ECN_ASK")]
+static PKT_ECN_ASK: LruHashMap<u64, u8> = LruHashMap::with_max_entries(MAX_ECN_ASKS, 0);
 
 const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -592,6 +601,12 @@ pub(crate) fn packet_egress(ctx: TcContext) -> i32 {
     let Some(h) = headers(&ctx) else {
         return TC_ACT_OK;
     };
+    if let Some(th) = ptr_at::<TcpHdr>(&ctx, h.l4)
+        // SAFETY: bounds checked by `ptr_at`.
+        && unsafe { (*th).flags } & (TCP_SYN | TCP_ACK) == TCP_SYN
+    {
+        syn_not_ect(&ctx, &h);
+    }
     if let Some(n) = PKT_QUIET.get_ptr_mut(h.key) {
         // SAFETY: a map value pointer, valid for this run (a racy count is good enough).
         unsafe { *n += 1 };
@@ -600,6 +615,46 @@ pub(crate) fn packet_egress(ctx: TcContext) -> i32 {
     }
     local_ack_fixup(&ctx, &h);
     TC_ACT_OK
+}
+
+/// A connect that `packet_ecn` made ask for ECN sends its SYN ECN-capable: the kernel sets ECT
+/// on every packet of a socket a BPF program says needs ECN, the SYN included, and a receiver
+/// that follows RFC 3168 (Linux among them) refuses ECN to an ECN-capable SYN. So the SYN of
+/// a socket listed in `PKT_ECN_ASK` leaves with its IP ECN field cleared (docs/design.md#ecn).
+#[inline(always)]
+fn syn_not_ect(ctx: &TcContext, h: &Headers) {
+    let skb: *mut __sk_buff = ctx.skb.skb;
+    // SAFETY: the helper takes this program's own context (0 when the packet has no socket).
+    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+    // SAFETY: a lookup in a map of plain values; the value is not kept.
+    if cookie == 0 || unsafe { PKT_ECN_ASK.get(cookie) }.is_none() {
+        return;
+    }
+    if h.family == FAMILY_V4 {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+            return;
+        };
+        // SAFETY: bounds checked by `ptr_at`; the checksum helper works at an offset inside the
+        // header, after the last use of the pointer.
+        unsafe {
+            if (*ip).tos & 3 == 0 {
+                return;
+            }
+            // The first 16-bit word (version, header length, TOS), before and after.
+            let old = u32::from(ptr::read_unaligned(ip.cast::<u16>()));
+            (*ip).tos &= !3;
+            let new = u32::from(ptr::read_unaligned(ip.cast::<u16>()));
+            let sum = u64::from(!old & 0xffff) + u64::from(new);
+            bpf_l3_csum_replace(skb, (ETH_LEN + IP_CHECK) as u32, 0, u64::from(csum_fold(sum)), 0);
+        }
+    } else if let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) {
+        // Version (4 bits), traffic class (8), flow label (20): ECN is the class's low 2 bits.
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe {
+            let v = u32::from_be((*ip).version_class_flow);
+            (*ip).version_class_flow = (v & !(3 << 20)).to_be();
+        }
+    }
 }
 
 /// A backend socket still delivering what it relayed at the switch (its flow's backend entry
@@ -639,4 +694,20 @@ fn local_ack_fixup(ctx: &TcContext, h: &Headers) {
     let sum = csum_fold(csum_add(0, old, new));
     // SAFETY: checksum helper on this program's packet, at an offset inside the header.
     unsafe { bpf_l4_csum_replace(ctx.skb.skb, (h.l4 + TCP_CHECK) as u32, 0, u64::from(sum), 0) };
+}
+
+/// Called by TCP on the sockets of the daemon's cgroup: when one about to send its SYN asks
+/// whether it needs ECN (`BPF_SOCK_OPS_NEEDS_ECN`), the answer is yes for the sockets userspace
+/// listed. Every other socket and operation is left as it is.
+#[sock_ops]
+pub(crate) fn packet_ecn(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_NEEDS_ECN {
+        // SAFETY: the helper takes this program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // SAFETY: a lookup in a map of plain values; the value is not kept.
+        if unsafe { PKT_ECN_ASK.get(cookie) }.is_some() {
+            ctx.set_reply(1);
+        }
+    }
+    1
 }

@@ -175,7 +175,12 @@ pub(super) async fn handle(ingress: &Arc<Ingress>, client: TcpStream, peer: Sock
         (local, syn)
     });
     let mss = seen.as_ref().and_then(|(_, syn)| syn.as_ref()).and_then(crate::splice::packet::syn_mss);
-    let Some((backend, endpoint, connect_started, source_port)) = connect(ingress, &route, &stats, mss).await else {
+    // ECN on the client leg: the backend's connect asks for it too, so that the legs agree
+    // (docs/design.md#ecn).
+    let ecn = ingress.packet.as_ref().is_some_and(PacketSplice::can_ask_ecn)
+        && sys::tcp_info(client.as_fd()).is_ok_and(|i| i.options() & sys::TCPI_OPT_ECN != 0);
+    let Some((backend, endpoint, connect_started, source_port)) = connect(ingress, &route, &stats, mss, ecn).await
+    else {
         return reject(ingress, &client, peer, Some(&sni), RejectReason::ConnectFailed);
     };
     debug!(sni, %endpoint, "routed");
@@ -417,12 +422,13 @@ async fn relay(
 
 /// Tries the route's endpoints in round-robin order, each with the connect timeout. Returns
 /// the connected socket, its endpoint, when its (successful) attempt started, and the packet
-/// splice's hold on its source port.
+/// splice's hold on its source port. `mss`: the MSS to announce; `ecn`: ask for ECN.
 async fn connect(
     ingress: &Ingress,
     route: &Route,
     stats: &ClusterStats,
     mss: Option<u16>,
+    ecn: bool,
 ) -> Option<(TcpStream, SocketAddr, Instant, Option<Lease>)> {
     let opts = &ingress.options;
     for endpoint in route.candidates(opts.connect_attempts.max(1)) {
@@ -441,6 +447,7 @@ async fn connect(
                     Some(packet) if tries_left > 0 => bind_source_port(&socket, packet, endpoint),
                     _ => None,
                 };
+                let _asking = ingress.packet.as_ref().filter(|_| ecn).and_then(|p| p.ask_ecn(socket.as_fd()));
                 match socket.connect(endpoint).await {
                     Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable && lease.is_some() => {
                         debug!(%endpoint, port = lease.as_ref().map(Lease::port), "source port still in use toward the endpoint; trying the next");

@@ -31,6 +31,7 @@
 //! both legs) and docs/design.md#packet-splice (the guard orders every ACK a socket sent before
 //! the bytes the daemon relays).
 
+mod ecn;
 mod monitor;
 pub mod pins;
 pub mod ports;
@@ -237,6 +238,8 @@ pub struct PacketSplice {
     /// The pin directory (`None`: nothing is pinned and the flows end with the process).
     pins: Option<PathBuf>,
     links: Mutex<Vec<PinnedLink>>,
+    /// Makes a backend connect ask for ECN (`None`: the program could not be attached).
+    ecn: Option<ecn::EcnAsk>,
 }
 
 impl std::fmt::Debug for PacketSplice {
@@ -295,6 +298,16 @@ impl PacketSplice {
                 prog.load().map_err(program)?;
             }
         }
+        let ecn = match ecn::EcnAsk::attach(&object) {
+            Ok((ecn, cgroup)) => {
+                debug!(cgroup = %cgroup.display(), "packet splice: a backend connect asks for ECN when its client leg has it");
+                Some(ecn)
+            }
+            Err(error) => {
+                warn!(%error, "packet splice: backend connects cannot ask for ECN; a client that negotiates it takes the sockmap splice (docs/design.md#ecn)");
+                None
+            }
+        };
         let monitor = Monitor::new(events).map_err(io("epoll of the packet monitor"))?;
         let shared = Arc::new(Shared {
             maps,
@@ -315,6 +328,7 @@ impl PacketSplice {
             attached: Mutex::default(),
             pins,
             links: Mutex::default(),
+            ecn,
         };
         let mut wanted = if listen.ip().is_unspecified() {
             sys::net::all_interfaces().map_err(io("listing the interfaces"))?
@@ -523,6 +537,18 @@ impl PacketSplice {
     /// ([`syn_mss`]) and the handoff takes it back.
     pub fn client_syn(&self, client_peer: SocketAddr, client_local: SocketAddr) -> Option<Syn> {
         self.shared.maps.syns.get(&switch::key(client_peer, client_local)).ok()
+    }
+
+    /// Whether a backend connect can ask for ECN ([`Self::ask_ecn`]).
+    pub fn can_ask_ecn(&self) -> bool {
+        self.ecn.is_some()
+    }
+
+    /// Makes the connect of `socket` ask for ECN (the client leg has it: docs/design.md#ecn)
+    /// while the returned guard lives. `None`: it cannot (logged at debug level).
+    pub fn ask_ecn(&self, socket: BorrowedFd<'_>) -> Option<ecn::Asking<'_>> {
+        let ecn = self.ecn.as_ref()?;
+        ecn.ask(socket).inspect_err(|e| debug!(error = %e, "packet splice: cannot ask for ECN on this connect")).ok()
     }
 
     /// A source port of the packet splice's range for a connect toward `endpoint`, held until

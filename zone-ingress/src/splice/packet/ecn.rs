@@ -1,0 +1,178 @@
+//! Asking the backend for ECN when the client leg has it (docs/design.md#ecn).
+//!
+//! The listener accepts ECN from a client that asks for it (Linux's default), but a connect
+//! asks for it only under `net.ipv4.tcp_ecn=1`, which Linux does not set: an ECN-asking client
+//! would have ECN on its leg alone, and such a flow cannot be forwarded at packet level. The
+//! kernel has no socket option for it, but TCP asks a cgroup's sock_ops program whether a socket
+//! about to send its SYN needs ECN (`BPF_SOCK_OPS_NEEDS_ECN`). The daemon attaches
+//! `packet_ecn` to its own cgroup (v2) and lists, for the length of a connect, the backend
+//! socket whose client leg has ECN; the program answers yes for those sockets only.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsFd, BorrowedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{HashMap, IterableMap as _, MapData},
+    programs::{CgroupAttachMode, SockOps},
+};
+use zone_ingress_ebpf::packet as abi;
+
+use crate::{ebpf::Object, sys, sys::bpf::BpfMap};
+
+/// The attached program and its map.
+pub(super) struct EcnAsk {
+    asks: BpfMap<u64, u8>,
+}
+
+impl EcnAsk {
+    /// Loads `packet_ecn` and attaches it to this process's cgroup (v2). The link lives as
+    /// long as `object`: it is detached when the daemon exits.
+    ///
+    /// # Errors
+    /// No cgroup v2 hierarchy, or the kernel refused the program or the attachment.
+    pub(super) fn attach(object: &Object) -> Result<(Self, PathBuf), String> {
+        let (dir, cgroup) = open_own_cgroup().map_err(|e| format!("opening this process's cgroup (v2): {e}"))?;
+        let asks: HashMap<MapData, u64, u8> = object.take_map(abi::ECN_ASK).map_err(|e| e.to_string())?;
+        let asks = BpfMap::new(asks.map().fd().as_fd().try_clone_to_owned().map_err(|e| e.to_string())?);
+        let mut ebpf = object.lock();
+        let prog: &mut SockOps = ebpf
+            .program_mut(abi::ECN_PROG)
+            .ok_or_else(|| format!("{} missing from the eBPF object", abi::ECN_PROG))?
+            .try_into()
+            .map_err(|e| format!("{}: {e}", abi::ECN_PROG))?;
+        prog.load().map_err(|e| format!("loading {}: {}", abi::ECN_PROG, chain(&e)))?;
+        // A link (Linux ≥ 5.7), which runs beside whatever else the cgroup runs (the kernel
+        // takes no mode flag for links): the program answers for its own sockets only.
+        prog.attach(&dir, CgroupAttachMode::Single)
+            .map_err(|e| format!("attaching {} to {}: {}", abi::ECN_PROG, cgroup.display(), chain(&e)))?;
+        Ok((Self { asks }, cgroup))
+    }
+
+    /// Makes the connect of `socket` (not yet connected) ask for ECN, until the returned guard
+    /// drops: keep it until the connect has returned.
+    ///
+    /// # Errors
+    /// The socket's cookie could not be read, or the map refused the entry.
+    pub(super) fn ask(&self, socket: BorrowedFd<'_>) -> io::Result<Asking<'_>> {
+        let cookie = sys::socket_cookie(socket)?;
+        self.asks.insert(&cookie, &1)?;
+        Ok(Asking { asks: &self.asks, cookie })
+    }
+}
+
+/// An error and its sources, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// A socket listed in `PKT_ECN_ASK`; dropping it removes the entry.
+pub struct Asking<'a> {
+    asks: &'a BpfMap<u64, u8>,
+    cookie: u64,
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        // The map is an LRU: an entry that could not be removed is evicted in time.
+        let _ = self.asks.remove(&self.cookie);
+    }
+}
+
+/// This process's cgroup directory in the cgroup v2 hierarchy, opened, and its path. Where no
+/// cgroup2 file system is mounted in this mount namespace (`ip netns exec` mounts a fresh /sys),
+/// one is mounted on a directory of its own for as long as the open takes.
+fn open_own_cgroup() -> io::Result<(File, PathBuf)> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup")?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    if let Some(path) = cgroup_path(&cgroups, &mounts) {
+        return Ok((File::open(&path)?, path));
+    }
+    let rel = cgroups.lines().find_map(|l| l.strip_prefix("0::")).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, "no `0::` line in /proc/self/cgroup (cgroup v1 only)")
+    })?;
+    let mount = std::env::temp_dir().join(format!("zone-ingress-cgroup2.{}", std::process::id()));
+    std::fs::create_dir(&mount)?;
+    let opened = mount_cgroup2(&mount).and_then(|()| {
+        let path = mount.join(rel.trim_start_matches('/'));
+        let file = File::open(&path);
+        // Detached at once: the open directory keeps its file system alive.
+        // SAFETY: a NUL-terminated path; no pointer is kept.
+        unsafe { libc::umount2(c_path(&mount)?.as_ptr(), libc::MNT_DETACH) };
+        file.map(|f| (f, PathBuf::from(format!("cgroup2:/{}", rel.trim_start_matches('/')))))
+    });
+    let _ = std::fs::remove_dir(&mount);
+    opened
+}
+
+fn c_path(p: &Path) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+/// `mount -t cgroup2 none <at>`.
+fn mount_cgroup2(at: &Path) -> io::Result<()> {
+    let target = c_path(at)?;
+    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
+    let r = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            target.as_ptr(),
+            c"cgroup2".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// The directory of the `0::<path>` line of `cgroups` under the cgroup2 mount of `mounts`
+/// (`/proc/self/mountinfo`: mount point in the 5th field, type after the ` - ` separator).
+fn cgroup_path(cgroups: &str, mounts: &str) -> Option<PathBuf> {
+    let rel = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mount = mounts.lines().find_map(|l| {
+        let (fields, rest) = l.split_once(" - ")?;
+        (rest.split_whitespace().next()? == "cgroup2").then(|| fields.split_whitespace().nth(4))?
+    })?;
+    Some(Path::new(mount).join(rel.trim_start_matches('/')))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::cgroup_path;
+
+    const MOUNTS: &str = "\
+25 30 0:22 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - tmpfs tmpfs rw,mode=755
+33 25 0:29 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw
+34 25 0:30 / /sys/fs/cgroup/cpu rw,relatime shared:11 - cgroup cgroup rw,cpu
+";
+
+    #[test]
+    fn cgroup_of_a_service_under_a_hybrid_hierarchy() {
+        let cgroups = "4:memory:/system.slice\n1:cpu:/\n0::/system.slice/zone-ingress.service\n";
+        assert_eq!(
+            cgroup_path(cgroups, MOUNTS).as_deref(),
+            Some(Path::new("/sys/fs/cgroup/unified/system.slice/zone-ingress.service"))
+        );
+    }
+
+    #[test]
+    fn root_cgroup_and_missing_pieces() {
+        assert_eq!(cgroup_path("0::/\n", MOUNTS).as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
+        // cgroup v1 only: no `0::` line.
+        assert_eq!(cgroup_path("4:memory:/x\n", MOUNTS), None);
+        // No cgroup2 mount.
+        assert_eq!(cgroup_path("0::/\n", MOUNTS.lines().next().unwrap_or_default()), None);
+    }
+}
