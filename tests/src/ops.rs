@@ -362,7 +362,7 @@ pub fn nft(ns: &Netns, script: &str) {
     assert!(out.status.success(), "nft: {}\n{script}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// The network namespace's SNMP counter `name` (`nstat -az`, e.g. `TcpExtTCPSynRetrans`).
+/// The network namespace's SNMP counter `name` (`nstat -az`, e.g. `TcpRetransSegs`).
 pub fn nstat(ns: &Netns, name: &str) -> u64 {
     let out = ns.command("nstat").args(["-az", name]).output().expect("nstat");
     let text = String::from_utf8_lossy(&out.stdout);

@@ -117,8 +117,19 @@ fn dropped(ns: &Netns) -> u64 {
     ops::nft_counted(ns, "zi_loss")
 }
 
+/// Counts the ECN-capable packets (ECT or CE) that TCP in `ns` receives.
+fn count_ecn_capable(ns: &Netns) {
+    ops::nft(
+        ns,
+        "table inet zi_ect {\n  chain in { type filter hook input priority 0; meta l4proto tcp ip ecn != not-ect counter; meta l4proto tcp ip6 ecn != not-ect counter; }\n}\n",
+    );
+}
+
 fn impair(topo: &Topology, how: Impair) {
     let (client, dp) = (&topo.client, &topo.dataplanes[0]);
+    if how.ecn_legs().is_some() {
+        count_ecn_capable(dp);
+    }
     match how {
         Impair::None => {}
         Impair::Loss { client_leg: true } => loss(client, 1),
@@ -211,6 +222,12 @@ fn transfer_by(how: Impair, v6: bool, size: u64, mode: &str) {
     );
     let log = daemon.log_text();
     assert_eq!(log.matches(&format!("mode=\"{mode}\" bytes")).count(), 1, "carried by the {mode} splice:\n{log}");
+    if let Some((_, backend_leg)) = how.ecn_legs() {
+        // ECN-capable packets reach the dataplane only when its leg negotiated ECN: a socket
+        // that asked and was refused must not keep marking its packets.
+        let ect = ops::nft_counted(&topo.dataplanes[0], "zi_ect");
+        assert_eq!(ect > 0, backend_leg, "{ect} ECN-capable packets reached the dataplane");
+    }
     if let Some((client_leg, backend_leg)) = how.ecn_legs()
         && client_leg != backend_leg
     {
@@ -484,9 +501,6 @@ fn client_abandoning_a_dormant_flow_then_reusing_its_port() {
     assert!(log.contains("bytes_client_to_backend=0 bytes_backend_to_client=4"), "{log}");
 }
 
-/// A client that reuses its 4-tuple at once (it reset the last connection, so it keeps no
-/// TIME_WAIT) gets a new, working connection each time, while the previous flow's entries still
-/// linger: the new SYN is not taken for the old flow.
 /// Flows that end at once, both ways, before the monitor has looked at them: nothing of the
 /// ingress's own sockets reaches either end afterwards. (An ended flow's backend socket was
 /// left open until the linger's end; the backend's acknowledgment of the ClientHello had gone
@@ -529,6 +543,9 @@ fn flows_ending_at_once_leave_no_packet_behind() {
     assert_eq!(log.matches("mode=\"packet\" bytes").count(), FLOWS, "every flow at packet level:\n{log}");
 }
 
+/// A client that reuses its 4-tuple at once (it reset the last connection, so it keeps no
+/// TIME_WAIT) gets a new, working connection each time, while the previous flow's entries still
+/// linger: the new SYN is not taken for the old flow.
 #[test]
 fn client_reusing_its_port_at_once() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

@@ -113,12 +113,21 @@ impl Setup {
     }
 
     /// A connection from `src` that the guard must stop: it fails within 600 ms. Returns the
-    /// SYNs it sent (one, and a retransmission if the timer fired late on a loaded machine).
+    /// SYNs it sent, as the client's nftables counted them (one, and a retransmission if the
+    /// timer fired late on a loaded machine).
     async fn refused_from(&self, src: IpAddr) -> u64 {
-        let retrans = || ops::nstat(&self.topo.client, "TcpExtTCPSynRetrans");
-        let before = retrans();
+        let fam = if src.is_ipv4() { "ip" } else { "ip6" };
+        ops::nft(
+            &self.topo.client,
+            &format!(
+                "table inet zi_syns {{\n  chain out {{ type filter hook output priority 0; {fam} saddr {src} tcp flags & (syn | ack) == syn counter; }}\n}}\n"
+            ),
+        );
         assert!(self.connect_from(src, Duration::from_millis(600)).await.is_err(), "{src} must not connect");
-        1 + retrans() - before
+        let syns = ops::nft_counted(&self.topo.client, "zi_syns");
+        ops::nft(&self.topo.client, "delete table inet zi_syns\n");
+        assert!(syns >= 1, "no SYN from {src} counted");
+        syns
     }
 
     /// A raw sender on the client's veth, toward the ingress.

@@ -19,6 +19,7 @@ use aya::{
     maps::{HashMap, IterableMap as _, MapData},
     programs::{CgroupAttachMode, SockOps},
 };
+use tracing::warn;
 use zone_ingress_ebpf::packet as abi;
 
 use crate::{ebpf::Object, sys, sys::bpf::BpfMap};
@@ -90,29 +91,50 @@ impl Drop for Asking<'_> {
 }
 
 /// This process's cgroup directory in the cgroup v2 hierarchy, opened, and its path. Where no
-/// cgroup2 file system is mounted in this mount namespace (`ip netns exec` mounts a fresh /sys),
-/// one is mounted on a directory of its own for as long as the open takes.
+/// cgroup2 file system in this mount namespace shows it (none mounted: `ip netns exec` mounts
+/// a fresh /sys; or a mounted subtree without it), one is mounted on a directory of its own for
+/// as long as the open takes.
 fn open_own_cgroup() -> io::Result<(File, PathBuf)> {
     let cgroups = std::fs::read_to_string("/proc/self/cgroup")?;
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
-    if let Some(path) = cgroup_path(&cgroups, &mounts) {
-        return Ok((File::open(&path)?, path));
-    }
     let rel = cgroups.lines().find_map(|l| l.strip_prefix("0::")).ok_or_else(|| {
         io::Error::new(io::ErrorKind::NotFound, "no `0::` line in /proc/self/cgroup (cgroup v1 only)")
     })?;
-    let mount = std::env::temp_dir().join(format!("zone-ingress-cgroup2.{}", std::process::id()));
-    std::fs::create_dir(&mount)?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    if let Some(path) = cgroup_path(rel, &mounts)
+        && let Ok(dir) = File::open(&path)
+    {
+        return Ok((dir, path));
+    }
+    let mount = private_dir()?;
     let opened = mount_cgroup2(&mount).and_then(|()| {
-        let path = mount.join(rel.trim_start_matches('/'));
-        let file = File::open(&path);
+        let dir = File::open(mount.join(rel.trim_start_matches('/')));
         // Detached at once: the open directory keeps its file system alive.
         // SAFETY: a NUL-terminated path; no pointer is kept.
-        unsafe { libc::umount2(c_path(&mount)?.as_ptr(), libc::MNT_DETACH) };
-        file.map(|f| (f, PathBuf::from(format!("cgroup2:/{}", rel.trim_start_matches('/')))))
+        if unsafe { libc::umount2(c_path(&mount)?.as_ptr(), libc::MNT_DETACH) } != 0 {
+            warn!(dir = %mount.display(), error = %io::Error::last_os_error(), "unmounting the cgroup2 file system mounted there failed");
+        }
+        dir.map(|d| (d, PathBuf::from(format!("cgroup2:{rel}"))))
     });
-    let _ = std::fs::remove_dir(&mount);
+    if let Err(e) = std::fs::remove_dir(&mount) {
+        warn!(dir = %mount.display(), error = %e, "removing a directory of the daemon's failed");
+    }
     opened
+}
+
+/// A new directory only this process uses, under /run (else the temporary directory).
+fn private_dir() -> io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let base = Path::new("/run");
+    let base = if base.is_dir() { base.to_path_buf() } else { std::env::temp_dir() };
+    let mut random = [0u8; 8];
+    // SAFETY: writes at most `random.len()` bytes into `random`.
+    let n = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
+    if n != random.len() as isize {
+        return Err(io::Error::last_os_error());
+    }
+    let dir = base.join(format!("zone-ingress-cgroup2.{:016x}", u64::from_ne_bytes(random)));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
 }
 
 fn c_path(p: &Path) -> io::Result<std::ffi::CString> {
@@ -135,15 +157,28 @@ fn mount_cgroup2(at: &Path) -> io::Result<()> {
     if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
-/// The directory of the `0::<path>` line of `cgroups` under the cgroup2 mount of `mounts`
-/// (`/proc/self/mountinfo`: mount point in the 5th field, type after the ` - ` separator).
-fn cgroup_path(cgroups: &str, mounts: &str) -> Option<PathBuf> {
-    let rel = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let mount = mounts.lines().find_map(|l| {
+/// The directory of cgroup `rel` (the `0::` path of /proc/self/cgroup) under a cgroup2 mount
+/// of `mounts` (/proc/self/mountinfo: the mounted subtree's root in the 4th field, the mount
+/// point in the 5th, the type after the ` - ` separator) whose subtree holds it.
+fn cgroup_path(rel: &str, mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|l| {
         let (fields, rest) = l.split_once(" - ")?;
-        (rest.split_whitespace().next()? == "cgroup2").then(|| fields.split_whitespace().nth(4))?
-    })?;
-    Some(Path::new(mount).join(rel.trim_start_matches('/')))
+        if rest.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let mut fields = fields.split_whitespace().skip(3);
+        let (root, point) = (fields.next()?, fields.next()?);
+        let below = if root == "/" {
+            rel
+        } else {
+            let below = rel.strip_prefix(root)?;
+            if !below.is_empty() && !below.starts_with('/') {
+                return None;
+            }
+            below
+        };
+        Some(Path::new(point).join(below.trim_start_matches('/')))
+    })
 }
 
 #[cfg(test)]
@@ -160,19 +195,26 @@ mod tests {
 
     #[test]
     fn cgroup_of_a_service_under_a_hybrid_hierarchy() {
-        let cgroups = "4:memory:/system.slice\n1:cpu:/\n0::/system.slice/zone-ingress.service\n";
         assert_eq!(
-            cgroup_path(cgroups, MOUNTS).as_deref(),
+            cgroup_path("/system.slice/zone-ingress.service", MOUNTS).as_deref(),
             Some(Path::new("/sys/fs/cgroup/unified/system.slice/zone-ingress.service"))
         );
+        assert_eq!(cgroup_path("/", MOUNTS).as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
     }
 
     #[test]
-    fn root_cgroup_and_missing_pieces() {
-        assert_eq!(cgroup_path("0::/\n", MOUNTS).as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
-        // cgroup v1 only: no `0::` line.
-        assert_eq!(cgroup_path("4:memory:/x\n", MOUNTS), None);
-        // No cgroup2 mount.
-        assert_eq!(cgroup_path("0::/\n", MOUNTS.lines().next().unwrap_or_default()), None);
+    fn cgroup_under_a_mounted_subtree() {
+        // A container runtime without a cgroup namespace mounts its own subtree.
+        let mounts = "40 30 0:29 /lxc/c1 /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup_path("/lxc/c1/app", mounts).as_deref(), Some(Path::new("/sys/fs/cgroup/app")));
+        assert_eq!(cgroup_path("/lxc/c1", mounts).as_deref(), Some(Path::new("/sys/fs/cgroup")));
+        // Outside the subtree (or a sibling sharing its prefix): not under this mount.
+        assert_eq!(cgroup_path("/lxc/c10", mounts), None);
+        assert_eq!(cgroup_path("/other", mounts), None);
+    }
+
+    #[test]
+    fn no_cgroup2_mount() {
+        assert_eq!(cgroup_path("/", MOUNTS.lines().next().unwrap_or_default()), None);
     }
 }

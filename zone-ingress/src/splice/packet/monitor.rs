@@ -471,10 +471,21 @@ impl Shared {
                 // its backend socket, which never saw the backend's acknowledgment of the
                 // ClientHello (it went to the client with the backend's answer), goes silent
                 // now, before its retransmission timer sends the ClientHello again.
-                if f.fds[1].is_some()
-                    && let Err(e) = self.park_backend(f)
-                {
-                    debug!(token, flow = f.flow, error = %e, "packet splice: parking an ended flow's backend socket failed");
+                if f.fds[1].is_some() {
+                    match self.park_backend(f) {
+                        Ok(0) => {}
+                        // Too late to reset: the flow has ended. Said, as at a settle.
+                        Ok(n) => warn!(
+                            flow = f.flow,
+                            bytes = n,
+                            "packet splice: the backend socket of an ended flow received bytes outside the switch"
+                        ),
+                        Err(e) => warn!(
+                            flow = f.flow,
+                            error = %e,
+                            "packet splice: parking an ended flow's backend socket failed; it closes with a RST after the linger"
+                        ),
+                    }
                 }
                 return false;
             }
