@@ -142,10 +142,22 @@ impl RawSender {
         if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
 
-    /// Sends `n` frames; panics on a send error.
+    /// Sends `n` frames; panics on a send error. A frame the interface's queue had no room for
+    /// (`ENOBUFS`: it was dropped, not sent; the burst outran the peer's XDP ring) is sent
+    /// again after 1 ms, up to 500 times.
     pub fn send_all(&self, frames: &[Vec<u8>]) {
         for f in frames {
-            self.send(f).unwrap_or_else(|e| panic!("sending a {}-byte frame: {e}", f.len()));
+            let mut tries = 500;
+            loop {
+                match self.send(f) {
+                    Ok(()) => break,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) && tries > 0 => {
+                        tries -= 1;
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    Err(e) => panic!("sending a {}-byte frame: {e}", f.len()),
+                }
+            }
         }
     }
 
