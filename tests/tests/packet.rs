@@ -222,18 +222,16 @@ fn transfer_by(how: Impair, v6: bool, size: u64, mode: &str) {
     );
     let log = daemon.log_text();
     assert_eq!(log.matches(&format!("mode=\"{mode}\" bytes")).count(), 1, "carried by the {mode} splice:\n{log}");
-    if let Some((_, backend_leg)) = how.ecn_legs() {
+    if let Some((client_leg, backend_leg)) = how.ecn_legs() {
         // ECN-capable packets reach the dataplane only when its leg negotiated ECN: a socket
         // that asked and was refused must not keep marking its packets.
         let ect = ops::nft_counted(&topo.dataplanes[0], "zi_ect");
         assert_eq!(ect > 0, backend_leg, "{ect} ECN-capable packets reached the dataplane");
-    }
-    if let Some((client_leg, backend_leg)) = how.ecn_legs()
-        && client_leg != backend_leg
-    {
-        let leg = if client_leg { "client" } else { "backend" };
-        let reason = format!("ECN was negotiated on the {leg} leg only");
-        assert!(log.contains(&reason), "the refusal's reason ({reason}):\n{log}");
+        if client_leg != backend_leg {
+            let leg = if client_leg { "client" } else { "backend" };
+            let reason = format!("ECN was negotiated on the {leg} leg only");
+            assert!(log.contains(&reason), "the refusal's reason ({reason}):\n{log}");
+        }
     }
     if let Impair::Loss { client_leg } = how {
         let n = dropped(if client_leg { &topo.client } else { &topo.dataplanes[0] });

@@ -46,6 +46,14 @@ pub(crate) fn getsockopt<T: Copy>(
     check(ret).map(|_| len as usize)
 }
 
+/// `p` as a NUL-terminated string for a system call.
+///
+/// # Errors
+/// `p` holds a NUL byte.
+pub fn c_path(p: &std::path::Path) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(io::Error::other)
+}
+
 /// `SO_COOKIE`: the socket's boot-unique 64-bit id, the key of every BPF map entry.
 pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut cookie = 0u64;

@@ -15,6 +15,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use anyhow::Context as _;
 use aya::{
     maps::{HashMap, IterableMap as _, MapData},
     programs::{CgroupAttachMode, SockOps},
@@ -35,21 +36,20 @@ impl EcnAsk {
     ///
     /// # Errors
     /// No cgroup v2 hierarchy, or the kernel refused the program or the attachment.
-    pub(super) fn attach(object: &Object) -> Result<(Self, PathBuf), String> {
-        let (dir, cgroup) = open_own_cgroup().map_err(|e| format!("opening this process's cgroup (v2): {e}"))?;
-        let asks: HashMap<MapData, u64, u8> = object.take_map(abi::ECN_ASK).map_err(|e| e.to_string())?;
-        let asks = BpfMap::new(asks.map().fd().as_fd().try_clone_to_owned().map_err(|e| e.to_string())?);
+    pub(super) fn attach(object: &Object) -> anyhow::Result<(Self, PathBuf)> {
+        let (dir, cgroup) = open_own_cgroup().context("opening this process's cgroup (v2)")?;
+        let asks: HashMap<MapData, u64, u8> = object.take_map(abi::ECN_ASK)?;
+        let asks = BpfMap::new(asks.map().fd().as_fd().try_clone_to_owned()?);
         let mut ebpf = object.lock();
         let prog: &mut SockOps = ebpf
             .program_mut(abi::ECN_PROG)
-            .ok_or_else(|| format!("{} missing from the eBPF object", abi::ECN_PROG))?
-            .try_into()
-            .map_err(|e| format!("{}: {e}", abi::ECN_PROG))?;
-        prog.load().map_err(|e| format!("loading {}: {}", abi::ECN_PROG, chain(&e)))?;
+            .with_context(|| format!("{} missing from the eBPF object", abi::ECN_PROG))?
+            .try_into()?;
+        prog.load().with_context(|| format!("loading {}", abi::ECN_PROG))?;
         // A link (Linux ≥ 5.7), which runs beside whatever else the cgroup runs (the kernel
         // takes no mode flag for links): the program answers for its own sockets only.
         prog.attach(&dir, CgroupAttachMode::Single)
-            .map_err(|e| format!("attaching {} to {}: {}", abi::ECN_PROG, cgroup.display(), chain(&e)))?;
+            .with_context(|| format!("attaching {} to {}", abi::ECN_PROG, cgroup.display()))?;
         Ok((Self { asks }, cgroup))
     }
 
@@ -63,18 +63,6 @@ impl EcnAsk {
         self.asks.insert(&cookie, &1)?;
         Ok(Asking { asks: &self.asks, cookie })
     }
-}
-
-/// An error and its sources, `: `-separated.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// A socket listed in `PKT_ECN_ASK`; dropping it removes the entry.
@@ -110,7 +98,7 @@ fn open_own_cgroup() -> io::Result<(File, PathBuf)> {
         let dir = File::open(mount.join(rel.trim_start_matches('/')));
         // Detached at once: the open directory keeps its file system alive.
         // SAFETY: a NUL-terminated path; no pointer is kept.
-        if unsafe { libc::umount2(c_path(&mount)?.as_ptr(), libc::MNT_DETACH) } != 0 {
+        if unsafe { libc::umount2(sys::c_path(&mount)?.as_ptr(), libc::MNT_DETACH) } != 0 {
             warn!(dir = %mount.display(), error = %io::Error::last_os_error(), "unmounting the cgroup2 file system mounted there failed");
         }
         dir.map(|d| (d, PathBuf::from(format!("cgroup2:{rel}"))))
@@ -137,13 +125,9 @@ fn private_dir() -> io::Result<PathBuf> {
     Ok(dir)
 }
 
-fn c_path(p: &Path) -> io::Result<std::ffi::CString> {
-    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
-}
-
 /// `mount -t cgroup2 none <at>`.
 fn mount_cgroup2(at: &Path) -> io::Result<()> {
-    let target = c_path(at)?;
+    let target = sys::c_path(at)?;
     // SAFETY: NUL-terminated strings that outlive the call; no data argument.
     let r = unsafe {
         libc::mount(
@@ -168,16 +152,9 @@ fn cgroup_path(rel: &str, mounts: &str) -> Option<PathBuf> {
         }
         let mut fields = fields.split_whitespace().skip(3);
         let (root, point) = (fields.next()?, fields.next()?);
-        let below = if root == "/" {
-            rel
-        } else {
-            let below = rel.strip_prefix(root)?;
-            if !below.is_empty() && !below.starts_with('/') {
-                return None;
-            }
-            below
-        };
-        Some(Path::new(point).join(below.trim_start_matches('/')))
+        // Below the root ("/" itself is the empty prefix), at a path component's boundary.
+        let below = rel.strip_prefix(root.trim_end_matches('/'))?;
+        (below.is_empty() || below.starts_with('/')).then(|| Path::new(point).join(below.trim_start_matches('/')))
     })
 }
 

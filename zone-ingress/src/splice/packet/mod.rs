@@ -303,8 +303,11 @@ impl PacketSplice {
                 debug!(cgroup = %cgroup.display(), "packet splice: a backend connect asks for ECN when its client leg has it");
                 Some(ecn)
             }
-            Err(error) => {
-                warn!(%error, "packet splice: backend connects cannot ask for ECN; a client that negotiates it takes the sockmap splice (docs/design.md#ecn)");
+            Err(e) => {
+                warn!(
+                    error = format!("{e:#}"),
+                    "packet splice: backend connects cannot ask for ECN; a client that negotiates it takes the sockmap splice (docs/design.md#ecn)"
+                );
                 None
             }
         };

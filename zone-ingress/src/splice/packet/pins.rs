@@ -77,7 +77,7 @@ fn netns_cookie() -> io::Result<u64> {
 /// The directory cannot be created, or is not on bpffs (mount one: `mount -t bpf bpf /sys/fs/bpf`).
 pub fn prepare(dir: &Path) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let path = crate::sys::c_path(dir)?;
     // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
